@@ -2,19 +2,52 @@
 //! small static binary for OpenWrt routers.
 //!
 //! Layers, bottom up: pure codecs and state machines (`keys`, `noise`, `tailcfg`, `zstdframe`,
-//! `stun`, `disco`, `derp::frame`, `uci`), then the control client and coordinator shells
-//! (`control`, `coordinator`), then the process entry points (`daemon`, `cli`).
+//! `stun`, `disco`, `derp::frame`, `uci`, `control::netmap`), then the network shells
+//! (`http1`, `control::client`, `coordinator`), then the process entry points (`daemon`, `cli`).
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod cli;
+pub mod control;
+#[cfg(feature = "coordinator")]
+pub mod coordinator;
+pub mod daemon;
+pub mod derp;
+pub mod disco;
 pub mod error;
+pub mod http1;
+pub mod ipc;
 pub mod keys;
 pub mod logger;
 pub mod noise;
+pub mod stun;
 pub mod tailcfg;
 pub mod uci;
 pub mod zstdframe;
-pub mod stun;
-pub mod disco;
-pub mod derp;
-#[cfg(feature = "coordinator")]
-pub mod coordinator;
+
+/// Release version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Optional parts compiled into this binary.
+pub const FEATURES: &[&str] = &[
+    "client",
+    #[cfg(feature = "relay")]
+    "relay",
+    #[cfg(feature = "coordinator")]
+    "coordinator",
+];
+
+/// Resolves on SIGTERM (procd stop) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}

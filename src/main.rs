@@ -1,1 +1,175 @@
-fn main(){}
+//! Multi-call entry point: `tinyscale <verb>`, or `headscale <verb>` through a symlink (behaves
+//! as `tinyscale server <verb>`). Exit codes: 0 ok, 1 runtime, 2 usage, 3 invalid config.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use argh::FromArgs;
+use tinyscale::{
+    cli::{self, Cmd, ServerCmd, Top},
+    error::Failure,
+};
+
+/// Default uci config path.
+const DEFAULT_CONFIG: &str = "/etc/config/tinyscale";
+
+/// Rewrites argv: `headscale X` → `tinyscale server X`, and a `-c/--config F` given anywhere after
+/// `server` moves right behind it (headscale's flag is global; argh wants it before the verb).
+fn normalize_args(mut args: Vec<String>) -> Vec<String> {
+    let prog = args.first().cloned().unwrap_or_default();
+    let base = prog.rsplit('/').next().unwrap_or("").to_string();
+    if base == "headscale" {
+        args.insert(1, "server".into());
+    }
+    let Some(pos) = args.iter().position(|a| a == "server") else { return args };
+    let mut i = pos + 1;
+    let mut config = None;
+    while i < args.len() {
+        if (args[i] == "-c" || args[i] == "--config") && i + 1 < args.len() {
+            config = Some(args[i + 1].clone());
+            args.drain(i..i + 2);
+        } else if let Some(v) = args[i].strip_prefix("--config=") {
+            config = Some(v.to_string());
+            args.remove(i);
+        } else {
+            i += 1;
+        }
+    }
+    if let Some(c) = config {
+        args.insert(pos + 1, "--config".into());
+        args.insert(pos + 2, c);
+    }
+    args
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start the runtime: {e}")))
+}
+
+fn run(top: Top) -> Result<(), Failure> {
+    match top.cmd {
+        Cmd::Version(_) => {
+            println!("tinyscale {}", tinyscale::VERSION);
+            println!("  capability version {}", tinyscale::tailcfg::CURRENT_CAPABILITY_VERSION);
+            println!("  features: {}", tinyscale::FEATURES.join(" "));
+            Ok(())
+        }
+        Cmd::Daemon(d) => {
+            tinyscale::logger::init(log::LevelFilter::Info);
+            let dir = d.state_dir.unwrap_or_else(|| PathBuf::from(tinyscale::daemon::DEFAULT_STATE_DIR));
+            let sock = d.socket.unwrap_or_else(|| PathBuf::from(tinyscale::ipc::DEFAULT_SOCKET));
+            runtime()?.block_on(tinyscale::daemon::run(&dir, &sock)).map_err(Failure::runtime)
+        }
+        Cmd::Stun(s) => stun(s),
+        Cmd::Server(s) => server(s),
+        other => {
+            tinyscale::logger::init(log::LevelFilter::Warn);
+            runtime()?.block_on(cli::run_client(other))
+        }
+    }
+}
+
+#[cfg(feature = "relay")]
+fn stun(s: cli::Stun) -> Result<(), Failure> {
+    tinyscale::logger::init(log::LevelFilter::Info);
+    let addr = s.listen.unwrap_or_else(|| "0.0.0.0:3478".into());
+    let addr: std::net::SocketAddr = addr.parse().map_err(|_| Failure::usage(format!("--listen {addr:?} is not an ip:port")))?;
+    runtime()?.block_on(async {
+        let sock = tokio::net::UdpSocket::bind(addr).await.map_err(|e| Failure::runtime(format!("cannot bind {addr}: {e}")))?;
+        log::info!("stun server listening addr={addr}");
+        tokio::select! {
+            _ = tinyscale::stun::serve_udp(sock, Default::default()) => Ok(()),
+            _ = tinyscale::shutdown_signal() => Ok(()),
+        }
+    })
+}
+
+#[cfg(not(feature = "relay"))]
+fn stun(_: cli::Stun) -> Result<(), Failure> {
+    Err(Failure::usage("this build has no STUN server (built without the relay feature)"))
+}
+
+#[cfg(feature = "coordinator")]
+fn server(s: cli::Server) -> Result<(), Failure> {
+    let path = s.config.unwrap_or_else(|| {
+        std::env::var_os("TINYSCALE_CONFIG").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    });
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        // No config file: headscale-like defaults, as documented.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && matches!(s.cmd, ServerCmd::Serve(_)) => {
+            eprintln!("note: {} not found, using defaults", path.display());
+            String::new()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Failure::config(format!("cannot read {}: {e}", path.display()))),
+    };
+    let cfg = tinyscale::uci::ServerConfig::from_uci_text(&text)
+        .map_err(|e| Failure::config(format!("{}: {e}", path.display())))?;
+    match s.cmd {
+        ServerCmd::Serve(_) => {
+            tinyscale::logger::init(cfg.log_level.to_level_filter());
+            runtime()?.block_on(tinyscale::coordinator::run(&cfg)).map_err(Failure::runtime)
+        }
+        cmd => {
+            tinyscale::logger::init(log::LevelFilter::Warn);
+            runtime()?.block_on(cli::run_admin(&cfg.unix_socket, cmd))
+        }
+    }
+}
+
+#[cfg(not(feature = "coordinator"))]
+fn server(_: cli::Server) -> Result<(), Failure> {
+    Err(Failure::usage("this build has no coordinator (built without the coordinator feature)"))
+}
+
+fn main() -> ExitCode {
+    let args = normalize_args(std::env::args().collect());
+    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let name = ["tinyscale"];
+    let top = match Top::from_args(&name, strs.get(1..).unwrap_or(&[])) {
+        Ok(t) => t,
+        Err(early) => {
+            return match early.status {
+                Ok(()) => {
+                    println!("{}", early.output);
+                    ExitCode::SUCCESS
+                }
+                Err(()) => {
+                    eprintln!("{}", early.output);
+                    eprintln!("Run `tinyscale help` for usage.");
+                    ExitCode::from(tinyscale::error::EXIT_USAGE)
+                }
+            };
+        }
+    };
+    match run(top) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("tinyscale: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_args;
+
+    fn v(s: &str) -> Vec<String> {
+        s.split(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn headscale_alias_and_config_hoisting() {
+        assert_eq!(normalize_args(v("/usr/bin/headscale nodes list")), v("/usr/bin/headscale server nodes list"));
+        assert_eq!(
+            normalize_args(v("tinyscale server nodes list --config /x -o json")),
+            v("tinyscale server --config /x nodes list -o json")
+        );
+        assert_eq!(normalize_args(v("headscale -c /y users list")), v("headscale server --config /y users list"));
+        assert_eq!(normalize_args(v("tinyscale status")), v("tinyscale status"));
+    }
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sans-io rule (STYLE §3): the pure modules listed here must not touch sockets, files, the clock
+# or the OS RNG (time and randomness come in as arguments). Prints offending lines, fails if any.
+# A new pure module is added to this list.
+set -u
+cd "$(dirname "$0")/.."
+bad=0
+PURE="src/keys.rs src/noise.rs src/tailcfg.rs src/zstdframe.rs src/stun.rs src/disco.rs
+      src/derp/frame.rs src/uci.rs src/control/netmap.rs src/coordinator/ipam.rs
+      src/coordinator/mapper.rs src/coordinator/model.rs"
+for f in $PURE; do
+    grep -q '^#!\[forbid(unsafe_code)\]' "$f" || { echo "$f: missing #![forbid(unsafe_code)]"; bad=1; }
+    # Only the non-test part of the file; shells at the bottom behind cfg(feature) are exempt.
+    body=$(awk '/^#\[cfg\(test\)\]/{exit} /^#\[cfg\(feature = "relay"\)\]/{exit} {print}' "$f")
+    hits=$(echo "$body" | grep -nE 'tokio::|std::net::(Udp|Tcp)|UdpSocket|TcpStream|std::fs|Instant::now|SystemTime::now|OsRng|thread_rng|rand::rng' || true)
+    if [ -n "$hits" ]; then
+        echo "$f: I/O in a pure module:"
+        echo "$hits"
+        bad=1
+    fi
+done
+[ $bad -eq 0 ] && echo "pure modules are free of I/O"
+exit $bad

@@ -1,0 +1,804 @@
+//! Command-line interface: the client verbs (`up`, `down`, `logout`, `status`, `ip`, `version`),
+//! `daemon`, and `server …` with headscale's admin verbs. Invoked as `headscale`, the binary
+//! behaves as `tinyscale server`.
+
+use std::{path::PathBuf, time::Duration};
+
+use argh::FromArgs;
+use serde_json::Value;
+
+use crate::{
+    error::Failure,
+    ipc::{self, IpcRequest, UpArgs},
+};
+
+#[derive(FromArgs, Debug)]
+/// tinyscale: a small Tailscale-compatible mesh VPN client, subnet router and coordinator for
+/// OpenWrt routers.
+///
+/// Quick start: `tinyscale daemon &` then `tinyscale up --login-server http://HOST:8080`.
+pub struct Top {
+    #[argh(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum Cmd {
+    Up(Up),
+    Down(Down),
+    Logout(Logout),
+    Status(Status),
+    Ip(Ip),
+    Version(Version),
+    Daemon(DaemonCmd),
+    Server(Server),
+    Stun(Stun),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "up")]
+/// connect to the tailnet, logging in if needed (prints a login URL for interactive login)
+pub struct Up {
+    /// control server URL, e.g. http://192.168.1.1:8080 (headscale, tinyscale server)
+    #[argh(option)]
+    pub login_server: Option<String>,
+    /// pre-auth key (tskey-auth-…) for unattended login; file:PATH reads it from a file
+    #[argh(option)]
+    pub authkey: Option<String>,
+    /// hostname to use instead of the system one
+    #[argh(option)]
+    pub hostname: Option<String>,
+    /// subnet routes to offer the tailnet, comma-separated CIDRs (e.g. 192.168.1.0/24)
+    #[argh(option)]
+    pub advertise_routes: Option<String>,
+    /// accept subnet routes other nodes advertise
+    #[argh(option)]
+    pub accept_routes: Option<bool>,
+    /// accept DNS settings from the tailnet (MagicDNS)
+    #[argh(option)]
+    pub accept_dns: Option<bool>,
+    /// offer this node as an exit node (advertises 0.0.0.0/0 and ::/0)
+    #[argh(switch)]
+    pub advertise_exit_node: bool,
+    /// tailnet IP or name of the exit node to use ("" to stop using one)
+    #[argh(option)]
+    pub exit_node: Option<String>,
+    /// keep direct access to the local LAN while using an exit node
+    #[argh(option)]
+    pub exit_node_allow_lan_access: Option<bool>,
+    /// ACL tags to request, comma-separated (tag:router,…)
+    #[argh(option)]
+    pub advertise_tags: Option<String>,
+    /// start a new login even if already logged in
+    #[argh(switch)]
+    pub force_reauth: bool,
+    /// reset settings not given on this command line to their defaults
+    #[argh(switch)]
+    pub reset: bool,
+    /// block incoming connections from the tailnet
+    #[argh(option)]
+    pub shields_up: Option<bool>,
+    /// masquerade traffic to advertised subnets as this node (default true)
+    #[argh(option)]
+    pub snat_subnet_routes: Option<bool>,
+    /// give up after this long, e.g. 30s, 5m (default: wait for login indefinitely)
+    #[argh(option)]
+    pub timeout: Option<String>,
+    /// also show the login URL as a QR code (not available in this build; the URL is printed)
+    #[argh(switch)]
+    pub qr: bool,
+    /// daemon socket (default /var/run/tinyscale.sock)
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "down")]
+/// disconnect from the tailnet (keeps the login)
+pub struct Down {
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "logout")]
+/// disconnect and expire this node's login (the next `up` logs in again)
+pub struct Logout {
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+/// show this node and its peers
+pub struct Status {
+    /// print the full status as JSON
+    #[argh(switch)]
+    pub json: bool,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ip")]
+/// print this node's tailnet addresses
+pub struct Ip {
+    /// only the IPv4 address
+    #[argh(switch, short = '4')]
+    pub v4: bool,
+    /// only the IPv6 address
+    #[argh(switch, short = '6')]
+    pub v6: bool,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "version")]
+/// print the version
+pub struct Version {}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "daemon")]
+/// run the client daemon (keys, control session); procd starts it on OpenWrt
+pub struct DaemonCmd {
+    /// directory for keys and settings (default /etc/tinyscale)
+    #[argh(option)]
+    pub state_dir: Option<PathBuf>,
+    /// local API socket (default /var/run/tinyscale.sock)
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "stun")]
+/// run a standalone STUN server
+pub struct Stun {
+    /// UDP address to listen on (default 0.0.0.0:3478)
+    #[argh(option)]
+    pub listen: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "server")]
+/// the coordinator: `serve` runs it; users/preauthkeys/nodes/routes administer it
+pub struct Server {
+    /// uci config file (default /etc/config/tinyscale); may appear anywhere after `server`
+    #[argh(option, short = 'c')]
+    pub config: Option<PathBuf>,
+    #[argh(subcommand)]
+    pub cmd: ServerCmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum ServerCmd {
+    Serve(Serve),
+    Users(Users),
+    Preauthkeys(Preauthkeys),
+    Nodes(Nodes),
+    Routes(Routes),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "serve")]
+/// run the coordinator (control server) with the config's `config server 'main'` section
+pub struct Serve {}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "users")]
+/// manage users
+pub struct Users {
+    #[argh(subcommand)]
+    pub cmd: UsersCmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum UsersCmd {
+    Create(UsersCreate),
+    List(UsersList),
+    Rename(UsersRename),
+    Destroy(UsersDestroy),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "create")]
+/// create a user
+pub struct UsersCreate {
+    /// user name
+    #[argh(positional)]
+    pub name: String,
+    /// output format: json
+    #[argh(option, short = 'o')]
+    pub output: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+/// list users
+pub struct UsersList {
+    /// output format: json
+    #[argh(option, short = 'o')]
+    pub output: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "rename")]
+/// rename a user: `users rename OLD NEW` or `--name OLD --new-name NEW`
+pub struct UsersRename {
+    /// old and new name
+    #[argh(positional)]
+    pub names: Vec<String>,
+    /// current name
+    #[argh(option)]
+    pub name: Option<String>,
+    /// new name
+    #[argh(option)]
+    pub new_name: Option<String>,
+    /// output format: json
+    #[argh(option, short = 'o')]
+    pub output: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "destroy")]
+/// delete a user that owns no nodes
+pub struct UsersDestroy {
+    /// user name
+    #[argh(positional)]
+    pub user: Option<String>,
+    /// user name
+    #[argh(option)]
+    pub name: Option<String>,
+    /// do not ask for confirmation (accepted for headscale compatibility)
+    #[argh(switch)]
+    pub force: bool,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "preauthkeys")]
+/// manage pre-auth keys
+pub struct Preauthkeys {
+    #[argh(subcommand)]
+    pub cmd: KeysCmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum KeysCmd {
+    Create(KeysCreate),
+    List(KeysList),
+    Expire(KeysExpire),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "create")]
+/// create a pre-auth key for unattended `up --authkey`
+pub struct KeysCreate {
+    /// owner
+    #[argh(option, short = 'u')]
+    pub user: String,
+    /// usable for more than one node
+    #[argh(switch)]
+    pub reusable: bool,
+    /// nodes registered with it are deleted after going offline
+    #[argh(switch)]
+    pub ephemeral: bool,
+    /// validity, e.g. 1h, 24h, 90d-style 2160h (default 1h, as headscale)
+    #[argh(option, short = 'e')]
+    pub expiration: Option<String>,
+    /// ACL tags for nodes registered with it, comma-separated (tag:server,…)
+    #[argh(option)]
+    pub tags: Option<String>,
+    /// output format: json
+    #[argh(option, short = 'o')]
+    pub output: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+/// list pre-auth keys
+pub struct KeysList {
+    /// only this user's keys
+    #[argh(option, short = 'u')]
+    pub user: Option<String>,
+    /// output format: json
+    #[argh(option, short = 'o')]
+    pub output: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "expire")]
+/// expire a pre-auth key now
+pub struct KeysExpire {
+    /// the key text or its id
+    #[argh(positional)]
+    pub key: String,
+    /// owner (accepted for headscale compatibility)
+    #[argh(option, short = 'u')]
+    pub user: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "nodes")]
+/// manage nodes
+pub struct Nodes {
+    #[argh(subcommand)]
+    pub cmd: NodesCmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum NodesCmd {
+    Register(NodesRegister),
+    List(NodesList),
+    Delete(NodesDelete),
+    Expire(NodesExpire),
+    Rename(NodesRename),
+    Move(NodesMove),
+    ApproveRoutes(NodesApproveRoutes),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "register")]
+/// approve a machine waiting at a /register/<key> login URL
+pub struct NodesRegister {
+    /// owner of the new node
+    #[argh(option, short = 'u')]
+    pub user: String,
+    /// the key shown on the registration page (the last part of the login URL)
+    #[argh(option, short = 'k')]
+    pub key: String,
+    /// output format: json
+    #[argh(option, short = 'o')]
+    pub output: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+/// list nodes with addresses, user, online state and last seen
+pub struct NodesList {
+    /// only this user's nodes
+    #[argh(option, short = 'u')]
+    pub user: Option<String>,
+    /// output format: json
+    #[argh(option, short = 'o')]
+    pub output: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "delete")]
+/// delete a node (peers drop it at once)
+pub struct NodesDelete {
+    /// node id
+    #[argh(option, short = 'i')]
+    pub identifier: u64,
+    /// do not ask for confirmation (accepted for headscale compatibility)
+    #[argh(switch)]
+    pub force: bool,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "expire")]
+/// expire a node's key now (it must log in again)
+pub struct NodesExpire {
+    /// node id
+    #[argh(option, short = 'i')]
+    pub identifier: u64,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "rename")]
+/// set a node's DNS name
+pub struct NodesRename {
+    /// node id
+    #[argh(option, short = 'i')]
+    pub identifier: u64,
+    /// new name (lowercase letters, digits, '-')
+    #[argh(positional)]
+    pub name: String,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "move")]
+/// give a node to another user
+pub struct NodesMove {
+    /// node id
+    #[argh(option, short = 'i')]
+    pub identifier: u64,
+    /// new owner
+    #[argh(option, short = 'u')]
+    pub user: String,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "approve-routes")]
+/// set the routes approved for a node (replaces the approved set; "" approves none)
+pub struct NodesApproveRoutes {
+    /// node id
+    #[argh(option, short = 'i')]
+    pub identifier: u64,
+    /// comma-separated CIDRs, e.g. 192.168.1.0/24,0.0.0.0/0,::/0
+    #[argh(option, short = 'r')]
+    pub routes: String,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "routes")]
+/// list and enable subnet routes
+pub struct Routes {
+    #[argh(subcommand)]
+    pub cmd: RoutesCmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum RoutesCmd {
+    List(RoutesList),
+    Enable(RoutesEnable),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+/// list advertised and approved routes
+pub struct RoutesList {
+    /// output format: json
+    #[argh(option, short = 'o')]
+    pub output: Option<String>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "enable")]
+/// approve routes for a node (adds to the approved set)
+pub struct RoutesEnable {
+    /// node id
+    #[argh(option, short = 'i')]
+    pub identifier: u64,
+    /// CIDR(s), comma-separated or repeated
+    #[argh(option, short = 'r')]
+    pub route: Vec<String>,
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(str::to_string).collect()
+}
+
+fn socket_or_default(s: Option<PathBuf>) -> PathBuf {
+    s.or_else(|| std::env::var_os("TINYSCALE_SOCKET").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from(ipc::DEFAULT_SOCKET))
+}
+
+fn want_json(o: &Option<String>) -> Result<bool, Failure> {
+    match o.as_deref() {
+        None | Some("") => Ok(false),
+        Some("json") | Some("json-line") => Ok(true),
+        Some(x) => Err(Failure::usage(format!("unknown output format {x:?}: use -o json"))),
+    }
+}
+
+/// Renders rows as an aligned text table.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < w.len() {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| -> String {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<width$}  ", width = w[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(x) if x.is_empty() => "-".into(),
+        Value::String(x) => x.clone(),
+        Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join(", "),
+        other => other.to_string(),
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Runs a client verb.
+pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
+    match cmd {
+        Cmd::Up(u) => up(u).await,
+        Cmd::Down(d) => {
+            ipc::call(&socket_or_default(d.socket), &IpcRequest::Down).await?;
+            Ok(())
+        }
+        Cmd::Logout(l) => {
+            let v = ipc::call(&socket_or_default(l.socket), &IpcRequest::Logout).await?;
+            if let Some(note) = v.get("note").and_then(Value::as_str).filter(|n| !n.is_empty()) {
+                eprintln!("logged out locally; {note}");
+            }
+            Ok(())
+        }
+        Cmd::Status(st) => {
+            let v = ipc::call(&socket_or_default(st.socket), &IpcRequest::Status).await?;
+            if st.json {
+                print_json(&v);
+            } else {
+                print!("{}", render_status(&v));
+            }
+            Ok(())
+        }
+        Cmd::Ip(ip) => {
+            let v = ipc::call(&socket_or_default(ip.socket), &IpcRequest::Status).await?;
+            let ips: Vec<String> = v["Self"]["TailscaleIPs"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+                .unwrap_or_default();
+            if ips.is_empty() {
+                return Err(Failure::runtime("no tailnet address yet: run `tinyscale up` first"));
+            }
+            for a in ips {
+                let is4 = !a.contains(':');
+                if (!ip.v4 && !ip.v6) || (ip.v4 && is4) || (ip.v6 && !is4) {
+                    println!("{a}");
+                }
+            }
+            Ok(())
+        }
+        _ => Err(Failure::usage("not a client command")),
+    }
+}
+
+/// Human-readable `status`.
+pub fn render_status(v: &Value) -> String {
+    let state = v["BackendState"].as_str().unwrap_or("NoState");
+    let mut out = String::new();
+    if state != "Running" {
+        out.push_str(&format!("state: {state}\n"));
+        if let Some(u) = v["AuthURL"].as_str().filter(|u| !u.is_empty()) {
+            out.push_str(&format!("Log in at: {u}\n"));
+        }
+        if let Some(e) = v["Error"].as_str().filter(|e| !e.is_empty()) {
+            out.push_str(&format!("last error: {e}\n"));
+        }
+    }
+    let mut rows = Vec::new();
+    let row = |n: &Value, me: bool| -> Vec<String> {
+        let ips = n["TailscaleIPs"].as_array().cloned().unwrap_or_default();
+        let online = if me {
+            "-".to_string()
+        } else if n["Online"].as_bool().unwrap_or(false) {
+            "online".to_string()
+        } else {
+            match n["LastSeen"].as_str() {
+                Some(t) => format!("offline, last seen {t}"),
+                None => "offline".to_string(),
+            }
+        };
+        vec![
+            ips.first().map(s).unwrap_or_default(),
+            ips.get(1).map(s).unwrap_or_default(),
+            s(&n["HostName"]),
+            s(&n["User"]),
+            s(&n["OS"]),
+            online,
+        ]
+    };
+    if !v["Self"].is_null() {
+        rows.push(row(&v["Self"], true));
+    }
+    for p in v["Peer"].as_array().into_iter().flatten() {
+        rows.push(row(p, false));
+    }
+    if !rows.is_empty() {
+        out.push_str(&table(&["IPV4", "IPV6", "NAME", "USER", "OS", "STATUS"], &rows));
+    }
+    out
+}
+
+async fn up(u: Up) -> Result<(), Failure> {
+    let socket = socket_or_default(u.socket);
+    let timeout = match &u.timeout {
+        Some(t) => Some(crate::uci::parse_duration(t).map_err(|e| Failure::usage(format!("--timeout {t:?}: {e}")))?),
+        None => None,
+    };
+    let auth_key = match u.authkey {
+        Some(k) if k.starts_with("file:") => Some(
+            std::fs::read_to_string(&k[5..])
+                .map_err(|e| Failure::usage(format!("cannot read auth key file {}: {e}", &k[5..])))?
+                .trim()
+                .to_string(),
+        ),
+        k => k,
+    };
+    let args = UpArgs {
+        login_server: u.login_server,
+        auth_key,
+        hostname: u.hostname,
+        advertise_routes: u.advertise_routes.as_deref().map(split_list),
+        accept_routes: u.accept_routes,
+        accept_dns: u.accept_dns,
+        advertise_exit_node: u.advertise_exit_node.then_some(true),
+        exit_node: u.exit_node,
+        exit_node_allow_lan_access: u.exit_node_allow_lan_access,
+        advertise_tags: u.advertise_tags.as_deref().map(split_list),
+        shields_up: u.shields_up,
+        snat_subnet_routes: u.snat_subnet_routes,
+        force_reauth: u.force_reauth,
+        reset: u.reset,
+    };
+    ipc::call(&socket, &IpcRequest::Up(args)).await?;
+    if u.qr {
+        eprintln!("note: QR output is not available in this build; open the URL below instead");
+    }
+    // Poll the daemon (with a deadline when --timeout is set) until Running or a hard failure.
+    let start = tokio::time::Instant::now();
+    let mut shown_url = String::new();
+    let mut last_err = String::new();
+    loop {
+        let v = ipc::call(&socket, &IpcRequest::Status).await?;
+        let state = v["BackendState"].as_str().unwrap_or("");
+        let url = v["AuthURL"].as_str().unwrap_or("");
+        let err = v["Error"].as_str().unwrap_or("");
+        let want = v["Prefs"]["want_running"].as_bool().unwrap_or(true);
+        if state == "Running" {
+            if !shown_url.is_empty() {
+                eprintln!("Success.");
+            }
+            return Ok(());
+        }
+        if !url.is_empty() && url != shown_url {
+            eprintln!("\nTo authenticate, visit:\n\n\t{url}\n");
+            shown_url = url.to_string();
+        }
+        if !want && !err.is_empty() {
+            return Err(Failure::runtime(err.to_string()));
+        }
+        if !err.is_empty() && err != last_err {
+            eprintln!("waiting: {err}");
+            last_err = err.to_string();
+        }
+        if let Some(t) = timeout {
+            if start.elapsed() >= t {
+                return Err(Failure::runtime(format!(
+                    "timed out after {} waiting for the node to come up (state {state})",
+                    crate::uci::format_duration(t)
+                )));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(feature = "coordinator")]
+/// Runs an admin verb against the coordinator's socket.
+pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), Failure> {
+    use crate::coordinator::admin::{call, AdminRequest as R};
+    let (req, json, kind) = match cmd {
+        ServerCmd::Serve(_) => return Err(Failure::usage("serve is not an admin verb")),
+        ServerCmd::Users(u) => match u.cmd {
+            UsersCmd::Create(c) => (R::UsersCreate { name: c.name }, want_json(&c.output)?, "user"),
+            UsersCmd::List(c) => (R::UsersList, want_json(&c.output)?, "users"),
+            UsersCmd::Rename(c) => {
+                let old = c.name.or_else(|| c.names.first().cloned());
+                let new = c.new_name.or_else(|| c.names.get(1).cloned());
+                let (Some(old), Some(new)) = (old, new) else {
+                    return Err(Failure::usage("usage: users rename OLD NEW (or --name OLD --new-name NEW)"));
+                };
+                (R::UsersRename { old, new }, want_json(&c.output)?, "user")
+            }
+            UsersCmd::Destroy(c) => {
+                let Some(name) = c.name.or(c.user) else {
+                    return Err(Failure::usage("usage: users destroy NAME"));
+                };
+                (R::UsersDestroy { name }, false, "done")
+            }
+        },
+        ServerCmd::Preauthkeys(k) => match k.cmd {
+            KeysCmd::Create(c) => {
+                let exp = c.expiration.as_deref().unwrap_or("1h");
+                let d = crate::uci::parse_duration(exp).map_err(|e| Failure::usage(format!("--expiration {exp:?}: {e}")))?;
+                let expiration_secs = (!d.is_zero()).then_some(d.as_secs());
+                let tags = c.tags.as_deref().map(split_list).unwrap_or_default();
+                (R::PreauthkeysCreate { user: c.user, reusable: c.reusable, ephemeral: c.ephemeral, expiration_secs, tags }, want_json(&c.output)?, "key")
+            }
+            KeysCmd::List(c) => (R::PreauthkeysList { user: c.user }, want_json(&c.output)?, "keys"),
+            KeysCmd::Expire(c) => (R::PreauthkeysExpire { key: c.key }, false, "done"),
+        },
+        ServerCmd::Nodes(n) => match n.cmd {
+            NodesCmd::Register(c) => (R::NodesRegister { user: c.user, key: c.key }, want_json(&c.output)?, "registered"),
+            NodesCmd::List(c) => (R::NodesList { user: c.user }, want_json(&c.output)?, "nodes"),
+            NodesCmd::Delete(c) => (R::NodesDelete { id: c.identifier }, false, "done"),
+            NodesCmd::Expire(c) => (R::NodesExpire { id: c.identifier }, false, "done"),
+            NodesCmd::Rename(c) => (R::NodesRename { id: c.identifier, name: c.name }, false, "done"),
+            NodesCmd::Move(c) => (R::NodesMove { id: c.identifier, user: c.user }, false, "done"),
+            NodesCmd::ApproveRoutes(c) => (R::NodesApproveRoutes { id: c.identifier, routes: split_list(&c.routes) }, false, "done"),
+        },
+        ServerCmd::Routes(r) => match r.cmd {
+            RoutesCmd::List(c) => (R::RoutesList, want_json(&c.output)?, "routes"),
+            RoutesCmd::Enable(c) => {
+                let routes: Vec<String> = c.route.iter().flat_map(|r| split_list(r)).collect();
+                if routes.is_empty() {
+                    return Err(Failure::usage("routes enable needs -r CIDR"));
+                }
+                (R::RoutesEnable { id: c.identifier, routes }, false, "routes")
+            }
+        },
+    };
+    let v = call(socket, &req).await?;
+    if json {
+        print_json(&v);
+        return Ok(());
+    }
+    let rows = |v: &Value, cols: &[&str]| -> Vec<Vec<String>> {
+        v.as_array().into_iter().flatten().map(|r| cols.iter().map(|c| s(&r[*c])).collect()).collect()
+    };
+    match kind {
+        "user" => println!("user {} (id {})", s(&v["name"]), s(&v["id"])),
+        "users" => print!("{}", table(&["ID", "NAME", "CREATED"], &rows(&v, &["id", "name", "created_at"]))),
+        "key" => println!("{}", s(&v["key"])),
+        "keys" => print!(
+            "{}",
+            table(
+                &["ID", "KEY", "USER", "REUSABLE", "EPHEMERAL", "USED", "EXPIRATION", "TAGS"],
+                &rows(&v, &["id", "key", "user", "reusable", "ephemeral", "used", "expiration", "acl_tags"])
+            )
+        ),
+        "registered" => println!("node {} registered as {} (id {}, {})", s(&v["name"]), s(&v["given_name"]), s(&v["id"]), s(&v["ip_addresses"])),
+        "nodes" => {
+            let mut r = rows(&v, &["id", "given_name", "user", "ip_addresses", "online", "last_seen", "expiry"]);
+            for row in &mut r {
+                row[4] = if row[4] == "true" { "online".into() } else { "offline".into() };
+            }
+            print!("{}", table(&["ID", "NAME", "USER", "IP ADDRESSES", "CONNECTED", "LAST SEEN", "EXPIRY"], &r))
+        }
+        "routes" => print!(
+            "{}",
+            table(&["NODE ID", "NODE", "PREFIX", "ADVERTISED", "ENABLED", "PRIMARY"], &rows(&v, &["node_id", "node", "prefix", "advertised", "enabled", "primary"]))
+        ),
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+
+    #[test]
+    fn status_render_lists_peers() {
+        let v = serde_json::json!({
+            "BackendState": "Running",
+            "Self": {"TailscaleIPs": ["100.64.0.1", "fd7a:115c:a1e0::1"], "HostName": "me", "User": "a@", "OS": "linux"},
+            "Peer": [{"TailscaleIPs": ["100.64.0.2"], "HostName": "go", "User": "a@", "OS": "linux", "Online": true}]
+        });
+        let out = render_status(&v);
+        assert!(out.contains("100.64.0.2") && out.contains("go") && out.contains("online"), "{out}");
+        assert!(!out.contains("state:"));
+    }
+}

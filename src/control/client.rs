@@ -1,0 +1,309 @@
+//! Control client shell: `/key`, the `/ts2021` upgrade, HTTP/2 over Noise, register and the map
+//! long-poll.
+//!
+//! Mirrors the roles of tailscale `control/controlclient/direct.go` and `control/ts2021/client.go`
+//! (one attempt to the configured URL, like tailscale-rs). We send `Compress:""`, so map messages
+//! arrive as plain JSON (spec §4.3). Errors say whether a retry may help ([`Error::is_retryable`]).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand_core::{OsRng, RngCore};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use crate::{
+    http1,
+    keys::{MachinePrivate, MachinePublic},
+    noise::{self, stream::NoiseStream},
+    tailcfg::{self, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse},
+};
+
+/// Dial + handshake budget (Go: ~10 s end to end).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Go's map watchdog: no message for this long means the stream is dead.
+pub const MAP_WATCHDOG: Duration = Duration::from_secs(120);
+/// Largest single map message we accept.
+pub const MAX_MAP_MESSAGE: usize = 32 << 20;
+
+/// A control-plane failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the control server {url}: {err}")]
+    Unreachable { url: String, err: std::io::Error },
+    #[error("control server {0} timed out")]
+    Timeout(String),
+    #[error("unsupported login server URL {0:?}: {1}")]
+    BadUrl(String, &'static str),
+    #[error("control protocol error: {0}")]
+    Protocol(String),
+    #[error("control server answered {status}: {text}")]
+    Status { status: u16, text: String },
+    #[error("{0}")]
+    Rejected(String),
+}
+
+impl Error {
+    /// True when reconnecting later may succeed (network trouble, server restarts).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Unreachable { .. } | Error::Timeout(_) | Error::Protocol(_) => true,
+            Error::Status { status, .. } => *status >= 500,
+            Error::BadUrl(..) | Error::Rejected(_) => false,
+        }
+    }
+}
+
+/// A parsed `http://host:port` control URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlUrl {
+    /// Original text without trailing slash.
+    pub url: String,
+    /// Host (no brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl ControlUrl {
+    /// Parses a login server URL. Only `http://` is supported in this build.
+    pub fn parse(s: &str) -> Result<ControlUrl, Error> {
+        let s = s.trim().trim_end_matches('/');
+        let rest = if let Some(r) = s.strip_prefix("http://") {
+            r
+        } else if s.starts_with("https://") {
+            return Err(Error::BadUrl(s.into(), "https needs TLS, which this build does not include yet; use http:// (Noise encrypts control traffic end to end)"));
+        } else {
+            return Err(Error::BadUrl(s.into(), "expected http://host[:port]"));
+        };
+        let authority = rest.split('/').next().unwrap_or("");
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, p) = v6.split_once(']').ok_or(Error::BadUrl(s.into(), "unterminated [IPv6]"))?;
+            (h.to_string(), p.strip_prefix(':').unwrap_or(""))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p),
+                None => (authority.to_string(), ""),
+            }
+        };
+        if host.is_empty() {
+            return Err(Error::BadUrl(s.into(), "missing host"));
+        }
+        let port = if port.is_empty() { 80 } else { port.parse().map_err(|_| Error::BadUrl(s.into(), "invalid port"))? };
+        Ok(ControlUrl { url: s.to_string(), host, port })
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    async fn dial(&self) -> Result<TcpStream, Error> {
+        let addr = self.authority();
+        let fut = TcpStream::connect(addr.as_str());
+        match tokio::time::timeout(DIAL_TIMEOUT, fut).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Ok(Err(err)) => Err(Error::Unreachable { url: self.url.clone(), err }),
+            Err(_) => Err(Error::Timeout(self.url.clone())),
+        }
+    }
+}
+
+/// `GET /key?v=<capver>`: the server's Noise public key.
+pub async fn fetch_server_key(url: &ControlUrl) -> Result<MachinePublic, Error> {
+    let fut = async {
+        let mut s = url.dial().await?;
+        let req = format!(
+            "GET /key?v={} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            tailcfg::CURRENT_CAPABILITY_VERSION,
+            url.authority()
+        );
+        s.write_all(req.as_bytes()).await.map_err(|err| Error::Unreachable { url: url.url.clone(), err })?;
+        let (head, left) = http1::read_head(&mut s).await.map_err(|e| Error::Protocol(format!("/key: {e}")))?;
+        let body = http1::read_body(&mut s, &head, left).await.map_err(|e| Error::Protocol(format!("/key body: {e}")))?;
+        if head.status != 200 {
+            return Err(Error::Status { status: head.status, text: String::from_utf8_lossy(&body).trim().to_string() });
+        }
+        let k: OverTlsPublicKeyResponse =
+            serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("/key is not a Tailscale control server: {e}")))?;
+        if k.public_key.is_zero() {
+            return Err(Error::Protocol("control server is too old; no noise key".into()));
+        }
+        Ok(k.public_key)
+    };
+    tokio::time::timeout(DIAL_TIMEOUT, fut).await.map_err(|_| Error::Timeout(url.url.clone()))?
+}
+
+/// An established Noise + HTTP/2 control connection.
+pub struct ControlConn {
+    url: ControlUrl,
+    h2: h2::client::SendRequest<Bytes>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ControlConn {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Dials `/ts2021` and completes Noise IK as `machine`.
+pub async fn connect(url: &ControlUrl, machine: &MachinePrivate, server: &MachinePublic) -> Result<ControlConn, Error> {
+    let fut = async {
+        let mut s = url.dial().await?;
+        let mut eph = [0u8; 32];
+        OsRng.fill_bytes(&mut eph);
+        let (init_state, init) = noise::initiate(machine, server, tailcfg::CURRENT_CAPABILITY_VERSION as u16, eph);
+        let req = format!(
+            "POST /ts2021 HTTP/1.1\r\nHost: {}\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {}\r\nContent-Length: 0\r\n\r\n",
+            url.authority(),
+            http1::base64_encode(&init)
+        );
+        s.write_all(req.as_bytes()).await.map_err(|err| Error::Unreachable { url: url.url.clone(), err })?;
+        let (head, mut left) = http1::read_head(&mut s).await.map_err(|e| Error::Protocol(format!("/ts2021: {e}")))?;
+        if head.status != 101 {
+            let body = http1::read_body(&mut s, &head, left).await.unwrap_or_default();
+            return Err(Error::Status { status: head.status, text: String::from_utf8_lossy(&body).trim().to_string() });
+        }
+        let msg = noise::stream::read_response_message(&mut s, &mut left)
+            .await
+            .map_err(|e| Error::Protocol(format!("noise response: {e}")))?;
+        let transport = init_state.finish(&msg).map_err(|e| Error::Protocol(format!("noise handshake: {e}")))?;
+        let mut io = NoiseStream::new(s, transport, left);
+        io.strip_early_payload().await.map_err(|e| Error::Protocol(format!("early payload: {e}")))?;
+        let (h2, conn) = h2::client::handshake(io).await.map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
+        let driver = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                log::debug!("control connection closed err={e}");
+            }
+        });
+        Ok(ControlConn { url: url.clone(), h2, driver })
+    };
+    tokio::time::timeout(DIAL_TIMEOUT * 2, fut).await.map_err(|_| Error::Timeout(url.url.clone()))?
+}
+
+/// A streaming map response.
+pub struct MapStream {
+    body: h2::RecvStream,
+    buf: Vec<u8>,
+}
+
+impl MapStream {
+    /// The next message, `Ok(None)` at end of stream. Fails after [`MAP_WATCHDOG`] of silence.
+    pub async fn next(&mut self) -> Result<Option<MapResponse>, Error> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+                if len > MAX_MAP_MESSAGE {
+                    return Err(Error::Protocol(format!("map message of {len} bytes is too large")));
+                }
+                if self.buf.len() >= 4 + len {
+                    let mut msg: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
+                    // Only if we asked for zstd; raw-block frames decode without a decompressor.
+                    if msg.starts_with(&crate::zstdframe::MAGIC) {
+                        msg = crate::zstdframe::decode(&msg, MAX_MAP_MESSAGE).map_err(|e| Error::Protocol(format!("map message: {e}")))?;
+                    }
+                    let m = serde_json::from_slice(&msg).map_err(|e| Error::Protocol(format!("map message: {e}")))?;
+                    return Ok(Some(m));
+                }
+            }
+            let chunk = tokio::time::timeout(MAP_WATCHDOG, self.body.data())
+                .await
+                .map_err(|_| Error::Protocol("no map message for 120 s".into()))?;
+            match chunk {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(Error::Protocol(format!("map stream: {e}"))),
+                Some(Ok(c)) => {
+                    let _ = self.body.flow_control().release_capacity(c.len());
+                    self.buf.extend_from_slice(&c);
+                }
+            }
+        }
+    }
+}
+
+impl ControlConn {
+    async fn post(&mut self, path: &str, body: Vec<u8>) -> Result<h2::RecvStream, Error> {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("https://{}{path}", self.url.authority()))
+            .header("content-type", "application/json")
+            .body(())
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        let mut h2 = self.h2.clone().ready().await.map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
+        let (resp, mut send) = h2.send_request(req, false).map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
+        send.send_data(Bytes::from(body), true).map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
+        let resp = resp.await.map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        if status != 200 {
+            let text = read_all(&mut body, 64 * 1024).await.unwrap_or_default();
+            return Err(Error::Status { status, text: String::from_utf8_lossy(&text).trim().to_string() });
+        }
+        Ok(body)
+    }
+
+    /// Posts raw bytes to `path` inside Noise and returns the response body (tools, tests).
+    pub async fn post_bytes(&mut self, path: &str, body: Vec<u8>) -> Result<Vec<u8>, Error> {
+        let mut r = self.post(path, body).await?;
+        read_all(&mut r, 1 << 20).await
+    }
+
+    /// `POST /machine/register`.
+    pub async fn register(&mut self, req: &RegisterRequest) -> Result<RegisterResponse, Error> {
+        let body = serde_json::to_vec(req).map_err(|e| Error::Protocol(e.to_string()))?;
+        let mut resp = self.post("/machine/register", body).await?;
+        let data = read_all(&mut resp, 1 << 20).await?;
+        serde_json::from_slice(&data).map_err(|e| Error::Protocol(format!("RegisterResponse: {e}")))
+    }
+
+    /// `POST /machine/map` with `Stream:true`.
+    pub async fn map_stream(&mut self, req: &MapRequest) -> Result<MapStream, Error> {
+        let body = serde_json::to_vec(req).map_err(|e| Error::Protocol(e.to_string()))?;
+        let resp = self.post("/machine/map", body).await?;
+        Ok(MapStream { body: resp, buf: Vec::new() })
+    }
+
+    /// A lite update (`Stream:false, OmitPeers:true`): endpoints/hostinfo changes.
+    pub async fn map_lite(&mut self, req: &MapRequest) -> Result<(), Error> {
+        let body = serde_json::to_vec(req).map_err(|e| Error::Protocol(e.to_string()))?;
+        let mut resp = self.post("/machine/map", body).await?;
+        read_all(&mut resp, 1 << 20).await.map(|_| ())
+    }
+}
+
+async fn read_all(body: &mut h2::RecvStream, limit: usize) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    while let Some(c) = body.data().await {
+        let c = c.map_err(|e| Error::Protocol(format!("http/2 body: {e}")))?;
+        let _ = body.flow_control().release_capacity(c.len());
+        if out.len() + c.len() > limit {
+            return Err(Error::Protocol("response too large".into()));
+        }
+        out.extend_from_slice(&c);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_url_parsing() {
+        let u = ControlUrl::parse("http://127.0.0.1:8080/").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.url.as_str()), ("127.0.0.1", 8080, "http://127.0.0.1:8080"));
+        assert_eq!(ControlUrl::parse("http://example.com").unwrap().port, 80);
+        let v6 = ControlUrl::parse("http://[::1]:9").unwrap();
+        assert_eq!((v6.host.as_str(), v6.authority()), ("::1", "[::1]:9".to_string()));
+        assert!(matches!(ControlUrl::parse("ftp://x"), Err(Error::BadUrl(..))));
+        assert!(matches!(ControlUrl::parse("https://x"), Err(Error::BadUrl(..))));
+        assert!(matches!(ControlUrl::parse("http://:80"), Err(Error::BadUrl(..))));
+        assert!(matches!(ControlUrl::parse("http://x:notaport"), Err(Error::BadUrl(..))));
+    }
+}

@@ -1,0 +1,465 @@
+//! The coordinator's network shell: one TCP listener for `/key`, `/ts2021` (Noise + HTTP/2),
+//! `/register/<id>` and `/health`, plus the admin unix socket and housekeeping timers.
+//!
+//! Mirrors the roles of headscale `hscontrol/{app,noise,poll,handlers}.go`. Decisions live in
+//! `state.rs` and `mapper.rs`; this file converts bytes to calls and calls to bytes.
+
+use std::{
+    future::poll_fn,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use rand_core::{OsRng, RngCore};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::{broadcast, watch},
+};
+
+use super::{
+    mapper::{self, Delta},
+    state::{Change, CoordError, RegisterOutcome, State},
+};
+use crate::{
+    http1::{self, Head},
+    keys::{hex_encode, MachinePrivate, MachinePublic},
+    noise::{self, stream::NoiseStream},
+    tailcfg::{self, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest},
+    zstdframe,
+};
+
+/// Map keep-alive cadence (headscale: 50 s + jitter; Go's watchdog fires at 120 s).
+pub const MAP_KEEPALIVE: Duration = Duration::from_secs(55);
+/// Largest request body inside Noise (headscale caps at 1 MiB).
+pub const MAX_NOISE_BODY: usize = 1 << 20;
+/// Changes buffered per session before it falls back to a full map.
+const CHANGE_QUEUE: usize = 1024;
+
+/// Shared coordinator context.
+pub struct Coordinator {
+    state: Mutex<State>,
+    changes: broadcast::Sender<Change>,
+    /// Bumped whenever an interactive registration completes, to wake Followup waiters.
+    registrations: watch::Sender<u64>,
+    noise_key: MachinePrivate,
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// `n` random bytes as URL-safe text (lowercase hex).
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    OsRng.fill_bytes(&mut b);
+    hex_encode(&b)
+}
+
+fn random32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    OsRng.fill_bytes(&mut b);
+    b
+}
+
+impl Coordinator {
+    /// Wraps `state`; loads or creates the server's Noise key in the store.
+    pub fn new(state: State) -> Result<Arc<Coordinator>, CoordError> {
+        let noise_key = match state.store().get_kv("noise_private_key")? {
+            Some(t) => MachinePrivate::from_key_str(&t)
+                .map_err(|_| CoordError::Invalid("stored noise_private_key is corrupt".into()))?,
+            None => {
+                let k = MachinePrivate::from_random(random32());
+                state.store().set_kv("noise_private_key", &k.to_key_str())?;
+                k
+            }
+        };
+        let (changes, _) = broadcast::channel(CHANGE_QUEUE);
+        let (registrations, _) = watch::channel(0);
+        Ok(Arc::new(Coordinator { state: Mutex::new(state), changes, registrations, noise_key }))
+    }
+
+    /// Locks the state (a poisoned lock is still usable: panics abort the process anyway).
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The server's Noise public key.
+    pub fn public_key(&self) -> MachinePublic {
+        self.noise_key.public()
+    }
+
+    /// Publishes changes to every map session.
+    pub fn publish(&self, changes: Vec<Change>) {
+        for c in changes {
+            // No receivers is fine: nobody is streaming.
+            let _ = self.changes.send(c);
+        }
+    }
+
+    /// Wakes Followup waiters after an interactive registration completed.
+    pub fn registration_completed(&self) {
+        self.registrations.send_modify(|g| *g += 1);
+    }
+
+    /// Runs periodic housekeeping (ephemeral GC, pending expiry) forever.
+    pub async fn housekeeping(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(15));
+        loop {
+            tick.tick().await;
+            let now = unix_now();
+            let ch = {
+                let mut st = self.lock();
+                st.gc_pending(now);
+                st.gc_ephemeral(now)
+            };
+            self.publish(ch);
+        }
+    }
+}
+
+/// Accepts connections on `listener` forever.
+pub async fn serve_http(coord: Arc<Coordinator>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((sock, peer)) => {
+                let _ = sock.set_nodelay(true);
+                tokio::spawn(handle_conn(coord.clone(), sock, peer));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                log::warn!("accept failed err={e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle_conn(coord: Arc<Coordinator>, mut sock: TcpStream, peer: SocketAddr) {
+    let head = tokio::time::timeout(Duration::from_secs(10), http1::read_head(&mut sock)).await;
+    let (head, leftover) = match head {
+        Ok(Ok(x)) => x,
+        Ok(Err(http1::HttpError::Closed)) => return,
+        Ok(Err(e)) => {
+            log::debug!("bad http request peer={peer} err={e}");
+            let _ = http1::write_response(&mut sock, 400, "text/plain", b"bad request\n").await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let r = route(&coord, sock, &head, leftover, peer).await;
+    if let Err(e) = r {
+        log::debug!("connection ended peer={peer} path={} err={e}", head.path());
+    }
+}
+
+fn json_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+async fn route(coord: &Arc<Coordinator>, mut sock: TcpStream, head: &Head, leftover: Vec<u8>, peer: SocketAddr) -> std::io::Result<()> {
+    if head.path() == "/ts2021" {
+        return ts2021(coord, sock, head, leftover, peer).await;
+    }
+    let sock = &mut sock;
+    match head.path() {
+        "/key" => {
+            let v: Option<u32> = head.query("v").and_then(|v| v.parse().ok());
+            match v {
+                None => http1::write_response(sock, 400, "text/plain", b"missing or invalid v parameter\n").await,
+                Some(_) => {
+                    let body = json_bytes(&OverTlsPublicKeyResponse {
+                        legacy_public_key: MachinePublic::default(),
+                        public_key: coord.public_key(),
+                    });
+                    http1::write_response(sock, 200, "application/json", &body).await
+                }
+            }
+        }
+        "/health" => http1::write_response(sock, 200, "application/json", br#"{"status":"pass"}"#).await,
+        p if p.starts_with("/register/") => {
+            let id = &p["/register/".len()..];
+            let (status, body) = register_page(coord, id);
+            http1::write_response(sock, status, "text/html; charset=utf-8", body.as_bytes()).await
+        }
+        "/" => {
+            http1::write_response(sock, 200, "text/plain", b"tinyscale coordinator: point a Tailscale client's login server here\n").await
+        }
+        _ => http1::write_response(sock, 404, "text/plain", b"not found\n").await,
+    }
+}
+
+fn register_page(coord: &Coordinator, id: &str) -> (u16, String) {
+    // Only ids we could have issued are echoed back (no markup injection).
+    let valid = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let st = coord.lock();
+    let pending = valid.then(|| st.pending(id)).flatten();
+    match pending {
+        Some(p) => {
+            let host = tailcfg::HostinfoView(&p.hostinfo).hostname().to_string();
+            let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.').collect();
+            (
+                200,
+                format!(
+                    "<!DOCTYPE html>\n<html><head><title>tinyscale: register {host}</title></head><body>\n\
+                     <h1>Machine registration</h1>\n<p>The machine <b>{host}</b> asks to join the tailnet.</p>\n\
+                     <p>Run this command on the coordinator to add it:</p>\n\
+                     <pre>tinyscale server nodes register --user USERNAME --key {id}</pre>\n\
+                     <p>(<code>headscale nodes register --user USERNAME --key {id}</code> works too.)</p>\n</body></html>\n"
+                ),
+            )
+        }
+        None => (404, "<!DOCTYPE html>\n<html><body><h1>Unknown or expired registration</h1>\n<p>Run <code>tinyscale up</code> again for a new link.</p></body></html>\n".into()),
+    }
+}
+
+async fn ts2021(coord: &Arc<Coordinator>, mut sock: TcpStream, head: &Head, leftover: Vec<u8>, peer: SocketAddr) -> std::io::Result<()> {
+    let upgrade_ok = head.header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("tailscale-control-protocol"));
+    let init = head.header("x-tailscale-handshake").and_then(http1::base64_decode);
+    let (true, Some(init)) = (upgrade_ok, init) else {
+        return http1::write_response(&mut sock, 400, "text/plain", b"ts2021 needs Upgrade: tailscale-control-protocol and X-Tailscale-Handshake\n").await;
+    };
+    let accepted = match noise::respond(&coord.noise_key, &init, random32()) {
+        Ok(a) => a,
+        Err(e) => {
+            log::debug!("noise handshake failed peer={peer} err={e}");
+            return http1::write_response(&mut sock, 400, "text/plain", format!("noise handshake failed: {e}\n").as_bytes()).await;
+        }
+    };
+    let machine = accepted.peer;
+    let version = accepted.version;
+    let mut transport = accepted.transport;
+    let mut out = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n".to_vec();
+    out.extend_from_slice(&accepted.response);
+    // Early payload: tiny (tailscale-rs accepts ≤ 1024 bytes); clients ignore the challenge.
+    let challenge = format!("{{\"nodeKeyChallenge\":\"chalpub:{}\"}}", hex_encode(&random32()));
+    if transport.seal(&noise::early_payload(challenge.as_bytes()), &mut out).is_err() {
+        return Ok(());
+    }
+    sock.write_all(&out).await?;
+    log::debug!("noise session up peer={peer} machine={} capver={version}", machine.short());
+    let io = NoiseStream::new(sock, transport, leftover);
+    serve_h2(coord.clone(), io, machine).await;
+    Ok(())
+}
+
+
+async fn serve_h2(coord: Arc<Coordinator>, io: NoiseStream<TcpStream>, machine: MachinePublic) {
+    let conn = h2::server::Builder::new().max_concurrent_streams(32).handshake::<_, Bytes>(io).await;
+    let mut conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            log::debug!("h2 handshake failed machine={} err={e}", machine.short());
+            return;
+        }
+    };
+    while let Some(req) = conn.accept().await {
+        match req {
+            Ok((req, respond)) => {
+                tokio::spawn(handle_noise_request(coord.clone(), machine, req, respond));
+            }
+            Err(e) => {
+                log::debug!("h2 connection error machine={} err={e}", machine.short());
+                break;
+            }
+        }
+    }
+}
+
+async fn read_h2_body(body: &mut h2::RecvStream) -> Result<Vec<u8>, u16> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|_| 400u16)?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if buf.len() + chunk.len() > MAX_NOISE_BODY {
+            return Err(413);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+fn respond_now(mut respond: h2::server::SendResponse<Bytes>, status: u16, body: Vec<u8>) {
+    let mut resp = http::Response::new(());
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let ct = if body.first() == Some(&b'{') { "application/json" } else { "text/plain; charset=utf-8" };
+    if let Ok(v) = http::HeaderValue::from_str(ct) {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    if let Ok(mut s) = respond.send_response(resp, body.is_empty()) {
+        if !body.is_empty() {
+            let _ = s.send_data(Bytes::from(body), true);
+        }
+    }
+}
+
+impl From<&CoordError> for u16 {
+    fn from(e: &CoordError) -> u16 {
+        match e {
+            CoordError::NotFound(_) => 404,
+            CoordError::Conflict(_) => 409,
+            CoordError::Invalid(_) => 400,
+            CoordError::Unauthorized(_) => 401,
+            CoordError::Exhausted | CoordError::Store(_) => 500,
+        }
+    }
+}
+
+fn error_text(e: &CoordError) -> Vec<u8> {
+    match e {
+        // Internal details stay in the log.
+        CoordError::Store(inner) => {
+            log::error!("store failure err={inner}");
+            b"internal error\n".to_vec()
+        }
+        e => format!("{e}\n").into_bytes(),
+    }
+}
+
+async fn handle_noise_request(
+    coord: Arc<Coordinator>,
+    machine: MachinePublic,
+    req: http::Request<h2::RecvStream>,
+    respond: h2::server::SendResponse<Bytes>,
+) {
+    let path = req.uri().path().to_string();
+    let mut body = req.into_body();
+    let data = match read_h2_body(&mut body).await {
+        Ok(d) => d,
+        Err(status) => return respond_now(respond, status, b"request body too large or broken\n".to_vec()),
+    };
+    match path.as_str() {
+        "/machine/register" => register(coord, machine, &data, respond).await,
+        "/machine/map" => map(coord, machine, &data, respond).await,
+        p if p.starts_with("/machine/") => respond_now(respond, 501, b"not implemented\n".to_vec()),
+        _ => respond_now(respond, 404, b"not found\n".to_vec()),
+    }
+}
+
+async fn register(coord: Arc<Coordinator>, machine: MachinePublic, data: &[u8], respond: h2::server::SendResponse<Bytes>) {
+    let req: RegisterRequest = match tailcfg::from_slice_folded(data) {
+        Ok(r) => r,
+        Err(e) => return respond_now(respond, 400, format!("invalid RegisterRequest JSON: {e}\n").into_bytes()),
+    };
+    let mut waiter = coord.registrations.subscribe();
+    loop {
+        let now = unix_now();
+        let r = coord.lock().register(machine, &req, now, || random_hex(12));
+        match r {
+            Ok((RegisterOutcome::Reply(resp), changes)) => {
+                coord.publish(changes);
+                return respond_now(respond, 200, json_bytes(&resp));
+            }
+            Ok((RegisterOutcome::Wait(id), _)) => {
+                let expires = coord.lock().pending(&id).map_or(now, |p| p.expires);
+                let left = Duration::from_secs(expires.saturating_sub(now).max(1) as u64);
+                // Block until an admin approves, the entry expires, or the client goes away.
+                tokio::select! {
+                    r = waiter.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(left) => {}
+                }
+            }
+            Err(e) => {
+                log::info!("registration refused machine={} err={e}", machine.short());
+                // Auth failures are reported in-band (200 + Error) as Go clients expect.
+                let resp = tailcfg::RegisterResponse { error: e.to_string(), ..Default::default() };
+                return match e {
+                    CoordError::Unauthorized(_) => respond_now(respond, 200, json_bytes(&resp)),
+                    e => respond_now(respond, u16::from(&e), error_text(&e)),
+                };
+            }
+        }
+    }
+}
+
+/// Frames one map message: u32 LE length + JSON (zstd-framed when asked).
+pub fn frame_map_message(msg: &MapResponse, zstd: bool) -> Bytes {
+    let json = json_bytes(msg);
+    let payload = if zstd { zstdframe::encode(&json) } else { json };
+    let mut out = Vec::with_capacity(payload.len() + 4);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Bytes::from(out)
+}
+
+async fn map(coord: Arc<Coordinator>, machine: MachinePublic, data: &[u8], mut respond: h2::server::SendResponse<Bytes>) {
+    let req: MapRequest = match tailcfg::from_slice_folded(data) {
+        Ok(r) => r,
+        Err(e) => return respond_now(respond, 400, format!("invalid MapRequest JSON: {e}\n").into_bytes()),
+    };
+    let zstd = req.compress == "zstd";
+    let now = unix_now();
+    // Subscribe before applying, so no change between the full map and the loop is lost.
+    let mut rx = coord.changes.subscribe();
+    let applied = coord.lock().apply_map_request(machine, &req, now);
+    let (id, changes) = match applied {
+        Ok(x) => x,
+        Err(e) => return respond_now(respond, u16::from(&e), error_text(&e)),
+    };
+    coord.publish(changes);
+    if !req.stream {
+        if req.omit_peers {
+            return respond_now(respond, 200, Vec::new());
+        }
+        let msg = mapper::full_map(&coord.lock(), id, now);
+        return match msg {
+            Some(m) => respond_now(respond, 200, frame_map_message(&m, zstd).to_vec()),
+            None => respond_now(respond, 404, b"node not found\n".to_vec()),
+        };
+    }
+
+    let mut resp = http::Response::new(());
+    *resp.status_mut() = http::StatusCode::OK;
+    let mut send = match respond.send_response(resp, false) {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let online = coord.lock().session_start(id, now);
+    coord.publish(online);
+    log::info!("map session started node={id}");
+    let first = mapper::full_map(&coord.lock(), id, now);
+    if let Some(m) = first {
+        if send.send_data(frame_map_message(&m, zstd), false).is_err() {
+            end_session(&coord, id);
+            return;
+        }
+    }
+    let keepalive = frame_map_message(&MapResponse { keep_alive: true, ..Default::default() }, zstd);
+    let mut deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
+    loop {
+        tokio::select! {
+            c = rx.recv() => {
+                let now = unix_now();
+                let delta = match c {
+                    Ok(change) => mapper::delta(&coord.lock(), id, &change, now),
+                    // Fell behind: resynchronise with a full map.
+                    Err(broadcast::error::RecvError::Lagged(_)) => mapper::delta(&coord.lock(), id, &Change::Full, now),
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                match delta {
+                    Delta::None => continue,
+                    Delta::End => break,
+                    Delta::Send(m) => {
+                        if send.send_data(frame_map_message(&m, zstd), false).is_err() { break; }
+                        deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if send.send_data(keepalive.clone(), false).is_err() { break; }
+                deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
+            }
+            _ = poll_fn(|cx| send.poll_reset(cx)) => break,
+        }
+    }
+    end_session(&coord, id);
+}
+
+fn end_session(coord: &Coordinator, id: u64) {
+    log::info!("map session ended node={id}");
+    let ch = coord.lock().session_end(id, unix_now());
+    coord.publish(ch);
+}

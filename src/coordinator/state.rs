@@ -1,0 +1,848 @@
+//! The coordinator's authoritative state: users, pre-auth keys, nodes, pending interactive
+//! registrations and live map sessions, written through to the SQLite [`Store`].
+//!
+//! Mirrors the roles of headscale `hscontrol/state/state.go` and `hscontrol/auth.go`. Every
+//! mutation returns the [`Change`]s it caused; map sessions turn those into per-viewer deltas
+//! (`mapper.rs`), so touching one node never rebuilds every node's full map (headscale
+//! `types/change`). Time and randomness come in as arguments.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::{
+    ipam::Ipam,
+    model::{Node, PreAuthKey, User},
+    store::{Store, StoreError},
+};
+use crate::{
+    keys::{MachinePublic, NodePublic},
+    tailcfg::{self, DerpMap, HostinfoView, PeerChange, RegisterRequest, RegisterResponse},
+};
+
+/// How long an interactive registration waits for an admin (headscale: 15 min).
+pub const PENDING_REGISTRATION_TTL: i64 = 15 * 60;
+
+/// What changed, for map sessions to turn into deltas.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// The node's full record changed (key, name, routes, user...): send it whole.
+    Node(u64),
+    /// The node is gone.
+    Removed(u64),
+    /// Endpoint, disco key, home DERP or online state changed.
+    Patch(PeerChange),
+    /// Tailnet-wide change (DNS, DERP map, users): resend full maps.
+    Full,
+}
+
+/// Coordinator-wide settings derived from the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Public URL of this server (for AuthURLs).
+    pub server_url: String,
+    /// Address prefixes.
+    pub ipam: Ipam,
+    /// MagicDNS base domain (no trailing dot).
+    pub base_domain: String,
+    /// MagicDNS on/off.
+    pub magic_dns: bool,
+    /// Global resolvers.
+    pub nameservers: Vec<String>,
+    /// DERP map sent to every node.
+    pub derp_map: DerpMap,
+    /// Ephemeral nodes are deleted after this many seconds offline.
+    pub ephemeral_inactivity_timeout: i64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            server_url: "http://127.0.0.1:8080".into(),
+            ipam: Ipam::default(),
+            base_domain: "tailnet.internal".into(),
+            magic_dns: true,
+            nameservers: vec!["1.1.1.1".into()],
+            derp_map: DerpMap::default(),
+            ephemeral_inactivity_timeout: 30 * 60,
+        }
+    }
+}
+
+/// A failed coordinator operation; the text is safe to show to the requester.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("address space exhausted")]
+    Exhausted,
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+/// An interactive registration waiting for `nodes register`.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// Random id in the AuthURL.
+    pub id: String,
+    pub machine_key: MachinePublic,
+    pub node_key: NodePublic,
+    pub hostinfo: serde_json::Value,
+    pub ephemeral: bool,
+    /// Unix time after which it is forgotten.
+    pub expires: i64,
+    /// Set once an admin approved it.
+    pub node_id: Option<u64>,
+}
+
+/// Result of a `/machine/register` request.
+#[derive(Debug)]
+pub enum RegisterOutcome {
+    /// Answer now.
+    Reply(RegisterResponse),
+    /// Block until registration `id` completes or expires, then call [`State::followup`] again.
+    Wait(String),
+}
+
+/// The coordinator state.
+pub struct State {
+    /// Settings.
+    pub settings: Settings,
+    users: BTreeMap<u64, User>,
+    keys: BTreeMap<u64, PreAuthKey>,
+    nodes: BTreeMap<u64, Node>,
+    pending: HashMap<String, Pending>,
+    sessions: HashMap<u64, u32>,
+    store: Store,
+}
+
+fn sanitize_label(host: &str) -> String {
+    let mut s: String = host
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .collect();
+    s = s.trim_matches('-').to_string();
+    s.truncate(63);
+    if s.is_empty() {
+        "node".into()
+    } else {
+        s
+    }
+}
+
+/// Route text normalised for comparison (`10.0.0.0/24`).
+fn is_exit_route(r: &str) -> bool {
+    r == "0.0.0.0/0" || r == "::/0"
+}
+
+impl State {
+    /// Loads everything from `store`.
+    pub fn load(store: Store, settings: Settings) -> Result<State, CoordError> {
+        let snap = store.load()?;
+        Ok(State {
+            settings,
+            users: snap.users.into_iter().map(|u| (u.id, u)).collect(),
+            keys: snap.preauth_keys.into_iter().map(|k| (k.id, k)).collect(),
+            nodes: snap.nodes.into_iter().map(|n| (n.id, n)).collect(),
+            pending: HashMap::new(),
+            sessions: HashMap::new(),
+            store,
+        })
+    }
+
+    /// The store (for server secrets).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    // ---- queries ----
+
+    /// All users by id.
+    pub fn users(&self) -> impl Iterator<Item = &User> {
+        self.users.values()
+    }
+    /// All pre-auth keys.
+    pub fn preauth_keys(&self) -> impl Iterator<Item = &PreAuthKey> {
+        self.keys.values()
+    }
+    /// All nodes.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+    /// One node.
+    pub fn node(&self, id: u64) -> Option<&Node> {
+        self.nodes.get(&id)
+    }
+    /// One user.
+    pub fn user(&self, id: u64) -> Option<&User> {
+        self.users.get(&id)
+    }
+    /// Whether the node has a live map session.
+    pub fn is_online(&self, id: u64) -> bool {
+        self.sessions.get(&id).is_some_and(|c| *c > 0)
+    }
+    /// Pending registration by id.
+    pub fn pending(&self, id: &str) -> Option<&Pending> {
+        self.pending.get(id)
+    }
+
+    fn user_by_name(&self, name: &str) -> Result<&User, CoordError> {
+        let name = name.trim_end_matches('@');
+        self.users
+            .values()
+            .find(|u| u.name == name)
+            .or_else(|| name.parse::<u64>().ok().and_then(|id| self.users.get(&id)))
+            .ok_or_else(|| CoordError::NotFound(format!("user {name:?} not found")))
+    }
+
+    fn node_mut(&mut self, id: u64) -> Result<&mut Node, CoordError> {
+        self.nodes.get_mut(&id).ok_or_else(|| CoordError::NotFound(format!("node {id} not found")))
+    }
+
+    /// Routes the node announces in Hostinfo.RoutableIPs.
+    pub fn announced_routes(n: &Node) -> Vec<String> {
+        serde_json::from_str::<serde_json::Value>(&n.hostinfo)
+            .map(|v| HostinfoView(&v).routable_ips())
+            .unwrap_or_default()
+    }
+
+    /// Announced ∩ approved.
+    pub fn effective_routes(n: &Node) -> Vec<String> {
+        Self::announced_routes(n).into_iter().filter(|r| n.approved_routes.contains(r)).collect()
+    }
+
+    /// Primary router per subnet prefix: the lowest-id online node serving it, else the lowest id.
+    pub fn primaries(&self) -> BTreeMap<String, u64> {
+        let mut out: BTreeMap<String, (bool, u64)> = BTreeMap::new();
+        for n in self.nodes.values() {
+            for r in Self::effective_routes(n).into_iter().filter(|r| !is_exit_route(r)) {
+                let cand = (self.is_online(n.id), n.id);
+                out.entry(r)
+                    .and_modify(|cur| {
+                        if (cand.0 && !cur.0) || (cand.0 == cur.0 && cand.1 < cur.1) {
+                            *cur = cand;
+                        }
+                    })
+                    .or_insert(cand);
+            }
+        }
+        out.into_iter().map(|(k, (_, id))| (k, id)).collect()
+    }
+
+    fn node_changes_for_primaries(&self, before: &BTreeMap<String, u64>) -> Vec<Change> {
+        let after = self.primaries();
+        let mut ids = BTreeSet::new();
+        for (k, v) in before {
+            if after.get(k) != Some(v) {
+                ids.insert(*v);
+                if let Some(a) = after.get(k) {
+                    ids.insert(*a);
+                }
+            }
+        }
+        for (k, v) in &after {
+            if !before.contains_key(k) {
+                ids.insert(*v);
+            }
+        }
+        ids.into_iter().filter(|id| self.nodes.contains_key(id)).map(Change::Node).collect()
+    }
+
+    // ---- users ----
+
+    /// `users create`.
+    pub fn create_user(&mut self, name: &str, now: i64) -> Result<User, CoordError> {
+        let name = name.trim();
+        if name.is_empty() || name.len() > 63 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(CoordError::Invalid(format!(
+                "invalid user name {name:?}: use 1-63 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        if self.users.values().any(|u| u.name == name) {
+            return Err(CoordError::Conflict(format!("user {name:?} already exists")));
+        }
+        let mut u = User { id: 0, name: name.into(), display_name: name.into(), created: now };
+        u.id = self.store.insert_user(&u)?;
+        self.users.insert(u.id, u.clone());
+        Ok(u)
+    }
+
+    /// `users rename`.
+    pub fn rename_user(&mut self, old: &str, new: &str) -> Result<(User, Vec<Change>), CoordError> {
+        if self.users.values().any(|u| u.name == new) {
+            return Err(CoordError::Conflict(format!("user {new:?} already exists")));
+        }
+        let id = self.user_by_name(old)?.id;
+        let probe = self.create_user_check(new)?;
+        let mut u = self.users[&id].clone();
+        u.name = probe.clone();
+        u.display_name = probe;
+        self.store.update_user(&u)?;
+        self.users.insert(id, u.clone());
+        Ok((u, vec![Change::Full]))
+    }
+
+    fn create_user_check(&self, name: &str) -> Result<String, CoordError> {
+        if name.is_empty() || name.len() > 63 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(CoordError::Invalid(format!("invalid user name {name:?}")));
+        }
+        Ok(name.to_string())
+    }
+
+    /// `users destroy`: refused while the user owns nodes (headscale behaviour).
+    pub fn destroy_user(&mut self, name: &str) -> Result<(), CoordError> {
+        let id = self.user_by_name(name)?.id;
+        let owned = self.nodes.values().filter(|n| n.user_id == id).count();
+        if owned > 0 {
+            return Err(CoordError::Conflict(format!(
+                "user {name:?} still owns {owned} node(s); delete or move them first"
+            )));
+        }
+        for k in self.keys.values().filter(|k| k.user_id == id).map(|k| k.id).collect::<Vec<_>>() {
+            self.keys.remove(&k);
+        }
+        self.store.delete_user(id)?;
+        self.users.remove(&id);
+        Ok(())
+    }
+
+    // ---- pre-auth keys ----
+
+    /// `preauthkeys create`; `secret` is random text supplied by the caller.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_preauth_key(
+        &mut self,
+        user: &str,
+        reusable: bool,
+        ephemeral: bool,
+        expiration: Option<i64>,
+        tags: Vec<String>,
+        secret: String,
+        now: i64,
+    ) -> Result<PreAuthKey, CoordError> {
+        let user_id = self.user_by_name(user)?.id;
+        for t in &tags {
+            if !t.starts_with("tag:") || t.len() < 5 {
+                return Err(CoordError::Invalid(format!("invalid tag {t:?}: tags look like tag:name")));
+            }
+        }
+        let mut k = PreAuthKey {
+            id: 0,
+            key: secret,
+            user_id,
+            reusable,
+            ephemeral,
+            used: false,
+            tags,
+            created: now,
+            expiration,
+        };
+        k.id = self.store.insert_preauth_key(&k)?;
+        self.keys.insert(k.id, k.clone());
+        Ok(k)
+    }
+
+    /// `preauthkeys expire`.
+    pub fn expire_preauth_key(&mut self, key_or_id: &str, now: i64) -> Result<PreAuthKey, CoordError> {
+        let id = self
+            .keys
+            .values()
+            .find(|k| k.key == key_or_id || k.id.to_string() == key_or_id)
+            .map(|k| k.id)
+            .ok_or_else(|| CoordError::NotFound("pre-auth key not found".into()))?;
+        let mut k = self.keys[&id].clone();
+        k.expiration = Some(now);
+        self.store.update_preauth_key(&k)?;
+        self.keys.insert(id, k.clone());
+        Ok(k)
+    }
+
+    fn check_key(&self, text: &str, now: i64) -> Result<PreAuthKey, CoordError> {
+        let k = self
+            .keys
+            .values()
+            .find(|k| k.key == text)
+            .ok_or_else(|| CoordError::Unauthorized("invalid auth key".into()))?;
+        if k.expiration.is_some_and(|e| e <= now) {
+            return Err(CoordError::Unauthorized("auth key expired".into()));
+        }
+        if k.used && !k.reusable {
+            return Err(CoordError::Unauthorized("auth key already used".into()));
+        }
+        Ok(k.clone())
+    }
+
+    // ---- nodes ----
+
+    fn unique_given_name(&self, host: &str, except: Option<u64>) -> String {
+        let base = sanitize_label(host);
+        let taken = |n: &str| self.nodes.values().any(|x| Some(x.id) != except && x.given_name == n);
+        if !taken(&base) {
+            return base;
+        }
+        (1..).map(|i| format!("{base}-{i}")).find(|n| !taken(n)).unwrap_or(base)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_node(
+        &mut self,
+        machine_key: MachinePublic,
+        node_key: NodePublic,
+        hostinfo: &serde_json::Value,
+        user_id: u64,
+        ephemeral: bool,
+        tags: Vec<String>,
+        auth_key_id: Option<u64>,
+        now: i64,
+    ) -> Result<(u64, Vec<Change>), CoordError> {
+        if self.nodes.values().any(|n| n.node_key == node_key) {
+            return Err(CoordError::Conflict("node key already registered to another machine".into()));
+        }
+        let used4: BTreeSet<_> = self.nodes.values().filter_map(|n| n.ipv4).collect();
+        let used6: BTreeSet<_> = self.nodes.values().filter_map(|n| n.ipv6).collect();
+        let ipv4 = self.settings.ipam.next_v4(&used4).ok_or(CoordError::Exhausted)?;
+        let ipv6 = self.settings.ipam.next_v6(&used6).ok_or(CoordError::Exhausted)?;
+        let hostname = HostinfoView(hostinfo).hostname().to_string();
+        let before = self.primaries();
+        let mut n = Node {
+            id: 0,
+            machine_key,
+            node_key,
+            disco_key: Default::default(),
+            given_name: self.unique_given_name(&hostname, None),
+            hostname,
+            user_id,
+            ipv4: Some(ipv4),
+            ipv6: Some(ipv6),
+            endpoints: Vec::new(),
+            hostinfo: hostinfo.to_string(),
+            home_derp: HostinfoView(hostinfo).preferred_derp(),
+            tags,
+            approved_routes: Vec::new(),
+            auth_key_id,
+            ephemeral,
+            expiry: None,
+            last_seen: None,
+            created: now,
+        };
+        n.id = self.store.insert_node(&n)?;
+        let id = n.id;
+        log::info!("node registered node={id} name={} user={user_id}", n.given_name);
+        self.nodes.insert(id, n);
+        let mut ch = vec![Change::Node(id)];
+        ch.extend(self.node_changes_for_primaries(&before));
+        Ok((id, ch))
+    }
+
+    fn authorized_response(&self, node_id: u64, now: i64) -> RegisterResponse {
+        let n = &self.nodes[&node_id];
+        let u = self.users.get(&n.user_id);
+        let name = u.map(|u| u.name.clone()).unwrap_or_default();
+        RegisterResponse {
+            user: tailcfg::UserJson { id: n.user_id, display_name: name.clone() },
+            login: tailcfg::Login { id: n.user_id, provider: String::new(), login_name: format!("{name}@"), display_name: name },
+            node_key_expired: n.expiry.is_some_and(|e| e <= now),
+            machine_authorized: true,
+            auth_url: String::new(),
+            error: String::new(),
+        }
+    }
+
+    fn new_pending(&mut self, machine: MachinePublic, req: &RegisterRequest, id: String, now: i64) -> RegisterResponse {
+        self.pending.retain(|_, p| p.expires > now && p.machine_key != machine);
+        let url = format!("{}/register/{id}", self.settings.server_url.trim_end_matches('/'));
+        self.pending.insert(
+            id.clone(),
+            Pending {
+                id,
+                machine_key: machine,
+                node_key: req.node_key,
+                hostinfo: req.hostinfo.clone().unwrap_or(serde_json::Value::Null),
+                ephemeral: req.ephemeral,
+                expires: now + PENDING_REGISTRATION_TTL,
+                node_id: None,
+            },
+        );
+        RegisterResponse { auth_url: url, ..Default::default() }
+    }
+
+    /// `POST /machine/register` from the Noise peer `machine`. `new_id` makes a random AuthURL id.
+    pub fn register(
+        &mut self,
+        machine: MachinePublic,
+        req: &RegisterRequest,
+        now: i64,
+        new_id: impl FnOnce() -> String,
+    ) -> Result<(RegisterOutcome, Vec<Change>), CoordError> {
+        if req.version < tailcfg::MIN_SUPPORTED_CAPABILITY_VERSION {
+            return Err(CoordError::Invalid(format!(
+                "client capability version {} is too old (need {} = Tailscale 1.80 or newer)",
+                req.version,
+                tailcfg::MIN_SUPPORTED_CAPABILITY_VERSION
+            )));
+        }
+        if req.node_key.is_zero() {
+            return Err(CoordError::Invalid("NodeKey is missing".into()));
+        }
+        // A node key bound to another machine is never accepted (headscale machineKeyMismatch).
+        if self.nodes.values().any(|n| n.node_key == req.node_key && n.machine_key != machine) {
+            return Err(CoordError::Unauthorized("node key belongs to another machine".into()));
+        }
+        let existing = self.nodes.values().find(|n| n.machine_key == machine).map(|n| n.id);
+        let expiry = tailcfg::parse_time(&req.expiry).map_err(|_| CoordError::Invalid("invalid Expiry".into()))?;
+
+        // Logout: an expiry in the past for the current key.
+        if let (Some(t), Some(id)) = (expiry, existing) {
+            if t <= now {
+                let n = &self.nodes[&id];
+                if n.node_key != req.node_key {
+                    return Err(CoordError::Unauthorized("logout for an unknown node key".into()));
+                }
+                let mut resp = self.authorized_response(id, now);
+                resp.node_key_expired = true;
+                let changes = if n.ephemeral {
+                    self.delete_node(id)?
+                } else {
+                    self.expire_node(id, now)?
+                };
+                log::info!("node logged out node={id}");
+                return Ok((RegisterOutcome::Reply(resp), changes));
+            }
+        }
+
+        if !req.followup.is_empty() {
+            let id = req.followup.rsplit('/').next().unwrap_or("").to_string();
+            return match self.pending.get(&id) {
+                Some(p) if p.machine_key == machine => match p.node_id {
+                    Some(node) if self.nodes.contains_key(&node) => {
+                        self.pending.remove(&id);
+                        Ok((RegisterOutcome::Reply(self.authorized_response(node, now)), vec![]))
+                    }
+                    _ if p.expires > now => Ok((RegisterOutcome::Wait(id), vec![])),
+                    _ => Ok((RegisterOutcome::Reply(self.new_pending(machine, req, new_id(), now)), vec![])),
+                },
+                _ => Ok((RegisterOutcome::Reply(self.new_pending(machine, req, new_id(), now)), vec![])),
+            };
+        }
+
+        let hostinfo = req.hostinfo.clone().unwrap_or(serde_json::Value::Null);
+        if let Some(auth) = req.auth.as_ref().filter(|a| !a.auth_key.is_empty()) {
+            // Same machine, same key, not expired: a container re-running `up --authkey`.
+            if let Some(id) = existing {
+                let n = &self.nodes[&id];
+                if n.node_key == req.node_key && n.expiry.is_none_or(|e| e > now) {
+                    return Ok((RegisterOutcome::Reply(self.authorized_response(id, now)), vec![]));
+                }
+            }
+            let key = self.check_key(&auth.auth_key, now)?;
+            let changes = if let Some(id) = existing {
+                self.reauth(id, req.node_key, &hostinfo, key.user_id, Some(key.tags.clone()))?
+            } else {
+                let (_, ch) = self.create_node(
+                    machine,
+                    req.node_key,
+                    &hostinfo,
+                    key.user_id,
+                    key.ephemeral || req.ephemeral,
+                    key.tags.clone(),
+                    Some(key.id),
+                    now,
+                )?;
+                ch
+            };
+            if !key.used {
+                let mut k = key.clone();
+                k.used = true;
+                self.store.update_preauth_key(&k)?;
+                self.keys.insert(k.id, k);
+            }
+            let id = self.nodes.values().find(|n| n.machine_key == machine).map(|n| n.id).ok_or(CoordError::Exhausted)?;
+            return Ok((RegisterOutcome::Reply(self.authorized_response(id, now)), changes));
+        }
+
+        if let Some(id) = existing {
+            if self.nodes[&id].node_key == req.node_key {
+                // Restart of a registered node: report its state (expired or not).
+                return Ok((RegisterOutcome::Reply(self.authorized_response(id, now)), vec![]));
+            }
+        }
+        Ok((RegisterOutcome::Reply(self.new_pending(machine, req, new_id(), now)), vec![]))
+    }
+
+    /// Re-authentication of an existing machine with a (possibly new) node key; keeps the IPs.
+    fn reauth(
+        &mut self,
+        id: u64,
+        node_key: NodePublic,
+        hostinfo: &serde_json::Value,
+        user_id: u64,
+        tags: Option<Vec<String>>,
+    ) -> Result<Vec<Change>, CoordError> {
+        let n = self.node_mut(id)?;
+        n.node_key = node_key;
+        n.user_id = user_id;
+        n.expiry = None;
+        if !hostinfo.is_null() {
+            n.hostinfo = hostinfo.to_string();
+        }
+        if let Some(t) = tags {
+            n.tags = t;
+        }
+        let n = n.clone();
+        self.store.update_node(&n)?;
+        log::info!("node re-authenticated node={id}");
+        Ok(vec![Change::Node(id)])
+    }
+
+    /// `nodes register --user U --key ID`: approves a pending interactive registration.
+    pub fn approve_pending(&mut self, id: &str, user: &str, now: i64) -> Result<(u64, Vec<Change>), CoordError> {
+        let id = id.rsplit('/').next().unwrap_or(id);
+        let p = self
+            .pending
+            .get(id)
+            .filter(|p| p.expires > now)
+            .cloned()
+            .ok_or_else(|| CoordError::NotFound(format!("no pending registration with key {id:?} (expired or never requested)")))?;
+        if p.node_id.is_some() {
+            return Err(CoordError::Conflict("registration already approved".into()));
+        }
+        let user_id = self.user_by_name(user)?.id;
+        let existing = self.nodes.values().find(|n| n.machine_key == p.machine_key).map(|n| n.id);
+        let (node_id, changes) = match existing {
+            Some(nid) => (nid, self.reauth(nid, p.node_key, &p.hostinfo, user_id, None)?),
+            None => self.create_node(p.machine_key, p.node_key, &p.hostinfo, user_id, p.ephemeral, vec![], None, now)?,
+        };
+        if let Some(pm) = self.pending.get_mut(id) {
+            pm.node_id = Some(node_id);
+        }
+        Ok((node_id, changes))
+    }
+
+    /// `nodes delete`.
+    pub fn delete_node(&mut self, id: u64) -> Result<Vec<Change>, CoordError> {
+        if !self.nodes.contains_key(&id) {
+            return Err(CoordError::NotFound(format!("node {id} not found")));
+        }
+        let before = self.primaries();
+        self.store.delete_node(id)?;
+        self.nodes.remove(&id);
+        self.sessions.remove(&id);
+        log::info!("node deleted node={id}");
+        let mut ch = vec![Change::Removed(id)];
+        ch.extend(self.node_changes_for_primaries(&before));
+        Ok(ch)
+    }
+
+    /// `nodes expire`: the node key expires now (the client must log in again).
+    pub fn expire_node(&mut self, id: u64, now: i64) -> Result<Vec<Change>, CoordError> {
+        let n = self.node_mut(id)?;
+        n.expiry = Some(now);
+        let n = n.clone();
+        self.store.update_node(&n)?;
+        Ok(vec![Change::Node(id)])
+    }
+
+    /// `nodes rename`.
+    pub fn rename_node(&mut self, id: u64, name: &str) -> Result<Vec<Change>, CoordError> {
+        let label = sanitize_label(name);
+        if label != name {
+            return Err(CoordError::Invalid(format!(
+                "invalid node name {name:?}: use lowercase letters, digits and '-' (e.g. {label:?})"
+            )));
+        }
+        if self.nodes.values().any(|n| n.id != id && n.given_name == label) {
+            return Err(CoordError::Conflict(format!("node name {label:?} is taken")));
+        }
+        let n = self.node_mut(id)?;
+        n.given_name = label;
+        let n = n.clone();
+        self.store.update_node(&n)?;
+        Ok(vec![Change::Node(id)])
+    }
+
+    /// `nodes move`.
+    pub fn move_node(&mut self, id: u64, user: &str) -> Result<Vec<Change>, CoordError> {
+        let uid = self.user_by_name(user)?.id;
+        let n = self.node_mut(id)?;
+        n.user_id = uid;
+        let n = n.clone();
+        self.store.update_node(&n)?;
+        Ok(vec![Change::Node(id)])
+    }
+
+    /// `nodes approve-routes` (replaces the approved set) / `routes enable` (adds).
+    pub fn set_approved_routes(&mut self, id: u64, routes: Vec<String>, replace: bool) -> Result<Vec<Change>, CoordError> {
+        for r in &routes {
+            if !valid_cidr(r) {
+                return Err(CoordError::Invalid(format!("invalid route {r:?}: expected a CIDR like 192.168.1.0/24")));
+            }
+        }
+        let before = self.primaries();
+        let n = self.node_mut(id)?;
+        if replace {
+            n.approved_routes = routes;
+        } else {
+            for r in routes {
+                if !n.approved_routes.contains(&r) {
+                    n.approved_routes.push(r);
+                }
+            }
+        }
+        n.approved_routes.sort();
+        let n = n.clone();
+        self.store.update_node(&n)?;
+        let mut ch = vec![Change::Node(id)];
+        ch.extend(self.node_changes_for_primaries(&before));
+        ch.dedup();
+        Ok(ch)
+    }
+
+    /// Applies a `/machine/map` request from machine `machine`; returns the node id.
+    pub fn apply_map_request(
+        &mut self,
+        machine: MachinePublic,
+        req: &tailcfg::MapRequest,
+        _now: i64,
+    ) -> Result<(u64, Vec<Change>), CoordError> {
+        if req.version < tailcfg::MIN_SUPPORTED_CAPABILITY_VERSION {
+            return Err(CoordError::Invalid(format!("client capability version {} is too old", req.version)));
+        }
+        let id = self
+            .nodes
+            .values()
+            .find(|n| n.node_key == req.node_key)
+            .map(|n| n.id)
+            .ok_or_else(|| CoordError::NotFound("unknown node key".into()))?;
+        let before = self.primaries();
+        let n = self.nodes.get_mut(&id).ok_or(CoordError::Exhausted)?;
+        if n.machine_key != machine {
+            return Err(CoordError::Unauthorized("node key belongs to another machine".into()));
+        }
+        let mut patch = PeerChange { node_id: id, ..Default::default() };
+        let mut full = false;
+        if !req.disco_key.is_zero() && req.disco_key != n.disco_key {
+            n.disco_key = req.disco_key;
+            patch.disco_key = Some(req.disco_key);
+        }
+        if !req.endpoints.is_empty() && req.endpoints != n.endpoints {
+            n.endpoints = req.endpoints.clone();
+            patch.endpoints = Some(req.endpoints.clone());
+        }
+        if let Some(hi) = req.hostinfo.as_ref().filter(|h| h.is_object()) {
+            let view = HostinfoView(hi);
+            let derp = view.preferred_derp();
+            if derp != 0 && derp != n.home_derp {
+                n.home_derp = derp;
+                patch.derp_region = Some(derp);
+            }
+            let text = hi.to_string();
+            if text != n.hostinfo {
+                let old_routes = serde_json::from_str::<serde_json::Value>(&n.hostinfo)
+                    .map(|v| HostinfoView(&v).routable_ips())
+                    .unwrap_or_default();
+                let host_changed = view.hostname() != n.hostname;
+                full |= old_routes != view.routable_ips() || host_changed;
+                if host_changed {
+                    n.hostname = view.hostname().to_string();
+                }
+                n.hostinfo = text;
+            }
+        }
+        let changed = patch.disco_key.is_some() || patch.endpoints.is_some() || patch.derp_region.is_some() || full;
+        let mut ch = Vec::new();
+        if changed {
+            let n = n.clone();
+            self.store.update_node(&n)?;
+            if full {
+                ch.push(Change::Node(id));
+            } else {
+                ch.push(Change::Patch(patch));
+            }
+            ch.extend(self.node_changes_for_primaries(&before));
+        }
+        Ok((id, ch))
+    }
+
+    /// A map stream for `id` started.
+    pub fn session_start(&mut self, id: u64, now: i64) -> Vec<Change> {
+        let before = self.primaries();
+        let c = self.sessions.entry(id).or_insert(0);
+        *c += 1;
+        if *c != 1 {
+            return vec![];
+        }
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.last_seen = Some(now);
+        }
+        let mut ch = vec![Change::Patch(PeerChange { node_id: id, online: Some(true), ..Default::default() })];
+        ch.extend(self.node_changes_for_primaries(&before));
+        ch
+    }
+
+    /// A map stream for `id` ended.
+    pub fn session_end(&mut self, id: u64, now: i64) -> Vec<Change> {
+        let before = self.primaries();
+        let Some(c) = self.sessions.get_mut(&id) else { return vec![] };
+        *c = c.saturating_sub(1);
+        if *c > 0 {
+            return vec![];
+        }
+        self.sessions.remove(&id);
+        let Some(n) = self.nodes.get_mut(&id) else { return vec![] };
+        n.last_seen = Some(now);
+        let n = n.clone();
+        if let Err(e) = self.store.update_node(&n) {
+            log::warn!("saving last seen failed node={id} err={e}");
+        }
+        let mut ch = vec![Change::Patch(PeerChange {
+            node_id: id,
+            online: Some(false),
+            last_seen: Some(tailcfg::format_time(now)),
+            ..Default::default()
+        })];
+        ch.extend(self.node_changes_for_primaries(&before));
+        ch
+    }
+
+    /// Deletes ephemeral nodes offline for longer than the inactivity timeout.
+    pub fn gc_ephemeral(&mut self, now: i64) -> Vec<Change> {
+        let timeout = self.settings.ephemeral_inactivity_timeout;
+        let stale: Vec<u64> = self
+            .nodes
+            .values()
+            .filter(|n| n.ephemeral && !self.is_online(n.id))
+            .filter(|n| n.last_seen.unwrap_or(n.created) + timeout <= now)
+            .map(|n| n.id)
+            .collect();
+        let mut ch = Vec::new();
+        for id in stale {
+            log::info!("ephemeral node inactive, removing node={id}");
+            match self.delete_node(id) {
+                Ok(c) => ch.extend(c),
+                Err(e) => log::warn!("removing ephemeral node failed node={id} err={e}"),
+            }
+        }
+        ch
+    }
+
+    /// Forgets expired pending registrations.
+    pub fn gc_pending(&mut self, now: i64) {
+        self.pending.retain(|_, p| p.expires > now || p.node_id.is_some() && p.expires + 60 > now);
+    }
+}
+
+/// Syntax check for `a.b.c.d/n` or `v6/n`.
+pub fn valid_cidr(s: &str) -> bool {
+    let Some((ip, len)) = s.split_once('/') else { return false };
+    let Ok(len) = len.parse::<u8>() else { return false };
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => len <= 32,
+        Ok(std::net::IpAddr::V6(_)) => len <= 128,
+        Err(_) => false,
+    }
+}

