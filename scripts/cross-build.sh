@@ -188,6 +188,7 @@ build_musl_sf() {  # $1 = mipsel | mips
     # DESTDIR install, then move into place: an interrupted build never looks complete.
     rm -rf "$prefix"; mkdir -p "$(dirname "$prefix")"
     mv "$prefix.tmp$prefix" "$prefix"; rm -rf "$prefix.tmp" "$b"
+    rmdir "$CACHE/build" 2>/dev/null || true
     echo "$stamp" > "$prefix/.stamp"
   fi
   mkdir -p "$CACHE/bin"

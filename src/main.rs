@@ -139,7 +139,7 @@ fn main() -> ExitCode {
                 }
                 Err(()) => {
                     eprintln!("{}", early.output);
-                    eprintln!("Run `tinyscale help` for usage.");
+                    eprintln!("Run `tinyscale --help` for usage.");
                     ExitCode::from(tinyscale::error::EXIT_USAGE)
                 }
             };

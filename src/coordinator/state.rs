@@ -846,3 +846,193 @@ pub fn valid_cidr(s: &str) -> bool {
         Err(_) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        coordinator::mapper::{self, Delta},
+        keys::{DiscoPrivate, MachinePrivate, NodePrivate},
+        tailcfg::{MapRequest, RegisterAuth},
+    };
+
+    fn state() -> State {
+        State::load(Store::open_in_memory().unwrap(), Settings::default()).unwrap()
+    }
+
+    fn mk(b: u8) -> (MachinePublic, NodePrivate) {
+        (MachinePrivate::from_random([b; 32]).public(), NodePrivate::from_random([b.wrapping_add(100); 32]))
+    }
+
+    fn req(node: &NodePrivate, key: Option<&str>, host: &str) -> RegisterRequest {
+        RegisterRequest {
+            version: 130,
+            node_key: node.public(),
+            auth: key.map(|k| RegisterAuth { auth_key: k.into() }),
+            expiry: tailcfg::ZERO_TIME.into(),
+            hostinfo: Some(serde_json::json!({"Hostname": host})),
+            ..Default::default()
+        }
+    }
+
+    fn register(st: &mut State, m: MachinePublic, r: &RegisterRequest, now: i64) -> RegisterResponse {
+        match st.register(m, r, now, || "pending1".into()).unwrap().0 {
+            RegisterOutcome::Reply(r) => r,
+            RegisterOutcome::Wait(id) => panic!("unexpected wait {id}"),
+        }
+    }
+
+    fn with_key(st: &mut State, ephemeral: bool) -> String {
+        if st.users().next().is_none() {
+            st.create_user("u", 0).unwrap();
+        }
+        st.create_preauth_key("u", true, ephemeral, None, vec![], format!("k{}", st.preauth_keys().count()), 0).unwrap().key
+    }
+
+    #[test]
+    fn ephemeral_nodes_are_removed_after_inactivity_only() {
+        let mut st = state();
+        let k = with_key(&mut st, true);
+        let (m, n) = mk(1);
+        assert!(register(&mut st, m, &req(&n, Some(&k), "eph"), 100).machine_authorized);
+        let id = st.nodes().next().unwrap().id;
+        assert!(st.node(id).unwrap().ephemeral);
+        st.session_start(id, 100);
+        // Online nodes are never collected, whatever the clock says.
+        assert!(st.gc_ephemeral(100 + 10 * 3600).is_empty());
+        st.session_end(id, 200);
+        assert!(st.gc_ephemeral(200 + 30 * 60 - 1).is_empty());
+        assert_eq!(st.gc_ephemeral(200 + 30 * 60), vec![Change::Removed(id)]);
+        assert!(st.node(id).is_none());
+    }
+
+    #[test]
+    fn logout_expires_and_reauth_keeps_addresses() {
+        let mut st = state();
+        let k = with_key(&mut st, false);
+        let (m, n) = mk(2);
+        register(&mut st, m, &req(&n, Some(&k), "box"), 10);
+        let before = st.nodes().next().unwrap().clone();
+        let mut out = req(&n, None, "box");
+        out.expiry = tailcfg::format_time(123);
+        let r = register(&mut st, m, &out, 1000);
+        assert!(r.node_key_expired);
+        assert_eq!(st.node(before.id).unwrap().expiry, Some(1000));
+        // Restart with the expired key reports it expired.
+        assert!(register(&mut st, m, &req(&n, None, "box"), 1060).node_key_expired);
+        // A new node key without auth starts an interactive login...
+        let n2 = NodePrivate::from_random([77; 32]);
+        let r = register(&mut st, m, &req(&n2, None, "box"), 1070);
+        assert!(r.auth_url.ends_with("/register/pending1"));
+        // ...and with a key re-authenticates the same node, same IPs, new node key.
+        let r = register(&mut st, m, &req(&n2, Some(&k), "box"), 1080);
+        assert!(r.machine_authorized && !r.node_key_expired);
+        let after = st.node(before.id).unwrap();
+        assert_eq!((after.ipv4, after.ipv6), (before.ipv4, before.ipv6));
+        assert_eq!(after.node_key, n2.public());
+        assert_eq!(st.nodes().count(), 1);
+    }
+
+    #[test]
+    fn given_names_are_unique_and_sanitized() {
+        let mut st = state();
+        let k = with_key(&mut st, false);
+        for b in 3..6 {
+            let (m, n) = mk(b);
+            register(&mut st, m, &req(&n, Some(&k), "My Laptop!"), 0);
+        }
+        let names: Vec<_> = st.nodes().map(|n| n.given_name.clone()).collect();
+        assert_eq!(names, vec!["my-laptop", "my-laptop-1", "my-laptop-2"]);
+        let id = st.nodes().next().unwrap().id;
+        assert!(st.rename_node(id, "Bad Name").is_err());
+        assert!(st.rename_node(id, "my-laptop-1").is_err());
+        st.rename_node(id, "desk").unwrap();
+    }
+
+    #[test]
+    fn routes_need_approval_and_elect_an_online_primary() {
+        let mut st = state();
+        let k = with_key(&mut st, false);
+        let mut ids = vec![];
+        for b in [7u8, 8] {
+            let (m, n) = mk(b);
+            let mut r = req(&n, Some(&k), &format!("r{b}"));
+            r.hostinfo = Some(serde_json::json!({"Hostname": format!("r{b}"), "RoutableIPs": ["10.0.0.0/24", "0.0.0.0/0", "::/0"]}));
+            register(&mut st, m, &r, 0);
+            ids.push(st.nodes().last().unwrap().id);
+        }
+        assert!(st.primaries().is_empty(), "announced but not approved");
+        st.set_approved_routes(ids[0], vec!["10.0.0.0/24".into()], true).unwrap();
+        let ch = st.set_approved_routes(ids[1], vec!["10.0.0.0/24".into(), "0.0.0.0/0".into(), "::/0".into()], true).unwrap();
+        assert!(ch.contains(&Change::Node(ids[1])));
+        assert_eq!(st.primaries()["10.0.0.0/24"], ids[0], "lowest id when none is online");
+        // Node 2 comes online: it takes over, and both nodes' views change.
+        let ch = st.session_start(ids[1], 1);
+        assert_eq!(st.primaries()["10.0.0.0/24"], ids[1]);
+        assert!(ch.contains(&Change::Node(ids[0])) && ch.contains(&Change::Node(ids[1])));
+        let p = st.primaries();
+        let view = mapper::tail_node(&st, ids[1], &p, 1).unwrap();
+        assert_eq!(view.primary_routes, vec!["10.0.0.0/24".to_string()]);
+        assert!(view.allowed_ips.contains(&"0.0.0.0/0".to_string()) && view.allowed_ips.contains(&"::/0".to_string()));
+        let other = mapper::tail_node(&st, ids[0], &p, 1).unwrap();
+        assert_eq!(other.allowed_ips.len(), 2, "not primary, no exit routes: {:?}", other.allowed_ips);
+        assert!(st.set_approved_routes(ids[0], vec!["nonsense".into()], true).is_err());
+    }
+
+    #[test]
+    fn map_requests_produce_patches_not_full_nodes() {
+        let mut st = state();
+        let k = with_key(&mut st, false);
+        let (m, n) = mk(9);
+        register(&mut st, m, &req(&n, Some(&k), "a"), 0);
+        let (m2, n2) = mk(10);
+        register(&mut st, m2, &req(&n2, Some(&k), "b"), 0);
+        let (a, b) = (st.nodes().next().unwrap().id, st.nodes().nth(1).unwrap().id);
+        let disco = DiscoPrivate::from_random([5; 32]).public();
+        let mr = MapRequest { version: 130, node_key: n.public(), disco_key: disco, endpoints: vec!["1.2.3.4:5".into()], ..Default::default() };
+        let (id, ch) = st.apply_map_request(m, &mr, 1).unwrap();
+        assert_eq!(id, a);
+        let Change::Patch(p) = &ch[0] else { panic!("{ch:?}") };
+        assert_eq!((p.disco_key, p.endpoints.clone()), (Some(disco), Some(vec!["1.2.3.4:5".to_string()])));
+        // Same request again: nothing changed, nothing sent.
+        assert!(st.apply_map_request(m, &mr, 2).unwrap().1.is_empty());
+        // The patch goes to B, not back to A.
+        assert_eq!(mapper::delta(&st, a, &ch[0], 2), Delta::None);
+        assert!(matches!(mapper::delta(&st, b, &ch[0], 2), Delta::Send(m) if m.peers_changed_patch.is_some()));
+        // Wrong machine for this node key.
+        assert!(matches!(st.apply_map_request(m2, &mr, 3), Err(CoordError::Unauthorized(_))));
+        // Old clients are refused.
+        let old = MapRequest { version: 100, ..mr };
+        assert!(matches!(st.apply_map_request(m, &old, 3), Err(CoordError::Invalid(_))));
+    }
+
+    #[test]
+    fn addresses_survive_reload_and_are_not_reused_while_nodes_exist() {
+        let dir = std::env::temp_dir().join(format!("ts-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("db.sqlite");
+        let (a_ip, b_id) = {
+            let mut st = State::load(Store::open(&path).unwrap(), Settings::default()).unwrap();
+            let k = with_key(&mut st, false);
+            for b in [11u8, 12] {
+                let (m, n) = mk(b);
+                register(&mut st, m, &req(&n, Some(&k), "x"), 0);
+            }
+            let a = st.nodes().next().unwrap().clone();
+            let b = st.nodes().nth(1).unwrap().id;
+            st.delete_node(a.id).unwrap();
+            (a.ipv4, b)
+        };
+        let mut st = State::load(Store::open(&path).unwrap(), Settings::default()).unwrap();
+        assert_eq!(st.nodes().count(), 1);
+        let b_ip = st.node(b_id).unwrap().ipv4;
+        let k = with_key(&mut st, false);
+        let (m, n) = mk(13);
+        register(&mut st, m, &req(&n, Some(&k), "y"), 0);
+        let c = st.nodes().last().unwrap();
+        assert_ne!(c.ipv4, b_ip, "an address in use is never handed out");
+        assert_eq!(c.ipv4, a_ip, "the deleted node's address is free again");
+        assert!(c.id > b_id, "ids are never reused");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
