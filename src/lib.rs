@@ -18,6 +18,8 @@ pub mod http1;
 pub mod ipc;
 pub mod keys;
 pub mod logger;
+pub mod magicsock;
+pub mod netcheck;
 pub mod noise;
 pub mod stun;
 pub mod tailcfg;

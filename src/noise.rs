@@ -211,7 +211,6 @@ fn transport_nonce(counter: u64) -> [u8; 12] {
 }
 
 /// Running Noise `h` and `ck` during a handshake (Noise §5.2 SymmetricState).
-#[derive(Clone)]
 struct SymmetricState {
     h: [u8; 32],
     ck: [u8; 32],
@@ -480,8 +479,8 @@ pub fn parse_early_payload_header(first: &[u8]) -> Option<usize> {
 // ---------------------------------------------------------------------------------------------
 // Transport.
 
-/// One direction's ChaCha20-Poly1305 key and big-endian nonce counter.
-#[derive(Clone)]
+/// One direction's ChaCha20-Poly1305 key and big-endian nonce counter. Deliberately not
+/// `Clone`: two copies would reuse nonces.
 pub struct CipherState {
     aead: ChaCha20Poly1305,
     nonce: u64,
@@ -551,7 +550,7 @@ impl CipherState {
 }
 
 /// The post-handshake record layer: one cipher per direction.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Transport {
     send: CipherState,
     recv: CipherState,
@@ -573,7 +572,7 @@ impl Transport {
     /// anything if the send counter cannot cover every record.
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), NoiseError> {
         let records = plaintext.len().div_ceil(MAX_PLAINTEXT_SIZE).max(1);
-        if (self.send.remaining() as u128) < records as u128 {
+        if u64::try_from(records).map_or(true, |r| r > self.send.remaining()) {
             return Err(NoiseError::CipherExhausted);
         }
         out.reserve(plaintext.len() + records * (HEADER_LEN + TAG_LEN));

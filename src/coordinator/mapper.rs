@@ -92,12 +92,12 @@ pub fn dns_config(state: &State) -> DnsConfig {
 /// The first message of a session for `viewer`.
 pub fn full_map(state: &State, viewer: u64, now: i64) -> Option<MapResponse> {
     let primaries = state.primaries();
-    let node = tail_node(state, viewer, &primaries, now)?;
+    let node = tail_node(state, viewer, primaries, now)?;
     let mut users = vec![node.user];
     let peers: Vec<tailcfg::Node> = state
         .nodes()
         .filter(|n| n.id != viewer)
-        .filter_map(|n| tail_node(state, n.id, &primaries, now))
+        .filter_map(|n| tail_node(state, n.id, primaries, now))
         .collect();
     users.extend(peers.iter().map(|p| p.user));
     users.sort_unstable();
@@ -144,8 +144,7 @@ pub fn delta(state: &State, viewer: u64, change: &Change, now: i64) -> Delta {
         Change::Removed(id) if *id == viewer => Delta::End,
         Change::Removed(id) => Delta::Send(Box::new(MapResponse { peers_removed: Some(vec![*id]), ..base })),
         Change::Node(id) => {
-            let primaries = state.primaries();
-            let Some(n) = tail_node(state, *id, &primaries, now) else { return Delta::None };
+            let Some(n) = tail_node(state, *id, state.primaries(), now) else { return Delta::None };
             let profiles = profile(state, n.user).into_iter().collect();
             if *id == viewer {
                 Delta::Send(Box::new(MapResponse { node: Some(n), user_profiles: Some(profiles), ..base }))

@@ -117,6 +117,7 @@ pub struct State {
     nodes: BTreeMap<u64, Node>,
     pending: HashMap<String, Pending>,
     sessions: HashMap<u64, u32>,
+    primaries: BTreeMap<String, u64>,
     store: Store,
 }
 
@@ -144,15 +145,18 @@ impl State {
     /// Loads everything from `store`.
     pub fn load(store: Store, settings: Settings) -> Result<State, CoordError> {
         let snap = store.load()?;
-        Ok(State {
+        let mut st = State {
             settings,
             users: snap.users.into_iter().map(|u| (u.id, u)).collect(),
             keys: snap.preauth_keys.into_iter().map(|k| (k.id, k)).collect(),
             nodes: snap.nodes.into_iter().map(|n| (n.id, n)).collect(),
             pending: HashMap::new(),
             sessions: HashMap::new(),
+            primaries: BTreeMap::new(),
             store,
-        })
+        };
+        st.primaries = st.compute_primaries();
+        Ok(st)
     }
 
     /// The store (for server secrets).
@@ -216,8 +220,13 @@ impl State {
         Self::announced_routes(n).into_iter().filter(|r| n.approved_routes.contains(r)).collect()
     }
 
+    /// Primary router per subnet prefix (cached; recomputed when routes, nodes or online state change).
+    pub fn primaries(&self) -> &BTreeMap<String, u64> {
+        &self.primaries
+    }
+
     /// Primary router per subnet prefix: the lowest-id online node serving it, else the lowest id.
-    pub fn primaries(&self) -> BTreeMap<String, u64> {
+    fn compute_primaries(&self) -> BTreeMap<String, u64> {
         let mut out: BTreeMap<String, (bool, u64)> = BTreeMap::new();
         for n in self.nodes.values() {
             for r in Self::effective_routes(n).into_iter().filter(|r| !is_exit_route(r)) {
@@ -234,8 +243,10 @@ impl State {
         out.into_iter().map(|(k, (_, id))| (k, id)).collect()
     }
 
-    fn node_changes_for_primaries(&self, before: &BTreeMap<String, u64>) -> Vec<Change> {
-        let after = self.primaries();
+    /// Recomputes the primaries and returns a full-node change for every node whose role moved.
+    fn node_changes_for_primaries(&mut self, before: &BTreeMap<String, u64>) -> Vec<Change> {
+        self.primaries = self.compute_primaries();
+        let after = &self.primaries;
         let mut ids = BTreeSet::new();
         for (k, v) in before {
             if after.get(k) != Some(v) {
@@ -245,7 +256,7 @@ impl State {
                 }
             }
         }
-        for (k, v) in &after {
+        for (k, v) in after {
             if !before.contains_key(k) {
                 ids.insert(*v);
             }
@@ -408,7 +419,7 @@ impl State {
         let ipv4 = self.settings.ipam.next_v4(&used4).ok_or(CoordError::Exhausted)?;
         let ipv6 = self.settings.ipam.next_v6(&used6).ok_or(CoordError::Exhausted)?;
         let hostname = HostinfoView(hostinfo).hostname().to_string();
-        let before = self.primaries();
+        let before = self.primaries.clone();
         let mut n = Node {
             id: 0,
             machine_key,
@@ -628,7 +639,7 @@ impl State {
         if !self.nodes.contains_key(&id) {
             return Err(CoordError::NotFound(format!("node {id} not found")));
         }
-        let before = self.primaries();
+        let before = self.primaries.clone();
         self.store.delete_node(id)?;
         self.nodes.remove(&id);
         self.sessions.remove(&id);
@@ -682,7 +693,7 @@ impl State {
                 return Err(CoordError::Invalid(format!("invalid route {r:?}: expected a CIDR like 192.168.1.0/24")));
             }
         }
-        let before = self.primaries();
+        let before = self.primaries.clone();
         let n = self.node_mut(id)?;
         if replace {
             n.approved_routes = routes;
@@ -718,7 +729,7 @@ impl State {
             .find(|n| n.node_key == req.node_key)
             .map(|n| n.id)
             .ok_or_else(|| CoordError::NotFound("unknown node key".into()))?;
-        let before = self.primaries();
+        let before = self.primaries.clone();
         let n = self.nodes.get_mut(&id).ok_or(CoordError::Exhausted)?;
         if n.machine_key != machine {
             return Err(CoordError::Unauthorized("node key belongs to another machine".into()));
@@ -770,7 +781,7 @@ impl State {
 
     /// A map stream for `id` started.
     pub fn session_start(&mut self, id: u64, now: i64) -> Vec<Change> {
-        let before = self.primaries();
+        let before = self.primaries.clone();
         let c = self.sessions.entry(id).or_insert(0);
         *c += 1;
         if *c != 1 {
@@ -786,7 +797,7 @@ impl State {
 
     /// A map stream for `id` ended.
     pub fn session_end(&mut self, id: u64, now: i64) -> Vec<Change> {
-        let before = self.primaries();
+        let before = self.primaries.clone();
         let Some(c) = self.sessions.get_mut(&id) else { return vec![] };
         *c = c.saturating_sub(1);
         if *c > 0 {
@@ -970,7 +981,7 @@ mod tests {
         let ch = st.session_start(ids[1], 1);
         assert_eq!(st.primaries()["10.0.0.0/24"], ids[1]);
         assert!(ch.contains(&Change::Node(ids[0])) && ch.contains(&Change::Node(ids[1])));
-        let p = st.primaries();
+        let p = st.primaries().clone();
         let view = mapper::tail_node(&st, ids[1], &p, 1).unwrap();
         assert_eq!(view.primary_routes, vec!["10.0.0.0/24".to_string()]);
         assert!(view.allowed_ips.contains(&"0.0.0.0/0".to_string()) && view.allowed_ips.contains(&"::/0".to_string()));

@@ -522,8 +522,9 @@ mod tests {
         let (c, s) = stream_pair(2048);
         let server = async move {
             let mut conn = h2::server::handshake(s).await.unwrap();
-            if let Some(req) = conn.accept().await {
-                let (req, mut respond) = req.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            // The handler runs as its own task because h2 only moves bytes while `conn` is polled.
+            let handler = tokio::spawn(async move {
                 let mut body = req.into_body();
                 let mut got = Vec::new();
                 while let Some(chunk) = body.data().await {
@@ -534,9 +535,10 @@ mod tests {
                 let resp = http::Response::builder().status(200).body(()).unwrap();
                 let mut send = respond.send_response(resp, false).unwrap();
                 send.send_data(bytes::Bytes::from(got), true).unwrap();
-            }
+            });
             // Drive the connection until the client goes away.
-            while conn.accept().await.is_some() {}
+            while let Some(Ok(_)) = conn.accept().await {}
+            handler.await.unwrap();
         };
         let client = async move {
             let (h2c, conn) = h2::client::handshake(c).await.unwrap();

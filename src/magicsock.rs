@@ -1,0 +1,11 @@
+//! magicsock: how packets to a peer find their way, directly over UDP or relayed through DERP.
+//!
+//! Mirrors the concepts of tailscale `wgengine/magicsock` (spec §7), split sans-io style:
+//! [`demux`] sorts a received datagram into STUN, disco or WireGuard; [`endpoint`] holds one
+//! peer's path state (candidates, pings, pongs, best address, trust window, DERP fallback) and
+//! says where each packet goes. The sockets, DERP clients, sealing and the clock live in the
+//! daemon's shell, which feeds these cores `now` and fresh transaction ids.
+#![forbid(unsafe_code)]
+
+pub mod demux;
+pub mod endpoint;

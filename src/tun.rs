@@ -1,0 +1,136 @@
+//! The kernel TUN device: a layer-3 interface whose packets we read and write as plain IP.
+//!
+//! Mirrors tailscale `net/tstun/tun.go` (`New`: open `/dev/net/tun`, `TUNSETIFF` with
+//! `IFF_TUN | IFF_NO_PI`) and the TUN half of boringtun `device/tun_linux.rs`.
+//!
+//! This is a thin shell and the only module with `unsafe` (the one `ioctl`). Opening the device
+//! needs `CAP_NET_ADMIN`. The interface exists while the returned [`Tun`] (its file descriptor)
+//! lives: it is not made persistent, so the kernel removes it, with its addresses and routes,
+//! when the process exits, even on a crash. Addresses, MTU, link state and routes are the
+//! router's job (`crate::router`), not this module's.
+//!
+//! The caller supplies a tokio runtime with I/O enabled (`AsyncFd` registers with its reactor).
+//! Each `recv` yields exactly one IP packet (no packet-information header); each `send` writes
+//! exactly one.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Read, Write},
+    os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
+};
+
+use tokio::io::{unix::AsyncFd, Interest};
+
+/// Default interface name (Go uses `tailscale0`; ours must not clash with it).
+pub const DEFAULT_NAME: &str = "tinyscale0";
+
+/// Path of the TUN clone device.
+const CLONE_DEVICE: &str = "/dev/net/tun";
+
+/// An open TUN interface, registered with the tokio reactor.
+#[derive(Debug)]
+pub struct Tun {
+    fd: AsyncFd<File>,
+    name: String,
+}
+
+impl Tun {
+    /// Creates (or attaches to) the TUN interface `name`, non-blocking, without packet info.
+    ///
+    /// `name` must be 1..=15 bytes without NUL (`IFNAMSIZ - 1`); a `%d` pattern such as
+    /// `tinyscale%d` lets the kernel pick the number, and [`Tun::name`] reports the result.
+    /// Must be called inside a tokio runtime.
+    pub fn open(name: &str) -> io::Result<Tun> {
+        let mut req = ifreq_for(name)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(CLONE_DEVICE)?;
+        // SAFETY: `file` is an open descriptor of /dev/net/tun that outlives the call, and `req`
+        // is a fully initialised `libc::ifreq` on our stack. TUNSETIFF reads `ifr_name` and
+        // `ifr_flags` and writes the chosen name back into `ifr_name` (at most IFNAMSIZ bytes,
+        // NUL-terminated), which stays within `req`. The kernel keeps no pointer to it.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut libc::ifreq) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let name = name_from_ifreq(&req);
+        Ok(Tun { fd: AsyncFd::with_interest(file, Interest::READABLE | Interest::WRITABLE)?, name })
+    }
+
+    /// The interface name the kernel assigned (equal to the requested one unless it had `%d`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one IP packet into `buf`, waiting until one is available. A packet larger than
+    /// `buf` is truncated by the kernel, so pass at least MTU bytes.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.fd.async_io(Interest::READABLE, |mut f| f.read(buf)).await
+    }
+
+    /// Writes one IP packet, waiting while the device queue is full.
+    pub async fn send(&self, pkt: &[u8]) -> io::Result<usize> {
+        self.fd.async_io(Interest::WRITABLE, |mut f| f.write(pkt)).await
+    }
+
+    /// Reads one packet if one is ready now; `WouldBlock` otherwise. Lets an event loop drain a
+    /// burst without another trip through the reactor.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut f = self.fd.get_ref();
+        f.read(buf)
+    }
+}
+
+/// Builds the TUNSETIFF request for `name` with `IFF_TUN | IFF_NO_PI`.
+fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid interface name {name:?} (1..={} bytes, no NUL)", libc::IFNAMSIZ - 1),
+        ));
+    }
+    // An all-zero ifreq is a valid value (empty name, zero union), built without unsafe.
+    let mut req = libc::ifreq {
+        ifr_name: [0; libc::IFNAMSIZ],
+        ifr_ifru: libc::__c_anonymous_ifr_ifru { ifru_ifindex: 0 },
+    };
+    for (dst, &src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    // Writing a union field is safe; only reads are unsafe. ifru_ifindex (c_int) spans the
+    // same bytes as ifru_flags (c_short) at offset 0, but flags must be written as c_short so
+    // the value lands in the right half on big-endian (mips) targets.
+    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    Ok(req)
+}
+
+/// The NUL-terminated name the kernel wrote back.
+fn name_from_ifreq(req: &libc::ifreq) -> String {
+    let bytes: Vec<u8> = req.ifr_name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifreq_name_and_flags() {
+        let req = ifreq_for("tinyscale0").unwrap();
+        assert_eq!(name_from_ifreq(&req), "tinyscale0");
+        // SAFETY: ifreq_for wrote ifru_flags last, so reading that same field is defined.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        assert_eq!(flags as libc::c_int, libc::IFF_TUN | libc::IFF_NO_PI);
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        assert!(ifreq_for("").is_err());
+        assert!(ifreq_for("0123456789abcdef").is_err()); // 16 bytes: no room for the NUL
+        assert!(ifreq_for("a\0b").is_err());
+        assert!(ifreq_for("0123456789abcde").is_ok()); // 15 bytes fits
+    }
+}
