@@ -34,6 +34,7 @@ step() {
 }
 
 export TINYSCALE_REQUIRE_GO=${TINYSCALE_REQUIRE_GO:-1}
+export TINYSCALE_REQUIRE_ZBAR=${TINYSCALE_REQUIRE_ZBAR:-1}
 export CARGO_TERM_COLOR=never
 
 step "tests (all features)" cargo test --all-features

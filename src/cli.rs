@@ -85,7 +85,7 @@ pub struct Up {
     /// give up after this long, e.g. 30s, 5m (default: wait for login indefinitely)
     #[argh(option)]
     pub timeout: Option<String>,
-    /// also show the login URL as a QR code (not available in this build; the URL is printed)
+    /// also show the login URL as a QR code (scan it with a phone)
     #[argh(switch)]
     pub qr: bool,
     /// daemon socket (default /var/run/tinyscale.sock)
@@ -647,9 +647,6 @@ async fn up(u: Up) -> Result<(), Failure> {
         reset: u.reset,
     };
     ipc::call(&socket, &IpcRequest::Up(args)).await?;
-    if u.qr {
-        eprintln!("note: QR output is not available in this build; open the URL below instead");
-    }
     // Poll the daemon (with a deadline when --timeout is set) until Running or a hard failure.
     let start = tokio::time::Instant::now();
     let mut shown_url = String::new();
@@ -668,6 +665,12 @@ async fn up(u: Up) -> Result<(), Failure> {
         }
         if !url.is_empty() && url != shown_url {
             eprintln!("\nTo authenticate, visit:\n\n\t{url}\n");
+            if u.qr {
+                match crate::qr::encode(url.as_bytes()) {
+                    Ok(code) => eprintln!("{}", crate::qr::render_terminal(&code)),
+                    Err(e) => eprintln!("(no QR code: {e})"),
+                }
+            }
             shown_url = url.to_string();
         }
         if !want && !err.is_empty() {

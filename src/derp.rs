@@ -14,8 +14,12 @@
 //!   | == RecvPacket / KeepAlive / PeerGone ==> |
 //! ```
 //!
-//! [`frame`] holds the pure wire codec. Connection handling (dial/upgrade, keepalive, queues,
-//! forwarding) belongs to the client and server shells.
+//! [`frame`] holds the pure wire codec. Connection handling lives in the shells: [`client`]
+//! (dial/upgrade, handshake, send/recv) and, with feature `relay`, `server` (accept, bounded
+//! per-client queues, forwarding, peer-gone, the embedded region).
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod frame;
+#[cfg(feature = "relay")]
+pub mod server;

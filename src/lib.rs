@@ -21,9 +21,13 @@ pub mod logger;
 pub mod magicsock;
 pub mod netcheck;
 pub mod noise;
+pub mod qr;
+pub mod router;
 pub mod stun;
 pub mod tailcfg;
+pub mod tun;
 pub mod uci;
+pub mod wg;
 pub mod zstdframe;
 
 /// Release version.

@@ -3,10 +3,10 @@
 //! Mirrors tailscale `net/tstun/tun.go` (`New`: open `/dev/net/tun`, `TUNSETIFF` with
 //! `IFF_TUN | IFF_NO_PI`) and the TUN half of boringtun `device/tun_linux.rs`.
 //!
-//! This is a thin shell and the only module with `unsafe` (the one `ioctl`). Opening the device
-//! needs `CAP_NET_ADMIN`. The interface exists while the returned [`Tun`] (its file descriptor)
-//! lives: it is not made persistent, so the kernel removes it, with its addresses and routes,
-//! when the process exits, even on a crash. Addresses, MTU, link state and routes are the
+//! This is a thin shell and the only module with `unsafe` (the `ioctl` and the reactor
+//! registration). Opening the device needs `CAP_NET_ADMIN`. The interface exists while the
+//! returned [`Tun`] (its file descriptor) lives: it is not made persistent, so the kernel removes
+//! it, with its addresses and routes, when the process exits, even on a crash. Addresses, MTU, link state and routes are the
 //! router's job (`crate::router`), not this module's.
 //!
 //! The caller supplies a tokio runtime with I/O enabled (`AsyncFd` registers with its reactor).
@@ -56,7 +56,11 @@ impl Tun {
             return Err(io::Error::last_os_error());
         }
         let name = name_from_ifreq(&req);
-        Ok(Tun { fd: AsyncFd::with_interest(file, Interest::READABLE | Interest::WRITABLE)?, name })
+        // SAFETY: `file` owns its descriptor and moves into the AsyncFd, so the descriptor stays
+        // open and `as_raw_fd()` returns that same value until the AsyncFd drops it; we never
+        // expose the File mutably, nor replace or close the descriptor.
+        let fd = unsafe { AsyncFd::register_with_interest(file, Interest::READABLE | Interest::WRITABLE) }?;
+        Ok(Tun { fd, name })
     }
 
     /// The interface name the kernel assigned (equal to the requested one unless it had `%d`).

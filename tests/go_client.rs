@@ -242,13 +242,15 @@ fn preauth(c: &Coord, user: &str) -> String {
 /// and waits for `up` to exit successfully.
 fn interactive_up(c: &Coord, d: &Daemon, user: &str, host: &str) {
     let mut cmd = Command::new(BIN);
-    cmd.args(["up", "--login-server", &c.url, "--hostname", host, "--advertise-routes", "192.168.77.0/24", "--socket"])
+    cmd.args(["up", "--login-server", &c.url, "--hostname", host, "--advertise-routes", "192.168.77.0/24", "--qr", "--socket"])
         .arg(&d.socket);
     let mut up = Proc::spawn(cmd);
     let url = eventually("login URL printed by up", || {
         up.log().lines().find(|l| l.trim().starts_with(&format!("{}/register/", c.url))).map(|l| l.trim().to_string())
     });
     let key = url.rsplit('/').next().unwrap().to_string();
+    // --qr draws the URL as a QR code (half-block glyphs) after it.
+    eventually("QR code printed", || up.log().contains('\u{2580}').then_some(()));
     // The page shows the exact admin command.
     let page = Command::new("curl").args(["-s", &url]).output().map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
     assert!(page.is_empty() || page.contains(&format!("--key {key}")), "{page}");
