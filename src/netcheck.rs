@@ -114,14 +114,26 @@ impl ProbePlan {
         let mut regions: Vec<_> = derp_map
             .regions
             .iter()
-            .map(|(key, r)| (if r.region_id != 0 { r.region_id } else { key.parse().unwrap_or(0) }, r))
+            .map(|(key, r)| {
+                (
+                    if r.region_id != 0 {
+                        r.region_id
+                    } else {
+                        key.parse().unwrap_or(0)
+                    },
+                    r,
+                )
+            })
             .filter(|(id, r)| *id > 0 && !r.no_measure_no_home)
             .collect();
         regions.sort_by_key(|(id, _)| *id);
         let mut probes = Vec::new();
         for (region_id, region) in regions {
-            let nodes: Vec<(&DerpNode, u16)> =
-                region.nodes.iter().filter_map(|n| stun_port(n).map(|p| (n, p))).collect();
+            let nodes: Vec<(&DerpNode, u16)> = region
+                .nodes
+                .iter()
+                .filter_map(|n| stun_port(n).map(|p| (n, p)))
+                .collect();
             if nodes.is_empty() {
                 continue;
             }
@@ -213,8 +225,14 @@ pub struct Report {
 impl Report {
     /// `Hostinfo.NetInfo.DERPLatency`: `"<region>-v4"`/`"<region>-v6"` to seconds.
     pub fn derp_latency(&self) -> BTreeMap<String, f64> {
-        let v4 = self.region_v4_latency.iter().map(|(r, d)| (format!("{r}-v4"), d.as_secs_f64()));
-        let v6 = self.region_v6_latency.iter().map(|(r, d)| (format!("{r}-v6"), d.as_secs_f64()));
+        let v4 = self
+            .region_v4_latency
+            .iter()
+            .map(|(r, d)| (format!("{r}-v4"), d.as_secs_f64()));
+        let v6 = self
+            .region_v6_latency
+            .iter()
+            .map(|(r, d)| (format!("{r}-v6"), d.as_secs_f64()));
         v4.chain(v6).collect()
     }
 
@@ -326,7 +344,8 @@ impl ReportState {
     }
 
     /// The next probe due at `now` that would still tell us something (Go `probeWouldHelp`:
-    /// its region has no answer yet, or it is IPv4 and the mapping question is open). Call until
+    /// its region has no answer yet, or it is IPv4 to a server not yet heard from while the
+    /// mapping question is open). Call until
     /// `None`, sending each and reporting it with [`ReportState::note_sent`].
     pub fn poll_probe(&mut self, now: Instant) -> Option<Probe> {
         while let Some(p) = self.plan.probes.get(self.next) {
@@ -335,7 +354,9 @@ impl ReportState {
             }
             self.next += 1;
             let region_open = !self.report.region_latency.contains_key(&p.region_id);
-            let mapping_open = !p.ipv6 && self.report.mapping_varies_by_dest_ip.is_none();
+            // A server that already answered cannot tell us whether others see us differently.
+            let new_server = p.addr().is_none_or(|a| !self.v4_mapped.contains_key(&a));
+            let mapping_open = !p.ipv6 && self.report.mapping_varies_by_dest_ip.is_none() && new_server;
             if region_open || mapping_open {
                 return Some(p.clone());
             }
@@ -345,7 +366,14 @@ impl ReportState {
 
     /// Records a binding request sent for `probe` to `dst` with transaction id `tx`.
     pub fn note_sent(&mut self, tx: TxId, probe: &Probe, dst: SocketAddr, now: Instant) {
-        self.in_flight.insert(tx, InFlight { region_id: probe.region_id, dst, sent: now });
+        self.in_flight.insert(
+            tx,
+            InFlight {
+                region_id: probe.region_id,
+                dst,
+                sent: now,
+            },
+        );
         self.last_sent = Some(now);
     }
 
@@ -387,28 +415,40 @@ impl ReportState {
         true
     }
 
-    /// True once nothing more is to be learned: the deadline passed, or every region answered
-    /// and the mapping question is settled (or cannot be, and the last probe had its chance).
+    /// True once nothing more is to be learned: the deadline passed; or every probe went out
+    /// and every one sent was answered (or none could be sent); or every region answered and the
+    /// mapping question is settled (or cannot be, and the last probe had its chance).
     pub fn is_done(&self, now: Instant) -> bool {
         if now >= self.deadline {
             return true;
         }
-        let all_regions = self.regions.iter().all(|r| self.report.region_latency.contains_key(r));
+        let exhausted = self.next >= self.plan.probes.len();
+        if exhausted && self.in_flight.is_empty() {
+            return true;
+        }
         let mapping_settled = self.report.mapping_varies_by_dest_ip.is_some() || self.v4_servers < 2;
-        let plan_spent = self.next >= self.plan.probes.len()
-            && self.last_sent.is_none_or(|t| now >= t + self.plan.timing.retransmit_interval);
-        all_regions && (mapping_settled || plan_spent)
+        let last_had_its_chance = exhausted
+            && self
+                .last_sent
+                .is_none_or(|t| now >= t + self.plan.timing.retransmit_interval);
+        self.all_regions_answered() && (mapping_settled || last_had_its_chance)
     }
 
-    /// When to wake up next: the next probe due, else the deadline.
+    /// When to wake up next: the next probe due; or, with all regions in, when the last probe
+    /// has had its chance; else the deadline. (Never a time at which `is_done` would still be
+    /// false with nothing to do, so a caller sleeping until then does not spin.)
     pub fn poll_timeout(&self) -> Instant {
-        let next_probe = self.plan.probes.get(self.next).map(|p| self.start + p.delay);
-        let spent_at = self.last_sent.map(|t| t + self.plan.timing.retransmit_interval);
-        [next_probe, spent_at]
-            .into_iter()
-            .flatten()
-            .filter(|t| *t > self.start)
-            .fold(self.deadline, Instant::min)
+        let retransmit = self.plan.timing.retransmit_interval;
+        let wake = match (self.plan.probes.get(self.next), self.last_sent) {
+            (Some(p), _) => Some(self.start + p.delay),
+            (None, Some(t)) if self.all_regions_answered() => Some(t + retransmit),
+            _ => None,
+        };
+        wake.map_or(self.deadline, |t| t.min(self.deadline))
+    }
+
+    fn all_regions_answered(&self) -> bool {
+        self.regions.iter().all(|r| self.report.region_latency.contains_key(r))
     }
 
     /// The report, with the home region chosen against the plan's previous home.
@@ -438,6 +478,8 @@ fn keep_min(m: &mut BTreeMap<i32, Duration>, region: i32, d: Duration) {
 /// arrives meanwhile is dropped: the daemon, whose loop owns the socket, should instead drive a
 /// [`ReportState`] with the STUN packets its demux finds.
 pub async fn run(socket: &tokio::net::UdpSocket, plan: &ProbePlan, timeout: Duration) -> Report {
+    use std::io::ErrorKind;
+
     use rand_core::RngCore;
     let ipv6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
     let start = Instant::now();
@@ -451,7 +493,10 @@ pub async fn run(socket: &tokio::net::UdpSocket, plan: &ProbePlan, timeout: Dura
                 None if resolved.contains_key(&p.host) => resolved.get(&p.host).copied().flatten(),
                 None => {
                     let addrs = tokio::net::lookup_host((p.host.as_str(), p.port)).await;
-                    let ip = addrs.ok().and_then(|mut a| a.find(|a| a.is_ipv6() == ipv6)).map(|a| a.ip());
+                    let ip = addrs
+                        .ok()
+                        .and_then(|mut a| a.find(|a| a.is_ipv6() == ipv6))
+                        .map(|a| a.ip());
                     log::debug!("netcheck: resolved {} to {ip:?}", p.host);
                     resolved.insert(p.host.clone(), ip);
                     ip
@@ -471,8 +516,13 @@ pub async fn run(socket: &tokio::net::UdpSocket, plan: &ProbePlan, timeout: Dura
             Ok(Ok((n, _))) => {
                 st.handle_stun(&buf[..n], Instant::now());
             }
-            // ICMP errors from a probe surface here on some systems; keep listening.
-            Ok(Err(e)) => log::debug!("netcheck: recv: {e}"),
+            // ICMP errors from a probe surface here on some systems; keep listening. Anything
+            // else means the socket is unusable: return what we have rather than spin.
+            Ok(Err(e)) if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset) => {}
+            Ok(Err(e)) => {
+                log::debug!("netcheck: recv: {e}");
+                break;
+            }
             Err(_) => {}
         }
     }
@@ -481,5 +531,457 @@ pub async fn run(socket: &tokio::net::UdpSocket, plan: &ProbePlan, timeout: Dura
 
 #[cfg(test)]
 mod tests {
-    // TESTS
+    use super::*;
+    use crate::tailcfg::DerpRegion;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn node(name: &str, region: i32, host: &str, ipv4: &str, ipv6: &str, stun_port: i32) -> DerpNode {
+        DerpNode {
+            name: name.into(),
+            region_id: region,
+            host_name: host.into(),
+            ipv4: ipv4.into(),
+            ipv6: ipv6.into(),
+            stun_port,
+            ..DerpNode::default()
+        }
+    }
+
+    fn map(regions: Vec<(i32, bool, Vec<DerpNode>)>) -> DerpMap {
+        DerpMap {
+            regions: regions
+                .into_iter()
+                .map(|(id, no_home, nodes)| {
+                    let r = DerpRegion {
+                        region_id: id,
+                        region_code: format!("r{id}"),
+                        region_name: format!("Region {id}"),
+                        no_measure_no_home: no_home,
+                        nodes,
+                    };
+                    (id.to_string(), r)
+                })
+                .collect(),
+            omit_default_regions: false,
+        }
+    }
+
+    /// (region, node, target, port, ipv6, delay ms) of a probe, for compact comparisons.
+    type Shape = (i32, String, String, u16, bool, u64);
+
+    fn shape(plan: &ProbePlan) -> Vec<Shape> {
+        plan.probes
+            .iter()
+            .map(|p| {
+                let target = p.ip.map_or(format!("dns:{}", p.host), |ip| ip.to_string());
+                (
+                    p.region_id,
+                    p.node.clone(),
+                    target,
+                    p.port,
+                    p.ipv6,
+                    p.delay.as_millis() as u64,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn probe_plan_table() {
+        let s = |x: &str| x.to_string();
+        let cases: Vec<(&str, DerpMap, Vec<Shape>)> = vec![
+            (
+                "IPv4 field, default port, three tries 100 ms apart",
+                map(vec![(
+                    1,
+                    false,
+                    vec![node("1a", 1, "derp1.example", "192.0.2.1", "none", 0)],
+                )]),
+                vec![
+                    (1, s("1a"), s("192.0.2.1"), 3478, false, 0),
+                    (1, s("1a"), s("192.0.2.1"), 3478, false, 100),
+                    (1, s("1a"), s("192.0.2.1"), 3478, false, 200),
+                ],
+            ),
+            (
+                "tries rotate over nodes; STUNPort -1 nodes skipped; explicit port",
+                map(vec![(
+                    2,
+                    false,
+                    vec![
+                        node("2a", 2, "a.example", "192.0.2.10", "none", 3479),
+                        node("2x", 2, "x.example", "192.0.2.99", "none", -1),
+                        node("2b", 2, "b.example", "192.0.2.11", "none", 3479),
+                    ],
+                )]),
+                vec![
+                    (2, s("2a"), s("192.0.2.10"), 3479, false, 0),
+                    (2, s("2b"), s("192.0.2.11"), 3479, false, 100),
+                    (2, s("2a"), s("192.0.2.10"), 3479, false, 200),
+                ],
+            ),
+            (
+                "IP literal HostName (v6 only), hostnames for DNS in both families",
+                map(vec![
+                    (3, false, vec![node("3a", 3, "2001:db8::3", "", "", 0)]),
+                    (4, false, vec![node("4a", 4, "derp4.example", "", "", 0)]),
+                ]),
+                vec![
+                    (3, s("3a"), s("2001:db8::3"), 3478, true, 0),
+                    (4, s("4a"), s("dns:derp4.example"), 3478, false, 0),
+                    (4, s("4a"), s("dns:derp4.example"), 3478, true, 0),
+                    (3, s("3a"), s("2001:db8::3"), 3478, true, 100),
+                    (4, s("4a"), s("dns:derp4.example"), 3478, false, 100),
+                    (4, s("4a"), s("dns:derp4.example"), 3478, true, 100),
+                    (3, s("3a"), s("2001:db8::3"), 3478, true, 200),
+                    (4, s("4a"), s("dns:derp4.example"), 3478, false, 200),
+                    (4, s("4a"), s("dns:derp4.example"), 3478, true, 200),
+                ],
+            ),
+            (
+                "NoMeasureNoHome, node-less and STUN-less regions, bogus ports are not probed",
+                map(vec![
+                    (5, true, vec![node("5a", 5, "", "192.0.2.5", "", 0)]),
+                    (6, false, vec![]),
+                    (7, false, vec![node("7a", 7, "", "192.0.2.7", "", -1)]),
+                    (
+                        8,
+                        false,
+                        vec![
+                            node("8a", 8, "", "192.0.2.8", "", 70000),
+                            node("8b", 8, "", "192.0.2.8", "", -2),
+                        ],
+                    ),
+                ]),
+                vec![],
+            ),
+            (
+                "explicit IPv6 field; an IPv4 field of the wrong family disables v4",
+                map(vec![(
+                    9,
+                    false,
+                    vec![node("9a", 9, "derp9.example", "2001:db8::9", "2001:db8::9", 0)],
+                )]),
+                vec![
+                    (9, s("9a"), s("2001:db8::9"), 3478, true, 0),
+                    (9, s("9a"), s("2001:db8::9"), 3478, true, 100),
+                    (9, s("9a"), s("2001:db8::9"), 3478, true, 200),
+                ],
+            ),
+        ];
+        for (why, m, want) in cases {
+            assert_eq!(shape(&ProbePlan::new(&m, Timing::default())), want, "{why}");
+        }
+        // Regions sort numerically, not as their string keys.
+        let m = map(vec![
+            (10, false, vec![node("10a", 10, "", "192.0.2.10", "none", 0)]),
+            (9, false, vec![node("9a", 9, "", "192.0.2.9", "none", 0)]),
+        ]);
+        let plan = ProbePlan::new(
+            &m,
+            Timing {
+                tries_per_region: 1,
+                ..Timing::default()
+            },
+        );
+        assert_eq!(plan.probes.iter().map(|p| p.region_id).collect::<Vec<_>>(), vec![9, 10]);
+        assert_eq!(plan.probes[0].addr(), Some("192.0.2.9:3478".parse().unwrap()));
+    }
+
+    #[test]
+    fn preferred_derp_hysteresis_table() {
+        let lat = |pairs: &[(i32, u64)]| pairs.iter().map(|(r, m)| (*r, ms(*m))).collect::<BTreeMap<_, _>>();
+        let diff = Timing::default().preferred_derp_absolute_diff;
+        let cases = [
+            // (latencies, previous home, previous alive over DERP, want, why)
+            (lat(&[(1, 30), (2, 20)]), 0, false, 2, "no previous home: fastest"),
+            (lat(&[(1, 20), (2, 20)]), 0, false, 1, "tie: lower region id"),
+            (lat(&[(1, 30), (2, 20)]), 2, false, 2, "previous is fastest"),
+            (
+                lat(&[(1, 30), (2, 25)]),
+                1,
+                false,
+                1,
+                "5 ms faster: below the absolute threshold",
+            ),
+            (
+                lat(&[(1, 100), (2, 80)]),
+                1,
+                false,
+                1,
+                "20 ms but only 20% faster: keep",
+            ),
+            (lat(&[(1, 100), (2, 60)]), 1, false, 2, "40% and 40 ms faster: switch"),
+            (lat(&[(1, 15), (2, 4)]), 1, false, 2, "11 ms and 73% faster: switch"),
+            (lat(&[(1, 15), (2, 6)]), 1, false, 1, "9 ms faster: keep"),
+            (lat(&[(2, 20)]), 1, false, 2, "previous unreachable: move"),
+            (
+                lat(&[(2, 20)]),
+                1,
+                true,
+                1,
+                "previous silent on STUN but alive over DERP: keep",
+            ),
+            (lat(&[]), 1, true, 1, "no UDP at all, DERP alive: keep"),
+            (lat(&[]), 1, false, 0, "no UDP at all, previous dead: none"),
+            (lat(&[]), 0, true, 0, "nothing known"),
+        ];
+        for (l, prev, alive, want, why) in cases {
+            assert_eq!(choose_preferred_derp(&l, prev, alive, diff), want, "{why}");
+        }
+    }
+
+    #[test]
+    fn report_json_forms() {
+        let r = Report {
+            udp: true,
+            ipv4: true,
+            mapping_varies_by_dest_ip: Some(false),
+            region_v4_latency: [(1, ms(12)), (900, Duration::from_micros(1500))].into_iter().collect(),
+            region_v6_latency: [(1, ms(20))].into_iter().collect(),
+            preferred_derp: 900,
+            ..Report::default()
+        };
+        let lat = r.derp_latency();
+        assert_eq!(lat.keys().collect::<Vec<_>>(), ["1-v4", "1-v6", "900-v4"]);
+        assert_eq!((lat["1-v4"], lat["900-v4"], lat["1-v6"]), (0.012, 0.0015, 0.02));
+        assert_eq!(
+            r.net_info(),
+            json!({"MappingVariesByDestIP": false, "WorkingIPv6": false, "WorkingUDP": true,
+                   "PreferredDERP": 900, "DERPLatency": {"1-v4": 0.012, "1-v6": 0.02, "900-v4": 0.0015}})
+        );
+        assert_eq!(
+            Report::default().net_info(),
+            json!({"WorkingIPv6": false, "WorkingUDP": false})
+        );
+    }
+
+    /// Drives a [`ReportState`] with a scripted network: `answer(probe) -> Option<(rtt, mapped)>`.
+    fn drive(
+        plan: &ProbePlan,
+        answer: impl Fn(&Probe, SocketAddr) -> Option<(Duration, SocketAddr)>,
+    ) -> (Report, Duration, usize) {
+        let t0 = Instant::now();
+        let mut st = ReportState::new(plan, false, t0, t0 + STUN_PROBE_TIMEOUT);
+        let mut now = t0;
+        let mut pending: Vec<(Instant, Vec<u8>)> = Vec::new();
+        let mut sent = 0u32;
+        while !st.is_done(now) {
+            while let Some(p) = st.poll_probe(now) {
+                sent += 1;
+                let tx = {
+                    let mut t = [0u8; 12];
+                    t[..4].copy_from_slice(&sent.to_be_bytes());
+                    t
+                };
+                let dst = p.addr().expect("test plans use IPs");
+                st.note_sent(tx, &p, dst, now);
+                if let Some((rtt, mapped)) = answer(&p, dst) {
+                    pending.push((now + rtt, stun::binding_response(tx, mapped)));
+                }
+            }
+            let wake = pending.iter().map(|(t, _)| *t).fold(st.poll_timeout(), Instant::min);
+            assert!(wake > now || st.is_done(wake), "would spin at {:?}", now - t0);
+            now = wake;
+            pending.retain(|(t, pkt)| {
+                if *t <= now {
+                    assert!(st.handle_stun(pkt, now));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        (st.finish(), now - t0, sent as usize)
+    }
+
+    fn three_regions() -> ProbePlan {
+        let m = map(vec![
+            (1, false, vec![node("1a", 1, "", "192.0.2.1", "none", 0)]),
+            (2, false, vec![node("2a", 2, "", "192.0.2.2", "none", 0)]),
+            (3, false, vec![node("3a", 3, "", "192.0.2.3", "none", 0)]),
+        ]);
+        ProbePlan::new(&m, Timing::default())
+    }
+
+    #[test]
+    fn easy_nat_report() {
+        let me: SocketAddr = "198.51.100.7:41641".parse().unwrap();
+        let rtt = |p: &Probe| ms(10 * p.region_id as u64);
+        let (r, took, sent) = drive(&three_regions(), |p, _| Some((rtt(p), me)));
+        assert!(r.udp && r.ipv4 && !r.ipv6);
+        assert_eq!(r.global_v4, Some(me));
+        assert_eq!(r.mapping_varies_by_dest_ip, Some(false));
+        assert_eq!(
+            r.region_latency,
+            [(1, ms(10)), (2, ms(20)), (3, ms(30))].into_iter().collect()
+        );
+        assert_eq!(r.region_v4_latency, r.region_latency);
+        assert_eq!(r.preferred_derp, 1);
+        // Answered regions get no retries; done as soon as the slowest answered.
+        assert_eq!((took, sent), (ms(30), 3));
+    }
+
+    #[test]
+    fn hard_nat_report() {
+        // A new external port per destination (endpoint-dependent mapping).
+        let (r, took, _) = drive(&three_regions(), |p, _| {
+            Some((
+                ms(10),
+                SocketAddr::new("198.51.100.7".parse().unwrap(), 40000 + p.region_id as u16),
+            ))
+        });
+        assert_eq!(r.mapping_varies_by_dest_ip, Some(true));
+        assert_eq!(
+            r.global_v4,
+            Some("198.51.100.7:40001".parse().unwrap()),
+            "the first answer"
+        );
+        assert_eq!(took, ms(10));
+    }
+
+    #[test]
+    fn single_server_cannot_tell_mapping_and_retries_do_not_stall() {
+        let m = map(vec![(1, false, vec![node("1a", 1, "", "192.0.2.1", "none", 0)])]);
+        let plan = ProbePlan::new(&m, Timing::default());
+        let me: SocketAddr = "198.51.100.7:41641".parse().unwrap();
+        let (r, took, sent) = drive(&plan, |_, _| Some((ms(5), me)));
+        assert_eq!(r.mapping_varies_by_dest_ip, None);
+        assert_eq!(r.preferred_derp, 1);
+        assert_eq!((took, sent), (ms(5), 1), "one server: nothing more to learn");
+        // Two servers in one region: retries continue (to the second node) to settle mapping.
+        let m = map(vec![(
+            1,
+            false,
+            vec![
+                node("1a", 1, "", "192.0.2.1", "none", 0),
+                node("1b", 1, "", "192.0.2.2", "none", 0),
+            ],
+        )]);
+        let plan = ProbePlan::new(&m, Timing::default());
+        let (r, took, sent) = drive(&plan, |_, _| Some((ms(5), me)));
+        assert_eq!(r.mapping_varies_by_dest_ip, Some(false));
+        assert_eq!((took, sent), (ms(105), 2));
+    }
+
+    #[test]
+    fn lost_probes_are_retried_and_a_dead_region_times_out() {
+        // Region 2 drops its first try; region 3 never answers.
+        let me: SocketAddr = "198.51.100.7:41641".parse().unwrap();
+        let (r, took, sent) = drive(&three_regions(), |p, _| match (p.region_id, p.delay.as_millis()) {
+            (3, _) | (2, 0) => None,
+            _ => Some((ms(10), me)),
+        });
+        assert_eq!(r.region_latency.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(r.region_latency[&2], ms(10), "latency of the try that got through");
+        // 3 first tries + region 2 and 3 retried at 100 ms + region 3 again at 200 ms.
+        assert_eq!(
+            sent, 6,
+            "no retry to region 1: the same server cannot settle the mapping"
+        );
+        assert_eq!(took, STUN_PROBE_TIMEOUT);
+        // With enough regions answering, stragglers only get twice the slowest latency.
+        let plan = ProbePlan::new(
+            &map((1..=4)
+                .map(|i| (i, false, vec![node("n", i, "", &format!("192.0.2.{i}"), "none", 0)]))
+                .collect()),
+            Timing::default(),
+        );
+        let (r, took, _) = drive(&plan, |p, _| {
+            (p.region_id != 4).then_some((ms(10 * p.region_id as u64), me))
+        });
+        assert_eq!(r.region_latency.len(), 3);
+        assert_eq!(took, ms(30 + 60));
+        // UDP blocked entirely: nothing, after the timeout; the previous home stays if alive.
+        let (r, took, _) = drive(&three_regions().with_home(2, true), |_, _| None);
+        assert_eq!(
+            (r.udp, r.global_v4, r.preferred_derp, took),
+            (false, None, 2, STUN_PROBE_TIMEOUT)
+        );
+    }
+
+    #[test]
+    fn junk_and_strangers_are_ignored() {
+        let t0 = Instant::now();
+        let plan = three_regions();
+        let mut st = ReportState::new(&plan, false, t0, t0 + STUN_PROBE_TIMEOUT);
+        let p = st.poll_probe(t0).unwrap();
+        st.note_sent([1; 12], &p, p.addr().unwrap(), t0);
+        let me: SocketAddr = "198.51.100.7:41641".parse().unwrap();
+        assert!(!st.handle_stun(b"not stun", t0));
+        assert!(!st.handle_stun(&stun::binding_response([2; 12], me), t0), "unknown tx");
+        assert!(
+            !st.handle_stun(&stun::binding_request([1; 12]), t0),
+            "a request, not a response"
+        );
+        assert!(st.handle_stun(&stun::binding_response([1; 12], me), t0 + ms(3)));
+        assert!(
+            !st.handle_stun(&stun::binding_response([1; 12], me), t0 + ms(4)),
+            "answered once"
+        );
+        // IPv6 plans only keep IPv6 probes.
+        let st6 = ReportState::new(&plan, true, t0, t0 + STUN_PROBE_TIMEOUT);
+        assert!(st6.is_done(t0), "no IPv6 targets: nothing to do");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn prop_handle_stun_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120)) {
+            let t0 = Instant::now();
+            let mut st = ReportState::new(&three_regions(), false, t0, t0 + STUN_PROBE_TIMEOUT);
+            let _ = st.handle_stun(&bytes, t0);
+        }
+    }
+
+    /// The shell against two of our own STUN servers (two regions, one by IP field, one by
+    /// IP-literal host name) plus a third region reached by DNS name (`localhost`).
+    #[cfg(feature = "relay")]
+    #[tokio::test]
+    async fn run_against_our_stun_servers() {
+        use std::sync::Arc;
+
+        use tokio::net::UdpSocket;
+
+        let mut ports = Vec::new();
+        for _ in 0..2 {
+            let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            ports.push(i32::from(s.local_addr().unwrap().port()));
+            tokio::spawn(stun::serve_udp(s, Arc::new(stun::StunStats::default())));
+        }
+        let m = map(vec![
+            (
+                901,
+                false,
+                vec![node("901a", 901, "stun1.invalid", "127.0.0.1", "none", ports[0])],
+            ),
+            (902, false, vec![node("902a", 902, "127.0.0.1", "", "", ports[1])]),
+            (903, false, vec![node("903a", 903, "localhost", "", "", ports[1])]),
+        ]);
+        let plan = ProbePlan::new(&m, Timing::default()).with_home(902, true);
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let started = Instant::now();
+        let r = run(&sock, &plan, STUN_PROBE_TIMEOUT).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "finished early, took {:?}",
+            started.elapsed()
+        );
+        assert!(r.udp && r.ipv4);
+        assert_eq!(r.global_v4, Some(sock.local_addr().unwrap()));
+        assert_eq!(r.mapping_varies_by_dest_ip, Some(false));
+        assert_eq!(
+            r.region_latency.keys().copied().collect::<Vec<_>>(),
+            vec![901, 902, 903]
+        );
+        assert_eq!(r.region_v4_latency, r.region_latency);
+        assert!([901, 902, 903].contains(&r.preferred_derp));
+        assert_eq!(
+            r.preferred_derp, 902,
+            "loopback latencies are all alike: the home stays"
+        );
+        assert!(r.derp_latency().contains_key("901-v4"));
+    }
 }

@@ -48,7 +48,11 @@ pub enum RouterError {
     Spawn { cmd: String, err: std::io::Error },
     /// The command ran and failed.
     #[error("{cmd} failed ({status}): {stderr}")]
-    Failed { cmd: String, status: String, stderr: String },
+    Failed {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
     /// A prefix in the config is invalid (length beyond 32/128).
     #[error("invalid prefix {0}/{1}")]
     BadPrefix(IpAddr, u8),
@@ -83,7 +87,12 @@ impl RouterConfig {
     /// The usual config: `addresses` on `tun` at [`DEFAULT_MTU`], routes for the two tailnet
     /// ranges ([`TAILNET_V4`], [`TAILNET_V6`]). Push subnet routes onto `routes` as needed.
     pub fn new(tun: &str, addresses: Vec<(IpAddr, u8)>) -> RouterConfig {
-        RouterConfig { tun: tun.to_string(), mtu: DEFAULT_MTU, addresses, routes: vec![TAILNET_V4, TAILNET_V6] }
+        RouterConfig {
+            tun: tun.to_string(),
+            mtu: DEFAULT_MTU,
+            addresses,
+            routes: vec![TAILNET_V4, TAILNET_V6],
+        }
     }
 }
 
@@ -126,11 +135,19 @@ impl fmt::Display for Prefix {
 fn mask(addr: IpAddr, len: u8) -> IpAddr {
     match addr {
         IpAddr::V4(a) => {
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len.min(32)))
+            };
             IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
         }
         IpAddr::V6(a) => {
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len.min(128)))
+            };
             IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
         }
     }
@@ -155,9 +172,22 @@ impl Applied {
         if cfg.tun.is_empty() {
             return Err(RouterError::NoDevice);
         }
-        let addresses = cfg.addresses.iter().map(|&(a, l)| Prefix::new(a, l, false)).collect::<Result<_, _>>()?;
-        let routes = cfg.routes.iter().map(|&(a, l)| Prefix::new(a, l, true)).collect::<Result<_, _>>()?;
-        Ok(Applied { tun: cfg.tun.clone(), link: Some(cfg.mtu), addresses, routes })
+        let addresses = cfg
+            .addresses
+            .iter()
+            .map(|&(a, l)| Prefix::new(a, l, false))
+            .collect::<Result<_, _>>()?;
+        let routes = cfg
+            .routes
+            .iter()
+            .map(|&(a, l)| Prefix::new(a, l, true))
+            .collect::<Result<_, _>>()?;
+        Ok(Applied {
+            tun: cfg.tun.clone(),
+            link: Some(cfg.mtu),
+            addresses,
+            routes,
+        })
     }
 }
 
@@ -182,12 +212,34 @@ impl Op {
         let v = |parts: &[&str]| parts.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         match self {
             Op::LinkUp { dev, mtu } => v(&["ip", "link", "set", "dev", dev, "mtu", &mtu.to_string(), "up"]),
-            Op::AddrAdd { dev, addr } => v(&["ip", addr.family_flag(), "addr", "replace", &addr.to_string(), "dev", dev]),
+            Op::AddrAdd { dev, addr } => v(&[
+                "ip",
+                addr.family_flag(),
+                "addr",
+                "replace",
+                &addr.to_string(),
+                "dev",
+                dev,
+            ]),
             Op::AddrDel { dev, addr } => v(&["ip", addr.family_flag(), "addr", "del", &addr.to_string(), "dev", dev]),
-            Op::RouteAdd { dev, route } => {
-                v(&["ip", route.family_flag(), "route", "replace", &route.to_string(), "dev", dev])
-            }
-            Op::RouteDel { dev, route } => v(&["ip", route.family_flag(), "route", "del", &route.to_string(), "dev", dev]),
+            Op::RouteAdd { dev, route } => v(&[
+                "ip",
+                route.family_flag(),
+                "route",
+                "replace",
+                &route.to_string(),
+                "dev",
+                dev,
+            ]),
+            Op::RouteDel { dev, route } => v(&[
+                "ip",
+                route.family_flag(),
+                "route",
+                "del",
+                &route.to_string(),
+                "dev",
+                dev,
+            ]),
         }
     }
 
@@ -233,19 +285,34 @@ pub fn plan(cur: &Applied, want: &Applied) -> Vec<Op> {
     // Removals first: on a rename the old device must be clean before the new one is recorded.
     let keep = |set: &BTreeSet<Prefix>, p: &Prefix| same_dev && set.contains(p);
     for r in old.routes.iter().filter(|r| !keep(&want.routes, r)) {
-        ops.push(Op::RouteDel { dev: old.tun.clone(), route: *r });
+        ops.push(Op::RouteDel {
+            dev: old.tun.clone(),
+            route: *r,
+        });
     }
     for a in old.addresses.iter().filter(|a| !keep(&want.addresses, a)) {
-        ops.push(Op::AddrDel { dev: old.tun.clone(), addr: *a });
+        ops.push(Op::AddrDel {
+            dev: old.tun.clone(),
+            addr: *a,
+        });
     }
     if let Some(mtu) = want.link.filter(|_| !want.tun.is_empty() && base.link != want.link) {
-        ops.push(Op::LinkUp { dev: want.tun.clone(), mtu });
+        ops.push(Op::LinkUp {
+            dev: want.tun.clone(),
+            mtu,
+        });
     }
     for a in want.addresses.iter().filter(|a| !base.addresses.contains(a)) {
-        ops.push(Op::AddrAdd { dev: want.tun.clone(), addr: *a });
+        ops.push(Op::AddrAdd {
+            dev: want.tun.clone(),
+            addr: *a,
+        });
     }
     for r in want.routes.iter().filter(|r| !base.routes.contains(r)) {
-        ops.push(Op::RouteAdd { dev: want.tun.clone(), route: *r });
+        ops.push(Op::RouteAdd {
+            dev: want.tun.clone(),
+            route: *r,
+        });
     }
     ops
 }
@@ -269,7 +336,10 @@ impl CommandRunner for SystemRunner {
             status: "not run".into(),
             stderr: "empty command".into(),
         })?;
-        let out = Command::new(prog).args(args).output().map_err(|err| RouterError::Spawn { cmd: cmd.clone(), err })?;
+        let out = Command::new(prog)
+            .args(args)
+            .output()
+            .map_err(|err| RouterError::Spawn { cmd: cmd.clone(), err })?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -316,7 +386,10 @@ pub struct Router<R: CommandRunner> {
 impl<R: CommandRunner> Router<R> {
     /// A router that has applied nothing yet.
     pub fn new(runner: R) -> Router<R> {
-        Router { runner, applied: Applied::default() }
+        Router {
+            runner,
+            applied: Applied::default(),
+        }
     }
 
     /// Brings the system to `cfg`, running only the commands needed. Idempotent. Stops at the
@@ -371,7 +444,10 @@ mod tests {
     }
 
     fn cfg() -> RouterConfig {
-        RouterConfig::new("tinyscale0", vec![(ip("100.64.0.1"), 32), (ip("fd7a:115c:a1e0::1"), 128)])
+        RouterConfig::new(
+            "tinyscale0",
+            vec![(ip("100.64.0.1"), 32), (ip("fd7a:115c:a1e0::1"), 128)],
+        )
     }
 
     fn calls(r: &Router<RecordingRunner>) -> Vec<String> {
@@ -452,7 +528,10 @@ mod tests {
 
     #[test]
     fn partial_failure_retries_only_the_rest() {
-        let mut r = Router::new(RecordingRunner { fail_on: Some("fd7a:115c:a1e0::1/128".into()), ..Default::default() });
+        let mut r = Router::new(RecordingRunner {
+            fail_on: Some("fd7a:115c:a1e0::1/128".into()),
+            ..Default::default()
+        });
         let err = r.set(&cfg()).unwrap_err();
         assert!(err.is_retryable());
         assert!(err.to_string().contains("injected failure"), "{err}");

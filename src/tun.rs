@@ -93,7 +93,10 @@ fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
     if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("invalid interface name {name:?} (1..={} bytes, no NUL)", libc::IFNAMSIZ - 1),
+            format!(
+                "invalid interface name {name:?} (1..={} bytes, no NUL)",
+                libc::IFNAMSIZ - 1
+            ),
         ));
     }
     // An all-zero ifreq is a valid value (empty name, zero union), built without unsafe.

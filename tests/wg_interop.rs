@@ -37,11 +37,18 @@ const OUR_KEY: [u8; 32] = [0x11; 32];
 const THEIR_KEY: [u8; 32] = [0x22; 32];
 
 fn run(argv: &[&str]) -> Result<String, String> {
-    let out = Command::new(argv[0]).args(&argv[1..]).output().map_err(|e| format!("{argv:?}: {e}"))?;
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .map_err(|e| format!("{argv:?}: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(format!("{argv:?}: {} {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "{argv:?}: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -71,7 +78,8 @@ fn base64(b: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::new();
     for c in b.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= c.len() {
                 s.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -93,14 +101,19 @@ struct Proc {
 impl Proc {
     fn spawn(argv: &[&str], envs: &[(&str, String)]) -> Proc {
         let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         for (k, v) in envs {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
         let log = Arc::new(Mutex::new(String::new()));
-        let outs: [Box<dyn std::io::Read + Send>; 2] =
-            [Box::new(child.stdout.take().unwrap()), Box::new(child.stderr.take().unwrap())];
+        let outs: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
         for r in outs {
             let log = log.clone();
             std::thread::spawn(move || {
@@ -111,7 +124,11 @@ impl Proc {
                 }
             });
         }
-        Proc { stdin: child.stdin.take(), child, log }
+        Proc {
+            stdin: child.stdin.take(),
+            child,
+            log,
+        }
     }
 
     fn log(&self) -> String {
@@ -170,13 +187,24 @@ fn wireguard_go_pings_tinyscale() {
         return;
     }
     let id = std::process::id() % 100_000;
-    let (va, vb, wgb, tun) = (format!("va{id}"), format!("vb{id}"), format!("wgb{id}"), format!("tsa{id}"));
-    let ns = Netns { a: format!("tsw-a-{id}"), b: format!("tsw-b-{id}"), wg_sock: format!("/var/run/wireguard/{wgb}.sock") };
+    let (va, vb, wgb, tun) = (
+        format!("va{id}"),
+        format!("vb{id}"),
+        format!("wgb{id}"),
+        format!("tsa{id}"),
+    );
+    let ns = Netns {
+        a: format!("tsw-a-{id}"),
+        b: format!("tsw-b-{id}"),
+        wg_sock: format!("/var/run/wireguard/{wgb}.sock"),
+    };
     let (a, b) = (ns.a.as_str(), ns.b.as_str());
 
     must(&["ip", "netns", "add", a]);
     must(&["ip", "netns", "add", b]);
-    must(&["ip", "link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b]);
+    must(&[
+        "ip", "link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b,
+    ]);
     must(&in_ns(a, &["ip", "link", "set", "lo", "up"]));
     must(&in_ns(b, &["ip", "link", "set", "lo", "up"]));
     must(&in_ns(a, &["ip", "addr", "add", "10.99.0.1/24", "dev", &va]));
@@ -193,24 +221,55 @@ fn wireguard_go_pings_tinyscale() {
         &in_ns(b, &["wireguard-go", "-f", &wgb]),
         &[("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1".into())],
     );
-    eventually("wireguard-go UAPI socket", || run(&in_ns(b, &["wg", "show", &wgb])).ok());
+    eventually("wireguard-go UAPI socket", || {
+        run(&in_ns(b, &["wg", "show", &wgb])).ok()
+    });
     let our_pub = base64(ours.public().as_bytes());
-    must(&in_ns(b, &[
-        "wg", "set", &wgb, "listen-port", "51820", "private-key", keyfile.to_str().unwrap(), "peer", &our_pub,
-        "allowed-ips", "100.64.0.1/32,fd7a:115c:a1e0::1/128", "endpoint", OUR_UDP,
-    ]));
+    must(&in_ns(
+        b,
+        &[
+            "wg",
+            "set",
+            &wgb,
+            "listen-port",
+            "51820",
+            "private-key",
+            keyfile.to_str().unwrap(),
+            "peer",
+            &our_pub,
+            "allowed-ips",
+            "100.64.0.1/32,fd7a:115c:a1e0::1/128",
+            "endpoint",
+            OUR_UDP,
+        ],
+    ));
     let _ = std::fs::remove_file(&keyfile);
     must(&in_ns(b, &["ip", "addr", "add", "100.64.0.2/32", "dev", &wgb]));
-    must(&in_ns(b, &["ip", "-6", "addr", "add", "fd7a:115c:a1e0::2/128", "dev", &wgb]));
+    must(&in_ns(
+        b,
+        &["ip", "-6", "addr", "add", "fd7a:115c:a1e0::2/128", "dev", &wgb],
+    ));
     must(&in_ns(b, &["ip", "link", "set", &wgb, "mtu", "1280", "up"]));
     must(&in_ns(b, &["ip", "route", "add", "100.64.0.0/10", "dev", &wgb]));
-    must(&in_ns(b, &["ip", "-6", "route", "add", "fd7a:115c:a1e0::/48", "dev", &wgb]));
+    must(&in_ns(
+        b,
+        &["ip", "-6", "route", "add", "fd7a:115c:a1e0::/48", "dev", &wgb],
+    ));
 
     // Our side: this binary, child mode, in namespace a.
     let exe = std::env::current_exe().unwrap();
     let start_ours = || {
         let child = Proc::spawn(
-            &in_ns(a, &[exe.to_str().unwrap(), "interop_child", "--exact", "--nocapture", "--test-threads=1"]),
+            &in_ns(
+                a,
+                &[
+                    exe.to_str().unwrap(),
+                    "interop_child",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads=1",
+                ],
+            ),
             &[("TINYSCALE_WG_CHILD", "1".into()), ("TINYSCALE_WG_TUN", tun.clone())],
         );
         eventually("our side READY", || {
@@ -227,11 +286,16 @@ fn wireguard_go_pings_tinyscale() {
         let status = eventually("our side exit", || child.child.try_wait().ok().flatten());
         let log = child.log();
         eprintln!("our side:\n{log}");
-        assert!(status.success() && log.contains("CLOSED"), "our side exited with {status}");
+        assert!(
+            status.success() && log.contains("CLOSED"),
+            "our side exited with {status}"
+        );
     };
     let ping = |ns: &str, dst: &str| {
         eventually(&format!("ping {dst} from {ns}"), || {
-            run(&in_ns(ns, &["ping", "-c", "3", "-i", "0.2", "-W", "1", dst])).ok().filter(|o| o.contains(" 0% packet loss"))
+            run(&in_ns(ns, &["ping", "-c", "3", "-i", "0.2", "-W", "1", dst]))
+                .ok()
+                .filter(|o| o.contains(" 0% packet loss"))
         });
         let wgshow = run(&in_ns(b, &["wg", "show", &wgb])).unwrap_or_default();
         eprintln!("ping {dst} from {ns} ok; wireguard-go: {}", wgshow.replace('\n', " | "));
@@ -262,7 +326,10 @@ fn interop_child() {
     if std::env::var("TINYSCALE_WG_CHILD").is_err() {
         return;
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(child_main());
 }
 
@@ -270,7 +337,10 @@ async fn child_main() {
     let tun_name = std::env::var("TINYSCALE_WG_TUN").unwrap();
     let tun = Tun::open(&tun_name).expect("open tun");
     assert_eq!(tun.name(), tun_name);
-    let addrs = vec![("100.64.0.1".parse().unwrap(), 32), ("fd7a:115c:a1e0::1".parse().unwrap(), 128)];
+    let addrs = vec![
+        ("100.64.0.1".parse().unwrap(), 32),
+        ("fd7a:115c:a1e0::1".parse().unwrap(), 128),
+    ];
     let cfg = RouterConfig::new(&tun_name, addrs);
     let mut router = Router::new(SystemRunner);
     router.set(&cfg).expect("router set");
@@ -281,7 +351,10 @@ async fn child_main() {
     let mut wg = WgPeers::new(&ours, 0x5eed);
     wg.set_peers([PeerConfig {
         key: theirs,
-        allowed_ips: vec!["100.64.0.2/32".parse::<IpPrefix>().unwrap(), "fd7a:115c:a1e0::2/128".parse().unwrap()],
+        allowed_ips: vec![
+            "100.64.0.2/32".parse::<IpPrefix>().unwrap(),
+            "fd7a:115c:a1e0::2/128".parse().unwrap(),
+        ],
     }]);
     // The transport is chosen by peer key; here there is one peer with one fixed address.
     let their_addr: SocketAddr = THEIR_UDP.parse().unwrap();
@@ -327,11 +400,18 @@ async fn child_main() {
         }
     }
     router.close().expect("router close");
-    for argv in [["ip", "-4", "route", "show", "dev"], ["ip", "-6", "route", "show", "dev"], ["ip", "addr", "show", "dev", ""]] {
+    for argv in [
+        ["ip", "-4", "route", "show", "dev"],
+        ["ip", "-6", "route", "show", "dev"],
+        ["ip", "addr", "show", "dev", ""],
+    ] {
         let mut argv: Vec<&str> = argv.iter().copied().filter(|a| !a.is_empty()).collect();
         argv.push(&tun_name);
         let out = run(&argv).expect("ip show");
-        assert!(!out.contains("100.64.") && !out.contains("fd7a:115c:a1e0:"), "left after close: {argv:?}\n{out}");
+        assert!(
+            !out.contains("100.64.") && !out.contains("fd7a:115c:a1e0:"),
+            "left after close: {argv:?}\n{out}"
+        );
     }
     let st = wg.stats();
     let ps = wg.peer_stats(&theirs).unwrap();

@@ -124,11 +124,9 @@ impl Error {
     /// for caller errors.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Io { .. }
-            | Error::Timeout(_)
-            | Error::Closed(_)
-            | Error::Protocol { .. }
-            | Error::Frame { .. } => true,
+            Error::Io { .. } | Error::Timeout(_) | Error::Closed(_) | Error::Protocol { .. } | Error::Frame { .. } => {
+                true
+            }
             Error::Status(s) => *s >= 500 || *s == 429 || *s == 408,
             Error::PacketTooLarge(_) => false,
         }
@@ -203,9 +201,10 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, host: &str, 
     let (head, leftover) = http1::read_head(io).await.map_err(|e| match e {
         http1::HttpError::Io(err) => Error::Io { op: Op::Upgrade, err },
         http1::HttpError::Closed => Error::Closed(Op::Upgrade),
-        http1::HttpError::Malformed | http1::HttpError::TooLarge => {
-            Error::Protocol { op: Op::Upgrade, what: "malformed HTTP response" }
-        }
+        http1::HttpError::Malformed | http1::HttpError::TooLarge => Error::Protocol {
+            op: Op::Upgrade,
+            what: "malformed HTTP response",
+        },
     })?;
     if head.status != 101 {
         return Err(Error::Status(head.status));
@@ -247,7 +246,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> DerpClient<S> {
         c.reader.push(leftover);
         let server_key = match c.read_frame(Op::Handshake).await? {
             Frame::ServerKey { key } => key,
-            _ => return Err(Error::Protocol { op: Op::Handshake, what: "first frame is not ServerKey" }),
+            _ => {
+                return Err(Error::Protocol {
+                    op: Op::Handshake,
+                    what: "first frame is not ServerKey",
+                })
+            }
         };
         let mut nonce = [0u8; frame::NONCE_LEN];
         OsRng.fill_bytes(&mut nonce);
@@ -255,7 +259,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> DerpClient<S> {
         c.flush_op(Op::Handshake).await?;
         let sealed = match c.read_frame(Op::Handshake).await? {
             Frame::ServerInfo { sealed } => sealed,
-            _ => return Err(Error::Protocol { op: Op::Handshake, what: "expected ServerInfo" }),
+            _ => {
+                return Err(Error::Protocol {
+                    op: Op::Handshake,
+                    what: "expected ServerInfo",
+                })
+            }
         };
         c.server_info =
             frame::open_server_info(my, &server_key, &sealed).map_err(|err| Error::Frame { op: Op::Handshake, err })?;
@@ -280,7 +289,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> DerpClient<S> {
         }
         // Encoded in place (no Bytes copy): header, key, packet. Length fits: ≤ 64 KiB + 32.
         let len = (KEY_LEN + packet.len()) as u32;
-        self.wbuf.extend_from_slice(&frame::header(FrameType::SendPacket as u8, len));
+        self.wbuf
+            .extend_from_slice(&frame::header(FrameType::SendPacket as u8, len));
         self.wbuf.extend_from_slice(dst.as_bytes());
         self.wbuf.extend_from_slice(packet);
         self.flush_op(Op::Send).await
@@ -317,7 +327,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> DerpClient<S> {
                 Frame::KeepAlive => DerpEvent::KeepAlive,
                 Frame::Pong(d) => DerpEvent::Pong(d),
                 Frame::Health { problem } => DerpEvent::Health { problem },
-                Frame::Restarting { reconnect_in_ms, try_for_ms } => DerpEvent::Restarting {
+                Frame::Restarting {
+                    reconnect_in_ms,
+                    try_for_ms,
+                } => DerpEvent::Restarting {
                     reconnect_in: Duration::from_millis(u64::from(reconnect_in_ms)),
                     try_for: Duration::from_millis(u64::from(try_for_ms)),
                 },
@@ -403,8 +416,14 @@ mod tests {
 
     /// A scripted server on the other end of an in-memory pipe: sends ServerKey, checks our
     /// ClientInfo opens, answers ServerInfo, then runs `rest`.
-    async fn scripted_server(mut s: tokio::io::DuplexStream, server: NodePrivate, client: NodePublic) -> tokio::io::DuplexStream {
-        s.write_all(&Frame::ServerKey { key: server.public() }.to_vec()).await.unwrap();
+    async fn scripted_server(
+        mut s: tokio::io::DuplexStream,
+        server: NodePrivate,
+        client: NodePublic,
+    ) -> tokio::io::DuplexStream {
+        s.write_all(&Frame::ServerKey { key: server.public() }.to_vec())
+            .await
+            .unwrap();
         let mut r = FrameReader::default();
         let f = loop {
             if let Some((ty, p)) = r.next_frame().unwrap() {
@@ -414,10 +433,14 @@ mod tests {
             let n = s.read(&mut b).await.unwrap();
             r.push(&b[..n]);
         };
-        let Frame::ClientInfo { key, sealed } = f else { panic!("{f:?}") };
+        let Frame::ClientInfo { key, sealed } = f else {
+            panic!("{f:?}")
+        };
         assert_eq!(key, client);
         assert_eq!(frame::open_client_info(&server, &key, &sealed), Ok(ClientInfo::ours()));
-        s.write_all(&frame::seal_server_info(&server, &client, [9; 24], &ServerInfo::ours()).to_vec()).await.unwrap();
+        s.write_all(&frame::seal_server_info(&server, &client, [9; 24], &ServerInfo::ours()).to_vec())
+            .await
+            .unwrap();
         s
     }
 
@@ -430,9 +453,21 @@ mod tests {
             let mut s = scripted_server(b, srv, mine).await;
             let mut out = Vec::new();
             Frame::Ping(*b"pingpong").encode(&mut out);
-            Frame::Unknown { ty: 0x7f, payload: Bytes::from_static(b"skip me") }.encode(&mut out);
-            Frame::RecvPacket { src: key(3).public(), packet: Bytes::from_static(b"hi") }.encode(&mut out);
-            Frame::PeerGone { key: key(4).public(), reason: PeerGoneReason::NotHere }.encode(&mut out);
+            Frame::Unknown {
+                ty: 0x7f,
+                payload: Bytes::from_static(b"skip me"),
+            }
+            .encode(&mut out);
+            Frame::RecvPacket {
+                src: key(3).public(),
+                packet: Bytes::from_static(b"hi"),
+            }
+            .encode(&mut out);
+            Frame::PeerGone {
+                key: key(4).public(),
+                reason: PeerGoneReason::NotHere,
+            }
+            .encode(&mut out);
             Frame::KeepAlive.encode(&mut out);
             s.write_all(&out).await.unwrap();
             // Our pong, then a SendPacket.
@@ -445,20 +480,33 @@ mod tests {
         assert_eq!(c.server_info().version, 2);
         assert_eq!(
             c.recv().await.unwrap(),
-            DerpEvent::Packet { src: key(3).public(), data: Bytes::from_static(b"hi") }
+            DerpEvent::Packet {
+                src: key(3).public(),
+                data: Bytes::from_static(b"hi")
+            }
         );
         assert_eq!(
             c.recv().await.unwrap(),
-            DerpEvent::PeerGone { key: key(4).public(), reason: PeerGoneReason::NotHere }
+            DerpEvent::PeerGone {
+                key: key(4).public(),
+                reason: PeerGoneReason::NotHere
+            }
         );
         assert_eq!(c.recv().await.unwrap(), DerpEvent::KeepAlive);
         c.send(key(5).public(), b"abc").await.unwrap();
         let got = server.await.unwrap();
         assert_eq!(&got[..13], &Frame::Pong(*b"pingpong").to_vec()[..]);
         let mut want = Vec::new();
-        Frame::SendPacket { dst: key(5).public(), packet: Bytes::from_static(b"abc") }.encode(&mut want);
+        Frame::SendPacket {
+            dst: key(5).public(),
+            packet: Bytes::from_static(b"abc"),
+        }
+        .encode(&mut want);
         assert_eq!(&got[13..], &want[..]);
-        assert!(matches!(c.send(key(5).public(), &vec![0; MAX_PACKET_SIZE + 1]).await, Err(Error::PacketTooLarge(_))));
+        assert!(matches!(
+            c.send(key(5).public(), &vec![0; MAX_PACKET_SIZE + 1]).await,
+            Err(Error::PacketTooLarge(_))
+        ));
     }
 
     #[tokio::test]
@@ -467,10 +515,15 @@ mod tests {
         let (a, mut b) = duplex(4096);
         b.write_all(&Frame::KeepAlive.to_vec()).await.unwrap();
         let e = DerpClient::handshake(a, &[], &key(1)).await.unwrap_err();
-        assert!(matches!(e, Error::Protocol { op: Op::Handshake, .. }) && e.is_retryable(), "{e}");
+        assert!(
+            matches!(e, Error::Protocol { op: Op::Handshake, .. }) && e.is_retryable(),
+            "{e}"
+        );
         // Server hangs up after ServerKey (e.g. verify-clients refused us).
         let (a, mut b) = duplex(4096);
-        b.write_all(&Frame::ServerKey { key: key(2).public() }.to_vec()).await.unwrap();
+        b.write_all(&Frame::ServerKey { key: key(2).public() }.to_vec())
+            .await
+            .unwrap();
         drop(b);
         let e = DerpClient::handshake(a, &[], &key(1)).await.unwrap_err();
         assert!(matches!(e, Error::Closed(Op::Handshake) | Error::Io { .. }), "{e}");
@@ -480,14 +533,27 @@ mod tests {
         let mine = me.public();
         tokio::spawn(async move {
             let mut s = b;
-            s.write_all(&Frame::ServerKey { key: key(2).public() }.to_vec()).await.unwrap();
+            s.write_all(&Frame::ServerKey { key: key(2).public() }.to_vec())
+                .await
+                .unwrap();
             let mut buf = [0u8; 200];
             let _ = s.read(&mut buf).await;
-            s.write_all(&frame::seal_server_info(&key(9), &mine, [1; 24], &ServerInfo::ours()).to_vec()).await.unwrap();
+            s.write_all(&frame::seal_server_info(&key(9), &mine, [1; 24], &ServerInfo::ours()).to_vec())
+                .await
+                .unwrap();
             let _ = s.read(&mut buf).await;
         });
         let e = DerpClient::handshake(a, &[], &me).await.unwrap_err();
-        assert!(matches!(e, Error::Frame { err: FrameError::CryptoFailed, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Frame {
+                    err: FrameError::CryptoFailed,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(!Error::Status(404).is_retryable());
         assert!(Error::Status(503).is_retryable());
         assert!(!Error::PacketTooLarge(1).is_retryable());
@@ -500,7 +566,9 @@ mod tests {
             let (head, _) = http1::read_head(&mut b).await.unwrap();
             assert_eq!(head.path(), "/derp");
             assert!(head.header("upgrade").unwrap().eq_ignore_ascii_case("derp"));
-            b.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\n\x01\x00").await.unwrap();
+            b.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n\r\n\x01\x00")
+                .await
+                .unwrap();
             b
         });
         let left = upgrade(&mut a, "h:1", "/derp").await.unwrap();

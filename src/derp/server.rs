@@ -48,8 +48,8 @@ use tokio::{
 };
 
 use super::frame::{
-    self, Frame, FrameError, FrameReader, FrameType, PeerGoneReason, ServerInfo, HANDSHAKE_TIMEOUT, KEEP_ALIVE, KEY_LEN,
-    MAX_PACKET_SIZE,
+    self, Frame, FrameError, FrameReader, FrameType, PeerGoneReason, ServerInfo, HANDSHAKE_TIMEOUT, KEEP_ALIVE,
+    KEY_LEN, MAX_PACKET_SIZE,
 };
 use crate::{
     disco, http1,
@@ -110,8 +110,16 @@ impl Outbound {
     /// Appends the frame to `out`.
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            Outbound::Packet { src, data } => Frame::RecvPacket { src: *src, packet: data.clone() }.encode(out),
-            Outbound::PeerGone { key, reason } => Frame::PeerGone { key: *key, reason: *reason }.encode(out),
+            Outbound::Packet { src, data } => Frame::RecvPacket {
+                src: *src,
+                packet: data.clone(),
+            }
+            .encode(out),
+            Outbound::PeerGone { key, reason } => Frame::PeerGone {
+                key: *key,
+                reason: *reason,
+            }
+            .encode(out),
             Outbound::Pong(d) => Frame::Pong(*d).encode(out),
         }
     }
@@ -170,7 +178,13 @@ impl Registry {
     /// replaced an earlier connection with the same key (whose queue then closes). The
     /// replaced entry's "sent to" set carries over: the peers it talked to still care.
     pub fn register(&mut self, key: NodePublic, conn: u32, tx: mpsc::Sender<Outbound>) -> bool {
-        let mut e = Entry { conn, tx, sent_to: HashSet::new(), not_here: HashMap::new(), preferred: false };
+        let mut e = Entry {
+            conn,
+            tx,
+            sent_to: HashSet::new(),
+            not_here: HashMap::new(),
+            preferred: false,
+        };
         let old = self.clients.remove(&key);
         let replaced = old.is_some();
         if let Some(old) = old {
@@ -193,7 +207,10 @@ impl Registry {
         r.removed = true;
         for dst in &gone.sent_to {
             let Some(d) = self.clients.get(dst) else { continue };
-            match d.tx.try_send(Outbound::PeerGone { key: *key, reason: PeerGoneReason::Disconnected }) {
+            match d.tx.try_send(Outbound::PeerGone {
+                key: *key,
+                reason: PeerGoneReason::Disconnected,
+            }) {
                 Ok(()) => r.notified += 1,
                 Err(_) => r.dropped += 1,
             }
@@ -210,7 +227,10 @@ impl Registry {
     /// (Go answers only disco: WireGuard to a stale key would otherwise echo a notice each).
     pub fn forward(&mut self, src: &NodePublic, dst: &NodePublic, data: &[u8], now: Instant) -> Forward {
         if let Some(d) = self.clients.get(dst) {
-            let r = d.tx.try_send(Outbound::Packet { src: *src, data: Bytes::copy_from_slice(data) });
+            let r = d.tx.try_send(Outbound::Packet {
+                src: *src,
+                data: Bytes::copy_from_slice(data),
+            });
             if let Some(s) = self.clients.get_mut(src) {
                 s.sent_to.insert(*dst);
             }
@@ -225,18 +245,27 @@ impl Registry {
         if !disco::looks_like_disco(data) {
             return Forward::NotHere { notified: false };
         }
-        if s.not_here.get(dst).is_some_and(|t| now.saturating_duration_since(*t) < NOT_HERE_INTERVAL) {
+        if s.not_here
+            .get(dst)
+            .is_some_and(|t| now.saturating_duration_since(*t) < NOT_HERE_INTERVAL)
+        {
             return Forward::NotHere { notified: false };
         }
         if s.not_here.len() >= NOT_HERE_TRACKED {
-            s.not_here.retain(|_, t| now.saturating_duration_since(*t) < NOT_HERE_INTERVAL);
+            s.not_here
+                .retain(|_, t| now.saturating_duration_since(*t) < NOT_HERE_INTERVAL);
             if s.not_here.len() >= NOT_HERE_TRACKED {
                 // Probing this many absent keys a second: stay quiet rather than grow.
                 return Forward::NotHere { notified: false };
             }
         }
         s.not_here.insert(*dst, now);
-        let ok = s.tx.try_send(Outbound::PeerGone { key: *dst, reason: PeerGoneReason::NotHere }).is_ok();
+        let ok =
+            s.tx.try_send(Outbound::PeerGone {
+                key: *dst,
+                reason: PeerGoneReason::NotHere,
+            })
+            .is_ok();
         Forward::NotHere { notified: ok }
     }
 
@@ -338,7 +367,10 @@ enum ConnError {
 impl ConnError {
     /// Whether this ending counts as bad input.
     fn is_bad_input(&self) -> bool {
-        matches!(self, ConnError::Frame(_) | ConnError::NotClientInfo(_) | ConnError::MeshFrame(_) | ConnError::Timeout)
+        matches!(
+            self,
+            ConnError::Frame(_) | ConnError::NotClientInfo(_) | ConnError::MeshFrame(_) | ConnError::Timeout
+        )
     }
 }
 
@@ -459,13 +491,23 @@ impl DerpServer {
             }
             "/derp/probe" | "/derp/latency-check" => match head.method.as_str() {
                 "GET" | "HEAD" => {
-                    respond(&mut sock, 200, &[("Access-Control-Allow-Origin", "*")], b"", head.method == "HEAD").await
+                    respond(
+                        &mut sock,
+                        200,
+                        &[("Access-Control-Allow-Origin", "*")],
+                        b"",
+                        head.method == "HEAD",
+                    )
+                    .await
                 }
                 _ => respond(&mut sock, 405, &[], b"bogus probe method\n", false).await,
             },
             "/generate_204" => {
                 let answer = head.header("x-tailscale-challenge").and_then(challenge_response);
-                let mut extra = vec![("Cache-Control", "no-cache, no-store, must-revalidate, no-transform, max-age=0")];
+                let mut extra = vec![(
+                    "Cache-Control",
+                    "no-cache, no-store, must-revalidate, no-transform, max-age=0",
+                )];
                 if let Some(a) = &answer {
                     extra.push(("X-Tailscale-Response", a.as_str()));
                 }
@@ -511,7 +553,11 @@ impl DerpServer {
         // drop closes this connection when a newer one takes the key.
         let own = tx.downgrade();
         let replaced = self.registry().register(key, conn, tx);
-        let _registration = Registration { server: self, key, conn };
+        let _registration = Registration {
+            server: self,
+            key,
+            conn,
+        };
         DerpStats::bump(&self.stats.accepted);
         log::debug!("derp: client connected peer={} replaced={replaced}", key.short());
 
@@ -617,7 +663,11 @@ impl DerpServer {
                 };
                 DerpStats::bump(c);
                 if r == Forward::QueueFull {
-                    log::trace!("derp: queue full, dropped packet peer={} dst={}", key.short(), dst.short());
+                    log::trace!(
+                        "derp: queue full, dropped packet peer={} dst={}",
+                        key.short(),
+                        dst.short()
+                    );
                 }
             }
             Frame::NotePreferred { preferred } => self.registry().note_preferred(&key, conn, preferred),
@@ -712,7 +762,9 @@ async fn write_timed<W: AsyncWrite + Unpin>(wr: &mut W, data: &[u8]) -> Result<(
 pub fn challenge_response(challenge: &str) -> Option<String> {
     let ok = !challenge.is_empty()
         && challenge.len() <= 64
-        && challenge.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+        && challenge
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
     ok.then(|| format!("response {challenge}"))
 }
 
@@ -730,7 +782,10 @@ async fn respond<W: AsyncWrite + Unpin>(
         out.push_str(&format!("{k}: {v}\r\n"));
     }
     if status != 204 {
-        out.push_str(&format!("Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n", body.len()));
+        out.push_str(&format!(
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
     }
     out.push_str("Connection: close\r\n\r\n");
     let mut out = out.into_bytes();
@@ -754,7 +809,9 @@ pub async fn run_standalone(listen: SocketAddr, private: NodePrivate, stun: Opti
     log::info!(
         "derp: relay listening addr={} stun={} key={}",
         listener.local_addr().unwrap_or(listen),
-        udp.as_ref().and_then(|u| u.local_addr().ok()).map_or("off".to_string(), |a| a.to_string()),
+        udp.as_ref()
+            .and_then(|u| u.local_addr().ok())
+            .map_or("off".to_string(), |a| a.to_string()),
         server.public_key().short()
     );
     let stun_task = async {
@@ -855,8 +912,14 @@ mod tests {
         assert_eq!(
             drain(&mut b),
             vec![
-                Outbound::Packet { src: k(1), data: Bytes::from_static(b"one") },
-                Outbound::Packet { src: k(1), data: Bytes::from_static(b"two") },
+                Outbound::Packet {
+                    src: k(1),
+                    data: Bytes::from_static(b"one")
+                },
+                Outbound::Packet {
+                    src: k(1),
+                    data: Bytes::from_static(b"two")
+                },
             ]
         );
         assert_eq!(r.forward(&k(1), &k(2), b"four", now), Forward::Delivered);
@@ -878,11 +941,31 @@ mod tests {
         drain(&mut a);
         drain(&mut b);
         let u = r.unregister(&k(1), 1);
-        assert_eq!(u, Unregistered { removed: true, notified: 1, dropped: 0 });
-        assert_eq!(drain(&mut b), vec![Outbound::PeerGone { key: k(1), reason: PeerGoneReason::Disconnected }]);
+        assert_eq!(
+            u,
+            Unregistered {
+                removed: true,
+                notified: 1,
+                dropped: 0
+            }
+        );
+        assert_eq!(
+            drain(&mut b),
+            vec![Outbound::PeerGone {
+                key: k(1),
+                reason: PeerGoneReason::Disconnected
+            }]
+        );
         assert!(drain(&mut c).is_empty());
         // C's "sent to A" was pruned: C leaving notifies nobody.
-        assert_eq!(r.unregister(&k(3), 3), Unregistered { removed: true, notified: 0, dropped: 0 });
+        assert_eq!(
+            r.unregister(&k(3), 3),
+            Unregistered {
+                removed: true,
+                notified: 0,
+                dropped: 0
+            }
+        );
         // Unknown key / wrong connection: no-op.
         assert_eq!(r.unregister(&k(9), 1), Unregistered::default());
         assert_eq!(r.unregister(&k(2), 99), Unregistered::default());
@@ -896,7 +979,14 @@ mod tests {
         let _a = client(&mut r, k(1), 1, 8);
         let _b = client(&mut r, k(2), 2, 1);
         assert_eq!(r.forward(&k(1), &k(2), b"fills B", now), Forward::Delivered);
-        assert_eq!(r.unregister(&k(1), 1), Unregistered { removed: true, notified: 0, dropped: 1 });
+        assert_eq!(
+            r.unregister(&k(1), 1),
+            Unregistered {
+                removed: true,
+                notified: 0,
+                dropped: 1
+            }
+        );
     }
 
     #[test]
@@ -905,20 +995,41 @@ mod tests {
         let mut r = Registry::default();
         let mut a = client(&mut r, k(1), 1, 8);
         // WireGuard-looking packet to an absent key: silently dropped.
-        assert_eq!(r.forward(&k(1), &k(5), &[4, 0, 0, 0, 1, 2, 3], t0), Forward::NotHere { notified: false });
+        assert_eq!(
+            r.forward(&k(1), &k(5), &[4, 0, 0, 0, 1, 2, 3], t0),
+            Forward::NotHere { notified: false }
+        );
         assert!(drain(&mut a).is_empty());
         let d = disco_pkt();
         assert_eq!(r.forward(&k(1), &k(5), &d, t0), Forward::NotHere { notified: true });
-        assert_eq!(r.forward(&k(1), &k(5), &d, t0 + Duration::from_millis(500)), Forward::NotHere { notified: false });
+        assert_eq!(
+            r.forward(&k(1), &k(5), &d, t0 + Duration::from_millis(500)),
+            Forward::NotHere { notified: false }
+        );
         // Another destination has its own budget.
-        assert_eq!(r.forward(&k(1), &k(6), &d, t0 + Duration::from_millis(500)), Forward::NotHere { notified: true });
-        assert_eq!(r.forward(&k(1), &k(5), &d, t0 + Duration::from_secs(1)), Forward::NotHere { notified: true });
+        assert_eq!(
+            r.forward(&k(1), &k(6), &d, t0 + Duration::from_millis(500)),
+            Forward::NotHere { notified: true }
+        );
+        assert_eq!(
+            r.forward(&k(1), &k(5), &d, t0 + Duration::from_secs(1)),
+            Forward::NotHere { notified: true }
+        );
         assert_eq!(
             drain(&mut a),
             vec![
-                Outbound::PeerGone { key: k(5), reason: PeerGoneReason::NotHere },
-                Outbound::PeerGone { key: k(6), reason: PeerGoneReason::NotHere },
-                Outbound::PeerGone { key: k(5), reason: PeerGoneReason::NotHere },
+                Outbound::PeerGone {
+                    key: k(5),
+                    reason: PeerGoneReason::NotHere
+                },
+                Outbound::PeerGone {
+                    key: k(6),
+                    reason: PeerGoneReason::NotHere
+                },
+                Outbound::PeerGone {
+                    key: k(5),
+                    reason: PeerGoneReason::NotHere
+                },
             ]
         );
         // The tracking map stays bounded: a flood of absent keys within a second goes quiet.
@@ -956,14 +1067,33 @@ mod tests {
         assert!(matches!(b_old.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
         // Packets go to the newest connection.
         assert_eq!(r.forward(&k(1), &k(2), b"hi", now), Forward::Delivered);
-        assert_eq!(drain(&mut b_new), vec![Outbound::Packet { src: k(1), data: Bytes::from_static(b"hi") }]);
+        assert_eq!(
+            drain(&mut b_new),
+            vec![Outbound::Packet {
+                src: k(1),
+                data: Bytes::from_static(b"hi")
+            }]
+        );
         // The old connection's cleanup does not remove the new one.
         assert_eq!(r.unregister(&k(2), 2), Unregistered::default());
         assert!(r.contains(&k(2)));
         // The "sent to" set carried over: A still hears that B left.
         let mut a = client(&mut r, k(1), 1, 8);
-        assert_eq!(r.unregister(&k(2), 3), Unregistered { removed: true, notified: 1, dropped: 0 });
-        assert_eq!(drain(&mut a), vec![Outbound::PeerGone { key: k(2), reason: PeerGoneReason::Disconnected }]);
+        assert_eq!(
+            r.unregister(&k(2), 3),
+            Unregistered {
+                removed: true,
+                notified: 1,
+                dropped: 0
+            }
+        );
+        assert_eq!(
+            drain(&mut a),
+            vec![Outbound::PeerGone {
+                key: k(2),
+                reason: PeerGoneReason::Disconnected
+            }]
+        );
     }
 
     #[test]
@@ -987,7 +1117,10 @@ mod tests {
         assert_eq!((r.region_id, r.region_code.as_str()), (999, "headscale"));
         assert_eq!(r.region_name, "Headscale Embedded DERP");
         let n = &r.nodes[0];
-        assert_eq!((n.name.as_str(), n.region_id, n.host_name.as_str()), ("999", 999, "hs.example.com"));
+        assert_eq!(
+            (n.name.as_str(), n.region_id, n.host_name.as_str()),
+            ("999", 999, "hs.example.com")
+        );
         assert_eq!((n.derp_port, n.stun_port, n.insecure_for_tests), (443, 3479, false));
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["Nodes"][0]["DERPPort"], 443);
@@ -1007,7 +1140,10 @@ mod tests {
 
     #[test]
     fn challenge_rule() {
-        assert_eq!(challenge_response("abc.DEF_1:2-3").as_deref(), Some("response abc.DEF_1:2-3"));
+        assert_eq!(
+            challenge_response("abc.DEF_1:2-3").as_deref(),
+            Some("response abc.DEF_1:2-3")
+        );
         assert_eq!(challenge_response(&"a".repeat(64)).map(|s| s.len()), Some(64 + 9));
         assert_eq!(challenge_response(&"a".repeat(65)), None);
         assert_eq!(challenge_response("a b"), None);
@@ -1019,8 +1155,16 @@ mod tests {
     fn outbound_encodes_as_frames() {
         let mut out = Vec::new();
         Outbound::Pong(*b"12345678").encode(&mut out);
-        Outbound::PeerGone { key: k(3), reason: PeerGoneReason::NotHere }.encode(&mut out);
-        Outbound::Packet { src: k(4), data: Bytes::from_static(b"p") }.encode(&mut out);
+        Outbound::PeerGone {
+            key: k(3),
+            reason: PeerGoneReason::NotHere,
+        }
+        .encode(&mut out);
+        Outbound::Packet {
+            src: k(4),
+            data: Bytes::from_static(b"p"),
+        }
+        .encode(&mut out);
         let mut r = FrameReader::default();
         r.push(&out);
         let mut got = Vec::new();
@@ -1031,8 +1175,14 @@ mod tests {
             got,
             vec![
                 Frame::Pong(*b"12345678"),
-                Frame::PeerGone { key: k(3), reason: PeerGoneReason::NotHere },
-                Frame::RecvPacket { src: k(4), packet: Bytes::from_static(b"p") },
+                Frame::PeerGone {
+                    key: k(3),
+                    reason: PeerGoneReason::NotHere
+                },
+                Frame::RecvPacket {
+                    src: k(4),
+                    packet: Bytes::from_static(b"p")
+                },
             ]
         );
     }

@@ -182,13 +182,14 @@ pub fn better_addr(a: &AddrQuality, b: Option<&AddrQuality>) -> bool {
     if a.addr == b.addr {
         return false;
     }
+    // The faster side scores how many percent faster it is than the slower one.
     let (al, bl) = (a.latency.as_nanos(), b.latency.as_nanos());
-    let (mut ap, mut bp) = (0u128, 0u128);
-    if al > bl {
-        bp = 100 - bl * 100 / al;
-    } else if bl > 0 {
-        ap = 100 - al * 100 / bl;
-    }
+    let advantage = |fast: u128, slow: u128| (fast * 100).checked_div(slow).map_or(0, |pct| 100 - pct);
+    let (mut ap, mut bp) = if al > bl {
+        (0, advantage(bl, al))
+    } else {
+        (advantage(al, bl), 0)
+    };
     ap += u128::from(addr_bonus(a.addr.ip()));
     bp += u128::from(addr_bonus(b.addr.ip()));
     if ap <= 1 && bp == 0 {
@@ -359,7 +360,10 @@ impl Endpoint {
     /// dropped from the netmap are forgotten unless CallMeMaybe or recent pings vouch for them.
     pub fn handle_netmap(&mut self, endpoints: &[SocketAddr], disco_key: DiscoPublic, home_derp: i32, now: Instant) {
         if disco_key != self.disco_key {
-            log::debug!("magicsock: peer disco key changed to {}, resetting paths", disco_key.short());
+            log::debug!(
+                "magicsock: peer disco key changed to {}, resetting paths",
+                disco_key.short()
+            );
             self.disco_key = disco_key;
             self.reset();
         }
@@ -371,7 +375,13 @@ impl Endpoint {
             if let Some(c) = self.candidates.get_mut(ep) {
                 c.in_netmap = true;
             } else if self.candidates.len() < MAX_CANDIDATES {
-                self.candidates.insert(*ep, Candidate { in_netmap: true, ..Candidate::default() });
+                self.candidates.insert(
+                    *ep,
+                    Candidate {
+                        in_netmap: true,
+                        ..Candidate::default()
+                    },
+                );
             }
         }
         self.prune(now);
@@ -381,7 +391,11 @@ impl Endpoint {
     /// the legacy `DERP: "127.3.3.40:<region>"` field stands in for a missing `HomeDERP`.
     pub fn handle_node(&mut self, node: &Node, now: Instant) {
         let eps = parse_endpoints(&node.endpoints);
-        let home = if node.home_derp != 0 { node.home_derp } else { legacy_derp_region(&node.derp) };
+        let home = if node.home_derp != 0 {
+            node.home_derp
+        } else {
+            legacy_derp_region(&node.derp)
+        };
         self.handle_netmap(&eps, node.disco_key, home, now);
     }
 
@@ -409,7 +423,10 @@ impl Endpoint {
             Path::Udp(addr) => {
                 if let Some(c) = self.candidates.get_mut(&addr) {
                     if c.last_got_ping_tx == Some(tx_id) {
-                        return PingOutcome { reply: None, learned: None };
+                        return PingOutcome {
+                            reply: None,
+                            learned: None,
+                        };
                     }
                     c.last_got_ping_tx = Some(tx_id);
                     // Only learned addresses age out; netmap/CallMeMaybe ones have no clock.
@@ -436,9 +453,15 @@ impl Endpoint {
         }
         let reply = DiscoOut {
             to: from,
-            msg: Message::Pong { tx_id, src: from.pong_src() },
+            msg: Message::Pong {
+                tx_id,
+                src: from.pong_src(),
+            },
         };
-        PingOutcome { reply: Some(reply), learned }
+        PingOutcome {
+            reply: Some(reply),
+            learned,
+        }
     }
 
     /// A Pong arrived via `from` (Go `handlePongConnLocked`). Returns `None` if it answers no
@@ -448,7 +471,11 @@ impl Endpoint {
     pub fn handle_pong(&mut self, tx_id: TxId, from: Path, now: Instant) -> Option<PongResult> {
         let sp = self.sent.remove(&tx_id)?;
         let rtt = now.saturating_duration_since(sp.at);
-        let result = PongResult { to: sp.to, rtt, cli: sp.purpose == Purpose::Cli };
+        let result = PongResult {
+            to: sp.to,
+            rtt,
+            cli: sp.purpose == Purpose::Cli,
+        };
         let (Path::Udp(_), Path::Udp(addr)) = (from, sp.to) else {
             return Some(result);
         };
@@ -488,7 +515,13 @@ impl Endpoint {
         }
         for ep in endpoints.iter().filter(|ep| usable(ep)) {
             if !self.candidates.contains_key(ep) && self.candidates.len() < MAX_CANDIDATES {
-                self.candidates.insert(*ep, Candidate { call_me_maybe: true, ..Candidate::default() });
+                self.candidates.insert(
+                    *ep,
+                    Candidate {
+                        call_me_maybe: true,
+                        ..Candidate::default()
+                    },
+                );
             }
         }
         self.prune(now);
@@ -585,10 +618,16 @@ impl Endpoint {
     /// The path packets take at `now`.
     pub fn path(&self, now: Instant) -> PathStatus {
         match (self.best, self.derp_region()) {
-            (Some(b), _) if self.trusted(now) => PathStatus::Direct { addr: b.addr, rtt: b.latency },
+            (Some(b), _) if self.trusted(now) => PathStatus::Direct {
+                addr: b.addr,
+                rtt: b.latency,
+            },
             (_, Some(region)) => PathStatus::Derp(region),
             // An untrusted best address without DERP is still where packets go.
-            (Some(b), None) => PathStatus::Direct { addr: b.addr, rtt: b.latency },
+            (Some(b), None) => PathStatus::Direct {
+                addr: b.addr,
+                rtt: b.latency,
+            },
             (None, None) => PathStatus::Unreachable,
         }
     }
@@ -646,7 +685,13 @@ impl Endpoint {
         if let Some(addr) = self.best.map(|b| b.addr) {
             self.start_ping(Path::Udp(addr), now, Purpose::Heartbeat, new_tx, out);
         }
-        if want_full_ping(self.best.as_ref(), self.trusted(now), self.last_full_ping, now, &self.timing) {
+        if want_full_ping(
+            self.best.as_ref(),
+            self.trusted(now),
+            self.last_full_ping,
+            now,
+            &self.timing,
+        ) {
             self.send_disco_pings(now, true, new_tx, out);
         }
         self.heartbeat_at = Some(now + self.timing.heartbeat_interval);
@@ -680,7 +725,9 @@ impl Endpoint {
         if let (true, true, Some(region)) = (sent_any, call_me_maybe, self.derp_region()) {
             out.push(DiscoOut {
                 to: Path::Derp(region),
-                msg: Message::CallMeMaybe { endpoints: self.my_endpoints.clone() },
+                msg: Message::CallMeMaybe {
+                    endpoints: self.my_endpoints.clone(),
+                },
             });
         }
     }
@@ -698,14 +745,20 @@ impl Endpoint {
             return false;
         }
         if let (Path::Udp(addr), false) = (to, purpose == Purpose::Cli) {
-            let Some(c) = self.candidates.get_mut(&addr) else { return false };
+            let Some(c) = self.candidates.get_mut(&addr) else {
+                return false;
+            };
             c.last_ping = Some(now);
         }
         let tx_id = new_tx();
         self.sent.insert(tx_id, SentPing { to, at: now, purpose });
         out.push(DiscoOut {
             to,
-            msg: Message::Ping { tx_id, node_key: self.me, padding: 0 },
+            msg: Message::Ping {
+                tx_id,
+                node_key: self.me,
+                padding: 0,
+            },
         });
         true
     }
@@ -763,11 +816,17 @@ mod tests {
     }
 
     fn q(addr: &str, ms: u64) -> AddrQuality {
-        AddrQuality { addr: sa(addr), latency: Duration::from_millis(ms) }
+        AddrQuality {
+            addr: sa(addr),
+            latency: Duration::from_millis(ms),
+        }
     }
 
     fn qus(addr: &str, us: u64) -> AddrQuality {
-        AddrQuality { addr: sa(addr), latency: Duration::from_micros(us) }
+        AddrQuality {
+            addr: sa(addr),
+            latency: Duration::from_micros(us),
+        }
     }
 
     /// Counter-based tx ids: reproducible and unique.
@@ -786,25 +845,110 @@ mod tests {
         let cases = [
             // (a, b, a better than b?, why)
             (q("1.1.1.1:1", 10), None, true, "anything beats nothing"),
-            (q("1.1.1.1:1", 10), Some(q("1.1.1.1:1", 5)), false, "same address never wins"),
+            (
+                q("1.1.1.1:1", 10),
+                Some(q("1.1.1.1:1", 5)),
+                false,
+                "same address never wins",
+            ),
             (q("1.1.1.1:1", 10), Some(q("2.2.2.2:1", 20)), true, "half the latency"),
-            (q("1.1.1.1:1", 20), Some(q("2.2.2.2:1", 10)), false, "double the latency"),
-            (q("1.1.1.1:1", 99), Some(q("2.2.2.2:1", 100)), false, "1% faster: sticky"),
+            (
+                q("1.1.1.1:1", 20),
+                Some(q("2.2.2.2:1", 10)),
+                false,
+                "double the latency",
+            ),
+            (
+                q("1.1.1.1:1", 99),
+                Some(q("2.2.2.2:1", 100)),
+                false,
+                "1% faster: sticky",
+            ),
             (q("1.1.1.1:1", 98), Some(q("2.2.2.2:1", 100)), true, "2% faster"),
-            (q("1.1.1.1:1", 10), Some(q("2.2.2.2:1", 10)), false, "equal: keep current"),
-            (q("[2001:db8::1]:1", 10), Some(q("2.2.2.2:1", 10)), true, "IPv6 preferred at equal latency"),
-            (qus("[2001:db8::1]:1", 10_000), Some(qus("2.2.2.2:1", 9_500)), true, "IPv6 worth under 10% latency"),
-            (q("[2001:db8::1]:1", 10), Some(q("2.2.2.2:1", 9)), false, "10% slower: a tie keeps current"),
-            (q("[2001:db8::1]:1", 20), Some(q("2.2.2.2:1", 10)), false, "but not double"),
-            (q("2.2.2.2:1", 10), Some(q("[2001:db8::1]:1", 10)), false, "IPv4 does not displace IPv6"),
-            (q("192.168.1.2:1", 12), Some(q("2.2.2.2:1", 10)), true, "private beats public when close"),
-            (q("192.168.1.2:1", 30), Some(q("2.2.2.2:1", 10)), false, "private loses when much slower"),
-            (q("169.254.1.1:1", 10), Some(q("192.168.1.2:1", 10)), true, "link-local beats private"),
-            (q("127.0.0.1:1", 10), Some(q("169.254.1.1:1", 10)), true, "loopback beats link-local"),
-            (q("[fd7a::1]:1", 10), Some(q("10.0.0.1:1", 10)), true, "ULA v6 beats private v4"),
-            (q("[fe80::1]:1", 10), Some(q("[fd7a::1]:1", 10)), true, "v6 link-local beats ULA"),
-            (q("1.1.1.1:1", 0), Some(q("2.2.2.2:1", 0)), false, "zero latencies: keep current"),
-            (q("1.1.1.1:1", 0), Some(q("2.2.2.2:1", 1)), true, "instant beats anything"),
+            (
+                q("1.1.1.1:1", 10),
+                Some(q("2.2.2.2:1", 10)),
+                false,
+                "equal: keep current",
+            ),
+            (
+                q("[2001:db8::1]:1", 10),
+                Some(q("2.2.2.2:1", 10)),
+                true,
+                "IPv6 preferred at equal latency",
+            ),
+            (
+                qus("[2001:db8::1]:1", 10_000),
+                Some(qus("2.2.2.2:1", 9_500)),
+                true,
+                "IPv6 worth under 10% latency",
+            ),
+            (
+                q("[2001:db8::1]:1", 10),
+                Some(q("2.2.2.2:1", 9)),
+                false,
+                "10% slower: a tie keeps current",
+            ),
+            (
+                q("[2001:db8::1]:1", 20),
+                Some(q("2.2.2.2:1", 10)),
+                false,
+                "but not double",
+            ),
+            (
+                q("2.2.2.2:1", 10),
+                Some(q("[2001:db8::1]:1", 10)),
+                false,
+                "IPv4 does not displace IPv6",
+            ),
+            (
+                q("192.168.1.2:1", 12),
+                Some(q("2.2.2.2:1", 10)),
+                true,
+                "private beats public when close",
+            ),
+            (
+                q("192.168.1.2:1", 30),
+                Some(q("2.2.2.2:1", 10)),
+                false,
+                "private loses when much slower",
+            ),
+            (
+                q("169.254.1.1:1", 10),
+                Some(q("192.168.1.2:1", 10)),
+                true,
+                "link-local beats private",
+            ),
+            (
+                q("127.0.0.1:1", 10),
+                Some(q("169.254.1.1:1", 10)),
+                true,
+                "loopback beats link-local",
+            ),
+            (
+                q("[fd7a::1]:1", 10),
+                Some(q("10.0.0.1:1", 10)),
+                true,
+                "ULA v6 beats private v4",
+            ),
+            (
+                q("[fe80::1]:1", 10),
+                Some(q("[fd7a::1]:1", 10)),
+                true,
+                "v6 link-local beats ULA",
+            ),
+            (
+                q("1.1.1.1:1", 0),
+                Some(q("2.2.2.2:1", 0)),
+                false,
+                "zero latencies: keep current",
+            ),
+            (
+                q("1.1.1.1:1", 0),
+                Some(q("2.2.2.2:1", 1)),
+                true,
+                "instant beats anything",
+            ),
         ];
         for (a, b, want, why) in cases {
             assert_eq!(better_addr(&a, b.as_ref()), want, "{why}: {a:?} vs {b:?}");
@@ -823,8 +967,22 @@ mod tests {
             (None, false, Some(at(0)), at(1), true, "no direct path"),
             (Some(slow), true, None, at(1), true, "never did full discovery"),
             (Some(slow), false, Some(at(0)), at(1), true, "best no longer trusted"),
-            (Some(fast), true, Some(at(0)), at(600), false, "good enough latency: never upgrade"),
-            (Some(slow), true, Some(at(0)), at(59), false, "upgrade interval not yet up"),
+            (
+                Some(fast),
+                true,
+                Some(at(0)),
+                at(600),
+                false,
+                "good enough latency: never upgrade",
+            ),
+            (
+                Some(slow),
+                true,
+                Some(at(0)),
+                at(59),
+                false,
+                "upgrade interval not yet up",
+            ),
             (Some(slow), true, Some(at(0)), at(60), true, "upgrade interval up"),
         ];
         for (best, trusted, last, now, want, why) in cases {
@@ -881,7 +1039,9 @@ mod tests {
             plan.disco.last(),
             Some(&DiscoOut {
                 to: Path::Derp(2),
-                msg: Message::CallMeMaybe { endpoints: vec![sa("198.51.100.1:41641")] }
+                msg: Message::CallMeMaybe {
+                    endpoints: vec![sa("198.51.100.1:41641")]
+                }
             })
         );
         // Within the ping interval, more packets trigger no new disco.
@@ -892,10 +1052,26 @@ mod tests {
         // A pong makes the address best and trusted: direct only.
         let at = t0 + Duration::from_millis(1030);
         let r = ep.handle_pong(p[1].1, Path::Udp(sa("203.0.113.2:41641")), at).unwrap();
-        assert_eq!(r, PongResult { to: p[1].0, rtt: Duration::from_millis(1030), cli: false });
-        assert_eq!(ep.path(at), PathStatus::Direct { addr: sa("203.0.113.2:41641"), rtt: r.rtt });
+        assert_eq!(
+            r,
+            PongResult {
+                to: p[1].0,
+                rtt: Duration::from_millis(1030),
+                cli: false
+            }
+        );
+        assert_eq!(
+            ep.path(at),
+            PathStatus::Direct {
+                addr: sa("203.0.113.2:41641"),
+                rtt: r.rtt
+            }
+        );
         let plan = ep.handle_send(at, &mut tx);
-        assert_eq!((plan.udp, plan.derp, plan.disco.len()), (Some(sa("203.0.113.2:41641")), None, 0));
+        assert_eq!(
+            (plan.udp, plan.derp, plan.disco.len()),
+            (Some(sa("203.0.113.2:41641")), None, 0)
+        );
         // The same pong again is unknown.
         assert_eq!(ep.handle_pong(p[1].1, Path::Udp(sa("203.0.113.2:41641")), at), None);
         // Trust lapses 6.5 s after the pong: both ways, plus rediscovery.
@@ -912,7 +1088,14 @@ mod tests {
         let mut ep = Endpoint::new(me(), Timing::default());
         ep.handle_netmap(&[sa("203.0.113.2:41641")], DiscoPublic::default(), 5, t0);
         let plan = ep.handle_send(t0, &mut tx);
-        assert_eq!(plan, SendPlan { udp: None, derp: Some(5), disco: vec![] });
+        assert_eq!(
+            plan,
+            SendPlan {
+                udp: None,
+                derp: Some(5),
+                disco: vec![]
+            }
+        );
         assert!(ep.handle_timeout(t0 + Duration::from_secs(3), &mut tx).is_empty());
         assert!(ep.ping_cli(t0, &mut tx).is_empty());
         // Nothing at all known: unreachable, and the plan says drop.
@@ -933,7 +1116,10 @@ mod tests {
             PingOutcome {
                 reply: Some(DiscoOut {
                     to: Path::Derp(7),
-                    msg: Message::Pong { tx_id: [1; 12], src: sa("127.3.3.40:7") }
+                    msg: Message::Pong {
+                        tx_id: [1; 12],
+                        src: sa("127.3.3.40:7")
+                    }
                 }),
                 learned: None
             }
@@ -942,9 +1128,18 @@ mod tests {
         // From an unknown address: learned, answered there.
         let o = ep.handle_ping(Path::Udp(sa("203.0.113.2:5555")), [2; 12], t0);
         assert_eq!(o.learned, Some(sa("203.0.113.2:5555")));
-        assert_eq!(o.reply.unwrap().msg, Message::Pong { tx_id: [2; 12], src: sa("203.0.113.2:5555") });
+        assert_eq!(
+            o.reply.unwrap().msg,
+            Message::Pong {
+                tx_id: [2; 12],
+                src: sa("203.0.113.2:5555")
+            }
+        );
         // The same ping again (seen on a second socket): no second answer.
-        assert_eq!(ep.handle_ping(Path::Udp(sa("203.0.113.2:5555")), [2; 12], t0).reply, None);
+        assert_eq!(
+            ep.handle_ping(Path::Udp(sa("203.0.113.2:5555")), [2; 12], t0).reply,
+            None
+        );
         // From a known netmap address: answered, nothing learned.
         let o = ep.handle_ping(Path::Udp(sa("203.0.113.2:41641")), [3; 12], t0);
         assert_eq!((o.reply.is_some(), o.learned), (true, None));
@@ -953,7 +1148,10 @@ mod tests {
         let mut tx = tx_counter();
         let late = t0 + Duration::from_secs(46);
         let plan = ep.handle_send(late, &mut tx);
-        assert_eq!(ep.candidates().map(|(a, _)| a).collect::<Vec<_>>(), vec![sa("203.0.113.2:41641")]);
+        assert_eq!(
+            ep.candidates().map(|(a, _)| a).collect::<Vec<_>>(),
+            vec![sa("203.0.113.2:41641")]
+        );
         assert_eq!(pings(&plan.disco).len(), 1);
     }
 
@@ -983,7 +1181,12 @@ mod tests {
         let t1 = t0 + Duration::from_secs(1);
         assert!(ep.handle_send(t1, &mut tx).disco.is_empty());
         // ...but a CallMeMaybe pings everything now, without sending one back.
-        let cmm = [sa("203.0.113.2:41641"), sa("203.0.113.2:9999"), sa("[fe80::1]:41641"), sa("[2001:db8::2]:41641")];
+        let cmm = [
+            sa("203.0.113.2:41641"),
+            sa("203.0.113.2:9999"),
+            sa("[fe80::1]:41641"),
+            sa("[2001:db8::2]:41641"),
+        ];
         let outs = ep.handle_call_me_maybe(&cmm, t1, &mut tx);
         let to: Vec<Path> = pings(&outs).into_iter().map(|(p, _)| p).collect();
         assert_eq!(
@@ -1011,8 +1214,13 @@ mod tests {
         let mut ep = endpoint(&["203.0.113.2:41641", "203.0.113.2:1"], t0);
         let plan = ep.handle_send(t0, &mut tx);
         let p = pings(&plan.disco);
-        let to_41641 = p.iter().find(|(to, _)| *to == Path::Udp(sa("203.0.113.2:41641"))).unwrap().1;
-        ep.handle_pong(to_41641, Path::Udp(sa("203.0.113.2:41641")), t0).unwrap();
+        let to_41641 = p
+            .iter()
+            .find(|(to, _)| *to == Path::Udp(sa("203.0.113.2:41641")))
+            .unwrap()
+            .1;
+        ep.handle_pong(to_41641, Path::Udp(sa("203.0.113.2:41641")), t0)
+            .unwrap();
         assert!(matches!(ep.path(t0), PathStatus::Direct { .. }));
         // Same key, best address dropped from the netmap: best goes, DERP region follows.
         ep.handle_netmap(&[sa("203.0.113.2:1")], peer_disco(), 3, t0);
@@ -1021,7 +1229,12 @@ mod tests {
         // A new disco key (the peer restarted): in-flight pings are forgotten.
         let plan = ep.handle_send(t0 + Duration::from_secs(10), &mut tx);
         let (_, txid) = pings(&plan.disco)[0];
-        ep.handle_netmap(&[sa("203.0.113.2:1")], DiscoPrivate::from_random([8; 32]).public(), 3, t0);
+        ep.handle_netmap(
+            &[sa("203.0.113.2:1")],
+            DiscoPrivate::from_random([8; 32]).public(),
+            3,
+            t0,
+        );
         assert_eq!(ep.handle_pong(txid, Path::Udp(sa("203.0.113.2:1")), t0), None);
         assert_eq!(ep.poll_timeout(), None, "reset stops heartbeat and ping timers");
         // tailcfg::Node form, with the legacy DERP field.
@@ -1034,7 +1247,10 @@ mod tests {
         ep.handle_node(&node, t0);
         assert_eq!(ep.home_derp(), 9);
         assert_eq!(ep.disco_key(), peer_disco());
-        assert_eq!(ep.candidates().map(|(a, _)| a).collect::<Vec<_>>(), vec![sa("203.0.113.9:41641")]);
+        assert_eq!(
+            ep.candidates().map(|(a, _)| a).collect::<Vec<_>>(),
+            vec![sa("203.0.113.9:41641")]
+        );
     }
 
     #[test]
@@ -1046,7 +1262,8 @@ mod tests {
         let plan = ep.handle_send(t0, &mut tx);
         let (_, txid) = pings(&plan.disco)[0];
         let rtt = Duration::from_millis(30);
-        ep.handle_pong(txid, Path::Udp(sa("203.0.113.2:41641")), t0 + rtt).unwrap();
+        ep.handle_pong(txid, Path::Udp(sa("203.0.113.2:41641")), t0 + rtt)
+            .unwrap();
         // Heartbeats every 3 s ping the best address and keep it trusted without traffic.
         let mut now = t0;
         for _ in 0..14 {
@@ -1112,18 +1329,37 @@ mod tests {
         let _ = ep.handle_send(t0, &mut tx);
         let outs = ep.ping_cli(t0, &mut tx);
         let p = pings(&outs);
-        assert_eq!(p.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![
-            Path::Derp(2),
-            Path::Udp(sa("203.0.113.2:2")),
-            Path::Udp(sa("203.0.113.2:41641")),
-        ]);
-        let r = ep.handle_pong(p[0].1, Path::Derp(2), t0 + Duration::from_millis(80)).unwrap();
-        assert_eq!(r, PongResult { to: Path::Derp(2), rtt: Duration::from_millis(80), cli: true });
+        assert_eq!(
+            p.iter().map(|(to, _)| *to).collect::<Vec<_>>(),
+            vec![
+                Path::Derp(2),
+                Path::Udp(sa("203.0.113.2:2")),
+                Path::Udp(sa("203.0.113.2:41641")),
+            ]
+        );
+        let r = ep
+            .handle_pong(p[0].1, Path::Derp(2), t0 + Duration::from_millis(80))
+            .unwrap();
+        assert_eq!(
+            r,
+            PongResult {
+                to: Path::Derp(2),
+                rtt: Duration::from_millis(80),
+                cli: true
+            }
+        );
         assert_eq!(ep.best_addr(), None, "a DERP pong is no direct path");
-        ep.handle_pong(p[2].1, Path::Udp(sa("203.0.113.2:41641")), t0 + Duration::from_millis(90));
+        ep.handle_pong(
+            p[2].1,
+            Path::Udp(sa("203.0.113.2:41641")),
+            t0 + Duration::from_millis(90),
+        );
         // Trusted path: only that one.
         let p = pings(&ep.ping_cli(t0 + Duration::from_secs(1), &mut tx));
-        assert_eq!(p.iter().map(|(to, _)| *to).collect::<Vec<_>>(), vec![Path::Udp(sa("203.0.113.2:41641"))]);
+        assert_eq!(
+            p.iter().map(|(to, _)| *to).collect::<Vec<_>>(),
+            vec![Path::Udp(sa("203.0.113.2:41641"))]
+        );
     }
 
     #[test]
@@ -1199,7 +1435,10 @@ mod tests {
         /// is false.
         fn new(b_knows_a: bool) -> Pair {
             let t0 = Instant::now();
-            let keys = [DiscoPrivate::from_random([0xA; 32]), DiscoPrivate::from_random([0xB; 32])];
+            let keys = [
+                DiscoPrivate::from_random([0xA; 32]),
+                DiscoPrivate::from_random([0xB; 32]),
+            ];
             let addrs = [sa("198.51.100.1:41641"), sa("203.0.113.2:41641")];
             let homes = [1, 2];
             let node_keys = [NodePublic([0xA1; 32]), NodePublic([0xB1; 32])];
@@ -1321,9 +1560,7 @@ mod tests {
                 Path::Udp(dst) => {
                     self.s[from].opened.insert(dst);
                     let src = self.s[from].addr;
-                    if dst != self.s[to].addr
-                        || self.drop_udp
-                        || (self.firewalls && !self.s[to].opened.contains(&src))
+                    if dst != self.s[to].addr || self.drop_udp || (self.firewalls && !self.s[to].opened.contains(&src))
                     {
                         return;
                     }
@@ -1331,7 +1568,10 @@ mod tests {
                 }
                 Path::Derp(region) => {
                     // We hold connections to our home and to regions we sent to.
-                    assert!(region == self.s[to].home || region == self.s[from].home, "DERP region {region}");
+                    assert!(
+                        region == self.s[to].home || region == self.s[from].home,
+                        "DERP region {region}"
+                    );
                     if !self.deliver_cmm && matches!(out.msg, Message::CallMeMaybe { .. }) {
                         return;
                     }
@@ -1392,15 +1632,28 @@ mod tests {
         let mut p = Pair::new(true);
         p.run_until(0.0);
         let plan = p.last_plan(A).clone();
-        assert_eq!((plan.udp, plan.derp), (None, Some(2)), "first packet via B's home region");
+        assert_eq!(
+            (plan.udp, plan.derp),
+            (None, Some(2)),
+            "first packet via B's home region"
+        );
         assert_eq!(pings(&plan.disco).len(), 2, "pings to both of B's netmap endpoints");
-        assert!(plan.disco.iter().any(|o| o.to == Path::Derp(2) && matches!(o.msg, Message::CallMeMaybe { .. })));
+        assert!(plan
+            .disco
+            .iter()
+            .any(|o| o.to == Path::Derp(2) && matches!(o.msg, Message::CallMeMaybe { .. })));
 
         // Ping out (10 ms) + pong back (10 ms).
         p.run_until(0.019);
         assert_eq!(p.path(A), PathStatus::Derp(2));
         p.run_until(0.021);
-        assert_eq!(p.path(A), PathStatus::Direct { addr: sa("203.0.113.2:41641"), rtt: 2 * UDP_DELAY });
+        assert_eq!(
+            p.path(A),
+            PathStatus::Direct {
+                addr: sa("203.0.113.2:41641"),
+                rtt: 2 * UDP_DELAY
+            }
+        );
         assert!(direct("198.51.100.1:41641")(&p.path(B)));
 
         // Next packets go direct only, and stay there with heartbeats.
@@ -1412,7 +1665,11 @@ mod tests {
         }
         // The unreachable private candidate never won and discovery stays quiet: a 20 ms path
         // is not good enough, so one full round per minute at most (none yet after 30 s).
-        let cmm = p.s[A].sent.iter().filter(|(_, o)| matches!(o.msg, Message::CallMeMaybe { .. })).count();
+        let cmm = p.s[A]
+            .sent
+            .iter()
+            .filter(|(_, o)| matches!(o.msg, Message::CallMeMaybe { .. }))
+            .count();
         assert_eq!(cmm, 1);
     }
 
@@ -1439,14 +1696,21 @@ mod tests {
             first_derp > 10.0 && first_derp <= 10.0 + trust + 1.0,
             "DERP used at {first_derp}, trust window {trust} s after the drop (+1 s tick)"
         );
-        let derp_only = after_drop().find(|(_, pl)| pl.udp.is_none() && pl.derp.is_some()).unwrap().0;
+        let derp_only = after_drop()
+            .find(|(_, pl)| pl.udp.is_none() && pl.derp.is_some())
+            .unwrap()
+            .0;
         let limit = 10.0 + trust + t.ping_timeout.as_secs_f64() + 1.0;
         assert!(derp_only <= limit, "DERP only at {derp_only} (limit {limit})");
         // No packet went nowhere, and it stays on DERP while UDP is blocked.
         assert!(p.s[A].plans.iter().all(|(_, pl)| pl.udp.is_some() || pl.derp.is_some()));
         assert_eq!(p.path(A), PathStatus::Derp(2));
         assert_eq!(p.path(B), PathStatus::Derp(1));
-        assert!(p.s[A].plans.iter().filter(|(t, _)| *t > derp_only).all(|(_, pl)| pl.udp.is_none()));
+        assert!(p.s[A]
+            .plans
+            .iter()
+            .filter(|(t, _)| *t > derp_only)
+            .all(|(_, pl)| pl.udp.is_none()));
         // Meanwhile discovery keeps trying, rate-limited to one ping per address per 5 s.
         let pings_to_b: Vec<f64> = p.s[A]
             .sent
@@ -1455,7 +1719,10 @@ mod tests {
             .map(|(t, _)| *t)
             .collect();
         assert!(pings_to_b.len() >= 2, "{pings_to_b:?}");
-        assert!(pings_to_b.windows(2).all(|w| w[1] - w[0] >= 5.0 - 1e-9), "{pings_to_b:?}");
+        assert!(
+            pings_to_b.windows(2).all(|w| w[1] - w[0] >= 5.0 - 1e-9),
+            "{pings_to_b:?}"
+        );
     }
 
     /// (c) When UDP comes back, the next discovery round finds the direct path again.
