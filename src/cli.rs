@@ -34,6 +34,20 @@ pub enum Cmd {
     Daemon(DaemonCmd),
     Server(Server),
     Stun(Stun),
+    Derp(DerpCmd),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "derp")]
+/// run a standalone DERP relay over plain HTTP (behind a TLS proxy, or for clients with
+/// TS_DEBUG_USE_DERP_HTTP=1) and an optional STUN server
+pub struct DerpCmd {
+    /// TCP address for DERP over HTTP (default 0.0.0.0:3340)
+    #[argh(option, default = "std::net::SocketAddr::from(([0, 0, 0, 0], 3340))")]
+    pub listen: std::net::SocketAddr,
+    /// UDP address for STUN, e.g. 0.0.0.0:3478 (default: no STUN)
+    #[argh(option)]
+    pub stun: Option<std::net::SocketAddr>,
 }
 
 #[derive(FromArgs, Debug)]

@@ -63,6 +63,7 @@ fn run(top: Top) -> Result<(), Failure> {
             runtime()?.block_on(tinyscale::daemon::run(&dir, &sock)).map_err(Failure::runtime)
         }
         Cmd::Stun(s) => stun(s),
+        Cmd::Derp(d) => derp(d),
         Cmd::Server(s) => server(s),
         other => {
             tinyscale::logger::init(log::LevelFilter::Warn);
@@ -84,6 +85,26 @@ fn stun(s: cli::Stun) -> Result<(), Failure> {
             _ = tinyscale::shutdown_signal() => Ok(()),
         }
     })
+}
+
+#[cfg(feature = "relay")]
+fn derp(d: cli::DerpCmd) -> Result<(), Failure> {
+    tinyscale::logger::init(log::LevelFilter::Info);
+    // A fresh key per start: clients learn it from the ServerKey frame; DERP maps do not pin it.
+    let mut b = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    let key = tinyscale::keys::NodePrivate::from_random(b);
+    runtime()?.block_on(async {
+        tokio::select! {
+            r = tinyscale::derp::server::run_standalone(d.listen, key, d.stun) => r.map_err(|e| Failure::runtime(e.to_string())),
+            _ = tinyscale::shutdown_signal() => Ok(()),
+        }
+    })
+}
+
+#[cfg(not(feature = "relay"))]
+fn derp(_: cli::DerpCmd) -> Result<(), Failure> {
+    Err(Failure::usage("this build has no DERP relay (built without the relay feature)"))
 }
 
 #[cfg(not(feature = "relay"))]

@@ -113,12 +113,14 @@ struct Coord {
 impl Coord {
     fn start(dir: &Path) -> Coord {
         let port = free_port();
+        let stun = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let config = dir.join("tinyscale.conf");
         std::fs::write(
             &config,
             format!(
                 "config server 'main'\n\toption server_url 'http://127.0.0.1:{port}'\n\toption listen_addr '127.0.0.1:{port}'\n\
-                 \toption db_path '{}/db.sqlite'\n\toption unix_socket '{}/admin.sock'\n\toption base_domain 'ts.test'\n",
+                 \toption db_path '{}/db.sqlite'\n\toption unix_socket '{}/admin.sock'\n\toption base_domain 'ts.test'\n\
+                 \toption derp_server_enabled '1'\n\toption derp_server_stun_listen_addr '127.0.0.1:{stun}'\n",
                 dir.display(),
                 dir.display()
             ),
@@ -183,7 +185,9 @@ fn go_node(caddy: &Path, dir: &Path, url: &str, key: &str, host: &str) -> Proc {
         .env("XDG_DATA_HOME", gdir.join("xdg"))
         .env("TS_NO_LOGS_NO_SUPPORT", "true")
         .env("TS_LOGS_DIR", gdir.join("logs"))
-        .env("TS_DEBUG_MAP", "1");
+        .env("TS_DEBUG_MAP", "1")
+        // Our embedded relay speaks DERP over the coordinator's plain-HTTP listener.
+        .env("TS_DEBUG_USE_DERP_HTTP", "1");
     Proc::spawn(cmd)
 }
 
@@ -278,6 +282,8 @@ fn go_client_registers_with_preauth_key_and_streams_its_map() {
     eventually("Go client decoded its netmap", || {
         go.log().lines().any(|l| l.contains("MapResponse:") && l.contains(&ips[0])).then_some(())
     });
+    // With the embedded DERP region in its map, the official client reaches Running.
+    eventually("Go client Running via the embedded relay", || go.log().contains("state is Running").then_some(()));
 }
 
 #[test]

@@ -45,6 +45,8 @@ pub struct Coordinator {
     /// Bumped whenever an interactive registration completes, to wake Followup waiters.
     registrations: watch::Sender<u64>,
     noise_key: MachinePrivate,
+    /// The embedded DERP relay, when `derp_server_enabled`.
+    derp: std::sync::OnceLock<Arc<crate::derp::server::DerpServer>>,
 }
 
 /// Unix seconds now.
@@ -79,7 +81,7 @@ impl Coordinator {
         };
         let (changes, _) = broadcast::channel(CHANGE_QUEUE);
         let (registrations, _) = watch::channel(0);
-        Ok(Arc::new(Coordinator { state: Mutex::new(state), changes, registrations, noise_key }))
+        Ok(Arc::new(Coordinator { state: Mutex::new(state), changes, registrations, noise_key, derp: Default::default() }))
     }
 
     /// Locks the state (a poisoned lock is still usable: panics abort the process anyway).
@@ -98,6 +100,11 @@ impl Coordinator {
             // No receivers is fine: nobody is streaming.
             let _ = self.changes.send(c);
         }
+    }
+
+    /// Installs the embedded DERP relay (once, at startup).
+    pub fn set_derp(&self, d: Arc<crate::derp::server::DerpServer>) {
+        let _ = self.derp.set(d);
     }
 
     /// Wakes Followup waiters after an interactive registration completed.
@@ -163,6 +170,12 @@ fn json_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
 async fn route(coord: &Arc<Coordinator>, mut sock: TcpStream, head: &Head, leftover: Vec<u8>, peer: SocketAddr) -> std::io::Result<()> {
     if head.path() == "/ts2021" {
         return ts2021(coord, sock, head, leftover, peer).await;
+    }
+    if matches!(head.path(), "/derp" | "/derp/probe" | "/derp/latency-check" | "/generate_204") {
+        if let Some(derp) = coord.derp.get() {
+            derp.handle_http(sock, head, leftover).await;
+            return Ok(());
+        }
     }
     let sock = &mut sock;
     match head.path() {
