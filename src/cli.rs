@@ -480,13 +480,19 @@ pub struct RoutesEnable {
 }
 
 fn split_list(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(str::to_string).collect()
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn socket_or_default(s: Option<PathBuf>) -> PathBuf {
-    s.or_else(|| std::env::var_os("TINYSCALE_SOCKET").map(PathBuf::from)).unwrap_or_else(|| PathBuf::from(ipc::DEFAULT_SOCKET))
+    s.or_else(|| std::env::var_os("TINYSCALE_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(ipc::DEFAULT_SOCKET))
 }
 
+#[cfg_attr(not(feature = "coordinator"), allow(dead_code))]
 fn want_json(o: &Option<String>) -> Result<bool, Failure> {
     match o.as_deref() {
         None | Some("") => Ok(false),
@@ -719,7 +725,9 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
                 let old = c.name.or_else(|| c.names.first().cloned());
                 let new = c.new_name.or_else(|| c.names.get(1).cloned());
                 let (Some(old), Some(new)) = (old, new) else {
-                    return Err(Failure::usage("usage: users rename OLD NEW (or --name OLD --new-name NEW)"));
+                    return Err(Failure::usage(
+                        "usage: users rename OLD NEW (or --name OLD --new-name NEW)",
+                    ));
                 };
                 (R::UsersRename { old, new }, want_json(&c.output)?, "user")
             }
@@ -733,22 +741,61 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
         ServerCmd::Preauthkeys(k) => match k.cmd {
             KeysCmd::Create(c) => {
                 let exp = c.expiration.as_deref().unwrap_or("1h");
-                let d = crate::uci::parse_duration(exp).map_err(|e| Failure::usage(format!("--expiration {exp:?}: {e}")))?;
+                let d = crate::uci::parse_duration(exp)
+                    .map_err(|e| Failure::usage(format!("--expiration {exp:?}: {e}")))?;
                 let expiration_secs = (!d.is_zero()).then_some(d.as_secs());
                 let tags = c.tags.as_deref().map(split_list).unwrap_or_default();
-                (R::PreauthkeysCreate { user: c.user, reusable: c.reusable, ephemeral: c.ephemeral, expiration_secs, tags }, want_json(&c.output)?, "key")
+                (
+                    R::PreauthkeysCreate {
+                        user: c.user,
+                        reusable: c.reusable,
+                        ephemeral: c.ephemeral,
+                        expiration_secs,
+                        tags,
+                    },
+                    want_json(&c.output)?,
+                    "key",
+                )
             }
             KeysCmd::List(c) => (R::PreauthkeysList { user: c.user }, want_json(&c.output)?, "keys"),
             KeysCmd::Expire(c) => (R::PreauthkeysExpire { key: c.key }, false, "done"),
         },
         ServerCmd::Nodes(n) => match n.cmd {
-            NodesCmd::Register(c) => (R::NodesRegister { user: c.user, key: c.key }, want_json(&c.output)?, "registered"),
+            NodesCmd::Register(c) => (
+                R::NodesRegister {
+                    user: c.user,
+                    key: c.key,
+                },
+                want_json(&c.output)?,
+                "registered",
+            ),
             NodesCmd::List(c) => (R::NodesList { user: c.user }, want_json(&c.output)?, "nodes"),
             NodesCmd::Delete(c) => (R::NodesDelete { id: c.identifier }, false, "done"),
             NodesCmd::Expire(c) => (R::NodesExpire { id: c.identifier }, false, "done"),
-            NodesCmd::Rename(c) => (R::NodesRename { id: c.identifier, name: c.name }, false, "done"),
-            NodesCmd::Move(c) => (R::NodesMove { id: c.identifier, user: c.user }, false, "done"),
-            NodesCmd::ApproveRoutes(c) => (R::NodesApproveRoutes { id: c.identifier, routes: split_list(&c.routes) }, false, "done"),
+            NodesCmd::Rename(c) => (
+                R::NodesRename {
+                    id: c.identifier,
+                    name: c.name,
+                },
+                false,
+                "done",
+            ),
+            NodesCmd::Move(c) => (
+                R::NodesMove {
+                    id: c.identifier,
+                    user: c.user,
+                },
+                false,
+                "done",
+            ),
+            NodesCmd::ApproveRoutes(c) => (
+                R::NodesApproveRoutes {
+                    id: c.identifier,
+                    routes: split_list(&c.routes),
+                },
+                false,
+                "done",
+            ),
         },
         ServerCmd::Routes(r) => match r.cmd {
             RoutesCmd::List(c) => (R::RoutesList, want_json(&c.output)?, "routes"),
@@ -757,7 +804,14 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
                 if routes.is_empty() {
                     return Err(Failure::usage("routes enable needs -r CIDR"));
                 }
-                (R::RoutesEnable { id: c.identifier, routes }, false, "routes")
+                (
+                    R::RoutesEnable {
+                        id: c.identifier,
+                        routes,
+                    },
+                    false,
+                    "routes",
+                )
             }
         },
     };
@@ -767,30 +821,88 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
         return Ok(());
     }
     let rows = |v: &Value, cols: &[&str]| -> Vec<Vec<String>> {
-        v.as_array().into_iter().flatten().map(|r| cols.iter().map(|c| s(&r[*c])).collect()).collect()
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| cols.iter().map(|c| s(&r[*c])).collect())
+            .collect()
     };
     match kind {
         "user" => println!("user {} (id {})", s(&v["name"]), s(&v["id"])),
-        "users" => print!("{}", table(&["ID", "NAME", "CREATED"], &rows(&v, &["id", "name", "created_at"]))),
+        "users" => print!(
+            "{}",
+            table(&["ID", "NAME", "CREATED"], &rows(&v, &["id", "name", "created_at"]))
+        ),
         "key" => println!("{}", s(&v["key"])),
         "keys" => print!(
             "{}",
             table(
-                &["ID", "KEY", "USER", "REUSABLE", "EPHEMERAL", "USED", "EXPIRATION", "TAGS"],
-                &rows(&v, &["id", "key", "user", "reusable", "ephemeral", "used", "expiration", "acl_tags"])
+                &[
+                    "ID",
+                    "KEY",
+                    "USER",
+                    "REUSABLE",
+                    "EPHEMERAL",
+                    "USED",
+                    "EXPIRATION",
+                    "TAGS"
+                ],
+                &rows(
+                    &v,
+                    &[
+                        "id",
+                        "key",
+                        "user",
+                        "reusable",
+                        "ephemeral",
+                        "used",
+                        "expiration",
+                        "acl_tags"
+                    ]
+                )
             )
         ),
-        "registered" => println!("node {} registered as {} (id {}, {})", s(&v["name"]), s(&v["given_name"]), s(&v["id"]), s(&v["ip_addresses"])),
+        "registered" => println!(
+            "node {} registered as {} (id {}, {})",
+            s(&v["name"]),
+            s(&v["given_name"]),
+            s(&v["id"]),
+            s(&v["ip_addresses"])
+        ),
         "nodes" => {
-            let mut r = rows(&v, &["id", "given_name", "user", "ip_addresses", "online", "last_seen", "expiry"]);
+            let mut r = rows(
+                &v,
+                &[
+                    "id",
+                    "given_name",
+                    "user",
+                    "ip_addresses",
+                    "online",
+                    "last_seen",
+                    "expiry",
+                ],
+            );
             for row in &mut r {
-                row[4] = if row[4] == "true" { "online".into() } else { "offline".into() };
+                row[4] = if row[4] == "true" {
+                    "online".into()
+                } else {
+                    "offline".into()
+                };
             }
-            print!("{}", table(&["ID", "NAME", "USER", "IP ADDRESSES", "CONNECTED", "LAST SEEN", "EXPIRY"], &r))
+            print!(
+                "{}",
+                table(
+                    &["ID", "NAME", "USER", "IP ADDRESSES", "CONNECTED", "LAST SEEN", "EXPIRY"],
+                    &r
+                )
+            )
         }
         "routes" => print!(
             "{}",
-            table(&["NODE ID", "NODE", "PREFIX", "ADVERTISED", "ENABLED", "PRIMARY"], &rows(&v, &["node_id", "node", "prefix", "advertised", "enabled", "primary"]))
+            table(
+                &["NODE ID", "NODE", "PREFIX", "ADVERTISED", "ENABLED", "PRIMARY"],
+                &rows(&v, &["node_id", "node", "prefix", "advertised", "enabled", "primary"])
+            )
         ),
         _ => {}
     }
@@ -815,7 +927,10 @@ mod tests {
             "Peer": [{"TailscaleIPs": ["100.64.0.2"], "HostName": "go", "User": "a@", "OS": "linux", "Online": true}]
         });
         let out = render_status(&v);
-        assert!(out.contains("100.64.0.2") && out.contains("go") && out.contains("online"), "{out}");
+        assert!(
+            out.contains("100.64.0.2") && out.contains("go") && out.contains("online"),
+            "{out}"
+        );
         assert!(!out.contains("state:"));
     }
 }

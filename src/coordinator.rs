@@ -22,7 +22,8 @@ pub fn load_derp_map(paths: &[std::path::PathBuf]) -> Result<DerpMap, String> {
     let mut map = DerpMap::default();
     for p in paths {
         let data = std::fs::read(p).map_err(|e| format!("cannot read DERP map {}: {e}", p.display()))?;
-        let m: DerpMap = crate::tailcfg::from_slice_folded(&data).map_err(|e| format!("invalid DERP map {}: {e}", p.display()))?;
+        let m: DerpMap =
+            crate::tailcfg::from_slice_folded(&data).map_err(|e| format!("invalid DERP map {}: {e}", p.display()))?;
         for (id, region) in m.regions {
             map.regions.insert(id, region);
         }
@@ -54,12 +55,16 @@ pub fn settings_from_config(cfg: &ServerConfig) -> Result<state::Settings, Strin
 fn derp_key(coord: &server::Coordinator) -> Result<crate::keys::NodePrivate, String> {
     let st = coord.lock();
     match st.store().get_kv("derp_private_key").map_err(|e| e.to_string())? {
-        Some(t) => crate::keys::NodePrivate::from_key_str(&t).map_err(|_| "stored derp_private_key is corrupt".to_string()),
+        Some(t) => {
+            crate::keys::NodePrivate::from_key_str(&t).map_err(|_| "stored derp_private_key is corrupt".to_string())
+        }
         None => {
             let mut b = [0u8; 32];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
             let k = crate::keys::NodePrivate::from_random(b);
-            st.store().set_kv("derp_private_key", &k.to_key_str()).map_err(|e| e.to_string())?;
+            st.store()
+                .set_kv("derp_private_key", &k.to_key_str())
+                .map_err(|e| e.to_string())?;
             Ok(k)
         }
     }
@@ -79,7 +84,8 @@ pub async fn run(cfg: &ServerConfig) -> Result<(), String> {
     if settings.derp_map.regions.is_empty() {
         log::warn!("the DERP map is empty: clients register but official clients never reach Running without a relay (set list derp_path or enable the embedded DERP server)");
     }
-    let store = store::Store::open(&cfg.db_path).map_err(|e| format!("cannot open database {}: {e}", cfg.db_path.display()))?;
+    let store =
+        store::Store::open(&cfg.db_path).map_err(|e| format!("cannot open database {}: {e}", cfg.db_path.display()))?;
     let st = state::State::load(store, settings).map_err(|e| e.to_string())?;
     let coord = server::Coordinator::new(st).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(cfg.listen_addr)
@@ -94,7 +100,11 @@ pub async fn run(cfg: &ServerConfig) -> Result<(), String> {
     );
     let stun_sock = if cfg.derp.server_enabled {
         let a = cfg.derp.server_stun_listen_addr;
-        Some(tokio::net::UdpSocket::bind(a).await.map_err(|e| format!("cannot listen for STUN on {a}: {e}"))?)
+        Some(
+            tokio::net::UdpSocket::bind(a)
+                .await
+                .map_err(|e| format!("cannot listen for STUN on {a}: {e}"))?,
+        )
     } else {
         None
     };
@@ -104,11 +114,15 @@ pub async fn run(cfg: &ServerConfig) -> Result<(), String> {
             // Weak: coordinator -> relay -> verifier would otherwise be a cycle.
             let weak = std::sync::Arc::downgrade(&coord);
             std::sync::Arc::new(move |k: &crate::keys::NodePublic| {
-                weak.upgrade().is_some_and(|c| c.lock().nodes().any(|n| n.node_key == *k))
+                weak.upgrade()
+                    .is_some_and(|c| c.lock().nodes().any(|n| n.node_key == *k))
             }) as crate::derp::server::Verifier
         });
         coord.set_derp(std::sync::Arc::new(crate::derp::server::DerpServer::new(key, verifier)));
-        log::info!("embedded DERP relay on /derp, STUN on {}", cfg.derp.server_stun_listen_addr);
+        log::info!(
+            "embedded DERP relay on /derp, STUN on {}",
+            cfg.derp.server_stun_listen_addr
+        );
     }
     let stun = async {
         match stun_sock {

@@ -128,7 +128,12 @@ pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -146,13 +151,22 @@ impl Daemon {
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         let path = dir.join(STATE_FILE);
         let file: StateFile = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("state file {} is corrupt: {e}", path.display()))?,
+            Ok(b) => {
+                serde_json::from_slice(&b).map_err(|e| format!("state file {} is corrupt: {e}", path.display()))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        let machine = MachinePrivate::from_key_str(&file.machine_key).unwrap_or_else(|_| MachinePrivate::from_random(random32()));
+        let machine =
+            MachinePrivate::from_key_str(&file.machine_key).unwrap_or_else(|_| MachinePrivate::from_random(random32()));
         let node = NodePrivate::from_key_str(&file.node_key).unwrap_or_else(|_| NodePrivate::from_random(random32()));
-        let state = if file.prefs.want_running { BackendState::Starting } else if file.prefs.login_server.is_empty() { BackendState::NeedsLogin } else { BackendState::Stopped };
+        let state = if file.prefs.want_running {
+            BackendState::Starting
+        } else if file.prefs.login_server.is_empty() {
+            BackendState::NeedsLogin
+        } else {
+            BackendState::Stopped
+        };
         let (generation, _) = watch::channel(0);
         let d = Arc::new(Daemon {
             shared: Mutex::new(Shared {
@@ -180,7 +194,11 @@ impl Daemon {
 
     fn save(&self) -> Result<(), String> {
         let s = self.lock();
-        let f = StateFile { machine_key: s.machine.to_key_str(), node_key: s.node.to_key_str(), prefs: s.prefs.clone() };
+        let f = StateFile {
+            machine_key: s.machine.to_key_str(),
+            node_key: s.node.to_key_str(),
+            prefs: s.prefs.clone(),
+        };
         let data = serde_json::to_vec_pretty(&f).map_err(|e| e.to_string())?;
         let path = s.dir.join(STATE_FILE);
         write_private_file(&path, &data).map_err(|e| format!("cannot write {}: {e}", path.display()))
@@ -191,7 +209,11 @@ impl Daemon {
     }
 
     fn hostinfo(&self, prefs: &Prefs) -> Value {
-        let host = if prefs.hostname.is_empty() { system_hostname() } else { prefs.hostname.clone() };
+        let host = if prefs.hostname.is_empty() {
+            system_hostname()
+        } else {
+            prefs.hostname.clone()
+        };
         let mut routes = prefs.advertise_routes.clone();
         if prefs.advertise_exit_node {
             for r in ["0.0.0.0/0", "::/0"] {
@@ -237,8 +259,14 @@ impl Daemon {
             IpcRequest::Logout => self.logout().await,
         };
         match r {
-            Ok(data) => IpcResponse { data, error: String::new() },
-            Err(error) => IpcResponse { data: Value::Null, error },
+            Ok(data) => IpcResponse {
+                data,
+                error: String::new(),
+            },
+            Err(error) => IpcResponse {
+                data: Value::Null,
+                error,
+            },
         }
     }
 
@@ -248,7 +276,9 @@ impl Daemon {
         }
         for r in a.advertise_routes.iter().flatten() {
             if !crate_valid_cidr(r) {
-                return Err(format!("invalid --advertise-routes entry {r:?}: expected a CIDR like 192.168.1.0/24"));
+                return Err(format!(
+                    "invalid --advertise-routes entry {r:?}: expected a CIDR like 192.168.1.0/24"
+                ));
             }
         }
         for t in a.advertise_tags.iter().flatten() {
@@ -258,7 +288,14 @@ impl Daemon {
         }
         {
             let mut s = self.lock();
-            let mut p = if a.reset { Prefs { login_server: s.prefs.login_server.clone(), ..Prefs::default() } } else { s.prefs.clone() };
+            let mut p = if a.reset {
+                Prefs {
+                    login_server: s.prefs.login_server.clone(),
+                    ..Prefs::default()
+                }
+            } else {
+                s.prefs.clone()
+            };
             if let Some(v) = a.login_server {
                 if v != p.login_server && !p.login_server.is_empty() {
                     // A different control server knows nothing of our node key.
@@ -272,7 +309,18 @@ impl Daemon {
             macro_rules! set {
                 ($($f:ident),*) => { $( if let Some(v) = a.$f { p.$f = v; } )* };
             }
-            set!(hostname, advertise_routes, accept_routes, accept_dns, advertise_exit_node, exit_node, exit_node_allow_lan_access, advertise_tags, shields_up, snat_subnet_routes);
+            set!(
+                hostname,
+                advertise_routes,
+                accept_routes,
+                accept_dns,
+                advertise_exit_node,
+                exit_node,
+                exit_node_allow_lan_access,
+                advertise_tags,
+                shields_up,
+                snat_subnet_routes
+            );
             p.want_running = true;
             s.prefs = p;
             if a.auth_key.as_deref().is_some_and(|k| !k.is_empty()) {
@@ -330,11 +378,17 @@ impl Daemon {
         let s = self.lock();
         let nm = &s.netmap;
         let ips = |n: &tailcfg::Node| -> Vec<String> {
-            n.addresses.iter().map(|a| a.split('/').next().unwrap_or("").to_string()).collect()
+            n.addresses
+                .iter()
+                .map(|a| a.split('/').next().unwrap_or("").to_string())
+                .collect()
         };
         let user = |id: u64| nm.users.get(&id).map(|u| u.login_name.clone()).unwrap_or_default();
         let os = |n: &tailcfg::Node| {
-            n.hostinfo.as_ref().map(|h| tailcfg::HostinfoView(h).os().to_string()).unwrap_or_default()
+            n.hostinfo
+                .as_ref()
+                .map(|h| tailcfg::HostinfoView(h).os().to_string())
+                .unwrap_or_default()
         };
         let self_node = nm.self_node.as_ref().map(|n| {
             json!({
@@ -427,7 +481,14 @@ impl Daemon {
     async fn session(self: &Arc<Self>) -> Result<(), client::Error> {
         let (url, machine, mut node, prefs, auth_key, force) = {
             let s = self.lock();
-            (s.prefs.login_server.clone(), s.machine.clone(), s.node.clone(), s.prefs.clone(), s.auth_key.clone(), s.force_reauth)
+            (
+                s.prefs.login_server.clone(),
+                s.machine.clone(),
+                s.node.clone(),
+                s.prefs.clone(),
+                s.auth_key.clone(),
+                s.force_reauth,
+            )
         };
         let url = ControlUrl::parse(&url)?;
         let server_key = client::fetch_server_key(&url).await?;
@@ -450,7 +511,10 @@ impl Daemon {
         loop {
             let resp = conn.register(&req).await?;
             if !resp.error.is_empty() {
-                return Err(client::Error::Rejected(format!("login refused by control server: {}", resp.error)));
+                return Err(client::Error::Rejected(format!(
+                    "login refused by control server: {}",
+                    resp.error
+                )));
             }
             if resp.node_key_expired && req.followup.is_empty() && req.auth.is_none() {
                 // Our key expired: rotate it and log in again (interactive unless a key is given).
@@ -473,7 +537,9 @@ impl Daemon {
             if resp.machine_authorized {
                 break;
             }
-            return Err(client::Error::Rejected("control server did not authorize this machine".into()));
+            return Err(client::Error::Rejected(
+                "control server did not authorize this machine".into(),
+            ));
         }
         {
             let mut s = self.lock();
@@ -509,7 +575,10 @@ impl Daemon {
             if let Some(me) = &s.netmap.self_node {
                 if me.expired {
                     drop(s);
-                    self.set_state(BackendState::NeedsLogin, Some("node key expired: run `tinyscale up` to log in again".into()));
+                    self.set_state(
+                        BackendState::NeedsLogin,
+                        Some("node key expired: run `tinyscale up` to log in again".into()),
+                    );
                     return Ok(());
                 }
             }
@@ -519,7 +588,9 @@ impl Daemon {
 }
 
 fn crate_valid_cidr(s: &str) -> bool {
-    let Some((ip, len)) = s.split_once('/') else { return false };
+    let Some((ip, len)) = s.split_once('/') else {
+        return false;
+    };
     let Ok(len) = len.parse::<u8>() else { return false };
     match ip.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(_)) => len <= 32,
@@ -530,7 +601,9 @@ fn crate_valid_cidr(s: &str) -> bool {
 
 /// The kernel hostname (uts), trimmed.
 pub fn system_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "openwrt".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "openwrt".into())
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
@@ -547,11 +620,17 @@ pub async fn run(state_dir: &Path, socket: &Path) -> Result<(), String> {
     }
     let listener = UnixListener::bind(socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
-    log::info!("daemon started state_dir={} socket={}", state_dir.display(), socket.display());
+    log::info!(
+        "daemon started state_dir={} socket={}",
+        state_dir.display(),
+        socket.display()
+    );
     tokio::spawn(d.clone().control_loop());
     let accept = async {
         loop {
-            let Ok((sock, _)) = listener.accept().await else { continue };
+            let Ok((sock, _)) = listener.accept().await else {
+                continue;
+            };
             let d = d.clone();
             tokio::spawn(async move {
                 let (r, mut w) = sock.into_split();
@@ -559,7 +638,10 @@ pub async fn run(state_dir: &Path, socket: &Path) -> Result<(), String> {
                 while let Ok(Some(line)) = lines.next_line().await {
                     let resp = match serde_json::from_str::<IpcRequest>(&line) {
                         Ok(req) => d.handle(req).await,
-                        Err(e) => IpcResponse { data: Value::Null, error: format!("bad request: {e}") },
+                        Err(e) => IpcResponse {
+                            data: Value::Null,
+                            error: format!("bad request: {e}"),
+                        },
                     };
                     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
                     out.push(b'\n');

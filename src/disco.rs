@@ -304,12 +304,7 @@ impl DiscoShared {
 
 /// One-shot seal: the full packet carrying `msg` from `my` to `peer`. Prefer a cached
 /// [`DiscoShared`] on hot paths.
-pub fn seal(
-    my: &DiscoPrivate,
-    peer: &DiscoPublic,
-    nonce: [u8; NONCE_LEN],
-    msg: &Message,
-) -> Vec<u8> {
+pub fn seal(my: &DiscoPrivate, peer: &DiscoPublic, nonce: [u8; NONCE_LEN], msg: &Message) -> Vec<u8> {
     DiscoShared::new(my, peer).seal(nonce, msg)
 }
 
@@ -412,30 +407,18 @@ mod tests {
         p.extend_from_slice(b"future");
         assert!(matches!(Message::decode(&p), Ok(Message::Pong { .. })));
         // Short Ping/Pong, empty plaintext, unknown types.
-        assert_eq!(
-            Message::decode(&hex("01 00 0102")),
-            Err(DiscoError::TooShort)
-        );
+        assert_eq!(Message::decode(&hex("01 00 0102")), Err(DiscoError::TooShort));
         assert_eq!(Message::decode(&p[..31]), Err(DiscoError::TooShort));
         assert_eq!(Message::decode(&[1]), Err(DiscoError::TooShort));
-        assert_eq!(
-            Message::decode(&hex("04 00")),
-            Err(DiscoError::UnknownType(4))
-        );
+        assert_eq!(Message::decode(&hex("04 00")), Err(DiscoError::UnknownType(4)));
         // Malformed CallMeMaybe: Go yields an empty list.
         let odd = hex("03 00 00 01 02");
-        assert_eq!(
-            Message::decode(&odd),
-            Ok(Message::CallMeMaybe { endpoints: vec![] })
-        );
+        assert_eq!(Message::decode(&odd), Ok(Message::CallMeMaybe { endpoints: vec![] }));
         let mut v1 = enc(&Message::CallMeMaybe {
             endpoints: vec!["1.2.3.4:5".parse().unwrap()],
         });
         v1[1] = 1;
-        assert_eq!(
-            Message::decode(&v1),
-            Ok(Message::CallMeMaybe { endpoints: vec![] })
-        );
+        assert_eq!(Message::decode(&v1), Ok(Message::CallMeMaybe { endpoints: vec![] }));
     }
 
     fn alice() -> DiscoPrivate {
@@ -504,10 +487,7 @@ mod tests {
         assert!(!looks_like_disco(&pkt[..HEADER_LEN - 1]));
         assert_eq!(parse_header(b"TS"), Err(DiscoError::WrongMagic));
         assert_eq!(parse_header(&pkt[..40]), Err(DiscoError::TooShort));
-        assert_eq!(
-            open(&bob(), &pkt[..HEADER_LEN + 15]),
-            Err(DiscoError::TooShort)
-        );
+        assert_eq!(open(&bob(), &pkt[..HEADER_LEN + 15]), Err(DiscoError::TooShort));
         let mut wg = pkt.clone();
         wg[0] = 4;
         assert!(!looks_like_disco(&wg));
@@ -530,11 +510,7 @@ mod tests {
             // A zero key is omitted on the wire, so then keep padding below a key's length.
             (any::<[u8; 12]>(), any::<[u8; 32]>(), 0usize..1400).prop_map(|(tx_id, k, padding)| {
                 let node_key = NodePublic(k);
-                let padding = if node_key.is_zero() {
-                    padding % 32
-                } else {
-                    padding
-                };
+                let padding = if node_key.is_zero() { padding % 32 } else { padding };
                 Message::Ping {
                     tx_id,
                     node_key,
@@ -542,8 +518,7 @@ mod tests {
                 }
             }),
             (any::<[u8; 12]>(), arb_addr()).prop_map(|(tx_id, src)| Message::Pong { tx_id, src }),
-            proptest::collection::vec(arb_addr(), 0..20)
-                .prop_map(|endpoints| Message::CallMeMaybe { endpoints }),
+            proptest::collection::vec(arb_addr(), 0..20).prop_map(|endpoints| Message::CallMeMaybe { endpoints }),
         ]
     }
 

@@ -19,15 +19,24 @@ pub struct Failure {
 impl Failure {
     /// Runtime failure.
     pub fn runtime(message: impl Into<String>) -> Self {
-        Failure { code: EXIT_RUNTIME, message: message.into() }
+        Failure {
+            code: EXIT_RUNTIME,
+            message: message.into(),
+        }
     }
     /// Usage failure.
     pub fn usage(message: impl Into<String>) -> Self {
-        Failure { code: EXIT_USAGE, message: message.into() }
+        Failure {
+            code: EXIT_USAGE,
+            message: message.into(),
+        }
     }
     /// Config failure.
     pub fn config(message: impl Into<String>) -> Self {
-        Failure { code: EXIT_CONFIG, message: message.into() }
+        Failure {
+            code: EXIT_CONFIG,
+            message: message.into(),
+        }
     }
 }
 

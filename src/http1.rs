@@ -31,7 +31,10 @@ pub struct Head {
 impl Head {
     /// First header value whose name matches case-insensitively.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// The path without the query.
@@ -71,7 +74,11 @@ pub enum HttpError {
 /// the number of bytes it used, or `Ok(None)` when more bytes are needed.
 pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return if buf.len() > MAX_HEAD { Err(HttpError::TooLarge) } else { Ok(None) };
+        return if buf.len() > MAX_HEAD {
+            Err(HttpError::TooLarge)
+        } else {
+            Ok(None)
+        };
     };
     let text = std::str::from_utf8(&buf[..end]).map_err(|_| HttpError::Malformed)?;
     let mut lines = text.split("\r\n");
@@ -116,7 +123,11 @@ pub async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<(Head, Vec<u8
 }
 
 /// Reads a `Content-Length` body (none → empty), starting with `leftover`.
-pub async fn read_body<R: AsyncRead + Unpin>(io: &mut R, head: &Head, mut leftover: Vec<u8>) -> Result<Vec<u8>, HttpError> {
+pub async fn read_body<R: AsyncRead + Unpin>(
+    io: &mut R,
+    head: &Head,
+    mut leftover: Vec<u8>,
+) -> Result<Vec<u8>, HttpError> {
     let len = head.content_length().unwrap_or(0);
     if len > MAX_BODY {
         return Err(HttpError::TooLarge);
@@ -151,7 +162,12 @@ pub fn reason(status: u16) -> &'static str {
 }
 
 /// Writes a complete response with `Content-Length` and `Connection: close`.
-pub async fn write_response<W: AsyncWrite + Unpin>(io: &mut W, status: u16, content_type: &str, body: &[u8]) -> std::io::Result<()> {
+pub async fn write_response<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         reason(status),
@@ -163,14 +179,14 @@ pub async fn write_response<W: AsyncWrite + Unpin>(io: &mut W, status: u16, cont
     io.flush().await
 }
 
-
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 /// Standard base64 with padding (the `X-Tailscale-Handshake` header encoding).
 pub fn base64_encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= c.len() {
                 out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -218,7 +234,9 @@ mod tests {
 
     #[test]
     fn parses_status_and_query() {
-        let (h, _) = parse_head(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n").unwrap().unwrap();
+        let (h, _) = parse_head(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(h.status, 101);
         let (h, _) = parse_head(b"GET /key?v=130&x HTTP/1.1\r\n\r\n").unwrap().unwrap();
         assert_eq!(h.query("v"), Some("130"));
@@ -230,8 +248,14 @@ mod tests {
     fn incomplete_malformed_and_oversize() {
         assert!(parse_head(b"GET / HTTP/1.1\r\n").unwrap().is_none());
         assert!(matches!(parse_head(b"GARBAGE\r\n\r\n"), Err(HttpError::Malformed)));
-        assert!(matches!(parse_head(b"GET / HTTP/1.1\r\nnocolon\r\n\r\n"), Err(HttpError::Malformed)));
-        assert!(matches!(parse_head(&vec![b'a'; MAX_HEAD + 1]), Err(HttpError::TooLarge)));
+        assert!(matches!(
+            parse_head(b"GET / HTTP/1.1\r\nnocolon\r\n\r\n"),
+            Err(HttpError::Malformed)
+        ));
+        assert!(matches!(
+            parse_head(&vec![b'a'; MAX_HEAD + 1]),
+            Err(HttpError::TooLarge)
+        ));
     }
 
     #[test]

@@ -70,7 +70,11 @@ pub async fn call(socket: &Path, req: &IpcRequest) -> Result<Value, String> {
     line.push(b'\n');
     w.write_all(&line).await.map_err(|e| e.to_string())?;
     let mut lines = BufReader::new(r).lines();
-    let resp = lines.next_line().await.map_err(|e| e.to_string())?.ok_or("the daemon closed the connection")?;
+    let resp = lines
+        .next_line()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the daemon closed the connection")?;
     let resp: IpcResponse = serde_json::from_str(&resp).map_err(|e| format!("bad daemon response: {e}"))?;
     if resp.error.is_empty() {
         Ok(resp.data)

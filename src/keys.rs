@@ -188,7 +188,12 @@ macro_rules! private_key {
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}(redacted, public {})", stringify!($name), self.public().short())
+                write!(
+                    f,
+                    "{}(redacted, public {})",
+                    stringify!($name),
+                    self.public().short()
+                )
             }
         }
     };
@@ -212,7 +217,10 @@ mod tests {
         let s = p.to_string();
         assert!(s.starts_with("nodekey:") && s.len() == 8 + 64);
         assert_eq!(NodePublic::parse(&s).unwrap(), p);
-        assert_eq!(NodePublic::parse(&s.to_uppercase().replace("NODEKEY:", "nodekey:")).unwrap(), p);
+        assert_eq!(
+            NodePublic::parse(&s.to_uppercase().replace("NODEKEY:", "nodekey:")).unwrap(),
+            p
+        );
         assert_eq!(MachinePublic::parse(&s), Err(KeyError::WrongPrefix));
         assert_eq!(NodePublic::parse("nodekey:abc"), Err(KeyError::BadHex));
         let t = k.to_key_str();

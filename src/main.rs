@@ -4,13 +4,12 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use argh::FromArgs;
+#[cfg(feature = "coordinator")]
+use tinyscale::cli::ServerCmd;
 use tinyscale::{
-    cli::{self, Cmd, ServerCmd, Top},
+    cli::{self, Cmd, Top},
     error::Failure,
 };
-
-/// Default uci config path.
-const DEFAULT_CONFIG: &str = "/etc/config/tinyscale";
 
 /// Rewrites argv: `headscale X` → `tinyscale server X`, and a `-c/--config F` given anywhere after
 /// `server` moves right behind it (headscale's flag is global; argh wants it before the verb).
@@ -20,7 +19,9 @@ fn normalize_args(mut args: Vec<String>) -> Vec<String> {
     if base == "headscale" {
         args.insert(1, "server".into());
     }
-    let Some(pos) = args.iter().position(|a| a == "server") else { return args };
+    let Some(pos) = args.iter().position(|a| a == "server") else {
+        return args;
+    };
     let mut i = pos + 1;
     let mut config = None;
     while i < args.len() {
@@ -52,15 +53,24 @@ fn run(top: Top) -> Result<(), Failure> {
     match top.cmd {
         Cmd::Version(_) => {
             println!("tinyscale {}", tinyscale::VERSION);
-            println!("  capability version {}", tinyscale::tailcfg::CURRENT_CAPABILITY_VERSION);
+            println!(
+                "  capability version {}",
+                tinyscale::tailcfg::CURRENT_CAPABILITY_VERSION
+            );
             println!("  features: {}", tinyscale::FEATURES.join(" "));
             Ok(())
         }
         Cmd::Daemon(d) => {
             tinyscale::logger::init(log::LevelFilter::Info);
-            let dir = d.state_dir.unwrap_or_else(|| PathBuf::from(tinyscale::daemon::DEFAULT_STATE_DIR));
-            let sock = d.socket.unwrap_or_else(|| PathBuf::from(tinyscale::ipc::DEFAULT_SOCKET));
-            runtime()?.block_on(tinyscale::daemon::run(&dir, &sock)).map_err(Failure::runtime)
+            let dir = d
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(tinyscale::daemon::DEFAULT_STATE_DIR));
+            let sock = d
+                .socket
+                .unwrap_or_else(|| PathBuf::from(tinyscale::ipc::DEFAULT_SOCKET));
+            runtime()?
+                .block_on(tinyscale::daemon::run(&dir, &sock))
+                .map_err(Failure::runtime)
         }
         Cmd::Stun(s) => stun(s),
         Cmd::Derp(d) => derp(d),
@@ -76,9 +86,13 @@ fn run(top: Top) -> Result<(), Failure> {
 fn stun(s: cli::Stun) -> Result<(), Failure> {
     tinyscale::logger::init(log::LevelFilter::Info);
     let addr = s.listen.unwrap_or_else(|| "0.0.0.0:3478".into());
-    let addr: std::net::SocketAddr = addr.parse().map_err(|_| Failure::usage(format!("--listen {addr:?} is not an ip:port")))?;
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|_| Failure::usage(format!("--listen {addr:?} is not an ip:port")))?;
     runtime()?.block_on(async {
-        let sock = tokio::net::UdpSocket::bind(addr).await.map_err(|e| Failure::runtime(format!("cannot bind {addr}: {e}")))?;
+        let sock = tokio::net::UdpSocket::bind(addr)
+            .await
+            .map_err(|e| Failure::runtime(format!("cannot bind {addr}: {e}")))?;
         log::info!("stun server listening addr={addr}");
         tokio::select! {
             _ = tinyscale::stun::serve_udp(sock, Default::default()) => Ok(()),
@@ -104,18 +118,24 @@ fn derp(d: cli::DerpCmd) -> Result<(), Failure> {
 
 #[cfg(not(feature = "relay"))]
 fn derp(_: cli::DerpCmd) -> Result<(), Failure> {
-    Err(Failure::usage("this build has no DERP relay (built without the relay feature)"))
+    Err(Failure::usage(
+        "this build has no DERP relay (built without the relay feature)",
+    ))
 }
 
 #[cfg(not(feature = "relay"))]
 fn stun(_: cli::Stun) -> Result<(), Failure> {
-    Err(Failure::usage("this build has no STUN server (built without the relay feature)"))
+    Err(Failure::usage(
+        "this build has no STUN server (built without the relay feature)",
+    ))
 }
 
 #[cfg(feature = "coordinator")]
 fn server(s: cli::Server) -> Result<(), Failure> {
     let path = s.config.unwrap_or_else(|| {
-        std::env::var_os("TINYSCALE_CONFIG").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+        std::env::var_os("TINYSCALE_CONFIG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(tinyscale::uci::DEFAULT_CONFIG_PATH))
     });
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -132,7 +152,9 @@ fn server(s: cli::Server) -> Result<(), Failure> {
     match s.cmd {
         ServerCmd::Serve(_) => {
             tinyscale::logger::init(cfg.log_level.to_level_filter());
-            runtime()?.block_on(tinyscale::coordinator::run(&cfg)).map_err(Failure::runtime)
+            runtime()?
+                .block_on(tinyscale::coordinator::run(&cfg))
+                .map_err(Failure::runtime)
         }
         cmd => {
             tinyscale::logger::init(log::LevelFilter::Warn);
@@ -143,7 +165,9 @@ fn server(s: cli::Server) -> Result<(), Failure> {
 
 #[cfg(not(feature = "coordinator"))]
 fn server(_: cli::Server) -> Result<(), Failure> {
-    Err(Failure::usage("this build has no coordinator (built without the coordinator feature)"))
+    Err(Failure::usage(
+        "this build has no coordinator (built without the coordinator feature)",
+    ))
 }
 
 fn main() -> ExitCode {
@@ -185,12 +209,18 @@ mod tests {
 
     #[test]
     fn headscale_alias_and_config_hoisting() {
-        assert_eq!(normalize_args(v("/usr/bin/headscale nodes list")), v("/usr/bin/headscale server nodes list"));
+        assert_eq!(
+            normalize_args(v("/usr/bin/headscale nodes list")),
+            v("/usr/bin/headscale server nodes list")
+        );
         assert_eq!(
             normalize_args(v("tinyscale server nodes list --config /x -o json")),
             v("tinyscale server --config /x nodes list -o json")
         );
-        assert_eq!(normalize_args(v("headscale -c /y users list")), v("headscale server --config /y users list"));
+        assert_eq!(
+            normalize_args(v("headscale -c /y users list")),
+            v("headscale server --config /y users list")
+        );
         assert_eq!(normalize_args(v("tinyscale status")), v("tinyscale status"));
     }
 }

@@ -114,16 +114,8 @@ impl ProbePlan {
         let mut regions: Vec<_> = derp_map
             .regions
             .iter()
-            .map(|(key, r)| {
-                (
-                    if r.region_id != 0 {
-                        r.region_id
-                    } else {
-                        key.parse().unwrap_or(0)
-                    },
-                    r,
-                )
-            })
+            // The map key is the id too; trust the field, fall back to the key.
+            .map(|(key, r)| (if r.region_id != 0 { r.region_id } else { parse_id(key) }, r))
             .filter(|(id, r)| *id > 0 && !r.no_measure_no_home)
             .collect();
         regions.sort_by_key(|(id, _)| *id);
@@ -170,6 +162,11 @@ impl ProbePlan {
         self.home_alive = home_alive;
         self
     }
+}
+
+/// A region id from its decimal map key; 0 (skipped) when malformed.
+fn parse_id(key: &str) -> i32 {
+    key.parse().unwrap_or(0)
 }
 
 /// A node's STUN port: `STUNPort` 0 means 3478, -1 (or anything out of range) means none.
@@ -345,8 +342,8 @@ impl ReportState {
 
     /// The next probe due at `now` that would still tell us something (Go `probeWouldHelp`:
     /// its region has no answer yet, or it is IPv4 to a server not yet heard from while the
-    /// mapping question is open). Call until
-    /// `None`, sending each and reporting it with [`ReportState::note_sent`].
+    /// mapping question is open). Call until `None`, sending each and reporting it with
+    /// [`ReportState::note_sent`].
     pub fn poll_probe(&mut self, now: Instant) -> Option<Probe> {
         while let Some(p) = self.plan.probes.get(self.next) {
             if self.start + p.delay > now {
@@ -492,11 +489,11 @@ pub async fn run(socket: &tokio::net::UdpSocket, plan: &ProbePlan, timeout: Dura
                 Some(ip) => Some(ip),
                 None if resolved.contains_key(&p.host) => resolved.get(&p.host).copied().flatten(),
                 None => {
-                    let addrs = tokio::net::lookup_host((p.host.as_str(), p.port)).await;
-                    let ip = addrs
-                        .ok()
-                        .and_then(|mut a| a.find(|a| a.is_ipv6() == ipv6))
-                        .map(|a| a.ip());
+                    // Bounded by the report's deadline: a dead resolver must not stall us.
+                    let lookup = tokio::net::lookup_host((p.host.as_str(), p.port));
+                    let addrs = tokio::time::timeout_at((start + timeout).into(), lookup).await;
+                    let found = addrs.ok().and_then(Result::ok);
+                    let ip = found.and_then(|mut a| a.find(|a| a.is_ipv6() == ipv6)).map(|a| a.ip());
                     log::debug!("netcheck: resolved {} to {ip:?}", p.host);
                     resolved.insert(p.host.clone(), ip);
                     ip

@@ -247,10 +247,9 @@ impl SymmetricState {
     fn encrypt_and_hash(&mut self, key: &[u8; 32], buf: &mut [u8]) -> [u8; TAG_LEN] {
         let aead = ChaCha20Poly1305::new(Key::from_slice(key));
         // A one-shot key with an empty/short buffer cannot exceed ChaCha20's length limit.
-        let tag = match aead.encrypt_in_place_detached(&Nonce::default(), &self.h, buf) {
-            Ok(t) => t,
-            Err(_) => Tag::default(),
-        };
+        let tag = aead
+            .encrypt_in_place_detached(&Nonce::default(), &self.h, buf)
+            .unwrap_or_default();
         let tag: [u8; TAG_LEN] = tag.into();
         self.h = blake2s(&[&self.h, buf, &tag]);
         tag
@@ -339,7 +338,14 @@ pub fn initiate(
     let tag = s.encrypt_and_hash(&k, &mut []);
     msg[85..101].copy_from_slice(&tag);
 
-    let init = Initiator { state: s, machine: machine.clone(), ephemeral, server: *server, version, weak };
+    let init = Initiator {
+        state: s,
+        machine: machine.clone(),
+        ephemeral,
+        server: *server,
+        version,
+        weak,
+    };
     (init, msg)
 }
 
@@ -355,7 +361,13 @@ impl Initiator {
     /// [`stream::read_response_message`]. A 0x03 error message yields
     /// [`NoiseError::ServerError`] with the server's text.
     pub fn finish(self, response: &[u8]) -> Result<Transport, NoiseError> {
-        let Initiator { mut state, machine, ephemeral, weak, .. } = self;
+        let Initiator {
+            mut state,
+            machine,
+            ephemeral,
+            weak,
+            ..
+        } = self;
         let header = response.get(..HEADER_LEN).ok_or(NoiseError::Truncated)?;
         let declared = usize::from(u16::from_be_bytes([header[1], header[2]]));
         match header[0] {
@@ -363,7 +375,9 @@ impl Initiator {
             MSG_TYPE_ERROR => {
                 // Tolerate a short body: the text is a hint and we are failing anyway.
                 let end = response.len().min(HEADER_LEN + declared);
-                return Err(NoiseError::ServerError(ServerErrorText::new(&response[HEADER_LEN..end])));
+                return Err(NoiseError::ServerError(ServerErrorText::new(
+                    &response[HEADER_LEN..end],
+                )));
             }
             t => return Err(NoiseError::UnexpectedType(t)),
         }
@@ -440,7 +454,12 @@ pub fn respond(server: &MachinePrivate, init: &[u8], ephemeral: [u8; 32]) -> Res
     response[35..51].copy_from_slice(&tag);
 
     let (k1, k2) = s.split();
-    Ok(Accepted { transport: Transport::new(k2, k1, s.h), peer: MachinePublic(peer), version, response })
+    Ok(Accepted {
+        transport: Transport::new(k2, k1, s.h),
+        peer: MachinePublic(peer),
+        version,
+        response,
+    })
 }
 
 /// A 0x03 error frame carrying `text`, truncated to 65535 bytes. Send it instead of a response
@@ -491,14 +510,20 @@ pub struct CipherState {
 
 impl fmt::Debug for CipherState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CipherState").field("nonce", &self.nonce).finish_non_exhaustive()
+        f.debug_struct("CipherState")
+            .field("nonce", &self.nonce)
+            .finish_non_exhaustive()
     }
 }
 
 impl CipherState {
     /// A cipher keyed with `key`, counter at zero.
     pub fn new(key: [u8; 32]) -> Self {
-        Self { aead: ChaCha20Poly1305::new(Key::from_slice(&key)), nonce: 0, failed: false }
+        Self {
+            aead: ChaCha20Poly1305::new(Key::from_slice(&key)),
+            nonce: 0,
+            failed: false,
+        }
     }
 
     /// The counter the next operation will use.
@@ -513,7 +538,7 @@ impl CipherState {
 
     /// Seals `buf` in place and returns the tag, advancing the counter.
     fn seal_in_place(&mut self, buf: &mut [u8]) -> Result<[u8; TAG_LEN], NoiseError> {
-        if self.nonce >= NONCE_LIMIT {
+        if self.nonce == NONCE_LIMIT {
             return Err(NoiseError::CipherExhausted);
         }
         let n = transport_nonce(self.nonce);
@@ -530,7 +555,7 @@ impl CipherState {
         if self.failed {
             return Err(NoiseError::Decrypt);
         }
-        if self.nonce >= NONCE_LIMIT {
+        if self.nonce == NONCE_LIMIT {
             return Err(NoiseError::CipherExhausted);
         }
         let body_len = sealed.len().checked_sub(TAG_LEN).ok_or(NoiseError::Decrypt)?;
@@ -539,7 +564,10 @@ impl CipherState {
         let n = transport_nonce(self.nonce);
         // The counter advances even on failure, as in Go; the poison flag makes it moot.
         self.nonce += 1;
-        match self.aead.decrypt_in_place_detached(Nonce::from_slice(&n), &[], &mut plain, Tag::from_slice(tag)) {
+        match self
+            .aead
+            .decrypt_in_place_detached(Nonce::from_slice(&n), &[], &mut plain, Tag::from_slice(tag))
+        {
             Ok(()) => Ok(plain),
             Err(_) => {
                 self.failed = true;
@@ -559,7 +587,11 @@ pub struct Transport {
 
 impl Transport {
     fn new(send: [u8; 32], recv: [u8; 32], handshake_hash: [u8; 32]) -> Self {
-        Self { send: CipherState::new(send), recv: CipherState::new(recv), handshake_hash }
+        Self {
+            send: CipherState::new(send),
+            recv: CipherState::new(recv),
+            handshake_hash,
+        }
     }
 
     /// The final Noise `h`, usable for channel binding (Go `Conn.HandshakeHash`).
@@ -691,11 +723,17 @@ mod tests {
 
     fn unhex(s: &str) -> Vec<u8> {
         let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     fn keys() -> (MachinePrivate, MachinePrivate) {
-        (MachinePrivate::from_random([0x11; 32]), MachinePrivate::from_random([0x22; 32]))
+        (
+            MachinePrivate::from_random([0x11; 32]),
+            MachinePrivate::from_random([0x22; 32]),
+        )
     }
 
     /// Runs a full handshake with fixed keys: (client transport, server accepted).
@@ -737,7 +775,8 @@ mod tests {
     const KAT_K1: &str = "eca6bee256efc1368a5af89be3a82cc3e7954223faf3d6b4e67ed66c671a814e";
     const KAT_K2: &str = "df92698929c58533e6973a3e010a3c8e4e1d394f1c9c198788b496512c6bb48a";
     /// Client records "hello" (counter 0) and "world" (counter 1) under k1.
-    const KAT_C2S: &str = "0400158dbec8f77738728dd69aca7e58427c2321d84a26dd 040015853ef0a1ac5262a8d877069b1424e751ed97c812fc";
+    const KAT_C2S: &str =
+        "0400158dbec8f77738728dd69aca7e58427c2321d84a26dd 040015853ef0a1ac5262a8d877069b1424e751ed97c812fc";
     /// Server record "ok" (counter 0) under k2.
     const KAT_S2C: &str = "0400120bd70c0623f14bd2df40715115c84746006f";
 
@@ -805,7 +844,14 @@ mod tests {
     fn full_handshake_and_bidirectional_transport() {
         let (mut client, mut acc) = pair();
         assert_eq!(client.handshake_hash(), acc.transport.handshake_hash());
-        for size in [0usize, 1, MAX_PLAINTEXT_SIZE, MAX_PLAINTEXT_SIZE + 1, 3 * MAX_PLAINTEXT_SIZE, 10_000] {
+        for size in [
+            0usize,
+            1,
+            MAX_PLAINTEXT_SIZE,
+            MAX_PLAINTEXT_SIZE + 1,
+            3 * MAX_PLAINTEXT_SIZE,
+            10_000,
+        ] {
             let data: Vec<u8> = (0..size).map(|i| (i * 7) as u8).collect();
             let mut wire = Vec::new();
             client.seal(&data, &mut wire).unwrap();
@@ -852,11 +898,20 @@ mod tests {
                 0 | 1 => assert_eq!(err, NoiseError::Decrypt),
                 2 => assert_eq!(err, NoiseError::UnexpectedType(0)),
                 3 | 4 => assert_eq!(err, NoiseError::WrongLength),
-                _ => assert!(matches!(err, NoiseError::Decrypt | NoiseError::WeakKey), "byte {i}: {err}"),
+                _ => assert!(
+                    matches!(err, NoiseError::Decrypt | NoiseError::WeakKey),
+                    "byte {i}: {err}"
+                ),
             }
         }
-        assert_eq!(respond(&server, &msg[..100], [0; 32]).unwrap_err(), NoiseError::WrongInitiationSize);
-        assert_eq!(respond(&server, &[], [0; 32]).unwrap_err(), NoiseError::WrongInitiationSize);
+        assert_eq!(
+            respond(&server, &msg[..100], [0; 32]).unwrap_err(),
+            NoiseError::WrongInitiationSize
+        );
+        assert_eq!(
+            respond(&server, &[], [0; 32]).unwrap_err(),
+            NoiseError::WrongInitiationSize
+        );
         assert!(NoiseError::WrongInitiationSize.reply_text().is_some());
         assert!(NoiseError::Decrypt.reply_text().is_none());
     }
@@ -880,7 +935,10 @@ mod tests {
         let acc = respond(&server, &msg, [0x44; 32]).unwrap();
         let fresh = || initiate(&machine, &server.public(), 130, [0x33; 32]).0;
         assert_eq!(fresh().finish(&[]).unwrap_err(), NoiseError::Truncated);
-        assert_eq!(fresh().finish(&acc.response[..50]).unwrap_err(), NoiseError::WrongLength);
+        assert_eq!(
+            fresh().finish(&acc.response[..50]).unwrap_err(),
+            NoiseError::WrongLength
+        );
         assert_eq!(fresh().finish(&[9, 0, 48]).unwrap_err(), NoiseError::UnexpectedType(9));
         let mut bad = acc.response;
         bad[50] ^= 1;
@@ -906,7 +964,9 @@ mod tests {
         }
         let long = "x".repeat(200);
         let (init, _) = initiate(&machine, &server.public(), 130, [0x33; 32]);
-        let NoiseError::ServerError(t) = init.finish(&error_message(&long)).unwrap_err() else { panic!() };
+        let NoiseError::ServerError(t) = init.finish(&error_message(&long)).unwrap_err() else {
+            panic!()
+        };
         assert_eq!(t.as_bytes().len(), SERVER_ERROR_TEXT_CAP);
         assert_eq!(error_message(&"y".repeat(70_000)).len(), HEADER_LEN + 65_535);
     }
@@ -923,7 +983,10 @@ mod tests {
             let mut r = RecordReader::new();
             r.push(&[4]);
             r.push(&len.to_be_bytes());
-            assert_eq!(acc.transport.open(&mut r).unwrap_err(), NoiseError::BadRecordLength(len));
+            assert_eq!(
+                acc.transport.open(&mut r).unwrap_err(),
+                NoiseError::BadRecordLength(len)
+            );
         }
         // A length of exactly 4093 (frame 4096) is acceptable and simply waits for the body.
         let mut r = RecordReader::new();
@@ -943,7 +1006,10 @@ mod tests {
         assert_eq!(acc.transport.open(&mut r).unwrap_err(), NoiseError::Decrypt);
         // The second record is intact, but the connection is dead.
         assert_eq!(acc.transport.open(&mut r).unwrap_err(), NoiseError::Decrypt);
-        assert_eq!(acc.transport.receiver().decrypt(&wire[22..]).unwrap_err(), NoiseError::Decrypt);
+        assert_eq!(
+            acc.transport.receiver().decrypt(&wire[22..]).unwrap_err(),
+            NoiseError::Decrypt
+        );
     }
 
     #[test]
@@ -963,7 +1029,10 @@ mod tests {
         client.send.nonce = NONCE_LIMIT - 1;
         let mut wire = Vec::new();
         // Two records do not fit: nothing is appended.
-        assert_eq!(client.seal(&[0; MAX_PLAINTEXT_SIZE + 1], &mut wire), Err(NoiseError::CipherExhausted));
+        assert_eq!(
+            client.seal(&[0; MAX_PLAINTEXT_SIZE + 1], &mut wire),
+            Err(NoiseError::CipherExhausted)
+        );
         assert!(wire.is_empty());
         client.seal(b"last", &mut wire).unwrap();
         assert_eq!(client.seal(b"more", &mut wire), Err(NoiseError::CipherExhausted));
@@ -979,7 +1048,10 @@ mod tests {
         assert_eq!(&p[..5], b"\xff\xff\xffTS");
         assert_eq!(&p[5..9], &(json.len() as u32).to_be_bytes());
         assert_eq!(parse_early_payload_header(&p), Some(json.len()));
-        assert_eq!(parse_early_payload_header(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00"), None);
+        assert_eq!(
+            parse_early_payload_header(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00"),
+            None
+        );
         assert_eq!(parse_early_payload_header(&p[..8]), None);
     }
 
@@ -1048,12 +1120,7 @@ mod tests {
             let mut r = RecordReader::new();
             for c in &chunks {
                 r.push(c);
-                loop {
-                    match acc.transport.open(&mut r) {
-                        Ok(Some(_)) => {}
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = acc.transport.open(&mut r) {}
             }
         }
     }

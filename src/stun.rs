@@ -217,9 +217,7 @@ pub fn parse_binding_request(pkt: &[u8]) -> Result<TxId, StunError> {
         let got = <[u8; 4]>::try_from(value).map_err(|_| StunError::BadFingerprint)?;
         // The CRC covers the message up to the attribute, with the header length as sent
         // (which already counts the FINGERPRINT attribute).
-        if offset + FINGERPRINT_ATTR_LEN != end
-            || u32::from_be_bytes(got) != fingerprint(&pkt[..offset])
-        {
+        if offset + FINGERPRINT_ATTR_LEN != end || u32::from_be_bytes(got) != fingerprint(&pkt[..offset]) {
             return Err(StunError::BadFingerprint);
         }
     }
@@ -333,10 +331,7 @@ pub fn parse_binding_response(pkt: &[u8]) -> Result<(TxId, SocketAddr), StunErro
         }
         Ok(())
     })?;
-    xor_addr
-        .or(mapped)
-        .map(|a| (txid, a))
-        .ok_or(StunError::NoMappedAddress)
+    xor_addr.or(mapped).map(|a| (txid, a)).ok_or(StunError::NoMappedAddress)
 }
 
 #[cfg(feature = "relay")]
@@ -449,12 +444,10 @@ mod tests {
     #[test]
     fn binding_request_vector() {
         // CRC computed independently: python3 zlib.crc32(bytes 0..32) ^ 0x5354554e.
-        let want = hex(
-            "0001 0014 2112a442            # binding request, 20 attr bytes, cookie
+        let want = hex("0001 0014 2112a442            # binding request, 20 attr bytes, cookie
              0102030405060708090a0b0c      # txid
              8022 0008 7461696c6e6f6465    # SOFTWARE \"tailnode\"
-             8028 0004 b32c370f            # FINGERPRINT",
-        );
+             8028 0004 b32c370f            # FINGERPRINT");
         let got = binding_request(TX);
         assert_eq!(got.len(), 40);
         assert_eq!(got.to_vec(), want);
@@ -487,24 +480,15 @@ mod tests {
         v.extend_from_slice(&hex("8022 0004 61626364"));
         assert_eq!(parse_binding_request(&v), Err(StunError::BadFingerprint));
         // Length beyond the datagram; attribute overrunning the length; odd length.
-        assert_eq!(
-            parse_binding_request(&good[..36]),
-            Err(StunError::MalformedAttrs)
-        );
+        assert_eq!(parse_binding_request(&good[..36]), Err(StunError::MalformedAttrs));
         let over = hex("0001 0004 2112a442 0102030405060708090a0b0c 8022 0008");
         assert_eq!(parse_binding_request(&over), Err(StunError::MalformedAttrs));
         let odd = hex("0001 0001 2112a442 0102030405060708090a0b0c 00");
         assert_eq!(parse_binding_request(&odd), Err(StunError::MalformedAttrs));
         // A response is not a request; a non-STUN packet is not STUN.
         let resp = binding_response(TX, "1.2.3.4:5".parse().unwrap());
-        assert_eq!(
-            parse_binding_request(&resp),
-            Err(StunError::NotBindingRequest)
-        );
-        assert_eq!(
-            parse_binding_request(&[1, 0, 0, 0]),
-            Err(StunError::NotStun)
-        );
+        assert_eq!(parse_binding_request(&resp), Err(StunError::NotBindingRequest));
+        assert_eq!(parse_binding_request(&[1, 0, 0, 0]), Err(StunError::NotStun));
     }
 
     #[test]
@@ -513,9 +497,7 @@ mod tests {
         let z12 = "000000000000000000000000";
         assert!(!is_stun(b""));
         assert!(!is_stun(&[0u8; 20]));
-        assert!(!is_stun(&hex(&format!(
-            "0001 0000 {cookie} 0000000000000000000000"
-        ))));
+        assert!(!is_stun(&hex(&format!("0001 0000 {cookie} 0000000000000000000000"))));
         assert!(is_stun(&hex(&format!("0001 0000 {cookie} {z12}"))));
         assert!(is_stun(&hex(&format!("0101 0000 {cookie} {z12} 666f6f"))));
         // High bits set.
@@ -532,10 +514,7 @@ mod tests {
              0020 0008 00 01 21ec   # port 254 ^ 0x2112
              20 10 a7 46            # 1.2.3.4 ^ cookie");
         assert_eq!(got, want);
-        assert_eq!(
-            parse_binding_response(&got),
-            Ok((TX, "1.2.3.4:254".parse().unwrap()))
-        );
+        assert_eq!(parse_binding_response(&got), Ok((TX, "1.2.3.4:254".parse().unwrap())));
     }
 
     #[test]
@@ -550,10 +529,7 @@ mod tests {
         let r = binding_response(TX, mapped);
         assert_eq!(r.len(), 32);
         assert_eq!(r[25], 1);
-        assert_eq!(
-            parse_binding_response(&r),
-            Ok((TX, "10.0.0.1:41641".parse().unwrap()))
-        );
+        assert_eq!(parse_binding_response(&r), Ok((TX, "10.0.0.1:41641".parse().unwrap())));
     }
 
     /// Captured server responses from Go's `net/stun/stun_test.go` table.
@@ -587,8 +563,7 @@ mod tests {
             ),
         ];
         for (name, pkt, want) in cases {
-            let (_, addr) =
-                parse_binding_response(&hex(pkt)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let (_, addr) = parse_binding_response(&hex(pkt)).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(addr, want.parse::<SocketAddr>().unwrap(), "{name}");
         }
         // pion: SOFTWARE with padding, XOR, FINGERPRINT, then trailing bytes past the length.
@@ -608,21 +583,11 @@ mod tests {
             parse_binding_response(&binding_request(TX)),
             Err(StunError::NotSuccessResponse)
         );
-        assert_eq!(
-            parse_binding_response(&r[..31]),
-            Err(StunError::MalformedAttrs)
-        );
+        assert_eq!(parse_binding_response(&r[..31]), Err(StunError::MalformedAttrs));
         let no_addr = hex("0101 0000 2112a442 0102030405060708090a0b0c");
-        assert_eq!(
-            parse_binding_response(&no_addr),
-            Err(StunError::NoMappedAddress)
-        );
-        let bad_family =
-            hex("0101 000c 2112a442 0102030405060708090a0b0c 0020 0008 0003 0000 00000000");
-        assert_eq!(
-            parse_binding_response(&bad_family),
-            Err(StunError::MalformedAttrs)
-        );
+        assert_eq!(parse_binding_response(&no_addr), Err(StunError::NoMappedAddress));
+        let bad_family = hex("0101 000c 2112a442 0102030405060708090a0b0c 0020 0008 0003 0000 00000000");
+        assert_eq!(parse_binding_response(&bad_family), Err(StunError::MalformedAttrs));
     }
 
     proptest! {
@@ -676,14 +641,8 @@ mod tests {
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let me = client.local_addr().unwrap();
         // Junk first: dropped and counted, no answer.
-        client
-            .send_to(b"not stun at all", server_addr)
-            .await
-            .unwrap();
-        client
-            .send_to(&binding_request(TX), server_addr)
-            .await
-            .unwrap();
+        client.send_to(b"not stun at all", server_addr).await.unwrap();
+        client.send_to(&binding_request(TX), server_addr).await.unwrap();
         let mut buf = [0u8; 128];
         let (n, from) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
             .await

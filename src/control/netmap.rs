@@ -60,7 +60,9 @@ impl Netmap {
             self.peers.remove(&id);
         }
         for pc in m.peers_changed_patch.into_iter().flatten() {
-            let Some(p) = self.peers.get_mut(&pc.node_id) else { continue };
+            let Some(p) = self.peers.get_mut(&pc.node_id) else {
+                continue;
+            };
             if let Some(r) = pc.derp_region {
                 p.home_derp = r;
             }
@@ -112,7 +114,10 @@ impl Netmap {
     /// The MagicDNS suffix: the self name minus its first label (`a.ts.example.` → `ts.example`).
     pub fn magic_dns_suffix(&self) -> String {
         let name = self.self_node.as_ref().map(|n| n.name.as_str()).unwrap_or("");
-        name.trim_end_matches('.').split_once('.').map(|x| x.1.to_string()).unwrap_or_default()
+        name.trim_end_matches('.')
+            .split_once('.')
+            .map(|x| x.1.to_string())
+            .unwrap_or_default()
     }
 }
 
@@ -122,7 +127,11 @@ mod tests {
     use crate::tailcfg::PeerChange;
 
     fn peer(id: u64, name: &str) -> Node {
-        Node { id, name: name.into(), ..Default::default() }
+        Node {
+            id,
+            name: name.into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -136,9 +145,16 @@ mod tests {
         assert_eq!(nm.peers.len(), 2);
         assert_eq!(nm.magic_dns_suffix(), "ts.example");
         // Empty Peers is ignored (Go semantics).
-        nm.apply(MapResponse { peers: Some(vec![]), ..Default::default() });
+        nm.apply(MapResponse {
+            peers: Some(vec![]),
+            ..Default::default()
+        });
         assert_eq!(nm.peers.len(), 2);
-        nm.apply(MapResponse { peers_removed: Some(vec![2]), peers_changed: Some(vec![peer(4, "d.")]), ..Default::default() });
+        nm.apply(MapResponse {
+            peers_removed: Some(vec![2]),
+            peers_changed: Some(vec![peer(4, "d.")]),
+            ..Default::default()
+        });
         assert_eq!(nm.peers.keys().copied().collect::<Vec<_>>(), vec![3, 4]);
         nm.apply(MapResponse {
             peers_changed_patch: Some(vec![PeerChange {
@@ -154,16 +170,25 @@ mod tests {
         assert_eq!(c.endpoints, vec!["1.2.3.4:5".to_string()]);
         assert_eq!((c.online, c.home_derp), (Some(true), 999));
         let before = nm.updates;
-        nm.apply(MapResponse { keep_alive: true, ..Default::default() });
+        nm.apply(MapResponse {
+            keep_alive: true,
+            ..Default::default()
+        });
         assert_eq!(nm.updates, before);
     }
 
     #[test]
     fn filters_merge_and_clear() {
         let mut nm = Netmap::default();
-        nm.apply(MapResponse { packet_filters: Some(BTreeMap::from([("base".into(), FilterRule::allow_all())])), ..Default::default() });
+        nm.apply(MapResponse {
+            packet_filters: Some(BTreeMap::from([("base".into(), FilterRule::allow_all())])),
+            ..Default::default()
+        });
         assert_eq!(nm.filters.len(), 1);
-        nm.apply(MapResponse { packet_filters: Some(BTreeMap::from([("*".into(), vec![])])), ..Default::default() });
+        nm.apply(MapResponse {
+            packet_filters: Some(BTreeMap::from([("*".into(), vec![])])),
+            ..Default::default()
+        });
         assert!(nm.filters.is_empty());
     }
 }

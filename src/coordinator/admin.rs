@@ -25,22 +25,60 @@ use crate::tailcfg;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum AdminRequest {
-    UsersCreate { name: String },
+    UsersCreate {
+        name: String,
+    },
     UsersList,
-    UsersRename { old: String, new: String },
-    UsersDestroy { name: String },
-    PreauthkeysCreate { user: String, reusable: bool, ephemeral: bool, expiration_secs: Option<u64>, tags: Vec<String> },
-    PreauthkeysList { user: Option<String> },
-    PreauthkeysExpire { key: String },
-    NodesRegister { user: String, key: String },
-    NodesList { user: Option<String> },
-    NodesDelete { id: u64 },
-    NodesExpire { id: u64 },
-    NodesRename { id: u64, name: String },
-    NodesMove { id: u64, user: String },
-    NodesApproveRoutes { id: u64, routes: Vec<String> },
+    UsersRename {
+        old: String,
+        new: String,
+    },
+    UsersDestroy {
+        name: String,
+    },
+    PreauthkeysCreate {
+        user: String,
+        reusable: bool,
+        ephemeral: bool,
+        expiration_secs: Option<u64>,
+        tags: Vec<String>,
+    },
+    PreauthkeysList {
+        user: Option<String>,
+    },
+    PreauthkeysExpire {
+        key: String,
+    },
+    NodesRegister {
+        user: String,
+        key: String,
+    },
+    NodesList {
+        user: Option<String>,
+    },
+    NodesDelete {
+        id: u64,
+    },
+    NodesExpire {
+        id: u64,
+    },
+    NodesRename {
+        id: u64,
+        name: String,
+    },
+    NodesMove {
+        id: u64,
+        user: String,
+    },
+    NodesApproveRoutes {
+        id: u64,
+        routes: Vec<String>,
+    },
     RoutesList,
-    RoutesEnable { id: u64, routes: Vec<String> },
+    RoutesEnable {
+        id: u64,
+        routes: Vec<String>,
+    },
 }
 
 /// One admin response: `data` on success, `error` otherwise.
@@ -214,8 +252,14 @@ pub fn handle(coord: &Coordinator, req: AdminRequest) -> AdminResponse {
         })
     })();
     match r {
-        Ok(data) => AdminResponse { data, error: String::new() },
-        Err(e) => AdminResponse { data: Value::Null, error: e.to_string() },
+        Ok(data) => AdminResponse {
+            data,
+            error: String::new(),
+        },
+        Err(e) => AdminResponse {
+            data: Value::Null,
+            error: e.to_string(),
+        },
     }
 }
 
@@ -260,7 +304,10 @@ pub async fn serve_admin(coord: Arc<Coordinator>, path: &Path) -> std::io::Resul
             while let Ok(Some(line)) = lines.next_line().await {
                 let resp = match serde_json::from_str::<AdminRequest>(&line) {
                     Ok(req) => handle(&coord, req),
-                    Err(e) => AdminResponse { data: Value::Null, error: format!("bad admin request: {e}") },
+                    Err(e) => AdminResponse {
+                        data: Value::Null,
+                        error: format!("bad admin request: {e}"),
+                    },
                 };
                 let mut out = serde_json::to_vec(&resp).unwrap_or_default();
                 out.push(b'\n');
@@ -285,7 +332,11 @@ pub async fn call(path: &Path, req: &AdminRequest) -> Result<Value, String> {
     line.push(b'\n');
     w.write_all(&line).await.map_err(|e| e.to_string())?;
     let mut lines = BufReader::new(r).lines();
-    let resp = lines.next_line().await.map_err(|e| e.to_string())?.ok_or("coordinator closed the admin connection")?;
+    let resp = lines
+        .next_line()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("coordinator closed the admin connection")?;
     let resp: AdminResponse = serde_json::from_str(&resp).map_err(|e| format!("bad admin response: {e}"))?;
     if resp.error.is_empty() {
         Ok(resp.data)

@@ -27,7 +27,10 @@ pub struct Ipam {
 
 impl Default for Ipam {
     fn default() -> Self {
-        Ipam { v4: DEFAULT_V4, v6: DEFAULT_V6 }
+        Ipam {
+            v4: DEFAULT_V4,
+            v6: DEFAULT_V6,
+        }
     }
 }
 
@@ -66,7 +69,11 @@ impl Ipam {
         let (base, len) = self.v6;
         let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
         let start = u128::from(base) & mask;
-        let span = if len >= 96 { 1u128 << (128 - u32::from(len)) } else { 1u128 << 32 };
+        let span = if len >= 96 {
+            1u128 << (128 - u32::from(len))
+        } else {
+            1u128 << 32
+        };
         (1..span).find_map(|off| {
             let a = Ipv6Addr::from(start + off);
             (!used.contains(&a) && !reserved_v6(a)).then_some(a)
@@ -97,17 +104,28 @@ mod tests {
         assert!(reserved_v4(Ipv4Addr::new(100, 100, 100, 100)));
         assert!(!reserved_v4(Ipv4Addr::new(100, 64, 0, 1)));
         assert!(reserved_v6("fd7a:115c:a1e0::53".parse().unwrap()));
-        let ipam = Ipam { v4: (Ipv4Addr::new(100, 100, 100, 96), 28), ..Ipam::default() };
+        let ipam = Ipam {
+            v4: (Ipv4Addr::new(100, 100, 100, 96), 28),
+            ..Ipam::default()
+        };
         let used: BTreeSet<_> = (97..100).map(|i| Ipv4Addr::new(100, 100, 100, i)).collect();
         assert_eq!(ipam.next_v4(&used), Some(Ipv4Addr::new(100, 100, 100, 101)));
-        let ipam6 = Ipam { v6: ("fd7a:115c:a1e0::50".parse().unwrap(), 124), ..Ipam::default() };
-        let used6: BTreeSet<Ipv6Addr> = (0x51..0x53).map(|i| Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, i)).collect();
+        let ipam6 = Ipam {
+            v6: ("fd7a:115c:a1e0::50".parse().unwrap(), 124),
+            ..Ipam::default()
+        };
+        let used6: BTreeSet<Ipv6Addr> = (0x51..0x53)
+            .map(|i| Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, i))
+            .collect();
         assert_eq!(ipam6.next_v6(&used6), Some("fd7a:115c:a1e0::54".parse().unwrap()));
     }
 
     #[test]
     fn exhaustion_returns_none() {
-        let ipam = Ipam { v4: (Ipv4Addr::new(100, 64, 0, 0), 30), ..Ipam::default() };
+        let ipam = Ipam {
+            v4: (Ipv4Addr::new(100, 64, 0, 0), 30),
+            ..Ipam::default()
+        };
         let used: BTreeSet<_> = [Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::new(100, 64, 0, 2)].into();
         assert_eq!(ipam.next_v4(&used), None);
     }

@@ -31,7 +31,11 @@ pub fn tail_node(state: &State, id: u64, primaries: &BTreeMap<String, u64>, now:
         addresses.push(format!("{a}/128"));
     }
     let effective = State::effective_routes(n);
-    let primary_routes: Vec<String> = primaries.iter().filter(|(_, v)| **v == id).map(|(k, _)| k.clone()).collect();
+    let primary_routes: Vec<String> = primaries
+        .iter()
+        .filter(|(_, v)| **v == id)
+        .map(|(k, _)| k.clone())
+        .collect();
     let mut allowed = addresses.clone();
     allowed.extend(primary_routes.iter().cloned());
     let exit: Vec<&String> = effective.iter().filter(|r| *r == "0.0.0.0/0" || *r == "::/0").collect();
@@ -39,7 +43,9 @@ pub fn tail_node(state: &State, id: u64, primaries: &BTreeMap<String, u64>, now:
         allowed.extend(exit.into_iter().cloned());
     }
     let online = state.is_online(id);
-    let hostinfo = serde_json::from_str::<serde_json::Value>(&n.hostinfo).ok().filter(|v| v.is_object());
+    let hostinfo = serde_json::from_str::<serde_json::Value>(&n.hostinfo)
+        .ok()
+        .filter(|v| v.is_object());
     Some(tailcfg::Node {
         id,
         stable_id: id.to_string(),
@@ -53,14 +59,22 @@ pub fn tail_node(state: &State, id: u64, primaries: &BTreeMap<String, u64>, now:
         allowed_ips: allowed,
         endpoints: n.endpoints.clone(),
         home_derp: n.home_derp,
-        derp: if n.home_derp > 0 { format!("{}:{}", tailcfg::DERP_MAGIC_IP, n.home_derp) } else { String::new() },
+        derp: if n.home_derp > 0 {
+            format!("{}:{}", tailcfg::DERP_MAGIC_IP, n.home_derp)
+        } else {
+            String::new()
+        },
         hostinfo,
         created: tailcfg::format_time(n.created),
         cap: 0,
         tags: n.tags.clone(),
         primary_routes,
         online: Some(online),
-        last_seen: if online { None } else { n.last_seen.map(tailcfg::format_time) },
+        last_seen: if online {
+            None
+        } else {
+            n.last_seen.map(tailcfg::format_time)
+        },
         machine_authorized: true,
         cap_map: BTreeMap::new(),
         expired: n.expiry.is_some_and(|e| e <= now),
@@ -68,7 +82,11 @@ pub fn tail_node(state: &State, id: u64, primaries: &BTreeMap<String, u64>, now:
 }
 
 fn profile(state: &State, uid: u64) -> Option<UserProfile> {
-    state.user(uid).map(|u| UserProfile { id: u.id, login_name: format!("{}@", u.name), display_name: u.display_name.clone() })
+    state.user(uid).map(|u| UserProfile {
+        id: u.id,
+        login_name: format!("{}@", u.name),
+        display_name: u.display_name.clone(),
+    })
 }
 
 /// The DNS configuration sent to every node (spec §10.2).
@@ -138,21 +156,40 @@ pub enum Delta {
 
 /// Turns one change into the delta for `viewer`.
 pub fn delta(state: &State, viewer: u64, change: &Change, now: i64) -> Delta {
-    let base = MapResponse { control_time: Some(tailcfg::format_time(now)), ..Default::default() };
+    let base = MapResponse {
+        control_time: Some(tailcfg::format_time(now)),
+        ..Default::default()
+    };
     match change {
         Change::Full => full_map(state, viewer, now).map_or(Delta::End, |m| Delta::Send(Box::new(m))),
         Change::Removed(id) if *id == viewer => Delta::End,
-        Change::Removed(id) => Delta::Send(Box::new(MapResponse { peers_removed: Some(vec![*id]), ..base })),
+        Change::Removed(id) => Delta::Send(Box::new(MapResponse {
+            peers_removed: Some(vec![*id]),
+            ..base
+        })),
         Change::Node(id) => {
-            let Some(n) = tail_node(state, *id, state.primaries(), now) else { return Delta::None };
+            let Some(n) = tail_node(state, *id, state.primaries(), now) else {
+                return Delta::None;
+            };
             let profiles = profile(state, n.user).into_iter().collect();
             if *id == viewer {
-                Delta::Send(Box::new(MapResponse { node: Some(n), user_profiles: Some(profiles), ..base }))
+                Delta::Send(Box::new(MapResponse {
+                    node: Some(n),
+                    user_profiles: Some(profiles),
+                    ..base
+                }))
             } else {
-                Delta::Send(Box::new(MapResponse { peers_changed: Some(vec![n]), user_profiles: Some(profiles), ..base }))
+                Delta::Send(Box::new(MapResponse {
+                    peers_changed: Some(vec![n]),
+                    user_profiles: Some(profiles),
+                    ..base
+                }))
             }
         }
         Change::Patch(p) if p.node_id == viewer => Delta::None,
-        Change::Patch(p) => Delta::Send(Box::new(MapResponse { peers_changed_patch: Some(vec![p.clone()]), ..base })),
+        Change::Patch(p) => Delta::Send(Box::new(MapResponse {
+            peers_changed_patch: Some(vec![p.clone()]),
+            ..base
+        })),
     }
 }

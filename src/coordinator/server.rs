@@ -51,7 +51,9 @@ pub struct Coordinator {
 
 /// Unix seconds now.
 pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// `n` random bytes as URL-safe text (lowercase hex).
@@ -81,7 +83,13 @@ impl Coordinator {
         };
         let (changes, _) = broadcast::channel(CHANGE_QUEUE);
         let (registrations, _) = watch::channel(0);
-        Ok(Arc::new(Coordinator { state: Mutex::new(state), changes, registrations, noise_key, derp: Default::default() }))
+        Ok(Arc::new(Coordinator {
+            state: Mutex::new(state),
+            changes,
+            registrations,
+            noise_key,
+            derp: Default::default(),
+        }))
     }
 
     /// Locks the state (a poisoned lock is still usable: panics abort the process anyway).
@@ -167,11 +175,20 @@ fn json_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec())
 }
 
-async fn route(coord: &Arc<Coordinator>, mut sock: TcpStream, head: &Head, leftover: Vec<u8>, peer: SocketAddr) -> std::io::Result<()> {
+async fn route(
+    coord: &Arc<Coordinator>,
+    mut sock: TcpStream,
+    head: &Head,
+    leftover: Vec<u8>,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
     if head.path() == "/ts2021" {
         return ts2021(coord, sock, head, leftover, peer).await;
     }
-    if matches!(head.path(), "/derp" | "/derp/probe" | "/derp/latency-check" | "/generate_204") {
+    if matches!(
+        head.path(),
+        "/derp" | "/derp/probe" | "/derp/latency-check" | "/generate_204"
+    ) {
         if let Some(derp) = coord.derp.get() {
             derp.handle_http(sock, head, leftover).await;
             return Ok(());
@@ -199,7 +216,13 @@ async fn route(coord: &Arc<Coordinator>, mut sock: TcpStream, head: &Head, lefto
             http1::write_response(sock, status, "text/html; charset=utf-8", body.as_bytes()).await
         }
         "/" => {
-            http1::write_response(sock, 200, "text/plain", b"tinyscale coordinator: point a Tailscale client's login server here\n").await
+            http1::write_response(
+                sock,
+                200,
+                "text/plain",
+                b"tinyscale coordinator: point a Tailscale client's login server here\n",
+            )
+            .await
         }
         _ => http1::write_response(sock, 404, "text/plain", b"not found\n").await,
     }
@@ -207,7 +230,8 @@ async fn route(coord: &Arc<Coordinator>, mut sock: TcpStream, head: &Head, lefto
 
 fn register_page(coord: &Coordinator, id: &str) -> (u16, String) {
     // Only ids we could have issued are echoed back (no markup injection).
-    let valid = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let valid =
+        !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     let st = coord.lock();
     let pending = valid.then(|| st.pending(id)).flatten();
     match pending {
@@ -229,39 +253,69 @@ fn register_page(coord: &Coordinator, id: &str) -> (u16, String) {
     }
 }
 
-async fn ts2021(coord: &Arc<Coordinator>, mut sock: TcpStream, head: &Head, leftover: Vec<u8>, peer: SocketAddr) -> std::io::Result<()> {
-    let upgrade_ok = head.header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("tailscale-control-protocol"));
+async fn ts2021(
+    coord: &Arc<Coordinator>,
+    mut sock: TcpStream,
+    head: &Head,
+    leftover: Vec<u8>,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
+    let upgrade_ok = head
+        .header("upgrade")
+        .is_some_and(|u| u.eq_ignore_ascii_case("tailscale-control-protocol"));
     let init = head.header("x-tailscale-handshake").and_then(http1::base64_decode);
     let (true, Some(init)) = (upgrade_ok, init) else {
-        return http1::write_response(&mut sock, 400, "text/plain", b"ts2021 needs Upgrade: tailscale-control-protocol and X-Tailscale-Handshake\n").await;
+        return http1::write_response(
+            &mut sock,
+            400,
+            "text/plain",
+            b"ts2021 needs Upgrade: tailscale-control-protocol and X-Tailscale-Handshake\n",
+        )
+        .await;
     };
     let accepted = match noise::respond(&coord.noise_key, &init, random32()) {
         Ok(a) => a,
         Err(e) => {
             log::debug!("noise handshake failed peer={peer} err={e}");
-            return http1::write_response(&mut sock, 400, "text/plain", format!("noise handshake failed: {e}\n").as_bytes()).await;
+            return http1::write_response(
+                &mut sock,
+                400,
+                "text/plain",
+                format!("noise handshake failed: {e}\n").as_bytes(),
+            )
+            .await;
         }
     };
     let machine = accepted.peer;
     let version = accepted.version;
     let mut transport = accepted.transport;
-    let mut out = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n".to_vec();
+    let mut out =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\n\r\n"
+            .to_vec();
     out.extend_from_slice(&accepted.response);
     // Early payload: tiny (tailscale-rs accepts ≤ 1024 bytes); clients ignore the challenge.
     let challenge = format!("{{\"nodeKeyChallenge\":\"chalpub:{}\"}}", hex_encode(&random32()));
-    if transport.seal(&noise::early_payload(challenge.as_bytes()), &mut out).is_err() {
+    if transport
+        .seal(&noise::early_payload(challenge.as_bytes()), &mut out)
+        .is_err()
+    {
         return Ok(());
     }
     sock.write_all(&out).await?;
-    log::debug!("noise session up peer={peer} machine={} capver={version}", machine.short());
+    log::debug!(
+        "noise session up peer={peer} machine={} capver={version}",
+        machine.short()
+    );
     let io = NoiseStream::new(sock, transport, leftover);
     serve_h2(coord.clone(), io, machine).await;
     Ok(())
 }
 
-
 async fn serve_h2(coord: Arc<Coordinator>, io: NoiseStream<TcpStream>, machine: MachinePublic) {
-    let conn = h2::server::Builder::new().max_concurrent_streams(32).handshake::<_, Bytes>(io).await;
+    let conn = h2::server::Builder::new()
+        .max_concurrent_streams(32)
+        .handshake::<_, Bytes>(io)
+        .await;
     let mut conn = match conn {
         Ok(c) => c,
         Err(e) => {
@@ -298,7 +352,11 @@ async fn read_h2_body(body: &mut h2::RecvStream) -> Result<Vec<u8>, u16> {
 fn respond_now(mut respond: h2::server::SendResponse<Bytes>, status: u16, body: Vec<u8>) {
     let mut resp = http::Response::new(());
     *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-    let ct = if body.first() == Some(&b'{') { "application/json" } else { "text/plain; charset=utf-8" };
+    let ct = if body.first() == Some(&b'{') {
+        "application/json"
+    } else {
+        "text/plain; charset=utf-8"
+    };
     if let Ok(v) = http::HeaderValue::from_str(ct) {
         resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
     }
@@ -352,10 +410,21 @@ async fn handle_noise_request(
     }
 }
 
-async fn register(coord: Arc<Coordinator>, machine: MachinePublic, data: &[u8], respond: h2::server::SendResponse<Bytes>) {
+async fn register(
+    coord: Arc<Coordinator>,
+    machine: MachinePublic,
+    data: &[u8],
+    respond: h2::server::SendResponse<Bytes>,
+) {
     let req: RegisterRequest = match tailcfg::from_slice_folded(data) {
         Ok(r) => r,
-        Err(e) => return respond_now(respond, 400, format!("invalid RegisterRequest JSON: {e}\n").into_bytes()),
+        Err(e) => {
+            return respond_now(
+                respond,
+                400,
+                format!("invalid RegisterRequest JSON: {e}\n").into_bytes(),
+            )
+        }
     };
     let mut waiter = coord.registrations.subscribe();
     loop {
@@ -378,7 +447,10 @@ async fn register(coord: Arc<Coordinator>, machine: MachinePublic, data: &[u8], 
             Err(e) => {
                 log::info!("registration refused machine={} err={e}", machine.short());
                 // Auth failures are reported in-band (200 + Error) as Go clients expect.
-                let resp = tailcfg::RegisterResponse { error: e.to_string(), ..Default::default() };
+                let resp = tailcfg::RegisterResponse {
+                    error: e.to_string(),
+                    ..Default::default()
+                };
                 return match e {
                     CoordError::Unauthorized(_) => respond_now(respond, 200, json_bytes(&resp)),
                     e => respond_now(respond, u16::from(&e), error_text(&e)),
@@ -398,7 +470,12 @@ pub fn frame_map_message(msg: &MapResponse, zstd: bool) -> Bytes {
     Bytes::from(out)
 }
 
-async fn map(coord: Arc<Coordinator>, machine: MachinePublic, data: &[u8], mut respond: h2::server::SendResponse<Bytes>) {
+async fn map(
+    coord: Arc<Coordinator>,
+    machine: MachinePublic,
+    data: &[u8],
+    mut respond: h2::server::SendResponse<Bytes>,
+) {
     let req: MapRequest = match tailcfg::from_slice_folded(data) {
         Ok(r) => r,
         Err(e) => return respond_now(respond, 400, format!("invalid MapRequest JSON: {e}\n").into_bytes()),
@@ -440,7 +517,13 @@ async fn map(coord: Arc<Coordinator>, machine: MachinePublic, data: &[u8], mut r
             return;
         }
     }
-    let keepalive = frame_map_message(&MapResponse { keep_alive: true, ..Default::default() }, zstd);
+    let keepalive = frame_map_message(
+        &MapResponse {
+            keep_alive: true,
+            ..Default::default()
+        },
+        zstd,
+    );
     let mut deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
     loop {
         tokio::select! {

@@ -205,7 +205,9 @@ impl State {
     }
 
     fn node_mut(&mut self, id: u64) -> Result<&mut Node, CoordError> {
-        self.nodes.get_mut(&id).ok_or_else(|| CoordError::NotFound(format!("node {id} not found")))
+        self.nodes
+            .get_mut(&id)
+            .ok_or_else(|| CoordError::NotFound(format!("node {id} not found")))
     }
 
     /// Routes the node announces in Hostinfo.RoutableIPs.
@@ -217,7 +219,10 @@ impl State {
 
     /// Announced ∩ approved.
     pub fn effective_routes(n: &Node) -> Vec<String> {
-        Self::announced_routes(n).into_iter().filter(|r| n.approved_routes.contains(r)).collect()
+        Self::announced_routes(n)
+            .into_iter()
+            .filter(|r| n.approved_routes.contains(r))
+            .collect()
     }
 
     /// Primary router per subnet prefix (cached; recomputed when routes, nodes or online state change).
@@ -261,7 +266,10 @@ impl State {
                 ids.insert(*v);
             }
         }
-        ids.into_iter().filter(|id| self.nodes.contains_key(id)).map(Change::Node).collect()
+        ids.into_iter()
+            .filter(|id| self.nodes.contains_key(id))
+            .map(Change::Node)
+            .collect()
     }
 
     // ---- users ----
@@ -277,7 +285,12 @@ impl State {
         if self.users.values().any(|u| u.name == name) {
             return Err(CoordError::Conflict(format!("user {name:?} already exists")));
         }
-        let mut u = User { id: 0, name: name.into(), display_name: name.into(), created: now };
+        let mut u = User {
+            id: 0,
+            name: name.into(),
+            display_name: name.into(),
+            created: now,
+        };
         u.id = self.store.insert_user(&u)?;
         self.users.insert(u.id, u.clone());
         Ok(u)
@@ -314,7 +327,13 @@ impl State {
                 "user {name:?} still owns {owned} node(s); delete or move them first"
             )));
         }
-        for k in self.keys.values().filter(|k| k.user_id == id).map(|k| k.id).collect::<Vec<_>>() {
+        for k in self
+            .keys
+            .values()
+            .filter(|k| k.user_id == id)
+            .map(|k| k.id)
+            .collect::<Vec<_>>()
+        {
             self.keys.remove(&k);
         }
         self.store.delete_user(id)?;
@@ -339,7 +358,9 @@ impl State {
         let user_id = self.user_by_name(user)?.id;
         for t in &tags {
             if !t.starts_with("tag:") || t.len() < 5 {
-                return Err(CoordError::Invalid(format!("invalid tag {t:?}: tags look like tag:name")));
+                return Err(CoordError::Invalid(format!(
+                    "invalid tag {t:?}: tags look like tag:name"
+                )));
             }
         }
         let mut k = PreAuthKey {
@@ -412,7 +433,9 @@ impl State {
         now: i64,
     ) -> Result<(u64, Vec<Change>), CoordError> {
         if self.nodes.values().any(|n| n.node_key == node_key) {
-            return Err(CoordError::Conflict("node key already registered to another machine".into()));
+            return Err(CoordError::Conflict(
+                "node key already registered to another machine".into(),
+            ));
         }
         let used4: BTreeSet<_> = self.nodes.values().filter_map(|n| n.ipv4).collect();
         let used6: BTreeSet<_> = self.nodes.values().filter_map(|n| n.ipv6).collect();
@@ -455,8 +478,16 @@ impl State {
         let u = self.users.get(&n.user_id);
         let name = u.map(|u| u.name.clone()).unwrap_or_default();
         RegisterResponse {
-            user: tailcfg::UserJson { id: n.user_id, display_name: name.clone() },
-            login: tailcfg::Login { id: n.user_id, provider: String::new(), login_name: format!("{name}@"), display_name: name },
+            user: tailcfg::UserJson {
+                id: n.user_id,
+                display_name: name.clone(),
+            },
+            login: tailcfg::Login {
+                id: n.user_id,
+                provider: String::new(),
+                login_name: format!("{name}@"),
+                display_name: name,
+            },
             node_key_expired: n.expiry.is_some_and(|e| e <= now),
             machine_authorized: true,
             auth_url: String::new(),
@@ -479,7 +510,10 @@ impl State {
                 node_id: None,
             },
         );
-        RegisterResponse { auth_url: url, ..Default::default() }
+        RegisterResponse {
+            auth_url: url,
+            ..Default::default()
+        }
     }
 
     /// `POST /machine/register` from the Noise peer `machine`. `new_id` makes a random AuthURL id.
@@ -501,7 +535,11 @@ impl State {
             return Err(CoordError::Invalid("NodeKey is missing".into()));
         }
         // A node key bound to another machine is never accepted (headscale machineKeyMismatch).
-        if self.nodes.values().any(|n| n.node_key == req.node_key && n.machine_key != machine) {
+        if self
+            .nodes
+            .values()
+            .any(|n| n.node_key == req.node_key && n.machine_key != machine)
+        {
             return Err(CoordError::Unauthorized("node key belongs to another machine".into()));
         }
         let existing = self.nodes.values().find(|n| n.machine_key == machine).map(|n| n.id);
@@ -535,9 +573,15 @@ impl State {
                         Ok((RegisterOutcome::Reply(self.authorized_response(node, now)), vec![]))
                     }
                     _ if p.expires > now => Ok((RegisterOutcome::Wait(id), vec![])),
-                    _ => Ok((RegisterOutcome::Reply(self.new_pending(machine, req, new_id(), now)), vec![])),
+                    _ => Ok((
+                        RegisterOutcome::Reply(self.new_pending(machine, req, new_id(), now)),
+                        vec![],
+                    )),
                 },
-                _ => Ok((RegisterOutcome::Reply(self.new_pending(machine, req, new_id(), now)), vec![])),
+                _ => Ok((
+                    RegisterOutcome::Reply(self.new_pending(machine, req, new_id(), now)),
+                    vec![],
+                )),
             };
         }
 
@@ -572,7 +616,12 @@ impl State {
                 self.store.update_preauth_key(&k)?;
                 self.keys.insert(k.id, k);
             }
-            let id = self.nodes.values().find(|n| n.machine_key == machine).map(|n| n.id).ok_or(CoordError::Exhausted)?;
+            let id = self
+                .nodes
+                .values()
+                .find(|n| n.machine_key == machine)
+                .map(|n| n.id)
+                .ok_or(CoordError::Exhausted)?;
             return Ok((RegisterOutcome::Reply(self.authorized_response(id, now)), changes));
         }
 
@@ -582,7 +631,10 @@ impl State {
                 return Ok((RegisterOutcome::Reply(self.authorized_response(id, now)), vec![]));
             }
         }
-        Ok((RegisterOutcome::Reply(self.new_pending(machine, req, new_id(), now)), vec![]))
+        Ok((
+            RegisterOutcome::Reply(self.new_pending(machine, req, new_id(), now)),
+            vec![],
+        ))
     }
 
     /// Re-authentication of an existing machine with a (possibly new) node key; keeps the IPs.
@@ -618,15 +670,32 @@ impl State {
             .get(id)
             .filter(|p| p.expires > now)
             .cloned()
-            .ok_or_else(|| CoordError::NotFound(format!("no pending registration with key {id:?} (expired or never requested)")))?;
+            .ok_or_else(|| {
+                CoordError::NotFound(format!(
+                    "no pending registration with key {id:?} (expired or never requested)"
+                ))
+            })?;
         if p.node_id.is_some() {
             return Err(CoordError::Conflict("registration already approved".into()));
         }
         let user_id = self.user_by_name(user)?.id;
-        let existing = self.nodes.values().find(|n| n.machine_key == p.machine_key).map(|n| n.id);
+        let existing = self
+            .nodes
+            .values()
+            .find(|n| n.machine_key == p.machine_key)
+            .map(|n| n.id);
         let (node_id, changes) = match existing {
             Some(nid) => (nid, self.reauth(nid, p.node_key, &p.hostinfo, user_id, None)?),
-            None => self.create_node(p.machine_key, p.node_key, &p.hostinfo, user_id, p.ephemeral, vec![], None, now)?,
+            None => self.create_node(
+                p.machine_key,
+                p.node_key,
+                &p.hostinfo,
+                user_id,
+                p.ephemeral,
+                vec![],
+                None,
+                now,
+            )?,
         };
         if let Some(pm) = self.pending.get_mut(id) {
             pm.node_id = Some(node_id);
@@ -687,10 +756,17 @@ impl State {
     }
 
     /// `nodes approve-routes` (replaces the approved set) / `routes enable` (adds).
-    pub fn set_approved_routes(&mut self, id: u64, routes: Vec<String>, replace: bool) -> Result<Vec<Change>, CoordError> {
+    pub fn set_approved_routes(
+        &mut self,
+        id: u64,
+        routes: Vec<String>,
+        replace: bool,
+    ) -> Result<Vec<Change>, CoordError> {
         for r in &routes {
             if !valid_cidr(r) {
-                return Err(CoordError::Invalid(format!("invalid route {r:?}: expected a CIDR like 192.168.1.0/24")));
+                return Err(CoordError::Invalid(format!(
+                    "invalid route {r:?}: expected a CIDR like 192.168.1.0/24"
+                )));
             }
         }
         let before = self.primaries.clone();
@@ -721,7 +797,10 @@ impl State {
         _now: i64,
     ) -> Result<(u64, Vec<Change>), CoordError> {
         if req.version < tailcfg::MIN_SUPPORTED_CAPABILITY_VERSION {
-            return Err(CoordError::Invalid(format!("client capability version {} is too old", req.version)));
+            return Err(CoordError::Invalid(format!(
+                "client capability version {} is too old",
+                req.version
+            )));
         }
         let id = self
             .nodes
@@ -734,7 +813,10 @@ impl State {
         if n.machine_key != machine {
             return Err(CoordError::Unauthorized("node key belongs to another machine".into()));
         }
-        let mut patch = PeerChange { node_id: id, ..Default::default() };
+        let mut patch = PeerChange {
+            node_id: id,
+            ..Default::default()
+        };
         let mut full = false;
         if !req.disco_key.is_zero() && req.disco_key != n.disco_key {
             n.disco_key = req.disco_key;
@@ -790,7 +872,11 @@ impl State {
         if let Some(n) = self.nodes.get_mut(&id) {
             n.last_seen = Some(now);
         }
-        let mut ch = vec![Change::Patch(PeerChange { node_id: id, online: Some(true), ..Default::default() })];
+        let mut ch = vec![Change::Patch(PeerChange {
+            node_id: id,
+            online: Some(true),
+            ..Default::default()
+        })];
         ch.extend(self.node_changes_for_primaries(&before));
         ch
     }
@@ -798,13 +884,17 @@ impl State {
     /// A map stream for `id` ended.
     pub fn session_end(&mut self, id: u64, now: i64) -> Vec<Change> {
         let before = self.primaries.clone();
-        let Some(c) = self.sessions.get_mut(&id) else { return vec![] };
+        let Some(c) = self.sessions.get_mut(&id) else {
+            return vec![];
+        };
         *c = c.saturating_sub(1);
         if *c > 0 {
             return vec![];
         }
         self.sessions.remove(&id);
-        let Some(n) = self.nodes.get_mut(&id) else { return vec![] };
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return vec![];
+        };
         n.last_seen = Some(now);
         let n = n.clone();
         if let Err(e) = self.store.update_node(&n) {
@@ -843,13 +933,16 @@ impl State {
 
     /// Forgets expired pending registrations.
     pub fn gc_pending(&mut self, now: i64) {
-        self.pending.retain(|_, p| p.expires > now || p.node_id.is_some() && p.expires + 60 > now);
+        self.pending
+            .retain(|_, p| p.expires > now || p.node_id.is_some() && p.expires + 60 > now);
     }
 }
 
 /// Syntax check for `a.b.c.d/n` or `v6/n`.
 pub fn valid_cidr(s: &str) -> bool {
-    let Some((ip, len)) = s.split_once('/') else { return false };
+    let Some((ip, len)) = s.split_once('/') else {
+        return false;
+    };
     let Ok(len) = len.parse::<u8>() else { return false };
     match ip.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(_)) => len <= 32,
@@ -872,7 +965,10 @@ mod tests {
     }
 
     fn mk(b: u8) -> (MachinePublic, NodePrivate) {
-        (MachinePrivate::from_random([b; 32]).public(), NodePrivate::from_random([b.wrapping_add(100); 32]))
+        (
+            MachinePrivate::from_random([b; 32]).public(),
+            NodePrivate::from_random([b.wrapping_add(100); 32]),
+        )
     }
 
     fn req(node: &NodePrivate, key: Option<&str>, host: &str) -> RegisterRequest {
@@ -897,7 +993,17 @@ mod tests {
         if st.users().next().is_none() {
             st.create_user("u", 0).unwrap();
         }
-        st.create_preauth_key("u", true, ephemeral, None, vec![], format!("k{}", st.preauth_keys().count()), 0).unwrap().key
+        st.create_preauth_key(
+            "u",
+            true,
+            ephemeral,
+            None,
+            vec![],
+            format!("k{}", st.preauth_keys().count()),
+            0,
+        )
+        .unwrap()
+        .key
     }
 
     #[test]
@@ -968,13 +1074,22 @@ mod tests {
         for b in [7u8, 8] {
             let (m, n) = mk(b);
             let mut r = req(&n, Some(&k), &format!("r{b}"));
-            r.hostinfo = Some(serde_json::json!({"Hostname": format!("r{b}"), "RoutableIPs": ["10.0.0.0/24", "0.0.0.0/0", "::/0"]}));
+            r.hostinfo = Some(
+                serde_json::json!({"Hostname": format!("r{b}"), "RoutableIPs": ["10.0.0.0/24", "0.0.0.0/0", "::/0"]}),
+            );
             register(&mut st, m, &r, 0);
             ids.push(st.nodes().last().unwrap().id);
         }
         assert!(st.primaries().is_empty(), "announced but not approved");
-        st.set_approved_routes(ids[0], vec!["10.0.0.0/24".into()], true).unwrap();
-        let ch = st.set_approved_routes(ids[1], vec!["10.0.0.0/24".into(), "0.0.0.0/0".into(), "::/0".into()], true).unwrap();
+        st.set_approved_routes(ids[0], vec!["10.0.0.0/24".into()], true)
+            .unwrap();
+        let ch = st
+            .set_approved_routes(
+                ids[1],
+                vec!["10.0.0.0/24".into(), "0.0.0.0/0".into(), "::/0".into()],
+                true,
+            )
+            .unwrap();
         assert!(ch.contains(&Change::Node(ids[1])));
         assert_eq!(st.primaries()["10.0.0.0/24"], ids[0], "lowest id when none is online");
         // Node 2 comes online: it takes over, and both nodes' views change.
@@ -986,7 +1101,12 @@ mod tests {
         assert_eq!(view.primary_routes, vec!["10.0.0.0/24".to_string()]);
         assert!(view.allowed_ips.contains(&"0.0.0.0/0".to_string()) && view.allowed_ips.contains(&"::/0".to_string()));
         let other = mapper::tail_node(&st, ids[0], &p, 1).unwrap();
-        assert_eq!(other.allowed_ips.len(), 2, "not primary, no exit routes: {:?}", other.allowed_ips);
+        assert_eq!(
+            other.allowed_ips.len(),
+            2,
+            "not primary, no exit routes: {:?}",
+            other.allowed_ips
+        );
         assert!(st.set_approved_routes(ids[0], vec!["nonsense".into()], true).is_err());
     }
 
@@ -1000,18 +1120,30 @@ mod tests {
         register(&mut st, m2, &req(&n2, Some(&k), "b"), 0);
         let (a, b) = (st.nodes().next().unwrap().id, st.nodes().nth(1).unwrap().id);
         let disco = DiscoPrivate::from_random([5; 32]).public();
-        let mr = MapRequest { version: 130, node_key: n.public(), disco_key: disco, endpoints: vec!["1.2.3.4:5".into()], ..Default::default() };
+        let mr = MapRequest {
+            version: 130,
+            node_key: n.public(),
+            disco_key: disco,
+            endpoints: vec!["1.2.3.4:5".into()],
+            ..Default::default()
+        };
         let (id, ch) = st.apply_map_request(m, &mr, 1).unwrap();
         assert_eq!(id, a);
         let Change::Patch(p) = &ch[0] else { panic!("{ch:?}") };
-        assert_eq!((p.disco_key, p.endpoints.clone()), (Some(disco), Some(vec!["1.2.3.4:5".to_string()])));
+        assert_eq!(
+            (p.disco_key, p.endpoints.clone()),
+            (Some(disco), Some(vec!["1.2.3.4:5".to_string()]))
+        );
         // Same request again: nothing changed, nothing sent.
         assert!(st.apply_map_request(m, &mr, 2).unwrap().1.is_empty());
         // The patch goes to B, not back to A.
         assert_eq!(mapper::delta(&st, a, &ch[0], 2), Delta::None);
         assert!(matches!(mapper::delta(&st, b, &ch[0], 2), Delta::Send(m) if m.peers_changed_patch.is_some()));
         // Wrong machine for this node key.
-        assert!(matches!(st.apply_map_request(m2, &mr, 3), Err(CoordError::Unauthorized(_))));
+        assert!(matches!(
+            st.apply_map_request(m2, &mr, 3),
+            Err(CoordError::Unauthorized(_))
+        ));
         // Old clients are refused.
         let old = MapRequest { version: 100, ..mr };
         assert!(matches!(st.apply_map_request(m, &old, 3), Err(CoordError::Invalid(_))));

@@ -95,8 +95,7 @@ impl From<rusqlite::Error> for StoreError {
             if f.code == ErrorCode::ConstraintViolation
                 && matches!(
                     f.extended_code,
-                    rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
-                        | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                    rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
                 )
             {
                 // SQLite says "UNIQUE constraint failed: users.name"; keep the column list.
@@ -172,9 +171,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
-        Ok(Store {
-            conn: Mutex::new(conn),
-        })
+        Ok(Store { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -192,8 +189,7 @@ impl Store {
         let conn = self.conn();
         let mut snap = Snapshot::default();
 
-        let mut stmt =
-            conn.prepare("SELECT id, name, display_name, created_at FROM users ORDER BY id")?;
+        let mut stmt = conn.prepare("SELECT id, name, display_name, created_at FROM users ORDER BY id")?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
             snap.users.push(User {
@@ -361,8 +357,7 @@ impl Store {
 
     /// Deletes node `id`. Deleting a missing node is not an error.
     pub fn delete_node(&self, id: u64) -> Result<(), StoreError> {
-        self.conn()
-            .execute("DELETE FROM nodes WHERE id = ?1", [sql_id(id)])?;
+        self.conn().execute("DELETE FROM nodes WHERE id = ?1", [sql_id(id)])?;
         Ok(())
     }
 
@@ -765,10 +760,7 @@ mod tests {
         let snap = s.load().unwrap();
         assert_eq!(snap.users, vec![alice.clone(), bob.clone()]);
         assert_eq!(snap.preauth_keys, vec![k1.clone(), k2.clone()]);
-        assert_eq!(
-            snap.nodes,
-            vec![n1.clone(), n2.clone(), n3.clone(), n4.clone()]
-        );
+        assert_eq!(snap.nodes, vec![n1.clone(), n2.clone(), n3.clone(), n4.clone()]);
 
         // Updates of every type, flipping Some <-> None.
         alice.name = "alice2".into();
@@ -820,17 +812,12 @@ mod tests {
         let s = Store::open_in_memory().unwrap();
         let a = s.insert_user(&user("alice")).unwrap();
         let e = s.insert_user(&user("alice")).unwrap_err();
-        assert!(
-            matches!(&e, StoreError::Conflict(c) if c == "users.name"),
-            "{e}"
-        );
+        assert!(matches!(&e, StoreError::Conflict(c) if c == "users.name"), "{e}");
         assert_eq!(e.to_string(), "already exists: users.name");
         let b = s.insert_user(&user("bob")).unwrap();
         let mut renamed = user("alice");
         renamed.id = b;
-        assert!(
-            matches!(s.update_user(&renamed), Err(StoreError::Conflict(c)) if c == "users.name")
-        );
+        assert!(matches!(s.update_user(&renamed), Err(StoreError::Conflict(c)) if c == "users.name"));
 
         s.insert_preauth_key(&key(a, "same")).unwrap();
         assert!(matches!(s.insert_preauth_key(&key(a, "same")),
@@ -848,15 +835,9 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         };
-        assert_eq!(
-            clash(&|n| n.machine_key = n1.machine_key),
-            "nodes.machine_key"
-        );
+        assert_eq!(clash(&|n| n.machine_key = n1.machine_key), "nodes.machine_key");
         assert_eq!(clash(&|n| n.node_key = n1.node_key), "nodes.node_key");
-        assert_eq!(
-            clash(&|n| n.given_name = n1.given_name.clone()),
-            "nodes.given_name"
-        );
+        assert_eq!(clash(&|n| n.given_name = n1.given_name.clone()), "nodes.given_name");
         assert_eq!(clash(&|n| n.ipv4 = n1.ipv4), "nodes.ipv4");
         assert_eq!(clash(&|n| n.ipv6 = n1.ipv6), "nodes.ipv6");
         // Many nodes may lack an address.
@@ -880,10 +861,7 @@ mod tests {
         ));
         let mut bad_key = node(a, 1);
         bad_key.auth_key_id = Some(77);
-        assert!(matches!(
-            s.insert_node(&bad_key),
-            Err(StoreError::MissingReference(_))
-        ));
+        assert!(matches!(s.insert_node(&bad_key), Err(StoreError::MissingReference(_))));
         assert!(matches!(
             s.insert_preauth_key(&key(99, "x")),
             Err(StoreError::MissingReference(_))
@@ -908,10 +886,7 @@ mod tests {
         assert!(matches!(s.update_user(&gu), Err(StoreError::NotFound(_))));
         let mut gk = key(a, "ghost");
         gk.id = 55;
-        assert!(matches!(
-            s.update_preauth_key(&gk),
-            Err(StoreError::NotFound(_))
-        ));
+        assert!(matches!(s.update_preauth_key(&gk), Err(StoreError::NotFound(_))));
         // Deletes are idempotent.
         s.delete_node(4321).unwrap();
         s.delete_user(4321).unwrap();
@@ -930,19 +905,10 @@ mod tests {
         assert_eq!(s.get_kv("noise_private_key").unwrap(), None);
         s.set_kv("noise_private_key", "privkey:aa").unwrap();
         s.set_kv("derp_private_key", "privkey:bb").unwrap();
-        assert_eq!(
-            s.get_kv("noise_private_key").unwrap().as_deref(),
-            Some("privkey:aa")
-        );
+        assert_eq!(s.get_kv("noise_private_key").unwrap().as_deref(), Some("privkey:aa"));
         s.set_kv("noise_private_key", "privkey:cc").unwrap();
-        assert_eq!(
-            s.get_kv("noise_private_key").unwrap().as_deref(),
-            Some("privkey:cc")
-        );
-        assert_eq!(
-            s.get_kv("derp_private_key").unwrap().as_deref(),
-            Some("privkey:bb")
-        );
+        assert_eq!(s.get_kv("noise_private_key").unwrap().as_deref(), Some("privkey:cc"));
+        assert_eq!(s.get_kv("derp_private_key").unwrap().as_deref(), Some("privkey:bb"));
         s.set_kv("empty", "").unwrap();
         assert_eq!(s.get_kv("empty").unwrap().as_deref(), Some(""));
     }
@@ -961,13 +927,9 @@ mod tests {
         // Acknowledged writes are committed: a second connection sees them while the first
         // is still open (nothing waits in a transaction or a buffer).
         let other = Connection::open(&path).unwrap();
-        let count: i64 = other
-            .query_row("SELECT count(*) FROM nodes", [], |r| r.get(0))
-            .unwrap();
+        let count: i64 = other.query_row("SELECT count(*) FROM nodes", [], |r| r.get(0)).unwrap();
         assert_eq!(count, 1);
-        let mode: String = other
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .unwrap();
+        let mode: String = other.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
         drop(other);
         drop(s);
@@ -1000,15 +962,9 @@ mod tests {
         let s = Store::open_in_memory().unwrap();
         assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(schema_of(&s.conn()), fresh_schema());
-        let fk: i64 = s
-            .conn()
-            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
-            .unwrap();
+        let fk: i64 = s.conn().query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
         assert_eq!(fk, 1);
-        let sync: i64 = s
-            .conn()
-            .query_row("PRAGMA synchronous", [], |r| r.get(0))
-            .unwrap();
+        let sync: i64 = s.conn().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!(sync, 2, "FULL");
         // The schema defines what the issue promises.
         let names: Vec<String> = fresh_schema()
@@ -1028,8 +984,7 @@ mod tests {
         Store::open(&path).unwrap();
         {
             let c = Connection::open(&path).unwrap();
-            c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
-                .unwrap();
+            c.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         }
         match Store::open(&path) {
             Err(StoreError::TooNew(v, max)) => {
@@ -1039,9 +994,7 @@ mod tests {
             Ok(_) => panic!("opened a newer database"),
         }
         let c = Connection::open(&path).unwrap();
-        let v: u32 = c
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
+        let v: u32 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(v, SCHEMA_VERSION + 1);
     }
 
@@ -1087,10 +1040,7 @@ mod tests {
         let dir = TempDir::new("v1");
         let path = dir.0.join("db.sqlite");
         std::fs::create_dir_all(&dir.0).unwrap();
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch(V1_FIXTURE)
-            .unwrap();
+        Connection::open(&path).unwrap().execute_batch(V1_FIXTURE).unwrap();
 
         let s = Store::open(&path).unwrap();
         assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
@@ -1133,8 +1083,7 @@ mod tests {
                 ipv4: Some(Ipv4Addr::new(100, 64, 0, 1)),
                 ipv6: Some("fd7a:115c:a1e0::1".parse().unwrap()),
                 endpoints: vec!["192.0.2.10:41641".into(), "[2001:db8::10]:41641".into()],
-                hostinfo: r#"{"Hostname":"OpenWrt","OS":"linux","RoutableIPs":["192.168.1.0/24"]}"#
-                    .into(),
+                hostinfo: r#"{"Hostname":"OpenWrt","OS":"linux","RoutableIPs":["192.168.1.0/24"]}"#.into(),
                 home_derp: 999,
                 tags: vec!["tag:router".into()],
                 approved_routes: vec!["192.168.1.0/24".into()],

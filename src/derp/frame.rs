@@ -322,9 +322,7 @@ fn ping_body(b: &[u8]) -> Result<[u8; PING_LEN], FrameError> {
     if b.len() > MAX_PING_LEN {
         return Err(FrameError::TooLarge);
     }
-    b.first_chunk::<PING_LEN>()
-        .copied()
-        .ok_or(FrameError::TooShort)
+    b.first_chunk::<PING_LEN>().copied().ok_or(FrameError::TooShort)
 }
 
 /// A 16-byte IP (v4-mapped for IPv4) + u16 BE port, un-mapped.
@@ -389,9 +387,7 @@ impl Frame {
                     return Err(FrameError::BadMagic);
                 }
                 p.advance(MAGIC.len());
-                Frame::ServerKey {
-                    key: take_key(&mut p)?,
-                }
+                Frame::ServerKey { key: take_key(&mut p)? }
             }
             FrameType::ClientInfo => {
                 let key = take_key(&mut p)?;
@@ -427,20 +423,16 @@ impl Frame {
             }
             FrameType::PeerGone => {
                 let key = take_key(&mut p)?;
-                let reason = p.first().map_or(PeerGoneReason::Disconnected, |&b| {
-                    PeerGoneReason::from_u8(b)
-                });
+                let reason = p
+                    .first()
+                    .map_or(PeerGoneReason::Disconnected, |&b| PeerGoneReason::from_u8(b));
                 Frame::PeerGone { key, reason }
             }
             FrameType::PeerPresent => {
                 let key = take_key(&mut p)?;
                 let endpoint = (p.len() >= 18).then(|| endpoint_from(&p));
                 let flags = p.get(18).copied();
-                Frame::PeerPresent {
-                    key,
-                    endpoint,
-                    flags,
-                }
+                Frame::PeerPresent { key, endpoint, flags }
             }
             FrameType::ForwardPacket => {
                 let src = take_key(&mut p)?;
@@ -452,9 +444,7 @@ impl Frame {
                 }
             }
             FrameType::WatchConns => Frame::WatchConns,
-            FrameType::ClosePeer => Frame::ClosePeer {
-                key: take_key(&mut p)?,
-            },
+            FrameType::ClosePeer => Frame::ClosePeer { key: take_key(&mut p)? },
             FrameType::Ping => Frame::Ping(ping_body(&p)?),
             FrameType::Pong => Frame::Pong(ping_body(&p)?),
             FrameType::Health => Frame::Health {
@@ -496,11 +486,7 @@ impl Frame {
                 out.extend_from_slice(key.as_bytes());
                 out.push(reason.to_u8());
             }
-            Frame::PeerPresent {
-                key,
-                endpoint,
-                flags,
-            } => {
+            Frame::PeerPresent { key, endpoint, flags } => {
                 out.extend_from_slice(key.as_bytes());
                 match (endpoint, flags) {
                     (Some(ep), _) => put_endpoint(out, ep),
@@ -629,11 +615,7 @@ impl MeshKey {
 impl PartialEq for MeshKey {
     fn eq(&self, other: &Self) -> bool {
         // Constant-time, as Go's subtle.ConstantTimeCompare: a server compares untrusted keys.
-        self.0
-            .iter()
-            .zip(other.0.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        self.0.iter().zip(other.0.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 }
 
@@ -770,10 +752,7 @@ impl ServerInfo {
             ));
         }
         if self.token_bucket_bytes_burst != 0 {
-            parts.push(format!(
-                "\"TokenBucketBytesBurst\":{}",
-                self.token_bucket_bytes_burst
-            ));
+            parts.push(format!("\"TokenBucketBytesBurst\":{}", self.token_bucket_bytes_burst));
         }
         format!("{{{}}}", parts.join(","))
     }
@@ -835,12 +814,7 @@ fn open_box(my: &NodePrivate, peer: &NodePublic, sealed: &[u8]) -> Result<Vec<u8
 }
 
 /// Client side: the ClientInfo frame, `info` sealed from `client` to `server` with `nonce`.
-pub fn seal_client_info(
-    client: &NodePrivate,
-    server: &NodePublic,
-    nonce: [u8; NONCE_LEN],
-    info: &ClientInfo,
-) -> Frame {
+pub fn seal_client_info(client: &NodePrivate, server: &NodePublic, nonce: [u8; NONCE_LEN], info: &ClientInfo) -> Frame {
     let sealed = seal_box(client, server, nonce, info.to_json().as_bytes());
     Frame::ClientInfo {
         key: client.public(),
@@ -849,21 +823,12 @@ pub fn seal_client_info(
 }
 
 /// Server side: opens a ClientInfo `sealed` body from `client` (the key in the same frame).
-pub fn open_client_info(
-    server: &NodePrivate,
-    client: &NodePublic,
-    sealed: &[u8],
-) -> Result<ClientInfo, FrameError> {
+pub fn open_client_info(server: &NodePrivate, client: &NodePublic, sealed: &[u8]) -> Result<ClientInfo, FrameError> {
     ClientInfo::from_json(&open_box(server, client, sealed)?)
 }
 
 /// Server side: the ServerInfo frame, `info` sealed from `server` to `client` with `nonce`.
-pub fn seal_server_info(
-    server: &NodePrivate,
-    client: &NodePublic,
-    nonce: [u8; NONCE_LEN],
-    info: &ServerInfo,
-) -> Frame {
+pub fn seal_server_info(server: &NodePrivate, client: &NodePublic, nonce: [u8; NONCE_LEN], info: &ServerInfo) -> Frame {
     let sealed = seal_box(server, client, nonce, info.to_json().as_bytes());
     Frame::ServerInfo {
         sealed: Bytes::from(sealed),
@@ -871,11 +836,7 @@ pub fn seal_server_info(
 }
 
 /// Client side: opens a ServerInfo `sealed` body from `server` (key from the ServerKey frame).
-pub fn open_server_info(
-    client: &NodePrivate,
-    server: &NodePublic,
-    sealed: &[u8],
-) -> Result<ServerInfo, FrameError> {
+pub fn open_server_info(client: &NodePrivate, server: &NodePublic, sealed: &[u8]) -> Result<ServerInfo, FrameError> {
     ServerInfo::from_json(&open_box(client, server, sealed)?)
 }
 
@@ -986,24 +947,10 @@ mod tests {
             &format!("0a 00000041 {K11} {K22} 78"),
         );
         check(Frame::WatchConns, "10 00000000");
-        check(
-            Frame::ClosePeer { key: k(0x22) },
-            &format!("11 00000020 {K22}"),
-        );
-        check(
-            Frame::Ping([1, 2, 3, 4, 5, 6, 7, 8]),
-            "12 00000008 0102030405060708",
-        );
-        check(
-            Frame::Pong([1, 2, 3, 4, 5, 6, 7, 8]),
-            "13 00000008 0102030405060708",
-        );
-        check(
-            Frame::Health {
-                problem: "bad".into(),
-            },
-            "14 00000003 626164",
-        );
+        check(Frame::ClosePeer { key: k(0x22) }, &format!("11 00000020 {K22}"));
+        check(Frame::Ping([1, 2, 3, 4, 5, 6, 7, 8]), "12 00000008 0102030405060708");
+        check(Frame::Pong([1, 2, 3, 4, 5, 6, 7, 8]), "13 00000008 0102030405060708");
+        check(Frame::Health { problem: "bad".into() }, "14 00000003 626164");
         check(
             Frame::Restarting {
                 reconnect_in_ms: 1000,
@@ -1027,16 +974,10 @@ mod tests {
         let mut sk = MAGIC.to_vec();
         sk.extend_from_slice(&[0x11; 32]);
         sk.extend_from_slice(b"future");
-        assert_eq!(
-            d(FrameType::ServerKey, &sk),
-            Ok(Frame::ServerKey { key: k(0x11) })
-        );
+        assert_eq!(d(FrameType::ServerKey, &sk), Ok(Frame::ServerKey { key: k(0x11) }));
         sk[0] = b'X';
         assert_eq!(d(FrameType::ServerKey, &sk), Err(FrameError::BadMagic));
-        assert_eq!(
-            d(FrameType::ServerKey, &sk[..39]),
-            Err(FrameError::TooShort)
-        );
+        assert_eq!(d(FrameType::ServerKey, &sk[..39]), Err(FrameError::TooShort));
         // PeerGone without a reason byte is "disconnected" (Go); an unknown reason is kept.
         assert_eq!(
             d(FrameType::PeerGone, &[0x11; 32]),
@@ -1054,10 +995,7 @@ mod tests {
                 reason: PeerGoneReason::Other(0xF0)
             })
         );
-        assert_eq!(
-            d(FrameType::PeerGone, &[0x11; 31]),
-            Err(FrameError::TooShort)
-        );
+        assert_eq!(d(FrameType::PeerGone, &[0x11; 31]), Err(FrameError::TooShort));
         // PeerPresent: bare key (old servers) or with endpoint only.
         assert_eq!(
             d(FrameType::PeerPresent, &[0x11; 32]),
@@ -1073,28 +1011,16 @@ mod tests {
         assert!(d(FrameType::SendPacket, &sp).is_ok());
         sp.push(0);
         assert_eq!(d(FrameType::SendPacket, &sp), Err(FrameError::TooLarge));
-        assert_eq!(
-            d(FrameType::RecvPacket, &[0; 31]),
-            Err(FrameError::TooShort)
-        );
+        assert_eq!(d(FrameType::RecvPacket, &[0; 31]), Err(FrameError::TooShort));
         // Ping: long bodies echo their first 8 bytes, up to Go's 1000-byte cap.
         let mut ping = (1..=8).collect::<Vec<u8>>();
         ping.extend_from_slice(&[9; 100]);
-        assert_eq!(
-            d(FrameType::Ping, &ping),
-            Ok(Frame::Ping([1, 2, 3, 4, 5, 6, 7, 8]))
-        );
+        assert_eq!(d(FrameType::Ping, &ping), Ok(Frame::Ping([1, 2, 3, 4, 5, 6, 7, 8])));
         assert_eq!(d(FrameType::Ping, &[0; 7]), Err(FrameError::TooShort));
         assert_eq!(d(FrameType::Pong, &[0; 1001]), Err(FrameError::TooLarge));
         assert_eq!(d(FrameType::NotePreferred, &[]), Err(FrameError::TooShort));
-        assert_eq!(
-            d(FrameType::ClientInfo, &[0; 32 + 39]),
-            Err(FrameError::TooShort)
-        );
-        assert_eq!(
-            d(FrameType::ServerInfo, &[0; 39]),
-            Err(FrameError::TooShort)
-        );
+        assert_eq!(d(FrameType::ClientInfo, &[0; 32 + 39]), Err(FrameError::TooShort));
+        assert_eq!(d(FrameType::ServerInfo, &[0; 39]), Err(FrameError::TooShort));
         assert_eq!(d(FrameType::Restarting, &[0; 7]), Err(FrameError::TooShort));
         // Every known type byte maps back to itself.
         for b in 0..=255u8 {
@@ -1154,10 +1080,7 @@ mod tests {
     #[test]
     fn client_info_sealed_vector() {
         let (c, s) = (client_priv(), server_priv());
-        assert_eq!(
-            ClientInfo::ours().to_json(),
-            r#"{"version":2,"CanAckPings":true}"#
-        );
+        assert_eq!(ClientInfo::ours().to_json(), r#"{"version":2,"CanAckPings":true}"#);
         let f = seal_client_info(&c, &s.public(), NONCE, &ClientInfo::ours());
         let want = hex(
             "02 00000068                                                          # ClientInfo, 104 bytes
@@ -1167,27 +1090,16 @@ mod tests {
              265b8552c20a3da8cedeb142bf918ca1059e728095785edc65a3fda96c0a868c     # box(JSON)",
         );
         assert_eq!(keys_hex(&f.to_vec()), keys_hex(&want));
-        let Frame::ClientInfo { key, sealed } = f else {
-            panic!()
-        };
+        let Frame::ClientInfo { key, sealed } = f else { panic!() };
         assert_eq!(key, c.public());
         assert_eq!(open_client_info(&s, &key, &sealed), Ok(ClientInfo::ours()));
         // Wrong server key or tampered box.
         let other = NodePrivate::from_random([0x66; 32]);
-        assert_eq!(
-            open_client_info(&other, &key, &sealed),
-            Err(FrameError::CryptoFailed)
-        );
+        assert_eq!(open_client_info(&other, &key, &sealed), Err(FrameError::CryptoFailed));
         let mut t = sealed.to_vec();
         t[30] ^= 1;
-        assert_eq!(
-            open_client_info(&s, &key, &t),
-            Err(FrameError::CryptoFailed)
-        );
-        assert_eq!(
-            open_client_info(&s, &key, &t[..39]),
-            Err(FrameError::TooShort)
-        );
+        assert_eq!(open_client_info(&s, &key, &t), Err(FrameError::CryptoFailed));
+        assert_eq!(open_client_info(&s, &key, &t[..39]), Err(FrameError::TooShort));
     }
 
     /// ServerInfo sealed with fixed keys and nonce (PyNaCl, as above).
@@ -1203,13 +1115,8 @@ mod tests {
              265b8552c20a3da8cedeb142ee                                           # box({\"version\":2})",
         );
         assert_eq!(keys_hex(&f.to_vec()), keys_hex(&want));
-        let Frame::ServerInfo { sealed } = f else {
-            panic!()
-        };
-        assert_eq!(
-            open_server_info(&c, &s.public(), &sealed),
-            Ok(ServerInfo::ours())
-        );
+        let Frame::ServerInfo { sealed } = f else { panic!() };
+        assert_eq!(open_server_info(&c, &s.public(), &sealed), Ok(ServerInfo::ours()));
         let other = NodePrivate::from_random([0x66; 32]);
         assert_eq!(
             open_server_info(&other, &s.public(), &sealed),
@@ -1250,32 +1157,14 @@ mod tests {
         assert_eq!(ci.mesh_key, Some(MeshKey([0xab; 32])));
         assert!(ci.can_ack_pings && ci.is_prober);
         assert_eq!(ClientInfo::from_json(ci.to_json().as_bytes()), Ok(ci));
-        assert!(ci
-            .to_json()
-            .starts_with(&format!(r#"{{"meshKey":"{mk}","version":2,"#)));
+        assert!(ci.to_json().starts_with(&format!(r#"{{"meshKey":"{mk}","version":2,"#)));
         assert!(!format!("{ci:?}").contains("abab"));
-        assert_eq!(
-            ClientInfo::from_json(br#"{"meshKey":"none"}"#)
-                .unwrap()
-                .mesh_key,
-            None
-        );
-        assert_eq!(
-            ClientInfo::from_json(br#"{"version":null}"#)
-                .unwrap()
-                .version,
-            0
-        );
+        assert_eq!(ClientInfo::from_json(br#"{"meshKey":"none"}"#).unwrap().mesh_key, None);
+        assert_eq!(ClientInfo::from_json(br#"{"version":null}"#).unwrap().version, 0);
         assert_eq!(ClientInfo::from_json(b"[]"), Err(FrameError::BadJson));
         assert_eq!(ClientInfo::from_json(b"{"), Err(FrameError::BadJson));
-        assert_eq!(
-            ClientInfo::from_json(br#"{"version":"2"}"#),
-            Err(FrameError::BadJson)
-        );
-        assert_eq!(
-            ClientInfo::from_json(br#"{"CanAckPings":1}"#),
-            Err(FrameError::BadJson)
-        );
+        assert_eq!(ClientInfo::from_json(br#"{"version":"2"}"#), Err(FrameError::BadJson));
+        assert_eq!(ClientInfo::from_json(br#"{"CanAckPings":1}"#), Err(FrameError::BadJson));
         let si = ServerInfo {
             version: 2,
             token_bucket_bytes_per_second: 1000,
@@ -1286,10 +1175,7 @@ mod tests {
             r#"{"version":2,"TokenBucketBytesPerSecond":1000,"TokenBucketBytesBurst":5}"#
         );
         assert_eq!(ServerInfo::from_json(si.to_json().as_bytes()), Ok(si));
-        assert_eq!(
-            ServerInfo::from_json(br#"{"version":-1}"#),
-            Err(FrameError::BadJson)
-        );
+        assert_eq!(ServerInfo::from_json(br#"{"version":-1}"#), Err(FrameError::BadJson));
         assert_eq!(MeshKey([1; 32]), MeshKey([1; 32]));
         assert_ne!(MeshKey([1; 32]), MeshKey([2; 32]));
     }
@@ -1315,14 +1201,9 @@ mod tests {
     fn arb_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
             arb_key().prop_map(|key| Frame::ServerKey { key }),
-            (arb_key(), proptest::collection::vec(any::<u8>(), 40..200)).prop_map(|(key, s)| {
-                Frame::ClientInfo {
-                    key,
-                    sealed: s.into(),
-                }
-            }),
-            proptest::collection::vec(any::<u8>(), 40..200)
-                .prop_map(|s| Frame::ServerInfo { sealed: s.into() }),
+            (arb_key(), proptest::collection::vec(any::<u8>(), 40..200))
+                .prop_map(|(key, s)| { Frame::ClientInfo { key, sealed: s.into() } }),
+            proptest::collection::vec(any::<u8>(), 40..200).prop_map(|s| Frame::ServerInfo { sealed: s.into() }),
             (arb_key(), arb_packet()).prop_map(|(dst, packet)| Frame::SendPacket { dst, packet }),
             (arb_key(), arb_packet()).prop_map(|(src, packet)| Frame::RecvPacket { src, packet }),
             Just(Frame::KeepAlive),
@@ -1340,8 +1221,11 @@ mod tests {
                     endpoint: rest.map(|r| r.0),
                     flags: rest.and_then(|r| r.1),
                 }),
-            (arb_key(), arb_key(), arb_packet())
-                .prop_map(|(src, dst, packet)| Frame::ForwardPacket { src, dst, packet }),
+            (arb_key(), arb_key(), arb_packet()).prop_map(|(src, dst, packet)| Frame::ForwardPacket {
+                src,
+                dst,
+                packet
+            }),
             Just(Frame::WatchConns),
             arb_key().prop_map(|key| Frame::ClosePeer { key }),
             any::<[u8; 8]>().prop_map(Frame::Ping),

@@ -368,23 +368,20 @@ impl Endpoint {
             self.reset();
         }
         self.home_derp = home_derp.max(0);
-        for c in self.candidates.values_mut() {
-            c.in_netmap = false;
+        for (addr, c) in self.candidates.iter_mut() {
+            c.in_netmap = endpoints.contains(addr);
         }
+        // Prune before adding, so stale entries do not take the places of new ones.
+        self.prune(now);
         for ep in endpoints {
-            if let Some(c) = self.candidates.get_mut(ep) {
-                c.in_netmap = true;
-            } else if self.candidates.len() < MAX_CANDIDATES {
-                self.candidates.insert(
-                    *ep,
-                    Candidate {
-                        in_netmap: true,
-                        ..Candidate::default()
-                    },
-                );
+            if !self.candidates.contains_key(ep) && self.candidates.len() < MAX_CANDIDATES {
+                let c = Candidate {
+                    in_netmap: true,
+                    ..Candidate::default()
+                };
+                self.candidates.insert(*ep, c);
             }
         }
-        self.prune(now);
     }
 
     /// [`Endpoint::handle_netmap`] from a `tailcfg::Node`: unparsable endpoints are skipped, and
@@ -513,18 +510,16 @@ impl Endpoint {
         for (addr, c) in self.candidates.iter_mut() {
             c.call_me_maybe = endpoints.contains(addr) && usable(addr);
         }
+        self.prune(now);
         for ep in endpoints.iter().filter(|ep| usable(ep)) {
             if !self.candidates.contains_key(ep) && self.candidates.len() < MAX_CANDIDATES {
-                self.candidates.insert(
-                    *ep,
-                    Candidate {
-                        call_me_maybe: true,
-                        ..Candidate::default()
-                    },
-                );
+                let c = Candidate {
+                    call_me_maybe: true,
+                    ..Candidate::default()
+                };
+                self.candidates.insert(*ep, c);
             }
         }
-        self.prune(now);
         for c in self.candidates.values_mut() {
             c.last_ping = None;
         }

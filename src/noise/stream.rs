@@ -22,8 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use super::{
     parse_early_payload_header, NoiseError, RecordReader, Transport, EARLY_PAYLOAD_HEADER_LEN, HEADER_LEN,
-    MAX_EARLY_PAYLOAD_LEN, MAX_FRAME_SIZE, MAX_PLAINTEXT_SIZE, MSG_TYPE_ERROR, MSG_TYPE_RESPONSE,
-    RESPONSE_PAYLOAD_LEN,
+    MAX_EARLY_PAYLOAD_LEN, MAX_FRAME_SIZE, MAX_PLAINTEXT_SIZE, MSG_TYPE_ERROR, MSG_TYPE_RESPONSE, RESPONSE_PAYLOAD_LEN,
 };
 
 /// Bytes asked of the socket per read: one maximal record, so a read never buffers much more
@@ -167,12 +166,18 @@ impl<IO: AsyncRead + Unpin> NoiseStream<IO> {
             return Ok(None);
         };
         if len > MAX_EARLY_PAYLOAD_LEN {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "noise early payload too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "noise early payload too large",
+            ));
         }
         let total = EARLY_PAYLOAD_HEADER_LEN + len;
         poll_fn(|cx| self.poll_fill(cx, total)).await?;
         if self.buffered_plain() < total {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "noise early payload truncated"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "noise early payload truncated",
+            ));
         }
         let start = self.plain_pos + EARLY_PAYLOAD_HEADER_LEN;
         let json = self.plain[start..self.plain_pos + total].to_vec();
@@ -206,7 +211,10 @@ impl<IO: AsyncWrite + Unpin> NoiseStream<IO> {
 
     fn check_writable(&self) -> io::Result<()> {
         if self.write_failed {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "noise stream failed on an earlier write"));
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "noise stream failed on an earlier write",
+            ));
         }
         Ok(())
     }
@@ -269,10 +277,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for NoiseStream<IO> {
 /// `leftover` first, then `io`. Returns exactly that message; any bytes read past it stay in
 /// `leftover` for [`NoiseStream::new`]. A wrong type or a 0x02 length other than 48 is
 /// `InvalidData`; EOF before the end is `UnexpectedEof`.
-pub async fn read_response_message<IO: AsyncRead + Unpin>(
-    io: &mut IO,
-    leftover: &mut Vec<u8>,
-) -> io::Result<Vec<u8>> {
+pub async fn read_response_message<IO: AsyncRead + Unpin>(io: &mut IO, leftover: &mut Vec<u8>) -> io::Result<Vec<u8>> {
     fill_to(io, leftover, HEADER_LEN).await?;
     let len = usize::from(u16::from_be_bytes([leftover[1], leftover[2]]));
     match leftover[0] {
@@ -290,7 +295,10 @@ async fn fill_to<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut Vec<u8>, n: usize
     while buf.len() < n {
         buf.reserve(n - buf.len());
         if io.read_buf(buf).await? == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "EOF in noise handshake response"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "EOF in noise handshake response",
+            ));
         }
     }
     Ok(())
@@ -422,7 +430,8 @@ mod tests {
     #[tokio::test]
     async fn early_payload_is_stripped_across_records() {
         let (mut c, mut s) = stream_pair(512);
-        let json = br#"{"nodeKeyChallenge":"chalpub:0000000000000000000000000000000000000000000000000000000000000000"}"#;
+        let json =
+            br#"{"nodeKeyChallenge":"chalpub:0000000000000000000000000000000000000000000000000000000000000000"}"#;
         let ep = early_payload(json);
         // Split the payload over two records to exercise reassembly, then the h2 preface.
         s.write_all(&ep[..7]).await.unwrap();
@@ -472,12 +481,18 @@ mod tests {
         hdr[5..9].copy_from_slice(&(MAX_EARLY_PAYLOAD_LEN as u32 + 1).to_be_bytes());
         s.write_all(&hdr).await.unwrap();
         s.flush().await.unwrap();
-        assert_eq!(c.strip_early_payload().await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            c.strip_early_payload().await.unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
 
         let (mut c, mut s) = stream_pair(4096);
         s.write_all(&early_payload(b"{\"a\":1}")[..12]).await.unwrap();
         s.shutdown().await.unwrap();
-        assert_eq!(c.strip_early_payload().await.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            c.strip_early_payload().await.unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 
     #[tokio::test]
@@ -504,7 +519,10 @@ mod tests {
         s.write_all(&wire[..wire.len() - 1]).await.unwrap();
         drop(s);
         let mut out = Vec::new();
-        assert_eq!(cs.read_to_end(&mut out).await.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            cs.read_to_end(&mut out).await.unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 
     #[tokio::test]
@@ -514,7 +532,10 @@ mod tests {
         let mut cs = NoiseStream::new(c, ct, b"HTTP/1.1 200 OK\r\n".to_vec());
         drop(s.shutdown().await);
         let mut out = Vec::new();
-        assert_eq!(cs.read_to_end(&mut out).await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            cs.read_to_end(&mut out).await.unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
     }
 
     #[tokio::test]
@@ -546,7 +567,11 @@ mod tests {
                 let _ = conn.await;
             });
             let mut h2c = h2c.ready().await.unwrap();
-            let req = http::Request::builder().method("POST").uri("https://control/machine/map").body(()).unwrap();
+            let req = http::Request::builder()
+                .method("POST")
+                .uri("https://control/machine/map")
+                .body(())
+                .unwrap();
             let (resp, mut send) = h2c.send_request(req, false).unwrap();
             send.send_data(bytes::Bytes::from(pattern(20_000)), true).unwrap();
             let resp = resp.await.unwrap();
