@@ -35,24 +35,25 @@
 #   TINYSCALE_PANIC         abort (default: panic message on stderr, then abort) |
 #                           immediate-abort (no message, no formatting code; SIGILL/SIGTRAP).
 #   TINYSCALE_UNWIND        stub (default: empty _Unwind_* functions; panic=abort never
-#                           unwinds, backtraces print no frames, no FPU code on MIPS) |
-#                           gcc (libgcc_eh: RUST_BACKTRACE works; ~65 KB bigger).
+#                           unwinds; no FPU code on MIPS) | gcc (libgcc_eh + shim; only
+#                           matters with std's "backtrace" feature, ~65 KB bigger then).
 #   TINYSCALE_STD_FEATURES  std's cargo features for -Z build-std (comma list).
 #                           Default "default": no "backtrace" feature, so the panic
 #                           message stays but std's symbolizer (gimli, addr2line,
-#                           rustc-demangle, miniz_oxide: ~100 KB on mipsel) is left
-#                           out; it could only print "<unknown>" in a stripped binary.
-#                           cargo's own choice would be "backtrace,panic-unwind,default".
+#                           rustc-demangle, miniz_oxide: 197 KB on mipsel, measured) is
+#                           left out; it could only print "<unknown>" in a stripped
+#                           binary. cargo's own default is "backtrace,panic-unwind,default".
 #   TINYSCALE_EXTRA_RUSTFLAGS  appended to the per-target rustflags.
 #   TINYSCALE_BIN           binary for `run` (default: the path `build` prints).
 #
 # Why this recipe (verified; see ../shared/cross/README.md of the project workspace):
-#  * Debian's rustc-web ships std only for the host; every musl target, tier 2 or
+#  * Debian's rustc-web (1.85 on bookworm: the crate's rust-version, so keep it
+#    compiling there) ships std only for the host; every musl target, tier 2 or
 #    tier 3 (mips*), is built with -Z build-std (RUSTC_BOOTSTRAP=1) from the exactly
 #    matching rust-web-src. std is then compiled with our release profile (opt z, LTO).
 #  * Rust's mips(el)-unknown-linux-musl are soft-float; Debian's musl-dev:mipsel is
 #    hard-float and there is no big-endian mips musl, so musl is built from Debian's
-#    source package with -msoft-float -march=mips32r2 (what OpenWrt's musl uses).
+#    source package with -msoft-float -march=mips32r2 (the Rust targets' baseline).
 #  * std links -lunwind on musl with crt-static, and build-std has no self-contained
 #    copy: we provide libunwind.a (stub, or libgcc_eh + a shim, see write_unwind_sources).
 #  * -C relocation-model=static: without it the "static" binary is static-pie with
@@ -356,13 +357,17 @@ target_env() {
   [ -f "$CACHE/unwind/$u/$t/libunwind.a" ] && command -v "$CC" >/dev/null && [ -x /usr/bin/cargo ] \
     || die "toolchain for $t not set up: run scripts/cross-build.sh setup (cache: $CACHE)"
   T=${t//-/_}; TU=${T^^}
-  # Debian's rustc-web 1.96 + cargo, not rustup's proxies earlier on PATH.
+  # Debian's rustc-web + cargo (1.85 on bookworm), not rustup's proxies earlier on PATH.
   export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc CARGO=/usr/bin/cargo
   unset RUSTUP_TOOLCHAIN RUSTC_WRAPPER RUSTC_WORKSPACE_WRAPPER
   export RUSTC_BOOTSTRAP=1                # -Z build-std on a stable compiler
   export "CC_$T=$CC" "AR_$T=$AR" "CARGO_TARGET_${TU}_LINKER=$CC"
   flags="-C target-feature=+crt-static -C link-self-contained=no -C relocation-model=static"
   flags="$flags -L native=$CACHE/unwind/$u/$t"
+  # musl applies PT_GNU_RELRO only in its dynamic loader, never in a static binary,
+  # so rustc's default -z relro buys nothing here and costs file padding up to the
+  # max page size (64 KiB on MIPS/ARM: measured -56 KiB on mipsel client-only).
+  flags="$flags -C link-arg=-Wl,-z,norelro"
   [ "$u" = gcc ] && flags="$flags -C link-arg=-Wl,-u,__tinyscale_keep_pthread"
   case "$p" in
     abort) ;;

@@ -30,6 +30,8 @@ pub enum Cmd {
     Logout(Logout),
     Status(Status),
     Ip(Ip),
+    Ping(Ping),
+    Netcheck(Netcheck),
     Version(Version),
     Daemon(DaemonCmd),
     Server(Server),
@@ -165,6 +167,42 @@ pub struct DaemonCmd {
     #[argh(option)]
     pub state_dir: Option<PathBuf>,
     /// local API socket (default /var/run/tinyscale.sock)
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+    /// TUN device name, or "none" for control only (default tinyscale0)
+    #[argh(option, default = "String::from(\"tinyscale0\")")]
+    pub tun: String,
+    /// UDP port for WireGuard and path discovery (default 41641; 0 picks one)
+    #[argh(option, default = "41641")]
+    pub port: u16,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ping")]
+/// ping a peer over the tailnet's path discovery and show whether the path is direct or relayed
+pub struct Ping {
+    /// peer host name, FQDN or tailnet IP
+    #[argh(positional)]
+    pub peer: String,
+    /// number of pings (stops early once a direct path answers; default 10)
+    #[argh(option, short = 'c', default = "10")]
+    pub count: u32,
+    /// keep pinging after a direct path answered
+    #[argh(switch)]
+    pub until_count: bool,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "netcheck")]
+/// show UDP reachability, the public address, NAT mapping behaviour and DERP latencies
+pub struct Netcheck {
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+    /// daemon socket
     #[argh(option)]
     pub socket: Option<PathBuf>,
 }
@@ -580,6 +618,71 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
                 let is4 = !a.contains(':');
                 if (!ip.v4 && !ip.v6) || (ip.v4 && is4) || (ip.v6 && !is4) {
                     println!("{a}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Ping(p) => {
+            let socket = socket_or_default(p.socket);
+            let mut any = false;
+            for i in 0..p.count.max(1) {
+                match ipc::call(&socket, &IpcRequest::Ping { peer: p.peer.clone() }).await {
+                    Ok(v) => {
+                        any = true;
+                        println!(
+                            "pong from {} ({}) via {} in {:.0}ms",
+                            s(&v["Name"]),
+                            s(&v["IP"]),
+                            s(&v["Via"]),
+                            v["LatencyMs"].as_f64().unwrap_or(0.0)
+                        );
+                        if v["Direct"] == true && !p.until_count {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) if e.starts_with("no peer") || e.contains("not running") => return Err(Failure::runtime(e)),
+                    Err(e) => println!("ping {}: {e}", i + 1),
+                }
+            }
+            if any {
+                if !p.until_count {
+                    println!("direct connection not established");
+                }
+                Ok(())
+            } else {
+                Err(Failure::runtime(format!("no reply from {}", p.peer)))
+            }
+        }
+        Cmd::Netcheck(n) => {
+            let v = ipc::call(&socket_or_default(n.socket), &IpcRequest::Netcheck).await?;
+            if n.json {
+                print_json(&v);
+                return Ok(());
+            }
+            if v.is_null() {
+                return Err(Failure::runtime("no netcheck report yet; try again in a few seconds"));
+            }
+            println!("Report:");
+            println!("\t* UDP: {}", v["UDP"]);
+            println!(
+                "\t* IPv4: {}",
+                if v["IPv4"] == true {
+                    format!("yes, {}", s(&v["GlobalV4"]))
+                } else {
+                    "no".into()
+                }
+            );
+            let mv = match v["MappingVariesByDestIP"].as_bool() {
+                Some(true) => "true (hard NAT: direct paths need the peer's help)",
+                Some(false) => "false",
+                None => "unknown (fewer than two STUN servers answered)",
+            };
+            println!("\t* MappingVariesByDestIP: {mv}");
+            println!("\t* Nearest DERP: {}", s(&v["PreferredDERP"]));
+            println!("\t* DERP latency:");
+            if let Some(m) = v["RegionLatencyMs"].as_object() {
+                for (r, ms) in m {
+                    println!("\t\t- {r}: {:.1}ms", ms.as_f64().unwrap_or(0.0));
                 }
             }
             Ok(())

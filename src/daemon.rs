@@ -26,8 +26,9 @@ use crate::{
         client::{self, ControlUrl},
         netmap::Netmap,
     },
+    engine::{Engine, EngineConfig, EngineHandle, LocalEndpoints},
     ipc::{IpcRequest, IpcResponse, UpArgs},
-    keys::{DiscoPrivate, MachinePrivate, NodePrivate},
+    keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
     tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
 };
 
@@ -115,6 +116,26 @@ pub struct Daemon {
     /// Bumped on every prefs change: the control loop restarts.
     generation: watch::Sender<u64>,
     disco: DiscoPrivate,
+    /// Data-plane settings; `None` runs control only (`--tun none`).
+    engine_cfg: Option<EngineConfig>,
+    /// The latest netmap, for the data plane.
+    netmap_tx: watch::Sender<Option<Arc<Netmap>>>,
+    /// Our endpoints and home DERP, from the data plane, for control.
+    endpoints_tx: watch::Sender<LocalEndpoints>,
+    engine: Mutex<Option<RunningEngine>>,
+}
+
+struct RunningEngine {
+    handle: EngineHandle,
+    task: tokio::task::JoinHandle<()>,
+    node: NodePublic,
+}
+
+impl Drop for RunningEngine {
+    fn drop(&mut self) {
+        // Dropping the engine closes the TUN fd; the kernel removes the device, its addresses and routes.
+        self.task.abort();
+    }
 }
 
 fn random32() -> [u8; 32] {
@@ -146,7 +167,7 @@ pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
 
 impl Daemon {
     /// Loads (or creates) the state in `dir`.
-    pub fn load(dir: &Path) -> Result<Arc<Daemon>, String> {
+    pub fn load(dir: &Path, engine_cfg: Option<EngineConfig>) -> Result<Arc<Daemon>, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create state dir {}: {e}", dir.display()))?;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         let path = dir.join(STATE_FILE);
@@ -183,6 +204,10 @@ impl Daemon {
             }),
             generation,
             disco: DiscoPrivate::from_random(random32()),
+            engine_cfg,
+            netmap_tx: watch::channel(None).0,
+            endpoints_tx: watch::channel(LocalEndpoints::default()).0,
+            engine: Mutex::new(None),
         });
         d.save()?;
         Ok(d)
@@ -247,6 +272,7 @@ impl Daemon {
             IpcRequest::Status => Ok(self.status_json()),
             IpcRequest::Up(args) => self.up(args),
             IpcRequest::Down => {
+                self.stop_engine();
                 {
                     let mut s = self.lock();
                     s.prefs.want_running = false;
@@ -257,6 +283,11 @@ impl Daemon {
                 self.save().map(|_| json!({"state": "Stopped"}))
             }
             IpcRequest::Logout => self.logout().await,
+            IpcRequest::Ping { peer } => self.ping(&peer).await,
+            IpcRequest::Netcheck => match self.engine_handle() {
+                Some(h) => h.netcheck().await,
+                None => Err("the data plane is not running (is the node up?)".into()),
+            },
         };
         match r {
             Ok(data) => IpcResponse {
@@ -360,6 +391,7 @@ impl Daemon {
                 note = format!("control server not told: {e}");
             }
         }
+        self.stop_engine();
         {
             let mut s = self.lock();
             s.node = NodePrivate::from_random(random32());
@@ -397,16 +429,24 @@ impl Daemon {
                 "KeyExpiry": n.key_expiry, "PrimaryRoutes": n.primary_routes,
             })
         });
+        let engine = self.engine_handle();
         let peers: Vec<Value> = nm
             .peers
             .values()
             .map(|p| {
-                json!({
+                let mut v = json!({
                     "ID": p.id, "HostName": p.name.split('.').next().unwrap_or(""), "DNSName": p.name,
                     "TailscaleIPs": ips(p), "User": user(p.user), "OS": os(p), "Online": p.online.unwrap_or(false),
                     "LastSeen": p.last_seen, "Endpoints": p.endpoints, "HomeDERP": p.home_derp,
                     "AllowedIPs": p.allowed_ips, "PrimaryRoutes": p.primary_routes,
-                })
+                    "CurAddr": "", "Relay": "",
+                });
+                if let Some(e) = engine.as_ref().and_then(|e| e.peer_status(&p.key)) {
+                    for k in ["CurAddr", "Relay", "RxBytes", "TxBytes", "LastHandshakeSecs"] {
+                        v[k] = e[k].clone();
+                    }
+                }
+                v
             })
             .collect();
         json!({
@@ -417,8 +457,94 @@ impl Daemon {
             "Self": self_node,
             "Peer": peers,
             "MagicDNSSuffix": nm.magic_dns_suffix(),
+            "DataPlane": engine.is_some(),
             "Prefs": s.prefs,
         })
+    }
+
+    fn engine_handle(&self) -> Option<EngineHandle> {
+        self.engine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|e| e.handle.clone())
+    }
+
+    fn stop_engine(&self) {
+        self.engine.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let _ = self.netmap_tx.send(None);
+    }
+
+    /// Starts the data plane for `node` unless it already runs with that key.
+    async fn ensure_engine(&self, node: &NodePrivate) {
+        let Some(cfg) = self.engine_cfg.clone() else { return };
+        if self
+            .engine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|e| e.node == node.public() && !e.task.is_finished())
+        {
+            return;
+        }
+        self.stop_engine();
+        match Engine::start(
+            &cfg,
+            node.clone(),
+            self.disco.clone(),
+            self.netmap_tx.subscribe(),
+            self.endpoints_tx.clone(),
+        )
+        .await
+        {
+            Ok((handle, task)) => {
+                *self.engine.lock().unwrap_or_else(|e| e.into_inner()) = Some(RunningEngine {
+                    handle,
+                    task,
+                    node: node.public(),
+                });
+            }
+            Err(e) => {
+                log::error!("data plane unavailable, running control only: {e}");
+                self.lock().last_error = format!("data plane unavailable: {e}");
+            }
+        }
+    }
+
+    /// `tinyscale ping`: one disco ping round to a peer named by host name, FQDN or tailnet IP.
+    async fn ping(&self, who: &str) -> Result<Value, String> {
+        let peer = {
+            let s = self.lock();
+            s.netmap
+                .peers
+                .values()
+                .find(|p| {
+                    p.name.trim_end_matches('.') == who.trim_end_matches('.')
+                        || p.name.split('.').next() == Some(who)
+                        || p.addresses.iter().any(|a| a.split('/').next() == Some(who))
+                })
+                .map(|p| {
+                    (
+                        p.key,
+                        p.name.split('.').next().unwrap_or("").to_string(),
+                        p.addresses.first().cloned().unwrap_or_default(),
+                    )
+                })
+        };
+        let Some((key, name, addr)) = peer else {
+            return Err(format!("no peer named {who:?} in the netmap (see `tinyscale status`)"));
+        };
+        let h = self
+            .engine_handle()
+            .ok_or("the data plane is not running (is the node up?)")?;
+        let r = h.ping(key).await?;
+        Ok(json!({
+            "Name": name,
+            "IP": addr.split('/').next().unwrap_or(""),
+            "Via": r.via,
+            "Direct": r.direct,
+            "LatencyMs": r.rtt.as_secs_f64() * 1000.0,
+        }))
     }
 
     fn set_state(&self, st: BackendState, err: Option<String>) {
@@ -552,34 +678,60 @@ impl Daemon {
         if let Err(e) = self.save() {
             log::error!("persisting keys failed err={e}");
         }
-        let mreq = MapRequest {
-            version: tailcfg::CURRENT_CAPABILITY_VERSION,
-            keep_alive: true,
-            node_key: node.public(),
-            disco_key: self.disco.public(),
-            hostinfo: Some(hostinfo),
-            stream: true,
-            ..Default::default()
-        };
-        let mut stream = conn.map_stream(&mreq).await?;
-        let mut first = true;
-        while let Some(msg) = stream.next().await? {
-            let mut s = self.lock();
-            s.netmap.apply(msg);
-            if first && s.netmap.self_node.is_some() {
-                first = false;
-                s.state = BackendState::Running;
-                let n = s.netmap.self_node.as_ref().map(|n| n.name.clone()).unwrap_or_default();
-                log::info!("running name={n} peers={}", s.netmap.peers.len());
+        let mut ep_rx = self.endpoints_tx.subscribe();
+        let map_req = |ep: &LocalEndpoints, stream: bool| {
+            let mut hi = hostinfo.clone();
+            if !ep.net_info.is_null() {
+                hi["NetInfo"] = ep.net_info.clone();
             }
-            if let Some(me) = &s.netmap.self_node {
-                if me.expired {
-                    drop(s);
-                    self.set_state(
-                        BackendState::NeedsLogin,
-                        Some("node key expired: run `tinyscale up` to log in again".into()),
-                    );
-                    return Ok(());
+            MapRequest {
+                version: tailcfg::CURRENT_CAPABILITY_VERSION,
+                keep_alive: true,
+                node_key: node.public(),
+                disco_key: self.disco.public(),
+                endpoints: ep.endpoints.clone(),
+                endpoint_types: ep.types.clone(),
+                hostinfo: Some(hi),
+                stream,
+                omit_peers: !stream,
+                ..Default::default()
+            }
+        };
+        let first_req = map_req(&ep_rx.borrow_and_update(), true);
+        let mut stream = conn.map_stream(&first_req).await?;
+        let mut first = true;
+        loop {
+            tokio::select! {
+                msg = stream.next() => {
+                    let Some(msg) = msg? else { break };
+                    let nm = {
+                        let mut s = self.lock();
+                        s.netmap.apply(msg);
+                        if first && s.netmap.self_node.is_some() {
+                            first = false;
+                            s.state = BackendState::Running;
+                            let n = s.netmap.self_node.as_ref().map(|n| n.name.clone()).unwrap_or_default();
+                            log::info!("running name={n} peers={}", s.netmap.peers.len());
+                        }
+                        if s.netmap.self_node.as_ref().is_some_and(|me| me.expired) {
+                            drop(s);
+                            self.set_state(
+                                BackendState::NeedsLogin,
+                                Some("node key expired: run `tinyscale up` to log in again".into()),
+                            );
+                            return Ok(());
+                        }
+                        Arc::new(s.netmap.clone())
+                    };
+                    if !first {
+                        self.ensure_engine(&node).await;
+                    }
+                    let _ = self.netmap_tx.send(Some(nm));
+                }
+                r = ep_rx.changed() => {
+                    if r.is_err() { continue; }
+                    let req = map_req(&ep_rx.borrow_and_update(), false);
+                    conn.map_lite(&req).await?;
                 }
             }
         }
@@ -607,8 +759,8 @@ pub fn system_hostname() -> String {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
-pub async fn run(state_dir: &Path, socket: &Path) -> Result<(), String> {
-    let d = Daemon::load(state_dir)?;
+pub async fn run(state_dir: &Path, socket: &Path, engine: Option<EngineConfig>) -> Result<(), String> {
+    let d = Daemon::load(state_dir, engine)?;
     if let Some(dir) = socket.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -656,6 +808,7 @@ pub async fn run(state_dir: &Path, socket: &Path) -> Result<(), String> {
         _ = accept => {}
         _ = crate::shutdown_signal() => {}
     }
+    d.stop_engine();
     let _ = std::fs::remove_file(socket);
     log::info!("daemon stopped");
     Ok(())

@@ -46,6 +46,12 @@ pub enum IpcRequest {
     Down,
     Logout,
     Status,
+    /// One disco ping round to a peer (host name, FQDN or tailnet IP).
+    Ping {
+        peer: String,
+    },
+    /// The latest netcheck report.
+    Netcheck,
 }
 
 /// The daemon's answer: `data` on success, `error` otherwise.

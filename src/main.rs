@@ -68,8 +68,15 @@ fn run(top: Top) -> Result<(), Failure> {
             let sock = d
                 .socket
                 .unwrap_or_else(|| PathBuf::from(tinyscale::ipc::DEFAULT_SOCKET));
+            let engine = match d.tun.as_str() {
+                "none" => None,
+                name => Some(tinyscale::engine::EngineConfig {
+                    tun: name.to_string(),
+                    port: d.port,
+                }),
+            };
             runtime()?
-                .block_on(tinyscale::daemon::run(&dir, &sock))
+                .block_on(tinyscale::daemon::run(&dir, &sock, engine))
                 .map_err(Failure::runtime)
         }
         Cmd::Stun(s) => stun(s),

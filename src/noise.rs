@@ -545,7 +545,8 @@ impl CipherState {
         let tag = self
             .aead
             .encrypt_in_place_detached(Nonce::from_slice(&n), &[], buf)
-            .map_err(|_| NoiseError::Decrypt)?;
+            // Only fails for buffers beyond ChaCha20's 256 GiB limit; records are <= 4077 bytes.
+            .map_err(|_| NoiseError::CipherExhausted)?;
         self.nonce += 1;
         Ok(tag.into())
     }

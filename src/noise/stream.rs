@@ -587,7 +587,11 @@ mod tests {
             driver.abort();
             got
         };
-        let ((), got) = tokio::join!(server, client);
+        // A regression here tends to deadlock rather than fail, so bound it.
+        let both = async { tokio::join!(server, client) };
+        let ((), got) = tokio::time::timeout(std::time::Duration::from_secs(20), both)
+            .await
+            .unwrap();
         assert_eq!(got, pattern(20_000));
     }
 }

