@@ -35,8 +35,9 @@
 #   TINYSCALE_PANIC         abort (default: panic message on stderr, then abort) |
 #                           immediate-abort (no message, no formatting code; SIGILL/SIGTRAP).
 #   TINYSCALE_UNWIND        stub (default: empty _Unwind_* functions; panic=abort never
-#                           unwinds; no FPU code on MIPS) | gcc (libgcc_eh + shim; only
-#                           matters with std's "backtrace" feature, ~65 KB bigger then).
+#                           unwinds, RUST_BACKTRACE prints no frames; no FPU code on
+#                           MIPS) | gcc (libgcc_eh + shim: RUST_BACKTRACE prints frame
+#                           addresses; bigger).
 #   TINYSCALE_STD_FEATURES  std's cargo features for -Z build-std (comma list).
 #                           Default "default": no "backtrace" feature, so the panic
 #                           message stays but std's symbolizer (gimli, addr2line,
@@ -285,6 +286,13 @@ uintptr_t _Unwind_GetIP(struct _Unwind_Context *c) { (void)c; return 0; }
 uintptr_t _Unwind_GetIPInfo(struct _Unwind_Context *c, int *before) { (void)c; if (before) *before = 0; return 0; }
 uintptr_t _Unwind_GetCFA(struct _Unwind_Context *c) { (void)c; return 0; }
 void *_Unwind_FindEnclosingFunction(void *pc) { (void)pc; return 0; }
+#if defined(__arm__)
+/* ARM EHABI: Rust's _Unwind_GetIP etc. are built on _Unwind_VRS_Get. */
+int _Unwind_VRS_Get(struct _Unwind_Context *c, int regclass, uint32_t regno, int repr, void *valuep)
+{ (void)c; (void)regclass; (void)regno; (void)repr; if (valuep) *(uint32_t *)valuep = 0; return 1; /* _UVRSR_NOT_IMPLEMENTED */ }
+int _Unwind_VRS_Set(struct _Unwind_Context *c, int regclass, uint32_t regno, int repr, void *valuep)
+{ (void)c; (void)regclass; (void)regno; (void)repr; (void)valuep; return 1; }
+#endif
 EOF
 }
 

@@ -233,6 +233,9 @@ ping_is() {
 	esac
 }
 
+# ping_ev: the last output of tinyscale ping on one line (pong line + its path remark).
+ping_ev() { tail -n 3 <<<"$1" | sed '/^$/d' | paste -sd'|' | sed 's/|/ | /g'; }
+
 # tailnet_ping H IP COUNT: kernel ping over the tunnel; all COUNT replies required.
 tailnet_ping() {
 	nsx "ts-$1" ping -n -c "$3" -i 0.5 -w $(($3 + 5)) "$2" 2>&1 | grep -E 'transmitted|rtt'
@@ -248,7 +251,7 @@ step1() {
 	t0=$(now_ms)
 	out=$(eventually_out "$DIRECT_DEADLINE" ping_is a b "$want")
 	local rc=$? dt=$(($(now_ms) - t0))
-	ev="tinyscale ping b (after ${dt} ms, deadline ${DIRECT_DEADLINE}s, want $want): $(tail -n 2 <<<"$out")"$'\n'
+	ev="tinyscale ping b (after ${dt} ms, deadline ${DIRECT_DEADLINE}s, want $want): $(ping_ev "$out")"$'\n'
 	((rc == 0)) || ok=1
 	if ((AB_DIRECT)); then
 		# The endpoint must be b's NAT's public address (nothing else is routable from ts-a).
@@ -281,6 +284,9 @@ step2() {
 		out=$(eventually_out "$HTTP_DEADLINE" nsx ts-g curl -sf --max-time 5 "http://127.0.0.1:8081/")
 		[[ $out == *"hello from a"* ]] || ok=1
 		ev="ts-g: curl http://127.0.0.1:8081/ (reverse_proxy via tailscale g -> http://$A_IP:8000/) got: $(head -c 200 <<<"$out")"
+	elif has_addr a "$A_IP"; then
+		ok=1
+		ev="python http.server on $A_IP:8000 did not answer locally in ts-a"
 	else
 		ok=1
 		ev="$A_IP never appeared on an interface in ts-a (no TUN?): $(ip -n ts-a -o addr show | awk '{print $2, $4}' | tr '\n' ' ')"
@@ -292,26 +298,27 @@ step2() {
 	local path=none
 	grep -q 'via DERP' <<<"$out" && path=DERP
 	grep -qE 'via ([0-9]{1,3}\.){3}[0-9]{1,3}:' <<<"$out" && path=direct
-	report $ok "2c tinyscale ping g answers (path: $path)" "$(tail -n 2 <<<"$out")"
+	report $ok "2c tinyscale ping g answers (path: $path)" "$(ping_ev "$out")"
 
 	if ((AG_DIRECT)); then
 		out=$(eventually_out "$UPGRADE_DEADLINE" ping_is a g direct)
 		ok=$?
 		grep -q "via ${NAT_WAN[g]}:" <<<"$out" || ok=1
 		report $ok "2d a<->g ($(nat_kind a)/$(nat_kind g) NAT) upgrade to direct via ${NAT_WAN[g]}" \
-			"$(tail -n 2 <<<"$out")"$'\n'"status on a: g $(peer_json a g | jq -c '{CurAddr, Relay}')"
+			"$(ping_ev "$out")"$'\n'"status on a: g $(peer_json a g | jq -c '{CurAddr, Relay}')"
 	fi
 }
 
 step3() {
 	local ok=0 ev t0 out rc dt
+	ev="before the block: $(ping_ev "$(ping_is a b any)")"$'\n'
 	udp_block
 	t0=$(now_ms)
 	out=$(eventually_out "$FALLBACK_DEADLINE" ping_is a b derp)
 	rc=$?
 	dt=$(($(now_ms) - t0))
 	((rc == 0)) || ok=1
-	ev="tinyscale ping b (${dt} ms after the block): $(tail -n 2 <<<"$out")"$'\n'
+	ev+="tinyscale ping b (${dt} ms after the block): $(ping_ev "$out")"$'\n'
 	out=$(eventually_out "$FALLBACK_DEADLINE" tailnet_ping a "${B_IP:-100.64.0.0}" 3)
 	(($? == 0)) || ok=1
 	ev+="ping -c 3 $B_IP from ts-a: $(tr '\n' ' ' <<<"$out")"$'\n'
@@ -330,9 +337,9 @@ step4() {
 	# 4a: direct path first.
 	out=$(eventually_out "$UPGRADE_DEADLINE" ping_is a b direct)
 	if (($? != 0)); then
-		report 1 "4a direct a<->b survives killing the relay" "no direct path to start from: $(tail -n 2 <<<"$out")"
+		report 1 "4a direct a<->b survives killing the relay" "no direct path to start from: $(ping_ev "$out")"
 	else
-		ev="before: $(tail -n 1 <<<"$out")"$'\n'
+		ev="before: $(ping_ev "$out")"$'\n'
 		relay_kill
 		if relay_up; then
 			ok=1
@@ -345,7 +352,7 @@ step4() {
 		ev+="ping -c 20 $B_IP over 10 s with the relay down: $(tr '\n' ' ' <<<"$out")"$'\n'
 		out=$(ping_is a b direct)
 		(($? == 0)) || ok=1
-		ev+="after: $(tail -n 1 <<<"$out")"
+		ev+="after: $(ping_ev "$out")"
 		report $ok "4a direct a<->b survives killing the relay" "$ev"
 	fi
 
@@ -360,13 +367,21 @@ step4() {
 		eventually 30 test "$(derp_conns)" -ge "$want"
 		ev+="relay connections established: $(derp_conns) (want $want)"$'\n'
 	fi
+	# Falling back means nothing unless the path was direct when it was cut.
+	out=$(eventually_out "$UPGRADE_DEADLINE" ping_is a b direct)
+	if (($? != 0)); then
+		ok=1
+		ev+="no direct path before the cut: $(ping_ev "$out")"$'\n'
+	else
+		ev+="before the cut: $(ping_ev "$out")"$'\n'
+	fi
 	udp_block
 	t0=$(now_ms)
 	out=$(eventually_out "$FALLBACK_DEADLINE" ping_is a b derp)
 	rc=$?
 	dt=$(($(now_ms) - t0))
 	((rc == 0)) || ok=1
-	ev+="tinyscale ping b ${dt} ms after cutting UDP (deadline ${FALLBACK_DEADLINE}s): $(tail -n 1 <<<"$out")"$'\n'
+	ev+="tinyscale ping b ${dt} ms after cutting UDP (deadline ${FALLBACK_DEADLINE}s): $(ping_ev "$out")"$'\n'
 	out=$(eventually_out "$FALLBACK_DEADLINE" tailnet_ping a "$B_IP" 3)
 	(($? == 0)) || ok=1
 	ev+="ping -c 3 $B_IP: $(tr '\n' ' ' <<<"$out")"

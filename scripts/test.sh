@@ -35,6 +35,8 @@ step() {
 
 export TINYSCALE_REQUIRE_GO=${TINYSCALE_REQUIRE_GO:-1}
 export TINYSCALE_REQUIRE_ZBAR=${TINYSCALE_REQUIRE_ZBAR:-1}
+# Network-namespace tests (WireGuard interop with wireguard-go) need root, which CI has.
+if [ "$(id -u)" = 0 ]; then export TINYSCALE_NETNS=${TINYSCALE_NETNS:-1}; fi
 export CARGO_TERM_COLOR=never
 
 step "tests (all features)" cargo test --all-features

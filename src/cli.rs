@@ -707,10 +707,15 @@ pub fn render_status(v: &Value) -> String {
     let mut rows = Vec::new();
     let row = |n: &Value, me: bool| -> Vec<String> {
         let ips = n["TailscaleIPs"].as_array().cloned().unwrap_or_default();
+        let path = match (n["CurAddr"].as_str().unwrap_or(""), n["Relay"].as_str().unwrap_or("")) {
+            ("", "") => String::new(),
+            ("", relay) => format!("; relay \"{relay}\""),
+            (direct, _) => format!("; direct {direct}"),
+        };
         let online = if me {
             "-".to_string()
         } else if n["Online"].as_bool().unwrap_or(false) {
-            "online".to_string()
+            format!("online{path}")
         } else {
             match n["LastSeen"].as_str() {
                 Some(t) => format!("offline, last seen {t}"),
