@@ -119,6 +119,8 @@ pub struct Daemon {
     /// Our endpoints and home DERP, from the data plane, for control.
     endpoints_tx: watch::Sender<LocalEndpoints>,
     engine: Mutex<Option<RunningEngine>>,
+    /// The node key for which the data plane failed to start (no retry storm on every map message).
+    engine_failed_for: Mutex<Option<NodePublic>>,
 }
 
 struct RunningEngine {
@@ -204,6 +206,7 @@ impl Daemon {
             netmap_tx: watch::channel(None).0,
             endpoints_tx: watch::channel(LocalEndpoints::default()).0,
             engine: Mutex::new(None),
+            engine_failed_for: Mutex::new(None),
         });
         d.save()?;
         Ok(d)
@@ -483,6 +486,9 @@ impl Daemon {
         {
             return;
         }
+        if *self.engine_failed_for.lock().unwrap_or_else(|e| e.into_inner()) == Some(node.public()) {
+            return;
+        }
         self.stop_engine();
         match Engine::start(
             &cfg,
@@ -501,6 +507,7 @@ impl Daemon {
                 });
             }
             Err(e) => {
+                *self.engine_failed_for.lock().unwrap_or_else(|e| e.into_inner()) = Some(node.public());
                 log::error!("data plane unavailable, running control only: {e}");
                 self.lock().last_error = format!("data plane unavailable: {e}");
             }
