@@ -13,8 +13,10 @@
 #   4. scripts/size-report.sh (mipsel + x86_64, both feature sets, against the budgets)
 #   5. scripts/check-deps.sh (dependency tree = scripts/deps.txt)
 #
-# Prints PASS/FAIL per check and ends with "ci-cross: N passed, N failed[, N skipped]";
+# Prints PASS/FAIL per check and ends with the line "N passed, N failed[, N skipped]";
 # exits 1 when anything failed. Logs: $CI_CROSS_LOGS (default <repo>/target-cross/ci-logs).
+# Builds go to <toolchain cache>/ci-target/<variant> (reused between runs; see below)
+# unless CARGO_TARGET_DIR is set or CI_CROSS_FRESH=1.
 # No fixed sleeps: every wait polls a condition until a deadline.
 set -uo pipefail
 
@@ -26,6 +28,13 @@ MIPSEL=mipsel-unknown-linux-musl
 X86=x86_64-unknown-linux-musl
 EVERYTHING="--no-default-features --features coordinator"
 mkdir -p "$LOGS"
+# Reuse compiled std/dependencies across CI runs on this machine (CI clones the
+# repo afresh each time): a target dir beside the toolchain cache. Only a speed-up:
+# an empty or deleted one just means a full build. CI_CROSS_FRESH=1 builds in the
+# clone instead.
+if [ -z "${CARGO_TARGET_DIR:-}" ] && [ -z "${CI_CROSS_FRESH:-}" ]; then
+  export CARGO_TARGET_DIR; CARGO_TARGET_DIR="$("$CROSS" cache)/ci-target/$("$CROSS" variant)"
+fi
 # Runtime files (db, unix socket) go in a short temp dir: socket paths max 107 bytes.
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tinyscale-ci.XXXXXX")
 PIDS=()
@@ -201,5 +210,5 @@ else
 fi
 
 echo
-echo "ci-cross: $passed passed, $failed failed$([ "$skipped" -gt 0 ] && echo ", $skipped skipped")"
+echo "$passed passed, $failed failed$([ "$skipped" -gt 0 ] && echo ", $skipped skipped")"
 [ "$failed" -eq 0 ]

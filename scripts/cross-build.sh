@@ -17,6 +17,7 @@
 #   scripts/cross-build.sh env <target>      print the build environment (for debugging)
 #   scripts/cross-build.sh targets           list the supported targets
 #   scripts/cross-build.sh variant           name of the build variant (see Environment)
+#   scripts/cross-build.sh cache             print the toolchain cache directory
 #
 # Targets: x86_64-unknown-linux-musl aarch64-unknown-linux-musl
 #          armv7-unknown-linux-musleabihf mipsel-unknown-linux-musl mips-unknown-linux-musl
@@ -82,7 +83,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 # target -> CC (musl C driver, also the linker), AR, GNUGCC (only for libgcc_eh.a), QEMU
 tinfo() {
   case "$1" in
-    x86_64-unknown-linux-musl)      CC=x86_64-linux-musl-gcc;  AR=ar;                     GNUGCC=gcc;                      QEMU= ;;
+    x86_64-unknown-linux-musl)      CC=x86_64-linux-musl-gcc;  AR="ar";                   GNUGCC="gcc";                    QEMU="" ;;
     aarch64-unknown-linux-musl)     CC=aarch64-linux-musl-gcc; AR=aarch64-linux-gnu-ar;   GNUGCC=aarch64-linux-gnu-gcc;    QEMU=qemu-aarch64-static ;;
     armv7-unknown-linux-musleabihf) CC=arm-linux-musleabihf-gcc; AR=arm-linux-gnueabihf-ar; GNUGCC=arm-linux-gnueabihf-gcc; QEMU=qemu-arm-static ;;
     mipsel-unknown-linux-musl)      CC=$CACHE/bin/mipsel-linux-muslsf-gcc; AR=mipsel-linux-gnu-ar; GNUGCC=mipsel-linux-gnu-gcc; QEMU=qemu-mipsel-static ;;
@@ -374,7 +375,7 @@ target_env() {
   flags="$flags -L native=$CACHE/unwind/$u/$t"
   # musl applies PT_GNU_RELRO only in its dynamic loader, never in a static binary,
   # so rustc's default -z relro buys nothing here and costs file padding up to the
-  # max page size (64 KiB on MIPS/ARM: measured -56 KiB on mipsel client-only).
+  # max page size (64 KiB on MIPS/ARM; measured: -53 KB on mipsel client-only).
   flags="$flags -C link-arg=-Wl,-z,norelro"
   [ "$u" = gcc ] && flags="$flags -C link-arg=-Wl,-u,__tinyscale_keep_pthread"
   case "$p" in
@@ -391,11 +392,14 @@ target_env() {
   esac
   # The link map lists every kept input section with its size (function sections),
   # so scripts/size-report.sh can attribute bytes to crates without a second build.
-  flags="$flags -C link-arg=-Wl,-Map=$(target_dir)/$t/release/link.map"
+  # A directory: ld names the map after the output (deps/tinyscale-<hash>), so a
+  # binary that cargo re-uplifts from cache (feature set switched back) without
+  # relinking still finds its own map; `build` copies it to <binary>.map.
+  flags="$flags -C link-arg=-Wl,-Map=$(target_dir)/$t/release/maps"
   export "CARGO_TARGET_${TU}_RUSTFLAGS=$flags${TINYSCALE_EXTRA_RUSTFLAGS:+ $TINYSCALE_EXTRA_RUSTFLAGS}"
   unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_RUSTFLAGS   # would override per-target flags
   export CARGO_TARGET_DIR; CARGO_TARGET_DIR=$(target_dir)
-  mkdir -p "$CARGO_TARGET_DIR/$t/release"
+  mkdir -p "$CARGO_TARGET_DIR/$t/release/maps"
 }
 
 # A router has no musl loader: refuse anything with an interpreter or dynamic section.
@@ -410,6 +414,21 @@ check_static() {
   fi
 }
 
+# <binary>.map := the link map of the deps/ artifact that cargo uplifted to <binary>.
+copy_map() {
+  local t=$1 out=$2 dep="" f
+  dep=$(find "$(dirname "$out")/deps" -maxdepth 1 -samefile "$out" -print -quit 2>/dev/null || true)
+  if [ -z "$dep" ]; then   # cargo copies instead of hard-linking on some filesystems
+    for f in "$(dirname "$out")/deps/$(bin_name)"-*; do cmp -s "$f" "$out" && { dep=$f; break; }; done
+  fi
+  rm -f "$out.map"
+  if [ -n "$dep" ] && [ -f "$(target_dir)/$t/release/maps/$(basename "$dep").map" ]; then
+    cp "$(target_dir)/$t/release/maps/$(basename "$dep").map" "$out.map"
+  else
+    say "note: no link map found for $out"
+  fi
+}
+
 build() {
   local t=${1:-}; [ -n "$t" ] || usage; shift
   target_env "$t"
@@ -419,6 +438,7 @@ build() {
   local out; out=$(bin_path "$t")
   [ -f "$out" ] || die "cargo succeeded but $out is missing"
   check_static "$out"
+  copy_map "$t" "$out"
   say "$(file -b "$out" | cut -d, -f1-2), $(stat -c %s "$out") bytes"
   echo "$out"
 }
@@ -441,6 +461,7 @@ case "${1:-}" in
   env)     target_env "${2:?target}"; env | grep -E '^(RUSTC|RUSTDOC|CARGO|CC_|AR_|RUSTC_BOOTSTRAP)' | sort ;;
   targets) tr ' ' '\n' <<<"$ALL_TARGETS" ;;
   variant) variant ;;
+  cache)   echo "$CACHE" ;;
   -h|--help|help|"") usage ;;
   *) say "unknown command '$1'"; usage ;;
 esac

@@ -102,6 +102,8 @@ ts_pick_bin() {
 	[[ -n $best ]] || die "no tinyscale binary with the coordinator feature (set TINYSCALE_BIN or build one)"
 	cp "$best" "$WORK/tinyscale"
 	BIN=$WORK/tinyscale
+	# shellcheck disable=SC2034 # read by bench-throughput.sh
+	BIN_SRC=$best
 	log "binary: $best ($(stat -c %y "$best" | cut -c1-19)) copied to $BIN"
 }
 
@@ -289,7 +291,7 @@ masq_counter() { nsx "ts-nat-$1" nft list table ip ts-nat | grep -o 'counter pac
 spawn() {
 	local name=$1 ns=$2
 	shift 2
-	ip netns exec "$ns" "$@" > >(stamp >>"$WORK/$name.log") 2>&1 </dev/null &
+	ip netns exec "$ns" "$@" > >(stamp >>"$WORK/$name.log" 2>/dev/null) 2>&1 </dev/null &
 	echo $! >"$WORK/$name.pid"
 	disown $! # no "Killed" job notices; stop() still reaps by pid
 }
@@ -538,3 +540,38 @@ web_start() {
 	spawn "web-$h" "ts-$h" python3 -m http.server 8000 --bind "$ip" --directory "$d"
 	eventually 10 nsx "ts-$h" curl -sf --max-time 2 "http://$ip:8000/"
 }
+
+# ---------------------------------------------------------------------------------------------
+# Path checks shared by the e2e steps and the benchmark.
+
+# ping_is H PEER direct|derp|any: one `tinyscale ping -c 1`, output printed, status = match.
+ping_is() {
+	local out
+	out=$(tnping "$1" "$2")
+	printf '%s\n' "$out"
+	case $3 in
+	direct) grep -qE "pong from $2 .*via ([0-9]{1,3}\.){3}[0-9]{1,3}:[0-9]+ in " <<<"$out" ;;
+	derp) grep -qE "pong from $2 .*via DERP\($DERP_REGION\)" <<<"$out" ;;
+	*) grep -q "pong from $2" <<<"$out" ;;
+	esac
+}
+
+# ping_ev: the last output of tinyscale ping on one line (pong line + its path remark).
+ping_ev() { tail -n 3 <<<"$1" | sed '/^$/d' | paste -sd'|' | sed 's/|/ | /g'; }
+
+# tailnet_ping H IP COUNT: kernel ping over the tunnel; all COUNT replies required.
+tailnet_ping() {
+	nsx "ts-$1" ping -n -c "$3" -i 0.5 -w $(($3 + 5)) "$2" 2>&1 | grep -E 'transmitted|rtt'
+	return "${PIPESTATUS[0]}"
+}
+
+# udp_flows H: nat-H's UDP conntrack entries (who sent to whom), if conntrack(8) is installed.
+udp_flows() {
+	command -v conntrack >/dev/null || {
+		echo "(conntrack not installed)"
+		return 0
+	}
+	nsx "ts-nat-$1" conntrack -L -p udp 2>/dev/null | awk '{s="";for(i=4;i<=NF;i++)if($i~/^(src|dst|sport|dport)=/||$i~/^\[/)s=s" "$i;print s}'
+}
+
+fw_drops() { nsx "ts-nat-$1" nft list table inet ts-fw 2>/dev/null | grep -o 'counter packets [0-9]*' | awk '{print $3}'; }

@@ -17,7 +17,7 @@
 #                everything  = --no-default-features --features coordinator
 #
 # Contributors come from the linker map that cross-build.sh always writes
-# (<target-dir>/<target>/release/link.map): with LTO all Rust code is one object,
+# (<binary>.map beside the binary): with LTO all Rust code is one object,
 # but every function keeps its own input section (.text.<mangled name>), so
 # bytes are attributed to the crate that defines the function, as cargo-bloat
 # does (generic code instantiated for a type counts for the generic's crate, except
@@ -171,7 +171,7 @@ for t in "${TARGETS[@]}"; do
   for s in $SETS; do
     start=$(date +%s)
     echo "size-report: building $t [$s] ..." >&2
-    # shellcheck disable=SC2086
+    # shellcheck disable=SC2046,SC2086  # word splitting wanted: argument lists
     if ! bin=$("$CROSS" build "$t" $(set_args "$s") $CARGO_ARGS); then
       rows+=("$(printf '%-31s %-11s %10s %10s %9s %9s %5s  %s' "$t" "$s" - - - - - "FAIL (build failed)")")
       fails=$((fails + 1)); continue
@@ -179,7 +179,7 @@ for t in "${TARGETS[@]}"; do
     secs=$(( $(date +%s) - start ))
     # Keep a copy per feature set: the next build overwrites the cargo output.
     keep="$(dirname "$bin")/size-report/$s"; mkdir -p "$keep"
-    cp "$bin" "$keep/"; cp "$(dirname "$bin")/link.map" "$keep/link.map" 2>/dev/null || true
+    cp "$bin" "$keep/"; rm -f "$keep/link.map"; cp "$bin.map" "$keep/link.map" 2>/dev/null || true
     stripped=$(stat -c %s "$bin")
     xzb=$(xz -9e -c "$bin" | wc -c)
     read -r maxs maxx <<<"$(budget "$t" "$s")" || true
@@ -192,7 +192,7 @@ for t in "${TARGETS[@]}"; do
     fi
     rows+=("$(printf '%-31s %-11s %10d %10s %9d %9s %5s  %s' "$t" "$s" "$stripped" "${maxs:--}" "$xzb" "${maxx:--}" "${secs}s" "$verdict")")
     [ "$TOP" -gt 0 ] && details+=("$(contributors "$keep/$(basename "$bin")" "$keep/link.map" "$t [$s]")")
-    maxs= maxx=
+    maxs="" maxx=""
   done
 done
 

@@ -46,6 +46,10 @@ step "clippy (client-only)" cargo clippy --no-default-features -- -D warnings
 step "rustfmt" cargo fmt --check
 step "sans-io purity" scripts/check-purity.sh
 step "dependency snapshot" scripts/check-deps.sh
+if [ "$(id -u)" = 0 ] && [ "${TINYSCALE_SKIP_NETNS:-0}" != 1 ]; then
+    cargo build --quiet
+    step "netns NAT end-to-end (tinyscale x2 + official Go client)" env TINYSCALE_BIN="$PWD/target/debug/tinyscale" scripts/netns-e2e.sh
+fi
 if [ "${TINYSCALE_SKIP_CROSS:-0}" != 1 ]; then
     step "router builds, qemu smoke test, size budget" scripts/ci-cross.sh
 fi

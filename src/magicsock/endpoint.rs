@@ -543,8 +543,19 @@ impl Endpoint {
             }
             _ => {
                 let all: Vec<SocketAddr> = self.candidates.keys().copied().collect();
+                let mut sent_any = false;
                 for addr in all {
-                    self.start_ping(Path::Udp(addr), now, Purpose::Cli, new_tx, &mut out);
+                    sent_any |= self.start_ping(Path::Udp(addr), now, Purpose::Cli, new_tx, &mut out);
+                }
+                // Like discovery: our direct pings likely die at the peer's NAT, so ask the peer
+                // (via DERP) to ping us back, which opens both mappings.
+                if let (true, Some(region)) = (sent_any, derp) {
+                    out.push(DiscoOut {
+                        to: Path::Derp(region),
+                        msg: Message::CallMeMaybe {
+                            endpoints: self.my_endpoints.clone(),
+                        },
+                    });
                 }
             }
         }
@@ -1331,6 +1342,12 @@ mod tests {
                 Path::Udp(sa("203.0.113.2:2")),
                 Path::Udp(sa("203.0.113.2:41641")),
             ]
+        );
+        // ...plus a CallMeMaybe via DERP, so the peer's pings open its NAT towards us.
+        assert!(
+            outs.iter()
+                .any(|o| o.to == Path::Derp(2) && matches!(o.msg, Message::CallMeMaybe { .. })),
+            "{outs:?}"
         );
         let r = ep
             .handle_pong(p[0].1, Path::Derp(2), t0 + Duration::from_millis(80))

@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# bench-throughput.sh: issue 4's benchmark (not a timed test), in the netns topology of
+# scripts/netns-lib.sh. One run, side by side, from ts-a to ts-b (both behind easy NAT):
+#   raw           iperf3 straight through the veths and both NATs (nat-b forwards tcp/5201 and
+#                 ICMP echo to b), the ceiling
+#   wireguard-go  a wireguard-go tunnel (Debian wireguard-go + wireguard-tools) ts-a <-> ts-b,
+#                 nat-b forwarding udp/51820; its MTU is set to tinyscale's TUN MTU (1280 unless
+#                 the TUN says otherwise) so the comparison is packet for packet
+#   tinyscale     the tailnet path a -> b once `tinyscale ping` reports it direct
+#   tinyscale-derp the same with UDP blocked between the homes (relayed by DERP region 999)
+# For each: iperf3 TCP throughput (a -> b, BENCH_SECS seconds), ping RTT (20 pings), and the peak
+# RSS (VmHWM from /proc/PID/status) of the processes carrying it. Then the ratio
+# tinyscale/wireguard-go (goal >= 1.0). Root. Exit status: 0 when every path was measured.
+#
+# Usage: scripts/bench-throughput.sh            (BENCH_SECS=5, BENCH_ONLY=raw,wg,ts,derp, KEEP=1)
+set -uo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/netns-lib.sh
+source "$REPO/scripts/netns-lib.sh"
+
+BENCH_SECS=${BENCH_SECS:-5}
+BENCH_ONLY=${BENCH_ONLY:-raw,wg,ts,derp}
+IPERF_PORT=5201
+WG_PORT=51820
+WG_A=192.168.99.1
+WG_B=192.168.99.2
+MISSING=0
+declare -A MBPS RTT RSS NOTE
+
+want() { [[ ,$BENCH_ONLY, == *,$1,* ]]; }
+
+finish() {
+	topo_down
+	rm -f /var/run/wireguard/ts-wga.sock /var/run/wireguard/ts-wgb.sock
+	if [[ ${KEEP:-0} == 1 || $MISSING -gt 0 ]]; then
+		echo "logs kept in $WORK" >&2
+	else
+		rm -rf "$WORK"
+	fi
+}
+
+# nat_forward H PROTO PORT: nat-H forwards PROTO/PORT on its WAN address to its host (.2); with
+# PROTO icmp, echo requests. The benchmark's only inbound holes; the e2e test never uses them.
+nat_forward() {
+	local h=$1 proto=$2 port=${3:-} lan=${LAN_NET[$1]}.2 rule
+	if [[ $proto == icmp ]]; then
+		rule="iifname \"ts-wan\" icmp type echo-request dnat to $lan"
+	else
+		rule="iifname \"ts-wan\" $proto dport $port dnat to $lan"
+	fi
+	nsx "ts-nat-$h" nft -f - <<EOF
+table ip ts-dnat {
+	chain pre {
+		type nat hook prerouting priority dstnat; policy accept;
+	}
+}
+add rule ip ts-dnat pre $rule
+EOF
+}
+
+vmhwm() {
+	local p
+	p=$(pid_of "$1") || return 0
+	awk '/^VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null
+}
+
+# measure NAME H DST: iperf3 a -> DST and ping RTT; fills MBPS/RTT[NAME].
+measure() {
+	local name=$1 h=$2 dst=$3 j bps rtt
+	j=$(nsx "ts-$h" timeout $((BENCH_SECS + 20)) iperf3 -c "$dst" -p "$IPERF_PORT" -t "$BENCH_SECS" -J 2>&1)
+	bps=$(jq -r '.end.sum_received.bits_per_second // empty' <<<"$j" 2>/dev/null)
+	if [[ -n $bps ]]; then
+		MBPS[$name]=$(awk -v b="$bps" 'BEGIN {printf "%.0f", b / 1e6}')
+	else
+		MBPS[$name]=n/a
+		NOTE[$name]+="iperf3: $(jq -r '.error // empty' <<<"$j" 2>/dev/null || head -c 200 <<<"$j") "
+		MISSING=$((MISSING + 1))
+	fi
+	rtt=$(nsx "ts-$h" ping -n -q -c 20 -i 0.2 -w 10 "$dst" 2>/dev/null | awk -F/ '/^rtt/ {print $5}')
+	RTT[$name]=${rtt:-n/a}
+	log "$name: ${MBPS[$name]} Mbit/s, rtt ${RTT[$name]} ms"
+}
+
+wg_start() {
+	local h=$1 me=$2 peer_pub=$3 key=$4 endpoint=${5:-} dev=ts-wg$1 mtu=$6
+	spawn "wg-$h" "ts-$h" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$dev"
+	eventually 10 ip -n "ts-$h" link show "$dev" || return 1
+	eventually 10 test -S "/var/run/wireguard/$dev.sock" || return 1
+	local args=(set "$dev" private-key "$key" listen-port "$WG_PORT" peer "$peer_pub" allowed-ips "$7/32")
+	[[ -n $endpoint ]] && args+=(endpoint "$endpoint" persistent-keepalive 25)
+	nsx "ts-$h" wg "${args[@]}" || return 1
+	ip -n "ts-$h" addr replace "$me/24" dev "$dev"
+	ip -n "ts-$h" link set "$dev" mtu "$mtu" up
+}
+
+ping_and_check_direct() {
+	nsx ts-a ping -c 1 -W 1 "$B_IP" >/dev/null 2>&1
+	ping_is a b direct
+}
+
+ts_need_tools iperf3 wireguard-go wg
+ts_workdir
+trap finish EXIT
+trap 'exit 130' INT TERM
+ts_pick_bin
+log "work dir $WORK; BENCH_SECS=$BENCH_SECS BENCH_ONLY=$BENCH_ONLY"
+if [[ $BIN_SRC == */debug/* ]]; then
+	log "WARNING: a debug build; numbers for the record need TINYSCALE_BIN=<a release build>"
+fi
+
+topo_down
+topo_up
+spawn iperf-b ts-b iperf3 -s -p "$IPERF_PORT"
+nat_forward b tcp "$IPERF_PORT"
+nat_forward b udp "$WG_PORT"
+nat_forward b icmp
+eventually 10 nsx ts-b bash -c "exec 3<>/dev/tcp/127.0.0.1/$IPERF_PORT" || die "iperf3 server did not start"
+
+# Tinyscale first: its TUN MTU decides wireguard-go's.
+TS_MTU=1280
+if want ts || want derp; then
+	if coord_start && derp_start; then
+		KEY=$(preauth_key bench)
+		daemon_start a && daemon_start b && daemon_up a "$KEY" && daemon_up b "$KEY"
+		eventually 20 is_running a && eventually 20 is_running b
+		B_IP=$(node_ip4 b)
+		m=$(ip -n ts-a link show tinyscale0 2>/dev/null | grep -o 'mtu [0-9]*' | awk '{print $2}')
+		[[ -n $m ]] && TS_MTU=$m
+	fi
+fi
+
+if want raw; then
+	measure raw a "${NAT_WAN[b]}"
+	NOTE[raw]+="via nat-b's port forward; "
+fi
+
+if want wg; then
+	ka=$(wg genkey)
+	kb=$(wg genkey)
+	printf '%s\n' "$ka" >"$WORK/wga.key"
+	printf '%s\n' "$kb" >"$WORK/wgb.key"
+	chmod 600 "$WORK"/wg?.key
+	if wg_start b "$WG_B" "$(wg pubkey <<<"$ka")" "$WORK/wgb.key" "" "$TS_MTU" "$WG_A" &&
+		wg_start a "$WG_A" "$(wg pubkey <<<"$kb")" "$WORK/wga.key" "${NAT_WAN[b]}:$WG_PORT" "$TS_MTU" "$WG_B" &&
+		eventually 10 nsx ts-a ping -c 1 -W 1 "$WG_B"; then
+		measure wireguard-go a "$WG_B"
+		RSS[wireguard-go]="a=$(vmhwm wg-a) b=$(vmhwm wg-b)"
+		NOTE[wireguard-go]+="mtu $TS_MTU; "
+	else
+		MBPS[wireguard-go]=n/a
+		NOTE[wireguard-go]+="tunnel did not come up (see $WORK/wg-a.log); "
+		MISSING=$((MISSING + 1))
+	fi
+	stop wg-a
+	stop wg-b
+fi
+
+if want ts; then
+	if [[ -z ${B_IP:-} ]]; then
+		MBPS[tinyscale]=n/a
+		NOTE[tinyscale]+="no tailnet (coordinator or login failed); "
+		MISSING=$((MISSING + 1))
+	else
+		# Traffic both ways (the echo replies) as well as disco pings: the benchmark wants the direct
+		# path however it comes about; netns-e2e.sh step 1 checks that `ping` alone gets there.
+		if out=$(eventually_out 30 ping_and_check_direct); then
+			NOTE[tinyscale]+="$(ping_ev "$out" | cut -d'|' -f1); "
+		else
+			NOTE[tinyscale]+="NOT direct: $(ping_ev "$out"); "
+			TS_NOT_DIRECT=1
+		fi
+		measure tinyscale a "$B_IP"
+		RSS[tinyscale]="a=$(vmhwm daemon-a) b=$(vmhwm daemon-b)"
+		NOTE[tinyscale]+="mtu $TS_MTU; "
+	fi
+fi
+
+if want derp; then
+	if [[ -z ${B_IP:-} ]]; then
+		MBPS[tinyscale-derp]=n/a
+		NOTE[tinyscale-derp]+="no tailnet; "
+		MISSING=$((MISSING + 1))
+	else
+		udp_block a b
+		if out=$(eventually_out 30 ping_is a b derp); then
+			NOTE[tinyscale-derp]+="$(ping_ev "$out" | cut -d'|' -f1); "
+		else
+			NOTE[tinyscale-derp]+="NOT via DERP: $(ping_ev "$out"); "
+		fi
+		measure tinyscale-derp a "$B_IP"
+		RSS[tinyscale-derp]="a=$(vmhwm daemon-a) b=$(vmhwm daemon-b) derp=$(vmhwm derp)"
+		udp_unblock a b
+	fi
+fi
+RSS[raw]=-
+
+echo
+printf '%-15s %10s %12s  %-32s %s\n' path Mbit/s "rtt avg ms" "peak RSS kB (VmHWM)" notes
+for p in raw wireguard-go tinyscale tinyscale-derp; do
+	[[ -n ${MBPS[$p]+x} ]] || continue
+	printf '%-15s %10s %12s  %-32s %s\n' "$p" "${MBPS[$p]}" "${RTT[$p]:-n/a}" "${RSS[$p]:-n/a}" "${NOTE[$p]:-}"
+done
+ratio=n/a
+if [[ ${MBPS[tinyscale]:-n/a} =~ ^[0-9]+$ && ${MBPS[wireguard-go]:-n/a} =~ ^[0-9]+$ && ${MBPS[wireguard-go]} -gt 0 ]]; then
+	ratio=$(awk -v t="${MBPS[tinyscale]}" -v w="${MBPS[wireguard-go]}" 'BEGIN {printf "%.2f", t / w}')
+fi
+[[ ${TS_NOT_DIRECT:-0} == 1 && $ratio != n/a ]] && ratio+=" (tinyscale path was NOT direct)"
+echo "ratio tinyscale/wireguard-go: $ratio (goal >= 1.0)"
+((MISSING == 0))
