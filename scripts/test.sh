@@ -14,8 +14,8 @@ mkdir -p "$log"
 # Adds a step's test counts: cargo's "test result:" lines, or a script's "N passed, N failed".
 count() {
     local out=$1 rc=$2 name=$3 p f
-    p=$(grep -E '^test result:|^[0-9]+ passed, [0-9]+ failed' "$out" | sed -E 's/.* ([0-9]+) passed.*/\1/' | paste -sd+ | bc 2>/dev/null)
-    f=$(grep -E '^test result:|^[0-9]+ passed, [0-9]+ failed' "$out" | sed -E 's/.* ([0-9]+) failed.*/\1/' | paste -sd+ | bc 2>/dev/null)
+    p=$(grep -E '^test result:|^[0-9]+ passed, [0-9]+ failed' "$out" | sed -E 's/^(.*[^0-9])?([0-9]+) passed.*/\2/' | paste -sd+ | bc 2>/dev/null)
+    f=$(grep -E '^test result:|^[0-9]+ passed, [0-9]+ failed' "$out" | sed -E 's/^(.*[^0-9])?([0-9]+) failed.*/\2/' | paste -sd+ | bc 2>/dev/null)
     p=${p:-0} f=${f:-0}
     if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi   # a step that failed outside any test
     if [ "$p" -eq 0 ] && [ "$f" -eq 0 ]; then p=1; fi    # a plain check that passed
