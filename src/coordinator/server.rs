@@ -414,7 +414,7 @@ async fn register(
     coord: Arc<Coordinator>,
     machine: MachinePublic,
     data: &[u8],
-    respond: h2::server::SendResponse<Bytes>,
+    mut respond: h2::server::SendResponse<Bytes>,
 ) {
     let req: RegisterRequest = match tailcfg::from_slice_folded(data) {
         Ok(r) => r,
@@ -442,6 +442,8 @@ async fn register(
                 tokio::select! {
                     r = waiter.changed() => if r.is_err() { return },
                     _ = tokio::time::sleep(left) => {}
+                    // The client reset the stream (gave up or went away): stop waiting for it.
+                    _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
                 }
             }
             Err(e) => {
