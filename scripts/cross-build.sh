@@ -400,6 +400,12 @@ target_env() {
   unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_RUSTFLAGS   # would override per-target flags
   export CARGO_TARGET_DIR; CARGO_TARGET_DIR=$(target_dir)
   mkdir -p "$CARGO_TARGET_DIR/$t/release/maps"
+  # The SQLite compile options of .cargo/config.toml, as a real environment variable: cargo
+  # re-runs libsqlite3-sys's build script when it changes (a change in [env] alone can leave
+  # a cached, larger SQLite in a reused target dir).
+  local sq
+  sq=$(sed -n 's/^LIBSQLITE3_FLAGS *= *"\(.*\)"$/\1/p' "$REPO/.cargo/config.toml" 2>/dev/null)
+  if [ -n "$sq" ]; then export LIBSQLITE3_FLAGS="$sq"; fi
 }
 
 # A router has no musl loader: refuse anything with an interpreter or dynamic section.

@@ -288,16 +288,7 @@ impl Daemon {
                 None => Err("the data plane is not running (is the node up?)".into()),
             },
         };
-        match r {
-            Ok(data) => IpcResponse {
-                data,
-                error: String::new(),
-            },
-            Err(error) => IpcResponse {
-                data: Value::Null,
-                error,
-            },
-        }
+        IpcResponse::from_result(r)
     }
 
     fn up(&self, a: UpArgs) -> Result<Value, String> {
@@ -305,7 +296,7 @@ impl Daemon {
             ControlUrl::parse(u).map_err(|e| e.to_string())?;
         }
         for r in a.advertise_routes.iter().flatten() {
-            if !crate_valid_cidr(r) {
+            if !tailcfg::is_valid_cidr(r) {
                 return Err(format!(
                     "invalid --advertise-routes entry {r:?}: expected a CIDR like 192.168.1.0/24"
                 ));
@@ -739,18 +730,6 @@ impl Daemon {
             }
         }
         Err(client::Error::Protocol("control server ended the map stream".into()))
-    }
-}
-
-fn crate_valid_cidr(s: &str) -> bool {
-    let Some((ip, len)) = s.split_once('/') else {
-        return false;
-    };
-    let Ok(len) = len.parse::<u8>() else { return false };
-    match ip.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(_)) => len <= 32,
-        Ok(std::net::IpAddr::V6(_)) => len <= 128,
-        Err(_) => false,
     }
 }
 

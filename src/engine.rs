@@ -571,6 +571,8 @@ impl Engine {
         for o in outs {
             self.send_disco(peer, o);
         }
+        // A pong may have changed the path: let status (and a CLI ping's caller) see it at once.
+        self.publish_status(now);
     }
 
     fn on_cmd(&mut self, cmd: Cmd) {

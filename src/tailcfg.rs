@@ -515,6 +515,19 @@ impl HostinfoView<'_> {
     }
 }
 
+/// True for `a.b.c.d/n` (n ≤ 32) or `v6/n` (n ≤ 128): the prefix syntax of routes on the wire.
+pub fn is_valid_cidr(s: &str) -> bool {
+    let Some((ip, len)) = s.split_once('/') else {
+        return false;
+    };
+    let Ok(len) = len.parse::<u8>() else { return false };
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => len <= 32,
+        Ok(std::net::IpAddr::V6(_)) => len <= 128,
+        Err(_) => false,
+    }
+}
+
 /// Seconds since the Unix epoch → RFC 3339 UTC (`2026-11-25T16:00:00Z`).
 pub fn format_time(unix: i64) -> String {
     let days = unix.div_euclid(86_400);

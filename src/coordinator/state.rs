@@ -763,7 +763,7 @@ impl State {
         replace: bool,
     ) -> Result<Vec<Change>, CoordError> {
         for r in &routes {
-            if !valid_cidr(r) {
+            if !tailcfg::is_valid_cidr(r) {
                 return Err(CoordError::Invalid(format!(
                     "invalid route {r:?}: expected a CIDR like 192.168.1.0/24"
                 )));
@@ -935,19 +935,6 @@ impl State {
     pub fn gc_pending(&mut self, now: i64) {
         self.pending
             .retain(|_, p| p.expires > now || p.node_id.is_some() && p.expires + 60 > now);
-    }
-}
-
-/// Syntax check for `a.b.c.d/n` or `v6/n`.
-pub fn valid_cidr(s: &str) -> bool {
-    let Some((ip, len)) = s.split_once('/') else {
-        return false;
-    };
-    let Ok(len) = len.parse::<u8>() else { return false };
-    match ip.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(_)) => len <= 32,
-        Ok(std::net::IpAddr::V6(_)) => len <= 128,
-        Err(_) => false,
     }
 }
 
