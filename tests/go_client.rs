@@ -9,7 +9,7 @@ use std::{
     io::Write,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 mod common;
@@ -20,20 +20,9 @@ use serde_json::Value;
 const DEADLINE: Duration = Duration::from_secs(45);
 const BIN: &str = env!("CARGO_BIN_EXE_tinyscale");
 
-fn free_port() -> u16 {
-    common::free_port()
-}
-
-/// Polls `f` until it returns `Some` or the deadline passes.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// [`common::eventually`] with this file's deadline.
+fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    common::eventually(what, DEADLINE, f)
 }
 
 struct Coord {
@@ -45,7 +34,7 @@ struct Coord {
 
 impl Coord {
     fn start(dir: &Path) -> Coord {
-        let port = free_port();
+        let port = common::free_port();
         let stun = std::net::UdpSocket::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

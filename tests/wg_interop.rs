@@ -15,12 +15,14 @@
 //! side runs in its namespace by re-executing this test binary under `ip netns exec` with
 //! `TINYSCALE_WG_CHILD=1`, so the test needs no `setns` and no `unsafe`.
 
+mod common;
+
 use std::{
     io::{BufRead, BufReader, Write},
     net::SocketAddr,
     process::{Child, ChildStdin, Command, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tinyscale::{
@@ -61,16 +63,9 @@ fn in_ns<'a>(ns: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {
     [&["ip", "netns", "exec", ns][..], cmd].concat()
 }
 
-/// Polls `f` until it returns `Some` or [`DEADLINE`] passes (the poll interval is not a sync).
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// [`common::eventually`] with this file's deadline.
+fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    common::eventually(what, DEADLINE, f)
 }
 
 /// RFC 4648 base64 (the `wg` tool's key format).

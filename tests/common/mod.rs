@@ -39,6 +39,19 @@ pub fn need_caddy() -> Option<PathBuf> {
     }
 }
 
+/// Polls `f` (every 50 ms; the interval is not a synchronisation) until it returns `Some`, or
+/// fails once `limit` has passed.
+pub fn eventually<T>(what: &str, limit: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A free loopback TCP port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
