@@ -49,7 +49,7 @@ wait_for 10 "the coordinator" S users list
 S users create demo
 
 say "starting the tinyscale client daemon, then: tinyscale up --login-server $url"
-"$T" daemon --state-dir "$dir/state" --socket "$dir/ts.sock" 2>"$dir/daemon.log" & pids+=($!)
+TS_DEBUG_USE_DERP_HTTP=1 "$T" daemon --state-dir "$dir/state" --socket "$dir/ts.sock" 2>"$dir/daemon.log" & pids+=($!)
 wait_for 10 "the daemon" "$T" status --socket "$dir/ts.sock"
 "$T" up --login-server "$url" --hostname router --advertise-routes 192.168.1.0/24 --socket "$dir/ts.sock" 2>"$dir/up.out" & up=$!
 wait_for 15 "the login URL" grep -q /register/ "$dir/up.out"

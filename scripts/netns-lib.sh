@@ -467,7 +467,7 @@ daemon_start() {
 	local h=$1
 	mkdir -p "$WORK/$h/state"
 	[[ -n ${DAEMON_FLAGS+x} ]] || daemon_flags
-	spawn "daemon-$h" "ts-$h" env RUST_LOG="${RUST_LOG:-info}" "$BIN" daemon --state-dir "$WORK/$h/state" \
+	spawn "daemon-$h" "ts-$h" env RUST_LOG="${RUST_LOG:-info}" TS_DEBUG_USE_DERP_HTTP=1 "$BIN" daemon --state-dir "$WORK/$h/state" \
 		--socket "$(daemon_sock "$h")" "${DAEMON_FLAGS[@]}"
 	eventually 15 ts_status "$h" || {
 		logtail "daemon-$h"

@@ -41,15 +41,22 @@ pub enum Cmd {
 
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "derp")]
-/// run a standalone DERP relay over plain HTTP (behind a TLS proxy, or for clients with
-/// TS_DEBUG_USE_DERP_HTTP=1) and an optional STUN server
+/// run a standalone DERP relay and an optional STUN server: over TLS with --tls-cert/--tls-key
+/// (what clients expect), else plain HTTP (behind a TLS proxy, or for clients with
+/// TS_DEBUG_USE_DERP_HTTP=1)
 pub struct DerpCmd {
-    /// TCP address for DERP over HTTP (default 0.0.0.0:3340)
+    /// TCP address for DERP (default 0.0.0.0:3340)
     #[argh(option, default = "std::net::SocketAddr::from(([0, 0, 0, 0], 3340))")]
     pub listen: std::net::SocketAddr,
     /// UDP address for STUN, e.g. 0.0.0.0:3478 (default: no STUN)
     #[argh(option)]
     pub stun: Option<std::net::SocketAddr>,
+    /// PEM certificate chain for TLS (the name clients use must be in it)
+    #[argh(option)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for --tls-cert
+    #[argh(option)]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 #[derive(FromArgs, Debug)]

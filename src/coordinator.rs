@@ -88,12 +88,20 @@ pub async fn run(cfg: &ServerConfig) -> Result<(), String> {
         store::Store::open(&cfg.db_path).map_err(|e| format!("cannot open database {}: {e}", cfg.db_path.display()))?;
     let st = state::State::load(store, settings).map_err(|e| e.to_string())?;
     let coord = server::Coordinator::new(st).map_err(|e| e.to_string())?;
+    let tls = match &cfg.tls {
+        Some((cert, key)) => Some(crate::tls::Acceptor::from_pem_files(cert, key)?),
+        None => None,
+    };
+    if tls.is_none() && cfg.server_url.starts_with("https://") {
+        log::info!("server_url is https:// but tls_cert_path is unset: expecting a TLS-terminating proxy in front");
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen_addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen_addr))?;
     log::info!(
-        "coordinator listening addr={} url={} db={} admin={}",
+        "coordinator listening addr={} tls={} url={} db={} admin={}",
         cfg.listen_addr,
+        tls.is_some(),
         cfg.server_url,
         cfg.db_path.display(),
         cfg.unix_socket.display()
@@ -132,7 +140,7 @@ pub async fn run(cfg: &ServerConfig) -> Result<(), String> {
     };
     let admin_path: &Path = &cfg.unix_socket;
     tokio::select! {
-        _ = server::serve_http(coord.clone(), listener) => Ok(()),
+        _ = server::serve_http(coord.clone(), listener, tls) => Ok(()),
         r = admin::serve_admin(coord.clone(), admin_path) => r.map_err(|e| format!("admin socket {}: {e}", admin_path.display())),
         _ = coord.clone().housekeeping() => Ok(()),
         r = stun => r.map_err(|e| format!("STUN socket {}: {e}", cfg.derp.server_stun_listen_addr)),

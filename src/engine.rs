@@ -174,19 +174,25 @@ fn nonce() -> [u8; 24] {
     n
 }
 
-/// `host:port` of a region's first DERP node, over plain HTTP (TLS is a later step).
-fn derp_addr(region: &DerpRegion) -> Option<String> {
+/// How to reach a region's first DERP node: TLS to `DERPPort` (default 443) with the certificate
+/// checked for `HostName`, dialling the pinned IPv4 when there is one; plain HTTP (default port
+/// 80) when `plain_http` (`TS_DEBUG_USE_DERP_HTTP=1`).
+fn derp_dial(region: &DerpRegion, plain_http: bool) -> Option<derp_client::Dial> {
     let n = region.nodes.iter().find(|n| !n.stun_only)?;
     let host = if !n.ipv4.is_empty() && n.ipv4.parse::<IpAddr>().is_ok() {
         n.ipv4.clone()
     } else {
         n.host_name.clone()
     };
-    let port = if n.derp_port > 0 { n.derp_port as u16 } else { 80 };
-    Some(if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
+    let port = match (n.derp_port, plain_http) {
+        (p, _) if p > 0 => p as u16,
+        (_, true) => 80,
+        (_, false) => 443,
+    };
+    Some(derp_client::Dial {
+        addr: crate::tls::host_port(&host, port),
+        host: n.host_name.clone(),
+        tls: !plain_http,
     })
 }
 
@@ -200,7 +206,7 @@ fn local_addr_towards(dst: SocketAddr) -> Option<IpAddr> {
 /// Runs one DERP region connection: reconnects with backoff, forwards both ways.
 async fn derp_task(
     region: i32,
-    addr: String,
+    dial: derp_client::Dial,
     me: NodePrivate,
     home: bool,
     mut out_rx: mpsc::Receiver<(NodePublic, Vec<u8>)>,
@@ -208,10 +214,14 @@ async fn derp_task(
 ) {
     let mut backoff = derp_client::Backoff::default();
     loop {
-        match derp_client::connect_http(&addr, "/derp", &me).await {
+        match derp_client::connect(&dial, "/derp", &me).await {
             Ok(mut c) => {
                 backoff.reset();
-                log::info!("derp connected region={region} addr={addr} home={home}");
+                log::info!(
+                    "derp connected region={region} addr={} tls={} home={home}",
+                    dial.addr,
+                    dial.tls
+                );
                 if home {
                     let _ = c.note_preferred(true).await;
                 }
@@ -236,7 +246,7 @@ async fn derp_task(
                     }
                 }
             }
-            Err(e) => log::warn!("derp connect failed region={region} addr={addr} err={e}"),
+            Err(e) => log::warn!("derp connect failed region={region} addr={} err={e}", dial.addr),
         }
         let delay = backoff.next_delay(OsRng.next_u32());
         // Keep draining the queue while waiting so senders never block on a dead region.
@@ -404,11 +414,11 @@ impl Engine {
     fn derp_sender(&mut self, region: i32) -> Option<&mpsc::Sender<(NodePublic, Vec<u8>)>> {
         if !self.derps.contains_key(&region) {
             let r = self.derp_map.regions.get(&region.to_string())?;
-            let addr = derp_addr(r)?;
+            let dial = derp_dial(r, crate::tls::derp_plain_http())?;
             let (tx, rx) = mpsc::channel(DERP_QUEUE);
             tokio::spawn(derp_task(
                 region,
-                addr,
+                dial,
                 self.my_private.clone(),
                 region == self.home_derp,
                 rx,

@@ -26,6 +26,7 @@ pub mod qr;
 pub mod router;
 pub mod stun;
 pub mod tailcfg;
+pub mod tls;
 pub mod tun;
 pub mod uci;
 #[cfg(test)]

@@ -115,9 +115,14 @@ fn derp(d: cli::DerpCmd) -> Result<(), Failure> {
     let mut b = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
     let key = tinyscale::keys::NodePrivate::from_random(b);
+    let tls = match (&d.tls_cert, &d.tls_key) {
+        (Some(c), Some(k)) => Some(tinyscale::tls::Acceptor::from_pem_files(c, k).map_err(Failure::config)?),
+        (None, None) => None,
+        _ => return Err(Failure::usage("--tls-cert and --tls-key go together")),
+    };
     runtime()?.block_on(async {
         tokio::select! {
-            r = tinyscale::derp::server::run_standalone(d.listen, key, d.stun) => r.map_err(|e| Failure::runtime(e.to_string())),
+            r = tinyscale::derp::server::run_standalone(d.listen, key, d.stun, tls) => r.map_err(|e| Failure::runtime(e.to_string())),
             _ = tinyscale::shutdown_signal() => Ok(()),
         }
     })

@@ -906,6 +906,9 @@ pub struct ServerConfig {
     pub db_path: PathBuf,
     /// Admin unix socket the CLI talks to (`unix_socket`).
     pub unix_socket: PathBuf,
+    /// PEM certificate chain and private key (`tls_cert_path`, `tls_key_path`): when both are
+    /// set the listener speaks TLS (control, `/key` and the embedded DERP relay).
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// IPv4 allocation prefix inside 100.64.0.0/10 (`list ip_prefix`); `None` if only v6 is set.
     pub prefix_v4: Option<Ipv4Net>,
     /// IPv6 allocation prefix inside fd7a:115c:a1e0::/48; `None` if only v4 is set.
@@ -932,6 +935,7 @@ impl Default for ServerConfig {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             db_path: PathBuf::from("/etc/tinyscale/db.sqlite"),
             unix_socket: PathBuf::from("/var/run/tinyscale-server.sock"),
+            tls: None,
             prefix_v4: Some(CGNAT_RANGE),
             prefix_v6: Some(TAILSCALE_ULA_RANGE),
             base_domain: "tailnet.internal".to_owned(),
@@ -958,6 +962,8 @@ const SERVER_OPTIONS: &[(&str, bool)] = &[
     ("listen_addr", false),
     ("db_path", false),
     ("unix_socket", false),
+    ("tls_cert_path", false),
+    ("tls_key_path", false),
     ("ip_prefix", true),
     ("base_domain", false),
     ("magic_dns", false),
@@ -1118,6 +1124,12 @@ impl ServerConfig {
         }
         if let Some(o) = opts.get("unix_socket") {
             c.unix_socket = path_of(o)?;
+        }
+        match (opts.get("tls_cert_path"), opts.get("tls_key_path")) {
+            (Some(cert), Some(key)) => c.tls = Some((path_of(cert)?, path_of(key)?)),
+            (Some(o), None) => return Err(invalid(o, "tls_cert_path needs tls_key_path too".into())),
+            (None, Some(o)) => return Err(invalid(o, "tls_key_path needs tls_cert_path too".into())),
+            (None, None) => {}
         }
 
         let prefixes = opts.list("ip_prefix");
@@ -1542,6 +1554,7 @@ mod tests {
         assert_eq!(want.listen_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(want.db_path, PathBuf::from("/etc/tinyscale/db.sqlite"));
         assert_eq!(want.unix_socket, PathBuf::from("/var/run/tinyscale-server.sock"));
+        assert_eq!(want.tls, None);
         assert_eq!(want.prefix_v4.unwrap().to_string(), "100.64.0.0/10");
         assert_eq!(want.prefix_v6.unwrap().to_string(), "fd7a:115c:a1e0::/48");
         assert_eq!(want.base_domain, "tailnet.internal");
@@ -1568,6 +1581,8 @@ config server 'main'
 	option listen_addr '[::]:443'
 	option db_path '/srv/ts/db.sqlite'
 	option unix_socket '/tmp/ts.sock'
+	option tls_cert_path '/etc/tinyscale/cert.pem'
+	option tls_key_path '/etc/tinyscale/key.pem'
 	list ip_prefix '100.100.0.0/16'
 	list ip_prefix 'fd7a:115c:a1e0:1::/64'
 	option base_domain 'Ts.Example.NET'
@@ -1594,6 +1609,13 @@ config client
         assert_eq!(c.listen_addr, "[::]:443".parse().unwrap());
         assert_eq!(c.db_path, PathBuf::from("/srv/ts/db.sqlite"));
         assert_eq!(c.unix_socket, PathBuf::from("/tmp/ts.sock"));
+        assert_eq!(
+            c.tls,
+            Some((
+                PathBuf::from("/etc/tinyscale/cert.pem"),
+                PathBuf::from("/etc/tinyscale/key.pem")
+            ))
+        );
         assert_eq!(c.prefix_v4, "100.100.0.0/16".parse().ok());
         assert_eq!(c.prefix_v6, "fd7a:115c:a1e0:1::/64".parse().ok());
         assert_eq!(c.base_domain, "ts.example.net");
@@ -1726,6 +1748,8 @@ config client
             ),
             ("list derp_url 'derp.example.com'", "derp_url", "invalid URL"),
             ("list derp_path ''", "derp_path", "empty path"),
+            ("option tls_cert_path '/c.pem'", "tls_cert_path", "needs tls_key_path"),
+            ("option tls_key_path '/k.pem'", "tls_key_path", "needs tls_cert_path"),
         ];
         for (stmt, name, fragment) in cases {
             let text = format!("# comment\nconfig server 'main'\n\tlist nameserver '1.1.1.1'\n\t{stmt}\n");

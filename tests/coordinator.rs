@@ -43,7 +43,7 @@ async fn start() -> Harness {
     };
     let st = State::load(Store::open_in_memory().unwrap(), settings).unwrap();
     let coord = Coordinator::new(st).unwrap();
-    tokio::spawn(server::serve_http(coord.clone(), listener));
+    tokio::spawn(server::serve_http(coord.clone(), listener, None));
     let url = ControlUrl::parse(&format!("http://{addr}")).unwrap();
     Harness { coord, addr, url }
 }

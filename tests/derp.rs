@@ -34,6 +34,7 @@ use tinyscale::{
     disco,
     keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
     stun, tailcfg,
+    tls::Stream,
     uci::DerpConfig,
 };
 use tokio::{
@@ -59,11 +60,11 @@ async fn start(verifier: Option<server::Verifier>) -> (Arc<DerpServer>, SocketAd
     let addr = listener.local_addr().unwrap();
     let srv = Arc::new(DerpServer::new(node_key(), verifier));
     let s = srv.clone();
-    tokio::spawn(async move { s.serve(listener).await });
+    tokio::spawn(async move { s.serve(listener, None).await });
     (srv, addr)
 }
 
-async fn connect(addr: SocketAddr, key: &NodePrivate) -> DerpClient<TcpStream> {
+async fn connect(addr: SocketAddr, key: &NodePrivate) -> DerpClient<Stream> {
     client::connect_http(&addr.to_string(), "/derp", key).await.unwrap()
 }
 
@@ -76,7 +77,7 @@ async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-async fn recv(c: &mut DerpClient<TcpStream>) -> DerpEvent {
+async fn recv(c: &mut DerpClient<Stream>) -> DerpEvent {
     tokio::time::timeout(DEADLINE, c.recv())
         .await
         .expect("recv timed out")
@@ -84,7 +85,7 @@ async fn recv(c: &mut DerpClient<TcpStream>) -> DerpEvent {
 }
 
 /// The next packet, skipping PeerGone/KeepAlive notices.
-async fn recv_packet(c: &mut DerpClient<TcpStream>) -> (NodePublic, Bytes) {
+async fn recv_packet(c: &mut DerpClient<Stream>) -> (NodePublic, Bytes) {
     loop {
         if let DerpEvent::Packet { src, data } = recv(c).await {
             return (src, data);
@@ -477,7 +478,7 @@ async fn standalone_relay_serves_derp_and_stun() {
     let stun_addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
     let key = node_key();
     let server_pub = key.public();
-    let task = tokio::spawn(server::run_standalone(listen, key, Some(stun_addr)));
+    let task = tokio::spawn(server::run_standalone(listen, key, Some(stun_addr), None));
     let (ka, kb) = (node_key(), node_key());
     let start = Instant::now();
     let mut a = loop {
@@ -564,14 +565,14 @@ async fn official_go_client_uses_our_relay() {
         ..Settings::default()
     };
     let coord = Coordinator::new(State::load(Store::open_in_memory().unwrap(), settings).unwrap()).unwrap();
-    tokio::spawn(coord_server::serve_http(coord.clone(), coord_listener));
+    tokio::spawn(coord_server::serve_http(coord.clone(), coord_listener, None));
 
     // verify_clients as the coordinator will wire it: only node keys it knows.
     let c2 = coord.clone();
     let verifier: server::Verifier = Arc::new(move |k: &NodePublic| c2.lock().nodes().any(|n| n.node_key == *k));
     let relay = Arc::new(DerpServer::new(node_key(), Some(verifier)));
     let r2 = relay.clone();
-    tokio::spawn(async move { r2.serve(derp_listener).await });
+    tokio::spawn(async move { r2.serve(derp_listener, None).await });
     tokio::spawn(stun::serve_udp(stun_sock, stun_stats.clone()));
 
     let _ = admin::handle(&coord, AdminRequest::UsersCreate { name: "alice".into() });
@@ -600,6 +601,7 @@ async fn official_go_client_uses_our_relay() {
             host: "gorelay",
             ephemeral: true,
             env: &[],
+            ca_file: None,
         },
     );
 

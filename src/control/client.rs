@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand_core::{OsRng, RngCore};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::io::AsyncWriteExt;
 
 use crate::{
     http1,
     keys::{MachinePrivate, MachinePublic},
     noise::{self, stream::NoiseStream},
     tailcfg::{self, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse},
+    tls::{self, Stream},
 };
 
 /// Dial + handshake budget (Go: ~10 s end to end).
@@ -53,7 +54,7 @@ impl Error {
     }
 }
 
-/// A parsed `http://host:port` control URL.
+/// A parsed `http(s)://host[:port]` control URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlUrl {
     /// Original text without trailing slash.
@@ -62,18 +63,32 @@ pub struct ControlUrl {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// `https://`: TLS around `/key` and `/ts2021`.
+    pub tls: bool,
+    /// The port was written in the URL (so it goes into the `Host` header).
+    explicit_port: bool,
 }
 
 impl ControlUrl {
-    /// Parses a login server URL. Only `http://` is supported in this build.
+    /// Parses a login server URL: `http://` or `https://`, host, optional port, and an ignored
+    /// path. `https://` needs a build with the `tls` feature.
     pub fn parse(s: &str) -> Result<ControlUrl, Error> {
         let s = s.trim().trim_end_matches('/');
-        let rest = if let Some(r) = s.strip_prefix("http://") {
-            r
-        } else if s.starts_with("https://") {
-            return Err(Error::BadUrl(s.into(), "https needs TLS, which this build does not include yet; use http:// (Noise encrypts control traffic end to end)"));
+        let (rest, tls) = if let Some(r) = s.strip_prefix("http://") {
+            (r, false)
+        } else if let Some(r) = s.strip_prefix("https://") {
+            if !cfg!(feature = "tls") {
+                return Err(Error::BadUrl(
+                    s.into(),
+                    "this build has no TLS (cargo feature `tls`); use http:// (Noise encrypts control traffic end to end)",
+                ));
+            }
+            (r, true)
         } else {
-            return Err(Error::BadUrl(s.into(), "expected http://host[:port]"));
+            return Err(Error::BadUrl(
+                s.into(),
+                "expected http://host[:port] or https://host[:port]",
+            ));
         };
         let authority = rest.split('/').next().unwrap_or("");
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
@@ -90,8 +105,13 @@ impl ControlUrl {
         if host.is_empty() {
             return Err(Error::BadUrl(s.into(), "missing host"));
         }
-        let port = if port.is_empty() {
-            80
+        let explicit_port = !port.is_empty();
+        let port = if !explicit_port {
+            if tls {
+                443
+            } else {
+                80
+            }
         } else {
             port.parse().map_err(|_| Error::BadUrl(s.into(), "invalid port"))?
         };
@@ -99,25 +119,32 @@ impl ControlUrl {
             url: s.to_string(),
             host,
             port,
+            tls,
+            explicit_port,
         })
     }
 
+    /// `host:port` to dial.
     fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
+        tls::host_port(&self.host, self.port)
+    }
+
+    /// The `Host` header / `:authority`: the port only when the URL had one.
+    fn host_header(&self) -> String {
+        if self.explicit_port {
+            self.authority()
+        } else if self.host.contains(':') {
+            format!("[{}]", self.host)
         } else {
-            format!("{}:{}", self.host, self.port)
+            self.host.clone()
         }
     }
 
-    async fn dial(&self) -> Result<TcpStream, Error> {
+    async fn dial(&self) -> Result<Stream, Error> {
         let addr = self.authority();
-        let fut = TcpStream::connect(addr.as_str());
+        let fut = tls::connect(&addr, &self.host, self.tls);
         match tokio::time::timeout(DIAL_TIMEOUT, fut).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
+            Ok(Ok(s)) => Ok(s),
             Ok(Err(err)) => Err(Error::Unreachable {
                 url: self.url.clone(),
                 err,
@@ -134,9 +161,13 @@ pub async fn fetch_server_key(url: &ControlUrl) -> Result<MachinePublic, Error> 
         let req = format!(
             "GET /key?v={} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
             tailcfg::CURRENT_CAPABILITY_VERSION,
-            url.authority()
+            url.host_header()
         );
-        s.write_all(req.as_bytes()).await.map_err(|err| Error::Unreachable {
+        let sent = async {
+            s.write_all(req.as_bytes()).await?;
+            s.flush().await
+        };
+        sent.await.map_err(|err| Error::Unreachable {
             url: url.url.clone(),
             err,
         })?;
@@ -186,10 +217,14 @@ pub async fn connect(url: &ControlUrl, machine: &MachinePrivate, server: &Machin
         let (init_state, init) = noise::initiate(machine, server, tailcfg::CURRENT_CAPABILITY_VERSION as u16, eph);
         let req = format!(
             "POST /ts2021 HTTP/1.1\r\nHost: {}\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {}\r\nContent-Length: 0\r\n\r\n",
-            url.authority(),
+            url.host_header(),
             http1::base64_encode(&init)
         );
-        s.write_all(req.as_bytes()).await.map_err(|err| Error::Unreachable {
+        let sent = async {
+            s.write_all(req.as_bytes()).await?;
+            s.flush().await
+        };
+        sent.await.map_err(|err| Error::Unreachable {
             url: url.url.clone(),
             err,
         })?;
@@ -277,7 +312,7 @@ impl ControlConn {
     async fn post(&mut self, path: &str, body: Vec<u8>) -> Result<h2::RecvStream, Error> {
         let req = http::Request::builder()
             .method("POST")
-            .uri(format!("https://{}{path}", self.url.authority()))
+            .uri(format!("https://{}{path}", self.url.host_header()))
             .header("content-type", "application/json")
             .body(())
             .map_err(|e| Error::Protocol(e.to_string()))?;
@@ -365,7 +400,23 @@ mod tests {
         let v6 = ControlUrl::parse("http://[::1]:9").unwrap();
         assert_eq!((v6.host.as_str(), v6.authority()), ("::1", "[::1]:9".to_string()));
         assert!(matches!(ControlUrl::parse("ftp://x"), Err(Error::BadUrl(..))));
-        assert!(matches!(ControlUrl::parse("https://x"), Err(Error::BadUrl(..))));
+        let s = ControlUrl::parse("https://example.com");
+        if cfg!(feature = "tls") {
+            let s = s.unwrap();
+            assert_eq!((s.port, s.tls, s.host_header()), (443, true, "example.com".to_string()));
+            let p = ControlUrl::parse("https://example.com:8443/x").unwrap();
+            assert_eq!(
+                (p.port, p.authority(), p.host_header()),
+                (8443, "example.com:8443".into(), "example.com:8443".into())
+            );
+        } else {
+            assert!(matches!(s, Err(Error::BadUrl(..))));
+        }
+        let h = ControlUrl::parse("http://example.com").unwrap();
+        assert_eq!(
+            (h.tls, h.host_header(), h.authority()),
+            (false, "example.com".into(), "example.com:80".into())
+        );
         assert!(matches!(ControlUrl::parse("http://:80"), Err(Error::BadUrl(..))));
         assert!(matches!(ControlUrl::parse("http://x:notaport"), Err(Error::BadUrl(..))));
     }

@@ -28,6 +28,7 @@ use crate::{
     keys::{hex_encode, MachinePrivate, MachinePublic},
     noise::{self, stream::NoiseStream},
     tailcfg::{self, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest},
+    tls::{self, Stream},
     zstdframe,
 };
 
@@ -137,12 +138,13 @@ impl Coordinator {
 }
 
 /// Accepts connections on `listener` forever.
-pub async fn serve_http(coord: Arc<Coordinator>, listener: TcpListener) {
+/// Accepts connections on `listener`, with TLS when `tls` is given, each served on its own task.
+pub async fn serve_http(coord: Arc<Coordinator>, listener: TcpListener, tls: Option<tls::Acceptor>) {
     loop {
         match listener.accept().await {
             Ok((sock, peer)) => {
                 let _ = sock.set_nodelay(true);
-                tokio::spawn(handle_conn(coord.clone(), sock, peer));
+                tokio::spawn(accept_conn(coord.clone(), sock, peer, tls.clone()));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -153,8 +155,26 @@ pub async fn serve_http(coord: Arc<Coordinator>, listener: TcpListener) {
     }
 }
 
-async fn handle_conn(coord: Arc<Coordinator>, mut sock: TcpStream, peer: SocketAddr) {
-    let head = tokio::time::timeout(Duration::from_secs(10), http1::read_head(&mut sock)).await;
+/// Budget for the TLS handshake and the request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn accept_conn(coord: Arc<Coordinator>, tcp: TcpStream, peer: SocketAddr, tls: Option<tls::Acceptor>) {
+    let sock = match tls {
+        None => Stream::Plain(tcp),
+        Some(a) => match tokio::time::timeout(HEAD_TIMEOUT, a.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                log::debug!("tls handshake failed peer={peer} err={e}");
+                return;
+            }
+            Err(_) => return,
+        },
+    };
+    handle_conn(coord, sock, peer).await;
+}
+
+async fn handle_conn(coord: Arc<Coordinator>, mut sock: Stream, peer: SocketAddr) {
+    let head = tokio::time::timeout(HEAD_TIMEOUT, http1::read_head(&mut sock)).await;
     let (head, leftover) = match head {
         Ok(Ok(x)) => x,
         Ok(Err(http1::HttpError::Closed)) => return,
@@ -177,7 +197,7 @@ fn json_bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
 
 async fn route(
     coord: &Arc<Coordinator>,
-    mut sock: TcpStream,
+    mut sock: Stream,
     head: &Head,
     leftover: Vec<u8>,
     peer: SocketAddr,
@@ -255,7 +275,7 @@ fn register_page(coord: &Coordinator, id: &str) -> (u16, String) {
 
 async fn ts2021(
     coord: &Arc<Coordinator>,
-    mut sock: TcpStream,
+    mut sock: Stream,
     head: &Head,
     leftover: Vec<u8>,
     peer: SocketAddr,
@@ -302,6 +322,7 @@ async fn ts2021(
         return Ok(());
     }
     sock.write_all(&out).await?;
+    sock.flush().await?;
     log::debug!(
         "noise session up peer={peer} machine={} capver={version}",
         machine.short()
@@ -311,7 +332,7 @@ async fn ts2021(
     Ok(())
 }
 
-async fn serve_h2(coord: Arc<Coordinator>, io: NoiseStream<TcpStream>, machine: MachinePublic) {
+async fn serve_h2(coord: Arc<Coordinator>, io: NoiseStream<Stream>, machine: MachinePublic) {
     let conn = h2::server::Builder::new()
         .max_concurrent_streams(32)
         .handshake::<_, Bytes>(io)

@@ -1,11 +1,11 @@
 //! DERP client shell: the `Upgrade: DERP` HTTP request, the ServerKey → ClientInfo → ServerInfo
-//! handshake, then packets both ways, generic over the byte stream (plain TCP today, TLS later).
+//! handshake, then packets both ways, generic over the byte stream (plain TCP or TLS).
 //!
 //! Mirrors the facts of tailscale `derp/derp_client.go` and `derp/derphttp/derphttp_client.go`
 //! (spec §6.1-6.3), not their code. The wire codec is [`super::frame`]; this file only moves bytes.
 //!
 //! ```text
-//! connect_http ──► TCP ──► upgrade(): "GET /derp" + Upgrade: DERP ──► 101
+//! connect      ──► TCP/TLS ──► upgrade(): "GET /derp" + Upgrade: DERP ──► 101
 //!              ──► DerpClient::handshake(): ServerKey ◄─ │ ─► ClientInfo │ ServerInfo ◄─
 //!              ──► send() / note_preferred() / send_ping()   and   recv() -> DerpEvent
 //! ```
@@ -19,9 +19,8 @@
 //! * reconnect: one `DerpClient` is one connection. When a method fails the connection is done;
 //!   [`Error::is_retryable`] says whether a new one may work and [`Backoff`] spaces the attempts
 //!   (Go magicsock reconnects with backoff capped at 10 s).
-//! * TLS: [`connect_http`] speaks plain HTTP, which only Go clients started with
-//!   `TS_DEBUG_USE_DERP_HTTP=1` (and our tests) use; real regions need TLS around the stream
-//!   before [`upgrade`].
+//! * TLS: real regions only speak TLS (certificate checked for the node's `HostName`); plain
+//!   HTTP is for loopback tests and for `TS_DEBUG_USE_DERP_HTTP=1` (see [`crate::tls`]).
 #![forbid(unsafe_code)]
 
 use std::{fmt, io, time::Duration};
@@ -39,6 +38,7 @@ use super::frame::{
 use crate::{
     http1,
     keys::{NodePrivate, NodePublic},
+    tls::{self, Stream},
 };
 
 /// Budget for the TCP dial, and separately for upgrade + handshake (Go: 10 s each).
@@ -54,6 +54,8 @@ const READ_CHUNK: usize = 16 * 1024;
 pub enum Op {
     /// TCP connect.
     Dial,
+    /// The TLS handshake (certificate verification included).
+    Tls,
     /// The HTTP upgrade request and its 101 answer.
     Upgrade,
     /// ServerKey / ClientInfo / ServerInfo.
@@ -68,6 +70,7 @@ impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Op::Dial => "dial",
+            Op::Tls => "tls",
             Op::Upgrade => "upgrade",
             Op::Handshake => "handshake",
             Op::Recv => "recv",
@@ -173,17 +176,53 @@ pub enum DerpEvent {
     },
 }
 
+/// Where and how to reach one DERP node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dial {
+    /// `ip:port` or `host:port` to connect to.
+    pub addr: String,
+    /// Name for SNI, certificate verification and the `Host` header (the node's `HostName`).
+    pub host: String,
+    /// TLS (the normal case) or plain HTTP.
+    pub tls: bool,
+}
+
 /// Dials `host_port` over plain TCP, upgrades `path` (normally `/derp`) and runs the handshake
 /// as `my`. Each phase has [`DIAL_TIMEOUT`].
-pub async fn connect_http(host_port: &str, path: &str, my: &NodePrivate) -> Result<DerpClient<TcpStream>, Error> {
-    let mut sock = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(host_port)).await {
+pub async fn connect_http(host_port: &str, path: &str, my: &NodePrivate) -> Result<DerpClient<Stream>, Error> {
+    let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+    let d = Dial {
+        addr: host_port.to_string(),
+        host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        tls: false,
+    };
+    connect(&d, path, my).await
+}
+
+/// Dials `d`, runs TLS when asked, upgrades `path` (normally `/derp`) and runs the handshake as
+/// `my`. The dial, the TLS handshake and upgrade + DERP handshake each have [`DIAL_TIMEOUT`].
+pub async fn connect(d: &Dial, path: &str, my: &NodePrivate) -> Result<DerpClient<Stream>, Error> {
+    let tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(d.addr.as_str())).await {
         Ok(r) => r.map_err(Error::io(Op::Dial))?,
         Err(_) => return Err(Error::Timeout(Op::Dial)),
     };
     // DERP is latency-sensitive small packets; Go sets TCP_NODELAY too.
-    let _ = sock.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut sock = if d.tls {
+        match tokio::time::timeout(DIAL_TIMEOUT, tls::client_handshake(tcp, &d.host)).await {
+            Ok(r) => r.map_err(Error::io(Op::Tls))?,
+            Err(_) => return Err(Error::Timeout(Op::Tls)),
+        }
+    } else {
+        Stream::Plain(tcp)
+    };
+    let host_header = if d.host.contains(':') {
+        format!("[{}]", d.host)
+    } else {
+        d.host.clone()
+    };
     let work = async {
-        let leftover = upgrade(&mut sock, host_port, path).await?;
+        let leftover = upgrade(&mut sock, &host_header, path).await?;
         DerpClient::handshake(sock, &leftover, my).await
     };
     match tokio::time::timeout(DIAL_TIMEOUT, work).await {
@@ -234,7 +273,7 @@ impl<S> fmt::Debug for DerpClient<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> DerpClient<S> {
     /// Runs the handshake on an upgraded stream: reads ServerKey, sends our sealed ClientInfo
     /// (`{"version":2,"CanAckPings":true}`), reads and opens ServerInfo. `leftover` is what
-    /// [`upgrade`] read past the HTTP head. The caller bounds the time (see [`connect_http`]).
+    /// [`upgrade`] read past the HTTP head. The caller bounds the time (see [`connect`]).
     pub async fn handshake(io: S, leftover: &[u8], my: &NodePrivate) -> Result<Self, Error> {
         let mut c = DerpClient {
             io,

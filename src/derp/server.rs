@@ -682,15 +682,27 @@ impl DerpServer {
         Ok(())
     }
 
-    /// Accepts DERP-host HTTP connections on `listener` forever (one task each): `/derp`,
-    /// probes and `/generate_204` via [`Self::handle_http`].
-    pub async fn serve(self: &Arc<Self>, listener: TcpListener) {
+    /// Accepts DERP-host HTTP(S) connections on `listener` forever (one task each): `/derp`,
+    /// probes and `/generate_204` via [`Self::handle_http`]; TLS first when `tls` is given.
+    pub async fn serve(self: &Arc<Self>, listener: TcpListener, tls: Option<crate::tls::Acceptor>) {
         loop {
             match listener.accept().await {
-                Ok((mut sock, peer)) => {
-                    let _ = sock.set_nodelay(true);
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
                     let server = self.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
+                        let mut sock = match tls {
+                            None => crate::tls::Stream::Plain(tcp),
+                            Some(a) => match tokio::time::timeout(HTTP_HEAD_TIMEOUT, a.accept(tcp)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    log::debug!("derp: tls handshake failed peer={peer} err={e}");
+                                    return;
+                                }
+                                Err(_) => return,
+                            },
+                        };
                         let head = tokio::time::timeout(HTTP_HEAD_TIMEOUT, http1::read_head(&mut sock)).await;
                         match head {
                             Ok(Ok((head, leftover))) => server.handle_http(sock, &head, leftover).await,
@@ -796,10 +808,16 @@ async fn respond<W: AsyncWrite + Unpin>(
     io.flush().await
 }
 
-/// `tinyscale derp`: a standalone relay on plain HTTP at `listen` (for Go clients with
-/// `TS_DEBUG_USE_DERP_HTTP=1`, or behind a TLS-terminating proxy that passes the upgrade), plus
-/// a STUN server on `stun` if given. Runs until an error; the caller adds signal handling.
-pub async fn run_standalone(listen: SocketAddr, private: NodePrivate, stun: Option<SocketAddr>) -> io::Result<()> {
+/// `tinyscale derp`: a standalone relay at `listen`, over TLS when `tls` is given, else plain
+/// HTTP (for clients with `TS_DEBUG_USE_DERP_HTTP=1`, or behind a TLS-terminating proxy that
+/// passes the upgrade), plus a STUN server on `stun` if given. Runs until an error; the caller
+/// adds signal handling.
+pub async fn run_standalone(
+    listen: SocketAddr,
+    private: NodePrivate,
+    stun: Option<SocketAddr>,
+    tls: Option<crate::tls::Acceptor>,
+) -> io::Result<()> {
     let server = Arc::new(DerpServer::new(private, None));
     let listener = TcpListener::bind(listen).await?;
     let udp = match stun {
@@ -807,8 +825,9 @@ pub async fn run_standalone(listen: SocketAddr, private: NodePrivate, stun: Opti
         None => None,
     };
     log::info!(
-        "derp: relay listening addr={} stun={} key={}",
+        "derp: relay listening addr={} tls={} stun={} key={}",
         listener.local_addr().unwrap_or(listen),
+        tls.is_some(),
         udp.as_ref()
             .and_then(|u| u.local_addr().ok())
             .map_or("off".to_string(), |a| a.to_string()),
@@ -821,7 +840,7 @@ pub async fn run_standalone(listen: SocketAddr, private: NodePrivate, stun: Opti
         }
     };
     tokio::select! {
-        _ = server.serve(listener) => Ok(()),
+        _ = server.serve(listener, tls) => Ok(()),
         r = stun_task => r,
     }
 }

@@ -117,10 +117,13 @@ pub struct GoNode<'a> {
     pub ephemeral: bool,
     /// Extra environment (e.g. `TS_DEBUG_MAP=1`).
     pub env: &'a [(&'a str, &'a str)],
+    /// A private CA (`SSL_CERT_FILE`) for https control and TLS DERP; without it DERP is plain
+    /// HTTP (`TS_DEBUG_USE_DERP_HTTP=1`).
+    pub ca_file: Option<&'a Path>,
 }
 
 /// Starts an official Go node in `dir` serving `hello from <host>` on its tailnet address;
-/// returns it and that port. DERP is plain HTTP (`TS_DEBUG_USE_DERP_HTTP=1`), as our relay is.
+/// returns it and that port.
 pub fn go_node(caddy: &Path, dir: &Path, o: GoNode<'_>) -> (Proc, u16) {
     std::fs::create_dir_all(dir).unwrap();
     let port = free_port();
@@ -145,10 +148,103 @@ pub fn go_node(caddy: &Path, dir: &Path, o: GoNode<'_>) -> (Proc, u16) {
         .env("XDG_CONFIG_HOME", dir.join("xdg"))
         .env("XDG_DATA_HOME", dir.join("xdg"))
         .env("TS_NO_LOGS_NO_SUPPORT", "true")
-        .env("TS_LOGS_DIR", dir.join("logs"))
-        .env("TS_DEBUG_USE_DERP_HTTP", "1");
+        .env("TS_LOGS_DIR", dir.join("logs"));
+    match o.ca_file {
+        Some(ca) => cmd.env("SSL_CERT_FILE", ca),
+        None => cmd.env("TS_DEBUG_USE_DERP_HTTP", "1"),
+    };
     for (k, v) in o.env {
         cmd.env(k, v);
     }
     (Proc::spawn(cmd), port)
+}
+
+/// A throwaway CA and a server certificate it signed for 127.0.0.1 / localhost (P-256, valid
+/// two days), made with the `openssl` command.
+pub struct TestCa {
+    /// The CA certificate: what clients trust (`SSL_CERT_FILE`).
+    pub ca: PathBuf,
+    /// The server's certificate (leaf).
+    pub cert: PathBuf,
+    /// The server's private key (PKCS#8).
+    pub key: PathBuf,
+}
+
+/// Makes a [`TestCa`] in `dir`. `None` (with a note) when `openssl` is missing, unless
+/// `TINYSCALE_REQUIRE_GO=1` (CI), where that is a failure.
+pub fn test_ca(dir: &Path) -> Option<TestCa> {
+    std::fs::create_dir_all(dir).unwrap();
+    if Command::new("openssl").arg("version").output().is_err() {
+        assert!(
+            std::env::var("TINYSCALE_REQUIRE_GO").as_deref() != Ok("1"),
+            "openssl is required (apt install openssl)"
+        );
+        eprintln!("SKIP: no openssl command to make a test CA");
+        return None;
+    }
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    // Distinct CA names, so that a client trusting another test CA sees an unknown issuer.
+    let tag: String = dir
+        .display()
+        .to_string()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let subject = format!("/CN=tinyscale test CA {tag}");
+    let mut ca_args = vec!["req", "-x509"];
+    ca_args.extend(ec);
+    ca_args.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        &subject,
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    run(&ca_args);
+    let mut csr_args = vec!["req"];
+    csr_args.extend(ec);
+    csr_args.extend(["-keyout", "key.pem", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    run(&csr_args);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ]);
+    Some(TestCa {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    })
 }
