@@ -32,8 +32,8 @@ command -v "$CARGO" >/dev/null || CARGO=/usr/bin/cargo   # Debian's cargo-web (c
 
 set_args() {
   case "$1" in
-    client-only) echo "--no-default-features" ;;
-    everything)  echo "--no-default-features --features coordinator" ;;
+    client-only) echo "--no-default-features --features tls" ;;
+    everything)  echo "--no-default-features --features coordinator,tls" ;;
   esac
 }
 

@@ -5,7 +5,7 @@
 #
 #   1. scripts/cross-build.sh setup --with-smoke-tools
 #   2. build x86_64-unknown-linux-musl and mipsel-unknown-linux-musl, feature set
-#      "everything" (--no-default-features --features coordinator), --locked
+#      "everything" (--no-default-features --features coordinator,tls), --locked
 #   3. smoke tests of the mipsel binary under qemu-user (and `version` natively on x86_64):
 #        tinyscale version                      prints a version
 #        tinyscale stun --listen 127.0.0.1:P    answers coturn's turnutils_stunclient
@@ -26,7 +26,7 @@ CROSS=$HERE/cross-build.sh
 LOGS=${CI_CROSS_LOGS:-$REPO/target-cross/ci-logs}
 MIPSEL=mipsel-unknown-linux-musl
 X86=x86_64-unknown-linux-musl
-EVERYTHING="--no-default-features --features coordinator"
+EVERYTHING="--no-default-features --features coordinator,tls"
 mkdir -p "$LOGS"
 # Reuse compiled std/dependencies across CI runs on this machine (CI clones the
 # repo afresh each time): a target dir beside the toolchain cache. Only a speed-up:

@@ -9,7 +9,7 @@
 #         for mips/mipsel and a libunwind.a per target into the cache dir.
 #         --with-smoke-tools also installs coturn (turnutils_stunclient).
 #   scripts/cross-build.sh build <target> [cargo args...]
-#         e.g. `build mipsel-unknown-linux-musl --no-default-features`.
+#         e.g. `build mipsel-unknown-linux-musl --no-default-features --features tls`.
 #         Cargo's output goes to stderr; the binary's path is the only stdout.
 #   scripts/cross-build.sh run <target> [program args...]
 #         Run the last built binary for <target> under qemu-user (native for x86_64).
@@ -22,8 +22,8 @@
 # Targets: x86_64-unknown-linux-musl aarch64-unknown-linux-musl
 #          armv7-unknown-linux-musleabihf mipsel-unknown-linux-musl mips-unknown-linux-musl
 #
-# Feature sets: client-only = `--no-default-features`;
-#               everything  = `--no-default-features --features coordinator`
+# Feature sets: client-only = `--no-default-features --features tls`;
+#               everything  = `--no-default-features --features coordinator,tls`
 #               (coordinator implies relay; it is also the crate's default).
 #
 # Environment (all optional):

@@ -13,8 +13,8 @@
 #   scripts/size-report.sh --analyze <binary> <link.map> [--top N]
 #                      only print the contributors of an existing build
 #
-# Feature sets:  client-only = --no-default-features
-#                everything  = --no-default-features --features coordinator
+# Feature sets:  client-only = --no-default-features --features tls
+#                everything  = --no-default-features --features coordinator,tls
 #
 # Contributors come from the linker map that cross-build.sh always writes
 # (<binary>.map beside the binary): with LTO all Rust code is one object,
@@ -50,8 +50,8 @@ done
 
 set_args() {
   case "$1" in
-    client-only) echo "--no-default-features" ;;
-    everything)  echo "--no-default-features --features coordinator" ;;
+    client-only) echo "--no-default-features --features tls" ;;
+    everything)  echo "--no-default-features --features coordinator,tls" ;;
     *) echo "size-report: unknown feature set '$1' (client-only, everything)" >&2; return 2 ;;
   esac
 }

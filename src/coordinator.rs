@@ -12,9 +12,94 @@ pub mod server;
 pub mod state;
 pub mod store;
 
-use std::path::Path;
+use std::{path::Path, sync::Arc, time::Duration};
 
-use crate::{tailcfg::DerpMap, uci::ServerConfig};
+use crate::{
+    tailcfg::{DerpMap, DerpRegion},
+    uci::ServerConfig,
+};
+
+/// How often `list derp_url` maps are fetched again (headscale's `update_frequency` default).
+pub const DERP_MAP_REFRESH: Duration = Duration::from_secs(24 * 3600);
+/// Budget for one DERP map download, and the largest map accepted.
+const DERP_MAP_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+const DERP_MAP_MAX_BYTES: usize = 1 << 20;
+
+/// The DERP map clients get, merged region by region with later sources winning, in headscale's
+/// order: maps fetched from `list derp_url` (in list order), then the `list derp_path` files, then
+/// the embedded relay's region.
+pub fn merge_derp_maps<'a>(
+    fetched: impl IntoIterator<Item = &'a DerpMap>,
+    files: &'a DerpMap,
+    embedded: Option<&DerpRegion>,
+) -> DerpMap {
+    let mut map = DerpMap::default();
+    for m in fetched.into_iter().chain(std::iter::once(files)) {
+        for (id, region) in &m.regions {
+            map.regions.insert(id.clone(), region.clone());
+        }
+    }
+    if let Some(r) = embedded {
+        map.regions.insert(r.region_id.to_string(), r.clone());
+    }
+    map
+}
+
+/// Downloads and parses one DERP map (`list derp_url`).
+pub async fn fetch_derp_map(url: &str) -> Result<DerpMap, String> {
+    let body = crate::http1::get(url, DERP_MAP_MAX_BYTES, DERP_MAP_FETCH_TIMEOUT).await?;
+    let m: DerpMap = crate::tailcfg::from_slice_folded(&body).map_err(|e| format!("{url}: not a DERP map: {e}"))?;
+    if m.regions.is_empty() {
+        return Err(format!("{url}: the DERP map has no regions"));
+    }
+    Ok(m)
+}
+
+/// The sources of the DERP map, kept for refreshes: the last good map of each URL.
+struct DerpSources {
+    urls: Vec<String>,
+    fetched: Vec<Option<DerpMap>>,
+    files: DerpMap,
+    embedded: Option<DerpRegion>,
+}
+
+impl DerpSources {
+    /// Fetches every URL once; a failure keeps that URL's last good map (none at start-up) and
+    /// is logged, never fatal (headscale does the same).
+    async fn refresh(&mut self) -> DerpMap {
+        for (i, url) in self.urls.iter().enumerate() {
+            match fetch_derp_map(url).await {
+                Ok(m) => {
+                    log::info!("derp map fetched url={url} regions={}", m.regions.len());
+                    self.fetched[i] = Some(m);
+                }
+                Err(e) => log::warn!("derp map fetch failed, keeping the last good one err={e}"),
+            }
+        }
+        merge_derp_maps(self.fetched.iter().flatten(), &self.files, self.embedded.as_ref())
+    }
+}
+
+/// Fetches `list derp_url` again every [`DERP_MAP_REFRESH`]; a changed map goes to every node.
+async fn refresh_derp_maps(coord: Arc<server::Coordinator>, mut sources: DerpSources) {
+    if sources.urls.is_empty() {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(DERP_MAP_REFRESH).await;
+        let map = sources.refresh().await;
+        let changed = {
+            let mut st = coord.lock();
+            let changed = st.settings.derp_map != map;
+            st.settings.derp_map = map;
+            changed
+        };
+        if changed {
+            log::info!("derp map changed: sending full maps");
+            coord.publish(vec![state::Change::Full]);
+        }
+    }
+}
 
 /// Reads the DERP map files named by `list derp_path` (tailcfg JSON, keys case-insensitive) and
 /// merges them region by region, later files winning (headscale semantics).
@@ -73,14 +158,20 @@ fn derp_key(coord: &server::Coordinator) -> Result<crate::keys::NodePrivate, Str
 /// `tinyscale server serve`: runs until SIGTERM/SIGINT.
 pub async fn run(cfg: &ServerConfig) -> Result<(), String> {
     let mut settings = settings_from_config(cfg)?;
-    if cfg.derp.server_enabled {
-        let region = crate::derp::server::embedded_region(&cfg.derp, &cfg.server_url);
-        // The local region wins over same-id regions from files (headscale).
-        settings.derp_map.regions.insert(region.region_id.to_string(), region);
-        if cfg.server_url.starts_with("http://") {
-            log::warn!("derp: server_url is http://, so only clients started with TS_DEBUG_USE_DERP_HTTP=1 can use the embedded relay until TLS is configured");
-        }
+    let embedded = cfg
+        .derp
+        .server_enabled
+        .then(|| crate::derp::server::embedded_region(&cfg.derp, &cfg.server_url));
+    if embedded.is_some() && cfg.server_url.starts_with("http://") {
+        log::warn!("derp: server_url is http://, so only clients started with TS_DEBUG_USE_DERP_HTTP=1 can use the embedded relay (set tls_cert_path/tls_key_path and an https:// server_url)");
     }
+    let mut derp_sources = DerpSources {
+        urls: cfg.derp.urls.clone(),
+        fetched: vec![None; cfg.derp.urls.len()],
+        files: std::mem::take(&mut settings.derp_map),
+        embedded,
+    };
+    settings.derp_map = derp_sources.refresh().await;
     if settings.derp_map.regions.is_empty() {
         log::warn!("the DERP map is empty: clients register but official clients never reach Running without a relay (set list derp_path or enable the embedded DERP server)");
     }
@@ -143,6 +234,7 @@ pub async fn run(cfg: &ServerConfig) -> Result<(), String> {
         _ = server::serve_http(coord.clone(), listener, tls) => Ok(()),
         r = admin::serve_admin(coord.clone(), admin_path) => r.map_err(|e| format!("admin socket {}: {e}", admin_path.display())),
         _ = coord.clone().housekeeping() => Ok(()),
+        _ = refresh_derp_maps(coord.clone(), derp_sources) => Ok(()),
         r = stun => r.map_err(|e| format!("STUN socket {}: {e}", cfg.derp.server_stun_listen_addr)),
         _ = crate::shutdown_signal() => {
             let _ = std::fs::remove_file(admin_path);

@@ -6,7 +6,8 @@
 //! module parses just the request/status line, headers and a `Content-Length` body, with hard
 //! limits. Everything after the head (upgraded protocols) is handed back to the caller untouched.
 //!
-//! [`parse_head`] is pure; [`read_head`] is the small async shell around it.
+//! [`parse_head`] and [`parse_url`] are pure; [`read_head`] and [`get`] (one-shot GET for DERP
+//! maps, `list derp_url`) are the small async shells around them.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -14,6 +15,83 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Largest body we read on the outer listener.
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// An `http://` or `https://` URL, split for dialling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    /// `https`.
+    pub tls: bool,
+    /// Host without brackets.
+    pub host: String,
+    /// Port (80/443 when the URL has none).
+    pub port: u16,
+    /// The URL named a port.
+    pub explicit_port: bool,
+    /// Path and query, at least `/`.
+    pub path: String,
+}
+
+impl Url {
+    /// `Host` header value: the port only when the URL had one.
+    pub fn host_header(&self) -> String {
+        let h = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        if self.explicit_port {
+            format!("{h}:{}", self.port)
+        } else {
+            h
+        }
+    }
+}
+
+/// Splits an `http(s)://host[:port][/path]` URL; the error says what is wrong.
+pub fn parse_url(s: &str) -> Result<Url, &'static str> {
+    let s = s.trim();
+    let (rest, tls) = if let Some(r) = s.strip_prefix("http://") {
+        (r, false)
+    } else if let Some(r) = s.strip_prefix("https://") {
+        (r, true)
+    } else {
+        return Err("expected http://host[:port] or https://host[:port]");
+    };
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let path = path.split('#').next().unwrap_or("");
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, p) = v6.split_once(']').ok_or("unterminated [IPv6]")?;
+        (h, p.strip_prefix(':').unwrap_or(""))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, p),
+            None => (authority, ""),
+        }
+    };
+    if host.is_empty() || host.contains('@') {
+        return Err("missing host");
+    }
+    let explicit_port = !port.is_empty();
+    let port = match (explicit_port, tls) {
+        (true, _) => port.parse().map_err(|_| "invalid port")?,
+        (false, true) => 443,
+        (false, false) => 80,
+    };
+    Ok(Url {
+        tls,
+        host: host.to_string(),
+        port,
+        explicit_port,
+        path: if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        },
+    })
+}
 
 /// A parsed request or response head.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -141,6 +219,51 @@ pub async fn read_body<R: AsyncRead + Unpin>(
     Ok(leftover)
 }
 
+/// `GET url` over HTTP/1.0 (so the body ends at EOF, never chunked), TLS for `https://`.
+/// Returns the body of a 200; other statuses, bodies over `limit` and slow servers are errors.
+pub async fn get(url: &str, limit: usize, timeout: std::time::Duration) -> Result<Vec<u8>, String> {
+    let u = parse_url(url).map_err(|e| format!("{url}: {e}"))?;
+    let work = async {
+        let addr = crate::tls::host_port(&u.host, u.port);
+        let mut io = crate::tls::connect(&addr, &u.host, u.tls).await?;
+        let req = format!(
+            "GET {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: tinyscale/{}\r\nAccept: application/json\r\n\r\n",
+            u.path,
+            u.host_header(),
+            env!("CARGO_PKG_VERSION")
+        );
+        io.write_all(req.as_bytes()).await?;
+        io.flush().await?;
+        let (head, mut body) = read_head(&mut io).await.map_err(std::io::Error::other)?;
+        let mut chunk = [0u8; 4096];
+        loop {
+            if body.len() > limit {
+                return Err(std::io::Error::other(format!("body over {limit} bytes")));
+            }
+            match io.read(&mut chunk).await {
+                Ok(0) => break,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+                // Servers that close TLS without close_notify: the length check below decides.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(n) = head.content_length() {
+            if body.len() < n {
+                return Err(std::io::Error::other("body shorter than Content-Length"));
+            }
+            body.truncate(n);
+        }
+        Ok((head.status, body))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Err(_) => Err(format!("{url}: timed out")),
+        Ok(Err(e)) => Err(format!("{url}: {e}")),
+        Ok(Ok((200, body))) => Ok(body),
+        Ok(Ok((status, _))) => Err(format!("{url}: HTTP {status}")),
+    }
+}
+
 /// Reason phrase for the statuses we send.
 pub fn reason(status: u16) -> &'static str {
     match status {
@@ -221,6 +344,40 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn urls_split_for_dialling() {
+        let u = parse_url("https://controlplane.tailscale.com/derpmap/default").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.path.as_str(), u.host_header()),
+            (
+                true,
+                "controlplane.tailscale.com",
+                443,
+                "/derpmap/default",
+                "controlplane.tailscale.com".into()
+            )
+        );
+        let u = parse_url("http://[2001:db8::1]:8080?x=1#frag").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.path.as_str(), u.host_header()),
+            (false, "2001:db8::1", 8080, "/?x=1", "[2001:db8::1]:8080".into())
+        );
+        assert_eq!(parse_url("http://h").unwrap().port, 80);
+        assert_eq!(parse_url("http://h").unwrap().path, "/");
+        for (bad, why) in [
+            ("ftp://h", "expected"),
+            ("h:80", "expected"),
+            ("http://", "missing host"),
+            ("http://:80/", "missing host"),
+            ("http://u@h/", "missing host"),
+            ("http://h:x/", "invalid port"),
+            ("http://h:99999/", "invalid port"),
+            ("http://[::1/", "unterminated"),
+        ] {
+            assert!(parse_url(bad).unwrap_err().contains(why), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_upgrade_request() {

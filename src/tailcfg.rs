@@ -429,6 +429,7 @@ const GO_KEYS: &[&str] = &[
     "OS",
     "OSVersion",
     "Hostname",
+    "HostName",
     "RoutableIPs",
     "RequestTags",
     "NetInfo",
@@ -453,6 +454,11 @@ pub fn fold_keys(v: &mut Value) {
         Value::Object(map) => {
             let keys: Vec<String> = map.keys().cloned().collect();
             for k in keys {
+                // A spelling Go uses somewhere stays as it is: `Hostname` (Hostinfo) and
+                // `HostName` (DERPNode) are both right, each in its own struct.
+                if GO_KEYS.contains(&k.as_str()) {
+                    continue;
+                }
                 if let Some(canon) = GO_KEYS.iter().find(|c| c.eq_ignore_ascii_case(&k)) {
                     if *canon != k && !map.contains_key(*canon) {
                         if let Some(val) = map.remove(&k) {
@@ -672,6 +678,17 @@ mod tests {
         assert_eq!(v.routable_ips(), vec!["10.0.0.0/24".to_string()]);
         // Map keys that are data stay as they were.
         assert!(hi["NetInfo"]["DERPLatency"].get("999-v4").is_some());
+    }
+
+    #[test]
+    fn both_go_spellings_of_host_name_survive_folding() {
+        // DERPNode.HostName and Hostinfo.Hostname differ only in case; each keeps its own.
+        let body = br#"{"Regions":{"1":{"RegionID":1,"Nodes":[{"Name":"1a","HostName":"derp1.example.com"}]}}}"#;
+        let m: DerpMap = from_slice_folded(body).unwrap();
+        assert_eq!(m.regions["1"].nodes[0].host_name, "derp1.example.com");
+        let mut v: Value = serde_json::from_str(r#"{"Hostinfo":{"Hostname":"a","hostname":"b"}}"#).unwrap();
+        fold_keys(&mut v);
+        assert_eq!(v["Hostinfo"]["Hostname"], "a");
     }
 
     #[test]

@@ -517,3 +517,73 @@ async fn malformed_json_and_unknown_paths_inside_noise() {
             .machine_authorized
     );
 }
+
+/// Serves each connection one canned HTTP response (after reading the request head).
+async fn canned_http(response: Vec<u8>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let response = response.clone();
+            tokio::spawn(async move {
+                let _ = tinyscale::http1::read_head(&mut s).await;
+                let _ = s.write_all(&response).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn derp_url_maps_are_fetched_and_bad_ones_refused() {
+    use tinyscale::coordinator::{fetch_derp_map, merge_derp_maps};
+    let map = r#"{"Regions":{"901":{"RegionID":901,"RegionCode":"far","RegionName":"Far away",
+        "Nodes":[{"Name":"901a","RegionID":901,"HostName":"derp.example.net","DERPPort":443}]}}}"#;
+    // A body without Content-Length, ended by the close (HTTP/1.0), as big maps are served.
+    let ok = canned_http(format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{map}").into_bytes()).await;
+    let m = fetch_derp_map(&format!("http://{ok}/derpmap/default")).await.unwrap();
+    let r = &m.regions["901"];
+    assert_eq!(
+        (r.region_code.as_str(), r.nodes[0].host_name.as_str()),
+        ("far", "derp.example.net")
+    );
+
+    // Merged after the files, so a file's region with the same id wins; other regions stay.
+    let mut files = tailcfg::DerpMap::default();
+    let mut mine = r.clone();
+    mine.region_code = "mine".into();
+    files.regions.insert("901".into(), mine);
+    let merged = merge_derp_maps([&m], &files, None);
+    assert_eq!(merged.regions["901"].region_code, "mine");
+
+    for (response, why) in [
+        (
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string(),
+            "HTTP 404",
+        ),
+        (
+            "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nnot json!".to_string(),
+            "not a DERP map",
+        ),
+        (
+            "HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\n{\"Regions\":{}}".to_string(),
+            "no regions",
+        ),
+        (
+            format!("HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n{map}"),
+            "shorter than Content-Length",
+        ),
+        (format!("HTTP/1.0 200 OK\r\n\r\n{}", " ".repeat(2 << 20)), "body over"),
+    ] {
+        let addr = canned_http(response.into_bytes()).await;
+        let e = fetch_derp_map(&format!("http://{addr}/map")).await.unwrap_err();
+        assert!(e.contains(why), "{why}: {e}");
+    }
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    assert!(fetch_derp_map(&format!("http://{closed}/")).await.is_err());
+    assert!(fetch_derp_map("derp.example.com")
+        .await
+        .unwrap_err()
+        .contains("expected http"));
+}

@@ -65,8 +65,8 @@ pub struct ControlUrl {
     pub port: u16,
     /// `https://`: TLS around `/key` and `/ts2021`.
     pub tls: bool,
-    /// The port was written in the URL (so it goes into the `Host` header).
-    explicit_port: bool,
+    /// `Host` header / `:authority` (the port only when the URL had one).
+    host_header: String,
 }
 
 impl ControlUrl {
@@ -74,53 +74,19 @@ impl ControlUrl {
     /// path. `https://` needs a build with the `tls` feature.
     pub fn parse(s: &str) -> Result<ControlUrl, Error> {
         let s = s.trim().trim_end_matches('/');
-        let (rest, tls) = if let Some(r) = s.strip_prefix("http://") {
-            (r, false)
-        } else if let Some(r) = s.strip_prefix("https://") {
-            if !cfg!(feature = "tls") {
-                return Err(Error::BadUrl(
-                    s.into(),
-                    "this build has no TLS (cargo feature `tls`); use http:// (Noise encrypts control traffic end to end)",
-                ));
-            }
-            (r, true)
-        } else {
+        let u = http1::parse_url(s).map_err(|why| Error::BadUrl(s.into(), why))?;
+        if u.tls && !cfg!(feature = "tls") {
             return Err(Error::BadUrl(
                 s.into(),
-                "expected http://host[:port] or https://host[:port]",
+                "this build has no TLS (cargo feature `tls`); use http:// (Noise encrypts control traffic end to end)",
             ));
-        };
-        let authority = rest.split('/').next().unwrap_or("");
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, p) = v6
-                .split_once(']')
-                .ok_or(Error::BadUrl(s.into(), "unterminated [IPv6]"))?;
-            (h.to_string(), p.strip_prefix(':').unwrap_or(""))
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), p),
-                None => (authority.to_string(), ""),
-            }
-        };
-        if host.is_empty() {
-            return Err(Error::BadUrl(s.into(), "missing host"));
         }
-        let explicit_port = !port.is_empty();
-        let port = if !explicit_port {
-            if tls {
-                443
-            } else {
-                80
-            }
-        } else {
-            port.parse().map_err(|_| Error::BadUrl(s.into(), "invalid port"))?
-        };
         Ok(ControlUrl {
             url: s.to_string(),
-            host,
-            port,
-            tls,
-            explicit_port,
+            host_header: u.host_header(),
+            host: u.host,
+            port: u.port,
+            tls: u.tls,
         })
     }
 
@@ -129,15 +95,9 @@ impl ControlUrl {
         tls::host_port(&self.host, self.port)
     }
 
-    /// The `Host` header / `:authority`: the port only when the URL had one.
+    /// The `Host` header / `:authority`.
     fn host_header(&self) -> String {
-        if self.explicit_port {
-            self.authority()
-        } else if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        }
+        self.host_header.clone()
     }
 
     async fn dial(&self) -> Result<Stream, Error> {
