@@ -176,7 +176,19 @@ pub enum DerpEvent {
 /// Dials `host_port` over plain TCP, upgrades `path` (normally `/derp`) and runs the handshake
 /// as `my`. Each phase has [`DIAL_TIMEOUT`].
 pub async fn connect_http(host_port: &str, path: &str, my: &NodePrivate) -> Result<DerpClient<TcpStream>, Error> {
-    let mut sock = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(host_port)).await {
+    connect_http_to(host_port, host_port, path, my).await
+}
+
+/// [`connect_http`] to already-resolved `addrs` (tried in order until one connects, within one
+/// [`DIAL_TIMEOUT`]), sending `Host: host_port`: the engine resolves a DERP node once per dial
+/// (`crate::derp::dial_addrs`) and hands the list here.
+pub async fn connect_http_to(
+    addrs: impl tokio::net::ToSocketAddrs,
+    host_port: &str,
+    path: &str,
+    my: &NodePrivate,
+) -> Result<DerpClient<TcpStream>, Error> {
+    let mut sock = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addrs)).await {
         Ok(r) => r.map_err(Error::io(Op::Dial))?,
         Err(_) => return Err(Error::Timeout(Op::Dial)),
     };
