@@ -587,7 +587,10 @@ impl Engine {
         };
         match out.to {
             Path::Udp(a) => {
-                if !self.send_udp(a, &pkt) {
+                // Without a socket of that family the ping is lost, not a sign of a bad address
+                // (as Go treats IPv6 sends on a host without IPv6).
+                let sendable = addr::send_family(a, self.sock.have_v6()).is_some();
+                if !self.send_udp(a, &pkt) && sendable {
                     if let Some(p) = self.peers.get_mut(&peer) {
                         p.endpoint.handle_send_error(a);
                     }
@@ -878,18 +881,8 @@ impl Engine {
     }
 
     fn apply_report(&mut self, mut r: netcheck::Report) {
-        // Our endpoints (Go `EndpointType`: 2 STUN, 1 local), STUN-mapped first: the mapped
-        // addresses, the local IPv4 address towards the relay, and our global/ULA IPv6
-        // interface addresses on the IPv6 socket's port.
-        let mut eps: Vec<(SocketAddr, i32)> = Vec::new();
-        let mut add = |a: SocketAddr, t: i32| {
-            if !eps.iter().any(|(e, _)| *e == a) {
-                eps.push((a, t));
-            }
-        };
-        for g in [r.global_v4, r.global_v6].into_iter().flatten() {
-            add(g, 2);
-        }
+        // Our endpoints: STUN-mapped, the local IPv4 address towards a relay, and our global/ULA
+        // IPv6 interface addresses on the IPv6 socket's port.
         let towards = self
             .derp_map
             .regions
@@ -897,15 +890,12 @@ impl Engine {
             .flat_map(|reg| reg.nodes.iter())
             .flat_map(|n| derp::dial_addrs(n, 3478, &self.dns.get(&n.host_name)))
             .find(SocketAddr::is_ipv4);
-        if let Some(ip) = towards.and_then(local_addr_towards) {
-            add(SocketAddr::new(ip, self.sock.port()), 1);
-        }
+        let local_v4 = towards
+            .and_then(local_addr_towards)
+            .map(|ip| SocketAddr::new(ip, self.sock.port()));
         let v6 = addr::publishable_v6(&socket::interface_v6(), self.tun.name());
-        if let Some(port6) = self.sock.port6() {
-            for ip in &v6 {
-                add(SocketAddr::new(IpAddr::V6(*ip), port6), 1);
-            }
-        }
+        let stun: Vec<SocketAddr> = [r.global_v4, r.global_v6].into_iter().flatten().collect();
+        let eps = addr::local_endpoints(&stun, local_v4, &v6, self.sock.port6());
         r.os_has_ipv6 = self.sock.have_v6() && !v6.is_empty();
         let home = if r.preferred_derp != 0 {
             r.preferred_derp

@@ -143,6 +143,37 @@ pub fn publishable_v6(addrs: &[IfAddr6], tun: &str) -> Vec<Ipv6Addr> {
     out
 }
 
+/// Go `tailcfg.EndpointLocal`: an interface address of ours.
+pub const ENDPOINT_LOCAL: i32 = 1;
+/// Go `tailcfg.EndpointSTUN`: our address as a STUN server saw it.
+pub const ENDPOINT_STUN: i32 = 2;
+
+/// Our endpoints for control and CallMeMaybe, with their Go `EndpointType` (after Go
+/// `determineEndpoints`): the STUN-mapped addresses first (both families), then the local IPv4
+/// address (already paired with the IPv4 socket's port), then each publishable IPv6 interface
+/// address on the IPv6 socket's port (none without an IPv6 socket). An address listed twice
+/// keeps its first type: on IPv6 without NAT the STUN answer is the interface address.
+pub fn local_endpoints(
+    stun: &[SocketAddr],
+    local_v4: Option<SocketAddr>,
+    v6: &[Ipv6Addr],
+    port6: Option<u16>,
+) -> Vec<(SocketAddr, i32)> {
+    let stun = stun.iter().map(|a| (canonical(*a), ENDPOINT_STUN));
+    let v4 = local_v4.map(|a| (canonical(a), ENDPOINT_LOCAL));
+    let v6 = port6.into_iter().flat_map(|p| {
+        v6.iter()
+            .map(move |ip| (SocketAddr::new(IpAddr::V6(*ip), p), ENDPOINT_LOCAL))
+    });
+    let mut out: Vec<(SocketAddr, i32)> = Vec::new();
+    for (a, t) in stun.chain(v4).chain(v6) {
+        if !out.iter().any(|(e, _)| *e == a) {
+            out.push((a, t));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +285,47 @@ not a line
         let got = publishable_v6(&parse_if_inet6(IF_INET6), "other0");
         assert!(got.contains(&"2001:db8:9::1".parse().unwrap()));
         assert!(!got.iter().any(|ip| is_tailnet_v6(*ip)));
+    }
+
+    #[test]
+    fn endpoints_for_control() {
+        let g4 = sa("198.51.100.7:41641");
+        let g6 = sa("[2001:db8:1::2]:41641");
+        let l4 = sa("10.0.1.2:41641");
+        let v6: Vec<Ipv6Addr> = ["2001:db8:1::2", "fd00::2"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(
+            local_endpoints(&[g4, g6], Some(l4), &v6, Some(41641)),
+            vec![
+                (g4, ENDPOINT_STUN),
+                (g6, ENDPOINT_STUN),
+                (l4, ENDPOINT_LOCAL),
+                // The STUN answer already named 2001:db8:1::2 (no NAT on IPv6): listed once.
+                (sa("[fd00::2]:41641"), ENDPOINT_LOCAL),
+            ]
+        );
+        // The IPv6 socket got another port: the interface addresses carry that one.
+        assert_eq!(
+            local_endpoints(&[g4], Some(l4), &v6, Some(50000)),
+            vec![
+                (g4, ENDPOINT_STUN),
+                (l4, ENDPOINT_LOCAL),
+                (sa("[2001:db8:1::2]:50000"), ENDPOINT_LOCAL),
+                (sa("[fd00::2]:50000"), ENDPOINT_LOCAL),
+            ]
+        );
+        // No IPv6 socket: no IPv6 endpoints, whatever the interfaces say.
+        assert_eq!(
+            local_endpoints(&[g4], Some(l4), &v6, None),
+            vec![(g4, ENDPOINT_STUN), (l4, ENDPOINT_LOCAL)]
+        );
+        // No NAT on IPv4 either: the local address is the STUN answer. v4-mapped input is unmapped.
+        assert_eq!(
+            local_endpoints(&[sa("[::ffff:10.0.1.2]:41641")], Some(l4), &[], None),
+            vec![(l4, ENDPOINT_STUN)]
+        );
     }
 
     #[test]
