@@ -435,6 +435,7 @@ coord_config() {
 		if [[ $embedded == 1 ]]; then
 			printf "\toption derp_server_enabled '1'\n"
 			printf "\toption derp_server_stun_listen_addr '[::]:%s'\n" "$STUN_PORT"
+			printf "\toption derp_server_ipv4 '%s'\n\toption derp_server_ipv6 '%s'\n" "$INET_IP" "$INET6_IP"
 		else
 			printf "\toption derp_server_enabled '0'\n"
 			printf "\tlist derp_path '%s/derp.json'\n" "$d"

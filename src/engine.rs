@@ -844,10 +844,11 @@ impl Engine {
                 .with_home(self.home_derp, self.derps.contains_key(&self.home_derp))
                 .with_resolved(|host| dns.get(host));
             let deadline = now + netcheck::STUN_PROBE_TIMEOUT;
-            let v6 = self
-                .sock
-                .have_v6()
-                .then(|| ReportState::new(&plan, true, now, deadline));
+            // IPv6 probes only when they can leave: an IPv6 socket and an address to send from
+            // (Go probes IPv6 only when the OS has it), else each report would wait them out.
+            let have_v6 =
+                self.sock.have_v6() && !addr::publishable_v6(&socket::interface_v6(), self.tun.name()).is_empty();
+            let v6 = have_v6.then(|| ReportState::new(&plan, true, now, deadline));
             self.report = Some((ReportState::new(&plan, false, now, deadline), v6));
             self.next_netcheck = now_t + NETCHECK_INTERVAL;
         }
