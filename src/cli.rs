@@ -679,6 +679,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
                     "no".into()
                 }
             );
+            println!("\t* IPv6: {}", ipv6_line(&v));
             let mv = match v["MappingVariesByDestIP"].as_bool() {
                 Some(true) => "true (hard NAT: direct paths need the peer's help)",
                 Some(false) => "false",
@@ -695,6 +696,18 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
             Ok(())
         }
         _ => Err(Failure::usage("not a client command")),
+    }
+}
+
+/// The `IPv6:` line of `netcheck` (as Go words it): the global address when IPv6 UDP works,
+/// else whether the host has IPv6 at all.
+fn ipv6_line(v: &Value) -> String {
+    if v["IPv6"] == true {
+        format!("yes, {}", v["GlobalV6"].as_str().unwrap_or("?"))
+    } else if v["OSHasIPv6"] == true {
+        "no, but OS has support".into()
+    } else {
+        "no, unavailable in OS".into()
     }
 }
 
@@ -1032,6 +1045,29 @@ mod tests {
     fn table_aligns() {
         let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
         assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+
+    #[test]
+    fn netcheck_ipv6_line() {
+        use serde_json::json;
+        let cases = [
+            (
+                json!({"IPv6": true, "GlobalV6": "[2001:db8:1::2]:41641", "OSHasIPv6": true}),
+                "yes, [2001:db8:1::2]:41641",
+            ),
+            (
+                json!({"IPv6": false, "GlobalV6": null, "OSHasIPv6": true}),
+                "no, but OS has support",
+            ),
+            (
+                json!({"IPv6": false, "GlobalV6": null, "OSHasIPv6": false}),
+                "no, unavailable in OS",
+            ),
+            (json!({"UDP": true}), "no, unavailable in OS"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(ipv6_line(&v), want, "{v}");
+        }
     }
 
     #[test]

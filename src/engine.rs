@@ -1,17 +1,19 @@
-//! The data-plane shell: one event loop over the TUN device, the magicsock UDP socket, DERP
-//! relay connections and a timer, gluing the sans-io cores together.
+//! The data-plane shell: one event loop over the TUN device, the magicsock UDP sockets (one per
+//! address family), DERP relay connections and a timer, gluing the sans-io cores together.
 //!
 //! Plays the role of tailscale `wgengine/userspace.go` + the I/O half of `wgengine/magicsock`.
 //! Per packet: TUN → [`WgPeers::encapsulate`] → the peer's [`Endpoint`] picks UDP and/or DERP;
 //! UDP/DERP → [`demux`] → STUN (netcheck), disco (path discovery) or WireGuard →
 //! [`WgPeers::decapsulate`] → TUN. Each DERP region gets its own task (the client needs `&mut`
-//! for both directions), connected to the loop by bounded channels.
+//! for both directions), connected to the loop by bounded channels. DERP host names without
+//! pinned addresses are resolved through one cache ([`DnsCache`]) shared by netcheck and the
+//! DERP dials, off the loop, each lookup bounded by [`DNS_TIMEOUT`].
 //!
 //! The caller supplies the netmap (a `watch`), receives endpoint/home-DERP updates for control
 //! (another `watch`), and may query status or run CLI pings through [`EngineHandle`].
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -21,24 +23,28 @@ use bytes::Bytes;
 use rand_core::{OsRng, RngCore};
 use serde_json::{json, Value};
 use tokio::{
-    net::UdpSocket,
     sync::{mpsc, oneshot, watch},
     time::Instant,
 };
 
 use crate::{
     control::netmap::Netmap,
-    derp::client::{self as derp_client, DerpEvent},
+    derp::{
+        self,
+        client::{self as derp_client, DerpEvent},
+    },
     disco::{self, DiscoShared, Message},
     keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic},
     magicsock::{
+        addr,
         demux::{self, Kind},
         endpoint::{self, DiscoOut, Endpoint, Path, PathStatus, TxId},
+        socket::{self, Sockets},
     },
     netcheck::{self, ProbePlan, ReportState},
     router::{Router, RouterConfig, SystemRunner},
     stun,
-    tailcfg::{DerpMap, DerpRegion},
+    tailcfg::{DerpMap, DerpNode, DerpRegion},
     tun::Tun,
     wg::{PeerConfig, WgPeers},
 };
@@ -51,6 +57,13 @@ const NETCHECK_INTERVAL: Duration = Duration::from_secs(25);
 const DERP_QUEUE: usize = 256;
 /// Largest datagram we read (WireGuard over a 1280 MTU plus overhead, with room to spare).
 const MAX_DATAGRAM: usize = 65535;
+/// Longest a DERP host name lookup may take; a dead resolver must not hold up netcheck or a dial.
+const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a DERP host name answer is used before it is looked up again (the system resolver
+/// gives us no TTL; DERP addresses change rarely).
+const DNS_FRESH: Duration = Duration::from_secs(10 * 60);
+/// How long a failed lookup waits before the next try.
+const DNS_RETRY: Duration = Duration::from_secs(30);
 
 /// Settings for [`Engine::start`].
 #[derive(Debug, Clone)]
@@ -141,8 +154,7 @@ pub struct Engine {
     wg: WgPeers,
     tun: Tun,
     router: Router<SystemRunner>,
-    udp: UdpSocket,
-    port: u16,
+    sock: Sockets,
     peers: HashMap<NodePublic, Peer>,
     by_disco: HashMap<DiscoPublic, NodePublic>,
     derp_map: DerpMap,
@@ -150,7 +162,12 @@ pub struct Engine {
     derps: HashMap<i32, mpsc::Sender<(NodePublic, Vec<u8>)>>,
     derp_in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
     my_private: NodePrivate,
-    report: Option<ReportState>,
+    /// The netcheck in progress: one state per family (IPv6 only with an IPv6 socket).
+    report: Option<(ReportState, Option<ReportState>)>,
+    dns: DnsCache,
+    /// DERP host names being looked up for netcheck (the loop hears back on `dns_done`).
+    dns_pending: bool,
+    dns_done_tx: mpsc::Sender<()>,
     last_report: Option<netcheck::Report>,
     next_netcheck: Instant,
     local: LocalEndpoints,
@@ -174,26 +191,118 @@ fn nonce() -> [u8; 24] {
     n
 }
 
-/// How to reach a region's first DERP node: TLS to `DERPPort` (default 443) with the certificate
-/// checked for `HostName`, dialling the pinned IPv4 when there is one; plain HTTP (default port
-/// 80) when `plain_http` (`TS_DEBUG_USE_DERP_HTTP=1`).
-fn derp_dial(region: &DerpRegion, plain_http: bool) -> Option<derp_client::Dial> {
+/// A region's DERP server: its first node that is not STUN-only, and the port to dial: `DERPPort`,
+/// else 443 for TLS or 80 for plain HTTP (`TS_DEBUG_USE_DERP_HTTP=1`), as the Go client does.
+fn derp_node(region: &DerpRegion, plain_http: bool) -> Option<(DerpNode, u16)> {
     let n = region.nodes.iter().find(|n| !n.stun_only)?;
-    let host = if !n.ipv4.is_empty() && n.ipv4.parse::<IpAddr>().is_ok() {
-        n.ipv4.clone()
+    let default = if plain_http { 80 } else { 443 };
+    let port = u16::try_from(n.derp_port).ok().filter(|p| *p > 0).unwrap_or(default);
+    Some((n.clone(), port))
+}
+
+/// DERP host names resolved to addresses (both families), shared by netcheck and the DERP
+/// tasks. Answers stay [`DNS_FRESH`]; a failure is retried after [`DNS_RETRY`] and meanwhile the
+/// last good answer, if any, is still used.
+#[derive(Clone, Default)]
+struct DnsCache(Arc<Mutex<HashMap<String, DnsEntry>>>);
+
+#[derive(Clone)]
+struct DnsEntry {
+    addrs: Vec<IpAddr>,
+    /// When the last lookup (good or failed) finished.
+    at: Instant,
+    failed: bool,
+}
+
+impl DnsCache {
+    /// The cached answer for `host` (empty if none).
+    fn get(&self, host: &str) -> Vec<IpAddr> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(host).map(|e| e.addrs.clone()).unwrap_or_default()
+    }
+
+    /// Whether `host` has no answer worth using without a new lookup.
+    fn stale(&self, host: &str, now: Instant) -> bool {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(host)
+            .is_none_or(|e| now >= e.at + if e.failed { DNS_RETRY } else { DNS_FRESH })
+    }
+
+    /// `host`'s addresses: cached if fresh, else looked up (bounded by [`DNS_TIMEOUT`]).
+    /// Failures are logged once per outage with the region (`derp=`) and are not fatal: the
+    /// previous answer, or nothing, is returned.
+    async fn lookup(&self, host: &str, region: i32) -> Vec<IpAddr> {
+        if !self.stale(host, Instant::now()) {
+            return self.get(host);
+        }
+        let res = tokio::time::timeout(DNS_TIMEOUT, tokio::net::lookup_host((host, 0))).await;
+        let found: Result<Vec<IpAddr>, String> = match res {
+            Ok(Ok(it)) => {
+                let mut v: Vec<IpAddr> = Vec::new();
+                for a in it {
+                    let ip = addr::canonical(a).ip();
+                    if !v.contains(&ip) {
+                        v.push(ip);
+                    }
+                }
+                if v.is_empty() {
+                    Err("no addresses".into())
+                } else {
+                    Ok(v)
+                }
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("timed out after {}s", DNS_TIMEOUT.as_secs())),
+        };
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let prev = m.get(host).cloned();
+        let entry = match found {
+            Ok(addrs) => {
+                if prev.as_ref().is_none_or(|p| p.failed || p.addrs != addrs) {
+                    log::info!("derp host resolved derp={region} host={host} addrs={addrs:?}");
+                }
+                DnsEntry {
+                    addrs,
+                    at: Instant::now(),
+                    failed: false,
+                }
+            }
+            Err(e) => {
+                if prev.as_ref().is_none_or(|p| !p.failed) {
+                    log::warn!("derp host lookup failed derp={region} host={host} err={e}");
+                }
+                DnsEntry {
+                    addrs: prev.map(|p| p.addrs).unwrap_or_default(),
+                    at: Instant::now(),
+                    failed: true,
+                }
+            }
+        };
+        let addrs = entry.addrs.clone();
+        m.insert(host.to_string(), entry);
+        addrs
+    }
+}
+
+/// The addresses to dial for DERP `node` on `port`: its pinned `IPv4`/`IPv6`, else what its
+/// `HostName` resolves to, per family, with `"none"` honoured ([`derp::dial_addrs`]).
+async fn derp_dial_addrs(node: &DerpNode, port: u16, dns: &DnsCache) -> Vec<SocketAddr> {
+    let resolved = if derp::needs_dns(node) {
+        dns.lookup(&node.host_name, node.region_id).await
     } else {
-        n.host_name.clone()
+        Vec::new()
     };
-    let port = match (n.derp_port, plain_http) {
-        (p, _) if p > 0 => p as u16,
-        (_, true) => 80,
-        (_, false) => 443,
-    };
-    Some(derp_client::Dial {
-        addr: crate::tls::host_port(&host, port),
-        host: n.host_name.clone(),
-        tls: !plain_http,
-    })
+    derp::dial_addrs(node, port, &resolved)
+}
+
+/// The name the DERP node's certificate must carry (SNI) and the `Host` header: its `HostName`,
+/// else the address dialled.
+fn derp_server_name(node: &DerpNode, addrs: &[SocketAddr]) -> String {
+    if node.host_name.is_empty() {
+        addrs.first().map(|a| a.ip().to_string()).unwrap_or_default()
+    } else {
+        node.host_name.clone()
+    }
 }
 
 /// The local source address the kernel would use towards `dst` (no packet is sent).
@@ -206,7 +315,8 @@ fn local_addr_towards(dst: SocketAddr) -> Option<IpAddr> {
 /// Runs one DERP region connection: reconnects with backoff, forwards both ways.
 async fn derp_task(
     region: i32,
-    dial: derp_client::Dial,
+    (node, port, tls): (DerpNode, u16, bool),
+    dns: DnsCache,
     me: NodePrivate,
     home: bool,
     mut out_rx: mpsc::Receiver<(NodePublic, Vec<u8>)>,
@@ -214,14 +324,28 @@ async fn derp_task(
 ) {
     let mut backoff = derp_client::Backoff::default();
     loop {
-        match derp_client::connect(&dial, "/derp", &me).await {
+        // Resolved afresh (through the cache) on every attempt: the node may have moved.
+        let addrs = derp_dial_addrs(&node, port, &dns).await;
+        let dial = derp_client::Dial {
+            host: derp_server_name(&node, &addrs),
+            addrs,
+            tls,
+        };
+        let conn = if dial.addrs.is_empty() {
+            Err(format!(
+                "no address for host {} (IPv4/IPv6 \"none\" or DNS failed)",
+                node.host_name
+            ))
+        } else {
+            derp_client::connect(&dial, "/derp", &me)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let addr = dial.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+        match conn {
             Ok(mut c) => {
                 backoff.reset();
-                log::info!(
-                    "derp connected region={region} addr={} tls={} home={home}",
-                    dial.addr,
-                    dial.tls
-                );
+                log::info!("derp connected region={region} addr={addr} tls={tls} home={home}");
                 if home {
                     let _ = c.note_preferred(true).await;
                 }
@@ -246,7 +370,7 @@ async fn derp_task(
                     }
                 }
             }
-            Err(e) => log::warn!("derp connect failed region={region} addr={} err={e}", dial.addr),
+            Err(e) => log::warn!("derp connect failed region={region} addr={addr} err={e}"),
         }
         let delay = backoff.next_delay(OsRng.next_u32());
         // Keep draining the queue while waiting so senders never block on a dead region.
@@ -271,19 +395,15 @@ impl Engine {
         endpoints_tx: watch::Sender<LocalEndpoints>,
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), String> {
         let tun = Tun::open(&cfg.tun).map_err(|e| format!("cannot open TUN device {}: {e}", cfg.tun))?;
-        let udp = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], cfg.port)))
-            .await
-            .or_else(|e| {
-                log::warn!("UDP port {} unavailable ({e}), using a random one", cfg.port);
-                std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| {
-                    s.set_nonblocking(true)?;
-                    UdpSocket::from_std(s)
-                })
-            })
-            .map_err(|e| format!("cannot bind UDP: {e}"))?;
-        let port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
-        log::info!("data plane up tun={} udp_port={port}", tun.name());
+        let sock = Sockets::bind(cfg.port).map_err(|e| format!("cannot bind UDP: {e}"))?;
+        let port6 = sock.port6().map_or("none".to_string(), |p| p.to_string());
+        log::info!(
+            "data plane up tun={} udp_port={} udp6_port={port6}",
+            tun.name(),
+            sock.port()
+        );
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let (dns_done_tx, dns_done_rx) = mpsc::channel(1);
         let (derp_in_tx, derp_in_rx) = mpsc::channel(1024);
         let status = Arc::new(Mutex::new(HashMap::new()));
         let engine = Engine {
@@ -292,8 +412,7 @@ impl Engine {
             disco,
             tun,
             router: Router::new(SystemRunner),
-            udp,
-            port,
+            sock,
             peers: HashMap::new(),
             by_disco: HashMap::new(),
             derp_map: DerpMap::default(),
@@ -302,6 +421,9 @@ impl Engine {
             derp_in_tx,
             my_private: node,
             report: None,
+            dns: DnsCache::default(),
+            dns_pending: false,
+            dns_done_tx,
             last_report: None,
             next_netcheck: Instant::now(),
             local: LocalEndpoints::default(),
@@ -312,7 +434,7 @@ impl Engine {
             status: status.clone(),
             addresses: Vec::new(),
         };
-        let task = tokio::spawn(engine.run(netmap, cmd_rx, derp_in_rx));
+        let task = tokio::spawn(engine.run(netmap, cmd_rx, derp_in_rx, dns_done_rx));
         Ok((EngineHandle { cmds: cmd_tx, status }, task))
     }
 
@@ -321,9 +443,11 @@ impl Engine {
         mut netmap: watch::Receiver<Option<Arc<Netmap>>>,
         mut cmds: mpsc::Receiver<Cmd>,
         mut derp_in: mpsc::Receiver<(i32, NodePublic, Bytes)>,
+        mut dns_done: mpsc::Receiver<()>,
     ) {
         let mut tun_buf = vec![0u8; MAX_DATAGRAM];
         let mut udp_buf = vec![0u8; MAX_DATAGRAM];
+        let mut udp6_buf = vec![0u8; MAX_DATAGRAM];
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(nm) = netmap.borrow_and_update().clone() {
@@ -335,10 +459,21 @@ impl Engine {
                     Ok(n) => self.on_tun(&tun_buf[..n]),
                     Err(e) => { log::error!("TUN read failed err={e}"); break; }
                 },
-                r = self.udp.recv_from(&mut udp_buf) => match r {
+                r = self.sock.recv4(&mut udp_buf) => match r {
                     Ok((n, src)) => self.on_udp(&udp_buf[..n], src).await,
                     Err(e) => log::debug!("udp recv err={e}"),
                 },
+                r = self.sock.recv6(&mut udp6_buf) => match r {
+                    Ok((n, src)) => self.on_udp(&udp6_buf[..n], src).await,
+                    Err(e) => log::debug!("udp6 recv err={e}"),
+                },
+                Some(()) = dns_done.recv() => {
+                    // New DERP addresses: measure with them now rather than in 25 s.
+                    self.dns_pending = false;
+                    if self.report.is_none() {
+                        self.next_netcheck = Instant::now();
+                    }
+                }
                 Some((region, src, data)) = derp_in.recv() => self.on_derp(region, src, &data).await,
                 _ = tick.tick() => self.on_tick(),
                 r = netmap.changed() => {
@@ -414,11 +549,13 @@ impl Engine {
     fn derp_sender(&mut self, region: i32) -> Option<&mpsc::Sender<(NodePublic, Vec<u8>)>> {
         if !self.derps.contains_key(&region) {
             let r = self.derp_map.regions.get(&region.to_string())?;
-            let dial = derp_dial(r, crate::tls::derp_plain_http())?;
+            let plain_http = crate::tls::derp_plain_http();
+            let node = derp_node(r, plain_http)?;
             let (tx, rx) = mpsc::channel(DERP_QUEUE);
             tokio::spawn(derp_task(
                 region,
-                dial,
+                (node.0, node.1, !plain_http),
+                self.dns.clone(),
                 self.my_private.clone(),
                 region == self.home_derp,
                 rx,
@@ -437,7 +574,7 @@ impl Engine {
     }
 
     fn send_udp(&self, addr: SocketAddr, pkt: &[u8]) -> bool {
-        match self.udp.try_send_to(pkt, addr) {
+        match self.sock.try_send_to(pkt, addr) {
             Ok(_) => true,
             Err(e) => {
                 log::trace!("udp send failed ep={addr} err={e}");
@@ -457,7 +594,10 @@ impl Engine {
         };
         match out.to {
             Path::Udp(a) => {
-                if !self.send_udp(a, &pkt) {
+                // Without a socket of that family the ping is lost, not a sign of a bad address
+                // (as Go treats IPv6 sends on a host without IPv6).
+                let sendable = addr::send_family(a, self.sock.have_v6()).is_some();
+                if !self.send_udp(a, &pkt) && sendable {
                     if let Some(p) = self.peers.get_mut(&peer) {
                         p.endpoint.handle_send_error(a);
                     }
@@ -494,8 +634,14 @@ impl Engine {
     async fn on_udp(&mut self, pkt: &[u8], src: SocketAddr) {
         match demux::classify(pkt) {
             Kind::Stun => {
-                if let Some(r) = self.report.as_mut() {
-                    r.handle_stun(pkt, Instant::now().into_std());
+                if let Some((r4, r6)) = self.report.as_mut() {
+                    // Each state knows only its own transaction ids.
+                    let now = Instant::now().into_std();
+                    if !r4.handle_stun(pkt, now) {
+                        if let Some(r6) = r6 {
+                            r6.handle_stun(pkt, now);
+                        }
+                    }
                 }
             }
             Kind::Disco => self.on_disco(pkt, Path::Udp(src), None),
@@ -667,51 +813,98 @@ impl Engine {
         self.publish_status(now);
     }
 
+    /// DERP host names (of nodes without pinned addresses) whose cached answer is missing or
+    /// old, with the region each serves.
+    fn stale_derp_hosts(&self, now: Instant) -> Vec<(String, i32)> {
+        let mut seen = HashSet::new();
+        self.derp_map
+            .regions
+            .values()
+            .flat_map(|r| r.nodes.iter())
+            .filter(|n| derp::needs_dns(n) && self.dns.stale(&n.host_name, now))
+            .filter(|n| seen.insert(n.host_name.clone()))
+            .map(|n| (n.host_name.clone(), n.region_id))
+            .collect()
+    }
+
     fn netcheck_step(&mut self, now_t: Instant) {
         let now = now_t.into_std();
         if self.report.is_none() && now_t >= self.next_netcheck && !self.derp_map.regions.is_empty() {
+            // Names first, off the loop; `dns_done` brings us back here.
+            let stale = self.stale_derp_hosts(now_t);
+            if !stale.is_empty() && !self.dns_pending {
+                self.dns_pending = true;
+                let (dns, done) = (self.dns.clone(), self.dns_done_tx.clone());
+                tokio::spawn(async move {
+                    for (host, region) in stale {
+                        dns.lookup(&host, region).await;
+                    }
+                    let _ = done.send(()).await;
+                });
+                return;
+            }
+            if self.dns_pending {
+                return;
+            }
+            let dns = self.dns.clone();
             let plan = ProbePlan::new(&self.derp_map, netcheck::Timing::default())
-                .with_home(self.home_derp, self.derps.contains_key(&self.home_derp));
-            self.report = Some(ReportState::new(&plan, false, now, now + netcheck::STUN_PROBE_TIMEOUT));
+                .with_home(self.home_derp, self.derps.contains_key(&self.home_derp))
+                .with_resolved(|host| dns.get(host));
+            let deadline = now + netcheck::STUN_PROBE_TIMEOUT;
+            // IPv6 probes only when they can leave: an IPv6 socket and an address to send from
+            // (Go probes IPv6 only when the OS has it), else each report would wait them out.
+            let have_v6 =
+                self.sock.have_v6() && !addr::publishable_v6(&socket::interface_v6(), self.tun.name()).is_empty();
+            let v6 = have_v6.then(|| ReportState::new(&plan, true, now, deadline));
+            self.report = Some((ReportState::new(&plan, false, now, deadline), v6));
             self.next_netcheck = now_t + NETCHECK_INTERVAL;
         }
-        let Some(rs) = self.report.as_mut() else { return };
+        let Some((r4, r6)) = self.report.as_mut() else { return };
         let mut sends = Vec::new();
-        while let Some(p) = rs.poll_probe(now) {
-            if let Some(dst) = p.addr() {
-                let tx = new_tx();
-                rs.note_sent(tx, &p, dst, now);
-                sends.push((dst, stun::binding_request(tx)));
+        for rs in std::iter::once(r4).chain(r6.as_mut()) {
+            while let Some(p) = rs.poll_probe(now) {
+                if let Some(dst) = p.addr() {
+                    let tx = new_tx();
+                    rs.note_sent(tx, &p, dst, now);
+                    sends.push((dst, stun::binding_request(tx)));
+                }
             }
         }
         for (dst, req) in sends {
             self.send_udp(dst, &req);
         }
-        if self.report.as_ref().is_some_and(|r| r.is_done(now)) {
-            if let Some(rs) = self.report.take() {
-                self.apply_report(rs.finish());
+        let done = self
+            .report
+            .as_ref()
+            .is_some_and(|(r4, r6)| r4.is_done(now) && r6.as_ref().is_none_or(|r| r.is_done(now)));
+        if done {
+            if let Some((r4, r6)) = self.report.take() {
+                let r = match r6 {
+                    Some(r6) => netcheck::finish_both(r4, r6),
+                    None => r4.finish(),
+                };
+                self.apply_report(r);
             }
         }
     }
 
-    fn apply_report(&mut self, r: netcheck::Report) {
-        // Our endpoints: the STUN-mapped address plus the local address towards the relay.
-        let mut eps: Vec<(SocketAddr, i32)> = Vec::new();
-        if let Some(g) = r.global_v4 {
-            eps.push((g, 2));
-        }
+    fn apply_report(&mut self, mut r: netcheck::Report) {
+        // Our endpoints: STUN-mapped, the local IPv4 address towards a relay, and our global/ULA
+        // IPv6 interface addresses on the IPv6 socket's port.
         let towards = self
             .derp_map
             .regions
             .values()
             .flat_map(|reg| reg.nodes.iter())
-            .find_map(|n| n.ipv4.parse::<IpAddr>().ok().or_else(|| n.host_name.parse().ok()));
-        if let Some(ip) = towards.and_then(|ip| local_addr_towards(SocketAddr::new(ip, 3478))) {
-            let a = SocketAddr::new(ip, self.port);
-            if !eps.iter().any(|(e, _)| *e == a) {
-                eps.push((a, 1));
-            }
-        }
+            .flat_map(|n| derp::dial_addrs(n, 3478, &self.dns.get(&n.host_name)))
+            .find(SocketAddr::is_ipv4);
+        let local_v4 = towards
+            .and_then(local_addr_towards)
+            .map(|ip| SocketAddr::new(ip, self.sock.port()));
+        let v6 = addr::publishable_v6(&socket::interface_v6(), self.tun.name());
+        let stun: Vec<SocketAddr> = [r.global_v4, r.global_v6].into_iter().flatten().collect();
+        let eps = addr::local_endpoints(&stun, local_v4, &v6, self.sock.port6());
+        r.os_has_ipv6 = self.sock.have_v6() && !v6.is_empty();
         let home = if r.preferred_derp != 0 {
             r.preferred_derp
         } else if self.home_derp != 0 {
@@ -782,8 +975,110 @@ pub fn report_json(r: &netcheck::Report) -> Value {
         "UDP": r.udp,
         "IPv4": r.ipv4,
         "GlobalV4": r.global_v4.map(|a| a.to_string()),
+        "IPv6": r.ipv6,
+        "GlobalV6": r.global_v6.map(|a| a.to_string()),
+        "OSHasIPv6": r.os_has_ipv6,
         "MappingVariesByDestIP": r.mapping_varies_by_dest_ip,
         "PreferredDERP": r.preferred_derp,
         "RegionLatencyMs": lat,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(host: &str, ipv4: &str, ipv6: &str) -> DerpNode {
+        DerpNode {
+            name: "1a".into(),
+            region_id: 1,
+            host_name: host.into(),
+            ipv4: ipv4.into(),
+            ipv6: ipv6.into(),
+            ..DerpNode::default()
+        }
+    }
+
+    #[test]
+    fn netcheck_json_has_both_families() {
+        let r = netcheck::Report {
+            udp: true,
+            ipv4: true,
+            ipv6: true,
+            os_has_ipv6: true,
+            global_v4: Some("198.51.100.7:41641".parse().unwrap()),
+            global_v6: Some("[2001:db8:1::2]:41641".parse().unwrap()),
+            ..netcheck::Report::default()
+        };
+        let v = report_json(&r);
+        assert_eq!(
+            (&v["IPv4"], &v["GlobalV4"], &v["IPv6"], &v["GlobalV6"], &v["OSHasIPv6"]),
+            (
+                &json!(true),
+                &json!("198.51.100.7:41641"),
+                &json!(true),
+                &json!("[2001:db8:1::2]:41641"),
+                &json!(true)
+            )
+        );
+        let v = report_json(&netcheck::Report::default());
+        assert_eq!((&v["IPv6"], &v["GlobalV6"]), (&json!(false), &Value::Null));
+    }
+
+    #[test]
+    fn derp_node_port_and_server_name() {
+        let mut n = node("derp.example", "", "");
+        let r = DerpRegion {
+            region_id: 1,
+            nodes: vec![
+                DerpNode {
+                    stun_only: true,
+                    ..node("stun.example", "", "")
+                },
+                n.clone(),
+            ],
+            ..DerpRegion::default()
+        };
+        assert_eq!(
+            derp_node(&r, false),
+            Some((n.clone(), 443)),
+            "STUN-only skipped; TLS on 443"
+        );
+        assert_eq!(derp_node(&r, true), Some((n.clone(), 80)), "plain HTTP on 80");
+        n.derp_port = 3340;
+        let r = DerpRegion {
+            nodes: vec![n.clone()],
+            ..r
+        };
+        assert_eq!(derp_node(&r, false), Some((n.clone(), 3340)), "DERPPort wins");
+        let a: Vec<SocketAddr> = vec!["192.0.2.1:3340".parse().unwrap()];
+        assert_eq!(derp_server_name(&n, &a), "derp.example");
+        assert_eq!(derp_server_name(&node("", "192.0.2.1", ""), &a), "192.0.2.1");
+    }
+
+    /// Host names are resolved (cached) and families honour "none"; a name that cannot resolve
+    /// yields nothing, promptly, without failing.
+    #[tokio::test]
+    async fn derp_dial_addrs_resolve_names() {
+        let dns = DnsCache::default();
+        let got = derp_dial_addrs(&node("localhost", "", "none"), 3340, &dns).await;
+        assert_eq!(got, vec!["127.0.0.1:3340".parse::<SocketAddr>().unwrap()]);
+        assert!(!dns.stale("localhost", Instant::now()), "the answer is cached");
+        assert!(dns.get("localhost").contains(&IpAddr::from([127, 0, 0, 1])));
+        let got = derp_dial_addrs(&node("localhost", "none", "none"), 3340, &dns).await;
+        assert!(got.is_empty(), "both families off: {got:?}");
+        // Pinned addresses need no lookup at all.
+        let got = derp_dial_addrs(&node("pinned.invalid", "192.0.2.1", "2001:db8::1"), 3340, &dns).await;
+        assert_eq!(got.len(), 2);
+        assert!(dns.stale("pinned.invalid", Instant::now()), "never looked up");
+        // .invalid never resolves (RFC 6761): empty, remembered as failed for a while.
+        let t = Instant::now();
+        let got = derp_dial_addrs(&node("no-such-host.invalid", "", ""), 3340, &dns).await;
+        assert!(got.is_empty());
+        assert!(t.elapsed() <= DNS_TIMEOUT + Duration::from_secs(1));
+        assert!(
+            !dns.stale("no-such-host.invalid", Instant::now()),
+            "failure cached until retry"
+        );
+    }
 }

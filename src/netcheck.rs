@@ -33,6 +33,7 @@ use std::{
 use serde_json::{json, Map, Value};
 
 use crate::{
+    derp::{self, NodeAddr},
     stun::{self, TxId},
     tailcfg::{DerpMap, DerpNode},
 };
@@ -156,6 +157,19 @@ impl ProbePlan {
         }
     }
 
+    /// Fills in the target of every probe that needs DNS from `answers(host)` (what the host
+    /// name resolved to, any families), taking the first address of the probe's family. Probes
+    /// still without a target are dropped: their family has no answer (yet), so sending is
+    /// impossible and waiting for them would only delay the report. For a shell that resolves
+    /// ahead of time from a cache (the engine); [`run`] resolves as it goes instead.
+    pub fn with_resolved(mut self, answers: impl Fn(&str) -> Vec<IpAddr>) -> ProbePlan {
+        for p in self.probes.iter_mut().filter(|p| p.ip.is_none()) {
+            p.ip = answers(&p.host).into_iter().find(|ip| ip.is_ipv6() == p.ipv6);
+        }
+        self.probes.retain(|p| p.ip.is_some());
+        self
+    }
+
     /// Sets the current home region and whether its DERP connection is alive (hysteresis input).
     pub fn with_home(mut self, previous_home: i32, home_alive: bool) -> ProbePlan {
         self.previous_home = previous_home;
@@ -181,15 +195,10 @@ fn stun_port(n: &DerpNode) -> Option<u16> {
 /// `Some(None)` = resolve `HostName`, `Some(Some(ip))` = use `ip`. A non-empty `IPv4`/`IPv6`
 /// field that is not an address of that family (Go's `"none"`) disables the family.
 fn node_target(n: &DerpNode, ipv6: bool) -> Option<Option<IpAddr>> {
-    let field = if ipv6 { &n.ipv6 } else { &n.ipv4 };
-    let of_family = |ip: IpAddr| ip.is_ipv6() == ipv6;
-    if !field.is_empty() {
-        return field.parse::<IpAddr>().ok().filter(|ip| of_family(*ip)).map(Some);
-    }
-    match n.host_name.parse::<IpAddr>() {
-        Ok(ip) => of_family(ip).then_some(Some(ip)),
-        Err(_) if !n.host_name.is_empty() => Some(None),
-        Err(_) => None,
+    match derp::node_addr(n, ipv6) {
+        NodeAddr::Ip(ip) => Some(Some(ip)),
+        NodeAddr::Dns => Some(None),
+        NodeAddr::Off => None,
     }
 }
 
@@ -206,6 +215,9 @@ pub struct Report {
     pub global_v4: Option<SocketAddr>,
     /// Our IPv6 address and port as the first STUN server saw them.
     pub global_v6: Option<SocketAddr>,
+    /// The host has IPv6 to offer (an IPv6 socket and a global or ULA address; Go `OSHasIPv6`).
+    /// Not measured by STUN: the shell sets it.
+    pub os_has_ipv6: bool,
     /// Whether different STUN servers saw different IPv4 mappings (a NAT that maps per
     /// destination: "hard NAT"); `None` until two servers answered.
     pub mapping_varies_by_dest_ip: Option<bool>,
@@ -240,6 +252,7 @@ impl Report {
             m.insert("MappingVariesByDestIP".into(), json!(v));
         }
         m.insert("WorkingIPv6".into(), json!(self.ipv6));
+        m.insert("OSHasIPv6".into(), json!(self.os_has_ipv6));
         m.insert("WorkingUDP".into(), json!(self.udp));
         if self.preferred_derp != 0 {
             m.insert("PreferredDERP".into(), json!(self.preferred_derp));
@@ -459,6 +472,30 @@ impl ReportState {
         );
         r
     }
+}
+
+/// Ends a report measured by two [`ReportState`]s side by side, one per family (made with
+/// `ipv6` false and true from the same plan, fed the same STUN packets: each ignores answers to
+/// the other's requests). IPv4 facts come from `v4`, IPv6 facts from `v6`, latencies from both,
+/// and the home region is chosen over the merged latencies (Go runs both families in one
+/// report; our per-family states keep each family's retries and deadlines independent).
+pub fn finish_both(v4: ReportState, v6: ReportState) -> Report {
+    let plan = v4.plan.clone();
+    let (mut r, r6) = (v4.report, v6.report);
+    r.udp |= r6.udp;
+    r.ipv6 = r6.ipv6;
+    r.global_v6 = r6.global_v6;
+    for (region, d) in r6.region_latency {
+        keep_min(&mut r.region_latency, region, d);
+    }
+    r.region_v6_latency = r6.region_v6_latency;
+    r.preferred_derp = choose_preferred_derp(
+        &r.region_latency,
+        plan.previous_home,
+        plan.home_alive,
+        plan.timing.preferred_derp_absolute_diff,
+    );
+    r
 }
 
 /// Inserts `d` for `region` unless a lower value is there.
@@ -747,12 +784,23 @@ mod tests {
         assert_eq!((lat["1-v4"], lat["900-v4"], lat["1-v6"]), (0.012, 0.0015, 0.02));
         assert_eq!(
             r.net_info(),
-            json!({"MappingVariesByDestIP": false, "WorkingIPv6": false, "WorkingUDP": true,
+            json!({"MappingVariesByDestIP": false, "WorkingIPv6": false, "OSHasIPv6": false, "WorkingUDP": true,
                    "PreferredDERP": 900, "DERPLatency": {"1-v4": 0.012, "1-v6": 0.02, "900-v4": 0.0015}})
         );
         assert_eq!(
             Report::default().net_info(),
-            json!({"WorkingIPv6": false, "WorkingUDP": false})
+            json!({"WorkingIPv6": false, "OSHasIPv6": false, "WorkingUDP": false})
+        );
+        let r6 = Report {
+            udp: true,
+            ipv6: true,
+            os_has_ipv6: true,
+            global_v6: Some("[2001:db8:1::2]:41641".parse().unwrap()),
+            ..Report::default()
+        };
+        assert_eq!(
+            r6.net_info(),
+            json!({"WorkingIPv6": true, "OSHasIPv6": true, "WorkingUDP": true})
         );
     }
 
@@ -793,6 +841,147 @@ mod tests {
             });
         }
         (st.finish(), now - t0, sent as usize)
+    }
+
+    /// Like [`drive`], with one [`ReportState`] per family fed the same answers, merged by
+    /// [`finish_both`]. Returns the report and when both states were done.
+    fn drive_both(
+        plan: &ProbePlan,
+        answer: impl Fn(&Probe, SocketAddr) -> Option<(Duration, SocketAddr)>,
+    ) -> (Report, Duration) {
+        let t0 = Instant::now();
+        let deadline = t0 + STUN_PROBE_TIMEOUT;
+        let mut st = [
+            ReportState::new(plan, false, t0, deadline),
+            ReportState::new(plan, true, t0, deadline),
+        ];
+        let mut now = t0;
+        let mut pending: Vec<(Instant, Vec<u8>)> = Vec::new();
+        let mut sent = 0u32;
+        while !st.iter().all(|s| s.is_done(now)) {
+            for s in st.iter_mut().filter(|s| !s.is_done(now)) {
+                while let Some(p) = s.poll_probe(now) {
+                    sent += 1;
+                    let mut tx = [0u8; 12];
+                    tx[..4].copy_from_slice(&sent.to_be_bytes());
+                    let dst = p.addr().expect("test plans use IPs");
+                    s.note_sent(tx, &p, dst, now);
+                    if let Some((rtt, mapped)) = answer(&p, dst) {
+                        pending.push((now + rtt, stun::binding_response(tx, mapped)));
+                    }
+                }
+            }
+            let wake = st
+                .iter()
+                .filter(|s| !s.is_done(now))
+                .map(|s| s.poll_timeout())
+                .chain(pending.iter().map(|(t, _)| *t))
+                .min()
+                .expect("a state still running has a timeout");
+            assert!(wake > now || st.iter().all(|s| s.is_done(wake)), "would spin");
+            now = wake;
+            pending.retain(|(t, pkt)| {
+                if *t > now {
+                    return true;
+                }
+                // Exactly one of the two states knows each answer.
+                let known = st.iter_mut().map(|s| s.handle_stun(pkt, now)).filter(|k| *k).count();
+                assert_eq!(known, 1);
+                false
+            });
+        }
+        let [v4, v6] = st;
+        (finish_both(v4, v6), now - t0)
+    }
+
+    fn dual_stack_regions() -> ProbePlan {
+        let m = map(vec![
+            (1, false, vec![node("1a", 1, "", "192.0.2.1", "2001:db8:ff::1", 0)]),
+            (2, false, vec![node("2a", 2, "", "192.0.2.2", "2001:db8:ff::2", 0)]),
+        ]);
+        ProbePlan::new(&m, Timing::default())
+    }
+
+    #[test]
+    fn dual_stack_report() {
+        let me4: SocketAddr = "198.51.100.7:41641".parse().unwrap();
+        let me6: SocketAddr = "[2001:db8:1::2]:41641".parse().unwrap();
+        // Region 1: 20 ms on v4, 30 ms on v6. Region 2: 40 ms on v4 but 10 ms on v6.
+        let (r, took) = drive_both(&dual_stack_regions(), |p, _| {
+            let rtt = match (p.region_id, p.ipv6) {
+                (1, false) => 20,
+                (1, true) => 30,
+                (2, false) => 40,
+                _ => 10,
+            };
+            Some((ms(rtt), if p.ipv6 { me6 } else { me4 }))
+        });
+        assert!(r.udp && r.ipv4 && r.ipv6);
+        assert_eq!((r.global_v4, r.global_v6), (Some(me4), Some(me6)));
+        assert_eq!(r.mapping_varies_by_dest_ip, Some(false), "from the two IPv4 servers");
+        assert_eq!(r.region_v4_latency, [(1, ms(20)), (2, ms(40))].into_iter().collect());
+        assert_eq!(r.region_v6_latency, [(1, ms(30)), (2, ms(10))].into_iter().collect());
+        assert_eq!(r.region_latency, [(1, ms(20)), (2, ms(10))].into_iter().collect());
+        assert_eq!(r.preferred_derp, 2, "fastest over either family");
+        assert_eq!(
+            r.derp_latency().keys().collect::<Vec<_>>(),
+            ["1-v4", "1-v6", "2-v4", "2-v6"]
+        );
+        assert_eq!(r.net_info()["WorkingIPv6"], json!(true));
+        assert_eq!(took, ms(40), "done when the slowest family answered");
+    }
+
+    #[test]
+    fn dual_stack_report_with_ipv6_blocked() {
+        let me4: SocketAddr = "198.51.100.7:41641".parse().unwrap();
+        let (r, took) = drive_both(&dual_stack_regions(), |p, _| (!p.ipv6).then_some((ms(20), me4)));
+        assert!(r.udp && r.ipv4 && !r.ipv6);
+        assert_eq!((r.global_v4, r.global_v6), (Some(me4), None));
+        assert!(r.region_v6_latency.is_empty());
+        assert_eq!(r.preferred_derp, 1);
+        assert_eq!(r.net_info()["WorkingIPv6"], json!(false));
+        assert_eq!(took, STUN_PROBE_TIMEOUT, "IPv6 probes wait out the timeout");
+        // And the other way round: an IPv6-only network still measures and picks a home.
+        let me6: SocketAddr = "[2001:db8:1::2]:41641".parse().unwrap();
+        let (r, _) = drive_both(&dual_stack_regions(), |p, _| p.ipv6.then_some((ms(5), me6)));
+        assert!(r.udp && !r.ipv4 && r.ipv6);
+        assert_eq!((r.global_v4, r.global_v6), (None, Some(me6)));
+        assert_eq!(r.preferred_derp, 1);
+    }
+
+    #[test]
+    fn plan_with_resolved_host_names() {
+        let m = map(vec![
+            (1, false, vec![node("1a", 1, "derp1.example", "", "", 0)]),
+            (2, false, vec![node("2a", 2, "derp2.example", "none", "", 0)]),
+            (3, false, vec![node("3a", 3, "derp3.example", "192.0.2.3", "", 0)]),
+            (4, false, vec![node("4a", 4, "unresolvable.example", "", "", 0)]),
+        ]);
+        let plan = ProbePlan::new(
+            &m,
+            Timing {
+                tries_per_region: 1,
+                ..Timing::default()
+            },
+        )
+        .with_resolved(|host| match host {
+            "derp1.example" | "derp2.example" => vec!["2001:db8::1".parse().unwrap(), "192.0.2.1".parse().unwrap()],
+            // Only an A record: the v6 probe has nowhere to go.
+            "derp3.example" => vec!["192.0.2.33".parse().unwrap()],
+            _ => vec![],
+        });
+        let s = |x: &str| x.to_string();
+        assert_eq!(
+            shape(&plan),
+            vec![
+                (1, s("1a"), s("192.0.2.1"), 3478, false, 0),
+                (1, s("1a"), s("2001:db8::1"), 3478, true, 0),
+                // "none": no IPv4 probe even though DNS has an A record.
+                (2, s("2a"), s("2001:db8::1"), 3478, true, 0),
+                // The pinned IPv4 is kept, not replaced by DNS.
+                (3, s("3a"), s("192.0.2.3"), 3478, false, 0),
+            ]
+        );
     }
 
     fn three_regions() -> ProbePlan {

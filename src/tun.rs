@@ -3,8 +3,8 @@
 //! Mirrors tailscale `net/tstun/tun.go` (`New`: open `/dev/net/tun`, `TUNSETIFF` with
 //! `IFF_TUN | IFF_NO_PI`) and the TUN half of boringtun `device/tun_linux.rs`.
 //!
-//! This is a thin shell and the only module with `unsafe` (the `ioctl` and the reactor
-//! registration). Opening the device needs `CAP_NET_ADMIN`. The interface exists while the
+//! This is a thin shell with `unsafe` for the `ioctl` and the reactor registration (the only
+//! other such module is `magicsock::socket`, for one socket option). Opening the device needs `CAP_NET_ADMIN`. The interface exists while the
 //! returned [`Tun`] (its file descriptor) lives: it is not made persistent, so the kernel removes
 //! it, with its addresses and routes, when the process exits, even on a crash. Addresses, MTU, link state and routes are the
 //! router's job (`crate::router`), not this module's.

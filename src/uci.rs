@@ -873,6 +873,11 @@ pub struct DerpConfig {
     pub server_stun_listen_addr: SocketAddr,
     /// Only relay for nodes of this tailnet (`derp_server_verify_clients`, default on).
     pub server_verify_clients: bool,
+    /// Public IPv4 address pinned in the embedded region's node (`derp_server_ipv4`, headscale
+    /// `derp.server.ipv4`; default none: clients use `HostName`).
+    pub server_ipv4: Option<Ipv4Addr>,
+    /// Public IPv6 address pinned likewise (`derp_server_ipv6`, headscale `derp.server.ipv6`).
+    pub server_ipv6: Option<Ipv6Addr>,
     /// URLs of JSON DERP maps to fetch (`list derp_url`, default none).
     pub urls: Vec<String>,
     /// Local JSON DERP map files (`list derp_path`, default none).
@@ -888,6 +893,8 @@ impl Default for DerpConfig {
             server_region_name: "Headscale Embedded DERP".to_owned(),
             server_stun_listen_addr: SocketAddr::from(([0, 0, 0, 0], 3478)),
             server_verify_clients: true,
+            server_ipv4: None,
+            server_ipv6: None,
             urls: Vec::new(),
             paths: Vec::new(),
         }
@@ -976,6 +983,8 @@ const SERVER_OPTIONS: &[(&str, bool)] = &[
     ("derp_server_region_name", false),
     ("derp_server_stun_listen_addr", false),
     ("derp_server_verify_clients", false),
+    ("derp_server_ipv4", false),
+    ("derp_server_ipv6", false),
     ("derp_url", true),
     ("derp_path", true),
 ];
@@ -1248,6 +1257,12 @@ impl ServerConfig {
         }
         if let Some(o) = opts.get("derp_server_verify_clients") {
             d.server_verify_clients = bool_of(o)?;
+        }
+        if let Some(o) = opts.get("derp_server_ipv4") {
+            d.server_ipv4 = Some(parse_with(o, "IPv4 address", |s| s.parse().ok())?);
+        }
+        if let Some(o) = opts.get("derp_server_ipv6") {
+            d.server_ipv6 = Some(parse_with(o, "IPv6 address", |s| s.parse().ok())?);
         }
         for o in opts.list("derp_url") {
             http_url_host(&o.value).map_err(|why| invalid(o, format!("invalid URL {:?}: {why}", o.value)))?;
@@ -1597,6 +1612,8 @@ config server 'main'
 	option derp_server_region_name 'Home router'
 	option derp_server_stun_listen_addr '0.0.0.0:3479'
 	option derp_server_verify_clients 'disabled'
+	option derp_server_ipv4 '198.51.100.1'
+	option derp_server_ipv6 '2001:db8::1'
 	list derp_url 'https://controlplane.tailscale.com/derpmap/default'
 	list derp_path '/etc/tinyscale/derp.json'
 
@@ -1632,6 +1649,8 @@ config client
         assert_eq!(c.derp.server_region_name, "Home router");
         assert_eq!(c.derp.server_stun_listen_addr.port(), 3479);
         assert!(!c.derp.server_verify_clients);
+        assert_eq!(c.derp.server_ipv4, "198.51.100.1".parse().ok());
+        assert_eq!(c.derp.server_ipv6, "2001:db8::1".parse().ok());
         assert_eq!(c.derp.urls.len(), 1);
         assert_eq!(c.derp.paths, vec![PathBuf::from("/etc/tinyscale/derp.json")]);
     }

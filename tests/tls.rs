@@ -29,7 +29,7 @@ fn node_key() -> NodePrivate {
 
 fn dial(port: u16, host: &str, tls: bool) -> Dial {
     Dial {
-        addr: format!("127.0.0.1:{port}"),
+        addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))],
         host: host.to_string(),
         tls,
     }

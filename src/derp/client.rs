@@ -179,8 +179,8 @@ pub enum DerpEvent {
 /// Where and how to reach one DERP node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dial {
-    /// `ip:port` or `host:port` to connect to.
-    pub addr: String,
+    /// Resolved addresses of the node, tried in order.
+    pub addrs: Vec<std::net::SocketAddr>,
     /// Name for SNI, certificate verification and the `Host` header (the node's `HostName`).
     pub host: String,
     /// TLS (the normal case) or plain HTTP.
@@ -190,19 +190,25 @@ pub struct Dial {
 /// Dials `host_port` over plain TCP, upgrades `path` (normally `/derp`) and runs the handshake
 /// as `my`. Each phase has [`DIAL_TIMEOUT`].
 pub async fn connect_http(host_port: &str, path: &str, my: &NodePrivate) -> Result<DerpClient<Stream>, Error> {
+    let addrs: Vec<std::net::SocketAddr> =
+        match tokio::time::timeout(DIAL_TIMEOUT, tokio::net::lookup_host(host_port)).await {
+            Ok(r) => r.map_err(Error::io(Op::Dial))?.collect(),
+            Err(_) => return Err(Error::Timeout(Op::Dial)),
+        };
     let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
     let d = Dial {
-        addr: host_port.to_string(),
+        addrs,
         host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
         tls: false,
     };
     connect(&d, path, my).await
 }
 
-/// Dials `d`, runs TLS when asked, upgrades `path` (normally `/derp`) and runs the handshake as
-/// `my`. The dial, the TLS handshake and upgrade + DERP handshake each have [`DIAL_TIMEOUT`].
+/// Dials `d` (its addresses in order until one connects, within one [`DIAL_TIMEOUT`]), runs TLS
+/// when asked, upgrades `path` (normally `/derp`) and runs the handshake as `my`. The TLS
+/// handshake and upgrade + DERP handshake each have [`DIAL_TIMEOUT`] too.
 pub async fn connect(d: &Dial, path: &str, my: &NodePrivate) -> Result<DerpClient<Stream>, Error> {
-    let tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(d.addr.as_str())).await {
+    let tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&d.addrs[..])).await {
         Ok(r) => r.map_err(Error::io(Op::Dial))?,
         Err(_) => return Err(Error::Timeout(Op::Dial)),
     };

@@ -848,6 +848,8 @@ pub async fn run_standalone(
 /// headscale's embedded DERP region (`GenerateRegion`): region id/code/name from `cfg`, one node
 /// named after the region id whose `HostName` and `DERPPort` come from `server_url` (port, else
 /// 80 for `http`, 443 otherwise) and whose `STUNPort` is the port of the STUN listen address.
+/// `IPv4`/`IPv6` carry the configured public addresses, if any (headscale `derp.server.ipv4`/
+/// `ipv6`), so clients need no DNS and know the relay speaks IPv6.
 ///
 /// An `http://` server URL yields a region only Go clients with `TS_DEBUG_USE_DERP_HTTP=1` can
 /// use: clients speak TLS to `DERPPort` unless told otherwise. `InsecureForTests` stays false.
@@ -864,6 +866,8 @@ pub fn embedded_region(cfg: &DerpConfig, server_url: &str) -> DerpRegion {
             host_name: host,
             derp_port: i32::from(port),
             stun_port: i32::from(cfg.server_stun_listen_addr.port()),
+            ipv4: cfg.server_ipv4.map(|a| a.to_string()).unwrap_or_default(),
+            ipv6: cfg.server_ipv6.map(|a| a.to_string()).unwrap_or_default(),
             ..DerpNode::default()
         }],
     }
@@ -1145,6 +1149,17 @@ mod tests {
         assert_eq!(json["Nodes"][0]["DERPPort"], 443);
         assert_eq!(json["Nodes"][0]["STUNPort"], 3479);
         assert_eq!(json["Nodes"][0]["Name"], "999");
+        assert!(json["Nodes"][0].get("IPv4").is_none() && json["Nodes"][0].get("IPv6").is_none());
+        let cfg = DerpConfig {
+            server_ipv4: "198.51.100.1".parse().ok(),
+            server_ipv6: "2001:db8::1".parse().ok(),
+            ..cfg
+        };
+        let json = serde_json::to_value(embedded_region(&cfg, "https://hs.example.com")).unwrap();
+        assert_eq!(
+            (&json["Nodes"][0]["IPv4"], &json["Nodes"][0]["IPv6"]),
+            (&serde_json::json!("198.51.100.1"), &serde_json::json!("2001:db8::1"))
+        );
         for (url, host, port) in [
             ("http://127.0.0.1:8080", "127.0.0.1", 8080),
             ("http://router.lan", "router.lan", 80),

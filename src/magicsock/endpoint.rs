@@ -42,6 +42,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::addr::canonical;
 use crate::{
     disco::Message,
     keys::{DiscoPublic, NodePublic},
@@ -507,6 +508,8 @@ impl Endpoint {
         new_tx: &mut dyn FnMut() -> TxId,
     ) -> Vec<DiscoOut> {
         let usable = |ep: &SocketAddr| !matches!(ep.ip(), IpAddr::V6(v6) if v6.is_unicast_link_local());
+        let endpoints: Vec<SocketAddr> = endpoints.iter().copied().map(canonical).collect();
+        let endpoints = &endpoints[..];
         for (addr, c) in self.candidates.iter_mut() {
             c.call_me_maybe = endpoints.contains(addr) && usable(addr);
         }
@@ -798,8 +801,15 @@ impl Endpoint {
 }
 
 /// Parses netmap `Endpoints` strings (`ip:port`, `[v6]:port`), skipping bad ones as Go does.
+/// A v4-mapped `[::ffff:a.b.c.d]:port` becomes plain IPv4, the form received packets have.
 pub fn parse_endpoints(endpoints: &[String]) -> Vec<SocketAddr> {
-    endpoints.iter().filter_map(|s| s.parse().ok()).collect()
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for a in endpoints.iter().filter_map(|s| s.parse().ok()).map(canonical) {
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
 }
 
 /// The region in a legacy `DERP: "127.3.3.40:<region>"` node field, 0 if absent or malformed.
@@ -1085,6 +1095,51 @@ mod tests {
         let plan = ep.handle_send(later, &mut tx);
         assert_eq!((plan.udp, plan.derp), (Some(sa("203.0.113.2:41641")), Some(2)));
         assert_eq!(pings(&plan.disco).len(), 2);
+    }
+
+    #[test]
+    fn dual_stack_peer_is_pinged_on_both_families_and_ipv6_wins_a_close_race() {
+        let t0 = Instant::now();
+        let mut tx = tx_counter();
+        let (v4, v6) = (sa("203.0.113.2:41641"), sa("[2001:db8:2::2]:41641"));
+        // The netmap spells the IPv4 endpoint v4-mapped (and also plainly): one candidate.
+        let eps = parse_endpoints(&[
+            "[::ffff:203.0.113.2]:41641".into(),
+            "203.0.113.2:41641".into(),
+            "[2001:db8:2::2]:41641".into(),
+        ]);
+        assert_eq!(eps, vec![v4, v6]);
+        let mut ep = Endpoint::new(me(), Timing::default());
+        ep.handle_netmap(&eps, peer_disco(), 2, t0);
+        let p = pings(&ep.handle_send(t0, &mut tx).disco);
+        let to: BTreeSet<Path> = p.iter().map(|(to, _)| *to).collect();
+        assert_eq!(to, [Path::Udp(v4), Path::Udp(v6)].into_iter().collect());
+        let tx_of = |a: SocketAddr| p.iter().find(|(to, _)| *to == Path::Udp(a)).map(|(_, t)| *t).unwrap();
+        // IPv4 answers first (10 ms), IPv6 a little later (10.5 ms): IPv6 takes over.
+        ep.handle_pong(tx_of(v4), Path::Udp(v4), t0 + Duration::from_millis(10))
+            .unwrap();
+        assert!(matches!(ep.path(t0 + Duration::from_millis(10)), PathStatus::Direct { addr, .. } if addr == v4));
+        let at = t0 + Duration::from_micros(10_500);
+        ep.handle_pong(tx_of(v6), Path::Udp(v6), at).unwrap();
+        assert!(matches!(ep.path(at), PathStatus::Direct { addr, .. } if addr == v6));
+        assert_eq!(ep.handle_send(at, &mut tx).udp, Some(v6));
+
+        // IPv4 UDP blocked: only the IPv6 pong comes back, and that is the direct path.
+        let mut ep = Endpoint::new(me(), Timing::default());
+        ep.handle_netmap(&eps, peer_disco(), 2, t0);
+        let p = pings(&ep.handle_send(t0, &mut tx).disco);
+        let (_, t6) = p.iter().find(|(to, _)| *to == Path::Udp(v6)).unwrap();
+        let at = t0 + Duration::from_millis(30);
+        ep.handle_pong(*t6, Path::Udp(v6), at).unwrap();
+        assert_eq!(
+            ep.path(at),
+            PathStatus::Direct {
+                addr: v6,
+                rtt: Duration::from_millis(30)
+            }
+        );
+        let plan = ep.handle_send(at, &mut tx);
+        assert_eq!((plan.udp, plan.derp), (Some(v6), None));
     }
 
     #[test]
