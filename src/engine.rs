@@ -272,7 +272,11 @@ impl Engine {
             })
             .map_err(|e| format!("cannot bind UDP: {e}"))?;
         let port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
-        log::info!("data plane up tun={} udp_port={port}", tun.name());
+        let (rcvbuf, sndbuf) = crate::udp::set_buffers(&udp);
+        log::info!(
+            "data plane up tun={} udp_port={port} rcvbuf={rcvbuf} sndbuf={sndbuf}",
+            tun.name()
+        );
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let (derp_in_tx, derp_in_rx) = mpsc::channel(1024);
         let status = Arc::new(Mutex::new(HashMap::new()));

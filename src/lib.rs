@@ -28,6 +28,7 @@ pub mod stun;
 pub mod tailcfg;
 pub mod tun;
 pub mod uci;
+pub mod udp;
 #[cfg(test)]
 mod vectors;
 pub mod wg;
