@@ -32,6 +32,7 @@ use crate::{
     disco::{self, DiscoShared, Message},
     keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic},
     magicsock::{
+        batch::{self, SendBatch},
         demux::{self, Kind},
         endpoint::{self, DiscoOut, Endpoint, Path, PathStatus, TxId},
     },
@@ -40,7 +41,8 @@ use crate::{
     stun,
     tailcfg::{DerpMap, DerpRegion},
     tun::Tun,
-    wg::{PeerConfig, WgPeers},
+    udp,
+    wg::{self, PeerConfig, WgPeers},
 };
 
 /// Timer resolution of the loop (boringtun wants ≥ 4 Hz; netcheck probes retransmit at 100 ms).
@@ -49,8 +51,13 @@ const TICK: Duration = Duration::from_millis(100);
 const NETCHECK_INTERVAL: Duration = Duration::from_secs(25);
 /// Packets queued towards one DERP region before new ones are dropped.
 const DERP_QUEUE: usize = 256;
-/// Largest datagram we read (WireGuard over a 1280 MTU plus overhead, with room to spare).
+/// Largest datagram we read (WireGuard over a 1280 MTU plus overhead, with room to spare; a
+/// UDP GRO read of coalesced datagrams is at most this too).
 const MAX_DATAGRAM: usize = 65535;
+/// Packets (or GRO reads) handled per wake-up of the TUN or UDP branch before the loop looks at
+/// its other inputs. Draining a burst costs one reactor round trip instead of one per packet,
+/// and lets a bulk flow's data messages leave in one batched send (see `magicsock::batch`).
+const BURST: usize = 64;
 
 /// Settings for [`Engine::start`].
 #[derive(Debug, Clone)]
@@ -142,6 +149,8 @@ pub struct Engine {
     tun: Tun,
     router: Router<SystemRunner>,
     udp: UdpSocket,
+    /// Datagrams for `udp`, sent at the end of each loop iteration by [`flush_udp`].
+    udp_out: SendBatch,
     port: u16,
     peers: HashMap<NodePublic, Peer>,
     by_disco: HashMap<DiscoPublic, NodePublic>,
@@ -272,9 +281,11 @@ impl Engine {
             })
             .map_err(|e| format!("cannot bind UDP: {e}"))?;
         let port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
-        let (rcvbuf, sndbuf) = crate::udp::set_buffers(&udp);
+        let (rcvbuf, sndbuf) = udp::set_buffers(&udp);
+        let gso = udp::gso_supported(&udp);
+        let gro = udp::enable_gro(&udp);
         log::info!(
-            "data plane up tun={} udp_port={port} rcvbuf={rcvbuf} sndbuf={sndbuf}",
+            "data plane up tun={} udp_port={port} rcvbuf={rcvbuf} sndbuf={sndbuf} gso={gso} gro={gro}",
             tun.name()
         );
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
@@ -287,6 +298,7 @@ impl Engine {
             tun,
             router: Router::new(SystemRunner),
             udp,
+            udp_out: SendBatch::new(if gso { batch::MAX_SEGMENTS } else { 1 }),
             port,
             peers: HashMap::new(),
             by_disco: HashMap::new(),
@@ -318,6 +330,8 @@ impl Engine {
     ) {
         let mut tun_buf = vec![0u8; MAX_DATAGRAM];
         let mut udp_buf = vec![0u8; MAX_DATAGRAM];
+        // Decrypted packets on their way to the TUN.
+        let mut plain_buf = vec![0u8; MAX_DATAGRAM];
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(nm) = netmap.borrow_and_update().clone() {
@@ -326,14 +340,17 @@ impl Engine {
         loop {
             tokio::select! {
                 r = self.tun.recv(&mut tun_buf) => match r {
-                    Ok(n) => self.on_tun(&tun_buf[..n]),
+                    Ok(n) => {
+                        self.on_tun(&tun_buf[..n]);
+                        self.drain_tun(&mut tun_buf);
+                    }
                     Err(e) => { log::error!("TUN read failed err={e}"); break; }
                 },
-                r = self.udp.recv_from(&mut udp_buf) => match r {
-                    Ok((n, src)) => self.on_udp(&udp_buf[..n], src).await,
+                r = self.udp.readable() => match r {
+                    Ok(()) => self.drain_udp(&mut udp_buf, &mut plain_buf).await,
                     Err(e) => log::debug!("udp recv err={e}"),
                 },
-                Some((region, src, data)) = derp_in.recv() => self.on_derp(region, src, &data).await,
+                Some((region, src, data)) = derp_in.recv() => self.on_derp(region, src, &data, &mut plain_buf).await,
                 _ = tick.tick() => self.on_tick(),
                 r = netmap.changed() => {
                     if r.is_err() { break; }
@@ -342,6 +359,7 @@ impl Engine {
                 }
                 Some(cmd) = cmds.recv() => self.on_cmd(cmd),
             }
+            flush_udp(&self.udp, &mut self.udp_out);
         }
         let _ = self.router.close();
         log::info!("data plane stopped");
@@ -470,22 +488,77 @@ impl Engine {
             self.send_disco(peer, d);
         }
         if let Some(a) = plan.udp {
-            self.send_udp(a, &datagram);
+            self.udp_out.push(a, &datagram);
         }
         if let Some(r) = plan.derp {
             self.send_derp(r, peer, datagram);
         }
     }
 
+    /// [`send_to_peer`](Self::send_to_peer) for the `len`-byte datagram WireGuard just wrote
+    /// into `udp_out`'s spare room: UDP commits it to the batch in place, DERP takes a copy.
+    fn send_spare_to_peer(&mut self, peer: NodePublic, len: usize) {
+        let now = Instant::now().into_std();
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let plan = p.endpoint.handle_send(now, &mut new_tx);
+        for d in plan.disco {
+            self.send_disco(peer, d);
+        }
+        if let Some(r) = plan.derp {
+            let copy = self.udp_out.spare(len)[..len].to_vec();
+            self.send_derp(r, peer, copy);
+        }
+        if let Some(a) = plan.udp {
+            self.udp_out.commit(a, len);
+        }
+    }
+
     fn on_tun(&mut self, pkt: &[u8]) {
-        match self.wg.encapsulate(pkt) {
-            Ok(Some(out)) => self.send_to_peer(out.peer, out.datagram),
+        let room = wg::encapsulate_room(pkt.len());
+        match self.wg.encapsulate_to(pkt, self.udp_out.spare(room)) {
+            Ok(Some((peer, len))) => self.send_spare_to_peer(peer, len),
             Ok(None) => {}
             Err(e) => log::trace!("tun packet dropped err={e}"),
         }
     }
 
-    async fn on_udp(&mut self, pkt: &[u8], src: SocketAddr) {
+    /// Handles the packets already queued on the TUN after the one that woke us (up to
+    /// [`BURST`] in all), so their datagrams share one batched send.
+    fn drain_tun(&mut self, buf: &mut [u8]) {
+        for _ in 1..BURST {
+            match self.tun.try_recv(buf) {
+                Ok(n) => self.on_tun(&buf[..n]),
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        log::debug!("TUN read failed err={e}");
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Reads what the UDP socket has queued (up to [`BURST`] reads; one read may hold several
+    /// datagrams coalesced by GRO) and handles each datagram.
+    async fn drain_udp(&mut self, buf: &mut [u8], plain: &mut [u8]) {
+        for _ in 0..BURST {
+            match udp::recv(&self.udp, buf) {
+                Ok((n, src, seg)) => {
+                    for d in batch::segments(&buf[..n], seg) {
+                        self.on_udp(d, src, plain).await;
+                    }
+                }
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        log::debug!("udp recv err={e}");
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn on_udp(&mut self, pkt: &[u8], src: SocketAddr, plain: &mut [u8]) {
         match demux::classify(pkt) {
             Kind::Stun => {
                 if let Some(r) = self.report.as_mut() {
@@ -493,20 +566,22 @@ impl Engine {
                 }
             }
             Kind::Disco => self.on_disco(pkt, Path::Udp(src), None),
-            Kind::WireGuard => self.on_wireguard(pkt, Some(src.ip()), Path::Udp(src)).await,
+            Kind::WireGuard => self.on_wireguard(pkt, Some(src.ip()), Path::Udp(src), plain).await,
         }
     }
 
-    async fn on_derp(&mut self, region: i32, src: NodePublic, data: &[u8]) {
+    async fn on_derp(&mut self, region: i32, src: NodePublic, data: &[u8], plain: &mut [u8]) {
         if disco::looks_like_disco(data) {
             self.on_disco(data, Path::Derp(region), Some(src));
         } else {
-            self.on_wireguard(data, None, Path::Derp(region)).await;
+            self.on_wireguard(data, None, Path::Derp(region), plain).await;
         }
     }
 
-    async fn on_wireguard(&mut self, pkt: &[u8], src: Option<IpAddr>, path: Path) {
-        let r = self.wg.decapsulate(src, pkt);
+    /// Decrypts one WireGuard datagram into `plain` (at least as long as `pkt`) and writes the
+    /// packet to the TUN; handshake traffic goes back to the peer.
+    async fn on_wireguard(&mut self, pkt: &[u8], src: Option<IpAddr>, path: Path, plain: &mut [u8]) {
+        let r = self.wg.decapsulate_to(src, pkt, plain);
         if let Some(reply) = r.reply {
             match (path, r.peer) {
                 (Path::Udp(a), _) => {
@@ -516,8 +591,8 @@ impl Engine {
                 _ => {}
             }
         }
-        if let Some(ip) = r.to_tun {
-            if let Err(e) = self.tun.send(&ip).await {
+        if let Some(n) = r.to_tun {
+            if let Err(e) = self.tun.send(&plain[..n]).await {
                 log::debug!("TUN write failed err={e}");
             }
         }
@@ -763,6 +838,23 @@ impl Engine {
             );
         }
     }
+}
+
+/// Sends what `out` holds on `sock` (one system call for a typical burst) and empties it. A
+/// socket that refuses GSO gets batches of single datagrams from then on.
+fn flush_udp(sock: &UdpSocket, out: &mut SendBatch) {
+    if out.is_empty() {
+        return;
+    }
+    let r = udp::send_batch(sock, out);
+    if r.dropped > 0 {
+        log::trace!("udp: dropped {} of {} datagrams", r.dropped, r.dropped + r.sent);
+    }
+    if r.gso_refused {
+        log::info!("udp: the kernel refused GSO; sending datagrams one by one");
+        out.set_max_segments(1);
+    }
+    out.clear();
 }
 
 /// `tinyscale netcheck` JSON.

@@ -7,5 +7,6 @@
 //! daemon's shell, which feeds these cores `now` and fresh transaction ids.
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod demux;
 pub mod endpoint;
