@@ -158,6 +158,8 @@ pub struct Engine {
     home_derp: i32,
     derps: HashMap<i32, mpsc::Sender<(NodePublic, Vec<u8>)>>,
     derp_in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
+    /// Packets were queued towards a DERP task during this loop iteration.
+    derp_queued: bool,
     my_private: NodePrivate,
     report: Option<ReportState>,
     last_report: Option<netcheck::Report>,
@@ -306,6 +308,7 @@ impl Engine {
             home_derp: 0,
             derps: HashMap::new(),
             derp_in_tx,
+            derp_queued: false,
             my_private: node,
             report: None,
             last_report: None,
@@ -360,6 +363,11 @@ impl Engine {
                 Some(cmd) = cmds.recv() => self.on_cmd(cmd),
             }
             flush_udp(&self.udp, &mut self.udp_out);
+            // A burst can queue dozens of packets for a DERP task on this same thread; let it
+            // write them out before the next burst instead of overflowing its queue.
+            if std::mem::take(&mut self.derp_queued) {
+                tokio::task::yield_now().await;
+            }
         }
         let _ = self.router.close();
         log::info!("data plane stopped");
@@ -445,6 +453,7 @@ impl Engine {
         if let Some(tx) = self.derp_sender(region) {
             // Full queue: drop, as a congested link would.
             let _ = tx.try_send((dst, pkt));
+            self.derp_queued = true;
         }
     }
 
