@@ -99,18 +99,21 @@ pub fn send_batch(sock: &UdpSocket, batch: &SendBatch) -> SendOutcome {
             }
             Err(e) => {
                 let r = &runs[i];
-                if r.segments() > 1 && refuses_gso(&e) {
-                    log::debug!("udp: GSO refused, sending datagrams singly err={e}");
-                    out.gso_refused = true;
-                    for d in batch.bytes(r).chunks(r.seg) {
-                        match sock.try_send_to(d, r.dst) {
-                            Ok(_) => out.sent += 1,
-                            Err(_) => out.dropped += 1,
+                match gso_error(&e) {
+                    Some(disable) if r.segments() > 1 => {
+                        log::debug!("udp: GSO send failed, sending datagrams singly ep={} err={e}", r.dst);
+                        out.gso_refused |= disable;
+                        for d in batch.bytes(r).chunks(r.seg) {
+                            match sock.try_send_to(d, r.dst) {
+                                Ok(_) => out.sent += 1,
+                                Err(_) => out.dropped += 1,
+                            }
                         }
                     }
-                } else {
-                    log::trace!("udp: send failed ep={} err={e}", r.dst);
-                    out.dropped += r.segments();
+                    _ => {
+                        log::trace!("udp: send failed ep={} err={e}", r.dst);
+                        out.dropped += r.segments();
+                    }
                 }
                 i += 1;
             }
@@ -119,14 +122,17 @@ pub fn send_batch(sock: &UdpSocket, batch: &SendBatch) -> SendOutcome {
     out
 }
 
-/// Errors with which Linux refuses a GSO send it cannot do (no checksum offload on the route:
-/// EIO; a kernel without UDP_SEGMENT: ENOPROTOOPT/EOPNOTSUPP; a segment over the path MTU or too
-/// many segments: EINVAL/EMSGSIZE).
-fn refuses_gso(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP | libc::EINVAL | libc::EMSGSIZE)
-    )
+/// Whether a failed GSO send should be retried datagram by datagram, and if so whether GSO is
+/// unusable on this socket for good: `Some(true)` when the kernel or route cannot do it at all
+/// (no checksum offload on the route: EIO; a kernel without UDP_SEGMENT: ENOPROTOOPT or
+/// EOPNOTSUPP), `Some(false)` when only this run was unsuitable (a segment over this path's MTU:
+/// EINVAL or EMSGSIZE), `None` for errors that single sends would hit too.
+fn gso_error(e: &io::Error) -> Option<bool> {
+    match e.raw_os_error() {
+        Some(libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP) => Some(true),
+        Some(libc::EINVAL | libc::EMSGSIZE) => Some(false),
+        _ => None,
+    }
 }
 
 /// Receives one datagram, or with GRO several of one sender back to back, without waiting
@@ -419,6 +425,17 @@ mod tests {
             let got_c = recv_all(&c, 1).await;
             assert_eq!(got_c, vec![(a.local_addr().unwrap(), dgram(999, 64))]);
         }
+    }
+
+    #[test]
+    fn gso_errors_decide_the_fallback() {
+        let e = io::Error::from_raw_os_error;
+        assert_eq!(gso_error(&e(libc::EIO)), Some(true));
+        assert_eq!(gso_error(&e(libc::ENOPROTOOPT)), Some(true));
+        assert_eq!(gso_error(&e(libc::EMSGSIZE)), Some(false));
+        assert_eq!(gso_error(&e(libc::EINVAL)), Some(false));
+        assert_eq!(gso_error(&e(libc::ENETUNREACH)), None);
+        assert_eq!(gso_error(&io::ErrorKind::WouldBlock.into()), None);
     }
 
     #[test]
