@@ -36,7 +36,8 @@ use crate::{
     disco::{self, DiscoShared, Message},
     keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic},
     magicsock::{
-        addr,
+        addr::{self, Family},
+        batch::{self, SendBatch},
         demux::{self, Kind},
         endpoint::{self, DiscoOut, Endpoint, Path, PathStatus, TxId},
         socket::{self, Sockets},
@@ -46,7 +47,8 @@ use crate::{
     stun,
     tailcfg::{DerpMap, DerpNode, DerpRegion},
     tun::Tun,
-    wg::{PeerConfig, WgPeers},
+    udp,
+    wg::{self, PeerConfig, WgPeers},
 };
 
 /// Timer resolution of the loop (boringtun wants ≥ 4 Hz; netcheck probes retransmit at 100 ms).
@@ -55,7 +57,8 @@ const TICK: Duration = Duration::from_millis(100);
 const NETCHECK_INTERVAL: Duration = Duration::from_secs(25);
 /// Packets queued towards one DERP region before new ones are dropped.
 const DERP_QUEUE: usize = 256;
-/// Largest datagram we read (WireGuard over a 1280 MTU plus overhead, with room to spare).
+/// Largest datagram we read (WireGuard over a 1280 MTU plus overhead, with room to spare; a
+/// UDP GRO read of coalesced datagrams is at most this too).
 const MAX_DATAGRAM: usize = 65535;
 /// Longest a DERP host name lookup may take; a dead resolver must not hold up netcheck or a dial.
 const DNS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,6 +67,10 @@ const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 const DNS_FRESH: Duration = Duration::from_secs(10 * 60);
 /// How long a failed lookup waits before the next try.
 const DNS_RETRY: Duration = Duration::from_secs(30);
+/// Packets (or GRO reads) handled per wake-up of the TUN or UDP branch before the loop looks at
+/// its other inputs. Draining a burst costs one reactor round trip instead of one per packet,
+/// and lets a bulk flow's data messages leave in one batched send (see `magicsock::batch`).
+const BURST: usize = 64;
 
 /// Settings for [`Engine::start`].
 #[derive(Debug, Clone)]
@@ -155,12 +162,19 @@ pub struct Engine {
     tun: Tun,
     router: Router<SystemRunner>,
     sock: Sockets,
+    /// Datagrams for the IPv4 socket, sent at the end of each loop iteration by [`flush_udp`].
+    /// WireGuard encrypts into its spare room, whatever the destination's family.
+    out4: SendBatch,
+    /// Datagrams for the IPv6 socket (copied over from `out4`'s spare room).
+    out6: SendBatch,
     peers: HashMap<NodePublic, Peer>,
     by_disco: HashMap<DiscoPublic, NodePublic>,
     derp_map: DerpMap,
     home_derp: i32,
     derps: HashMap<i32, mpsc::Sender<(NodePublic, Vec<u8>)>>,
     derp_in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
+    /// Packets were queued towards a DERP task during this loop iteration.
+    derp_queued: bool,
     my_private: NodePrivate,
     /// The netcheck in progress: one state per family (IPv6 only with an IPv6 socket).
     report: Option<(ReportState, Option<ReportState>)>,
@@ -397,8 +411,16 @@ impl Engine {
         let tun = Tun::open(&cfg.tun).map_err(|e| format!("cannot open TUN device {}: {e}", cfg.tun))?;
         let sock = Sockets::bind(cfg.port).map_err(|e| format!("cannot bind UDP: {e}"))?;
         let port6 = sock.port6().map_or("none".to_string(), |p| p.to_string());
+        let (rcvbuf, sndbuf) = udp::set_buffers(sock.v4());
+        let gso = udp::gso_supported(sock.v4());
+        let gro = udp::enable_gro(sock.v4());
+        let gso6 = sock.v6().is_some_and(|s| {
+            udp::set_buffers(s);
+            udp::enable_gro(s);
+            udp::gso_supported(s)
+        });
         log::info!(
-            "data plane up tun={} udp_port={} udp6_port={port6}",
+            "data plane up tun={} udp_port={} udp6_port={port6} rcvbuf={rcvbuf} sndbuf={sndbuf} gso={gso} gro={gro}",
             tun.name(),
             sock.port()
         );
@@ -413,12 +435,15 @@ impl Engine {
             tun,
             router: Router::new(SystemRunner),
             sock,
+            out4: SendBatch::new(if gso { batch::MAX_SEGMENTS } else { 1 }),
+            out6: SendBatch::new(if gso6 { batch::MAX_SEGMENTS } else { 1 }),
             peers: HashMap::new(),
             by_disco: HashMap::new(),
             derp_map: DerpMap::default(),
             home_derp: 0,
             derps: HashMap::new(),
             derp_in_tx,
+            derp_queued: false,
             my_private: node,
             report: None,
             dns: DnsCache::default(),
@@ -448,6 +473,8 @@ impl Engine {
         let mut tun_buf = vec![0u8; MAX_DATAGRAM];
         let mut udp_buf = vec![0u8; MAX_DATAGRAM];
         let mut udp6_buf = vec![0u8; MAX_DATAGRAM];
+        // Decrypted packets on their way to the TUN.
+        let mut plain_buf = vec![0u8; MAX_DATAGRAM];
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(nm) = netmap.borrow_and_update().clone() {
@@ -456,15 +483,18 @@ impl Engine {
         loop {
             tokio::select! {
                 r = self.tun.recv(&mut tun_buf) => match r {
-                    Ok(n) => self.on_tun(&tun_buf[..n]),
+                    Ok(n) => {
+                        self.on_tun(&tun_buf[..n]);
+                        self.drain_tun(&mut tun_buf);
+                    }
                     Err(e) => { log::error!("TUN read failed err={e}"); break; }
                 },
-                r = self.sock.recv4(&mut udp_buf) => match r {
-                    Ok((n, src)) => self.on_udp(&udp_buf[..n], src).await,
+                r = self.sock.v4().readable() => match r {
+                    Ok(()) => self.drain_udp(Family::V4, &mut udp_buf, &mut plain_buf).await,
                     Err(e) => log::debug!("udp recv err={e}"),
                 },
-                r = self.sock.recv6(&mut udp6_buf) => match r {
-                    Ok((n, src)) => self.on_udp(&udp6_buf[..n], src).await,
+                r = readable_v6(&self.sock) => match r {
+                    Ok(()) => self.drain_udp(Family::V6, &mut udp6_buf, &mut plain_buf).await,
                     Err(e) => log::debug!("udp6 recv err={e}"),
                 },
                 Some(()) = dns_done.recv() => {
@@ -474,7 +504,7 @@ impl Engine {
                         self.next_netcheck = Instant::now();
                     }
                 }
-                Some((region, src, data)) = derp_in.recv() => self.on_derp(region, src, &data).await,
+                Some((region, src, data)) = derp_in.recv() => self.on_derp(region, src, &data, &mut plain_buf).await,
                 _ = tick.tick() => self.on_tick(),
                 r = netmap.changed() => {
                     if r.is_err() { break; }
@@ -482,6 +512,15 @@ impl Engine {
                     if let Some(nm) = nm { self.apply_netmap(&nm); }
                 }
                 Some(cmd) = cmds.recv() => self.on_cmd(cmd),
+            }
+            flush_udp(self.sock.v4(), &mut self.out4);
+            if let Some(v6) = self.sock.v6() {
+                flush_udp(v6, &mut self.out6);
+            }
+            // A burst can queue dozens of packets for a DERP task on this same thread; let it
+            // write them out before the next burst instead of overflowing its queue.
+            if std::mem::take(&mut self.derp_queued) {
+                tokio::task::yield_now().await;
             }
         }
         let _ = self.router.close();
@@ -570,6 +609,7 @@ impl Engine {
         if let Some(tx) = self.derp_sender(region) {
             // Full queue: drop, as a congested link would.
             let _ = tx.try_send((dst, pkt));
+            self.derp_queued = true;
         }
     }
 
@@ -616,22 +656,96 @@ impl Engine {
             self.send_disco(peer, d);
         }
         if let Some(a) = plan.udp {
-            self.send_udp(a, &datagram);
+            match addr::send_family(a, self.sock.have_v6()) {
+                Some((Family::V4, a)) => self.out4.push(a, &datagram),
+                Some((Family::V6, a)) => self.out6.push(a, &datagram),
+                None => {}
+            }
         }
         if let Some(r) = plan.derp {
             self.send_derp(r, peer, datagram);
         }
     }
 
+    /// [`send_to_peer`](Self::send_to_peer) for the `len`-byte datagram WireGuard just wrote
+    /// into `out4`'s spare room: IPv4 commits it to that batch in place, IPv6 and DERP take a copy.
+    fn send_spare_to_peer(&mut self, peer: NodePublic, len: usize) {
+        let now = Instant::now().into_std();
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let plan = p.endpoint.handle_send(now, &mut new_tx);
+        for d in plan.disco {
+            self.send_disco(peer, d);
+        }
+        if let Some(r) = plan.derp {
+            let copy = self.out4.spare(len)[..len].to_vec();
+            self.send_derp(r, peer, copy);
+        }
+        if let Some(a) = plan.udp {
+            match addr::send_family(a, self.sock.have_v6()) {
+                Some((Family::V4, a)) => self.out4.commit(a, len),
+                Some((Family::V6, a)) => {
+                    let datagram = &self.out4.spare(len)[..len];
+                    self.out6.push(a, datagram);
+                }
+                // No socket for that family: lost, as a send error would lose it.
+                None => {}
+            }
+        }
+    }
+
     fn on_tun(&mut self, pkt: &[u8]) {
-        match self.wg.encapsulate(pkt) {
-            Ok(Some(out)) => self.send_to_peer(out.peer, out.datagram),
+        let room = wg::encapsulate_room(pkt.len());
+        match self.wg.encapsulate_to(pkt, self.out4.spare(room)) {
+            Ok(Some((peer, len))) => self.send_spare_to_peer(peer, len),
             Ok(None) => {}
             Err(e) => log::trace!("tun packet dropped err={e}"),
         }
     }
 
-    async fn on_udp(&mut self, pkt: &[u8], src: SocketAddr) {
+    /// Handles the packets already queued on the TUN after the one that woke us (up to
+    /// [`BURST`] in all), so their datagrams share one batched send.
+    fn drain_tun(&mut self, buf: &mut [u8]) {
+        for _ in 1..BURST {
+            match self.tun.try_recv(buf) {
+                Ok(n) => self.on_tun(&buf[..n]),
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        log::debug!("TUN read failed err={e}");
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Reads what the `family` socket has queued (up to [`BURST`] reads; one read may hold several
+    /// datagrams coalesced by GRO) and handles each datagram.
+    async fn drain_udp(&mut self, family: Family, buf: &mut [u8], plain: &mut [u8]) {
+        for _ in 0..BURST {
+            let sock = match family {
+                Family::V4 => Some(self.sock.v4()),
+                Family::V6 => self.sock.v6(),
+            };
+            let Some(sock) = sock else { return };
+            match udp::recv(sock, buf) {
+                Ok((n, src, seg)) => {
+                    // A v4-mapped source is an IPv4 peer, never mistaken for an IPv6 one.
+                    let src = addr::canonical(src);
+                    for d in batch::segments(&buf[..n], seg) {
+                        self.on_udp(d, src, plain).await;
+                    }
+                }
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        log::debug!("udp recv err={e}");
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn on_udp(&mut self, pkt: &[u8], src: SocketAddr, plain: &mut [u8]) {
         match demux::classify(pkt) {
             Kind::Stun => {
                 if let Some((r4, r6)) = self.report.as_mut() {
@@ -645,20 +759,22 @@ impl Engine {
                 }
             }
             Kind::Disco => self.on_disco(pkt, Path::Udp(src), None),
-            Kind::WireGuard => self.on_wireguard(pkt, Some(src.ip()), Path::Udp(src)).await,
+            Kind::WireGuard => self.on_wireguard(pkt, Some(src.ip()), Path::Udp(src), plain).await,
         }
     }
 
-    async fn on_derp(&mut self, region: i32, src: NodePublic, data: &[u8]) {
+    async fn on_derp(&mut self, region: i32, src: NodePublic, data: &[u8], plain: &mut [u8]) {
         if disco::looks_like_disco(data) {
             self.on_disco(data, Path::Derp(region), Some(src));
         } else {
-            self.on_wireguard(data, None, Path::Derp(region)).await;
+            self.on_wireguard(data, None, Path::Derp(region), plain).await;
         }
     }
 
-    async fn on_wireguard(&mut self, pkt: &[u8], src: Option<IpAddr>, path: Path) {
-        let r = self.wg.decapsulate(src, pkt);
+    /// Decrypts one WireGuard datagram into `plain` (at least as long as `pkt`) and writes the
+    /// packet to the TUN; handshake traffic goes back to the peer.
+    async fn on_wireguard(&mut self, pkt: &[u8], src: Option<IpAddr>, path: Path, plain: &mut [u8]) {
+        let r = self.wg.decapsulate_to(src, pkt, plain);
         if let Some(reply) = r.reply {
             match (path, r.peer) {
                 (Path::Udp(a), _) => {
@@ -668,8 +784,8 @@ impl Engine {
                 _ => {}
             }
         }
-        if let Some(ip) = r.to_tun {
-            if let Err(e) = self.tun.send(&ip).await {
+        if let Some(n) = r.to_tun {
+            if let Err(e) = self.tun.send(&plain[..n]).await {
                 log::debug!("TUN write failed err={e}");
             }
         }
@@ -962,6 +1078,31 @@ impl Engine {
             );
         }
     }
+}
+
+/// Resolves when the IPv6 socket has something to read (never, without one).
+async fn readable_v6(sock: &Sockets) -> std::io::Result<()> {
+    match sock.v6() {
+        Some(s) => s.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends what `out` holds on `sock` (one system call for a typical burst) and empties it. A
+/// socket that refuses GSO gets batches of single datagrams from then on.
+fn flush_udp(sock: &tokio::net::UdpSocket, out: &mut SendBatch) {
+    if out.is_empty() {
+        return;
+    }
+    let r = udp::send_batch(sock, out);
+    if r.dropped > 0 {
+        log::trace!("udp: dropped {} of {} datagrams", r.dropped, r.dropped + r.sent);
+    }
+    if r.gso_refused {
+        log::info!("udp: the kernel refused GSO; sending datagrams one by one");
+        out.set_max_segments(1);
+    }
+    out.clear();
 }
 
 /// `tinyscale netcheck` JSON.

@@ -29,6 +29,7 @@ pub mod tailcfg;
 pub mod tls;
 pub mod tun;
 pub mod uci;
+pub mod udp;
 #[cfg(test)]
 mod vectors;
 pub mod wg;

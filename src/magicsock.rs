@@ -9,6 +9,7 @@
 //! modules each forbid `unsafe`; `socket` needs it for one socket option.
 
 pub mod addr;
+pub mod batch;
 pub mod demux;
 pub mod endpoint;
 pub mod socket;

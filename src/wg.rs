@@ -16,6 +16,9 @@
 //! * feeds every WireGuard datagram from UDP or DERP to [`WgPeers::decapsulate`], writes
 //!   [`RecvResult::to_tun`] to the TUN, sends [`RecvResult::to_peers`], and sends
 //!   [`RecvResult::reply`] (a cookie under load) back on the path the datagram came in on;
+//! * on the per-packet path, may use [`WgPeers::encapsulate_to`] and [`WgPeers::decapsulate_to`]
+//!   instead, which write the data message or the decrypted packet into a buffer the caller
+//!   owns and reuses (boringtun's own contract), so a packet costs no heap allocation;
 //! * calls [`WgPeers::update_timers`] every [`TIMER_TICK`] and sends what it returns;
 //! * applies netmap changes with [`WgPeers::set_peers`] (sessions of unchanged peers survive).
 //!
@@ -69,7 +72,13 @@ pub const MAX_PACKET: usize = 65535;
 pub const DATA_OVERHEAD: usize = 32;
 
 /// A handshake initiation's size, the smallest scratch buffer boringtun accepts.
-const MIN_BUF: usize = 148;
+pub const MIN_BUF: usize = 148;
+
+/// The buffer [`WgPeers::encapsulate_to`] needs for an IP packet of `len` bytes: the data
+/// message, or a handshake initiation if no session exists yet.
+pub fn encapsulate_room(len: usize) -> usize {
+    (len + DATA_OVERHEAD).max(MIN_BUF)
+}
 
 /// Peer indices are 24 bits; the low 8 bits of a wire index number the peer's sessions.
 const INDEX_MASK: u32 = 0x00ff_ffff;
@@ -369,19 +378,33 @@ impl WgStats {
     }
 }
 
-/// Everything that came out of one inbound datagram.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct RecvResult {
+/// Everything that came out of one inbound datagram. `P` is the decrypted packet: an owned
+/// `Vec<u8>` from [`WgPeers::decapsulate`], or its length at the start of the caller's buffer
+/// (`usize`) from [`WgPeers::decapsulate_to`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct RecvResult<P = Vec<u8>> {
     /// The peer the datagram was attributed to (after authentication for handshakes).
     pub peer: Option<NodePublic>,
     /// A decrypted IP packet for the TUN (already checked against the peer's AllowedIPs).
-    pub to_tun: Option<Vec<u8>>,
+    pub to_tun: Option<P>,
     /// Datagrams for the peer: handshake response, keepalive, packets queued during the handshake.
     pub to_peers: Vec<Outgoing>,
     /// A cookie reply (rate limit) to send back on the path the datagram arrived on.
     pub reply: Option<Vec<u8>>,
     /// Why the datagram was dropped, if it was.
     pub dropped: Option<WgError>,
+}
+
+impl<P> Default for RecvResult<P> {
+    fn default() -> Self {
+        RecvResult {
+            peer: None,
+            to_tun: None,
+            to_peers: Vec::new(),
+            reply: None,
+            dropped: None,
+        }
+    }
 }
 
 /// Per-peer status, for `tinyscale status`.
@@ -574,7 +597,24 @@ impl WgPeers {
     /// [`decapsulate`](Self::decapsulate) as part of `to_peers`). `Ok(None)`: queued behind a
     /// handshake already in progress.
     pub fn encapsulate(&mut self, packet: &[u8]) -> Result<Option<Outgoing>, WgError> {
-        let r = self.encapsulate_inner(packet);
+        let mut buf = std::mem::take(&mut self.buf);
+        grow(&mut buf, encapsulate_room(packet.len()));
+        let r = self.encapsulate_to(packet, &mut buf).map(|o| {
+            o.map(|(peer, n)| Outgoing {
+                peer,
+                datagram: buf[..n].to_vec(),
+            })
+        });
+        self.buf = buf;
+        r
+    }
+
+    /// [`encapsulate`](Self::encapsulate) without allocating: the datagram is written to the
+    /// start of `out`, and `Ok(Some((peer, len)))` gives its destination and length. `out` must
+    /// hold at least [`encapsulate_room`]`(packet.len())` bytes, else the packet is dropped as
+    /// [`WgError::TooBig`].
+    pub fn encapsulate_to(&mut self, packet: &[u8], out: &mut [u8]) -> Result<Option<(NodePublic, usize)>, WgError> {
+        let r = self.encapsulate_inner(packet, out);
         match &r {
             Ok(Some(_)) => self.stats.tx_datagrams += 1,
             Ok(None) => {}
@@ -583,19 +623,16 @@ impl WgPeers {
         r
     }
 
-    fn encapsulate_inner(&mut self, packet: &[u8]) -> Result<Option<Outgoing>, WgError> {
-        if packet.len() > MAX_PACKET {
+    fn encapsulate_inner(&mut self, packet: &[u8], out: &mut [u8]) -> Result<Option<(NodePublic, usize)>, WgError> {
+        // boringtun panics on a short buffer; refuse instead.
+        if packet.len() > MAX_PACKET || out.len() < encapsulate_room(packet.len()) {
             return Err(WgError::TooBig);
         }
         let dst = Tunn::dst_address(packet).ok_or(WgError::Malformed)?;
         let key = *self.allowed.lookup(dst).ok_or(WgError::NoRoute)?;
         let peer = self.peers.get_mut(&key).ok_or(WgError::NoRoute)?;
-        grow(&mut self.buf, packet.len() + DATA_OVERHEAD);
-        match peer.tunn.encapsulate(packet, &mut self.buf) {
-            TunnResult::WriteToNetwork(d) => Ok(Some(Outgoing {
-                peer: key,
-                datagram: d.to_vec(),
-            })),
+        match peer.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(d) => Ok(Some((key, d.len()))),
             TunnResult::Done => Ok(None),
             TunnResult::Err(e) => Err(e.into()),
             // encapsulate never yields tunnel writes.
@@ -606,8 +643,24 @@ impl WgPeers {
     /// Handles one WireGuard datagram from UDP or DERP. `src` is the UDP source address (`None`
     /// via DERP); it only matters for cookies under load.
     pub fn decapsulate(&mut self, src: Option<IpAddr>, datagram: &[u8]) -> RecvResult {
+        let mut buf = vec![0; datagram.len().max(MIN_BUF)];
+        let r = self.decapsulate_to(src, datagram, &mut buf);
+        RecvResult {
+            peer: r.peer,
+            to_tun: r.to_tun.map(|n| buf[..n].to_vec()),
+            to_peers: r.to_peers,
+            reply: r.reply,
+            dropped: r.dropped,
+        }
+    }
+
+    /// [`decapsulate`](Self::decapsulate) without allocating for data messages: a decrypted
+    /// packet is written to the start of `out` and [`RecvResult::to_tun`] is its length. `out`
+    /// must hold at least `datagram.len()` bytes (and [`MIN_BUF`]), else the datagram is dropped
+    /// as [`WgError::Malformed`]. Handshake traffic still comes back as owned datagrams.
+    pub fn decapsulate_to(&mut self, src: Option<IpAddr>, datagram: &[u8], out: &mut [u8]) -> RecvResult<usize> {
         let mut res = RecvResult::default();
-        if let Err(e) = self.decapsulate_inner(src, datagram, &mut res) {
+        if let Err(e) = self.decapsulate_inner(src, datagram, out, &mut res) {
             log::trace!("wg: drop datagram len={} peer={:?}: {e}", datagram.len(), res.peer);
             self.stats.count(e);
             res.dropped = Some(e);
@@ -619,9 +672,19 @@ impl WgPeers {
         res
     }
 
-    fn decapsulate_inner(&mut self, src: Option<IpAddr>, datagram: &[u8], res: &mut RecvResult) -> Result<(), WgError> {
+    fn decapsulate_inner(
+        &mut self,
+        src: Option<IpAddr>,
+        datagram: &[u8],
+        out: &mut [u8],
+        res: &mut RecvResult<usize>,
+    ) -> Result<(), WgError> {
         if datagram.is_empty() {
             // boringtun reads an empty datagram as "flush the queue"; that is not input.
+            return Err(WgError::Malformed);
+        }
+        // boringtun panics on a short buffer; refuse instead.
+        if out.len() < datagram.len().max(MIN_BUF) {
             return Err(WgError::Malformed);
         }
         grow(&mut self.buf, datagram.len());
@@ -642,29 +705,32 @@ impl WgPeers {
         };
         let peer = self.peers.get_mut(&key).ok_or(WgError::UnknownPeer)?;
         res.peer = Some(key);
-        let out = |d: &[u8]| Outgoing {
+        let to_peer = |d: &[u8]| Outgoing {
             peer: key,
             datagram: d.to_vec(),
         };
-        match peer.tunn.decapsulate(src, datagram, &mut self.buf) {
+        // boringtun decrypts in place at the start of `out` (Session::receive_packet_data).
+        match peer.tunn.decapsulate(src, datagram, out) {
             TunnResult::Done => Ok(()),
             TunnResult::Err(e) => Err(e.into()),
             TunnResult::WriteToNetwork(d) => {
-                res.to_peers.push(out(d));
-                // A new session may release packets queued during the handshake.
+                res.to_peers.push(to_peer(d));
+                // A new session may release packets queued during the handshake: any size up to
+                // MAX_PACKET, so this scratch must hold the largest data message.
+                grow(&mut self.buf, MAX_PACKET + DATA_OVERHEAD);
                 while let TunnResult::WriteToNetwork(d) = peer.tunn.decapsulate(None, &[], &mut self.buf) {
-                    res.to_peers.push(out(d));
+                    res.to_peers.push(to_peer(d));
                 }
                 Ok(())
             }
             TunnResult::WriteToTunnelV4(pkt, ip) => {
                 check_source(&self.allowed, &key, IpAddr::V4(ip))?;
-                res.to_tun = Some(pkt.to_vec());
+                res.to_tun = Some(pkt.len());
                 Ok(())
             }
             TunnResult::WriteToTunnelV6(pkt, ip) => {
                 check_source(&self.allowed, &key, IpAddr::V6(ip))?;
-                res.to_tun = Some(pkt.to_vec());
+                res.to_tun = Some(pkt.len());
                 Ok(())
             }
         }
@@ -918,6 +984,57 @@ mod tests {
         assert!(s.since_handshake.is_some());
         assert!(s.rx_bytes > 0 && s.tx_bytes > 0);
         assert_eq!(t.a.stats().rx_packets, 2);
+    }
+
+    /// The allocation-free calls with one reused buffer per direction (as the engine uses them):
+    /// many packets of varying sizes, both ways, each arrives exactly as sent although every
+    /// packet overwrites the previous one's bytes in the same buffers.
+    #[test]
+    fn reused_buffers_round_trip_many_packets() {
+        let mut t = Pair::new();
+        // Handshake first through the allocating calls.
+        t.send(true, &ipv4("100.64.0.1", "100.64.0.2", b"hi")).unwrap();
+        assert!(t.pump().is_empty());
+        let mut wire_buf = vec![0u8; 2048];
+        let mut plain_buf = vec![0u8; 2048];
+        for i in 0..500usize {
+            let from_a = i % 3 != 0;
+            let payload: Vec<u8> = (0..(i * 37) % 1400).map(|j| (i + j) as u8).collect();
+            let pkt = if from_a {
+                ipv4("100.64.0.1", "100.64.0.2", &payload)
+            } else {
+                ipv6("fd7a:115c:a1e0::2", "fd7a:115c:a1e0::1", &payload)
+            };
+            let (tx, rx) = if from_a {
+                (&mut t.a, &mut t.b)
+            } else {
+                (&mut t.b, &mut t.a)
+            };
+            let (peer, n) = tx.encapsulate_to(&pkt, &mut wire_buf).unwrap().expect("session exists");
+            assert_eq!(peer, rx.public_key());
+            assert_eq!(n, pkt.len() + DATA_OVERHEAD);
+            let r = rx.decapsulate_to(Some(ip("192.0.2.1")), &wire_buf[..n], &mut plain_buf);
+            assert_eq!(r.dropped, None);
+            assert!(r.to_peers.is_empty() && r.reply.is_none());
+            assert_eq!(&plain_buf[..r.to_tun.expect("delivered")], &pkt[..], "packet {i}");
+        }
+        assert_eq!(t.a.stats().rx_packets + t.b.stats().rx_packets, 501);
+    }
+
+    /// Buffers too small for boringtun are refused with an error instead of its panic.
+    #[test]
+    fn short_buffers_are_refused() {
+        let mut t = Pair::new();
+        let pkt = ipv4("100.64.0.1", "100.64.0.2", &[7; 200]);
+        let mut small = vec![0u8; pkt.len() + DATA_OVERHEAD - 1];
+        assert_eq!(t.a.encapsulate_to(&pkt, &mut small), Err(WgError::TooBig));
+        assert_eq!(t.a.encapsulate_to(&pkt[..20], &mut [0u8; 100]), Err(WgError::TooBig));
+        let mut big = vec![0u8; encapsulate_room(pkt.len())];
+        let (_, n) = t.a.encapsulate_to(&pkt, &mut big).unwrap().unwrap();
+        assert_eq!(n, MIN_BUF, "no session: a handshake initiation");
+        let r = t.b.decapsulate_to(None, &big[..n], &mut [0u8; 100]);
+        assert_eq!(r.dropped, Some(WgError::Malformed));
+        assert_eq!(t.b.decapsulate_to(None, &big[..n], &mut [0u8; 148]).dropped, None);
     }
 
     #[test]

@@ -75,6 +75,16 @@ impl Sockets {
         self.v6.as_ref().and_then(|s| s.local_addr().ok()).map(|a| a.port())
     }
 
+    /// The IPv4 socket (for batched sends and receives, `crate::udp`).
+    pub fn v4(&self) -> &UdpSocket {
+        &self.v4
+    }
+
+    /// The IPv6 socket, if there is one.
+    pub fn v6(&self) -> Option<&UdpSocket> {
+        self.v6.as_ref()
+    }
+
     /// Whether an IPv6 socket exists.
     pub fn have_v6(&self) -> bool {
         self.v6.is_some()
