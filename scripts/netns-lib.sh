@@ -43,7 +43,13 @@ INET_IP=203.0.113.1
 COORD_PORT=8080
 DERP_PORT=3340
 STUN_PORT=3478
-COORD_URL="http://$INET_IP:$COORD_PORT"
+# TLS=1 (default): the coordinator, its embedded relay and the standalone relay serve TLS with a
+# certificate from a throwaway CA (made with openssl in $WORK/tls), and every client, ours and
+# the Go node, trusts it through SSL_CERT_FILE: the production path, no debug knobs. TLS=0: plain
+# HTTP everywhere, clients started with TS_DEBUG_USE_DERP_HTTP=1.
+TLS=${TLS:-1}
+if [[ $TLS == 1 ]]; then SCHEME=https; else SCHEME=http; fi
+COORD_URL="$SCHEME://$INET_IP:$COORD_PORT"
 DERP_REGION=999
 TS_PORT=41641
 declare -A NAT_WAN=([a]=203.0.113.2 [b]=203.0.113.3 [g]=203.0.113.4)
@@ -134,7 +140,9 @@ ts_workdir() {
 
 ts_need_tools() {
 	local t missing=()
-	for t in ip nft curl ping python3 jq timeout "$@"; do
+	local extra=()
+	[[ $TLS == 1 ]] && extra=(openssl)
+	for t in ip nft curl ping python3 jq timeout "${extra[@]}" "$@"; do
 		command -v "$t" >/dev/null 2>&1 || missing+=("$t")
 	done
 	((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (apt-get install -y nftables iproute2 iputils-ping curl jq ...)"
@@ -410,8 +418,46 @@ logtail() {
 # ---------------------------------------------------------------------------------------------
 # Coordinator, relay and STUN (ts-inet).
 
+# tls_setup: the test CA and the relay/coordinator certificate (IP SANs 203.0.113.1 and
+# 2001:db8:ff::1, the names in the DERP map and the URLs), once per $WORK.
+tls_setup() {
+	local d=$WORK/tls
+	[[ $TLS == 1 && ! -s $d/cert.pem ]] || return 0
+	mkdir -p "$d"
+	(
+		cd "$d" || exit 1
+		openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem \
+			-days 2 -subj "/CN=tinyscale netns test CA" -addext "basicConstraints=critical,CA:TRUE" \
+			-addext "keyUsage=critical,keyCertSign,cRLSign" &&
+			openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout key.pem -out server.csr \
+				-subj "/CN=$INET_IP" &&
+			printf 'subjectAltName=IP:%s,IP:%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' \
+				"$INET_IP" "$INET6_IP" >server.ext &&
+			openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem -days 2 \
+				-extfile server.ext
+	) >"$WORK/tls.log" 2>&1 || die "openssl failed: $(tail -n 5 "$WORK/tls.log")"
+}
+
+# tls_env: environment for a client process (trust the CA, or plain-HTTP DERP without TLS).
+tls_env() {
+	if [[ $TLS == 1 ]]; then echo "SSL_CERT_FILE=$WORK/tls/ca.pem"; else echo "TS_DEBUG_USE_DERP_HTTP=1"; fi
+}
+
+# ccurl NS ARGS...: curl inside namespace NS, trusting the test CA.
+ccurl() {
+	local ns=$1
+	shift
+	if [[ $TLS == 1 ]]; then nsx "$ns" curl --cacert "$WORK/tls/ca.pem" "$@"; else nsx "$ns" curl "$@"; fi
+}
+
+# tls_flags: the relay's --tls-cert/--tls-key (none without TLS).
+tls_flags() {
+	[[ $TLS == 1 ]] && echo "--tls-cert $WORK/tls/cert.pem --tls-key $WORK/tls/key.pem"
+	return 0
+}
+
 # derp_map_json PORT: region 999 served by 203.0.113.1:PORT (and [2001:db8:ff::1]:PORT) over
-# plain HTTP, STUN on :3478 on both families.
+# TLS (plain HTTP with TLS=0), STUN on :3478 on both families.
 derp_map_json() {
 	cat <<EOF
 {"Regions":{"$DERP_REGION":{"RegionID":$DERP_REGION,"RegionCode":"inet","RegionName":"netns internet",
@@ -424,6 +470,7 @@ EOF
 coord_config() {
 	local embedded=$1 d=$WORK/coord
 	mkdir -p "$d"
+	tls_setup
 	{
 		printf "config server 'main'\n"
 		# Dual-stack listeners ([::] takes IPv4 too): control, the embedded relay and STUN answer
@@ -431,6 +478,9 @@ coord_config() {
 		printf "\toption server_url '%s'\n\toption listen_addr '[::]:%s'\n" "$COORD_URL" "$COORD_PORT"
 		printf "\toption db_path '%s/db.sqlite'\n\toption unix_socket '%s/admin.sock'\n" "$d" "$d"
 		printf "\toption base_domain 'ts.test'\n"
+		if [[ $TLS == 1 ]]; then
+			printf "\toption tls_cert_path '%s'\n\toption tls_key_path '%s'\n" "$WORK/tls/cert.pem" "$WORK/tls/key.pem"
+		fi
 		printf "\toption derp_server_region_id '%s'\n" "$DERP_REGION"
 		if [[ $embedded == 1 ]]; then
 			printf "\toption derp_server_enabled '1'\n"
@@ -451,7 +501,7 @@ coord_config() {
 
 coord_admin() { timeout 20 ip netns exec ts-inet "$BIN" server --config "$COORD_CONF" "$@"; }
 
-coord_healthy() { nsx ts-inet curl -sf --max-time 2 "$COORD_URL/health" >/dev/null && coord_admin users list -o json >/dev/null; }
+coord_healthy() { ccurl ts-inet -sf --max-time 2 "$COORD_URL/health" >/dev/null && coord_admin users list -o json >/dev/null; }
 
 # coord_start [EMBEDDED]: default 1 in DERP_MODE=embedded, 0 otherwise.
 coord_start() {
@@ -470,7 +520,9 @@ coord_stop() { stop coord; }
 tcp_open() { nsx ts-inet timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2"; }
 
 derp_start() {
-	spawn derp ts-inet "$BIN" derp --listen "[::]:$DERP_PORT" --stun "[::]:$STUN_PORT"
+	tls_setup
+	# shellcheck disable=SC2046 # tls_flags is words on purpose
+	spawn derp ts-inet "$BIN" derp --listen "[::]:$DERP_PORT" --stun "[::]:$STUN_PORT" $(tls_flags)
 	eventually 10 tcp_open "$INET_IP" "$DERP_PORT" || {
 		logtail derp
 		return 1
@@ -507,7 +559,7 @@ relay_up() {
 	if [[ $DERP_MODE == standalone ]]; then
 		alive derp && tcp_open "$INET_IP" "$DERP_PORT"
 	else
-		nsx ts-inet curl -s --max-time 2 -o /dev/null -w '%{http_code}' "$COORD_URL/derp" | grep -qv '^404$'
+		ccurl ts-inet -s --max-time 2 -o /dev/null -w '%{http_code}' "$COORD_URL/derp" | grep -qv '^404$'
 	fi
 }
 
@@ -553,7 +605,7 @@ daemon_start() {
 	local h=$1
 	mkdir -p "$WORK/$h/state"
 	[[ -n ${DAEMON_FLAGS+x} ]] || daemon_flags
-	spawn "daemon-$h" "ts-$h" env RUST_LOG="${RUST_LOG:-info}" TS_DEBUG_USE_DERP_HTTP=1 "$BIN" daemon --state-dir "$WORK/$h/state" \
+	spawn "daemon-$h" "ts-$h" env RUST_LOG="${RUST_LOG:-info}" "$(tls_env)" "$BIN" daemon --state-dir "$WORK/$h/state" \
 		--socket "$(daemon_sock "$h")" "${DAEMON_FLAGS[@]}"
 	eventually 15 ts_status "$h" || {
 		logtail "daemon-$h"
@@ -611,7 +663,7 @@ go_start() {
 }
 EOF
 	spawn go ts-g env HOME="$d" XDG_CONFIG_HOME="$d/xdg" XDG_DATA_HOME="$d/xdg" XDG_CACHE_HOME="$d/xdg" \
-		TS_NO_LOGS_NO_SUPPORT=true TS_LOGS_DIR="$d/logs" TS_DEBUG_USE_DERP_HTTP=1 \
+		TS_NO_LOGS_NO_SUPPORT=true TS_LOGS_DIR="$d/logs" "$(tls_env)" \
 		TS_ASSUME_NETWORK_UP_FOR_TEST=1 "$CADDY" run --adapter caddyfile --config "$d/Caddyfile"
 }
 

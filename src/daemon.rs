@@ -448,6 +448,7 @@ impl Daemon {
             "Peer": peers,
             "MagicDNSSuffix": nm.magic_dns_suffix(),
             "DataPlane": engine.is_some(),
+            "Counters": engine.as_ref().map(EngineHandle::counters),
             "Prefs": s.prefs,
         })
     }

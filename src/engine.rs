@@ -113,9 +113,15 @@ enum Cmd {
 pub struct EngineHandle {
     cmds: mpsc::Sender<Cmd>,
     status: Arc<Mutex<HashMap<NodePublic, Value>>>,
+    counters: Arc<Mutex<Value>>,
 }
 
 impl EngineHandle {
+    /// Engine-wide counters (`tinyscale status --json` "Counters"): what was dropped and why.
+    pub fn counters(&self) -> Value {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Per-peer path status (`CurAddr`, `Relay`, handshake age, bytes).
     pub fn peer_status(&self, key: &NodePublic) -> Option<Value> {
         self.status.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
@@ -190,6 +196,8 @@ pub struct Engine {
     rounds: HashMap<u64, PendingPing>,
     round: u64,
     status: Arc<Mutex<HashMap<NodePublic, Value>>>,
+    counters: Arc<Mutex<Value>>,
+    drops: Drops,
     addresses: Vec<(IpAddr, u8)>,
 }
 
@@ -428,6 +436,7 @@ impl Engine {
         let (dns_done_tx, dns_done_rx) = mpsc::channel(1);
         let (derp_in_tx, derp_in_rx) = mpsc::channel(1024);
         let status = Arc::new(Mutex::new(HashMap::new()));
+        let counters = Arc::new(Mutex::new(Value::Null));
         let engine = Engine {
             me: node.public(),
             wg: WgPeers::new(&node, OsRng.next_u32()),
@@ -457,10 +466,19 @@ impl Engine {
             rounds: HashMap::new(),
             round: 0,
             status: status.clone(),
+            counters: counters.clone(),
+            drops: Drops::default(),
             addresses: Vec::new(),
         };
         let task = tokio::spawn(engine.run(netmap, cmd_rx, derp_in_rx, dns_done_rx));
-        Ok((EngineHandle { cmds: cmd_tx, status }, task))
+        Ok((
+            EngineHandle {
+                cmds: cmd_tx,
+                status,
+                counters,
+            },
+            task,
+        ))
     }
 
     async fn run(
@@ -748,14 +766,13 @@ impl Engine {
     async fn on_udp(&mut self, pkt: &[u8], src: SocketAddr, plain: &mut [u8]) {
         match demux::classify(pkt) {
             Kind::Stun => {
-                if let Some((r4, r6)) = self.report.as_mut() {
-                    // Each state knows only its own transaction ids.
-                    let now = Instant::now().into_std();
-                    if !r4.handle_stun(pkt, now) {
-                        if let Some(r6) = r6 {
-                            r6.handle_stun(pkt, now);
-                        }
-                    }
+                // Each state knows only its own transaction ids; anything else is unsolicited.
+                let now = Instant::now().into_std();
+                let ours = self.report.as_mut().is_some_and(|(r4, r6)| {
+                    r4.handle_stun(pkt, now) || r6.as_mut().is_some_and(|r6| r6.handle_stun(pkt, now))
+                });
+                if !ours {
+                    self.drops.stun_unsolicited += 1;
                 }
             }
             Kind::Disco => self.on_disco(pkt, Path::Udp(src), None),
@@ -796,17 +813,23 @@ impl Engine {
 
     fn on_disco(&mut self, pkt: &[u8], path: Path, derp_src: Option<NodePublic>) {
         let now = Instant::now().into_std();
-        let Ok(sender) = disco::parse_header(pkt) else { return };
+        let Ok(sender) = disco::parse_header(pkt) else {
+            self.drops.disco_malformed += 1;
+            return;
+        };
         let Some(&peer) = self.by_disco.get(&sender) else {
             log::trace!("disco from unknown key dropped");
+            self.drops.disco_unknown_sender += 1;
             return;
         };
         // Via DERP, the relay's source node key must be the peer owning that disco key.
         if derp_src.is_some_and(|s| s != peer) {
+            self.drops.disco_unknown_sender += 1;
             return;
         }
         let Some(p) = self.peers.get_mut(&peer) else { return };
         let Some(msg) = p.shared.as_ref().and_then(|s| s.open(pkt).ok()) else {
+            self.drops.disco_undecryptable += 1;
             return;
         };
         let mut outs = Vec::new();
@@ -1056,6 +1079,21 @@ impl Engine {
     }
 
     fn publish_status(&self, now: std::time::Instant) {
+        let w = self.wg.stats();
+        let d = &self.drops;
+        *self.counters.lock().unwrap_or_else(|e| e.into_inner()) = json!({
+            "DiscoMalformed": d.disco_malformed,
+            "DiscoUnknownSender": d.disco_unknown_sender,
+            "DiscoUndecryptable": d.disco_undecryptable,
+            "StunUnsolicited": d.stun_unsolicited,
+            "WireGuardMalformed": w.malformed,
+            "WireGuardUnknownPeer": w.unknown_peer,
+            "WireGuardRejected": w.rejected,
+            "WireGuardBadSource": w.bad_source,
+            "WireGuardNoRoute": w.no_route,
+            "WireGuardRxPackets": w.rx_packets,
+            "WireGuardTxDatagrams": w.tx_datagrams,
+        });
         let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
         st.clear();
         for (k, p) in &self.peers {
@@ -1078,6 +1116,19 @@ impl Engine {
             );
         }
     }
+}
+
+/// Inbound datagrams dropped by the engine itself (WireGuard keeps its own [`wg::WgStats`]).
+#[derive(Debug, Default)]
+struct Drops {
+    /// Disco magic but too short for the header.
+    disco_malformed: u64,
+    /// Disco from a key no peer has, or relayed by a node that does not own that key.
+    disco_unknown_sender: u64,
+    /// Disco whose box does not open with the sender's shared key.
+    disco_undecryptable: u64,
+    /// STUN that answers no probe of ours.
+    stun_unsolicited: u64,
 }
 
 /// Resolves when the IPv6 socket has something to read (never, without one).
