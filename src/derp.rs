@@ -91,10 +91,12 @@ pub fn dial_addrs(n: &DerpNode, port: u16, resolved: &[IpAddr]) -> Vec<SocketAdd
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn node(host: &str, ipv4: &str, ipv6: &str) -> DerpNode {
+    /// Node `1a` of region 1 with these host name and pinned addresses (also used by the
+    /// engine's tests).
+    pub(crate) fn node(host: &str, ipv4: &str, ipv6: &str) -> DerpNode {
         DerpNode {
             name: "1a".into(),
             region_id: 1,

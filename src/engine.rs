@@ -1180,16 +1180,7 @@ pub fn report_json(r: &netcheck::Report) -> Value {
 mod tests {
     use super::*;
 
-    fn node(host: &str, ipv4: &str, ipv6: &str) -> DerpNode {
-        DerpNode {
-            name: "1a".into(),
-            region_id: 1,
-            host_name: host.into(),
-            ipv4: ipv4.into(),
-            ipv6: ipv6.into(),
-            ..DerpNode::default()
-        }
-    }
+    use crate::derp::tests::node;
 
     #[test]
     fn netcheck_json_has_both_families() {

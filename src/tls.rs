@@ -142,6 +142,28 @@ pub async fn client_handshake(tcp: TcpStream, server_name: &str) -> io::Result<S
     Ok(Stream::Client(Box::new(s)))
 }
 
+/// Wraps a socket a listener accepted: TLS when `acceptor` is given (the handshake bounded by
+/// `timeout`), else plain. `None`, logged at debug with `peer`, when the handshake fails or
+/// times out.
+pub async fn accept(
+    acceptor: Option<&Acceptor>,
+    tcp: TcpStream,
+    timeout: std::time::Duration,
+    peer: std::net::SocketAddr,
+) -> Option<Stream> {
+    let Some(a) = acceptor else {
+        return Some(Stream::Plain(tcp));
+    };
+    match tokio::time::timeout(timeout, a.accept(tcp)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            log::debug!("tls handshake failed peer={peer} err={e}");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 /// Accepts TLS connections with one certificate chain and key (PEM files).
 #[derive(Clone)]
 pub struct Acceptor {

@@ -159,16 +159,8 @@ pub async fn serve_http(coord: Arc<Coordinator>, listener: TcpListener, tls: Opt
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn accept_conn(coord: Arc<Coordinator>, tcp: TcpStream, peer: SocketAddr, tls: Option<tls::Acceptor>) {
-    let sock = match tls {
-        None => Stream::Plain(tcp),
-        Some(a) => match tokio::time::timeout(HEAD_TIMEOUT, a.accept(tcp)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                log::debug!("tls handshake failed peer={peer} err={e}");
-                return;
-            }
-            Err(_) => return,
-        },
+    let Some(sock) = tls::accept(tls.as_ref(), tcp, HEAD_TIMEOUT, peer).await else {
+        return;
     };
     handle_conn(coord, sock, peer).await;
 }

@@ -692,16 +692,9 @@ impl DerpServer {
                     let server = self.clone();
                     let tls = tls.clone();
                     tokio::spawn(async move {
-                        let mut sock = match tls {
-                            None => crate::tls::Stream::Plain(tcp),
-                            Some(a) => match tokio::time::timeout(HTTP_HEAD_TIMEOUT, a.accept(tcp)).await {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
-                                    log::debug!("derp: tls handshake failed peer={peer} err={e}");
-                                    return;
-                                }
-                                Err(_) => return,
-                            },
+                        let Some(mut sock) = crate::tls::accept(tls.as_ref(), tcp, HTTP_HEAD_TIMEOUT, peer).await
+                        else {
+                            return;
                         };
                         let head = tokio::time::timeout(HTTP_HEAD_TIMEOUT, http1::read_head(&mut sock)).await;
                         match head {
