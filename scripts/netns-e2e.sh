@@ -19,6 +19,7 @@
 #   DERP_MODE           standalone (default: `tinyscale derp`) or embedded (coordinator's /derp)
 #   TLS=1               (default) coordinator and relays serve TLS from a throwaway CA that the
 #                       clients trust via SSL_CERT_FILE; TLS=0: plain HTTP + TS_DEBUG_USE_DERP_HTTP
+#   DERP_HOST=name      standalone mode: the DERP map names the relay by this DNS name only
 #   KEEP=1              keep the work dir (logs) even on success; it is always kept on failure
 #   DIRECT_DEADLINE=10 FALLBACK_DEADLINE=15 HTTP_DEADLINE=30 UPGRADE_DEADLINE=30
 #   NETCHECK_DEADLINE=35 V6_DEADLINE=30  (seconds)
@@ -485,6 +486,12 @@ step5() {
 	out=$(ts_cli a netcheck --json 2>&1)
 	[[ $(jq -r .GlobalV6 <<<"$out" 2>/dev/null) == "[$a6]:"* ]] || ok=1
 	ev+="netcheck --json: $(jq -c '{UDP, IPv4, IPv6, GlobalV6, OSHasIPv6}' <<<"$out" 2>&1)"
+	if [[ -n $DERP_HOST && $DERP_MODE == standalone ]]; then
+		# The map has no addresses: a found the relay (both families) through its resolver.
+		out=$(grep -m1 "derp host resolved derp=$DERP_REGION host=$DERP_HOST" "$WORK/daemon-a.log")
+		[[ $out == *"$INET_IP"* && $out == *"$INET6_IP"* ]] || ok=1
+		ev+=$'\n'"DERP map names only $DERP_HOST; a's log: ${out:-no 'derp host resolved' line}"
+	fi
 	report $ok "5a netcheck on a reports IPv6 working with global address $a6" "$ev"
 
 	ok=0

@@ -36,6 +36,10 @@
 # :8080); there `relay_kill` has to restart the coordinator with derp_server_enabled 0, a derp_path
 # map still naming region 999 at 203.0.113.1:8080, and a standalone `tinyscale stun` so STUN stays;
 # control survives but every client's control session reconnects once.
+#
+# DERP_HOST=name (standalone mode) names the relay in the DERP map only by that host name, with
+# no IPv4/IPv6 fields, so clients must resolve it: /etc/netns/ts-{a,b,g}/hosts (which `ip netns
+# exec` mounts over /etc/hosts) map it to 203.0.113.1 and, in a and b, 2001:db8:ff::1.
 
 TS_NAMESPACES=(ts-inet ts-nat-a ts-nat-b ts-nat-g ts-a ts-b ts-g)
 TS_HOMES=(a b g)
@@ -59,6 +63,7 @@ V6_HOMES=(a b)
 declare -A NAT_WAN6=([a]=2001:db8:ff::2 [b]=2001:db8:ff::3)
 declare -A LAN6_NET=([a]=2001:db8:1 [b]=2001:db8:2)
 DERP_MODE=${DERP_MODE:-standalone}
+DERP_HOST=${DERP_HOST:-}
 HARD_NAT=${HARD_NAT:-}
 
 log() { printf '%s %s\n' "$(date +%H:%M:%S.%N | cut -c1-12)" "$*" >&2; }
@@ -279,6 +284,20 @@ topo_v6_up() {
 	done
 	# As for IPv4: anything outside the topology is unreachable at once, not a silent drop.
 	ip -n ts-inet -6 route replace unreachable default
+	topo_hosts
+}
+
+# topo_hosts: with DERP_HOST set, per-namespace hosts files naming the relay (see the header).
+topo_hosts() {
+	local h
+	[[ -n $DERP_HOST ]] || return 0
+	for h in "${TS_HOMES[@]}"; do
+		mkdir -p "/etc/netns/ts-$h"
+		{
+			printf '127.0.0.1 localhost\n::1 localhost\n%s %s\n' "$INET_IP" "$DERP_HOST"
+			[[ -n ${NAT_WAN6[$h]:-} ]] && printf '%s %s\n' "$INET6_IP" "$DERP_HOST"
+		} >"/etc/netns/ts-$h/hosts"
+	done
 }
 
 # udp6_homes_close [H...] / udp6_homes_open [H...]: drop (or pass) UDP that nat-H forwards between
@@ -311,6 +330,11 @@ udp6_homes_open() {
 # Kills every process left in our namespaces (our own: nothing else runs there), then deletes them.
 topo_down() {
 	local ns p left
+	# Only our own per-namespace config (topo_hosts); the directories are named after our namespaces.
+	for ns in "${TS_NAMESPACES[@]}"; do
+		[[ -d /etc/netns/$ns ]] && rm -rf "/etc/netns/${ns:?}"
+	done
+	rmdir /etc/netns 2>/dev/null || true # only when nothing else lives there
 	for ns in "${TS_NAMESPACES[@]}"; do
 		[[ -e /run/netns/$ns ]] || continue
 		for p in $(ip netns pids "$ns" 2>/dev/null); do kill -TERM "$p" 2>/dev/null || true; done
@@ -419,7 +443,7 @@ logtail() {
 # Coordinator, relay and STUN (ts-inet).
 
 # tls_setup: the test CA and the relay/coordinator certificate (IP SANs 203.0.113.1 and
-# 2001:db8:ff::1, the names in the DERP map and the URLs), once per $WORK.
+# 2001:db8:ff::1, plus DERP_HOST when set: the names in the DERP map and the URLs), once per $WORK.
 tls_setup() {
 	local d=$WORK/tls
 	[[ $TLS == 1 && ! -s $d/cert.pem ]] || return 0
@@ -431,8 +455,8 @@ tls_setup() {
 			-addext "keyUsage=critical,keyCertSign,cRLSign" &&
 			openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout key.pem -out server.csr \
 				-subj "/CN=$INET_IP" &&
-			printf 'subjectAltName=IP:%s,IP:%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' \
-				"$INET_IP" "$INET6_IP" >server.ext &&
+			printf 'subjectAltName=IP:%s,IP:%s%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' \
+				"$INET_IP" "$INET6_IP" "${DERP_HOST:+,DNS:$DERP_HOST}" >server.ext &&
 			openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem -days 2 \
 				-extfile server.ext
 	) >"$WORK/tls.log" 2>&1 || die "openssl failed: $(tail -n 5 "$WORK/tls.log")"
@@ -459,6 +483,14 @@ tls_flags() {
 # derp_map_json PORT: region 999 served by 203.0.113.1:PORT (and [2001:db8:ff::1]:PORT) over
 # TLS (plain HTTP with TLS=0), STUN on :3478 on both families.
 derp_map_json() {
+	if [[ -n $DERP_HOST ]]; then
+		cat <<EOF
+{"Regions":{"$DERP_REGION":{"RegionID":$DERP_REGION,"RegionCode":"inet","RegionName":"netns internet",
+ "Nodes":[{"Name":"${DERP_REGION}a","RegionID":$DERP_REGION,"HostName":"$DERP_HOST",
+ "DERPPort":$1,"STUNPort":$STUN_PORT}]}}}
+EOF
+		return
+	fi
 	cat <<EOF
 {"Regions":{"$DERP_REGION":{"RegionID":$DERP_REGION,"RegionCode":"inet","RegionName":"netns internet",
  "Nodes":[{"Name":"${DERP_REGION}a","RegionID":$DERP_REGION,"HostName":"$INET_IP","IPv4":"$INET_IP",

@@ -6,8 +6,8 @@
 //! UDP/DERP → [`demux`] → STUN (netcheck), disco (path discovery) or WireGuard →
 //! [`WgPeers::decapsulate`] → TUN. Each DERP region gets its own task (the client needs `&mut`
 //! for both directions), connected to the loop by bounded channels. DERP host names without
-//! pinned addresses are resolved through one cache ([`DnsCache`]) shared by netcheck and the
-//! DERP dials, off the loop, each lookup bounded by [`DNS_TIMEOUT`].
+//! pinned addresses are resolved through one cache (`DnsCache`) shared by netcheck and the
+//! DERP dials, off the loop, each lookup bounded by `DNS_TIMEOUT`.
 //!
 //! The caller supplies the netmap (a `watch`), receives endpoint/home-DERP updates for control
 //! (another `watch`), and may query status or run CLI pings through [`EngineHandle`].

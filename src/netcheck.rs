@@ -15,7 +15,12 @@
 //!          from the magicsock socket, then note_sent(tx, probe, dst, now)
 //! ReportState::handle_stun      binding response -> latency, mapped address, mapping check
 //! ReportState::finish           Report, with the home region chosen with hysteresis
+//! finish_both(v4, v6)           the same over two states run side by side, one per socket family
 //! ```
+//!
+//! A shell that resolves DERP host names ahead of time (from a cache) fills the plan with
+//! `ProbePlan::with_resolved`; `"none"` in a node's `IPv4`/`IPv6` keeps that family unprobed
+//! ([`crate::derp::node_addr`]).
 //!
 //! The core is pure: the caller supplies `now`, transaction ids and DNS answers. Not mirrored:
 //! HTTPS and ICMP latency fallbacks when UDP is blocked, incremental plans from the last report,

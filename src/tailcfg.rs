@@ -429,6 +429,7 @@ const GO_KEYS: &[&str] = &[
     "OS",
     "OSVersion",
     "Hostname",
+    // DERPNode (DERP map files); only exact spellings are kept, see `fold_keys`.
     "HostName",
     "RoutableIPs",
     "RequestTags",
@@ -706,6 +707,22 @@ mod tests {
         ] {
             assert!(s.contains(f), "{f} missing in {s}");
         }
+    }
+
+    #[test]
+    fn derp_node_host_name_survives_key_folding() {
+        // A DERP map file as headscale and our coordinator read it: `HostName` must not be
+        // folded into Hostinfo's `Hostname`, or nodes without IPv4/IPv6 have nothing to dial.
+        let m: DerpMap = from_slice_folded(
+            br#"{"Regions":{"999":{"RegionID":999,"Nodes":[{"Name":"999a","RegionID":999,
+                "HostName":"derp.example","DERPPort":3340}]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(m.regions["999"].nodes[0].host_name, "derp.example");
+        // Other spellings of Hostinfo's field still fold to Go's.
+        let mut v = serde_json::json!({"Hostinfo": {"hostname": "rs"}});
+        fold_keys(&mut v);
+        assert_eq!(HostinfoView(&v["Hostinfo"]).hostname(), "rs");
     }
 
     #[test]
