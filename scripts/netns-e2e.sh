@@ -9,7 +9,7 @@
 # Usage: scripts/netns-e2e.sh [run|selftest|up|down]
 #   run       (default) harness checks, then steps 1-4 of the issue's acceptance, step 5
 #             (direct over IPv6 with IPv4 UDP blocked), step 6 (bad input is dropped and
-#             counted), then teardown
+#             counted), step 7 (only TCP: netcheck over HTTPS, traffic via DERP), then teardown
 #   selftest  only what needs no data plane: topology, NAT, coordinator, logins, Go node, teardown
 #   up        build the topology and leave it (no processes); `down` removes it
 # Environment:
@@ -580,6 +580,45 @@ PY
 	report $ok "6 malformed disco/STUN/WireGuard sent to a ($n each) are dropped and counted; a keeps working" "$ev"
 }
 
+# udp_block_all H: home H's router drops every UDP datagram it forwards, STUN included (a network
+# that allows only TCP).
+udp_block_all() {
+	nsx "ts-nat-$1" nft -f - <<EOF
+table inet ts-block
+delete table inet ts-block
+table inet ts-block {
+	chain block_udp {
+		type filter hook forward priority filter - 10; policy accept;
+		meta l4proto udp counter drop
+	}
+}
+EOF
+}
+
+# netcheck_https H: H's netcheck says UDP is blocked and ranks region 999 over HTTPS.
+netcheck_https() {
+	local out
+	out=$(ts_cli "$1" netcheck 2>&1)
+	printf '%s\n' "$out"
+	grep -q "UDP: false" <<<"$out" && grep -q "over HTTPS" <<<"$out" && grep -qE -- "- $DERP_REGION: [0-9.]+ms" <<<"$out"
+}
+
+step7() {
+	log "step 7: all UDP blocked at a's router"
+	local ok=0 ev out
+	udp_unblock
+	udp_block_all a
+	out=$(eventually_out "$NETCHECK_DEADLINE" netcheck_https a)
+	(($? == 0)) || ok=1
+	ev="tinyscale netcheck on a: $(sed 's/^[[:space:]]*//' <<<"$out" | paste -sd';')"$'\n'
+	out=$(eventually_out "$FALLBACK_DEADLINE" ping_is a b derp)
+	(($? == 0)) || ok=1
+	ev+="tinyscale ping b: $(ping_ev "$out")"$'\n'
+	ev+="UDP dropped at nat-a: $(nsx ts-nat-a nft list table inet ts-block 2>/dev/null | grep -o 'counter packets [0-9]*' | head -n1)"
+	udp_unblock
+	report $ok "7 only TCP out of a: netcheck reports UDP blocked and DERP latency over HTTPS; a<->b via DERP($DERP_REGION)" "$ev"
+}
+
 # ------------------------------------------------------------------------------------------------
 # Teardown check: every namespace and every process we started is gone.
 
@@ -618,6 +657,7 @@ if [[ $MODE == run ]]; then
 	step4
 	step5
 	step6
+	step7
 fi
 h_teardown
 tidy_work

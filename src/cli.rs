@@ -687,7 +687,11 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
             };
             println!("\t* MappingVariesByDestIP: {mv}");
             println!("\t* Nearest DERP: {}", s(&v["PreferredDERP"]));
-            println!("\t* DERP latency:");
+            if v["LatencyVia"] == "https" {
+                println!("\t* DERP latency (over HTTPS; UDP is blocked):");
+            } else {
+                println!("\t* DERP latency:");
+            }
             if let Some(m) = v["RegionLatencyMs"].as_object() {
                 for (r, ms) in m {
                     println!("\t\t- {r}: {:.1}ms", ms.as_f64().unwrap_or(0.0));

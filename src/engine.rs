@@ -13,7 +13,7 @@
 //! (another `watch`), and may query status or run CLI pings through [`EngineHandle`].
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
@@ -71,6 +71,11 @@ const DNS_RETRY: Duration = Duration::from_secs(30);
 /// its other inputs. Draining a burst costs one reactor round trip instead of one per packet,
 /// and lets a bulk flow's data messages leave in one batched send (see `magicsock::batch`).
 const BURST: usize = 64;
+/// Budget for one region's `GET /derp/latency-check` (connection, TLS and the request).
+const HTTPS_LATENCY_BUDGET: Duration = Duration::from_secs(5);
+/// How long HTTPS latencies rank regions before they are measured again (a TLS connection to
+/// every region is not something to repeat with each 25 s report).
+const HTTPS_LATENCY_FRESH: Duration = Duration::from_secs(5 * 60);
 
 /// Settings for [`Engine::start`].
 #[derive(Debug, Clone)]
@@ -188,6 +193,11 @@ pub struct Engine {
     /// DERP host names being looked up for netcheck (the loop hears back on `dns_done`).
     dns_pending: bool,
     dns_done_tx: mpsc::Sender<()>,
+    /// Region latencies over HTTPS being measured (UDP blocked); they come back on `https_done`.
+    https_pending: bool,
+    https_done_tx: mpsc::Sender<BTreeMap<i32, Duration>>,
+    /// The last HTTPS latencies and when they were measured (reused for [`HTTPS_LATENCY_FRESH`]).
+    https_latency: Option<(Instant, BTreeMap<i32, Duration>)>,
     last_report: Option<netcheck::Report>,
     next_netcheck: Instant,
     local: LocalEndpoints,
@@ -434,6 +444,7 @@ impl Engine {
         );
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let (dns_done_tx, dns_done_rx) = mpsc::channel(1);
+        let (https_done_tx, https_done_rx) = mpsc::channel(1);
         let (derp_in_tx, derp_in_rx) = mpsc::channel(1024);
         let status = Arc::new(Mutex::new(HashMap::new()));
         let counters = Arc::new(Mutex::new(Value::Null));
@@ -458,6 +469,9 @@ impl Engine {
             dns: DnsCache::default(),
             dns_pending: false,
             dns_done_tx,
+            https_pending: false,
+            https_done_tx,
+            https_latency: None,
             last_report: None,
             next_netcheck: Instant::now(),
             local: LocalEndpoints::default(),
@@ -470,7 +484,7 @@ impl Engine {
             drops: Drops::default(),
             addresses: Vec::new(),
         };
-        let task = tokio::spawn(engine.run(netmap, cmd_rx, derp_in_rx, dns_done_rx));
+        let task = tokio::spawn(engine.run(netmap, cmd_rx, derp_in_rx, dns_done_rx, https_done_rx));
         Ok((
             EngineHandle {
                 cmds: cmd_tx,
@@ -487,6 +501,7 @@ impl Engine {
         mut cmds: mpsc::Receiver<Cmd>,
         mut derp_in: mpsc::Receiver<(i32, NodePublic, Bytes)>,
         mut dns_done: mpsc::Receiver<()>,
+        mut https_done: mpsc::Receiver<BTreeMap<i32, Duration>>,
     ) {
         let mut tun_buf = vec![0u8; MAX_DATAGRAM];
         let mut udp_buf = vec![0u8; MAX_DATAGRAM];
@@ -515,6 +530,7 @@ impl Engine {
                     Ok(()) => self.drain_udp(Family::V6, &mut udp6_buf, &mut plain_buf).await,
                     Err(e) => log::debug!("udp6 recv err={e}"),
                 },
+                Some(lat) = https_done.recv() => self.on_https_latency(&lat),
                 Some(()) = dns_done.recv() => {
                     // New DERP addresses: measure with them now rather than in 25 s.
                     self.dns_pending = false;
@@ -1022,9 +1038,93 @@ impl Engine {
                     Some(r6) => netcheck::finish_both(r4, r6),
                     None => r4.finish(),
                 };
-                self.apply_report(r);
+                let fresh = self
+                    .https_latency
+                    .as_ref()
+                    .filter(|(at, _)| now_t < *at + HTTPS_LATENCY_FRESH)
+                    .map(|(_, lat)| lat.clone());
+                match (r.udp, fresh) {
+                    (true, _) => self.apply_report(r),
+                    (false, Some(lat)) => {
+                        let alive = self.derps.contains_key(&self.home_derp);
+                        let timing = netcheck::Timing::default();
+                        self.apply_report(netcheck::with_https_latency(r, &lat, self.home_derp, alive, &timing));
+                    }
+                    (false, None) => {
+                        self.apply_report(r);
+                        if !self.https_pending {
+                            self.measure_https_latency();
+                        }
+                    }
+                }
             }
         }
+    }
+
+    /// UDP is blocked: ranks the regions by `GET /derp/latency-check` instead (Go netcheck's
+    /// HTTPS fallback), off the loop; the answers arrive in [`Self::on_https_latency`].
+    fn measure_https_latency(&mut self) {
+        let plain_http = crate::tls::derp_plain_http();
+        let targets: Vec<(i32, (DerpNode, u16))> = self
+            .derp_map
+            .regions
+            .values()
+            .filter(|r| r.region_id > 0 && !r.no_measure_no_home)
+            .filter_map(|r| Some((r.region_id, derp_node(r, plain_http)?)))
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        self.https_pending = true;
+        let (dns, done) = (self.dns.clone(), self.https_done_tx.clone());
+        tokio::spawn(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for (region, (node, port)) in targets {
+                let dns = dns.clone();
+                set.spawn(async move {
+                    let addrs = derp_dial_addrs(&node, port, &dns).await;
+                    let dial = derp_client::Dial {
+                        host: derp_server_name(&node, &addrs),
+                        addrs,
+                        tls: !plain_http,
+                    };
+                    if dial.addrs.is_empty() {
+                        return None;
+                    }
+                    match derp_client::latency_check(&dial, HTTPS_LATENCY_BUDGET).await {
+                        Ok(d) => Some((region, d)),
+                        Err(e) => {
+                            log::debug!("netcheck: https latency failed derp={region} err={e}");
+                            None
+                        }
+                    }
+                });
+            }
+            let mut lat = BTreeMap::new();
+            while let Some(r) = set.join_next().await {
+                if let Ok(Some((region, d))) = r {
+                    lat.insert(region, d);
+                }
+            }
+            let _ = done.send(lat).await;
+        });
+    }
+
+    fn on_https_latency(&mut self, lat: &BTreeMap<i32, Duration>) {
+        self.https_pending = false;
+        // Nothing answered (relays down, or no TCP either): measure again with the next report.
+        self.https_latency = (!lat.is_empty()).then(|| (Instant::now(), lat.clone()));
+        let Some(r) = self.last_report.clone() else { return };
+        if r.udp {
+            return;
+        }
+        log::info!(
+            "netcheck: UDP blocked, DERP latency over HTTPS {:?}",
+            lat.iter().map(|(r, d)| (r, d.as_millis())).collect::<Vec<_>>()
+        );
+        let prev_alive = self.derps.contains_key(&self.home_derp);
+        let r = netcheck::with_https_latency(r, lat, self.home_derp, prev_alive, &netcheck::Timing::default());
+        self.apply_report(r);
     }
 
     fn apply_report(&mut self, mut r: netcheck::Report) {
@@ -1173,6 +1273,7 @@ pub fn report_json(r: &netcheck::Report) -> Value {
         "MappingVariesByDestIP": r.mapping_varies_by_dest_ip,
         "PreferredDERP": r.preferred_derp,
         "RegionLatencyMs": lat,
+        "LatencyVia": if r.latency_over_https { "https" } else { "stun" },
     })
 }
 

@@ -234,6 +234,8 @@ pub struct Report {
     pub region_v6_latency: BTreeMap<i32, Duration>,
     /// The home region to use (0 = none).
     pub preferred_derp: i32,
+    /// The latencies were measured over HTTPS (UDP blocked), not STUN.
+    pub latency_over_https: bool,
 }
 
 impl Report {
@@ -503,6 +505,30 @@ pub fn finish_both(v4: ReportState, v6: ReportState) -> Report {
     r
 }
 
+/// Go netcheck's fallback when no STUN probe was answered (UDP blocked): region latencies
+/// measured over HTTPS (`GET /derp/latency-check`) rank the regions instead, so the home region
+/// is still the nearest one rather than an arbitrary one. `report` keeps `udp: false`; only its
+/// latencies and home choice change (with the usual hysteresis against `prev`).
+pub fn with_https_latency(
+    mut report: Report,
+    latency: &BTreeMap<i32, Duration>,
+    prev: i32,
+    prev_alive: bool,
+    timing: &Timing,
+) -> Report {
+    for (&region, &d) in latency {
+        keep_min(&mut report.region_latency, region, d);
+    }
+    report.latency_over_https = !latency.is_empty();
+    report.preferred_derp = choose_preferred_derp(
+        &report.region_latency,
+        prev,
+        prev_alive,
+        timing.preferred_derp_absolute_diff,
+    );
+    report
+}
+
 /// Inserts `d` for `region` unless a lower value is there.
 fn keep_min(m: &mut BTreeMap<i32, Duration>, region: i32, d: Duration) {
     let e = m.entry(region).or_insert(d);
@@ -728,6 +754,28 @@ mod tests {
         );
         assert_eq!(plan.probes.iter().map(|p| p.region_id).collect::<Vec<_>>(), vec![9, 10]);
         assert_eq!(plan.probes[0].addr(), Some("192.0.2.9:3478".parse().unwrap()));
+    }
+
+    #[test]
+    fn https_latency_ranks_regions_when_udp_is_blocked() {
+        let ms = Duration::from_millis;
+        let blocked = Report::default();
+        let lat: BTreeMap<i32, Duration> = [(1, ms(90)), (2, ms(20)), (3, ms(25))].into_iter().collect();
+        let r = with_https_latency(blocked.clone(), &lat, 0, false, &Timing::default());
+        assert_eq!((r.udp, r.preferred_derp, r.region_latency.len()), (false, 2, 3));
+        // A live home that is only a little slower stays home (hysteresis as for STUN).
+        let r = with_https_latency(blocked.clone(), &lat, 3, true, &Timing::default());
+        assert_eq!(r.preferred_derp, 3);
+        // Nothing answered: no latency, and the previous home only if it is alive.
+        let none = BTreeMap::new();
+        assert_eq!(
+            with_https_latency(blocked.clone(), &none, 3, true, &Timing::default()).preferred_derp,
+            3
+        );
+        assert_eq!(
+            with_https_latency(blocked, &none, 3, false, &Timing::default()).preferred_derp,
+            0
+        );
     }
 
     #[test]

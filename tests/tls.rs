@@ -88,6 +88,11 @@ async fn derp_over_tls_verifies_the_relay_certificate() {
     .unwrap();
     assert_eq!((got.0, &got.1[..]), (ka.public(), &b"over tls"[..]));
 
+    // Go netcheck's HTTPS fallback: the latency-check request round trip, over TLS.
+    let rtt = client::latency_check(&dial(port, "localhost", true), DEADLINE)
+        .await
+        .unwrap();
+    assert!(rtt < DEADLINE, "{rtt:?}");
     // A name the certificate does not carry is refused, and says why.
     let e = client::connect(&dial(port, "derp.example.com", true), "/derp", &node_key())
         .await

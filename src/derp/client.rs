@@ -136,7 +136,11 @@ impl Error {
     }
 
     fn io(op: Op) -> impl FnOnce(io::Error) -> Error {
-        move |err| Error::Io { op, err }
+        // A TLS peer that goes away without close_notify is just a closed connection.
+        move |err| match err.kind() {
+            io::ErrorKind::UnexpectedEof => Error::Closed(op),
+            _ => Error::Io { op, err },
+        }
     }
 }
 
@@ -208,32 +212,71 @@ pub async fn connect_http(host_port: &str, path: &str, my: &NodePrivate) -> Resu
 /// when asked, upgrades `path` (normally `/derp`) and runs the handshake as `my`. The TLS
 /// handshake and upgrade + DERP handshake each have [`DIAL_TIMEOUT`] too.
 pub async fn connect(d: &Dial, path: &str, my: &NodePrivate) -> Result<DerpClient<Stream>, Error> {
+    let mut sock = dial(d).await?;
+    let work = async {
+        let leftover = upgrade(&mut sock, &d.host_header(), path).await?;
+        DerpClient::handshake(sock, &leftover, my).await
+    };
+    match tokio::time::timeout(DIAL_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout(Op::Handshake)),
+    }
+}
+
+/// The round trip of one `GET /derp/latency-check` on a fresh connection to `d` (connection and
+/// TLS set-up excluded): Go netcheck's way of ranking regions when UDP is blocked. The whole
+/// call is bounded by `budget`.
+pub async fn latency_check(d: &Dial, budget: Duration) -> Result<Duration, Error> {
+    let work = async {
+        let mut sock = dial(d).await?;
+        let req = format!(
+            "GET /derp/latency-check HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            d.host_header()
+        );
+        let start = std::time::Instant::now();
+        sock.write_all(req.as_bytes()).await.map_err(Error::io(Op::Upgrade))?;
+        sock.flush().await.map_err(Error::io(Op::Upgrade))?;
+        let (head, _) = http1::read_head(&mut sock).await.map_err(|e| match e {
+            http1::HttpError::Io(err) => Error::Io { op: Op::Upgrade, err },
+            _ => Error::Closed(Op::Upgrade),
+        })?;
+        let rtt = start.elapsed();
+        if head.status != 200 {
+            return Err(Error::Status(head.status));
+        }
+        Ok(rtt)
+    };
+    tokio::time::timeout(budget, work)
+        .await
+        .unwrap_or(Err(Error::Timeout(Op::Upgrade)))
+}
+
+impl Dial {
+    /// `Host` header value: the host name, bracketed if an IPv6 literal.
+    fn host_header(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        }
+    }
+}
+
+/// TCP to the first of `d.addrs` that answers, then TLS when asked; each bounded by
+/// [`DIAL_TIMEOUT`].
+async fn dial(d: &Dial) -> Result<Stream, Error> {
     let tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&d.addrs[..])).await {
         Ok(r) => r.map_err(Error::io(Op::Dial))?,
         Err(_) => return Err(Error::Timeout(Op::Dial)),
     };
     // DERP is latency-sensitive small packets; Go sets TCP_NODELAY too.
     let _ = tcp.set_nodelay(true);
-    let mut sock = if d.tls {
-        match tokio::time::timeout(DIAL_TIMEOUT, tls::client_handshake(tcp, &d.host)).await {
-            Ok(r) => r.map_err(Error::io(Op::Tls))?,
-            Err(_) => return Err(Error::Timeout(Op::Tls)),
-        }
-    } else {
-        Stream::Plain(tcp)
-    };
-    let host_header = if d.host.contains(':') {
-        format!("[{}]", d.host)
-    } else {
-        d.host.clone()
-    };
-    let work = async {
-        let leftover = upgrade(&mut sock, &host_header, path).await?;
-        DerpClient::handshake(sock, &leftover, my).await
-    };
-    match tokio::time::timeout(DIAL_TIMEOUT, work).await {
-        Ok(r) => r,
-        Err(_) => Err(Error::Timeout(Op::Handshake)),
+    if !d.tls {
+        return Ok(Stream::Plain(tcp));
+    }
+    match tokio::time::timeout(DIAL_TIMEOUT, tls::client_handshake(tcp, &d.host)).await {
+        Ok(r) => r.map_err(Error::io(Op::Tls)),
+        Err(_) => Err(Error::Timeout(Op::Tls)),
     }
 }
 
