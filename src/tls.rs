@@ -223,20 +223,23 @@ mod imp {
         Arc::new(rustls::crypto::ring::default_provider())
     }
 
-    /// The client configuration, built once per process from the system roots.
+    /// The client configuration, built from the system roots on first success and kept for the
+    /// process (a failure, e.g. no CA bundle installed yet, is retried on the next connection).
     pub fn client_config() -> io::Result<Arc<ClientConfig>> {
-        static CONFIG: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
-        CONFIG
-            .get_or_init(|| {
-                let (roots, from) = system_roots()?;
-                log::info!("tls: {} CA certificates from {from}", roots.len());
-                ClientConfig::builder_with_provider(provider())
-                    .with_safe_default_protocol_versions()
-                    .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
-                    .map_err(|e| e.to_string())
-            })
-            .clone()
-            .map_err(io::Error::other)
+        static CONFIG: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+        if let Some(c) = CONFIG.get() {
+            return Ok(c.clone());
+        }
+        let (roots, from) = system_roots().map_err(io::Error::other)?;
+        let n = roots.len();
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
+            .map_err(io::Error::other)?;
+        if CONFIG.set(config.clone()).is_ok() {
+            log::info!("tls: {n} CA certificates from {from}");
+        }
+        Ok(config)
     }
 
     /// Where the CA certificates come from, in order (see the module doc).
