@@ -144,7 +144,13 @@ impl<IO: AsyncRead + Unpin> NoiseStream<IO> {
             }
             let mut scratch = [0u8; READ_CHUNK];
             let mut rb = ReadBuf::new(&mut scratch);
-            ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb))?;
+            match ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb)) {
+                Ok(()) => {}
+                // A TLS peer gone without close_notify: an end like any other here, since the
+                // Noise framing still tells a clean end from a cut record.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
             if rb.filled().is_empty() {
                 self.read_eof = true;
             } else {
@@ -425,6 +431,42 @@ mod tests {
         drop(s);
         let e = read_response_message(&mut c, &mut Vec::new()).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Yields its bytes, then fails with `UnexpectedEof` (what TLS reports for a peer that went
+    /// away without close_notify).
+    struct EofWithoutNotify(Vec<u8>);
+
+    impl AsyncRead for EofWithoutNotify {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if self.0.is_empty() {
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+            let n = buf.remaining().min(self.0.len());
+            buf.put_slice(&self.0[..n]);
+            self.0.drain(..n);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_end_without_close_notify_ends_the_stream_cleanly_between_records() {
+        use tokio::io::AsyncReadExt;
+        for cut in [0usize, 3] {
+            let (ct, mut st) = transports();
+            let mut wire = Vec::new();
+            st.seal(b"hello", &mut wire).unwrap();
+            wire.truncate(wire.len() - cut);
+            let mut c = NoiseStream::new(EofWithoutNotify(wire), ct, Vec::new());
+            let mut got = Vec::new();
+            let r = c.read_to_end(&mut got).await;
+            if cut == 0 {
+                assert_eq!((r.unwrap(), &got[..]), (5, &b"hello"[..]));
+            } else {
+                // A record cut short is still an error.
+                assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+            }
+        }
     }
 
     #[tokio::test]
