@@ -262,10 +262,40 @@ impl Dial {
     }
 }
 
+/// Head start of each address over the next in [`connect_staggered`].
+const DIAL_STAGGER: Duration = Duration::from_millis(250);
+
+/// Connects to the first of `addrs` that answers: each attempt starts [`DIAL_STAGGER`] after the
+/// previous one (or at once when it failed), and the first connection wins, so an address that
+/// silently drops packets (a broken IPv4 or IPv6 path) costs a quarter second, not the budget.
+async fn connect_staggered(addrs: &[std::net::SocketAddr]) -> io::Result<TcpStream> {
+    let mut pending = addrs.iter().copied();
+    let mut set = tokio::task::JoinSet::new();
+    let mut last_err = None;
+    loop {
+        if let Some(a) = pending.next() {
+            set.spawn(TcpStream::connect(a));
+        }
+        if set.is_empty() {
+            return Err(last_err.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address to dial")));
+        }
+        let more = pending.len() > 0;
+        let next = tokio::select! {
+            r = set.join_next() => r,
+            _ = tokio::time::sleep(DIAL_STAGGER), if more => continue,
+        };
+        match next {
+            Some(Ok(Ok(s))) => return Ok(s),
+            Some(Ok(Err(e))) => last_err = Some(e),
+            _ => {}
+        }
+    }
+}
+
 /// TCP to the first of `d.addrs` that answers, then TLS when asked; each bounded by
 /// [`DIAL_TIMEOUT`].
 async fn dial(d: &Dial) -> Result<Stream, Error> {
-    let tcp = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&d.addrs[..])).await {
+    let tcp = match tokio::time::timeout(DIAL_TIMEOUT, connect_staggered(&d.addrs)).await {
         Ok(r) => r.map_err(Error::io(Op::Dial))?,
         Err(_) => return Err(Error::Timeout(Op::Dial)),
     };
@@ -668,6 +698,26 @@ mod tests {
             b.write_all(b"HTTP/1.1 426 Upgrade Required\r\n\r\n").await.unwrap();
         });
         assert!(matches!(upgrade(&mut a, "h:1", "/derp").await, Err(Error::Status(426))));
+    }
+
+    #[tokio::test]
+    async fn staggered_dial_skips_dead_addresses() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = listener.local_addr().unwrap();
+        // A port nobody listens on (bound, then closed): refused at once.
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let s = connect_staggered(&[dead, dead, good]).await.unwrap();
+        assert_eq!(s.peer_addr().unwrap(), good);
+        let e = connect_staggered(&[dead]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            connect_staggered(&[]).await.unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
     }
 
     #[test]
