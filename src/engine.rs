@@ -353,7 +353,14 @@ impl Engine {
                     Ok(()) => self.drain_udp(&mut udp_buf, &mut plain_buf).await,
                     Err(e) => log::debug!("udp recv err={e}"),
                 },
-                Some((region, src, data)) = derp_in.recv() => self.on_derp(region, src, &data, &mut plain_buf).await,
+                Some((region, src, data)) = derp_in.recv() => {
+                    self.on_derp(region, src, &data, &mut plain_buf).await;
+                    // The rest of a burst relayed to us, as for the TUN and UDP branches.
+                    for _ in 1..BURST {
+                        let Ok((region, src, data)) = derp_in.try_recv() else { break };
+                        self.on_derp(region, src, &data, &mut plain_buf).await;
+                    }
+                }
                 _ = tick.tick() => self.on_tick(),
                 r = netmap.changed() => {
                     if r.is_err() { break; }
