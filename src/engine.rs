@@ -333,8 +333,9 @@ impl Engine {
     ) {
         let mut tun_buf = vec![0u8; MAX_DATAGRAM];
         let mut udp_buf = vec![0u8; MAX_DATAGRAM];
-        // Decrypted packets on their way to the TUN.
-        let mut plain_buf = vec![0u8; MAX_DATAGRAM];
+        // Decrypted packets on their way to the TUN (large enough for WgPeers to reuse it when
+        // a handshake releases queued packets).
+        let mut plain_buf = vec![0u8; wg::FLUSH_ROOM];
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(nm) = netmap.borrow_and_update().clone() {

@@ -74,6 +74,10 @@ pub const DATA_OVERHEAD: usize = 32;
 /// A handshake initiation's size, the smallest scratch buffer boringtun accepts.
 pub const MIN_BUF: usize = 148;
 
+/// A buffer for [`WgPeers::decapsulate_to`] of at least this size also serves to release the
+/// packets queued during a handshake without a scratch allocation of our own.
+pub const FLUSH_ROOM: usize = MAX_PACKET + DATA_OVERHEAD;
+
 /// The buffer [`WgPeers::encapsulate_to`] needs for an IP packet of `len` bytes: the data
 /// message, or a handshake initiation if no session exists yet.
 pub fn encapsulate_room(len: usize) -> usize {
@@ -716,9 +720,15 @@ impl WgPeers {
             TunnResult::WriteToNetwork(d) => {
                 res.to_peers.push(to_peer(d));
                 // A new session may release packets queued during the handshake: any size up to
-                // MAX_PACKET, so this scratch must hold the largest data message.
-                grow(&mut self.buf, MAX_PACKET + DATA_OVERHEAD);
-                while let TunnResult::WriteToNetwork(d) = peer.tunn.decapsulate(None, &[], &mut self.buf) {
+                // MAX_PACKET, so the scratch must hold the largest data message. The caller's
+                // buffer usually does (and its untouched pages cost no memory); else ours grows.
+                let scratch: &mut [u8] = if out.len() >= FLUSH_ROOM {
+                    out
+                } else {
+                    grow(&mut self.buf, FLUSH_ROOM);
+                    &mut self.buf
+                };
+                while let TunnResult::WriteToNetwork(d) = peer.tunn.decapsulate(None, &[], scratch) {
                     res.to_peers.push(to_peer(d));
                 }
                 Ok(())
@@ -1019,6 +1029,40 @@ mod tests {
             assert_eq!(&plain_buf[..r.to_tun.expect("delivered")], &pkt[..], "packet {i}");
         }
         assert_eq!(t.a.stats().rx_packets + t.b.stats().rx_packets, 501);
+    }
+
+    /// Packets queued during the handshake come out of the initiator's decapsulate_to of the
+    /// response, released through the caller's buffer when it is FLUSH_ROOM long.
+    #[test]
+    fn queued_packets_released_through_the_callers_buffer() {
+        let mut t = Pair::new();
+        let pkts: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| ipv4("100.64.0.1", "100.64.0.2", &vec![i; 100 + usize::from(i) * 500]))
+            .collect();
+        let mut wire = vec![0u8; 2048];
+        let (_, n) = t.a.encapsulate_to(&pkts[0], &mut wire).unwrap().unwrap();
+        let init = wire[..n].to_vec();
+        for p in &pkts[1..] {
+            assert_eq!(
+                t.a.encapsulate_to(p, &mut wire),
+                Ok(None),
+                "queued behind the handshake"
+            );
+        }
+        let mut big = vec![0u8; FLUSH_ROOM];
+        let resp = t.b.decapsulate_to(None, &init, &mut big);
+        assert_eq!(resp.to_peers.len(), 1);
+        let r = t.a.decapsulate_to(None, &resp.to_peers[0].datagram, &mut big);
+        assert_eq!(r.dropped, None);
+        // A keepalive confirming the session, then the three queued packets in order.
+        assert_eq!(r.to_peers.len(), 4);
+        let ka = t.b.decapsulate_to(None, &r.to_peers[0].datagram, &mut big);
+        assert_eq!((ka.to_tun, ka.dropped), (None, None));
+        for (o, p) in r.to_peers[1..].iter().zip(&pkts) {
+            let got = t.b.decapsulate_to(None, &o.datagram, &mut big);
+            assert_eq!(&big[..got.to_tun.expect("data")], &p[..]);
+        }
+        assert!(t.a.buf.len() < FLUSH_ROOM, "no scratch growth of our own");
     }
 
     /// Buffers too small for boringtun are refused with an error instead of its panic.
