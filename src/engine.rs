@@ -152,7 +152,8 @@ pub struct Engine {
     /// Datagrams for `udp`, sent at the end of each loop iteration by [`flush_udp`].
     udp_out: SendBatch,
     port: u16,
-    peers: HashMap<NodePublic, Peer>,
+    /// Looked up per packet sent (the path), hence the fast hasher.
+    peers: wg::FastMap<NodePublic, Peer>,
     by_disco: HashMap<DiscoPublic, NodePublic>,
     derp_map: DerpMap,
     home_derp: i32,
@@ -302,7 +303,7 @@ impl Engine {
             udp,
             udp_out: SendBatch::new(if gso { batch::MAX_SEGMENTS } else { 1 }),
             port,
-            peers: HashMap::new(),
+            peers: wg::FastMap::default(),
             by_disco: HashMap::new(),
             derp_map: DerpMap::default(),
             home_derp: 0,
