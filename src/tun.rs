@@ -80,10 +80,10 @@ impl Tun {
     }
 
     /// Reads one packet if one is ready now; `WouldBlock` otherwise. Lets an event loop drain a
-    /// burst without another trip through the reactor.
+    /// burst without another trip through the reactor. A `WouldBlock` from the kernel clears the
+    /// reactor's readiness, so the next [`recv`](Self::recv) waits without trying a read first.
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut f = self.fd.get_ref();
-        f.read(buf)
+        self.fd.try_io(Interest::READABLE, |mut f| f.read(buf))
     }
 }
 
