@@ -40,7 +40,7 @@ use crate::{
     router::{Router, RouterConfig, SystemRunner},
     stun,
     tailcfg::{DerpMap, DerpRegion},
-    tun::Tun,
+    tun::{gro::Coalescer, Tun},
     udp,
     wg::{self, PeerConfig, WgPeers},
 };
@@ -147,6 +147,8 @@ pub struct Engine {
     disco: DiscoPrivate,
     wg: WgPeers,
     tun: Tun,
+    /// Decrypted packets for `tun`, TCP segments merged, written by [`Engine::flush_tun`].
+    tun_out: Coalescer,
     router: Router<SystemRunner>,
     udp: UdpSocket,
     /// Datagrams for `udp`, sent at the end of each loop iteration by [`flush_udp`].
@@ -299,6 +301,7 @@ impl Engine {
             wg: WgPeers::new(&node, OsRng.next_u32()),
             disco,
             tun,
+            tun_out: Coalescer::new(),
             router: Router::new(SystemRunner),
             udp,
             udp_out: SendBatch::new(if gso { batch::MAX_SEGMENTS } else { 1 }),
@@ -361,6 +364,7 @@ impl Engine {
                     for _ in 1..BURST {
                         let Ok((region, src, data)) = derp_in.try_recv() else { break };
                         self.on_derp(region, src, &data, &mut plain_buf).await;
+                        self.flush_tun_if_full().await;
                     }
                 }
                 _ = tick.tick() => self.on_tick(),
@@ -372,6 +376,7 @@ impl Engine {
                 Some(cmd) = cmds.recv() => self.on_cmd(cmd),
             }
             flush_udp(&self.udp, &mut self.udp_out);
+            self.flush_tun().await;
             // A burst can queue dozens of packets for a DERP task on this same thread; let it
             // write them out before the next burst instead of overflowing its queue.
             if std::mem::take(&mut self.derp_queued) {
@@ -565,6 +570,7 @@ impl Engine {
                     for d in batch::segments(&buf[..n], seg) {
                         self.on_udp(d, src, plain).await;
                     }
+                    self.flush_tun_if_full().await;
                 }
                 Err(e) => {
                     if e.kind() != std::io::ErrorKind::WouldBlock {
@@ -610,12 +616,41 @@ impl Engine {
             }
         }
         if let Some(n) = r.to_tun {
-            if let Err(e) = self.tun.send(&plain[..n]).await {
-                log::debug!("TUN write failed err={e}");
-            }
+            // Written at the end of the burst, merged with its neighbours where possible.
+            self.tun_out.push(&plain[..n]);
         }
         for o in r.to_peers {
             self.send_to_peer(o.peer, o.datagram);
+        }
+    }
+
+    /// Flushes early once about one full coalesced packet waits, bounding the buffer (a burst of
+    /// 64 GRO reads would otherwise hold up to 4 MiB).
+    async fn flush_tun_if_full(&mut self) {
+        if self.tun_out.pending_bytes() >= MAX_DATAGRAM {
+            self.flush_tun().await;
+        }
+    }
+
+    /// Writes the packets decrypted during this iteration to the TUN. If the kernel refuses a
+    /// merged one, merging stops for good (the packets then go one by one).
+    async fn flush_tun(&mut self) {
+        if self.tun_out.is_empty() {
+            return;
+        }
+        let mut refused = false;
+        for (hdr, pkt) in self.tun_out.finish() {
+            if let Err(e) = self.tun.send_with(hdr, pkt).await {
+                if hdr.gso_type != crate::tun::gro::GSO_NONE && e.kind() == std::io::ErrorKind::InvalidInput {
+                    refused = true;
+                }
+                log::debug!("TUN write failed len={} gso={} err={e}", pkt.len(), hdr.gso_type);
+            }
+        }
+        self.tun_out.clear();
+        if refused {
+            log::info!("tun: the kernel refused a coalesced write; writing packets one by one");
+            self.tun_out.disable();
         }
     }
 
