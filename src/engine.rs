@@ -2,10 +2,15 @@
 //! relay connections and a timer, gluing the sans-io cores together.
 //!
 //! Plays the role of tailscale `wgengine/userspace.go` + the I/O half of `wgengine/magicsock`.
-//! Per packet: TUN → [`WgPeers::encapsulate`] → the peer's [`Endpoint`] picks UDP and/or DERP;
-//! UDP/DERP → [`demux`] → STUN (netcheck), disco (path discovery) or WireGuard →
-//! [`WgPeers::decapsulate`] → TUN. Each DERP region gets its own task (the client needs `&mut`
+//! Per packet: TUN → [`WgPeers::encapsulate_to`] → the peer's [`Endpoint`] picks UDP and/or
+//! DERP; UDP/DERP → [`demux`] → STUN (netcheck), disco (path discovery) or WireGuard →
+//! [`WgPeers::decapsulate_to`] → TUN. Each DERP region gets its own task (the client needs `&mut`
 //! for both directions), connected to the loop by bounded channels.
+//!
+//! Per wake-up, a branch drains a burst of up to [`BURST`] packets. Data messages for UDP are
+//! encrypted straight into a [`SendBatch`] that leaves in one `sendmmsg` with GSO at the end of
+//! the iteration; decrypted packets collect in a [`Coalescer`] that merges TCP segments before
+//! the TUN writes. No per-packet allocation on either path; the buffers are reused.
 //!
 //! The caller supplies the netmap (a `watch`), receives endpoint/home-DERP updates for control
 //! (another `watch`), and may query status or run CLI pings through [`EngineHandle`].
