@@ -7,7 +7,7 @@
 //! [`WgPeers::decapsulate_to`] → TUN. Each DERP region gets its own task (the client needs `&mut`
 //! for both directions), connected to the loop by bounded channels.
 //!
-//! Per wake-up, a branch drains a burst of up to [`BURST`] packets. Data messages for UDP are
+//! Per wake-up, a branch drains a burst of up to `BURST` (64) packets. Data messages for UDP are
 //! encrypted straight into a [`SendBatch`] that leaves in one `sendmmsg` with GSO at the end of
 //! the iteration; decrypted packets collect in a [`Coalescer`] that merges TCP segments before
 //! the TUN writes. No per-packet allocation on either path; the buffers are reused.
