@@ -2,12 +2,17 @@
 //! address family), DERP relay connections and a timer, gluing the sans-io cores together.
 //!
 //! Plays the role of tailscale `wgengine/userspace.go` + the I/O half of `wgengine/magicsock`.
-//! Per packet: TUN → [`WgPeers::encapsulate`] → the peer's [`Endpoint`] picks UDP and/or DERP;
-//! UDP/DERP → [`demux`] → STUN (netcheck), disco (path discovery) or WireGuard →
-//! [`WgPeers::decapsulate`] → TUN. Each DERP region gets its own task (the client needs `&mut`
+//! Per packet: TUN → [`WgPeers::encapsulate_to`] → the peer's [`Endpoint`] picks UDP and/or
+//! DERP; UDP/DERP → [`demux`] → STUN (netcheck), disco (path discovery) or WireGuard →
+//! [`WgPeers::decapsulate_to`] → TUN. Each DERP region gets its own task (the client needs `&mut`
 //! for both directions), connected to the loop by bounded channels. DERP host names without
 //! pinned addresses are resolved through one cache (`DnsCache`) shared by netcheck and the
 //! DERP dials, off the loop, each lookup bounded by `DNS_TIMEOUT`.
+//!
+//! Per wake-up, a branch drains a burst of up to `BURST` (64) packets. Data messages for UDP are
+//! encrypted straight into a [`SendBatch`] that leaves in one `sendmmsg` with GSO at the end of
+//! the iteration; decrypted packets collect in a [`Coalescer`] that merges TCP segments before
+//! the TUN writes. No per-packet allocation on either path; the buffers are reused.
 //!
 //! The caller supplies the netmap (a `watch`), receives endpoint/home-DERP updates for control
 //! (another `watch`), and may query status or run CLI pings through [`EngineHandle`].
@@ -46,7 +51,7 @@ use crate::{
     router::{Router, RouterConfig, SystemRunner},
     stun,
     tailcfg::{DerpMap, DerpNode, DerpRegion},
-    tun::Tun,
+    tun::{gro::Coalescer, Tun},
     udp,
     wg::{self, PeerConfig, WgPeers},
 };
@@ -171,6 +176,8 @@ pub struct Engine {
     disco: DiscoPrivate,
     wg: WgPeers,
     tun: Tun,
+    /// Decrypted packets for `tun`, TCP segments merged, written by [`Engine::flush_tun`].
+    tun_out: Coalescer,
     router: Router<SystemRunner>,
     sock: Sockets,
     /// Datagrams for the IPv4 socket, sent at the end of each loop iteration by [`flush_udp`].
@@ -178,7 +185,8 @@ pub struct Engine {
     out4: SendBatch,
     /// Datagrams for the IPv6 socket (copied over from `out4`'s spare room).
     out6: SendBatch,
-    peers: HashMap<NodePublic, Peer>,
+    /// Looked up per packet sent (the path), hence the fast hasher.
+    peers: wg::FastMap<NodePublic, Peer>,
     by_disco: HashMap<DiscoPublic, NodePublic>,
     derp_map: DerpMap,
     home_derp: i32,
@@ -453,11 +461,12 @@ impl Engine {
             wg: WgPeers::new(&node, OsRng.next_u32()),
             disco,
             tun,
+            tun_out: Coalescer::new(),
             router: Router::new(SystemRunner),
             sock,
             out4: SendBatch::new(if gso { batch::MAX_SEGMENTS } else { 1 }),
             out6: SendBatch::new(if gso6 { batch::MAX_SEGMENTS } else { 1 }),
-            peers: HashMap::new(),
+            peers: wg::FastMap::default(),
             by_disco: HashMap::new(),
             derp_map: DerpMap::default(),
             home_derp: 0,
@@ -506,8 +515,9 @@ impl Engine {
         let mut tun_buf = vec![0u8; MAX_DATAGRAM];
         let mut udp_buf = vec![0u8; MAX_DATAGRAM];
         let mut udp6_buf = vec![0u8; MAX_DATAGRAM];
-        // Decrypted packets on their way to the TUN.
-        let mut plain_buf = vec![0u8; MAX_DATAGRAM];
+        // Decrypted packets on their way to the TUN (large enough for WgPeers to reuse it when
+        // a handshake releases queued packets).
+        let mut plain_buf = vec![0u8; wg::FLUSH_ROOM];
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(nm) = netmap.borrow_and_update().clone() {
@@ -538,7 +548,15 @@ impl Engine {
                         self.next_netcheck = Instant::now();
                     }
                 }
-                Some((region, src, data)) = derp_in.recv() => self.on_derp(region, src, &data, &mut plain_buf).await,
+                Some((region, src, data)) = derp_in.recv() => {
+                    self.on_derp(region, src, &data, &mut plain_buf).await;
+                    // The rest of a burst relayed to us, as for the TUN and UDP branches.
+                    for _ in 1..BURST {
+                        let Ok((region, src, data)) = derp_in.try_recv() else { break };
+                        self.on_derp(region, src, &data, &mut plain_buf).await;
+                        self.flush_tun_if_full().await;
+                    }
+                }
                 _ = tick.tick() => self.on_tick(),
                 r = netmap.changed() => {
                     if r.is_err() { break; }
@@ -551,6 +569,7 @@ impl Engine {
             if let Some(v6) = self.sock.v6() {
                 flush_udp(v6, &mut self.out6);
             }
+            self.flush_tun().await;
             // A burst can queue dozens of packets for a DERP task on this same thread; let it
             // write them out before the next burst instead of overflowing its queue.
             if std::mem::take(&mut self.derp_queued) {
@@ -768,6 +787,7 @@ impl Engine {
                     for d in batch::segments(&buf[..n], seg) {
                         self.on_udp(d, src, plain).await;
                     }
+                    self.flush_tun_if_full().await;
                 }
                 Err(e) => {
                     if e.kind() != std::io::ErrorKind::WouldBlock {
@@ -818,12 +838,41 @@ impl Engine {
             }
         }
         if let Some(n) = r.to_tun {
-            if let Err(e) = self.tun.send(&plain[..n]).await {
-                log::debug!("TUN write failed err={e}");
-            }
+            // Written at the end of the burst, merged with its neighbours where possible.
+            self.tun_out.push(&plain[..n]);
         }
         for o in r.to_peers {
             self.send_to_peer(o.peer, o.datagram);
+        }
+    }
+
+    /// Flushes early once about one full coalesced packet waits, bounding the buffer (a burst of
+    /// 64 GRO reads would otherwise hold up to 4 MiB).
+    async fn flush_tun_if_full(&mut self) {
+        if self.tun_out.pending_bytes() >= MAX_DATAGRAM {
+            self.flush_tun().await;
+        }
+    }
+
+    /// Writes the packets decrypted during this iteration to the TUN. If the kernel refuses a
+    /// merged one, merging stops for good (the packets then go one by one).
+    async fn flush_tun(&mut self) {
+        if self.tun_out.is_empty() {
+            return;
+        }
+        let mut refused = false;
+        for (hdr, pkt) in self.tun_out.finish() {
+            if let Err(e) = self.tun.send_with(hdr, pkt).await {
+                if hdr.gso_type != crate::tun::gro::GSO_NONE && e.kind() == std::io::ErrorKind::InvalidInput {
+                    refused = true;
+                }
+                log::debug!("TUN write failed len={} gso={} err={e}", pkt.len(), hdr.gso_type);
+            }
+        }
+        self.tun_out.clear();
+        if refused {
+            log::info!("tun: the kernel refused a coalesced write; writing packets one by one");
+            self.tun_out.disable();
         }
     }
 

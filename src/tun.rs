@@ -1,7 +1,10 @@
 //! The kernel TUN device: a layer-3 interface whose packets we read and write as plain IP.
 //!
 //! Mirrors tailscale `net/tstun/tun.go` (`New`: open `/dev/net/tun`, `TUNSETIFF` with
-//! `IFF_TUN | IFF_NO_PI`) and the TUN half of boringtun `device/tun_linux.rs`.
+//! `IFF_TUN | IFF_NO_PI`) and the TUN half of boringtun `device/tun_linux.rs`. Like wireguard-go
+//! it also sets `IFF_VNET_HDR`, so a write can carry a [`gro`]-coalesced TCP packet (see
+//! [`Tun::send_with`]); reads strip the header. No offloads are enabled for reads
+//! (`TUNSETOFFLOAD` is never called), so the kernel hands us ordinary single packets.
 //!
 //! This is a thin shell with `unsafe` for the `ioctl` and the reactor registration (the only
 //! other such module is `magicsock::socket`, for one socket option). Opening the device needs `CAP_NET_ADMIN`. The interface exists while the
@@ -10,12 +13,14 @@
 //! router's job (`crate::router`), not this module's.
 //!
 //! The caller supplies a tokio runtime with I/O enabled (`AsyncFd` registers with its reactor).
-//! Each `recv` yields exactly one IP packet (no packet-information header); each `send` writes
-//! exactly one.
+//! Each `recv` yields exactly one IP packet (no packet-information or virtio header); each
+//! `send` writes exactly one.
+
+pub mod gro;
 
 use std::{
     fs::{File, OpenOptions},
-    io::{self, Read, Write},
+    io::{self, IoSlice, IoSliceMut, Read, Write},
     os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
 };
 
@@ -71,23 +76,59 @@ impl Tun {
     /// Reads one IP packet into `buf`, waiting until one is available. A packet larger than
     /// `buf` is truncated by the kernel, so pass at least MTU bytes.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.fd.async_io(Interest::READABLE, |mut f| f.read(buf)).await
+        let n = self.fd.async_io(Interest::READABLE, |f| read_packet(f, buf)).await?;
+        Ok(finish_read(buf, n))
     }
 
     /// Writes one IP packet, waiting while the device queue is full.
     pub async fn send(&self, pkt: &[u8]) -> io::Result<usize> {
-        self.fd.async_io(Interest::WRITABLE, |mut f| f.write(pkt)).await
+        self.send_with(gro::VnetHdr::default(), pkt).await
+    }
+
+    /// Writes one packet with its `virtio_net_hdr` (a [`gro::Coalescer`] output), waiting while
+    /// the device queue is full. Returns the packet's length.
+    pub async fn send_with(&self, hdr: gro::VnetHdr, pkt: &[u8]) -> io::Result<usize> {
+        let h = hdr.to_bytes();
+        let bufs = [IoSlice::new(&h), IoSlice::new(pkt)];
+        let n = self
+            .fd
+            .async_io(Interest::WRITABLE, |mut f| f.write_vectored(&bufs))
+            .await?;
+        Ok(n.saturating_sub(gro::VNET_HDR_LEN))
     }
 
     /// Reads one packet if one is ready now; `WouldBlock` otherwise. Lets an event loop drain a
-    /// burst without another trip through the reactor.
+    /// burst without another trip through the reactor. A `WouldBlock` from the kernel clears the
+    /// reactor's readiness, so the next [`recv`](Self::recv) waits without trying a read first.
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut f = self.fd.get_ref();
-        f.read(buf)
+        let n = self.fd.try_io(Interest::READABLE, |f| read_packet(f, buf))?;
+        Ok(finish_read(buf, n))
     }
 }
 
-/// Builds the TUNSETIFF request for `name` with `IFF_TUN | IFF_NO_PI`.
+/// One read (`readv`): the `virtio_net_hdr` into a stack array, the packet straight into `buf`.
+/// Returns the header and the packet length.
+fn read_packet(mut f: &File, buf: &mut [u8]) -> io::Result<(gro::VnetHdr, usize)> {
+    let mut h = [0u8; gro::VNET_HDR_LEN];
+    let n = f.read_vectored(&mut [IoSliceMut::new(&mut h), IoSliceMut::new(buf)])?;
+    Ok((gro::VnetHdr::from_bytes(&h), n.saturating_sub(gro::VNET_HDR_LEN)))
+}
+
+/// Applies what the read's header asks: a partial checksum is completed here. A GSO packet
+/// cannot come (no offloads were enabled); should one, it is reported as empty and dropped.
+fn finish_read(buf: &mut [u8], (hdr, n): (gro::VnetHdr, usize)) -> usize {
+    let n = n.min(buf.len());
+    if hdr.gso_type != gro::GSO_NONE {
+        log::debug!("tun: unexpected GSO packet dropped len={n}");
+        return 0;
+    }
+    if hdr.flags & gro::F_NEEDS_CSUM != 0 {
+        gro::complete_checksum(&mut buf[..n], &hdr);
+    }
+    n
+}
+
+/// Builds the TUNSETIFF request for `name` with `IFF_TUN | IFF_NO_PI | IFF_VNET_HDR`.
 fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
     let bytes = name.as_bytes();
     if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
@@ -110,7 +151,7 @@ fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
     // Writing a union field is safe; only reads are unsafe. ifru_ifindex (c_int) spans the
     // same bytes as ifru_flags (c_short) at offset 0, but flags must be written as c_short so
     // the value lands in the right half on big-endian (mips) targets.
-    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
     Ok(req)
 }
 
@@ -130,7 +171,10 @@ mod tests {
         assert_eq!(name_from_ifreq(&req), "tinyscale0");
         // SAFETY: ifreq_for wrote ifru_flags last, so reading that same field is defined.
         let flags = unsafe { req.ifr_ifru.ifru_flags };
-        assert_eq!(flags as libc::c_int, libc::IFF_TUN | libc::IFF_NO_PI);
+        assert_eq!(
+            flags as libc::c_int,
+            libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_VNET_HDR
+        );
     }
 
     #[test]

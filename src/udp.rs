@@ -77,7 +77,7 @@ pub struct SendOutcome {
     pub gso_refused: bool,
 }
 
-/// Sends every run of `batch` without waiting: one `sendmmsg(2)` per [`MAX_MESSAGES`] runs. A
+/// Sends every run of `batch` without waiting: one `sendmmsg(2)` per `MAX_MESSAGES` (64) runs. A
 /// full send buffer drops the rest of the batch, as a congested link would; other errors drop
 /// only the run they hit (or resend it datagram by datagram if the error means "no GSO here").
 pub fn send_batch(sock: &UdpSocket, batch: &SendBatch) -> SendOutcome {
