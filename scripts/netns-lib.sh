@@ -625,7 +625,11 @@ ts_status() { ts_cli "$1" status --json; }
 
 # daemon_flags: the contract's --tun/--port, unless this binary does not know them yet.
 daemon_flags() {
-	if "$BIN" daemon --help 2>&1 | grep -q -- '--tun'; then
+	local help
+	# Captured first: `grep -q` in a pipeline can exit before the writer, and pipefail then
+	# reports the writer's SIGPIPE.
+	help=$("$BIN" daemon --help 2>&1)
+	if grep -q -- '--tun' <<<"$help"; then
 		DAEMON_FLAGS=(--tun tinyscale0 --port "$TS_PORT")
 	else
 		DAEMON_FLAGS=()
