@@ -100,6 +100,18 @@ impl ControlUrl {
         self.host_header.clone()
     }
 
+    /// Writes `req` and flushes it (TLS holds bytes back until then).
+    async fn send(&self, s: &mut Stream, req: &str) -> Result<(), Error> {
+        let sent = async {
+            s.write_all(req.as_bytes()).await?;
+            s.flush().await
+        };
+        sent.await.map_err(|err| Error::Unreachable {
+            url: self.url.clone(),
+            err,
+        })
+    }
+
     async fn dial(&self) -> Result<Stream, Error> {
         let addr = self.authority();
         let fut = tls::connect(&addr, &self.host, self.tls);
@@ -123,14 +135,7 @@ pub async fn fetch_server_key(url: &ControlUrl) -> Result<MachinePublic, Error> 
             tailcfg::CURRENT_CAPABILITY_VERSION,
             url.host_header()
         );
-        let sent = async {
-            s.write_all(req.as_bytes()).await?;
-            s.flush().await
-        };
-        sent.await.map_err(|err| Error::Unreachable {
-            url: url.url.clone(),
-            err,
-        })?;
+        url.send(&mut s, &req).await?;
         let (head, left) = http1::read_head(&mut s)
             .await
             .map_err(|e| Error::Protocol(format!("/key: {e}")))?;
@@ -180,14 +185,7 @@ pub async fn connect(url: &ControlUrl, machine: &MachinePrivate, server: &Machin
             url.host_header(),
             http1::base64_encode(&init)
         );
-        let sent = async {
-            s.write_all(req.as_bytes()).await?;
-            s.flush().await
-        };
-        sent.await.map_err(|err| Error::Unreachable {
-            url: url.url.clone(),
-            err,
-        })?;
+        url.send(&mut s, &req).await?;
         let (head, mut left) = http1::read_head(&mut s)
             .await
             .map_err(|e| Error::Protocol(format!("/ts2021: {e}")))?;
