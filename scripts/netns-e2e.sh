@@ -582,18 +582,7 @@ PY
 
 # udp_block_all H: home H's router drops every UDP datagram it forwards, STUN included (a network
 # that allows only TCP).
-udp_block_all() {
-	nsx "ts-nat-$1" nft -f - <<EOF
-table inet ts-block
-delete table inet ts-block
-table inet ts-block {
-	chain block_udp {
-		type filter hook forward priority filter - 10; policy accept;
-		meta l4proto udp counter drop
-	}
-}
-EOF
-}
+udp_block_all() { nft_block "$1" "meta l4proto udp counter drop"; }
 
 # netcheck_https H: H's netcheck says UDP is blocked and ranks region 999 over HTTPS.
 netcheck_https() {
@@ -610,7 +599,7 @@ step7() {
 	udp_block_all a
 	out=$(eventually_out "$NETCHECK_DEADLINE" netcheck_https a)
 	(($? == 0)) || ok=1
-	ev="tinyscale netcheck on a: $(sed 's/^[[:space:]]*//' <<<"$out" | paste -sd';')"$'\n'
+	ev="tinyscale netcheck on a: $(awk '{$1 = $1} 1' <<<"$out" | paste -sd';')"$'\n'
 	out=$(eventually_out "$FALLBACK_DEADLINE" ping_is a b derp)
 	(($? == 0)) || ok=1
 	ev+="tinyscale ping b: $(ping_ev "$out")"$'\n'

@@ -364,19 +364,25 @@ udp_block_match() {
 	local hs=("$@")
 	((${#hs[@]})) || hs=("${TS_HOMES[@]}")
 	for h in "${hs[@]}"; do
-		nsx "ts-nat-$h" nft -f - <<EOF
+		nft_block "$h" "ip daddr $INET_IP udp dport $STUN_PORT accept
+		ip saddr $INET_IP udp sport $STUN_PORT accept
+		$match counter drop"
+	done
+}
+
+# nft_block H RULES: (re)creates nat-H's ts-block table, whose forward chain runs RULES before
+# the router's own filtering; `udp_unblock` deletes it.
+nft_block() {
+	nsx "ts-nat-$1" nft -f - <<EOF
 table inet ts-block
 delete table inet ts-block
 table inet ts-block {
 	chain block_udp {
 		type filter hook forward priority filter - 10; policy accept;
-		ip daddr $INET_IP udp dport $STUN_PORT accept
-		ip saddr $INET_IP udp sport $STUN_PORT accept
-		$match counter drop
+		$2
 	}
 }
 EOF
-	done
 }
 
 udp_unblock() {
