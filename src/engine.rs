@@ -700,22 +700,28 @@ impl Engine {
         }
     }
 
-    /// Sends one WireGuard datagram to `peer` along the path its endpoint chooses.
-    fn send_to_peer(&mut self, peer: NodePublic, datagram: Vec<u8>) {
+    /// Where a datagram for `peer` goes (UDP address and/or DERP region), sending the disco
+    /// pings its endpoint wants on the way; `None` for an unknown peer.
+    fn route(&mut self, peer: NodePublic) -> Option<(Option<SocketAddr>, Option<i32>)> {
         let now = Instant::now().into_std();
-        let Some(p) = self.peers.get_mut(&peer) else { return };
-        let plan = p.endpoint.handle_send(now, &mut new_tx);
+        let plan = self.peers.get_mut(&peer)?.endpoint.handle_send(now, &mut new_tx);
         for d in plan.disco {
             self.send_disco(peer, d);
         }
-        if let Some(a) = plan.udp {
+        Some((plan.udp, plan.derp))
+    }
+
+    /// Sends one WireGuard datagram to `peer` along the path its endpoint chooses.
+    fn send_to_peer(&mut self, peer: NodePublic, datagram: Vec<u8>) {
+        let Some((udp, derp)) = self.route(peer) else { return };
+        if let Some(a) = udp {
             match addr::send_family(a, self.sock.have_v6()) {
                 Some((Family::V4, a)) => self.out4.push(a, &datagram),
                 Some((Family::V6, a)) => self.out6.push(a, &datagram),
                 None => {}
             }
         }
-        if let Some(r) = plan.derp {
+        if let Some(r) = derp {
             self.send_derp(r, peer, datagram);
         }
     }
@@ -723,17 +729,12 @@ impl Engine {
     /// [`send_to_peer`](Self::send_to_peer) for the `len`-byte datagram WireGuard just wrote
     /// into `out4`'s spare room: IPv4 commits it to that batch in place, IPv6 and DERP take a copy.
     fn send_spare_to_peer(&mut self, peer: NodePublic, len: usize) {
-        let now = Instant::now().into_std();
-        let Some(p) = self.peers.get_mut(&peer) else { return };
-        let plan = p.endpoint.handle_send(now, &mut new_tx);
-        for d in plan.disco {
-            self.send_disco(peer, d);
-        }
-        if let Some(r) = plan.derp {
+        let Some((udp, derp)) = self.route(peer) else { return };
+        if let Some(r) = derp {
             let copy = self.out4.spare(len)[..len].to_vec();
             self.send_derp(r, peer, copy);
         }
-        if let Some(a) = plan.udp {
+        if let Some(a) = udp {
             match addr::send_family(a, self.sock.have_v6()) {
                 Some((Family::V4, a)) => self.out4.commit(a, len),
                 Some((Family::V6, a)) => {

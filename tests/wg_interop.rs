@@ -17,13 +17,9 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader, Write},
-    net::SocketAddr,
-    process::{Child, ChildStdin, Command, Stdio},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{io::Write, net::SocketAddr, process::Command, time::Duration};
+
+use common::Proc;
 
 use tinyscale::{
     keys::{NodePrivate, NodePublic},
@@ -87,55 +83,14 @@ fn base64(b: &[u8]) -> String {
 }
 
 /// A child process with its output collected; killed on drop.
-struct Proc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    log: Arc<Mutex<String>>,
-}
-
-impl Proc {
-    fn spawn(argv: &[&str], envs: &[(&str, String)]) -> Proc {
-        let mut cmd = Command::new(argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
-        let log = Arc::new(Mutex::new(String::new()));
-        let outs: [Box<dyn std::io::Read + Send>; 2] = [
-            Box::new(child.stdout.take().unwrap()),
-            Box::new(child.stderr.take().unwrap()),
-        ];
-        for r in outs {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(r).lines().map_while(Result::ok) {
-                    let mut l = log.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            });
-        }
-        Proc {
-            stdin: child.stdin.take(),
-            child,
-            log,
-        }
+/// `argv` as a [`Proc`] (stdio piped and logged), with extra environment.
+fn spawn(argv: &[&str], envs: &[(&str, String)]) -> Proc {
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]);
+    for (k, v) in envs {
+        cmd.env(k, v);
     }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    Proc::spawn(cmd)
 }
 
 /// Two namespaces and a veth pair; deleted on drop (which also removes the veth and the TUNs),
@@ -212,7 +167,7 @@ fn wireguard_go_pings_tinyscale() {
     let theirs = NodePrivate::from_random(THEIR_KEY);
     let keyfile = std::env::temp_dir().join(format!("tsw-key-{id}"));
     std::fs::write(&keyfile, base64(&theirs.to_bytes())).unwrap();
-    let _wggo = Proc::spawn(
+    let _wggo = spawn(
         &in_ns(b, &["wireguard-go", "-f", &wgb]),
         &[("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1".into())],
     );
@@ -254,7 +209,7 @@ fn wireguard_go_pings_tinyscale() {
     // Our side: this binary, child mode, in namespace a.
     let exe = std::env::current_exe().unwrap();
     let start_ours = || {
-        let child = Proc::spawn(
+        let child = spawn(
             &in_ns(
                 a,
                 &[
@@ -277,7 +232,7 @@ fn wireguard_go_pings_tinyscale() {
     // Graceful stop: the child runs Router::close and checks, while its TUN still exists, that
     // our addresses and routes are gone, then prints CLOSED.
     let stop_ours = |mut child: Proc| {
-        drop(child.stdin.take());
+        drop(child.child.stdin.take());
         let status = eventually("our side exit", || child.child.try_wait().ok().flatten());
         let log = child.log();
         eprintln!("our side:\n{log}");
