@@ -378,6 +378,15 @@ target_env() {
   # max page size (64 KiB on MIPS/ARM; measured: -53 KB on mipsel client-only).
   flags="$flags -C link-arg=-Wl,-z,norelro"
   [ "$u" = gcc ] && flags="$flags -C link-arg=-Wl,-u,__tinyscale_keep_pthread"
+  # With panic=abort and the stub unwinder nothing ever reads .eh_frame: no unwind
+  # tables for Rust (std included) nor for the C crates (sqlite, ring). Measured with
+  # rustc 1.96 on mipsel client-only: .eh_frame + .eh_frame_hdr were 180 KB (8% of
+  # the file). The gcc unwinder keeps them: its backtraces walk them.
+  if [ "$u" = stub ]; then
+    flags="$flags -C force-unwind-tables=no"
+    local cf="CFLAGS_$T"
+    export "CFLAGS_$T=-fno-asynchronous-unwind-tables -fno-unwind-tables${!cf:+ ${!cf}}"
+  fi
   case "$p" in
     abort) ;;
     immediate-abort)

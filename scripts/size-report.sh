@@ -10,8 +10,15 @@
 #     --sets "A B"     feature sets (default "everything client-only")
 #     --top N          contributors shown per build (default 15; 0 = none)
 #     --cargo-args "…" extra cargo args for every build (e.g. --locked)
+#     --record         after a passing run, write this toolchain's figures into the
+#                      "#@accepted" lines of scripts/size-budgets.txt (commit them)
 #   scripts/size-report.sh --analyze <binary> <link.map> [--top N]
 #                      only print the contributors of an existing build
+#
+# Every row is also compared with the last accepted figures ("#@accepted" lines
+# in scripts/size-budgets.txt): against the same rustc version the difference is
+# the code's growth; when only another version's record exists, the row says
+# which, so growth from a toolchain move is told apart from growth of the code.
 #
 # Feature sets:  client-only = --no-default-features --features tls
 #                everything  = --no-default-features --features coordinator,tls
@@ -32,6 +39,7 @@ TARGETS=()
 SETS="everything client-only"
 TOP=15
 CARGO_ARGS=
+RECORD=
 ANALYZE=()
 
 while [ $# -gt 0 ]; do
@@ -39,6 +47,7 @@ while [ $# -gt 0 ]; do
     --sets) SETS=$2; shift 2 ;;
     --top) TOP=$2; shift 2 ;;
     --cargo-args) CARGO_ARGS=$2; shift 2 ;;
+    --record) RECORD=1; shift ;;
     --analyze) ANALYZE=("$2" "$3"); shift 3 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     all) read -r -a TARGETS <<<"$("$CROSS" targets | tr '\n' ' ')"; shift ;;
@@ -60,6 +69,43 @@ budget() {  # target set -> "max_stripped max_xz" or empty
   awk -v t="$1" -v s="$2" '!/^[[:space:]]*(#|$)/ && $1==t && $2==s {print $3, $4; exit}' "$BUDGETS"
 }
 
+# Accepted figures: "#@accepted <rustc> <target> <set> <stripped> <xz> <date>".
+# accepted <rustc> <target> <set> -> "<rustc> <stripped> <xz>": the same toolchain's
+# record if there is one, else the last record of any toolchain, else nothing.
+accepted() {
+  awk -v r="$1" -v t="$2" -v s="$3" '
+    $1 == "#@accepted" && $3 == t && $4 == s { any = $2 " " $5 " " $6; if ($2 == r) same = any }
+    END { if (same != "") print same; else if (any != "") print any }' "$BUDGETS"
+}
+
+signed() { if [ "$1" -ge 0 ]; then echo "+$1"; else echo "$1"; fi; }
+
+# vs_accepted <rustc> <target> <set> <stripped> <xz> -> a short comparison for the table.
+vs_accepted() {
+  local r s x
+  read -r r s x <<<"$(accepted "$1" "$2" "$3")" || true
+  if [ -z "${r:-}" ]; then echo "no accepted record"; return; fi
+  if [ "$r" = "$1" ]; then
+    echo "vs accepted: $(signed $(( $4 - s ))) / xz $(signed $(( $5 - x )))"
+  else
+    echo "vs accepted with rustc $r: $(signed $(( $4 - s ))) / xz $(signed $(( $5 - x ))) (toolchain moved)"
+  fi
+}
+
+# record <rustc> <rows file>: replace this toolchain's #@accepted lines for the rows.
+record() {
+  local rustc=$1 rows=$2 tmp
+  tmp=$(mktemp)
+  awk -v r="$rustc" -v day="$(date -u +%Y-%m-%d)" '
+    FNR == NR { key[$1 " " $2] = $3 " " $4; order[++n] = $1 " " $2; next }
+    $1 == "#@accepted" && $2 == r && (($3 " " $4) in key) { next }
+    { print }
+    END { for (i = 1; i <= n; i++) { split(order[i], k, " "); split(key[order[i]], v, " ")
+            printf "#@accepted %s %-31s %-11s %8d %8d %s\n", r, k[1], k[2], v[1], v[2], day } }' \
+    "$rows" "$BUDGETS" >"$tmp"
+  cat "$tmp" >"$BUDGETS"; rm -f "$tmp"
+}
+
 # Allocated, file-backed section names of an ELF (what the stripped file holds).
 alloc_sections() {
   readelf -SW "$1" | sed -n 's/^ *\[ *[0-9]*\] //p' | awk '
@@ -74,6 +120,7 @@ map_records() {  # map-file alloc-section-list
       return v }
     function emit(sec, size, file,   sym, p) {
       if (size <= 0) return
+      if (osec ~ /^\.eh_frame/) file = "@unwind"
       sym = "-"
       if ((p = index(sec, "._ZN")) > 0 || (p = index(sec, "._R")) > 0) {
         sym = substr(sec, p + 1); sub(/\.llvm\.[0-9]+$/, "", sym)
@@ -102,6 +149,7 @@ map_records() {  # map-file alloc-section-list
 attribute() {
   c++filt | awk -F'\t' '
     function owner_of_file(f,   a) {
+      if (f == "@unwind") return "[unwind tables] .eh_frame(_hdr)"
       if (f ~ /\)$/) { a = f; sub(/\(.*$/, "", a) } else a = f
       sub(/^.*\//, "", a)
       if (a ~ /^libc\.a$/) return "[C] musl libc"
@@ -166,7 +214,18 @@ fi
 command -v xz >/dev/null || { echo "size-report: xz missing (apt-get install xz-utils)" >&2; exit 2; }
 for s in $SETS; do set_args "$s" >/dev/null || exit 2; done
 variant=$("$CROSS" variant)
-rows=() details=() fails=0
+rustc_v=$(/usr/bin/rustc --version 2>/dev/null | cut -d' ' -f2)
+rows=() details=() fails=0 measured=$(mktemp)
+# The budgets are set for one toolchain ("#@budget-rustc"). Another rustc (Debian
+# moves rustc-web within a release: 1.85 -> 1.96 grew every build 3-7%) gets the
+# "#@toolchain-allowance" percentage on top, said loudly, so CI stays green across
+# the move while the same toolchain keeps the exact budgets.
+budget_rustc=$(awk '$1 == "#@budget-rustc" { print $2 }' "$BUDGETS" | tail -n1)
+allow=0
+if [ -n "$budget_rustc" ] && [ "$budget_rustc" != "$rustc_v" ]; then
+  allow=$(awk '$1 == "#@toolchain-allowance" { print $2 + 0 }' "$BUDGETS" | tail -n1)
+  allow=${allow:-0}
+fi
 for t in "${TARGETS[@]}"; do
   for s in $SETS; do
     start=$(date +%s)
@@ -183,6 +242,9 @@ for t in "${TARGETS[@]}"; do
     stripped=$(stat -c %s "$bin")
     xzb=$(xz -9e -c "$bin" | wc -c)
     read -r maxs maxx <<<"$(budget "$t" "$s")" || true
+    if [ -n "${maxs:-}" ] && [ "$allow" -gt 0 ]; then
+      maxs=$(( maxs * (100 + allow) / 100 )) maxx=$(( maxx * (100 + allow) / 100 ))
+    fi
     verdict=ok
     if [ -z "${maxs:-}" ]; then verdict="no budget in $(basename "$BUDGETS")"
     else
@@ -190,15 +252,21 @@ for t in "${TARGETS[@]}"; do
       [ "$xzb" -le "$maxx" ] || { verdict="${verdict/ok/FAIL} xz +$((xzb - maxx))"; }
       [ "${verdict#FAIL}" = "$verdict" ] || fails=$((fails + 1))
     fi
-    rows+=("$(printf '%-31s %-11s %10d %10s %9d %9s %5s  %s' "$t" "$s" "$stripped" "${maxs:--}" "$xzb" "${maxx:--}" "${secs}s" "$verdict")")
+    echo "$t $s $stripped $xzb" >>"$measured"
+    rows+=("$(printf '%-31s %-11s %10d %10s %9d %9s %5s  %-24s %s' "$t" "$s" "$stripped" "${maxs:--}" "$xzb" "${maxx:--}" "${secs}s" "$verdict" \
+      "$(vs_accepted "$rustc_v" "$t" "$s" "$stripped" "$xzb")")")
     [ "$TOP" -gt 0 ] && details+=("$(contributors "$keep/$(basename "$bin")" "$keep/link.map" "$t [$s]")")
     maxs="" maxx=""
   done
 done
 
 echo
-echo "tinyscale size report ($variant; $(/usr/bin/rustc --version 2>/dev/null | cut -d' ' -f1-2); budgets: scripts/size-budgets.txt)"
-printf '%-31s %-11s %10s %10s %9s %9s %5s  %s\n' target set stripped budget "xz -9e" budget build result
+echo "tinyscale size report ($variant; $(/usr/bin/rustc --version 2>/dev/null | cut -d' ' -f1-2); budgets: scripts/size-budgets.txt, set for rustc ${budget_rustc:-?})"
+if [ "$allow" -gt 0 ]; then
+  echo "NOTE: rustc $rustc_v is not the budgets' rustc $budget_rustc: budgets below include the ${allow}% toolchain allowance."
+  echo "      Re-measure on this toolchain and move the budgets and #@budget-rustc in one commit (--record keeps the figures)."
+fi
+printf '%-31s %-11s %10s %10s %9s %9s %5s  %-24s %s\n' target set stripped budget "xz -9e" budget build result "last accepted"
 for r in "${rows[@]}"; do echo "$r"; done
 for d in "${details[@]}"; do echo; echo "$d"; done
 echo
@@ -207,3 +275,8 @@ if [ "$fails" -gt 0 ]; then
   exit 1
 fi
 echo "size-report: PASS (${#rows[@]} builds within budget)"
+if [ -n "$RECORD" ]; then
+  record "$rustc_v" "$measured"
+  echo "size-report: recorded as accepted for rustc $rustc_v in $(basename "$BUDGETS")"
+fi
+rm -f "$measured"

