@@ -6,8 +6,22 @@
 //! module parses just the request/status line, headers and a `Content-Length` body, with hard
 //! limits. Everything after the head (upgraded protocols) is handed back to the caller untouched.
 //!
-//! [`parse_head`] and [`parse_url`] are pure; [`read_head`] and [`get`] (one-shot GET for DERP
-//! maps, `list derp_url`) are the small async shells around them.
+//! Request targets (RFC 9112 §3.2) come in four forms; [`parse_head`] hands routing the
+//! origin-form whatever the client sent:
+//!
+//! ```text
+//! origin-form     GET /key?v=130 HTTP/1.1                      kept as sent
+//! absolute-form   GET http://127.0.0.1:18280/key?v=130 HTTP/1.1 -> /key?v=130 (Host is ignored)
+//! asterisk-form   OPTIONS * HTTP/1.1                           kept, only for OPTIONS
+//! authority-form  CONNECT 127.0.0.1:443 HTTP/1.1               400: we serve no CONNECT
+//! ```
+//!
+//! A server MUST accept absolute-form (§3.2.2) and some Tailscale clients send it. Like Go's
+//! `net/http` server, routing looks only at the path: the authority is checked for syntax, then
+//! dropped, and percent-encoding is left as sent.
+//!
+//! [`parse_head`], [`origin_form`] and [`parse_url`] are pure; [`read_head`] and [`get`] (one-shot
+//! GET for DERP maps, `list derp_url`) are the small async shells around them.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -98,7 +112,8 @@ pub fn parse_url(s: &str) -> Result<Url, &'static str> {
 pub struct Head {
     /// Request method, or empty for a response.
     pub method: String,
-    /// Request target (path and query), or empty for a response.
+    /// Request target in origin-form (path and query, or `*` for OPTIONS) even when the client
+    /// sent absolute-form; empty for a response.
     pub target: String,
     /// Response status, or 0 for a request.
     pub status: u16,
@@ -140,12 +155,146 @@ impl Head {
 pub enum HttpError {
     #[error("malformed HTTP head")]
     Malformed,
+    /// The request target is in no form we serve; the text says which rule it broke.
+    #[error("bad request target: {0}")]
+    BadTarget(&'static str),
     #[error("HTTP head or body too large")]
     TooLarge,
     #[error("connection closed")]
     Closed,
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl HttpError {
+    /// The body of the `400` a server answers with: what the client got wrong, nothing internal.
+    pub fn bad_request_body(&self) -> String {
+        match self {
+            HttpError::BadTarget(why) => format!("bad request: {why}\n"),
+            HttpError::TooLarge => "bad request: head too large\n".into(),
+            _ => "bad request\n".into(),
+        }
+    }
+}
+
+/// The origin-form of a request target for routing (RFC 9112 §3.2): `/path?query`, or `*` for
+/// a server-wide OPTIONS. The error says which rule the target broke.
+///
+/// - origin-form (`/…`) is returned untouched.
+/// - absolute-form (`http://` or `https://`, any case) loses scheme and authority; the rest is
+///   kept byte for byte. An empty path becomes `/`, except for an OPTIONS without a query, which
+///   becomes `*`: §3.2.4 makes a proxy forward exactly that request as asterisk-form (Go's
+///   server routes it as `/` instead).
+/// - asterisk-form (`*`) is only valid for OPTIONS (Go's `ServeMux` answers other methods 400).
+/// - authority-form (`host:port`) is only valid for CONNECT, which no listener of ours serves.
+///
+/// The authority must be well formed, not just present: RFC 9110 §4.2.1 says to reject an
+/// empty host, and §4.2.4 to treat userinfo (`user@`) as an error, since its use is to disguise
+/// the real host. Go's `url.ParseRequestURI` is more lenient on userinfo and scheme; no
+/// Tailscale client needs either.
+pub fn origin_form(method: &str, target: &str) -> Result<String, &'static str> {
+    if target.starts_with('/') {
+        return Ok(target.to_string());
+    }
+    if target == "*" {
+        return match method {
+            "OPTIONS" => Ok(target.to_string()),
+            _ => Err("asterisk-form (*) is only valid for OPTIONS"),
+        };
+    }
+    if let Some((scheme, rest)) = target.split_once("://").filter(|(s, _)| is_scheme(s)) {
+        if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+            return Err("absolute-form target must be http:// or https://");
+        }
+        let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        split_authority(authority)?;
+        return Ok(match path {
+            "" if method == "OPTIONS" => "*".to_string(),
+            "" => "/".to_string(),
+            p if p.starts_with('?') => format!("/{p}"),
+            p => p.to_string(),
+        });
+    }
+    match split_authority(target) {
+        Ok((_, Some(_))) => Err("authority-form (host:port) is only valid for CONNECT, which is not served"),
+        _ => Err("request target must be /path or http://host/path"),
+    }
+}
+
+/// RFC 3986 `scheme`: a letter, then letters, digits, `+`, `-` or `.`.
+fn is_scheme(s: &str) -> bool {
+    let mut b = s.bytes();
+    b.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.'))
+}
+
+/// Splits an RFC 3986 `authority` without userinfo into host and optional port (`host:` gives
+/// an empty port, as the grammar allows). IP literals must be IPv6, with an optional RFC 6874
+/// zone (`[fe80::1%25eth0]`); other hosts are reg-names (IPv4 is one).
+fn split_authority(a: &str) -> Result<(&str, Option<&str>), &'static str> {
+    if a.contains('@') {
+        return Err("userinfo (user@) is not allowed in a request target");
+    }
+    let (host, port) = if let Some(v6) = a.strip_prefix('[') {
+        let (lit, after) = v6.split_once(']').ok_or("unterminated IPv6 literal")?;
+        let (addr, zone) = match lit.split_once("%25") {
+            Some((addr, zone)) => (addr, Some(zone)),
+            None => (lit, None),
+        };
+        let zone_ok = zone.is_none_or(|z| !z.is_empty() && reg_name_chars(z, false));
+        if addr.parse::<std::net::Ipv6Addr>().is_err() || !zone_ok {
+            return Err("invalid IPv6 literal");
+        }
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or("invalid port")?),
+        };
+        // The host keeps its brackets: `[` + literal + `]`.
+        (&a[..lit.len() + 2], port)
+    } else {
+        match a.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (a, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("request target has no host");
+    }
+    if !host.starts_with('[') && !reg_name_chars(host, true) {
+        return Err("invalid host");
+    }
+    if port.is_some_and(|p| !p.bytes().all(|b| b.is_ascii_digit())) {
+        return Err("invalid port");
+    }
+    Ok((host, port))
+}
+
+/// `s` is unreserved characters and `%HH` escapes, plus sub-delims when `sub_delims`.
+fn reg_name_chars(s: &str, sub_delims: bool) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'%' {
+            if !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit) && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit)) {
+                return false;
+            }
+            i += 3;
+            continue;
+        }
+        let ok = c.is_ascii_alphanumeric()
+            || matches!(c, b'-' | b'.' | b'_' | b'~')
+            || (sub_delims
+                && matches!(
+                    c,
+                    b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+                ));
+        if !ok {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// Parses a complete head (`buf` must contain the terminating blank line). Returns the head and
@@ -168,11 +317,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
         head.status = b.parse().map_err(|_| HttpError::Malformed)?;
     } else {
         let version = parts.next().unwrap_or("");
-        if a.is_empty() || !b.starts_with('/') || !version.starts_with("HTTP/1.") {
+        if a.is_empty() || !version.starts_with("HTTP/1.") {
             return Err(HttpError::Malformed);
         }
+        head.target = origin_form(a, b).map_err(HttpError::BadTarget)?;
         head.method = a.to_string();
-        head.target = b.to_string();
     }
     for line in lines {
         let (k, v) = line.split_once(':').ok_or(HttpError::Malformed)?;
@@ -416,6 +565,113 @@ mod tests {
     }
 
     #[test]
+    fn absolute_form_is_routed_by_its_path() {
+        // What an independent Tailscale client sends for the server key.
+        let raw = b"GET http://127.0.0.1:18280/key?v=130 HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n";
+        let (h, used) = parse_head(raw).unwrap().unwrap();
+        assert_eq!((h.method.as_str(), h.target.as_str()), ("GET", "/key?v=130"));
+        assert_eq!((h.path(), h.query("v")), ("/key", Some("130")));
+        assert_eq!(used, raw.len());
+        let (h, _) = parse_head(b"OPTIONS * HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.target, "*");
+        for bad in [
+            &b"GET * HTTP/1.1\r\n\r\n"[..],
+            b"CONNECT 127.0.0.1:443 HTTP/1.1\r\n\r\n",
+            b"GET key HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_head(bad), Err(HttpError::BadTarget(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let e = parse_head(b"GET * HTTP/1.1\r\n\r\n").unwrap_err();
+        assert_eq!(
+            e.bad_request_body(),
+            "bad request: asterisk-form (*) is only valid for OPTIONS\n"
+        );
+        assert_eq!(HttpError::Malformed.bad_request_body(), "bad request\n");
+    }
+
+    #[test]
+    fn request_target_forms() {
+        for (method, target, want) in [
+            // origin-form, untouched
+            ("GET", "/key?v=130", "/key?v=130"),
+            ("GET", "/", "/"),
+            ("GET", "/a%2Fb%20c?q=%3D&r=a+b", "/a%2Fb%20c?q=%3D&r=a+b"),
+            // absolute-form, with and without port, any scheme case
+            ("GET", "http://127.0.0.1:18280/key?v=130", "/key?v=130"),
+            ("GET", "http://127.0.0.1/key", "/key"),
+            ("POST", "HTTPS://Coord.Example:443/ts2021", "/ts2021"),
+            ("GET", "hTTp://localhost:80/derp/probe", "/derp/probe"),
+            ("GET", "http://h:/generate_204", "/generate_204"),
+            // IPv6 literals, with a zone
+            ("GET", "http://[::1]:18280/derp", "/derp"),
+            ("GET", "https://[2001:db8::1]/health", "/health"),
+            ("GET", "http://[fe80::1%25eth0]:80/derp", "/derp"),
+            ("GET", "http://[::ffff:192.0.2.1]/", "/"),
+            // empty path
+            ("GET", "http://example.com", "/"),
+            ("HEAD", "http://example.com:8080", "/"),
+            ("GET", "http://example.com?v=130", "/?v=130"),
+            ("OPTIONS", "http://example.com", "*"),
+            ("OPTIONS", "http://example.com/", "/"),
+            ("OPTIONS", "http://example.com?x", "/?x"),
+            ("OPTIONS", "*", "*"),
+            // percent-encoding and odd paths stay as sent
+            ("GET", "http://h/a%2Fb%20c?q=%3D&r=a+b", "/a%2Fb%20c?q=%3D&r=a+b"),
+            ("GET", "http://h//double/./dot/../", "//double/./dot/../"),
+            ("GET", "http://h/p?next=http://x/y", "/p?next=http://x/y"),
+            ("GET", "http://h/k@y", "/k@y"), // an @ after the authority is no userinfo
+            ("GET", "http://%68ost.example/p", "/p"),
+            ("GET", "http://a-b_c~d.!$&'()*+,;=/p", "/p"),
+        ] {
+            assert_eq!(origin_form(method, target).as_deref(), Ok(want), "{method} {target}");
+        }
+        for (method, target, why) in [
+            ("GET", "*", "only valid for OPTIONS"),
+            ("POST", "*", "only valid for OPTIONS"),
+            ("CONNECT", "127.0.0.1:443", "only valid for CONNECT"),
+            ("GET", "example.com:80", "only valid for CONNECT"),
+            ("GET", "[::1]:443", "only valid for CONNECT"),
+            ("GET", "http://user:pw@h/key", "userinfo"),
+            ("GET", "http://user@h:80/key", "userinfo"),
+            ("GET", "http://@h/key", "userinfo"),
+            ("GET", "http:///key", "no host"),
+            ("GET", "http://:80/key", "no host"),
+            ("GET", "http://?v=1", "no host"),
+            ("GET", "https://", "no host"),
+            ("GET", "ftp://h/key", "http:// or https://"),
+            ("GET", "ws://h/derp", "http:// or https://"),
+            ("GET", "http://h:8o/", "invalid port"),
+            ("GET", "http://h:-1/", "invalid port"),
+            ("GET", "http://[::1]x/", "invalid port"),
+            ("GET", "http://[::1/", "unterminated"),
+            ("GET", "http://[zz::1]/", "IPv6"),
+            ("GET", "http://[127.0.0.1]/", "IPv6"),
+            ("GET", "http://[fe80::1%eth0]/", "IPv6"),
+            ("GET", "http://[fe80::1%25]/", "IPv6"),
+            ("GET", "http://[v1.x]/", "IPv6"),
+            ("GET", "http://a:b:80/", "invalid host"),
+            ("GET", "http://h#frag", "invalid host"),
+            ("GET", "http://h%zz/", "invalid host"),
+            ("GET", "http://h%4/", "invalid host"),
+            ("GET", "http://h\u{e9}/", "invalid host"),
+            ("GET", "http://h\\x/", "invalid host"),
+            ("GET", "key", "must be /path"),
+            ("GET", "", "must be /path"),
+            ("GET", "http:/key", "must be /path"),
+            ("GET", "?v=1", "must be /path"),
+            ("GET", "1http://h/", "must be /path"),
+            ("GET", "example.com", "must be /path"),
+        ] {
+            let e = origin_form(method, target).unwrap_err();
+            assert!(e.contains(why), "{method} {target}: {e}");
+        }
+    }
+
+    #[test]
     fn base64_vectors() {
         assert_eq!(base64_encode(b""), "");
         assert_eq!(base64_encode(b"f"), "Zg==");
@@ -430,6 +686,50 @@ mod tests {
         #[test]
         fn base64_roundtrip(data in proptest::collection::vec(any::<u8>(), 0..200)) {
             prop_assert_eq!(base64_decode(&base64_encode(&data)).unwrap(), data);
+        }
+
+        /// Absolute-form routes exactly like the origin-form it names, whatever the authority.
+        #[test]
+        fn absolute_form_routes_like_origin_form(
+            scheme in prop::sample::select(vec!["http", "https", "HTTP", "Https", "hTtP"]),
+            host in prop_oneof![
+                "[a-z0-9-]{1,10}(\\.[a-z0-9-]{1,10}){0,3}",
+                any::<std::net::Ipv4Addr>().prop_map(|a| a.to_string()),
+                any::<std::net::Ipv6Addr>().prop_map(|a| format!("[{a}]")),
+            ],
+            port in proptest::option::of(any::<u16>()),
+            pq in "(/[a-zA-Z0-9%._~!$&'()*+,;=:@-]{0,8}){0,4}(\\?[a-zA-Z0-9%=&/?:+-]{0,16})?",
+            method in prop::sample::select(vec!["GET", "POST", "HEAD", "OPTIONS"]),
+        ) {
+            let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+            let abs = format!("{scheme}://{host}{port}{pq}");
+            let want = match pq.as_str() {
+                "" if method == "OPTIONS" => "*".to_string(),
+                "" => "/".to_string(),
+                p if p.starts_with('?') => format!("/{p}"),
+                p => p.to_string(),
+            };
+            prop_assert_eq!(origin_form(method, &abs), Ok(want.clone()));
+            let raw = format!("{method} {abs} HTTP/1.1\r\nHost: elsewhere\r\n\r\n");
+            let (h, _) = parse_head(raw.as_bytes()).unwrap().unwrap();
+            prop_assert_eq!(h.target, want);
+        }
+
+        /// Origin-form is never rewritten.
+        #[test]
+        fn origin_form_is_untouched(t in "/[!-~]{0,40}") {
+            prop_assert_eq!(origin_form("GET", &t), Ok(t.clone()));
+        }
+
+        /// Whatever the target, routing gets origin-form (or `*` for OPTIONS) or an error.
+        #[test]
+        fn any_target_yields_origin_form_or_an_error(
+            method in prop::sample::select(vec!["GET", "OPTIONS", "CONNECT"]),
+            t in prop_oneof!["\\PC{0,40}", "[hH][tT][tT][pP][sS]?://\\PC{0,30}", "\\[[0-9a-f:%.]{0,20}\\][:0-9]{0,4}"],
+        ) {
+            if let Ok(o) = origin_form(method, &t) {
+                prop_assert!(o.starts_with('/') || (o == "*" && method == "OPTIONS"), "{} {} -> {}", method, t, o);
+            }
         }
 
         #[test]

@@ -1,7 +1,14 @@
 //! The coordinator and the control client in one process, over real loopback TCP: registration
-//! flows, map streaming and deltas, and bad input that must be refused without harming others.
+//! flows, map streaming and deltas, HTTP/1 request-target forms (a client speaking absolute-form
+//! throughout), and bad input that must be refused without harming others.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+mod common;
 
 use rand_core::{OsRng, RngCore};
 use tinyscale::{
@@ -12,7 +19,11 @@ use tinyscale::{
         state::{Settings, State},
         store::Store,
     },
-    keys::{DiscoPrivate, MachinePrivate, NodePrivate},
+    derp::{
+        client::{self as derp_client, DerpEvent},
+        server::{DerpServer, Verifier},
+    },
+    keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
     tailcfg::{self, MapRequest, MapResponse, RegisterAuth, RegisterRequest},
 };
 use tokio::{
@@ -431,11 +442,177 @@ async fn garbage_on_the_outer_listener_gets_clear_errors() {
     );
     assert!(http_get(h.addr, "/key").await.starts_with("HTTP/1.1 400"));
     assert!(http_get(h.addr, "/key?v=130").await.contains("\"publicKey\":\"mkey:"));
+    // Request-target forms (RFC 9112 §3.2): absolute-form is served (Host ignored), the rest
+    // gets a 400 that says why.
+    let r = raw(
+        h.addr,
+        b"GET http://127.0.0.1:18280/key?v=130 HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("\"publicKey\":\"mkey:"),
+        "{r}"
+    );
+    let r = raw(h.addr, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    for (req, why) in [
+        (&b"GET * HTTP/1.1\r\nHost: x\r\n\r\n"[..], "only valid for OPTIONS"),
+        (
+            b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+            "only valid for CONNECT",
+        ),
+        (b"GET http://u@127.0.0.1/key?v=130 HTTP/1.1\r\n\r\n", "userinfo"),
+    ] {
+        let r = raw(h.addr, req).await;
+        assert!(r.starts_with("HTTP/1.1 400") && r.contains(why), "{r}");
+    }
     assert!(http_get(h.addr, "/health").await.contains(r#"{"status":"pass"}"#));
     assert!(http_get(h.addr, "/register/<script>").await.starts_with("HTTP/1.1 404"));
     // The server keeps serving real clients.
     let key = h.user_and_key("dave", true, None);
     join(&h, &key, "still-ok").await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_connection_closed_unused_logs_nothing_above_debug() {
+    common::capture_logs();
+    let h = start().await;
+    for _ in 0..3 {
+        common::open_and_close_unused(h.addr).await;
+    }
+    // The server closed each one, so whatever it logs for them is captured by now.
+    let loud: Vec<_> = common::captured_logs()
+        .into_iter()
+        .filter(|(level, _)| *level <= log::Level::Info)
+        .collect();
+    assert!(loud.is_empty(), "{loud:?}");
+    // The next client is served as usual.
+    let key = client::fetch_server_key(&h.url).await.unwrap();
+    assert_eq!(key, h.coord.public_key());
+    // The capture does see this server's lines: a bad request is logged at debug.
+    assert!(raw(h.addr, b"GET * HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 400"));
+    if log::STATIC_MAX_LEVEL >= log::LevelFilter::Debug {
+        let logs = common::captured_logs();
+        assert!(
+            logs.iter()
+                .any(|(l, m)| *l == log::Level::Debug && m.starts_with("bad http request")),
+            "{logs:?}"
+        );
+    }
+}
+
+/// A TCP proxy in front of `upstream` that rewrites the request line of each connection's first
+/// request from origin-form to absolute-form (`GET /key?v=130` -> `GET http://…/key?v=130`),
+/// with a different authority each time (routing must ignore it), and relays every other byte
+/// verbatim both ways. Returns its address and the request lines it rewrote.
+async fn absolute_form_proxy(upstream: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rewritten = Arc::new(Mutex::new(Vec::new()));
+    let log = rewritten.clone();
+    let authorities = [
+        format!("http://{upstream}"),
+        "HTTP://127.0.0.1".to_string(),
+        "https://[::1]:8443".to_string(),
+        "hTTp://coordinator.example:18280".to_string(),
+    ];
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut down, _)) = listener.accept().await {
+            let authority = authorities[n % authorities.len()].clone();
+            n += 1;
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut up = TcpStream::connect(upstream).await.unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 2048];
+                let eol = loop {
+                    if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                        break i;
+                    }
+                    match down.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                };
+                let line = std::str::from_utf8(&buf[..eol]).unwrap();
+                let (method, target) = line.split_once(' ').unwrap();
+                let target = target.strip_prefix('/').expect("our clients send origin-form");
+                let line = format!("{method} {authority}/{target}");
+                log.lock().unwrap().push(line.clone());
+                up.write_all(line.as_bytes()).await.unwrap();
+                up.write_all(&buf[eol..]).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+        }
+    });
+    (addr, rewritten)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_client_speaking_absolute_form_registers_and_relays_over_derp() {
+    let h = start().await;
+    // The embedded relay, admitting only registered node keys, as the daemon wires it.
+    let coord = Arc::downgrade(&h.coord);
+    let verifier: Verifier = Arc::new(move |k: &NodePublic| {
+        coord
+            .upgrade()
+            .is_some_and(|c| c.lock().nodes().any(|n| n.node_key == *k))
+    });
+    let relay = Arc::new(DerpServer::new(NodePrivate::from_random(rnd()), Some(verifier)));
+    h.coord.set_derp(relay.clone());
+    let key = h.user_and_key("abs", true, None);
+
+    // Everything below goes through the proxy: /key, /ts2021 (then Noise), /derp.
+    let (proxy, rewritten) = absolute_form_proxy(h.addr).await;
+    let via = Harness {
+        coord: h.coord.clone(),
+        addr: proxy,
+        url: ControlUrl::parse(&format!("http://{proxy}")).unwrap(),
+    };
+    let a = join(&via, &key, "abs-a").await;
+    let b = join(&via, &key, "abs-b").await;
+    let a_id = a.first.node.as_ref().unwrap().id;
+    assert_eq!(b.first.peers.as_ref().unwrap()[0].id, a_id);
+
+    let mut da = derp_client::connect_http(&proxy.to_string(), "/derp", &a.node)
+        .await
+        .unwrap();
+    let mut db = derp_client::connect_http(&proxy.to_string(), "/derp", &b.node)
+        .await
+        .unwrap();
+    assert_eq!(da.server_key(), relay.public_key());
+    db.send(a.node.public(), b"absolute-form all the way").await.unwrap();
+    let got = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let DerpEvent::Packet { src, data } = da.recv().await.unwrap() {
+                return (src, data);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.0, b.node.public());
+    assert_eq!(&got.1[..], b"absolute-form all the way");
+
+    // Each of those requests reached the coordinator in absolute-form.
+    let lines = rewritten.lock().unwrap().clone();
+    let count = |method: &str, path: &str| {
+        let origin_path = |line: &str| {
+            let target = line.split(' ').nth(1).unwrap();
+            let authority_and_rest = &target[target.find("://").unwrap() + 3..];
+            let origin = &authority_and_rest[authority_and_rest.find('/').unwrap()..];
+            origin.split('?').next().unwrap().to_string()
+        };
+        lines
+            .iter()
+            .filter(|l| l.starts_with(&format!("{method} ")) && origin_path(l) == path)
+            .count()
+    };
+    assert_eq!(count("GET", "/key"), 2, "{lines:#?}");
+    assert_eq!(count("POST", "/ts2021"), 2, "{lines:#?}");
+    assert_eq!(count("GET", "/derp"), 2, "{lines:#?}");
+    assert_eq!(lines.len(), 6, "{lines:#?}");
 }
 
 #[tokio::test(flavor = "current_thread")]

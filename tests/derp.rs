@@ -280,6 +280,38 @@ async fn http_routes_of_a_derp_host() {
     let r = http(addr, "GET /nope HTTP/1.1\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 404 "), "{r}");
 
+    // Request-target forms (RFC 9112 §3.2): absolute-form routes by its path whatever the
+    // authority and Host say; asterisk-form is for OPTIONS only; authority-form is for CONNECT.
+    let r = http(
+        addr,
+        "GET http://derp.example:443/derp/probe HTTP/1.1\r\nHost: elsewhere\r\n\r\n",
+    )
+    .await;
+    assert!(
+        r.starts_with("HTTP/1.1 200 ") && r.contains("Access-Control-Allow-Origin: *\r\n"),
+        "{r}"
+    );
+    let r = http(addr, "GET HTTPS://[::1]/generate_204 HTTP/1.1\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 204 "), "{r}");
+    let r = http(addr, "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+    let r = http(addr, "GET * HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 400 ") && r.contains("only valid for OPTIONS"),
+        "{r}"
+    );
+    let r = http(addr, "CONNECT derp.example:443 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 400 ") && r.contains("only valid for CONNECT"),
+        "{r}"
+    );
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET http://127.0.0.1/derp HTTP/1.1\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = tinyscale::http1::read_head(&mut s).await.unwrap();
+    assert_eq!(head.status, 101);
+
     // The 101: any method, Upgrade matched case-insensitively, Go's headers.
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(b"POST /derp HTTP/1.1\r\nHost: x\r\nUpgrade: derp\r\nConnection: upgrade\r\n\r\n")
@@ -300,6 +332,36 @@ async fn http_routes_of_a_derp_host() {
         read_frame(&mut s, &mut r).await,
         Frame::ServerKey { key: srv.public_key() }
     );
+}
+
+#[tokio::test]
+async fn a_connection_closed_unused_logs_nothing_above_debug() {
+    common::capture_logs();
+    let (srv, addr) = start(None).await;
+    for _ in 0..3 {
+        common::open_and_close_unused(addr).await;
+    }
+    // The relay closed each one, so whatever it logs for them is captured by now.
+    let loud: Vec<_> = common::captured_logs()
+        .into_iter()
+        .filter(|(level, _)| *level <= log::Level::Info)
+        .collect();
+    assert!(loud.is_empty(), "{loud:?}");
+    // The next client is served as usual.
+    let k = node_key();
+    let c = connect(addr, &k).await;
+    assert_eq!(c.server_key(), srv.public_key());
+    eventually("client registered", || srv.is_connected(&k.public())).await;
+    // The capture does see the relay's lines: a bad request is logged at debug.
+    assert!(http(addr, "GET * HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 400 "));
+    if log::STATIC_MAX_LEVEL >= log::LevelFilter::Debug {
+        let logs = common::captured_logs();
+        assert!(
+            logs.iter()
+                .any(|(l, m)| *l == log::Level::Debug && m.starts_with("derp: bad http request")),
+            "{logs:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -169,10 +169,12 @@ async fn handle_conn(coord: Arc<Coordinator>, mut sock: Stream, peer: SocketAddr
     let head = tokio::time::timeout(HEAD_TIMEOUT, http1::read_head(&mut sock)).await;
     let (head, leftover) = match head {
         Ok(Ok(x)) => x,
+        // Closed before a whole head (some clients open a connection and close it unused):
+        // nothing to report, not even at debug.
         Ok(Err(http1::HttpError::Closed)) => return,
         Ok(Err(e)) => {
             log::debug!("bad http request peer={peer} err={e}");
-            let _ = http1::write_response(&mut sock, 400, "text/plain", b"bad request\n").await;
+            let _ = http1::write_response(&mut sock, 400, "text/plain", e.bad_request_body().as_bytes()).await;
             return;
         }
         Err(_) => return,
@@ -222,6 +224,8 @@ async fn route(
             }
         }
         "/health" => http1::write_response(sock, 200, "application/json", br#"{"status":"pass"}"#).await,
+        // `OPTIONS *` (the parser lets `*` through for OPTIONS only): 200, as Go's server does.
+        "*" => http1::write_response(sock, 200, "text/plain", b"").await,
         p if p.starts_with("/register/") => {
             let id = &p["/register/".len()..];
             let (status, body) = register_page(coord, id);

@@ -319,7 +319,7 @@ pub async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, host: &str, 
     let (head, leftover) = http1::read_head(io).await.map_err(|e| match e {
         http1::HttpError::Io(err) => Error::Io { op: Op::Upgrade, err },
         http1::HttpError::Closed => Error::Closed(Op::Upgrade),
-        http1::HttpError::Malformed | http1::HttpError::TooLarge => Error::Protocol {
+        http1::HttpError::Malformed | http1::HttpError::TooLarge | http1::HttpError::BadTarget(_) => Error::Protocol {
             op: Op::Upgrade,
             what: "malformed HTTP response",
         },

@@ -460,7 +460,8 @@ impl DerpServer {
     /// Serves one DERP-host HTTP request whose head was already read: `/derp` (any method,
     /// `Upgrade: DERP` → 101 then [`Self::accept`]; no upgrade → 426), `/derp/probe` and
     /// `/derp/latency-check` (200 for GET/HEAD, CORS open; else 405), `/generate_204` (captive
-    /// portal check, spec §6.5), anything else 404. Errors end the connection and are logged.
+    /// portal check, spec §6.5), `OPTIONS *` 200, anything else 404. Errors end the connection
+    /// and are logged.
     pub async fn handle_http<S>(self: &Arc<Self>, mut sock: S, head: &http1::Head, leftover: Vec<u8>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -513,6 +514,8 @@ impl DerpServer {
                 }
                 respond(&mut sock, 204, &extra, b"", true).await
             }
+            // `OPTIONS *` (the parser lets `*` through for OPTIONS only): 200, as Go's server does.
+            "*" => respond(&mut sock, 200, &[], b"", false).await,
             _ => respond(&mut sock, 404, &[], b"not found\n", false).await,
         };
         if let Err(e) = r {
@@ -699,10 +702,13 @@ impl DerpServer {
                         let head = tokio::time::timeout(HTTP_HEAD_TIMEOUT, http1::read_head(&mut sock)).await;
                         match head {
                             Ok(Ok((head, leftover))) => server.handle_http(sock, &head, leftover).await,
+                            // Closed before a whole head (some clients open a connection and
+                            // close it unused) or silent past the budget: nothing to report.
                             Ok(Err(http1::HttpError::Closed)) | Err(_) => {}
                             Ok(Err(e)) => {
                                 log::debug!("derp: bad http request peer={peer} err={e}");
-                                let _ = respond(&mut sock, 400, &[], b"bad request\n", false).await;
+                                let body = e.bad_request_body();
+                                let _ = respond(&mut sock, 400, &[], body.as_bytes(), false).await;
                             }
                         }
                     });

