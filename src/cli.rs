@@ -1,6 +1,7 @@
 //! Command-line interface: the client verbs (`up`, `down`, `logout`, `status`, `ip`, `version`),
 //! `daemon`, and `server …` with headscale's admin verbs. Invoked as `headscale`, the binary
-//! behaves as `tinyscale server`.
+//! behaves as `tinyscale server`; as `tailscaled`, as `tinyscale daemon`. `argv` first rewrites
+//! Go-style flags (`--flag=value`, `--flag=false`) and headscale's aliases into what argh parses.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -12,17 +13,32 @@ use crate::{
     ipc::{self, IpcRequest, UpArgs},
 };
 
+pub mod argv;
+
+// Every argh type below also derives `ArgsInfo` in tests only: `argv::TREE`'s cross-check reads
+// it, and the binary does not carry that metadata.
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(
+    note = "Flags take Go's forms, as in tailscale and headscale guides: --flag=value, --flag value, \
+            -flag=value, -flag value; booleans: --flag, --flag=true, --flag=false. An empty value \
+            (--exit-node=) clears a setting.",
+    note = "Through a symlink named headscale the binary runs as `tinyscale server` (with headscale's \
+            command aliases: namespaces/user = users, node/machines = nodes, route = routes, ls = list, \
+            -n/--namespace = --user), named tailscale as this command, named tailscaled as \
+            `tinyscale daemon`."
+)]
 /// tinyscale: a small Tailscale-compatible mesh VPN client, subnet router and coordinator for
 /// OpenWrt routers.
 ///
-/// Quick start: `tinyscale daemon &` then `tinyscale up --login-server http://HOST:8080`.
+/// Quick start: `tinyscale daemon &` then `tinyscale up --login-server=http://HOST:8080`.
 pub struct Top {
     #[argh(subcommand)]
     pub cmd: Cmd,
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand)]
 pub enum Cmd {
     Up(Up),
@@ -40,6 +56,7 @@ pub enum Cmd {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "derp")]
 /// run a standalone DERP relay and an optional STUN server: over TLS with --tls-cert/--tls-key
 /// (what clients expect), else plain HTTP (behind a TLS proxy, or for clients with
@@ -60,35 +77,46 @@ pub struct DerpCmd {
 }
 
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "up")]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(
+    subcommand,
+    name = "up",
+    note = "Boolean flags: --accept-routes alone means true; --accept-dns=false turns off a setting \
+            that defaults to true. Settings not given keep their current values (--reset restores \
+            the defaults).",
+    example = "tinyscale up --login-server=http://192.168.1.1:8080 --accept-routes \
+               --accept-dns=false --advertise-routes=192.168.1.0/24"
+)]
 /// connect to the tailnet, logging in if needed (prints a login URL for interactive login)
 pub struct Up {
     /// control server URL, e.g. http://192.168.1.1:8080 (headscale, tinyscale server)
     #[argh(option)]
     pub login_server: Option<String>,
     /// pre-auth key (tskey-auth-…) for unattended login; file:PATH reads it from a file
+    /// (also --authkey)
     #[argh(option)]
-    pub authkey: Option<String>,
+    pub auth_key: Option<String>,
     /// hostname to use instead of the system one
     #[argh(option)]
     pub hostname: Option<String>,
     /// subnet routes to offer the tailnet, comma-separated CIDRs (e.g. 192.168.1.0/24)
     #[argh(option)]
     pub advertise_routes: Option<String>,
-    /// accept subnet routes other nodes advertise
-    #[argh(option)]
+    /// accept subnet routes other nodes advertise (default false)
+    #[argh(option, arg_name = "bool")]
     pub accept_routes: Option<bool>,
-    /// accept DNS settings from the tailnet (MagicDNS)
-    #[argh(option)]
+    /// accept DNS settings from the tailnet, MagicDNS (default true; --accept-dns=false to
+    /// refuse)
+    #[argh(option, arg_name = "bool")]
     pub accept_dns: Option<bool>,
-    /// offer this node as an exit node (advertises 0.0.0.0/0 and ::/0)
-    #[argh(switch)]
-    pub advertise_exit_node: bool,
+    /// offer this node as an exit node: advertises 0.0.0.0/0 and ::/0 (default false)
+    #[argh(option, arg_name = "bool")]
+    pub advertise_exit_node: Option<bool>,
     /// tailnet IP or name of the exit node to use ("" to stop using one)
     #[argh(option)]
     pub exit_node: Option<String>,
-    /// keep direct access to the local LAN while using an exit node
-    #[argh(option)]
+    /// keep direct access to the local LAN while using an exit node (default false)
+    #[argh(option, arg_name = "bool")]
     pub exit_node_allow_lan_access: Option<bool>,
     /// ACL tags to request, comma-separated (tag:router,…)
     #[argh(option)]
@@ -99,11 +127,11 @@ pub struct Up {
     /// reset settings not given on this command line to their defaults
     #[argh(switch)]
     pub reset: bool,
-    /// block incoming connections from the tailnet
-    #[argh(option)]
+    /// block incoming connections from the tailnet (default false)
+    #[argh(option, arg_name = "bool")]
     pub shields_up: Option<bool>,
     /// masquerade traffic to advertised subnets as this node (default true)
-    #[argh(option)]
+    #[argh(option, arg_name = "bool")]
     pub snat_subnet_routes: Option<bool>,
     /// give up after this long, e.g. 30s, 5m (default: wait for login indefinitely)
     #[argh(option)]
@@ -117,6 +145,7 @@ pub struct Up {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "down")]
 /// disconnect from the tailnet (keeps the login)
 pub struct Down {
@@ -126,6 +155,7 @@ pub struct Down {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "logout")]
 /// disconnect and expire this node's login (the next `up` logs in again)
 pub struct Logout {
@@ -135,6 +165,7 @@ pub struct Logout {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "status")]
 /// show this node and its peers
 pub struct Status {
@@ -147,6 +178,7 @@ pub struct Status {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "ip")]
 /// print this node's tailnet addresses
 pub struct Ip {
@@ -162,15 +194,17 @@ pub struct Ip {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "version")]
 /// print the version
 pub struct Version {}
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "daemon")]
 /// run the client daemon (keys, control session); procd starts it on OpenWrt
 pub struct DaemonCmd {
-    /// directory for keys and settings (default /etc/tinyscale)
+    /// directory for keys and settings (default /etc/tinyscale; tailscaled's --statedir)
     #[argh(option)]
     pub state_dir: Option<PathBuf>,
     /// local API socket (default /var/run/tinyscale.sock)
@@ -185,6 +219,7 @@ pub struct DaemonCmd {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "ping")]
 /// ping a peer over the tailnet's path discovery and show whether the path is direct or relayed
 pub struct Ping {
@@ -197,12 +232,16 @@ pub struct Ping {
     /// keep pinging after a direct path answered
     #[argh(switch)]
     pub until_count: bool,
+    /// stop once a direct path answers (default true; =false is --until-count)
+    #[argh(option, arg_name = "bool")]
+    pub until_direct: Option<bool>,
     /// daemon socket
     #[argh(option)]
     pub socket: Option<PathBuf>,
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "netcheck")]
 /// show UDP reachability, the public address, NAT mapping behaviour and DERP latencies
 pub struct Netcheck {
@@ -215,6 +254,7 @@ pub struct Netcheck {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "stun")]
 /// run a standalone STUN server
 pub struct Stun {
@@ -224,6 +264,7 @@ pub struct Stun {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "server")]
 /// the coordinator: `serve` runs it; users/preauthkeys/nodes/routes administer it
 pub struct Server {
@@ -235,6 +276,7 @@ pub struct Server {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand)]
 pub enum ServerCmd {
     Serve(Serve),
@@ -245,11 +287,13 @@ pub enum ServerCmd {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "serve")]
 /// run the coordinator (control server) with the config's `config server 'main'` section
 pub struct Serve {}
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "users")]
 /// manage users
 pub struct Users {
@@ -258,6 +302,7 @@ pub struct Users {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand)]
 pub enum UsersCmd {
     Create(UsersCreate),
@@ -267,6 +312,7 @@ pub enum UsersCmd {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "create")]
 /// create a user
 pub struct UsersCreate {
@@ -279,6 +325,7 @@ pub struct UsersCreate {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "list")]
 /// list users
 pub struct UsersList {
@@ -288,6 +335,7 @@ pub struct UsersList {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "rename")]
 /// rename a user: `users rename OLD NEW` or `--name OLD --new-name NEW`
 pub struct UsersRename {
@@ -306,6 +354,7 @@ pub struct UsersRename {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "destroy")]
 /// delete a user that owns no nodes
 pub struct UsersDestroy {
@@ -321,6 +370,7 @@ pub struct UsersDestroy {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "preauthkeys")]
 /// manage pre-auth keys
 pub struct Preauthkeys {
@@ -329,6 +379,7 @@ pub struct Preauthkeys {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand)]
 pub enum KeysCmd {
     Create(KeysCreate),
@@ -337,6 +388,7 @@ pub enum KeysCmd {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "create")]
 /// create a pre-auth key for unattended `up --authkey`
 pub struct KeysCreate {
@@ -361,6 +413,7 @@ pub struct KeysCreate {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "list")]
 /// list pre-auth keys
 pub struct KeysList {
@@ -373,6 +426,7 @@ pub struct KeysList {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "expire")]
 /// expire a pre-auth key now
 pub struct KeysExpire {
@@ -385,6 +439,7 @@ pub struct KeysExpire {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "nodes")]
 /// manage nodes
 pub struct Nodes {
@@ -393,6 +448,7 @@ pub struct Nodes {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand)]
 pub enum NodesCmd {
     Register(NodesRegister),
@@ -405,6 +461,7 @@ pub enum NodesCmd {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "register")]
 /// approve a machine waiting at a /register/<key> login URL
 pub struct NodesRegister {
@@ -420,6 +477,7 @@ pub struct NodesRegister {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "list")]
 /// list nodes with addresses, user, online state and last seen
 pub struct NodesList {
@@ -432,6 +490,7 @@ pub struct NodesList {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "delete")]
 /// delete a node (peers drop it at once)
 pub struct NodesDelete {
@@ -444,6 +503,7 @@ pub struct NodesDelete {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "expire")]
 /// expire a node's key now (it must log in again)
 pub struct NodesExpire {
@@ -453,6 +513,7 @@ pub struct NodesExpire {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "rename")]
 /// set a node's DNS name
 pub struct NodesRename {
@@ -465,6 +526,7 @@ pub struct NodesRename {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "move")]
 /// give a node to another user
 pub struct NodesMove {
@@ -477,6 +539,7 @@ pub struct NodesMove {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "approve-routes")]
 /// set the routes approved for a node (replaces the approved set; "" approves none)
 pub struct NodesApproveRoutes {
@@ -489,6 +552,7 @@ pub struct NodesApproveRoutes {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "routes")]
 /// list and enable subnet routes
 pub struct Routes {
@@ -497,6 +561,7 @@ pub struct Routes {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand)]
 pub enum RoutesCmd {
     List(RoutesList),
@@ -504,17 +569,22 @@ pub enum RoutesCmd {
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "list")]
 /// list advertised and approved routes
 pub struct RoutesList {
+    /// only this node's routes (node id)
+    #[argh(option, short = 'i')]
+    pub identifier: Option<u64>,
     /// output format: json
     #[argh(option, short = 'o')]
     pub output: Option<String>,
 }
 
 #[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "enable")]
-/// approve routes for a node (adds to the approved set)
+/// approve routes for a node (adds to the approved set; headscale's `routes enable -i ID -r CIDR`)
 pub struct RoutesEnable {
     /// node id
     #[argh(option, short = 'i')]
@@ -522,6 +592,9 @@ pub struct RoutesEnable {
     /// CIDR(s), comma-separated or repeated
     #[argh(option, short = 'r')]
     pub route: Vec<String>,
+    /// all the routes the node advertises
+    #[argh(switch, short = 'a')]
+    pub all: bool,
 }
 
 fn split_list(s: &str) -> Vec<String> {
@@ -631,6 +704,8 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
         }
         Cmd::Ping(p) => {
             let socket = socket_or_default(p.socket);
+            // tailscale spells --until-count as --until-direct=false.
+            let keep_going = p.until_count || p.until_direct == Some(false);
             let mut any = false;
             for i in 0..p.count.max(1) {
                 match ipc::call(&socket, &IpcRequest::Ping { peer: p.peer.clone() }).await {
@@ -643,7 +718,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
                             s(&v["Via"]),
                             v["LatencyMs"].as_f64().unwrap_or(0.0)
                         );
-                        if v["Direct"] == true && !p.until_count {
+                        if v["Direct"] == true && !keep_going {
                             return Ok(());
                         }
                     }
@@ -652,7 +727,7 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
                 }
             }
             if any {
-                if !p.until_count {
+                if !keep_going {
                     println!("direct connection not established");
                 }
                 Ok(())
@@ -773,7 +848,7 @@ async fn up(u: Up) -> Result<(), Failure> {
         Some(t) => Some(crate::uci::parse_duration(t).map_err(|e| Failure::usage(format!("--timeout {t:?}: {e}")))?),
         None => None,
     };
-    let auth_key = match u.authkey {
+    let auth_key = match u.auth_key {
         Some(k) if k.starts_with("file:") => Some(
             std::fs::read_to_string(&k[5..])
                 .map_err(|e| Failure::usage(format!("cannot read auth key file {}: {e}", &k[5..])))?
@@ -789,7 +864,7 @@ async fn up(u: Up) -> Result<(), Failure> {
         advertise_routes: u.advertise_routes.as_deref().map(split_list),
         accept_routes: u.accept_routes,
         accept_dns: u.accept_dns,
-        advertise_exit_node: u.advertise_exit_node.then_some(true),
+        advertise_exit_node: u.advertise_exit_node,
         exit_node: u.exit_node,
         exit_node_allow_lan_access: u.exit_node_allow_lan_access,
         advertise_tags: u.advertise_tags.as_deref().map(split_list),
@@ -848,6 +923,8 @@ async fn up(u: Up) -> Result<(), Failure> {
 /// Runs an admin verb against the coordinator's socket.
 pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), Failure> {
     use crate::coordinator::admin::{call, AdminRequest as R};
+    // `routes list -i ID`: headscale's per-node view.
+    let mut only_node = None;
     let (req, json, kind) = match cmd {
         ServerCmd::Serve(_) => return Err(Failure::usage("serve is not an admin verb")),
         ServerCmd::Users(u) => match u.cmd {
@@ -930,11 +1007,28 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
             ),
         },
         ServerCmd::Routes(r) => match r.cmd {
-            RoutesCmd::List(c) => (R::RoutesList, want_json(&c.output)?, "routes"),
+            RoutesCmd::List(c) => {
+                only_node = c.identifier;
+                (R::RoutesList, want_json(&c.output)?, "routes")
+            }
             RoutesCmd::Enable(c) => {
-                let routes: Vec<String> = c.route.iter().flat_map(|r| split_list(r)).collect();
+                let mut routes: Vec<String> = c.route.iter().flat_map(|r| split_list(r)).collect();
+                if c.all {
+                    let all = call(socket, &R::RoutesList).await?;
+                    let advertised = all
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|r| r["node_id"] == c.identifier && r["advertised"] == true)
+                        .filter_map(|r| r["prefix"].as_str().map(str::to_string));
+                    routes.extend(advertised);
+                }
                 if routes.is_empty() {
-                    return Err(Failure::usage("routes enable needs -r CIDR"));
+                    return Err(Failure::usage(if c.all {
+                        format!("node {} advertises no routes", c.identifier)
+                    } else {
+                        "routes enable needs -r CIDR (or -a for all the node advertises)".to_string()
+                    }));
                 }
                 (
                     R::RoutesEnable {
@@ -947,7 +1041,10 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
             }
         },
     };
-    let v = call(socket, &req).await?;
+    let mut v = call(socket, &req).await?;
+    if let (Some(id), Value::Array(rows)) = (only_node, &mut v) {
+        rows.retain(|r| r["node_id"] == id);
+    }
     if json {
         print_json(&v);
         return Ok(());

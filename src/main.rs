@@ -1,5 +1,7 @@
-//! Multi-call entry point: `tinyscale <verb>`, or `headscale <verb>` through a symlink (behaves
-//! as `tinyscale server <verb>`). Exit codes: 0 ok, 1 runtime, 2 usage, 3 invalid config.
+//! Multi-call entry point: `tinyscale <verb>`; through symlinks, `headscale <verb>` (behaves as
+//! `tinyscale server <verb>`), `tailscale <verb>` (the client verbs) and `tailscaled` (behaves as
+//! `tinyscale daemon`). Go-style flags are rewritten for argh first (`cli::argv`).
+//! Exit codes: 0 ok, 1 runtime, 2 usage, 3 invalid config.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -7,40 +9,9 @@ use argh::FromArgs;
 #[cfg(feature = "coordinator")]
 use tinyscale::cli::ServerCmd;
 use tinyscale::{
-    cli::{self, Cmd, Top},
+    cli::{self, argv, Cmd, Top},
     error::Failure,
 };
-
-/// Rewrites argv: `headscale X` → `tinyscale server X`, and a `-c/--config F` given anywhere after
-/// `server` moves right behind it (headscale's flag is global; argh wants it before the verb).
-fn normalize_args(mut args: Vec<String>) -> Vec<String> {
-    let prog = args.first().cloned().unwrap_or_default();
-    let base = prog.rsplit('/').next().unwrap_or("").to_string();
-    if base == "headscale" {
-        args.insert(1, "server".into());
-    }
-    let Some(pos) = args.iter().position(|a| a == "server") else {
-        return args;
-    };
-    let mut i = pos + 1;
-    let mut config = None;
-    while i < args.len() {
-        if (args[i] == "-c" || args[i] == "--config") && i + 1 < args.len() {
-            config = Some(args[i + 1].clone());
-            args.drain(i..i + 2);
-        } else if let Some(v) = args[i].strip_prefix("--config=") {
-            config = Some(v.to_string());
-            args.remove(i);
-        } else {
-            i += 1;
-        }
-    }
-    if let Some(c) = config {
-        args.insert(pos + 1, "--config".into());
-        args.insert(pos + 2, c);
-    }
-    args
-}
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_current_thread()
@@ -183,10 +154,28 @@ fn server(_: cli::Server) -> Result<(), Failure> {
 }
 
 fn main() -> ExitCode {
-    let args = normalize_args(std::env::args().collect());
-    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let name = ["tinyscale"];
-    let top = match Top::from_args(&name, strs.get(1..).unwrap_or(&[])) {
+    let mut raw = std::env::args();
+    let prog = raw.next().unwrap_or_default();
+    let args: Vec<String> = argv::multi_call(&prog)
+        .iter()
+        .map(|v| v.to_string())
+        .chain(raw)
+        .collect();
+    let usage_hint = |path: &[&str]| {
+        let verbs: String = path.iter().map(|v| format!(" {v}")).collect();
+        format!("Run `tinyscale{verbs} --help` for usage.")
+    };
+    let args = match argv::normalize(&args) {
+        Ok(n) => n,
+        Err(r) => {
+            let verbs: String = r.path.iter().map(|v| format!(" {v}")).collect();
+            eprintln!("tinyscale{verbs}: {}", r.error);
+            eprintln!("{}", usage_hint(&r.path));
+            return ExitCode::from(tinyscale::error::EXIT_USAGE);
+        }
+    };
+    let strs: Vec<&str> = args.args.iter().map(String::as_str).collect();
+    let top = match Top::from_args(&["tinyscale"], &strs) {
         Ok(t) => t,
         Err(early) => {
             return match early.status {
@@ -196,7 +185,7 @@ fn main() -> ExitCode {
                 }
                 Err(()) => {
                     eprintln!("{}", early.output);
-                    eprintln!("Run `tinyscale --help` for usage.");
+                    eprintln!("{}", usage_hint(&args.path));
                     ExitCode::from(tinyscale::error::EXIT_USAGE)
                 }
             };
@@ -208,31 +197,5 @@ fn main() -> ExitCode {
             eprintln!("tinyscale: {}", f.message);
             ExitCode::from(f.code)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::normalize_args;
-
-    fn v(s: &str) -> Vec<String> {
-        s.split(' ').map(str::to_string).collect()
-    }
-
-    #[test]
-    fn headscale_alias_and_config_hoisting() {
-        assert_eq!(
-            normalize_args(v("/usr/bin/headscale nodes list")),
-            v("/usr/bin/headscale server nodes list")
-        );
-        assert_eq!(
-            normalize_args(v("tinyscale server nodes list --config /x -o json")),
-            v("tinyscale server --config /x nodes list -o json")
-        );
-        assert_eq!(
-            normalize_args(v("headscale -c /y users list")),
-            v("headscale server --config /y users list")
-        );
-        assert_eq!(normalize_args(v("tinyscale status")), v("tinyscale status"));
     }
 }
