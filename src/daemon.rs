@@ -22,7 +22,7 @@ use crate::{
         client::{self, ControlUrl},
         netmap::Netmap,
     },
-    engine::{Engine, EngineConfig, EngineHandle, LocalEndpoints},
+    engine::{Engine, EngineConfig, EngineHandle, LocalEndpoints, RoutePrefs},
     ipc::{IpcRequest, IpcResponse, UpArgs},
     keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
     tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
@@ -116,6 +116,8 @@ pub struct Daemon {
     engine_cfg: Option<EngineConfig>,
     /// The latest netmap, for the data plane.
     netmap_tx: watch::Sender<Option<Arc<Netmap>>>,
+    /// The prefs the data plane acts on (routes, forwarding), published on every save.
+    route_prefs_tx: watch::Sender<RoutePrefs>,
     /// Our endpoints and home DERP, from the data plane, for control.
     endpoints_tx: watch::Sender<LocalEndpoints>,
     engine: Mutex<Option<RunningEngine>>,
@@ -204,6 +206,7 @@ impl Daemon {
             disco: DiscoPrivate::from_random(random32()),
             engine_cfg,
             netmap_tx: watch::channel(None).0,
+            route_prefs_tx: watch::channel(RoutePrefs::default()).0,
             endpoints_tx: watch::channel(LocalEndpoints::default()).0,
             engine: Mutex::new(None),
             engine_failed_for: Mutex::new(None),
@@ -223,6 +226,17 @@ impl Daemon {
             node_key: s.node.to_key_str(),
             prefs: s.prefs.clone(),
         };
+        let rp = RoutePrefs {
+            advertise_routes: s.prefs.advertise_routes.clone(),
+            accept_routes: s.prefs.accept_routes,
+            snat_subnet_routes: s.prefs.snat_subnet_routes,
+            state_dir: Some(s.dir.clone()),
+        };
+        self.route_prefs_tx.send_if_modified(|cur| {
+            let changed = *cur != rp;
+            *cur = rp;
+            changed
+        });
         let data = serde_json::to_vec_pretty(&f).map_err(|e| e.to_string())?;
         let path = s.dir.join(STATE_FILE);
         write_private_file(&path, &data).map_err(|e| format!("cannot write {}: {e}", path.display()))
@@ -487,6 +501,7 @@ impl Daemon {
             node.clone(),
             self.disco.clone(),
             self.netmap_tx.subscribe(),
+            self.route_prefs_tx.subscribe(),
             self.endpoints_tx.clone(),
         )
         .await

@@ -48,7 +48,7 @@ use crate::{
         socket::{self, Sockets},
     },
     netcheck::{self, ProbePlan, ReportState},
-    router::{Router, RouterConfig, SystemRunner},
+    router::{Prefix, Router, RouterConfig, SubnetRouter, SystemRunner, TAILNET_V4, TAILNET_V6},
     stun,
     tailcfg::{DerpMap, DerpNode, DerpRegion},
     tun::{gro::Coalescer, Tun},
@@ -89,6 +89,57 @@ pub struct EngineConfig {
     pub tun: String,
     /// UDP port for WireGuard/disco/STUN (0 = any).
     pub port: u16,
+}
+
+/// The preferences the data plane acts on (from `up`/`set`), published by the daemon.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoutePrefs {
+    /// Subnet routes this node advertises (`--advertise-routes`): forwarding on for their
+    /// families.
+    pub advertise_routes: Vec<String>,
+    /// Install peers' subnet routes (`--accept-routes`).
+    pub accept_routes: bool,
+    /// Masquerade forwarded tailnet traffic (`--snat-subnet-routes`).
+    pub snat_subnet_routes: bool,
+    /// Where the router keeps what it must restore after a crash (the state dir).
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+impl RoutePrefs {
+    /// Forwarding for the advertised routes, if any (exit-node routes are not subnet routes).
+    fn subnet_router(&self) -> Option<SubnetRouter> {
+        let routes: Vec<Prefix> = self
+            .advertise_routes
+            .iter()
+            .filter_map(|r| Prefix::parse_masked(r))
+            .filter(|p| p.len > 0)
+            .collect();
+        if routes.is_empty() {
+            return None;
+        }
+        Some(SubnetRouter {
+            v4: routes.iter().any(|p| p.addr.is_ipv4()),
+            v6: routes.iter().any(|p| p.addr.is_ipv6()),
+            snat: self.snat_subnet_routes,
+        })
+    }
+}
+
+/// [pure] A peer's subnet routes: its AllowedIPs beyond its own addresses, without the tailnet
+/// ranges and default routes (exit-node routes are used only through `--exit-node`).
+pub fn peer_subnet_routes(node: &crate::tailcfg::Node) -> Vec<Prefix> {
+    let own: Vec<Prefix> = node.addresses.iter().filter_map(|a| Prefix::parse_masked(a)).collect();
+    let tailnet = [
+        Prefix::new(TAILNET_V4.0, TAILNET_V4.1, true).expect("valid"),
+        Prefix::new(TAILNET_V6.0, TAILNET_V6.1, true).expect("valid"),
+    ];
+    node.allowed_ips
+        .iter()
+        .filter_map(|a| Prefix::parse_masked(a))
+        .filter(|p| p.len > 0 && !own.contains(p) && !tailnet.iter().any(|t| t.contains(p)))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 /// What control should publish about us (lite map request contents).
@@ -217,7 +268,16 @@ pub struct Engine {
     counters: Arc<Mutex<Value>>,
     drops: Drops,
     addresses: Vec<(IpAddr, u8)>,
+    route_prefs: RoutePrefs,
+    /// The subnet routes of the last netmap's peers (empty without `--accept-routes`).
+    accepted: Vec<Prefix>,
+    /// The last configuration the router applied; `None` until it succeeds.
+    router_cfg: Option<RouterConfig>,
+    router_retry: Instant,
 }
+
+/// How often a failed router configuration is retried.
+const ROUTER_RETRY: Duration = Duration::from_secs(10);
 
 fn new_tx() -> TxId {
     let mut t = [0u8; 12];
@@ -348,6 +408,7 @@ fn derp_server_name(node: &DerpNode, addrs: &[SocketAddr]) -> String {
 /// The local source address the kernel would use towards `dst` (no packet is sent).
 fn local_addr_towards(dst: SocketAddr) -> Option<IpAddr> {
     let s = std::net::UdpSocket::bind(if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+    crate::netns::mark(std::os::fd::AsRawFd::as_raw_fd(&s));
     s.connect(dst).ok()?;
     s.local_addr().ok().map(|a| a.ip())
 }
@@ -432,6 +493,7 @@ impl Engine {
         node: NodePrivate,
         disco: DiscoPrivate,
         netmap: watch::Receiver<Option<Arc<Netmap>>>,
+        prefs: watch::Receiver<RoutePrefs>,
         endpoints_tx: watch::Sender<LocalEndpoints>,
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), String> {
         let tun = Tun::open(&cfg.tun).map_err(|e| format!("cannot open TUN device {}: {e}", cfg.tun))?;
@@ -492,8 +554,20 @@ impl Engine {
             counters: counters.clone(),
             drops: Drops::default(),
             addresses: Vec::new(),
+            route_prefs: prefs.borrow().clone(),
+            accepted: Vec::new(),
+            router_cfg: None,
+            router_retry: Instant::now(),
         };
-        let task = tokio::spawn(engine.run(netmap, cmd_rx, derp_in_rx, dns_done_rx, https_done_rx));
+        let mut engine = engine;
+        if let Some(dir) = &engine.route_prefs.state_dir {
+            engine
+                .router
+                .set_saved_path(&dir.join("forwarding.saved").to_string_lossy());
+        }
+        // Whatever a crashed run left (nftables table, rules, table 52, sysctls) goes first.
+        engine.router.recover();
+        let task = tokio::spawn(engine.run(netmap, prefs, cmd_rx, derp_in_rx, dns_done_rx, https_done_rx));
         Ok((
             EngineHandle {
                 cmds: cmd_tx,
@@ -507,6 +581,7 @@ impl Engine {
     async fn run(
         mut self,
         mut netmap: watch::Receiver<Option<Arc<Netmap>>>,
+        mut prefs: watch::Receiver<RoutePrefs>,
         mut cmds: mpsc::Receiver<Cmd>,
         mut derp_in: mpsc::Receiver<(i32, NodePublic, Bytes)>,
         mut dns_done: mpsc::Receiver<()>,
@@ -563,6 +638,19 @@ impl Engine {
                     let nm = netmap.borrow_and_update().clone();
                     if let Some(nm) = nm { self.apply_netmap(&nm); }
                 }
+                r = prefs.changed() => {
+                    if r.is_err() { break; }
+                    let p = prefs.borrow_and_update().clone();
+                    if p != self.route_prefs {
+                        let accept_changed = p.accept_routes != self.route_prefs.accept_routes;
+                        self.route_prefs = p;
+                        match netmap.borrow().clone() {
+                            // WireGuard's AllowedIPs depend on --accept-routes too.
+                            Some(nm) if accept_changed => self.apply_netmap(&nm),
+                            _ => self.apply_router(),
+                        }
+                    }
+                }
                 Some(cmd) = cmds.recv() => self.on_cmd(cmd),
             }
             flush_udp(self.sock.v4(), &mut self.out4);
@@ -580,11 +668,44 @@ impl Engine {
         log::info!("data plane stopped");
     }
 
+    /// Brings the OS configuration (addresses, routes, forwarding, SNAT) to what the netmap
+    /// and the prefs ask for. A failure is logged and retried at the next change or tick.
+    fn apply_router(&mut self) {
+        if self.addresses.is_empty() {
+            return; // not configured before the first netmap with our addresses
+        }
+        let mut cfg = RouterConfig::new(self.tun.name(), self.addresses.clone());
+        cfg.accepted_routes = self.accepted.iter().map(|p| (p.addr, p.len)).collect();
+        cfg.subnet_router = self.route_prefs.subnet_router();
+        if self.router_cfg.as_ref() == Some(&cfg) {
+            return;
+        }
+        match self.router.set(&cfg) {
+            Ok(()) => {
+                if self
+                    .router_cfg
+                    .as_ref()
+                    .is_none_or(|c| c.accepted_routes != cfg.accepted_routes)
+                {
+                    log::info!(
+                        "routes accepted from peers: {:?}",
+                        self.accepted.iter().map(|p| p.to_string()).collect::<Vec<_>>()
+                    );
+                }
+                self.router_cfg = Some(cfg);
+            }
+            Err(e) => {
+                log::error!("configuring {} failed err={e}", self.tun.name());
+                self.router_cfg = None;
+            }
+        }
+    }
+
     fn apply_netmap(&mut self, nm: &Netmap) {
         let now = Instant::now().into_std();
         // Addresses of this node on the TUN.
         if let Some(me) = &nm.self_node {
-            let addrs: Vec<(IpAddr, u8)> = me
+            self.addresses = me
                 .addresses
                 .iter()
                 .filter_map(|a| {
@@ -592,13 +713,6 @@ impl Engine {
                     Some((ip.parse().ok()?, len.parse().ok()?))
                 })
                 .collect();
-            if addrs != self.addresses {
-                let cfg = RouterConfig::new(self.tun.name(), addrs.clone());
-                match self.router.set(&cfg) {
-                    Ok(()) => self.addresses = addrs,
-                    Err(e) => log::error!("configuring {} failed err={e}", self.tun.name()),
-                }
-            }
         }
         // WireGuard peers and per-peer path state.
         let peers: Vec<_> = nm
@@ -606,7 +720,23 @@ impl Engine {
             .values()
             .filter(|p| !p.key.is_zero() && p.key != self.me)
             .collect();
-        self.wg.set_peers(peers.iter().map(|p| PeerConfig::from_node(p)));
+        let accept = self.route_prefs.accept_routes;
+        let mut accepted = std::collections::BTreeSet::new();
+        self.wg.set_peers(peers.iter().map(|p| {
+            let mut cfg = PeerConfig::from_node(p);
+            let subnets = peer_subnet_routes(p);
+            if accept {
+                accepted.extend(subnets.iter().copied());
+            } else {
+                // Without --accept-routes a peer's subnets are neither routed to it nor
+                // accepted as sources from it (Go's netmap.AllowSubnetRoutes off).
+                let subnets: Vec<String> = subnets.iter().map(|s| s.to_string()).collect();
+                cfg.allowed_ips.retain(|ip| !subnets.contains(&ip.to_string()));
+            }
+            cfg
+        }));
+        self.accepted = accepted.into_iter().collect();
+        self.apply_router();
         let keep: std::collections::HashSet<NodePublic> = peers.iter().map(|p| p.key).collect();
         self.peers.retain(|k, _| keep.contains(k));
         self.by_disco.clear();
@@ -980,6 +1110,11 @@ impl Engine {
     fn on_tick(&mut self) {
         let now_t = Instant::now();
         let now = now_t.into_std();
+        if self.router_cfg.is_none() && now_t >= self.router_retry {
+            // The last attempt failed (a device not up yet, nft refused): try again, gently.
+            self.router_retry = now_t + ROUTER_RETRY;
+            self.apply_router();
+        }
         for o in self.wg.update_timers() {
             self.send_to_peer(o.peer, o.datagram);
         }
@@ -1332,6 +1467,56 @@ mod tests {
     use super::*;
 
     use crate::derp::tests::node;
+
+    #[test]
+    fn peer_subnet_routes_are_allowed_ips_beyond_addresses() {
+        let n = crate::tailcfg::Node {
+            addresses: vec!["100.64.0.2/32".into(), "fd7a:115c:a1e0::2/128".into()],
+            allowed_ips: vec![
+                "100.64.0.2/32".into(),
+                "fd7a:115c:a1e0::2/128".into(),
+                "192.168.50.0/24".into(),
+                "fd00:50::/64".into(),
+                "0.0.0.0/0".into(),
+                "::/0".into(),
+                "100.64.0.0/24".into(),
+                "junk".into(),
+            ],
+            ..Default::default()
+        };
+        let r: Vec<String> = peer_subnet_routes(&n).iter().map(|p| p.to_string()).collect();
+        assert_eq!(r, ["192.168.50.0/24", "fd00:50::/64"]);
+    }
+
+    #[test]
+    fn route_prefs_ask_forwarding_per_family() {
+        let mut p = RoutePrefs {
+            snat_subnet_routes: true,
+            ..Default::default()
+        };
+        assert_eq!(p.subnet_router(), None);
+        p.advertise_routes = vec!["0.0.0.0/0".into(), "::/0".into()];
+        assert_eq!(p.subnet_router(), None, "exit-node routes are not subnet routes");
+        p.advertise_routes.push("192.168.1.0/24".into());
+        assert_eq!(
+            p.subnet_router(),
+            Some(SubnetRouter {
+                v4: true,
+                v6: false,
+                snat: true
+            })
+        );
+        p.advertise_routes.push("fd00::/64".into());
+        p.snat_subnet_routes = false;
+        assert_eq!(
+            p.subnet_router(),
+            Some(SubnetRouter {
+                v4: true,
+                v6: true,
+                snat: false
+            })
+        );
+    }
 
     #[test]
     fn netcheck_json_has_both_families() {

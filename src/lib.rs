@@ -21,6 +21,7 @@ pub mod keys;
 pub mod logger;
 pub mod magicsock;
 pub mod netcheck;
+pub mod netns;
 pub mod noise;
 pub mod qr;
 pub mod router;

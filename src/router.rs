@@ -16,12 +16,28 @@
 //!   argv lists for tests.
 //!
 //! Adds use `replace` (`ip addr replace`, `ip route replace`) so leftovers from a crashed run do
-//! not fail with "File exists". Routes go into the main table; the TUN's kernel routes and
-//! addresses also vanish on their own when the device closes.
+//! not fail with "File exists". The tailnet ranges go into the main table; the TUN's kernel
+//! routes and addresses also vanish on their own when the device closes.
 //!
-//! TODO(handle): nftables (`table inet tinyscale`: fw4 zone glue, subnet-router SNAT, packet
-//! filter) and Go's policy routing (table 52 + `ip rule`s, so a CGNAT WAN cannot shadow
-//! 100.64.0.0/10) belong here in a later issue.
+//! Subnet routing, both sides (Go `router_linux.go` and `util/linuxfw`):
+//! * **Accepted routes** (`--accept-routes`): peers' subnet routes go into routing table
+//!   [`ROUTE_TABLE`] (52), consulted by an `ip rule` at priority [`RULE_PRIORITY_TABLE`] (5270),
+//!   before the main table. The daemon's own sockets carry [`BYPASS_MARK`] (0x80000, `SO_MARK`)
+//!   and a rule at [`RULE_PRIORITY_BYPASS`] (5210) sends marked packets to the main table first:
+//!   without it a peer's route covering the control server, a DERP relay or a peer's UDP
+//!   endpoint would pull the tunnel's own packets into the tunnel (a routing loop). Unlike Go,
+//!   a prefix directly connected on this router is never shadowed: a connected prefix inside an
+//!   accepted route gets a `throw` route in table 52 (the lookup falls through to main), and an
+//!   accepted route inside a connected prefix is not installed.
+//! * **Advertised routes** (`--advertise-routes`): IP forwarding is switched on for the families
+//!   advertised (the values found are restored on close, and kept in a file so a restart after
+//!   a crash restores them too), and with SNAT (`--snat-subnet-routes`, default on) the nftables
+//!   table `inet tinyscale` marks packets forwarded from the TUN ([`SUBNET_ROUTE_MARK`]) and
+//!   masquerades them on their way out, so LAN hosts need no route back to the tailnet. The
+//!   table is ours alone: created, replaced atomically and deleted as a whole, never touching
+//!   fw4's or anybody else's tables. Which destinations are served at all is the packet
+//!   filter's decision (approved routes only), before a packet reaches the TUN.
+//! * [`Router::recover`] removes what a crashed run left (table, rules, table 52, sysctls).
 
 use std::{
     collections::BTreeSet,
@@ -39,6 +55,27 @@ pub const TAILNET_V4: (IpAddr, u8) = (IpAddr::V4(Ipv4Addr::new(100, 64, 0, 0)), 
 
 /// The tailnet IPv6 range (Go `tsaddr.TailscaleULARange`), routed to the TUN.
 pub const TAILNET_V6: (IpAddr, u8) = (IpAddr::V6(Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0)), 48);
+
+/// Routing table for peers' subnet routes (Go `linuxfw` table 52).
+pub const ROUTE_TABLE: u32 = 52;
+/// `ip rule` priority of the lookup in [`ROUTE_TABLE`].
+pub const RULE_PRIORITY_TABLE: u32 = 5270;
+/// `ip rule` priority of the bypass: marked packets look up the main table first.
+pub const RULE_PRIORITY_BYPASS: u32 = 5210;
+/// `SO_MARK` of the daemon's own sockets (Go `TailscaleBypassMark`).
+pub const BYPASS_MARK: u32 = 0x80000;
+/// The bits of the packet mark we own (Go `TailscaleFwmarkMask`).
+pub const MARK_MASK: u32 = 0xff0000;
+/// Mark of packets forwarded from the TUN, masqueraded on the way out (Go
+/// `TailscaleSubnetRouteMark`).
+pub const SUBNET_ROUTE_MARK: u32 = 0x40000;
+/// Our nftables table, family `inet`.
+pub const NFT_TABLE: &str = "tinyscale";
+/// The sysctls of IP forwarding, IPv4 and IPv6.
+pub const FORWARD_SYSCTLS: [&str; 2] = [
+    "/proc/sys/net/ipv4/ip_forward",
+    "/proc/sys/net/ipv6/conf/all/forwarding",
+];
 
 /// Errors from applying router configuration.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +96,9 @@ pub enum RouterError {
     /// The config names no device.
     #[error("router config has an empty device name")]
     NoDevice,
+    /// A file (sysctl) could not be read or written.
+    #[error("{path}: {err}")]
+    File { path: String, err: std::io::Error },
 }
 
 impl RouterError {
@@ -78,9 +118,25 @@ pub struct RouterConfig {
     pub mtu: u16,
     /// Our tailnet addresses with their prefix length (usually /32 and /128).
     pub addresses: Vec<(IpAddr, u8)>,
-    /// Prefixes routed into the TUN (tailnet ranges plus peers' subnet routes). Host bits are
+    /// Prefixes routed into the TUN in the main table (the tailnet ranges). Host bits are
     /// ignored.
     pub routes: Vec<(IpAddr, u8)>,
+    /// Peers' subnet routes to reach through the TUN (table [`ROUTE_TABLE`]); empty unless
+    /// `--accept-routes`.
+    pub accepted_routes: Vec<(IpAddr, u8)>,
+    /// Set while this node advertises subnet routes: forwarding and SNAT.
+    pub subnet_router: Option<SubnetRouter>,
+}
+
+/// Forwarding for the subnet routes this node advertises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubnetRouter {
+    /// IPv4 forwarding (an IPv4 route is advertised).
+    pub v4: bool,
+    /// IPv6 forwarding (an IPv6 route is advertised).
+    pub v6: bool,
+    /// Masquerade forwarded tailnet traffic behind the router's own address.
+    pub snat: bool,
 }
 
 impl RouterConfig {
@@ -92,6 +148,8 @@ impl RouterConfig {
             mtu: DEFAULT_MTU,
             addresses,
             routes: vec![TAILNET_V4, TAILNET_V6],
+            accepted_routes: Vec::new(),
+            subnet_router: None,
         }
     }
 }
@@ -122,6 +180,23 @@ impl Prefix {
         } else {
             "-6"
         }
+    }
+
+    /// True if `other` lies inside this prefix (or is equal to it).
+    pub fn contains(&self, other: &Prefix) -> bool {
+        self.addr.is_ipv4() == other.addr.is_ipv4() && self.len <= other.len && mask(other.addr, self.len) == self.addr
+    }
+
+    /// `a.b.c.d/n`, `x::y/n` or a bare address (a host prefix), host bits masked.
+    pub fn parse_masked(s: &str) -> Option<Prefix> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a.parse::<IpAddr>().ok()?, l.parse::<u8>().ok()?),
+            None => {
+                let a: IpAddr = s.parse().ok()?;
+                (a, if a.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        Prefix::new(a, l, true).ok()
     }
 }
 
@@ -164,11 +239,27 @@ pub struct Applied {
     pub addresses: BTreeSet<Prefix>,
     /// Routes present.
     pub routes: BTreeSet<Prefix>,
+    /// Accepted subnet routes present in table [`ROUTE_TABLE`].
+    pub table_routes: BTreeSet<Prefix>,
+    /// `throw` routes in table [`ROUTE_TABLE`]: connected prefixes inside accepted routes.
+    pub throws: BTreeSet<Prefix>,
+    /// Policy rules present, IPv4 and IPv6 (bypass and table lookup together).
+    pub rules: [bool; 2],
+    /// The nftables table with the SNAT rules is present.
+    pub snat: bool,
+    /// Forwarding switched on by us, IPv4 and IPv6.
+    pub forward: [bool; 2],
 }
 
 impl Applied {
-    /// The state `cfg` asks for, validated and normalised (deduplicated, routes masked).
+    /// The state `cfg` asks for, validated and normalised (deduplicated, routes masked), given
+    /// the prefixes directly connected on this host (never shadowed by accepted routes).
     pub fn from_config(cfg: &RouterConfig) -> Result<Applied, RouterError> {
+        Applied::with_connected(cfg, &[])
+    }
+
+    /// [`Applied::from_config`] with the host's connected prefixes.
+    pub fn with_connected(cfg: &RouterConfig, connected: &[Prefix]) -> Result<Applied, RouterError> {
         if cfg.tun.is_empty() {
             return Err(RouterError::NoDevice);
         }
@@ -182,13 +273,94 @@ impl Applied {
             .iter()
             .map(|&(a, l)| Prefix::new(a, l, true))
             .collect::<Result<_, _>>()?;
+        let mut table_routes = BTreeSet::new();
+        for &(a, l) in &cfg.accepted_routes {
+            let r = Prefix::new(a, l, true)?;
+            if let Some(c) = connected.iter().find(|c| c.contains(&r)) {
+                log::debug!("router: not installing accepted route {r}: inside connected {c}");
+            } else {
+                table_routes.insert(r);
+            }
+        }
+        let throws: BTreeSet<Prefix> = connected
+            .iter()
+            .filter(|c| table_routes.iter().any(|r| r.len < c.len && r.contains(c)))
+            .copied()
+            .collect();
+        let family = |v6: bool| table_routes.iter().any(|r| r.addr.is_ipv6() == v6);
+        let sr = cfg.subnet_router;
         Ok(Applied {
             tun: cfg.tun.clone(),
             link: Some(cfg.mtu),
             addresses,
             routes,
+            rules: [family(false), family(true)],
+            table_routes,
+            throws,
+            snat: sr.is_some_and(|s| s.snat),
+            forward: [sr.is_some_and(|s| s.v4), sr.is_some_and(|s| s.v6)],
         })
     }
+
+    fn is_empty(&self) -> bool {
+        self.link.is_none()
+            && self.addresses.is_empty()
+            && self.routes.is_empty()
+            && self.table_routes.is_empty()
+            && self.throws.is_empty()
+            && self.rules == [false; 2]
+            && !self.snat
+            && self.forward == [false; 2]
+    }
+}
+
+/// The nftables script that (re)creates our table atomically: the first line makes sure the
+/// table exists so that `delete` cannot fail, the rest is one transaction.
+pub fn nft_script(tun: &str) -> String {
+    format!(
+        "table inet {NFT_TABLE}\n\
+         delete table inet {NFT_TABLE}\n\
+         table inet {NFT_TABLE} {{\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tiifname \"{tun}\" meta mark set meta mark | {SUBNET_ROUTE_MARK:#x}\n\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\toifname != \"{tun}\" meta mark & {MARK_MASK:#x} == {SUBNET_ROUTE_MARK:#x} masquerade\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+/// [pure] The prefixes directly connected on this host, from `ip -o route show table main`
+/// output: link-scope routes (and IPv6 kernel routes) of every device but `tun`, without
+/// link-local and multicast ranges.
+pub fn parse_connected(out: &str, tun: &str) -> Vec<Prefix> {
+    let mut v = Vec::new();
+    for line in out.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let Some(first) = w.first() else { continue };
+        let dev = w.iter().position(|t| *t == "dev").and_then(|i| w.get(i + 1));
+        if dev.is_none_or(|d| *d == tun) || w.contains(&"via") {
+            continue;
+        }
+        let link = w.windows(2).any(|p| p == ["scope", "link"] || p == ["proto", "kernel"]);
+        if !link {
+            continue;
+        }
+        let Some(p) = Prefix::parse_masked(first) else { continue };
+        let special = match p.addr {
+            IpAddr::V4(a) => a.is_link_local() || a.is_multicast(),
+            IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80 || a.is_multicast(),
+        };
+        if !special {
+            v.push(p);
+        }
+    }
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// One OS change: exactly one `ip` invocation.
@@ -204,6 +376,24 @@ pub enum Op {
     RouteAdd { dev: String, route: Prefix },
     /// `ip -4|-6 route del P/L dev D`.
     RouteDel { dev: String, route: Prefix },
+    /// `ip -4|-6 route replace P/L dev D table 52`.
+    TableRouteAdd { dev: String, route: Prefix },
+    /// `ip -4|-6 route del P/L dev D table 52`.
+    TableRouteDel { dev: String, route: Prefix },
+    /// `ip -4|-6 route replace throw P/L table 52`.
+    ThrowAdd { route: Prefix },
+    /// `ip -4|-6 route del throw P/L table 52`.
+    ThrowDel { route: Prefix },
+    /// `ip -4|-6 rule add priority P …`: the bypass rule or the table lookup.
+    RuleAdd { v6: bool, priority: u32 },
+    /// `ip -4|-6 rule del priority P`.
+    RuleDel { v6: bool, priority: u32 },
+    /// `nft -f -` with [`nft_script`].
+    NftSet { tun: String },
+    /// `nft delete table inet tinyscale`.
+    NftDel,
+    /// Forwarding sysctl on (saving the value found) or back to the saved value.
+    Forward { v6: bool, on: bool },
 }
 
 impl Op {
@@ -240,6 +430,70 @@ impl Op {
                 "dev",
                 dev,
             ]),
+            Op::TableRouteAdd { dev, route } => v(&[
+                "ip",
+                route.family_flag(),
+                "route",
+                "replace",
+                &route.to_string(),
+                "dev",
+                dev,
+                "table",
+                &ROUTE_TABLE.to_string(),
+            ]),
+            Op::TableRouteDel { dev, route } => v(&[
+                "ip",
+                route.family_flag(),
+                "route",
+                "del",
+                &route.to_string(),
+                "dev",
+                dev,
+                "table",
+                &ROUTE_TABLE.to_string(),
+            ]),
+            Op::ThrowAdd { route } => v(&[
+                "ip",
+                route.family_flag(),
+                "route",
+                "replace",
+                "throw",
+                &route.to_string(),
+                "table",
+                &ROUTE_TABLE.to_string(),
+            ]),
+            Op::ThrowDel { route } => v(&[
+                "ip",
+                route.family_flag(),
+                "route",
+                "del",
+                "throw",
+                &route.to_string(),
+                "table",
+                &ROUTE_TABLE.to_string(),
+            ]),
+            Op::RuleAdd { v6, priority } => {
+                let mut a = v(&["ip", fam(*v6), "rule", "add", "priority", &priority.to_string()]);
+                if *priority == RULE_PRIORITY_BYPASS {
+                    a.extend(v(&[
+                        "fwmark",
+                        &format!("{BYPASS_MARK:#x}/{MARK_MASK:#x}"),
+                        "table",
+                        "main",
+                    ]));
+                } else {
+                    a.extend(v(&["table", &ROUTE_TABLE.to_string()]));
+                }
+                a
+            }
+            Op::RuleDel { v6, priority } => v(&["ip", fam(*v6), "rule", "del", "priority", &priority.to_string()]),
+            Op::NftSet { .. } => v(&["nft", "-f", "-"]),
+            Op::NftDel => v(&["nft", "delete", "table", "inet", NFT_TABLE]),
+            Op::Forward { v6, on } => v(&[
+                "sysctl",
+                FORWARD_SYSCTLS[usize::from(*v6)],
+                if *on { "on" } else { "restore" },
+            ]),
         }
     }
 
@@ -264,10 +518,40 @@ impl Op {
             Op::RouteDel { route, .. } => {
                 state.routes.remove(route);
             }
+            Op::TableRouteAdd { dev, route } => {
+                state.tun.clone_from(dev);
+                state.table_routes.insert(*route);
+            }
+            Op::TableRouteDel { route, .. } => {
+                state.table_routes.remove(route);
+            }
+            Op::ThrowAdd { route } => {
+                state.throws.insert(*route);
+            }
+            Op::ThrowDel { route } => {
+                state.throws.remove(route);
+            }
+            // The two rules of a family are added and removed together, lookup last on add.
+            Op::RuleAdd { v6, priority } => state.rules[usize::from(*v6)] = *priority == RULE_PRIORITY_TABLE,
+            Op::RuleDel { v6, .. } => state.rules[usize::from(*v6)] = false,
+            Op::NftSet { tun } => {
+                state.tun.clone_from(tun);
+                state.snat = true;
+            }
+            Op::NftDel => state.snat = false,
+            Op::Forward { v6, on } => state.forward[usize::from(*v6)] = *on,
         }
-        if state.link.is_none() && state.addresses.is_empty() && state.routes.is_empty() {
+        if state.is_empty() {
             state.tun.clear();
         }
+    }
+}
+
+fn fam(v6: bool) -> &'static str {
+    if v6 {
+        "-6"
+    } else {
+        "-4"
     }
 }
 
@@ -284,6 +568,37 @@ pub fn plan(cur: &Applied, want: &Applied) -> Vec<Op> {
 
     // Removals first: on a rename the old device must be clean before the new one is recorded.
     let keep = |set: &BTreeSet<Prefix>, p: &Prefix| same_dev && set.contains(p);
+    for v6 in [false, true] {
+        let i = usize::from(v6);
+        if old.forward[i] && !(same_dev && want.forward[i]) {
+            ops.push(Op::Forward { v6, on: false });
+        }
+    }
+    if old.snat && !(same_dev && want.snat) {
+        ops.push(Op::NftDel);
+    }
+    for v6 in [false, true] {
+        let i = usize::from(v6);
+        if old.rules[i] && !(same_dev && want.rules[i]) {
+            ops.push(Op::RuleDel {
+                v6,
+                priority: RULE_PRIORITY_TABLE,
+            });
+            ops.push(Op::RuleDel {
+                v6,
+                priority: RULE_PRIORITY_BYPASS,
+            });
+        }
+    }
+    for r in old.throws.iter().filter(|r| !keep(&want.throws, r)) {
+        ops.push(Op::ThrowDel { route: *r });
+    }
+    for r in old.table_routes.iter().filter(|r| !keep(&want.table_routes, r)) {
+        ops.push(Op::TableRouteDel {
+            dev: old.tun.clone(),
+            route: *r,
+        });
+    }
     for r in old.routes.iter().filter(|r| !keep(&want.routes, r)) {
         ops.push(Op::RouteDel {
             dev: old.tun.clone(),
@@ -314,6 +629,39 @@ pub fn plan(cur: &Applied, want: &Applied) -> Vec<Op> {
             route: *r,
         });
     }
+    // Throws before the routes they carve holes in, rules after both: no moment where an
+    // accepted route shadows the LAN or the lookup finds a half-built table.
+    for r in want.throws.iter().filter(|r| !base.throws.contains(r)) {
+        ops.push(Op::ThrowAdd { route: *r });
+    }
+    for r in want.table_routes.iter().filter(|r| !base.table_routes.contains(r)) {
+        ops.push(Op::TableRouteAdd {
+            dev: want.tun.clone(),
+            route: *r,
+        });
+    }
+    for v6 in [false, true] {
+        let i = usize::from(v6);
+        if want.rules[i] && !base.rules[i] {
+            ops.push(Op::RuleAdd {
+                v6,
+                priority: RULE_PRIORITY_BYPASS,
+            });
+            ops.push(Op::RuleAdd {
+                v6,
+                priority: RULE_PRIORITY_TABLE,
+            });
+        }
+    }
+    if want.snat && !base.snat {
+        ops.push(Op::NftSet { tun: want.tun.clone() });
+    }
+    for v6 in [false, true] {
+        let i = usize::from(v6);
+        if want.forward[i] && !base.forward[i] {
+            ops.push(Op::Forward { v6, on: true });
+        }
+    }
     ops
 }
 
@@ -322,6 +670,32 @@ pub trait CommandRunner {
     /// Runs `argv` (`argv[0]` is the program) and returns its stdout, or an error carrying
     /// stderr when it exits non-zero.
     fn run(&mut self, argv: &[String]) -> Result<String, RouterError>;
+    /// [`CommandRunner::run`] with `input` on stdin.
+    fn run_input(&mut self, argv: &[String], input: &str) -> Result<String, RouterError>;
+    /// Reads a (sysctl) file.
+    fn read_file(&mut self, path: &str) -> Result<String, RouterError>;
+    /// Writes a (sysctl) file.
+    fn write_file(&mut self, path: &str, data: &str) -> Result<(), RouterError>;
+    /// Removes a file; a missing one is fine.
+    fn remove_file(&mut self, path: &str);
+}
+
+impl<T: CommandRunner> CommandRunner for &mut T {
+    fn run(&mut self, argv: &[String]) -> Result<String, RouterError> {
+        (**self).run(argv)
+    }
+    fn run_input(&mut self, argv: &[String], input: &str) -> Result<String, RouterError> {
+        (**self).run_input(argv, input)
+    }
+    fn read_file(&mut self, path: &str) -> Result<String, RouterError> {
+        (**self).read_file(path)
+    }
+    fn write_file(&mut self, path: &str, data: &str) -> Result<(), RouterError> {
+        (**self).write_file(path, data)
+    }
+    fn remove_file(&mut self, path: &str) {
+        (**self).remove_file(path)
+    }
 }
 
 /// Runs commands with `std::process::Command` (blocking; `ip` returns in milliseconds).
@@ -330,16 +704,30 @@ pub struct SystemRunner;
 
 impl CommandRunner for SystemRunner {
     fn run(&mut self, argv: &[String]) -> Result<String, RouterError> {
+        self.run_input(argv, "")
+    }
+
+    fn run_input(&mut self, argv: &[String], input: &str) -> Result<String, RouterError> {
+        use std::io::Write;
         let cmd = argv.join(" ");
         let (prog, args) = argv.split_first().ok_or_else(|| RouterError::Failed {
             cmd: String::new(),
             status: "not run".into(),
             stderr: "empty command".into(),
         })?;
-        let out = Command::new(prog)
+        let spawn_err = |err| RouterError::Spawn { cmd: cmd.clone(), err };
+        let mut child = Command::new(prog)
             .args(args)
-            .output()
-            .map_err(|err| RouterError::Spawn { cmd: cmd.clone(), err })?;
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(spawn_err)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A program that exits without reading its input is judged by its status below.
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        let out = child.wait_with_output().map_err(spawn_err)?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -350,16 +738,34 @@ impl CommandRunner for SystemRunner {
             })
         }
     }
+
+    fn read_file(&mut self, path: &str) -> Result<String, RouterError> {
+        std::fs::read_to_string(path).map_err(|err| RouterError::File { path: path.into(), err })
+    }
+
+    fn write_file(&mut self, path: &str, data: &str) -> Result<(), RouterError> {
+        std::fs::write(path, data).map_err(|err| RouterError::File { path: path.into(), err })
+    }
+
+    fn remove_file(&mut self, path: &str) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
-/// Test runner: records every argv, answers `Ok("")`, and fails commands that contain
-/// `fail_on` as one argument (to exercise partial failures).
+/// Test runner: records every argv, answers from `outputs` (by the joined command line) or
+/// `Ok("")`, and fails commands that contain `fail_on` as one argument (to exercise partial
+/// failures). Files live in `files`; writes are recorded as `write PATH DATA` calls, stdin as
+/// a `<<< INPUT` call after its command.
 #[derive(Debug, Default, Clone)]
 pub struct RecordingRunner {
     /// Every command run, in order.
     pub calls: Vec<Vec<String>>,
     /// If set, any command with this exact argument fails.
     pub fail_on: Option<String>,
+    /// Canned stdout per command line.
+    pub outputs: std::collections::HashMap<String, String>,
+    /// The file system as the runner sees it.
+    pub files: std::collections::BTreeMap<String, String>,
 }
 
 impl CommandRunner for RecordingRunner {
@@ -371,8 +777,32 @@ impl CommandRunner for RecordingRunner {
                 status: "exit status: 2".into(),
                 stderr: "RTNETLINK answers: injected failure".into(),
             }),
-            _ => Ok(String::new()),
+            _ => Ok(self.outputs.get(&argv.join(" ")).cloned().unwrap_or_default()),
         }
+    }
+
+    fn run_input(&mut self, argv: &[String], input: &str) -> Result<String, RouterError> {
+        let r = self.run(argv);
+        self.calls.push(vec!["<<<".into(), input.into()]);
+        r
+    }
+
+    fn read_file(&mut self, path: &str) -> Result<String, RouterError> {
+        self.files.get(path).cloned().ok_or_else(|| RouterError::File {
+            path: path.into(),
+            err: std::io::ErrorKind::NotFound.into(),
+        })
+    }
+
+    fn write_file(&mut self, path: &str, data: &str) -> Result<(), RouterError> {
+        self.calls
+            .push(vec!["write".into(), path.into(), data.trim_end().into()]);
+        self.files.insert(path.into(), data.into());
+        Ok(())
+    }
+
+    fn remove_file(&mut self, path: &str) {
+        self.files.remove(path);
     }
 }
 
@@ -381,6 +811,10 @@ impl CommandRunner for RecordingRunner {
 pub struct Router<R: CommandRunner> {
     runner: R,
     applied: Applied,
+    /// Forwarding sysctl values found before we switched them on (IPv4, IPv6).
+    saved_forward: [Option<String>; 2],
+    /// Where the saved values are kept across a crash (`forwarding.saved` in the state dir).
+    saved_path: Option<String>,
 }
 
 impl<R: CommandRunner> Router<R> {
@@ -389,6 +823,61 @@ impl<R: CommandRunner> Router<R> {
         Router {
             runner,
             applied: Applied::default(),
+            saved_forward: [None, None],
+            saved_path: None,
+        }
+    }
+
+    /// Keeps the forwarding values found in `path`, so that [`Router::recover`] after a crash
+    /// restores them.
+    pub fn set_saved_path(&mut self, path: &str) {
+        self.saved_path = Some(path.to_string());
+    }
+
+    /// Removes what a previous run may have left behind after a crash: our nftables table,
+    /// our policy rules, routing table 52, and forwarding switched on by us (restored from the
+    /// saved file). Quiet and best effort: on a clean system every step finds nothing.
+    pub fn recover(&mut self) {
+        if let Some(path) = self.saved_path.clone() {
+            if let Ok(saved) = self.runner.read_file(&path) {
+                for line in saved.lines() {
+                    if let Some((k, v)) = line.split_once('=') {
+                        if FORWARD_SYSCTLS.contains(&k) {
+                            match self.runner.write_file(k, &format!("{}\n", v.trim())) {
+                                Ok(()) => log::info!("router: restored {k}={} left by an earlier run", v.trim()),
+                                Err(e) => log::warn!("router: cannot restore {k}: {e}"),
+                            }
+                        }
+                    }
+                }
+                self.runner.remove_file(&path);
+            }
+        }
+        let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        if self
+            .runner
+            .run(&argv(&["nft", "delete", "table", "inet", NFT_TABLE]))
+            .is_ok()
+        {
+            log::info!("router: removed nftables table inet {NFT_TABLE} left by an earlier run");
+        }
+        for v6 in [false, true] {
+            for prio in [RULE_PRIORITY_BYPASS, RULE_PRIORITY_TABLE] {
+                // One rule per run at most; a few more in case of repeated crashes.
+                for _ in 0..4 {
+                    if self.runner.run(&Op::RuleDel { v6, priority: prio }.argv()).is_err() {
+                        break;
+                    }
+                }
+            }
+            let _ = self.runner.run(&argv(&[
+                "ip",
+                fam(v6),
+                "route",
+                "flush",
+                "table",
+                &ROUTE_TABLE.to_string(),
+            ]));
         }
     }
 
@@ -396,9 +885,14 @@ impl<R: CommandRunner> Router<R> {
     /// first failing command; what succeeded before it stays recorded, so the next `set`
     /// retries only the rest.
     pub fn set(&mut self, cfg: &RouterConfig) -> Result<(), RouterError> {
-        let want = Applied::from_config(cfg)?;
+        let connected = if cfg.accepted_routes.is_empty() {
+            Vec::new()
+        } else {
+            self.connected(&cfg.tun)
+        };
+        let want = Applied::with_connected(cfg, &connected)?;
         for op in plan(&self.applied, &want) {
-            self.runner.run(&op.argv())?;
+            self.exec(&op)?;
             op.record(&mut self.applied);
         }
         Ok(())
@@ -410,13 +904,80 @@ impl<R: CommandRunner> Router<R> {
     pub fn close(&mut self) -> Result<(), RouterError> {
         let mut first_err = None;
         for op in plan(&self.applied, &Applied::default()) {
-            if let Err(e) = self.runner.run(&op.argv()) {
+            if let Err(e) = self.exec(&op) {
                 log::warn!("router: cleanup op={:?} failed: {e}", op.argv().join(" "));
                 first_err.get_or_insert(e);
             }
         }
         self.applied = Applied::default();
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// The host's connected prefixes (see [`parse_connected`]); none if `ip` cannot tell.
+    fn connected(&mut self, tun: &str) -> Vec<Prefix> {
+        let mut v = Vec::new();
+        for f in ["-4", "-6"] {
+            let argv: Vec<String> = ["ip", "-o", f, "route", "show", "table", "main"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            match self.runner.run(&argv) {
+                Ok(out) => v.extend(parse_connected(&out, tun)),
+                Err(e) => log::warn!("router: cannot list connected routes: {e}"),
+            }
+        }
+        v
+    }
+
+    fn exec(&mut self, op: &Op) -> Result<(), RouterError> {
+        match op {
+            Op::NftSet { tun } => self
+                .runner
+                .run_input(&op.argv(), &nft_script(tun))
+                .map(drop)
+                .map_err(nft_hint),
+            Op::NftDel => match self.runner.run(&op.argv()) {
+                // Already gone (deleted by hand, or by `nft flush ruleset`): the goal is reached.
+                Err(RouterError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+                r => r.map(drop),
+            },
+            Op::Forward { v6, on } => self.forward(*v6, *on),
+            _ => self.runner.run(&op.argv()).map(drop),
+        }
+    }
+
+    fn forward(&mut self, v6: bool, on: bool) -> Result<(), RouterError> {
+        let i = usize::from(v6);
+        let path = FORWARD_SYSCTLS[i];
+        if on {
+            let found = self.runner.read_file(path)?.trim().to_string();
+            if found != "1" {
+                self.saved_forward[i] = Some(found);
+                self.persist_saved();
+                self.runner.write_file(path, "1\n")?;
+                log::info!("router: forwarding on ({path}=1)");
+            }
+        } else if let Some(v) = self.saved_forward[i].take() {
+            self.runner.write_file(path, &format!("{v}\n"))?;
+            log::info!("router: forwarding restored ({path}={v})");
+            self.persist_saved();
+        }
+        Ok(())
+    }
+
+    fn persist_saved(&mut self) {
+        let Some(p) = self.saved_path.clone() else { return };
+        let body: String = self
+            .saved_forward
+            .iter()
+            .zip(FORWARD_SYSCTLS)
+            .filter_map(|(v, k)| v.as_ref().map(|v| format!("{k}={v}\n")))
+            .collect();
+        if body.is_empty() {
+            self.runner.remove_file(&p);
+        } else if let Err(e) = self.runner.write_file(&p, &body) {
+            log::warn!("router: cannot keep the forwarding values found: {e}");
+        }
     }
 
     /// What is currently applied.
@@ -432,6 +993,38 @@ impl<R: CommandRunner> Router<R> {
     /// Mutable access to the runner (tests clear recorded calls or inject failures).
     pub fn runner_mut(&mut self) -> &mut R {
         &mut self.runner
+    }
+}
+
+impl<R: CommandRunner> Drop for Router<R> {
+    /// A router dropped with state applied (the data plane's task aborted on `down`) cleans up
+    /// like [`Router::close`]: the TUN's own routes go with the device, but rules, the nftables
+    /// table and sysctls would not.
+    fn drop(&mut self) {
+        if !self.applied.is_empty() {
+            let _ = self.close();
+        }
+    }
+}
+
+/// Names the missing piece when nftables cannot build our table.
+fn nft_hint(e: RouterError) -> RouterError {
+    match e {
+        RouterError::Spawn { cmd, err } if err.kind() == std::io::ErrorKind::NotFound => RouterError::Failed {
+            cmd,
+            status: "not run".into(),
+            stderr: "nft not found: subnet routing with SNAT needs nftables (Debian: nftables; OpenWrt: nftables, part of fw4)".into(),
+        },
+        RouterError::Failed { cmd, status, stderr } if stderr.contains("No such file") || stderr.contains("not supported") => {
+            RouterError::Failed {
+                cmd,
+                status,
+                stderr: format!(
+                    "{stderr} (the kernel lacks nftables NAT or mark support: modules nf_tables, nft_nat, nft_masq, nft_chain_nat; OpenWrt: kmod-nft-nat)"
+                ),
+            }
+        }
+        e => e,
     }
 }
 
@@ -582,6 +1175,193 @@ mod tests {
         assert_eq!(r.runner().calls.len(), 5);
         c.routes.push((ip("10.0.0.0"), 33));
         assert!(matches!(r.set(&c), Err(RouterError::BadPrefix(_, 33))));
+    }
+
+    fn p(s: &str) -> Prefix {
+        Prefix::parse_masked(s).unwrap()
+    }
+
+    #[test]
+    fn connected_prefixes_from_ip_route_output() {
+        let v4 = "default via 10.0.0.1 dev eth0 proto dhcp src 10.0.0.2 metric 100\n\
+                  10.0.0.0/24 dev eth0 proto kernel scope link src 10.0.0.2\n\
+                  100.64.0.0/10 dev tinyscale0 scope link\n\
+                  169.254.0.0/16 dev eth0 scope link metric 1000\n\
+                  192.168.50.0/24 dev br-lan proto kernel scope link src 192.168.50.1\n\
+                  172.16.0.0/12 via 10.0.0.9 dev eth0\n\
+                  10.9.9.9 dev wg0 scope link\n";
+        assert_eq!(
+            parse_connected(v4, "tinyscale0"),
+            [p("10.0.0.0/24"), p("10.9.9.9/32"), p("192.168.50.0/24")]
+        );
+        let v6 = "fd00:1::/64 dev br-lan proto kernel metric 256 pref medium\n\
+                  fe80::/64 dev br-lan proto kernel metric 256 pref medium\n\
+                  default via fe80::1 dev eth0 proto ra metric 1024\n";
+        assert_eq!(parse_connected(v6, "tinyscale0"), [p("fd00:1::/64")]);
+    }
+
+    #[test]
+    fn accepted_routes_go_to_table_52_without_shadowing_the_lan() {
+        let mut runner = RecordingRunner::default();
+        runner.outputs.insert(
+            "ip -o -4 route show table main".into(),
+            "192.168.1.0/24 dev br-lan proto kernel scope link src 192.168.1.1\n".into(),
+        );
+        let mut r = Router::new(runner);
+        let mut c = cfg();
+        c.routes.truncate(1);
+        c.addresses.truncate(1);
+        // 192.168.0.0/16 covers the LAN: a throw keeps the LAN in main. 192.168.1.128/25 is
+        // inside the LAN: not installed. 10.1.0.0/16 and fd00:5::/64 are plain.
+        c.accepted_routes = vec![
+            (ip("192.168.0.0"), 16),
+            (ip("192.168.1.128"), 25),
+            (ip("10.1.0.0"), 16),
+            (ip("fd00:5::"), 64),
+        ];
+        r.set(&c).unwrap();
+        assert_eq!(
+            calls(&r),
+            [
+                "ip -o -4 route show table main",
+                "ip -o -6 route show table main",
+                "ip link set dev tinyscale0 mtu 1280 up",
+                "ip -4 addr replace 100.64.0.1/32 dev tinyscale0",
+                "ip -4 route replace 100.64.0.0/10 dev tinyscale0",
+                "ip -4 route replace throw 192.168.1.0/24 table 52",
+                "ip -4 route replace 10.1.0.0/16 dev tinyscale0 table 52",
+                "ip -4 route replace 192.168.0.0/16 dev tinyscale0 table 52",
+                "ip -6 route replace fd00:5::/64 dev tinyscale0 table 52",
+                "ip -4 rule add priority 5210 fwmark 0x80000/0xff0000 table main",
+                "ip -4 rule add priority 5270 table 52",
+                "ip -6 rule add priority 5210 fwmark 0x80000/0xff0000 table main",
+                "ip -6 rule add priority 5270 table 52",
+            ]
+        );
+        // The route moves away (peer offline, approval revoked): everything of it goes.
+        r.runner_mut().calls.clear();
+        c.accepted_routes.clear();
+        r.set(&c).unwrap();
+        assert_eq!(
+            calls(&r),
+            [
+                "ip -4 rule del priority 5270",
+                "ip -4 rule del priority 5210",
+                "ip -6 rule del priority 5270",
+                "ip -6 rule del priority 5210",
+                "ip -4 route del throw 192.168.1.0/24 table 52",
+                "ip -4 route del 10.1.0.0/16 dev tinyscale0 table 52",
+                "ip -4 route del 192.168.0.0/16 dev tinyscale0 table 52",
+                "ip -6 route del fd00:5::/64 dev tinyscale0 table 52",
+            ]
+        );
+    }
+
+    #[test]
+    fn subnet_router_forwards_masquerades_and_restores() {
+        let mut runner = RecordingRunner::default();
+        runner.files.insert(FORWARD_SYSCTLS[0].into(), "0\n".into());
+        runner.files.insert(FORWARD_SYSCTLS[1].into(), "1\n".into());
+        let mut r = Router::new(runner);
+        r.set_saved_path("/state/forwarding.saved");
+        let mut c = cfg();
+        c.routes.truncate(1);
+        c.addresses.truncate(1);
+        r.set(&c).unwrap();
+        r.runner_mut().calls.clear();
+        c.subnet_router = Some(SubnetRouter {
+            v4: true,
+            v6: true,
+            snat: true,
+        });
+        r.set(&c).unwrap();
+        let script = nft_script("tinyscale0");
+        assert_eq!(
+            calls(&r),
+            [
+                "nft -f -".to_string(),
+                format!("<<< {script}"),
+                "write /state/forwarding.saved /proc/sys/net/ipv4/ip_forward=0".into(),
+                "write /proc/sys/net/ipv4/ip_forward 1".into(),
+            ]
+        );
+        assert!(script.contains("iifname \"tinyscale0\" meta mark set meta mark | 0x40000"));
+        assert!(script.contains("oifname != \"tinyscale0\" meta mark & 0xff0000 == 0x40000 masquerade"));
+        // IPv6 forwarding was on already: nothing saved for it, nothing to restore.
+        r.runner_mut().calls.clear();
+        c.subnet_router = Some(SubnetRouter {
+            v4: true,
+            v6: true,
+            snat: false,
+        });
+        r.set(&c).unwrap();
+        assert_eq!(calls(&r), ["nft delete table inet tinyscale"]);
+        r.runner_mut().calls.clear();
+        r.close().unwrap();
+        let c = calls(&r);
+        assert_eq!(&c[..1], ["write /proc/sys/net/ipv4/ip_forward 0"]);
+        assert_eq!(r.runner().files[FORWARD_SYSCTLS[0]], "0\n");
+        assert_eq!(r.runner().files[FORWARD_SYSCTLS[1]], "1\n");
+        assert!(!r.runner().files.contains_key("/state/forwarding.saved"));
+    }
+
+    #[test]
+    fn recover_after_a_crash_restores_and_removes_leftovers() {
+        let mut runner = RecordingRunner::default();
+        runner
+            .files
+            .insert("/state/forwarding.saved".into(), format!("{}=0\n", FORWARD_SYSCTLS[0]));
+        runner.files.insert(FORWARD_SYSCTLS[0].into(), "1\n".into());
+        runner.fail_on = Some("5270".into()); // no rule left at that priority
+        let mut r = Router::new(runner);
+        r.set_saved_path("/state/forwarding.saved");
+        r.recover();
+        assert_eq!(r.runner().files[FORWARD_SYSCTLS[0]], "0\n");
+        assert!(!r.runner().files.contains_key("/state/forwarding.saved"));
+        let c = calls(&r);
+        assert!(c.contains(&"nft delete table inet tinyscale".to_string()), "{c:?}");
+        assert!(c.contains(&"ip -4 route flush table 52".to_string()), "{c:?}");
+        assert!(c.contains(&"ip -6 rule del priority 5210".to_string()), "{c:?}");
+        // Deleting stops at the first failure per priority, and is bounded otherwise.
+        assert_eq!(c.iter().filter(|l| l.ends_with("rule del priority 5270")).count(), 2);
+        assert_eq!(c.iter().filter(|l| l.ends_with("rule del priority 5210")).count(), 8);
+    }
+
+    #[test]
+    fn dropping_a_router_cleans_up() {
+        let mut runner = RecordingRunner::default();
+        runner.files.insert(FORWARD_SYSCTLS[0].into(), "0\n".into());
+        {
+            let mut r = Router::new(&mut runner);
+            let mut c = cfg();
+            c.subnet_router = Some(SubnetRouter {
+                v4: true,
+                v6: false,
+                snat: true,
+            });
+            r.set(&c).unwrap();
+            assert_eq!(r.runner().files[FORWARD_SYSCTLS[0]], "1\n");
+            r.runner_mut().calls.clear();
+        } // dropped with everything applied, as when the data plane's task is aborted
+        assert_eq!(runner.files[FORWARD_SYSCTLS[0]], "0\n");
+        let c: Vec<String> = runner.calls.iter().map(|c| c.join(" ")).collect();
+        assert!(c.contains(&"nft delete table inet tinyscale".to_string()), "{c:?}");
+        assert!(
+            c.contains(&"ip -4 addr del 100.64.0.1/32 dev tinyscale0".to_string()),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn prefix_contains() {
+        assert!(p("192.168.0.0/16").contains(&p("192.168.1.0/24")));
+        assert!(p("192.168.1.0/24").contains(&p("192.168.1.0/24")));
+        assert!(!p("192.168.1.0/24").contains(&p("192.168.0.0/16")));
+        assert!(!p("0.0.0.0/0").contains(&p("::/0")));
+        assert!(p("::/0").contains(&p("fd00::/8")));
+        assert_eq!(p("192.168.1.77/24"), p("192.168.1.0/24"));
+        assert_eq!(p("10.0.0.1"), p("10.0.0.1/32"));
+        assert!(Prefix::parse_masked("10.0.0.0/33").is_none());
     }
 
     #[test]

@@ -111,7 +111,7 @@ pub fn host_port(host: &str, port: u16) -> String {
 /// Dials `addr` (`host:port`, resolved by the system) and, when `tls` is set, runs a TLS
 /// handshake verifying the certificate for `server_name` (a DNS name or an IP literal).
 pub async fn connect(addr: &str, server_name: &str, tls: bool) -> io::Result<Stream> {
-    let tcp = TcpStream::connect(addr).await?;
+    let tcp = crate::netns::connect_host(addr).await?;
     let _ = tcp.set_nodelay(true);
     if !tls {
         return Ok(Stream::Plain(tcp));

@@ -274,7 +274,7 @@ async fn connect_staggered(addrs: &[std::net::SocketAddr]) -> io::Result<TcpStre
     let mut last_err = None;
     loop {
         if let Some(a) = pending.next() {
-            set.spawn(TcpStream::connect(a));
+            set.spawn(crate::netns::connect(a));
         }
         if set.is_empty() {
             return Err(last_err.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address to dial")));

@@ -46,6 +46,9 @@ impl Sockets {
             Err(e) => return Err(e),
         };
         v4.set_nonblocking(true)?;
+        // WireGuard, disco and STUN datagrams take the physical route, never a peer's subnet
+        // route or exit node (see crate::netns).
+        crate::netns::mark(std::os::fd::AsRawFd::as_raw_fd(&v4));
         let v4 = UdpSocket::from_std(v4)?;
         let port4 = v4.local_addr()?.port();
         let v6 = match bind_v6_only(port4).or_else(|e| {
@@ -56,7 +59,10 @@ impl Sockets {
                 Err(e)
             }
         }) {
-            Ok(s) => Some(UdpSocket::from_std(s)?),
+            Ok(s) => {
+                crate::netns::mark(std::os::fd::AsRawFd::as_raw_fd(&s));
+                Some(UdpSocket::from_std(s)?)
+            }
             Err(e) => {
                 log::info!("no IPv6 UDP socket ({e}): running IPv4-only");
                 None
