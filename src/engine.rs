@@ -565,7 +565,7 @@ impl Engine {
                 .router
                 .set_saved_path(&dir.join("forwarding.saved").to_string_lossy());
         }
-        // Whatever a crashed run left (nftables table, rules, table 52, sysctls) goes first.
+        // Whatever a crashed run left (nftables table, rules, table 53, sysctls) goes first.
         engine.router.recover();
         let task = tokio::spawn(engine.run(netmap, prefs, cmd_rx, derp_in_rx, dns_done_rx, https_done_rx));
         Ok((

@@ -1,10 +1,10 @@
 //! Sockets of the daemon itself that must not be routed into the tunnel (Go `net/netns`).
 //!
-//! With `--accept-routes`, peers' subnet routes sit in routing table 52, consulted before the
+//! With `--accept-routes`, peers' subnet routes sit in routing table 53, consulted before the
 //! main table (see [`crate::router`]). A route that covers the control server, a DERP relay or
 //! a peer's UDP endpoint would send the tunnel's own packets into the tunnel. Every socket the
 //! daemon opens towards those carries [`BYPASS_MARK`] (`SO_MARK`), and the router's rule at
-//! priority 5210 sends marked packets to the main table first.
+//! priority 5211 sends marked packets to the main table first.
 //!
 //! Marking needs `CAP_NET_ADMIN`; without it (control-only runs as a user) the socket is used
 //! unmarked, which is right there: no routes are installed either.

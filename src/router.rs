@@ -21,13 +21,13 @@
 //!
 //! Subnet routing, both sides (Go `router_linux.go` and `util/linuxfw`):
 //! * **Accepted routes** (`--accept-routes`): peers' subnet routes go into routing table
-//!   [`ROUTE_TABLE`] (52), consulted by an `ip rule` at priority [`RULE_PRIORITY_TABLE`] (5270),
+//!   [`ROUTE_TABLE`] (53), consulted by an `ip rule` at priority [`RULE_PRIORITY_TABLE`] (5271),
 //!   before the main table. The daemon's own sockets carry [`BYPASS_MARK`] (0x80000, `SO_MARK`)
-//!   and a rule at [`RULE_PRIORITY_BYPASS`] (5210) sends marked packets to the main table first:
+//!   and a rule at [`RULE_PRIORITY_BYPASS`] (5211) sends marked packets to the main table first:
 //!   without it a peer's route covering the control server, a DERP relay or a peer's UDP
 //!   endpoint would pull the tunnel's own packets into the tunnel (a routing loop). Unlike Go,
 //!   a prefix directly connected on this router is never shadowed: a connected prefix inside an
-//!   accepted route gets a `throw` route in table 52 (the lookup falls through to main), and an
+//!   accepted route gets a `throw` route in table 53 (the lookup falls through to main), and an
 //!   accepted route inside a connected prefix is not installed.
 //! * **Advertised routes** (`--advertise-routes`): IP forwarding is switched on for the families
 //!   advertised (the values found are restored on close, and kept in a file so a restart after
@@ -37,7 +37,8 @@
 //!   table is ours alone: created, replaced atomically and deleted as a whole, never touching
 //!   fw4's or anybody else's tables. Which destinations are served at all is the packet
 //!   filter's decision (approved routes only), before a packet reaches the TUN.
-//! * [`Router::recover`] removes what a crashed run left (table, rules, table 52, sysctls).
+//! * [`Router::recover`] removes what a crashed run left (nftables table, rules, routing
+//!   table, sysctls).
 
 use std::{
     collections::BTreeSet,
@@ -56,12 +57,14 @@ pub const TAILNET_V4: (IpAddr, u8) = (IpAddr::V4(Ipv4Addr::new(100, 64, 0, 0)), 
 /// The tailnet IPv6 range (Go `tsaddr.TailscaleULARange`), routed to the TUN.
 pub const TAILNET_V6: (IpAddr, u8) = (IpAddr::V6(Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0)), 48);
 
-/// Routing table for peers' subnet routes (Go `linuxfw` table 52).
-pub const ROUTE_TABLE: u32 = 52;
+/// Routing table for peers' subnet routes. Go uses table 52 with rules at 5210-5270; ours sit
+/// right beside them (53, 5211, 5271) so that a tailscaled on the same host (a developer's
+/// machine) and tinyscale never delete each other's rules or flush each other's table.
+pub const ROUTE_TABLE: u32 = 53;
 /// `ip rule` priority of the lookup in [`ROUTE_TABLE`].
-pub const RULE_PRIORITY_TABLE: u32 = 5270;
+pub const RULE_PRIORITY_TABLE: u32 = 5271;
 /// `ip rule` priority of the bypass: marked packets look up the main table first.
-pub const RULE_PRIORITY_BYPASS: u32 = 5210;
+pub const RULE_PRIORITY_BYPASS: u32 = 5211;
 /// `SO_MARK` of the daemon's own sockets (Go `TailscaleBypassMark`).
 pub const BYPASS_MARK: u32 = 0x80000;
 /// The bits of the packet mark we own (Go `TailscaleFwmarkMask`).
@@ -376,13 +379,13 @@ pub enum Op {
     RouteAdd { dev: String, route: Prefix },
     /// `ip -4|-6 route del P/L dev D`.
     RouteDel { dev: String, route: Prefix },
-    /// `ip -4|-6 route replace P/L dev D table 52`.
+    /// `ip -4|-6 route replace P/L dev D table 53`.
     TableRouteAdd { dev: String, route: Prefix },
-    /// `ip -4|-6 route del P/L dev D table 52`.
+    /// `ip -4|-6 route del P/L dev D table 53`.
     TableRouteDel { dev: String, route: Prefix },
-    /// `ip -4|-6 route replace throw P/L table 52`.
+    /// `ip -4|-6 route replace throw P/L table 53`.
     ThrowAdd { route: Prefix },
-    /// `ip -4|-6 route del throw P/L table 52`.
+    /// `ip -4|-6 route del throw P/L table 53`.
     ThrowDel { route: Prefix },
     /// `ip -4|-6 rule add priority P …`: the bypass rule or the table lookup.
     RuleAdd { v6: bool, priority: u32 },
@@ -835,7 +838,7 @@ impl<R: CommandRunner> Router<R> {
     }
 
     /// Removes what a previous run may have left behind after a crash: our nftables table,
-    /// our policy rules, routing table 52, and forwarding switched on by us (restored from the
+    /// our policy rules, routing table 53, and forwarding switched on by us (restored from the
     /// saved file). Quiet and best effort: on a clean system every step finds nothing.
     pub fn recover(&mut self) {
         if let Some(path) = self.saved_path.clone() {
@@ -1228,14 +1231,14 @@ mod tests {
                 "ip link set dev tinyscale0 mtu 1280 up",
                 "ip -4 addr replace 100.64.0.1/32 dev tinyscale0",
                 "ip -4 route replace 100.64.0.0/10 dev tinyscale0",
-                "ip -4 route replace throw 192.168.1.0/24 table 52",
-                "ip -4 route replace 10.1.0.0/16 dev tinyscale0 table 52",
-                "ip -4 route replace 192.168.0.0/16 dev tinyscale0 table 52",
-                "ip -6 route replace fd00:5::/64 dev tinyscale0 table 52",
-                "ip -4 rule add priority 5210 fwmark 0x80000/0xff0000 table main",
-                "ip -4 rule add priority 5270 table 52",
-                "ip -6 rule add priority 5210 fwmark 0x80000/0xff0000 table main",
-                "ip -6 rule add priority 5270 table 52",
+                "ip -4 route replace throw 192.168.1.0/24 table 53",
+                "ip -4 route replace 10.1.0.0/16 dev tinyscale0 table 53",
+                "ip -4 route replace 192.168.0.0/16 dev tinyscale0 table 53",
+                "ip -6 route replace fd00:5::/64 dev tinyscale0 table 53",
+                "ip -4 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -4 rule add priority 5271 table 53",
+                "ip -6 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -6 rule add priority 5271 table 53",
             ]
         );
         // The route moves away (peer offline, approval revoked): everything of it goes.
@@ -1245,14 +1248,14 @@ mod tests {
         assert_eq!(
             calls(&r),
             [
-                "ip -4 rule del priority 5270",
-                "ip -4 rule del priority 5210",
-                "ip -6 rule del priority 5270",
-                "ip -6 rule del priority 5210",
-                "ip -4 route del throw 192.168.1.0/24 table 52",
-                "ip -4 route del 10.1.0.0/16 dev tinyscale0 table 52",
-                "ip -4 route del 192.168.0.0/16 dev tinyscale0 table 52",
-                "ip -6 route del fd00:5::/64 dev tinyscale0 table 52",
+                "ip -4 rule del priority 5271",
+                "ip -4 rule del priority 5211",
+                "ip -6 rule del priority 5271",
+                "ip -6 rule del priority 5211",
+                "ip -4 route del throw 192.168.1.0/24 table 53",
+                "ip -4 route del 10.1.0.0/16 dev tinyscale0 table 53",
+                "ip -4 route del 192.168.0.0/16 dev tinyscale0 table 53",
+                "ip -6 route del fd00:5::/64 dev tinyscale0 table 53",
             ]
         );
     }
@@ -1312,7 +1315,7 @@ mod tests {
             .files
             .insert("/state/forwarding.saved".into(), format!("{}=0\n", FORWARD_SYSCTLS[0]));
         runner.files.insert(FORWARD_SYSCTLS[0].into(), "1\n".into());
-        runner.fail_on = Some("5270".into()); // no rule left at that priority
+        runner.fail_on = Some("5271".into()); // no rule left at that priority
         let mut r = Router::new(runner);
         r.set_saved_path("/state/forwarding.saved");
         r.recover();
@@ -1320,11 +1323,11 @@ mod tests {
         assert!(!r.runner().files.contains_key("/state/forwarding.saved"));
         let c = calls(&r);
         assert!(c.contains(&"nft delete table inet tinyscale".to_string()), "{c:?}");
-        assert!(c.contains(&"ip -4 route flush table 52".to_string()), "{c:?}");
-        assert!(c.contains(&"ip -6 rule del priority 5210".to_string()), "{c:?}");
+        assert!(c.contains(&"ip -4 route flush table 53".to_string()), "{c:?}");
+        assert!(c.contains(&"ip -6 rule del priority 5211".to_string()), "{c:?}");
         // Deleting stops at the first failure per priority, and is bounded otherwise.
-        assert_eq!(c.iter().filter(|l| l.ends_with("rule del priority 5270")).count(), 2);
-        assert_eq!(c.iter().filter(|l| l.ends_with("rule del priority 5210")).count(), 8);
+        assert_eq!(c.iter().filter(|l| l.ends_with("rule del priority 5271")).count(), 2);
+        assert_eq!(c.iter().filter(|l| l.ends_with("rule del priority 5211")).count(), 8);
     }
 
     #[test]
