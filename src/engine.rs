@@ -106,13 +106,15 @@ pub struct RoutePrefs {
 }
 
 impl RoutePrefs {
-    /// Forwarding for the advertised routes, if any (exit-node routes are not subnet routes).
-    fn subnet_router(&self) -> Option<SubnetRouter> {
+    /// Forwarding for the advertised routes that control approved (`approved`: the subnet
+    /// routes in our own node's AllowedIPs), if any: forwarding stays off while a route only
+    /// waits for approval. Exit-node routes are not subnet routes.
+    fn subnet_router(&self, approved: &[Prefix]) -> Option<SubnetRouter> {
         let routes: Vec<Prefix> = self
             .advertise_routes
             .iter()
             .filter_map(|r| Prefix::parse_masked(r))
-            .filter(|p| p.len > 0)
+            .filter(|p| p.len > 0 && approved.contains(p))
             .collect();
         if routes.is_empty() {
             return None;
@@ -271,6 +273,8 @@ pub struct Engine {
     route_prefs: RoutePrefs,
     /// The subnet routes of the last netmap's peers (empty without `--accept-routes`).
     accepted: Vec<Prefix>,
+    /// Our own subnet routes that control approved (and made primary).
+    approved: Vec<Prefix>,
     /// The last configuration the router applied; `None` until it succeeds.
     router_cfg: Option<RouterConfig>,
     router_retry: Instant,
@@ -556,6 +560,7 @@ impl Engine {
             addresses: Vec::new(),
             route_prefs: prefs.borrow().clone(),
             accepted: Vec::new(),
+            approved: Vec::new(),
             router_cfg: None,
             router_retry: Instant::now(),
         };
@@ -676,7 +681,7 @@ impl Engine {
         }
         let mut cfg = RouterConfig::new(self.tun.name(), self.addresses.clone());
         cfg.accepted_routes = self.accepted.iter().map(|p| (p.addr, p.len)).collect();
-        cfg.subnet_router = self.route_prefs.subnet_router();
+        cfg.subnet_router = self.route_prefs.subnet_router(&self.approved);
         if self.router_cfg.as_ref() == Some(&cfg) {
             return;
         }
@@ -705,6 +710,7 @@ impl Engine {
         let now = Instant::now().into_std();
         // Addresses of this node on the TUN.
         if let Some(me) = &nm.self_node {
+            self.approved = peer_subnet_routes(me);
             self.addresses = me
                 .addresses
                 .iter()
@@ -1494,12 +1500,19 @@ mod tests {
             snat_subnet_routes: true,
             ..Default::default()
         };
-        assert_eq!(p.subnet_router(), None);
+        let pfx = |s: &str| Prefix::parse_masked(s).unwrap();
+        let approved = [pfx("0.0.0.0/0"), pfx("192.168.1.0/24"), pfx("fd00::/64")];
+        assert_eq!(p.subnet_router(&approved), None);
         p.advertise_routes = vec!["0.0.0.0/0".into(), "::/0".into()];
-        assert_eq!(p.subnet_router(), None, "exit-node routes are not subnet routes");
-        p.advertise_routes.push("192.168.1.0/24".into());
         assert_eq!(
-            p.subnet_router(),
+            p.subnet_router(&approved),
+            None,
+            "exit-node routes are not subnet routes"
+        );
+        p.advertise_routes.push("192.168.1.0/24".into());
+        assert_eq!(p.subnet_router(&[]), None, "not approved yet");
+        assert_eq!(
+            p.subnet_router(&approved),
             Some(SubnetRouter {
                 v4: true,
                 v6: false,
@@ -1509,7 +1522,7 @@ mod tests {
         p.advertise_routes.push("fd00::/64".into());
         p.snat_subnet_routes = false;
         assert_eq!(
-            p.subnet_router(),
+            p.subnet_router(&approved),
             Some(SubnetRouter {
                 v4: true,
                 v6: true,
