@@ -81,6 +81,18 @@ step "clippy (client-only)" cargo clippy --no-default-features -- -D warnings
 step "rustfmt" cargo fmt --check
 step "sans-io purity" scripts/check-purity.sh
 step "dependency snapshot" scripts/check-deps.sh
+# README's first command, as a newcomer runs it: it must end by listing what it showed (as root
+# with the official client: the interactive login, the Go client, traffic over the tunnel,
+# both views).
+demo_check() {
+    local out rc want=3
+    [ -n "$root" ] && want=4
+    out=$(scripts/demo.sh 2>&1); rc=$?
+    printf '%s\n' "$out" | grep -vE '^\s+Compiling ' | tail -n 40
+    [ "$rc" -eq 0 ] || { echo "demo exited $rc"; return 1; }
+    [ "$(grep -c '^showed:' <<<"$out")" -ge "$want" ] || { echo "demo showed fewer than $want parts"; return 1; }
+}
+step "README demo (scripts/demo.sh)" demo_check
 if [ -z "$root" ]; then
     skip "netns end-to-end and WireGuard interop (need root for network namespaces)"
 elif [ "${TINYSCALE_SKIP_NETNS:-0}" = 1 ]; then
