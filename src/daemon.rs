@@ -758,6 +758,14 @@ pub fn system_hostname() -> String {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(state_dir: &Path, socket: &Path, engine: Option<EngineConfig>) -> Result<(), String> {
+    if engine.is_some() {
+        // What a crashed run left (nftables table, rules, routing table, forwarding) goes at
+        // once, not when control first answers: a router restarting with its uplink down must
+        // not keep forwarding for routes nobody approved any more.
+        let mut r = crate::router::Router::new(crate::router::SystemRunner);
+        r.set_saved_path(&state_dir.join(crate::engine::FORWARDING_SAVED).to_string_lossy());
+        r.recover();
+    }
     let d = Daemon::load(state_dir, engine)?;
     let listener = crate::ipc::bind_private(socket)
         .await

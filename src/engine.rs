@@ -280,6 +280,9 @@ pub struct Engine {
     router_retry: Instant,
 }
 
+/// The file in the state dir keeping the forwarding sysctls found before we changed them.
+pub const FORWARDING_SAVED: &str = "forwarding.saved";
+
 /// How often a failed router configuration is retried.
 const ROUTER_RETRY: Duration = Duration::from_secs(10);
 
@@ -568,7 +571,7 @@ impl Engine {
         if let Some(dir) = &engine.route_prefs.state_dir {
             engine
                 .router
-                .set_saved_path(&dir.join("forwarding.saved").to_string_lossy());
+                .set_saved_path(&dir.join(FORWARDING_SAVED).to_string_lossy());
         }
         // Whatever a crashed run left (nftables table, rules, table 53, sysctls) goes first.
         engine.router.recover();
