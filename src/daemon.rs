@@ -301,6 +301,10 @@ impl Daemon {
                 Some(h) => h.netcheck().await,
                 None => Err("the data plane is not running (is the node up?)".into()),
             },
+            IpcRequest::DebugFilter => match self.engine_handle() {
+                Some(h) => h.filter().await,
+                None => Err("the data plane is not running (is the node up?)".into()),
+            },
         };
         IpcResponse::from_result(r)
     }
@@ -357,6 +361,10 @@ impl Daemon {
                 snat_subnet_routes
             );
             p.want_running = true;
+            // Shields take effect at once, without waiting for the new session's netmap.
+            if let Some(h) = self.engine_handle() {
+                h.set_shields_up(p.shields_up);
+            }
             s.prefs = p;
             if a.auth_key.as_deref().is_some_and(|k| !k.is_empty()) {
                 s.auth_key = a.auth_key;
@@ -507,6 +515,8 @@ impl Daemon {
         .await
         {
             Ok((handle, task)) => {
+                // Before the first netmap reaches the engine, so no packet sees shields down.
+                handle.set_shields_up(self.lock().prefs.shields_up);
                 *self.engine.lock().unwrap_or_else(|e| e.into_inner()) = Some(RunningEngine {
                     handle,
                     task,
@@ -709,6 +719,9 @@ impl Daemon {
         };
         let first_req = map_req(&ep_rx.borrow_and_update(), true);
         let mut stream = conn.map_stream(&first_req).await?;
+        // The filter chunks are per session (the data plane keeps the old ones until the first
+        // message of this one).
+        self.lock().netmap.begin_session();
         let mut first = true;
         loop {
             tokio::select! {
