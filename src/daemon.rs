@@ -756,9 +756,22 @@ pub fn system_hostname() -> String {
         .unwrap_or_else(|_| "openwrt".into())
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
-pub async fn run(state_dir: &Path, socket: &Path, engine: Option<EngineConfig>) -> Result<(), String> {
+/// Runs the daemon until SIGTERM/SIGINT. `initial` prefs (from the uci `client` section) are
+/// applied as an `up` before the local API opens; if they are refused (say, no login server
+/// yet) the daemon still runs, so `tinyscale up` can finish the job.
+pub async fn run(
+    state_dir: &Path,
+    socket: &Path,
+    engine: Option<EngineConfig>,
+    initial: Option<UpArgs>,
+) -> Result<(), String> {
     let d = Daemon::load(state_dir, engine)?;
+    if let Some(args) = initial {
+        match d.up(args) {
+            Ok(_) => log::info!("prefs from config applied"),
+            Err(e) => log::warn!("prefs from config not applied err={e}"),
+        }
+    }
     let listener = crate::ipc::bind_private(socket)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;

@@ -155,6 +155,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             Flag::new("timeout", Value),
             Flag::new("qr", Switch),
             SOCKET,
+            Flag::new("config", Value),
         ],
     ),
     Verb::new("down", &[SOCKET]),
@@ -187,6 +188,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             SOCKET,
             Flag::new("tun", Value),
             Flag::new("port", Value),
+            Flag::new("config", Value),
         ],
     ),
     Verb::new("server", &[Flag::new("config", Value).short('c')]).subs(&[
