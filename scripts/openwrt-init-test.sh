@@ -1,5 +1,5 @@
 #!/bin/sh
-# Checks openwrt/files/tinyscale.init without OpenWrt: sources it with rc.common-style stubs
+# Checks openwrt/files/tinyscale.init (and the firewall uci-defaults guard) without OpenWrt: sources it with rc.common-style stubs
 # for procd_*, config_* and uci that record what the script asks procd for, then compares
 # that record with the expected one for several sample configs. Pure shell, no daemons.
 #
@@ -195,6 +195,50 @@ expect "triggers: config and lan/wan" <<'W'
 procd_add_reload_trigger tinyscale
 procd_add_reload_interface_trigger lan
 procd_add_reload_interface_trigger wan
+W
+
+# The firewall uci-defaults guard, with a fake `uci` on PATH (the batch itself is checked
+# against fw4's default config by tests/openwrt.rs).
+FW="$ROOT/openwrt/files/tinyscale.uci-defaults"
+sh -n "$FW" || { echo "sh -n failed: $FW"; exit 1; }
+mkdir -p "$T/bin"
+cat > "$T/bin/uci" <<'STUB'
+#!/bin/sh
+case "$*" in
+"-q get firewall.tinyscale") [ "$FAKE_FW" = ours ] && echo zone && exit 0; exit 1 ;;
+"-q show firewall")
+	echo "firewall.cfg01=zone"
+	echo "firewall.cfg01.name='lan'"
+	[ "$FAKE_FW" = tailnet ] && echo "firewall.cfg09.name='tailnet'"
+	[ "$FAKE_FW" = device ] && echo "firewall.cfg09.device='tun0' 'tinyscale0'"
+	exit 0 ;;
+"-q batch") echo "uci batch: $(grep -c . | tr -d ' ') lines" >> "$TRACE"; exit 0 ;;
+esac
+echo "uci $*" >> "$TRACE"
+STUB
+cat > "$T/bin/logger" <<'STUB'
+#!/bin/sh
+echo "logger $*" >> "$TRACE"
+STUB
+chmod +x "$T/bin/uci" "$T/bin/logger"
+fw() {
+	: > "$TRACE"
+	(cd "$T" && FAKE_FW="$1" PATH="$T/bin:$PATH" sh -c '. "$0"' "$FW") || echo "exit $?" >> "$TRACE"
+}
+TRACE="$T/trace"
+fw none
+expect "firewall: fresh config gets the batch" <<'W'
+uci batch: 18 lines
+W
+fw ours
+expect "firewall: our zone exists (maybe edited): untouched" < /dev/null
+fw tailnet
+expect "firewall: a user zone named tailnet: untouched" <<'W'
+logger -t tinyscale firewall: a zone named tailnet or covering tinyscale0 exists; not adding ours
+W
+fw device
+expect "firewall: a user zone covering tinyscale0: untouched" <<'W'
+logger -t tinyscale firewall: a zone named tailnet or covering tinyscale0 exists; not adding ours
 W
 
 echo "$pass passed, $fail failed"

@@ -44,6 +44,7 @@ pub const PACKAGE: &str = "tinyscale";
 /// Default path of the config file; `--config` overrides it.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/config/tinyscale";
 
+pub mod batch;
 pub mod client;
 
 // ---------------------------------------------------------------------------------------------
