@@ -103,5 +103,10 @@ else
   fail "$TARGET: unpacked /usr/sbin/tinyscale version printed: $out"
 fi
 
+# OpenWrt's package CI runs `<binary> --version` and looks for PKG_VERSION.
+out=$(timeout 120 env TINYSCALE_BIN="$W/root/usr/sbin/tinyscale" "$HERE/cross-build.sh" run "$TARGET" --version 2>&1)
+check "$TARGET: tinyscale --version prints the package's upstream version" \
+  [ "$(printf '%s\n' "$out" | head -n1)" = "tinyscale ${crate}" ]
+
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]
