@@ -958,10 +958,10 @@ async fn up(u: Up) -> Result<(), Failure> {
     };
     ipc::call(&socket, &IpcRequest::Up(args)).await?;
     // From the init script (reload): the daemon has the prefs; it logs in on its own.
-    if u.config.is_some() && timeout.is_none() {
+    if let (Some(path), None) = (&u.config, timeout) {
         eprintln!(
             "prefs from {} applied; `tinyscale status` shows progress",
-            u.config.as_deref().unwrap_or(std::path::Path::new("")).display()
+            path.display()
         );
         return Ok(());
     }
