@@ -1,8 +1,9 @@
 //! The OpenWrt package's firewall script against fw4's default config: the uci batch that
 //! `openwrt/files/tinyscale.uci-defaults` prints is applied with our uci parser (the same
 //! commands `uci batch` runs on the router), and the result is checked: the `tailnet` zone and
-//! its forwardings are added, user sections stay exactly as they were, a second run changes
-//! nothing, and the removal batch restores the original.
+//! its forwardings are added, user sections stay exactly as they were, the result is what
+//! the real `uci` (recorded) made of the same batch, a second run changes nothing, and the
+//! removal batch restores the original.
 
 use std::process::Command;
 
@@ -13,6 +14,9 @@ use tinyscale::uci::{
 };
 
 const FIREWALL: &str = include_str!("vectors/openwrt/firewall.default");
+/// `uci export firewall` from the real uci (openwrt/uci) after the add batch; comment lines
+/// at the top say how it was recorded.
+const AFTER_ADD_REAL_UCI: &str = include_str!("vectors/openwrt/firewall.after-add");
 
 /// The batch the script prints for `mode` (`add` or `remove`), run by `sh` as on the router.
 fn script_batch(mode: &str) -> String {
@@ -56,7 +60,7 @@ fn adds_the_tailnet_zone_and_forwardings_only() {
              \toption masq '1'\n\toption mtu_fix '1'\n\n\
              config forwarding 'tinyscale_lan'\n\toption src 'tailnet'\n\toption dest 'lan'\n\n\
              config forwarding 'lan_tinyscale'\n\toption src 'lan'\n\toption dest 'tailnet'\n\n\
-             config forwarding 'tinyscale_wan'\n\toption src 'tailnet'\n\toption dest 'wan'\n"
+             config forwarding 'tinyscale_wan'\n\toption src 'tailnet'\n\toption dest 'wan'\n\n"
         )
     );
     // The forwardings name zones that exist.
@@ -72,6 +76,18 @@ fn adds_the_tailnet_zone_and_forwardings_only() {
             assert!(zones.contains(&o.value.as_str()), "{:?} names no zone", o);
         }
     }
+}
+
+#[test]
+fn matches_what_the_real_uci_made_of_it() {
+    let orig = parse(FIREWALL).expect("fw4 default parses");
+    let f = applied(&orig, &script_batch("add"));
+    let want: String = AFTER_ADD_REAL_UCI
+        .lines()
+        .skip_while(|l| l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(export(&f, "firewall"), want);
 }
 
 #[test]

@@ -177,9 +177,10 @@ fn set_option(file: &mut UciFile, sec: &str, name: &str, value: &str, list: bool
 
 /// The file as `uci export` prints it: `package`, then each section with its options quoted.
 pub fn export(file: &UciFile, package: &str) -> String {
-    let mut out = format!("package {package}\n");
+    // Byte for byte as libuci's export: a blank line after the package line and after
+    // every section (tests/vectors/openwrt/firewall.after-add was recorded from it).
+    let mut out = format!("package {package}\n\n");
     for s in &file.sections {
-        out.push('\n');
         match &s.name {
             Some(n) => out.push_str(&format!("config {} {}\n", s.kind, quote(n))),
             None => out.push_str(&format!("config {}\n", s.kind)),
@@ -188,6 +189,7 @@ pub fn export(file: &UciFile, package: &str) -> String {
             let kw = if o.list { "list" } else { "option" };
             out.push_str(&format!("\t{kw} {} {}\n", o.name, quote(&o.value)));
         }
+        out.push('\n');
     }
     out
 }
@@ -212,7 +214,7 @@ mod tests {
         assert_eq!(
             out,
             "package firewall\n\nconfig zone 'z'\n\toption name 'a'\n\toption input 'ACCEPT'\n\n\
-             config forwarding 'n'\n\toption src 'lan'\n"
+             config forwarding 'n'\n\toption src 'lan'\n\n"
         );
     }
 
@@ -224,10 +226,10 @@ mod tests {
         );
         assert_eq!(
             out,
-            "package firewall\n\nconfig zone 'z'\n\tlist device 'x'\n\tlist device 'y'\n\nconfig rule\n"
+            "package firewall\n\nconfig zone 'z'\n\tlist device 'x'\n\tlist device 'y'\n\nconfig rule\n\n"
         );
         let out = run("config zone 'z'\nconfig zone 'k'\n", "delete firewall.z\n");
-        assert_eq!(out, "package firewall\n\nconfig zone 'k'\n");
+        assert_eq!(out, "package firewall\n\nconfig zone 'k'\n\n");
     }
 
     #[test]
