@@ -1234,6 +1234,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn flags_beside_config_win() {
+        let cfg = crate::uci::client::ClientConfig::from_uci_text(
+            "config client\n\toption login_server 'http://10.0.0.1:8080'\n\toption accept_routes '1'\n",
+        )
+        .expect("valid")
+        .config;
+        let base = cfg.up_args(None, &[]);
+        let flags = UpArgs {
+            accept_routes: Some(false),
+            hostname: Some("edge".into()),
+            force_reauth: true,
+            ..UpArgs::default()
+        };
+        let a = overlay(base.clone(), flags);
+        assert_eq!(a.accept_routes, Some(false));
+        assert_eq!(a.hostname.as_deref(), Some("edge"));
+        assert!(a.force_reauth && a.reset);
+        // What the flags leave unset comes from the file.
+        assert_eq!(a.login_server, base.login_server);
+        assert_eq!(a.snat_subnet_routes, Some(true));
+        assert_eq!(overlay(base.clone(), UpArgs::default()), base);
+    }
+
+    #[test]
     fn table_aligns() {
         let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
         assert_eq!(t, "A    BB\nxxx  y\n");
