@@ -10,6 +10,7 @@
 #        tinyscale version                      prints a version
 #        tinyscale stun --listen 127.0.0.1:P    answers coturn's turnutils_stunclient
 #        tinyscale server serve --config F      answers GET /key?v=130 with "publicKey"
+#      and the .ipk: scripts/package.sh twice (byte-identical), scripts/package-check.sh
 #   4. scripts/size-report.sh (mipsel + x86_64, both feature sets, against the budgets)
 #   5. scripts/check-deps.sh (dependency tree = scripts/deps.txt)
 #
@@ -179,12 +180,31 @@ EOF
 }
 
 if [ -n "${BIN[$X86]:-}" ]; then smoke_version $X86; else skip "$X86: version (not built)"; fi
+# The .ipk around the mipsel binary: built twice (must be byte-identical), then unpacked as
+# opkg does and checked, including `tinyscale version` from the unpacked tree under qemu.
+package_ipk() {
+  local a b log=$LOGS/package.log
+  if a=$("$HERE/package.sh" $MIPSEL --bin "${BIN[$MIPSEL]}" --out "$WORK/ipk-a" 2>"$log") \
+     && b=$("$HERE/package.sh" $MIPSEL --bin "${BIN[$MIPSEL]}" --out "$WORK/ipk-b" 2>>"$log"); then
+    if cmp -s "$a" "$b"; then pass "package.sh $MIPSEL: $(basename "$a"), $(stat -c %s "$a") bytes, reproducible"
+    else fail "package.sh $MIPSEL: two builds differ"; fi
+    if "$HERE/package-check.sh" "$a" $MIPSEL >"$LOGS/package-check.log" 2>&1; then
+      pass "package-check.sh: $(tail -n1 "$LOGS/package-check.log")"
+    else
+      fail "package-check.sh: $(tail -n1 "$LOGS/package-check.log")"; grep FAIL "$LOGS/package-check.log" | sed 's/^/  /'
+    fi
+  else
+    fail "package.sh $MIPSEL"; tail_log "$log"
+  fi
+}
+
 if [ -n "${BIN[$MIPSEL]:-}" ]; then
   smoke_version $MIPSEL
   smoke_stun
   smoke_server
+  package_ipk
 else
-  for c in version stun "server serve"; do skip "$MIPSEL: $c (not built)"; done
+  for c in version stun "server serve" "ipk package"; do skip "$MIPSEL: $c (not built)"; done
 fi
 
 # ------------------------------------------------------------------ 4. size budgets

@@ -82,6 +82,7 @@ step "clippy (client-only)" cargo clippy --no-default-features -- -D warnings
 step "rustfmt" cargo fmt --check
 step "sans-io purity" scripts/check-purity.sh
 step "dependency snapshot" scripts/check-deps.sh
+step "OpenWrt init and firewall scripts (stubs)" sh scripts/openwrt-init-test.sh
 # README's first command, as a newcomer runs it: it must end by listing what it showed (as root
 # with the official client: the interactive login, the Go client, traffic over the tunnel,
 # both views).

@@ -144,6 +144,10 @@ pub struct Up {
     /// daemon socket (default /var/run/tinyscale.sock)
     #[argh(option)]
     pub socket: Option<PathBuf>,
+    /// apply the prefs of the uci file's `config client` section (e.g. /etc/config/tinyscale)
+    /// and return once the daemon took them; flags given beside it override the file
+    #[argh(option)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(FromArgs, Debug)]
@@ -213,11 +217,15 @@ pub struct DaemonCmd {
     #[argh(option)]
     pub socket: Option<PathBuf>,
     /// TUN device name, or "none" for control only (default tinyscale0)
-    #[argh(option, default = "String::from(\"tinyscale0\")")]
-    pub tun: String,
+    #[argh(option)]
+    pub tun: Option<String>,
     /// UDP port for WireGuard and path discovery (default 41641; 0 picks one)
-    #[argh(option, default = "41641")]
-    pub port: u16,
+    #[argh(option)]
+    pub port: Option<u16>,
+    /// uci file whose `config client` section gives port, state_dir, tun and log_level and
+    /// the prefs applied at start (flags given beside it win)
+    #[argh(option)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(FromArgs, Debug)]
@@ -879,6 +887,77 @@ pub fn render_status(v: &Value) -> String {
     out
 }
 
+/// Reads and validates the `config client` section of `path`; unknown options are logged as
+/// warnings, a missing file yields the defaults, errors exit with code 3.
+pub fn load_client_config(path: &std::path::Path) -> Result<crate::uci::client::ClientConfig, Failure> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            log::warn!("config {} not found, using defaults", path.display());
+            String::new()
+        }
+        Err(e) => return Err(Failure::config(format!("cannot read {}: {e}", path.display()))),
+    };
+    let load = crate::uci::client::ClientConfig::from_uci_text(&text)
+        .map_err(|e| Failure::config(format!("{}: {e}", path.display())))?;
+    for w in &load.warnings {
+        log::warn!("{}: {w}", path.display());
+    }
+    Ok(load.config)
+}
+
+/// The prefs a `config client` section asks for: reads `auth_key_file` and, with
+/// `advertise_lan`, the prefixes on `lan_device` (`ip -o addr show dev D`; a missing device
+/// advertises nothing and logs a warning).
+pub fn client_up_args(c: &crate::uci::client::ClientConfig) -> Result<UpArgs, Failure> {
+    use crate::router::CommandRunner;
+    let file_key = match &c.auth_key_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| Failure::config(format!("cannot read auth_key_file {}: {e}", p.display())))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let mut lan = Vec::new();
+    if c.advertise_lan {
+        let argv: Vec<String> = ["ip", "-o", "addr", "show", "dev", &c.lan_device]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        match crate::router::SystemRunner.run(&argv) {
+            Ok(out) => lan = crate::uci::client::lan_prefixes(&out),
+            Err(e) => log::warn!("advertise_lan: cannot read {} addresses err={e}", c.lan_device),
+        }
+    }
+    Ok(c.up_args(file_key, &lan))
+}
+
+/// `base` with every setting `flags` states replacing it (command-line flags beside
+/// `--config` win).
+fn overlay(mut base: UpArgs, flags: UpArgs) -> UpArgs {
+    macro_rules! take {
+        ($($f:ident),*) => { $( if flags.$f.is_some() { base.$f = flags.$f; } )* };
+    }
+    take!(
+        login_server,
+        auth_key,
+        hostname,
+        advertise_routes,
+        accept_routes,
+        accept_dns,
+        advertise_exit_node,
+        exit_node,
+        exit_node_allow_lan_access,
+        advertise_tags,
+        shields_up,
+        snat_subnet_routes
+    );
+    base.force_reauth |= flags.force_reauth;
+    base
+}
+
 async fn up(u: Up) -> Result<(), Failure> {
     let socket = socket_or_default(u.socket);
     let timeout = match &u.timeout {
@@ -894,7 +973,7 @@ async fn up(u: Up) -> Result<(), Failure> {
         ),
         k => k,
     };
-    let args = UpArgs {
+    let flags = UpArgs {
         login_server: u.login_server,
         auth_key,
         hostname: u.hostname,
@@ -910,7 +989,19 @@ async fn up(u: Up) -> Result<(), Failure> {
         force_reauth: u.force_reauth,
         reset: u.reset,
     };
+    let args = match &u.config {
+        Some(path) => overlay(client_up_args(&load_client_config(path)?)?, flags),
+        None => flags,
+    };
     ipc::call(&socket, &IpcRequest::Up(args)).await?;
+    // From the init script (reload): the daemon has the prefs; it logs in on its own.
+    if let (Some(path), None) = (&u.config, timeout) {
+        eprintln!(
+            "prefs from {} applied; `tinyscale status` shows progress",
+            path.display()
+        );
+        return Ok(());
+    }
     // Poll the daemon (with a deadline when --timeout is set) until Running or a hard failure.
     let start = tokio::time::Instant::now();
     let mut shown_url = String::new();
@@ -1178,6 +1269,30 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flags_beside_config_win() {
+        let cfg = crate::uci::client::ClientConfig::from_uci_text(
+            "config client\n\toption login_server 'http://10.0.0.1:8080'\n\toption accept_routes '1'\n",
+        )
+        .expect("valid")
+        .config;
+        let base = cfg.up_args(None, &[]);
+        let flags = UpArgs {
+            accept_routes: Some(false),
+            hostname: Some("edge".into()),
+            force_reauth: true,
+            ..UpArgs::default()
+        };
+        let a = overlay(base.clone(), flags);
+        assert_eq!(a.accept_routes, Some(false));
+        assert_eq!(a.hostname.as_deref(), Some("edge"));
+        assert!(a.force_reauth && a.reset);
+        // What the flags leave unset comes from the file.
+        assert_eq!(a.login_server, base.login_server);
+        assert_eq!(a.snat_subnet_routes, Some(true));
+        assert_eq!(overlay(base.clone(), UpArgs::default()), base);
+    }
 
     #[test]
     fn table_aligns() {

@@ -361,6 +361,11 @@ impl Daemon {
                 snat_subnet_routes
             );
             p.want_running = true;
+            // An `up` that changes nothing on a running node (the init script's reload, run on
+            // every lan/wan interface event) must not restart the control session.
+            if !a.force_reauth && s.state == BackendState::Running && p == s.prefs {
+                return Ok(json!({"state": "Running"}));
+            }
             // Shields take effect at once, without waiting for the new session's netmap.
             if let Some(h) = self.engine_handle() {
                 h.set_shields_up(p.shields_up);
@@ -769,8 +774,15 @@ pub fn system_hostname() -> String {
         .unwrap_or_else(|_| "openwrt".into())
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
-pub async fn run(state_dir: &Path, socket: &Path, engine: Option<EngineConfig>) -> Result<(), String> {
+/// Runs the daemon until SIGTERM/SIGINT. `initial` prefs (from the uci `client` section) are
+/// applied as an `up` before the local API opens; if they are refused (say, no login server
+/// yet) the daemon still runs, so `tinyscale up` can finish the job.
+pub async fn run(
+    state_dir: &Path,
+    socket: &Path,
+    engine: Option<EngineConfig>,
+    initial: Option<UpArgs>,
+) -> Result<(), String> {
     if engine.is_some() {
         // What a crashed run left (nftables table, rules, routing table, forwarding) goes at
         // once, not when control first answers: a router restarting with its uplink down must
@@ -780,6 +792,12 @@ pub async fn run(state_dir: &Path, socket: &Path, engine: Option<EngineConfig>) 
         r.recover();
     }
     let d = Daemon::load(state_dir, engine)?;
+    if let Some(args) = initial {
+        match d.up(args) {
+            Ok(_) => log::info!("prefs from config applied"),
+            Err(e) => log::warn!("prefs from config not applied err={e}"),
+        }
+    }
     let listener = crate::ipc::bind_private(socket)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
@@ -802,4 +820,74 @@ pub async fn run(state_dir: &Path, socket: &Path, engine: Option<EngineConfig>) 
     let _ = std::fs::remove_file(socket);
     log::info!("daemon stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh state dir under the system temp dir, removed on drop.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let d = std::env::temp_dir().join(format!("tinyscale-daemon-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            TempDir(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn generation(d: &Daemon) -> u64 {
+        *d.generation.borrow()
+    }
+
+    #[test]
+    fn unchanged_up_on_a_running_node_keeps_the_session() {
+        let dir = TempDir::new("up");
+        let d = Daemon::load(&dir.0, None).expect("state dir loads");
+        let args = UpArgs {
+            login_server: Some("http://127.0.0.1:9".into()),
+            accept_routes: Some(true),
+            advertise_routes: Some(vec!["192.168.1.0/24".into()]),
+            reset: true,
+            ..UpArgs::default()
+        };
+        d.up(args.clone()).expect("first up");
+        assert_eq!(generation(&d), 1);
+        d.lock().state = BackendState::Running;
+        // Same prefs while running: no restart, still Running.
+        d.up(args.clone()).expect("repeated up");
+        assert_eq!(generation(&d), 1);
+        assert_eq!(d.lock().state, BackendState::Running);
+        // A changed pref restarts the session.
+        d.up(UpArgs {
+            accept_routes: Some(false),
+            ..args.clone()
+        })
+        .expect("changed up");
+        assert_eq!(generation(&d), 2);
+        assert_eq!(d.lock().state, BackendState::Starting);
+        // Same prefs but not running (e.g. after an error): try again.
+        d.up(UpArgs {
+            accept_routes: Some(false),
+            ..args.clone()
+        })
+        .expect("retry up");
+        assert_eq!(generation(&d), 3);
+        // --force-reauth always restarts.
+        d.lock().state = BackendState::Running;
+        d.up(UpArgs {
+            accept_routes: Some(false),
+            force_reauth: true,
+            ..args
+        })
+        .expect("reauth up");
+        assert_eq!(generation(&d), 4);
+    }
 }

@@ -32,22 +32,35 @@ fn run(top: Top) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Daemon(d) => {
-            tinyscale::logger::init(log::LevelFilter::Info);
-            let dir = d
-                .state_dir
-                .unwrap_or_else(|| PathBuf::from(tinyscale::daemon::DEFAULT_STATE_DIR));
+            // With --config the section gives the defaults and the prefs applied at start
+            // (procd runs it so); flags beside it win.
+            let (cfg, initial) = match &d.config {
+                Some(path) => {
+                    tinyscale::logger::init(log::LevelFilter::Info);
+                    let cfg = cli::load_client_config(path)?;
+                    tinyscale::logger::init(cfg.log_level.to_level_filter());
+                    let initial = cli::client_up_args(&cfg)?;
+                    (cfg, Some(initial))
+                }
+                None => {
+                    tinyscale::logger::init(log::LevelFilter::Info);
+                    (tinyscale::uci::client::ClientConfig::default(), None)
+                }
+            };
+            let dir = d.state_dir.unwrap_or(cfg.state_dir);
             let sock = d
                 .socket
                 .unwrap_or_else(|| PathBuf::from(tinyscale::ipc::DEFAULT_SOCKET));
-            let engine = match d.tun.as_str() {
+            let tun = d.tun.unwrap_or(cfg.tun);
+            let engine = match tun.as_str() {
                 "none" => None,
                 name => Some(tinyscale::engine::EngineConfig {
                     tun: name.to_string(),
-                    port: d.port,
+                    port: d.port.unwrap_or(cfg.port),
                 }),
             };
             runtime()?
-                .block_on(tinyscale::daemon::run(&dir, &sock, engine))
+                .block_on(tinyscale::daemon::run(&dir, &sock, engine, initial))
                 .map_err(Failure::runtime)
         }
         Cmd::Stun(s) => stun(s),

@@ -25,6 +25,8 @@
 //! `hscontrol/types/config.go` does. Every error carries the line and the uci path
 //! (`tinyscale.main.listen_addr`) and maps to exit code 3.
 //!
+//! The client daemon's `config client` section has its own schema in [`client`].
+//!
 //! Pure: the caller reads the file and passes its text.
 #![forbid(unsafe_code)]
 
@@ -41,6 +43,9 @@ pub const PACKAGE: &str = "tinyscale";
 
 /// Default path of the config file; `--config` overrides it.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/config/tinyscale";
+
+pub mod batch;
+pub mod client;
 
 // ---------------------------------------------------------------------------------------------
 // Errors
@@ -965,6 +970,8 @@ pub const MIN_EPHEMERAL_INACTIVITY_TIMEOUT: Duration = Duration::from_secs(65);
 
 /// Options of `config server 'main'`: name and whether it is a `list`.
 const SERVER_OPTIONS: &[(&str, bool)] = &[
+    // Read by the init script (whether procd runs `server serve`); the server ignores it.
+    ("enabled", false),
     ("server_url", false),
     ("listen_addr", false),
     ("db_path", false),

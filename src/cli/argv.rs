@@ -155,6 +155,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             Flag::new("timeout", Value),
             Flag::new("qr", Switch),
             SOCKET,
+            Flag::new("config", Value),
         ],
     ),
     Verb::new("down", &[SOCKET]),
@@ -188,6 +189,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             SOCKET,
             Flag::new("tun", Value),
             Flag::new("port", Value),
+            Flag::new("config", Value),
         ],
     ),
     Verb::new("server", &[Flag::new("config", Value).short('c')]).subs(&[
@@ -344,6 +346,17 @@ struct Level {
 
 /// Rewrites `args` (argv without the program name) for argh, following [`TREE`].
 pub fn normalize(args: &[String]) -> Result<Normalized, Rejected> {
+    // `tailscale --version` and `tailscaled --version` (and OpenWrt's package CI, which runs
+    // `<binary> --version`) mean the `version` verb.
+    if let [rest @ .., last] = args {
+        let only_verbs = rest.is_empty() || rest == ["daemon"] || rest == ["server"];
+        if only_verbs && (last == "--version" || last == "-version") {
+            return Ok(Normalized {
+                args: vec!["version".into()],
+                path: vec!["version"],
+            });
+        }
+    }
     let mut levels = vec![Level {
         verb: &TREE,
         items: Vec::new(),
@@ -734,6 +747,15 @@ mod tests {
             v("daemon --state-dir /s --tun none --port 0")
         );
         assert_eq!(norm("ip -4"), v("ip --v4"));
+    }
+
+    #[test]
+    fn version_flag_is_the_version_verb() {
+        for line in ["--version", "-version", "daemon --version", "server -version"] {
+            assert_eq!(norm(line), v("version"), "{line}");
+        }
+        // Elsewhere it stays an unknown flag.
+        assert_eq!(err("up --version"), ArgvError::UnknownFlag("--version".into()));
     }
 
     #[test]

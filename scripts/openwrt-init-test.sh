@@ -1,0 +1,245 @@
+#!/bin/sh
+# Checks openwrt/files/tinyscale.init (and the firewall uci-defaults guard) without OpenWrt: sources it with rc.common-style stubs
+# for procd_*, config_* and uci that record what the script asks procd for, then compares
+# that record with the expected one for several sample configs. Pure shell, no daemons.
+#
+# Usage: scripts/openwrt-init-test.sh   (prints `N passed, N failed`; exit 1 on a failure)
+
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+INIT="$ROOT/openwrt/files/tinyscale.init"
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT INT TERM
+pass=0
+fail=0
+
+sh -n "$INIT" || { echo "sh -n failed: $INIT"; exit 1; }
+
+# A stand-in binary: records its arguments, exits with $FAKE_RC.
+cat > "$T/tinyscale" <<'STUB'
+#!/bin/sh
+echo "exec tinyscale $*" >> "$TRACE"
+exit "${FAKE_RC:-0}"
+STUB
+chmod +x "$T/tinyscale"
+
+# One scenario in a subshell: $1 name, $2 the rc.common action (start|reload|triggers),
+# config from the SECTIONS ("type:name …") and CFG_<section>_<option> variables.
+run() {
+	TRACE="$T/trace"
+	export TRACE
+	: > "$TRACE"
+	(
+		rec() { echo "$*" >> "$TRACE"; }
+		# config_* as /lib/functions.sh behaves: empty means unset, so the default applies.
+		config_load() { rec "config_load $*"; }
+		config_foreach() {
+			local fn="$1" type="$2" s
+			for s in $SECTIONS; do
+				[ "${s%%:*}" = "$type" ] && "$fn" "${s#*:}"
+			done
+			return 0
+		}
+		config_get() {
+			local __v
+			eval "__v=\${CFG_$2_$3:-}"
+			eval "$1=\${__v:-\${4:-}}"
+		}
+		config_get_bool() {
+			local __b
+			config_get __b "$2" "$3" "${4:-0}"
+			case "$__b" in
+			1 | on | true | yes | enabled) __b=1 ;;
+			*) __b=0 ;;
+			esac
+			eval "$1=\$__b"
+		}
+		uci() { rec "uci $*"; echo "tinyscale.main=server"; }
+		logger() { rec "logger $*"; }
+		procd_open_service() { rec "procd_open_service $*"; }
+		procd_close_service() { rec "procd_close_service"; }
+		procd_open_instance() { rec "procd_open_instance $*"; }
+		procd_close_instance() { rec "procd_close_instance"; }
+		procd_set_param() { rec "procd_set_param $*"; }
+		procd_add_reload_trigger() { rec "procd_add_reload_trigger $*"; }
+		procd_add_reload_interface_trigger() { rec "procd_add_reload_interface_trigger $*"; }
+		# rc.common (USE_PROCD): start wraps start_service in a service; reload calls
+		# reload_service when defined.
+		rc_procd() {
+			procd_open_service tinyscale /etc/init.d/tinyscale
+			"$@"
+			procd_close_service
+		}
+		start() { rc_procd start_service "$@"; }
+		. "$INIT"
+		PROG="$T/tinyscale"
+		case "$1" in
+		start) start ;;
+		reload) reload_service ;;
+		triggers) service_triggers ;;
+		esac
+	)
+}
+
+# Compares the trace with stdin; $1 names the case.
+expect() {
+	sed "s#@T@#$T#g" > "$T/want"
+	if diff -u "$T/want" "$TRACE" > "$T/diff"; then
+		pass=$((pass + 1))
+		echo "ok   $1"
+	else
+		fail=$((fail + 1))
+		echo "FAIL $1"
+		cat "$T/diff"
+	fi
+}
+
+# The packaged default: client on with defaults, coordinator off.
+SECTIONS="client:client server:main"
+CFG_client_enabled=1
+CFG_main_enabled=0
+run start
+expect "default config starts the client only" <<'W'
+procd_open_service tinyscale /etc/init.d/tinyscale
+config_load tinyscale
+procd_open_instance client
+procd_set_param command @T@/tinyscale daemon --config /etc/config/tinyscale
+procd_set_param data port=41641 state_dir=/etc/tinyscale tun=tinyscale0 log_level=info
+procd_set_param respawn 3600 5 5
+procd_set_param stdout 1
+procd_set_param stderr 1
+procd_close_instance
+procd_close_service
+W
+
+# Coordinator on, daemon settings changed: both instances, the data carries the changes.
+CFG_main_enabled=1
+CFG_client_port=41700
+CFG_client_tun=ts1
+CFG_client_state_dir=/srv/ts
+CFG_client_log_level=debug
+run start
+expect "coordinator enabled adds the server instance" <<'W'
+procd_open_service tinyscale /etc/init.d/tinyscale
+config_load tinyscale
+procd_open_instance client
+procd_set_param command @T@/tinyscale daemon --config /etc/config/tinyscale
+procd_set_param data port=41700 state_dir=/srv/ts tun=ts1 log_level=debug
+procd_set_param respawn 3600 5 5
+procd_set_param stdout 1
+procd_set_param stderr 1
+procd_close_instance
+procd_open_instance server
+procd_set_param command @T@/tinyscale server --config /etc/config/tinyscale serve
+uci -q show tinyscale.main
+procd_set_param data config=tinyscale.main=server
+procd_set_param respawn 3600 5 5
+procd_set_param stdout 1
+procd_set_param stderr 1
+procd_close_instance
+procd_close_service
+W
+
+# reload: re-register (procd decides about restarts), then hand the daemon its prefs.
+CFG_main_enabled=0
+CFG_client_port='' CFG_client_tun='' CFG_client_state_dir='' CFG_client_log_level=''
+run reload
+expect "reload re-registers and applies prefs" <<'W'
+procd_open_service tinyscale /etc/init.d/tinyscale
+config_load tinyscale
+procd_open_instance client
+procd_set_param command @T@/tinyscale daemon --config /etc/config/tinyscale
+procd_set_param data port=41641 state_dir=/etc/tinyscale tun=tinyscale0 log_level=info
+procd_set_param respawn 3600 5 5
+procd_set_param stdout 1
+procd_set_param stderr 1
+procd_close_instance
+procd_close_service
+config_load tinyscale
+exec tinyscale up --config /etc/config/tinyscale
+W
+
+# A refused `up` is logged, not fatal.
+FAKE_RC=3
+export FAKE_RC
+run reload
+tail -n 1 "$TRACE" > "$T/last"
+TRACE="$T/last"
+expect "reload logs a refused up" <<'W'
+logger -t tinyscale reload: prefs not applied (daemon restarting or config invalid; see logread)
+W
+FAKE_RC=0
+
+# Client disabled (and an anonymous section): no instance, no `up`.
+SECTIONS="client:cfg01 server:main"
+CFG_cfg01_enabled=0
+run reload
+expect "disabled client: no instance, no up" <<'W'
+procd_open_service tinyscale /etc/init.d/tinyscale
+config_load tinyscale
+procd_close_service
+config_load tinyscale
+W
+
+# No client section at all behaves as disabled.
+SECTIONS="server:main"
+run start
+expect "no client section starts nothing" <<'W'
+procd_open_service tinyscale /etc/init.d/tinyscale
+config_load tinyscale
+procd_close_service
+W
+
+run triggers
+expect "triggers: config and lan/wan" <<'W'
+procd_add_reload_trigger tinyscale
+procd_add_reload_interface_trigger lan
+procd_add_reload_interface_trigger wan
+W
+
+# The firewall uci-defaults guard, with a fake `uci` on PATH (the batch itself is checked
+# against fw4's default config by tests/openwrt.rs).
+FW="$ROOT/openwrt/files/tinyscale.uci-defaults"
+sh -n "$FW" || { echo "sh -n failed: $FW"; exit 1; }
+mkdir -p "$T/bin"
+cat > "$T/bin/uci" <<'STUB'
+#!/bin/sh
+case "$*" in
+"-q get firewall.tinyscale") [ "$FAKE_FW" = ours ] && echo zone && exit 0; exit 1 ;;
+"-q show firewall")
+	echo "firewall.cfg01=zone"
+	echo "firewall.cfg01.name='lan'"
+	[ "$FAKE_FW" = tailnet ] && echo "firewall.cfg09.name='tailnet'"
+	[ "$FAKE_FW" = device ] && echo "firewall.cfg09.device='tun0' 'tinyscale0'"
+	exit 0 ;;
+"-q batch") echo "uci batch: $(grep -c . | tr -d ' ') lines" >> "$TRACE"; exit 0 ;;
+esac
+echo "uci $*" >> "$TRACE"
+STUB
+cat > "$T/bin/logger" <<'STUB'
+#!/bin/sh
+echo "logger $*" >> "$TRACE"
+STUB
+chmod +x "$T/bin/uci" "$T/bin/logger"
+fw() {
+	: > "$TRACE"
+	(cd "$T" && FAKE_FW="$1" PATH="$T/bin:$PATH" sh -c '. "$0"' "$FW") || echo "exit $?" >> "$TRACE"
+}
+TRACE="$T/trace"
+fw none
+expect "firewall: fresh config gets the batch" <<'W'
+uci batch: 18 lines
+W
+fw ours
+expect "firewall: our zone exists (maybe edited): untouched" < /dev/null
+fw tailnet
+expect "firewall: a user zone named tailnet: untouched" <<'W'
+logger -t tinyscale firewall: a zone named tailnet or covering tinyscale0 exists; not adding ours
+W
+fw device
+expect "firewall: a user zone covering tinyscale0: untouched" <<'W'
+logger -t tinyscale firewall: a zone named tailnet or covering tinyscale0 exists; not adding ours
+W
+
+echo "$pass passed, $fail failed"
+[ "$fail" = 0 ]
