@@ -216,6 +216,10 @@ pub struct DaemonCmd {
     /// UDP port for WireGuard and path discovery (default 41641; 0 picks one)
     #[argh(option, default = "41641")]
     pub port: u16,
+    /// ubusd socket for the `tinyscale` object (default /var/run/ubus/ubus.sock; "none" for no
+    /// ubus object)
+    #[argh(option, default = "String::from(crate::ubus_object::DEFAULT_SOCKET)")]
+    pub ubus_socket: String,
 }
 
 #[derive(FromArgs, Debug)]

@@ -557,6 +557,11 @@ impl Daemon {
         }))
     }
 
+    /// The current backend state (for the ubus state event).
+    pub fn backend_state(&self) -> BackendState {
+        self.lock().state
+    }
+
     fn set_state(&self, st: BackendState, err: Option<String>) {
         let mut s = self.lock();
         s.state = st;
@@ -757,7 +762,13 @@ pub fn system_hostname() -> String {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
-pub async fn run(state_dir: &Path, socket: &Path, engine: Option<EngineConfig>) -> Result<(), String> {
+/// `ubus` is ubusd's socket for the `tinyscale` object (`None`: no ubus object).
+pub async fn run(
+    state_dir: &Path,
+    socket: &Path,
+    engine: Option<EngineConfig>,
+    ubus: Option<PathBuf>,
+) -> Result<(), String> {
     let d = Daemon::load(state_dir, engine)?;
     let listener = crate::ipc::bind_private(socket)
         .await
@@ -768,6 +779,9 @@ pub async fn run(state_dir: &Path, socket: &Path, engine: Option<EngineConfig>) 
         socket.display()
     );
     tokio::spawn(d.clone().control_loop());
+    if let Some(path) = ubus {
+        tokio::spawn(crate::ubus_object::run(d.clone(), path));
+    }
     let dd = d.clone();
     let accept = crate::ipc::serve_lines(listener, move |req: IpcRequest| {
         let d = dd.clone();

@@ -39,6 +39,10 @@ fn run(top: Top) -> Result<(), Failure> {
             let sock = d
                 .socket
                 .unwrap_or_else(|| PathBuf::from(tinyscale::ipc::DEFAULT_SOCKET));
+            let ubus = match d.ubus_socket.as_str() {
+                "none" => None,
+                p => Some(PathBuf::from(p)),
+            };
             let engine = match d.tun.as_str() {
                 "none" => None,
                 name => Some(tinyscale::engine::EngineConfig {
@@ -47,7 +51,7 @@ fn run(top: Top) -> Result<(), Failure> {
                 }),
             };
             runtime()?
-                .block_on(tinyscale::daemon::run(&dir, &sock, engine))
+                .block_on(tinyscale::daemon::run(&dir, &sock, engine, ubus))
                 .map_err(Failure::runtime)
         }
         Cmd::Stun(s) => stun(s),

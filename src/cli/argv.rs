@@ -187,6 +187,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             SOCKET,
             Flag::new("tun", Value),
             Flag::new("port", Value),
+            Flag::new("ubus-socket", Value),
         ],
     ),
     Verb::new("server", &[Flag::new("config", Value).short('c')]).subs(&[
