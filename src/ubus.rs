@@ -118,7 +118,7 @@ pub fn frame_len(head: &[u8]) -> Result<usize, Error> {
         .try_into()
         .map_err(|_| Error::TooShort)?;
     let len = (u32::from_be_bytes(h) & 0x00ff_ffff) as usize;
-    if len < 4 || len > MAX_MSG_LEN {
+    if !(4..=MAX_MSG_LEN).contains(&len) {
         return Err(Error::BadLength);
     }
     Ok(HEADER_LEN + len)

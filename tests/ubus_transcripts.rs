@@ -110,7 +110,10 @@ fn daemon_session_replays_byte_for_byte() {
     assert_eq!(invokes.len(), 4);
     assert_eq!(invokes[0].0, "status");
     assert_eq!(invokes[1].1.get("ubus_rpc_session"), Some(&session));
-    assert_eq!((invokes[2].0.as_str(), invokes[2].1.get("peer")), ("ping", Some(&json!(5))));
+    assert_eq!(
+        (invokes[2].0.as_str(), invokes[2].1.get("peer")),
+        ("ping", Some(&json!(5)))
+    );
     assert_eq!(invokes[3].0, "down");
 }
 
@@ -181,7 +184,11 @@ fn caller_sees_replies() {
     let v = data_of(&ubus::decode(&data.1).expect("decode"));
     assert_eq!(v["BackendState"], "NeedsLogin");
     let f = frames("call_ping_bad.txt");
-    let status = f.iter().rev().find(|(u, b)| *u && b[1] == ubus::MSG_STATUS).expect("STATUS");
+    let status = f
+        .iter()
+        .rev()
+        .find(|(u, b)| *u && b[1] == ubus::MSG_STATUS)
+        .expect("STATUS");
     let m = ubus::decode(&status.1).expect("decode");
     assert_eq!(m.u32(ubus::ATTR_STATUS), Some(ubus::STATUS_INVALID_ARGUMENT));
     let data = f.iter().find(|(u, b)| *u && is_call_data(b)).expect("DATA");
