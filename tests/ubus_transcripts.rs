@@ -195,3 +195,76 @@ fn caller_sees_replies() {
     let v = data_of(&ubus::decode(&data.1).expect("decode"));
     assert!(v["error"].as_str().expect("error").contains("peer"));
 }
+
+/// Reads one whole frame.
+async fn read_frame(s: &mut tokio::net::UnixStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut f = vec![0u8; 12];
+    s.read_exact(&mut f).await.expect("frame head");
+    let len = ubus::frame_len(&f).expect("frame length");
+    f.resize(len, 0);
+    s.read_exact(&mut f[12..]).await.expect("frame body");
+    f
+}
+
+/// The daemon's shell against a scripted ubusd speaking the recorded frames: it registers the
+/// recorded way, answers status (ignoring `ubus_rpc_session`) and a bad argument, sends the
+/// state event after `down`, and registers again after ubusd drops the connection.
+#[tokio::test]
+async fn daemon_shell_against_scripted_ubusd() {
+    use std::time::Duration;
+
+    use tokio::{io::AsyncWriteExt, time::timeout};
+
+    let dir = std::env::temp_dir().join(format!("tinyscale-ubus-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let sock = dir.join("ubus.sock");
+    let listener = tokio::net::UnixListener::bind(&sock).expect("bind");
+    let d = tinyscale::daemon::Daemon::load(&dir.join("state"), None).expect("daemon");
+    tokio::spawn(ubus_object::run(d, sock.clone()));
+
+    let rec = frames("daemon.txt");
+    let from_ubusd: Vec<&Vec<u8>> = rec.iter().filter(|(u, _)| *u).map(|(_, b)| b).collect();
+    let to_ubusd: Vec<&Vec<u8>> = rec.iter().filter(|(u, _)| !*u).map(|(_, b)| b).collect();
+    let step = Duration::from_secs(5);
+    for round in 0..2 {
+        let (mut s, _) = timeout(step, listener.accept())
+            .await
+            .expect("connect")
+            .expect("accept");
+        s.write_all(from_ubusd[0]).await.expect("hello");
+        let add = timeout(step, read_frame(&mut s)).await.expect("add_object");
+        assert_eq!(hex(&add), hex(to_ubusd[0]), "round {round}");
+        s.write_all(from_ubusd[1]).await.expect("data");
+        s.write_all(from_ubusd[2]).await.expect("status");
+        // status with ubus_rpc_session
+        s.write_all(from_ubusd[4]).await.expect("invoke");
+        let data = ubus::decode(&timeout(step, read_frame(&mut s)).await.expect("data")).map(|m| data_of(&m));
+        let want = if round == 0 { "NeedsLogin" } else { "Stopped" };
+        assert_eq!(data.expect("decode")["BackendState"], want);
+        let st = timeout(step, read_frame(&mut s)).await.expect("status");
+        assert_eq!(ubus::decode(&st).expect("decode").u32(ubus::ATTR_STATUS), Some(0));
+        if round == 1 {
+            break;
+        }
+        // ping {"peer": 5}: INVALID_ARGUMENT with a message
+        s.write_all(from_ubusd[5]).await.expect("invoke");
+        let _ = timeout(step, read_frame(&mut s)).await.expect("data");
+        let st = timeout(step, read_frame(&mut s)).await.expect("status");
+        assert_eq!(ubus::decode(&st).expect("decode").u32(ubus::ATTR_STATUS), Some(2));
+        // down, then the state event
+        s.write_all(from_ubusd[6]).await.expect("invoke");
+        let _ = timeout(step, read_frame(&mut s)).await.expect("data");
+        let _ = timeout(step, read_frame(&mut s)).await.expect("status");
+        let ev = timeout(step, read_frame(&mut s)).await.expect("event");
+        let m = ubus::decode(&ev).expect("decode");
+        assert_eq!((m.ty, m.peer), (ubus::MSG_INVOKE, ubus::SYSTEM_OBJECT_EVENT));
+        assert_eq!(
+            data_of(&m),
+            json!({"id": "tinyscale.state", "data": {"state": "Stopped"}})
+        );
+        drop(s); // ubusd goes away; the shell reconnects and registers again
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
