@@ -40,38 +40,9 @@ HTTP_DEADLINE=${HTTP_DEADLINE:-30}
 UPGRADE_DEADLINE=${UPGRADE_DEADLINE:-30}
 NETCHECK_DEADLINE=${NETCHECK_DEADLINE:-35}
 V6_DEADLINE=${V6_DEADLINE:-30}
-PASSED=0
-FAILED=0
 TORN_DOWN=0
 SUMMARY_DONE=0
 AUTHKEY="" A_IP="" B_IP="" G_IP=""
-
-# report OK NAME EVIDENCE: one result line, the evidence indented under it.
-report() {
-	local ok=$1 name=$2 ev=${3:-}
-	ev=${ev%$'\n'}
-	if [[ $ok == 0 ]]; then
-		PASSED=$((PASSED + 1))
-		echo "PASS $name"
-	else
-		FAILED=$((FAILED + 1))
-		echo "FAIL $name"
-	fi
-	[[ -z $ev ]] || printf '%s\n' "$ev" | sed 's/^/    /'
-}
-
-# skip NAME WHY: a step that does not apply to this configuration (not counted).
-skip() { echo "SKIP $1"$'\n'"    $2"; }
-
-# tidy_work: keep the logs on failure or with KEEP=1, else remove the work dir.
-tidy_work() {
-	[[ -n ${WORK:-} && -d $WORK ]] || return 0
-	if [[ ${KEEP:-0} == 1 || $FAILED -gt 0 ]]; then
-		echo "logs kept in $WORK"
-	else
-		rm -rf "$WORK"
-	fi
-}
 
 # The EXIT trap: a normal run has printed its summary already; an interrupted or aborted one is
 # torn down here, counted as a failure, and still ends with the summary line.

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # netns-lib.sh: the network-namespace topology and process helpers shared by
-# scripts/netns-e2e.sh and scripts/bench-throughput.sh (STYLE.md §7.5). Source it; needs root.
+# scripts/netns-e2e.sh, scripts/netns-subnet.sh and scripts/bench-throughput.sh (STYLE.md §7.5).
+# Source it; needs root.
 #
 #                         ts-inet  (the "internet", 203.0.113.0/24, TEST-NET-3, + 2001:db8:ff::/64)
 #          bridge ts-br0 203.0.113.1 + 2001:db8:ff::1: coordinator :8080, DERP :3340, STUN :3478
@@ -42,6 +43,9 @@
 # exec` mounts over /etc/hosts) map it to 203.0.113.1 and, in a and b, 2001:db8:ff::1.
 
 TS_NAMESPACES=(ts-inet ts-nat-a ts-nat-b ts-nat-g ts-a ts-b ts-g)
+# Namespaces a scenario adds on top (netns-subnet.sh's LAN behind ts-a): topo_up leaves them to
+# their scenario, topo_down removes them too, so any run cleans up after any other.
+TS_EXTRA_NAMESPACES=(ts-lan)
 TS_HOMES=(a b g)
 INET_IP=203.0.113.1
 COORD_PORT=8080
@@ -70,6 +74,39 @@ log() { printf '%s %s\n' "$(date +%H:%M:%S.%N | cut -c1-12)" "$*" >&2; }
 die() {
 	log "FATAL: $*"
 	exit 2
+}
+
+# ---------------------------------------------------------------------------------------------
+# Results: one PASS/FAIL line per assertion, its evidence indented under it; the scenario ends
+# with "$PASSED passed, $FAILED failed".
+PASSED=0
+FAILED=0
+
+# report OK NAME EVIDENCE: one result line (OK is an exit status: 0 passes), the evidence under it.
+report() {
+	local ok=$1 name=$2 ev=${3:-}
+	ev=${ev%$'\n'}
+	if [[ $ok == 0 ]]; then
+		PASSED=$((PASSED + 1))
+		echo "PASS $name"
+	else
+		FAILED=$((FAILED + 1))
+		echo "FAIL $name"
+	fi
+	[[ -z $ev ]] || printf '%s\n' "$ev" | sed 's/^/    /'
+}
+
+# skip NAME WHY: a step that does not apply to this configuration (not counted).
+skip() { echo "SKIP $1"$'\n'"    $2"; }
+
+# tidy_work: keep the logs on failure or with KEEP=1, else remove the work dir.
+tidy_work() {
+	[[ -n ${WORK:-} && -d $WORK ]] || return 0
+	if [[ ${KEEP:-0} == 1 || $FAILED -gt 0 ]]; then
+		echo "logs kept in $WORK"
+	else
+		rm -rf "$WORK"
+	fi
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -137,10 +174,24 @@ ts_pick_caddy() {
 	[[ -x $CADDY ]] || CADDY=""
 }
 
-# Makes $WORK (kept on failure or with KEEP=1, see ts_finish in the callers).
+# Makes $WORK (kept on failure or with KEEP=1, see ts_finish in the callers), once this run
+# holds the host's netns lock.
 ts_workdir() {
+	ts_lock
 	WORK=${TS_WORK:-$(mktemp -d /tmp/ts-netns.XXXXXX)}
 	mkdir -p "$WORK"
+}
+
+# ts_lock: one scenario at a time per host. Namespace names are global, so a second run's
+# topo_down would tear down the first one's topology mid-step. fd 9 holds the lock until this
+# shell exits; spawn closes it for the processes it starts. TS_LOCK_WAIT (seconds, default 1800)
+# bounds the wait.
+TS_LOCK=/run/tinyscale-netns.lock
+ts_lock() {
+	exec 9>>"$TS_LOCK"
+	flock -n 9 && return 0
+	log "another netns scenario holds $TS_LOCK; waiting up to ${TS_LOCK_WAIT:-1800}s"
+	flock -w "${TS_LOCK_WAIT:-1800}" 9 || die "$TS_LOCK still held after ${TS_LOCK_WAIT:-1800}s"
 }
 
 ts_need_tools() {
@@ -330,23 +381,24 @@ udp6_homes_open() {
 # Kills every process left in our namespaces (our own: nothing else runs there), then deletes them.
 topo_down() {
 	local ns p left
+	local all=("${TS_NAMESPACES[@]}" "${TS_EXTRA_NAMESPACES[@]}")
 	# Only our own per-namespace config (topo_hosts); the directories are named after our namespaces.
-	for ns in "${TS_NAMESPACES[@]}"; do
+	for ns in "${all[@]}"; do
 		[[ -d /etc/netns/$ns ]] && rm -rf "/etc/netns/${ns:?}"
 	done
 	rmdir /etc/netns 2>/dev/null || true # only when nothing else lives there
-	for ns in "${TS_NAMESPACES[@]}"; do
+	for ns in "${all[@]}"; do
 		[[ -e /run/netns/$ns ]] || continue
 		for p in $(ip netns pids "$ns" 2>/dev/null); do kill -TERM "$p" 2>/dev/null || true; done
 	done
-	for ns in "${TS_NAMESPACES[@]}"; do
+	for ns in "${all[@]}"; do
 		[[ -e /run/netns/$ns ]] || continue
 		# Bounded wait for graceful exit (the daemons remove their TUN and routes), then SIGKILL.
 		eventually 5 test -z "$(ip netns pids "$ns" 2>/dev/null)" || true
 		for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
 		ip netns del "$ns" 2>/dev/null || true
 	done
-	left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg])$' || true)
+	left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg]|lan)$' || true)
 	[[ -z $left ]] || log "WARNING: namespaces left after down: $left"
 }
 
@@ -408,7 +460,10 @@ masq_counter() { nsx "ts-nat-$1" nft list table ip ts-nat | grep -o 'counter pac
 spawn() {
 	local name=$1 ns=$2
 	shift 2
-	ip netns exec "$ns" "$@" > >(stamp >>"$WORK/$name.log" 2>/dev/null) 2>&1 </dev/null &
+	ip netns exec "$ns" "$@" > >(
+		exec 9>&-
+		stamp >>"$WORK/$name.log" 2>/dev/null
+	) 2>&1 </dev/null 9>&- &
 	echo $! >"$WORK/$name.pid"
 	disown $! # no "Killed" job notices; stop() still reaps by pid
 }
@@ -611,6 +666,7 @@ preauth_key() {
 node_json() { coord_admin nodes list -o json | jq -c --arg n "$1" '.[] | select(.given_name == $n)'; }
 node_online() { [[ $(node_json "$1" | jq -r .online) == true ]]; }
 node_ip4() { node_json "$1" | jq -r '.ip_addresses[] | select(test("^[0-9.]+$"))' | head -1; }
+node_id() { node_json "$1" | jq -r .id; }
 
 # ---------------------------------------------------------------------------------------------
 # tinyscale daemons (ts-a, ts-b).
@@ -655,11 +711,34 @@ daemon_start() {
 	}
 }
 
+# daemon_up H AUTHKEY [FLAGS...]: log H in as hostname H; FLAGS go to `up` as well.
 daemon_up() {
 	local h=$1 key=$2
+	shift 2
 	CLI_TIMEOUT=40 ts_cli "$h" up --login-server "$COORD_URL" --authkey "$key" --hostname "$h" \
-		--accept-dns false >>"$WORK/up-$h.log" 2>&1
+		--accept-dns false "$@" >>"$WORK/up-$h.log" 2>&1
 }
+
+# router_state H: what tinyscale's OS setup holds in ts-H, one line each (empty when none): our
+# nftables table, the policy-routing rules of both families at our priorities (5211 fwmark
+# bypass, 5271 lookup 53) and Go tailscaled's (5210, 5270), and the routes in tables 53 and 52.
+router_state() {
+	local ns=ts-$1 t
+	nsx "$ns" nft list tables 2>/dev/null | grep -x 'table inet tinyscale'
+	nsx "$ns" ip -4 rule show 2>/dev/null | grep -E '^(5210|5211|5270|5271):' | sed 's/^/ip rule /'
+	nsx "$ns" ip -6 rule show 2>/dev/null | grep -E '^(5210|5211|5270|5271):' | sed 's/^/ip -6 rule /'
+	for t in 53 52; do
+		nsx "$ns" ip -4 route show table "$t" 2>/dev/null | sed "s/^/table $t: /"
+		nsx "$ns" ip -6 route show table "$t" 2>/dev/null | sed "s/^/table $t (v6): /"
+	done
+	return 0
+}
+
+# router_clean H: router_state H is empty.
+router_clean() { [[ -z $(router_state "$1") ]]; }
+
+# sysctl_get NS KEY: a sysctl's value inside namespace NS.
+sysctl_get() { nsx "$1" sysctl -n "$2" 2>/dev/null; }
 
 backend_state() { ts_status "$1" | jq -r .BackendState; }
 is_running() { [[ $(backend_state "$1") == Running ]]; }

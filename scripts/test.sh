@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (`bash .ci/run` is this with nothing else around it).
 #   scripts/test.sh            everything: unit, property, in-process, official-Go-client,
-#                              lint, purity, dependency snapshot, netns end-to-end (root),
+#                              lint, purity, dependency snapshot, netns end-to-end and
+#                              subnet router (root),
 #                              router cross builds + size budget
 #   TINYSCALE_SKIP_CROSS=1     skip the cross builds (a quick local run)
 #   TINYSCALE_NO_INSTALL=1     as root, do not install what is missing (scripts/prereqs.sh)
@@ -100,6 +101,7 @@ elif [ "${TINYSCALE_SKIP_NETNS:-0}" = 1 ]; then
 else
     cargo build --quiet
     step "netns NAT end-to-end (tinyscale x2 + official Go client)" env TINYSCALE_BIN="$PWD/target/debug/tinyscale" scripts/netns-e2e.sh
+    step "netns subnet router end-to-end (LAN host behind a tinyscale router)" env TINYSCALE_BIN="$PWD/target/debug/tinyscale" scripts/netns-subnet.sh
 fi
 if [ "${TINYSCALE_SKIP_CROSS:-0}" = 1 ]; then
     skip "router builds and size budget (TINYSCALE_SKIP_CROSS=1)"

@@ -1,4 +1,5 @@
-//! Command-line interface: the client verbs (`up`, `down`, `logout`, `status`, `ip`, `version`),
+//! Command-line interface: the client verbs (`up`, `down`, `logout`, `status`, `ip`, `version`,
+//! `debug …`),
 //! `daemon`, and `server …` with headscale's admin verbs. Invoked as `headscale`, the binary
 //! behaves as `tinyscale server`; as `tailscaled`, as `tinyscale daemon`. `argv` first rewrites
 //! Go-style flags (`--flag=value`, `--flag=false`) and headscale's aliases into what argh parses.
@@ -48,6 +49,7 @@ pub enum Cmd {
     Ip(Ip),
     Ping(Ping),
     Netcheck(Netcheck),
+    Debug(DebugCmd),
     Version(Version),
     Daemon(DaemonCmd),
     Server(Server),
@@ -252,6 +254,34 @@ pub struct Netcheck {
     /// print JSON
     #[argh(switch)]
     pub json: bool,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "debug")]
+/// show the running daemon's internal state, for troubleshooting
+pub struct DebugCmd {
+    #[argh(subcommand)]
+    pub cmd: DebugSub,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand)]
+pub enum DebugSub {
+    Filter(DebugFilter),
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "filter")]
+/// print the packet filter in force as JSON: the rules from control (as sent and as
+/// compiled), the local set (this node's addresses and the subnet routes it serves), shields
+/// up, tracked flows and drop counters
+pub struct DebugFilter {
     /// daemon socket
     #[argh(option)]
     pub socket: Option<PathBuf>,
@@ -778,6 +808,13 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Cmd::Debug(d) => match d.cmd {
+            DebugSub::Filter(f) => {
+                let v = ipc::call(&socket_or_default(f.socket), &IpcRequest::DebugFilter).await?;
+                print_json(&v);
+                Ok(())
+            }
+        },
         _ => Err(Failure::usage("not a client command")),
     }
 }

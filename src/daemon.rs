@@ -301,6 +301,10 @@ impl Daemon {
                 Some(h) => h.netcheck().await,
                 None => Err("the data plane is not running (is the node up?)".into()),
             },
+            IpcRequest::DebugFilter => match self.engine_handle() {
+                Some(h) => h.filter().await,
+                None => Err("the data plane is not running (is the node up?)".into()),
+            },
         };
         IpcResponse::from_result(r)
     }
@@ -357,6 +361,10 @@ impl Daemon {
                 snat_subnet_routes
             );
             p.want_running = true;
+            // Shields take effect at once, without waiting for the new session's netmap.
+            if let Some(h) = self.engine_handle() {
+                h.set_shields_up(p.shields_up);
+            }
             s.prefs = p;
             if a.auth_key.as_deref().is_some_and(|k| !k.is_empty()) {
                 s.auth_key = a.auth_key;
@@ -507,6 +515,8 @@ impl Daemon {
         .await
         {
             Ok((handle, task)) => {
+                // Before the first netmap reaches the engine, so no packet sees shields down.
+                handle.set_shields_up(self.lock().prefs.shields_up);
                 *self.engine.lock().unwrap_or_else(|e| e.into_inner()) = Some(RunningEngine {
                     handle,
                     task,
@@ -714,6 +724,9 @@ impl Daemon {
         };
         let first_req = map_req(&ep_rx.borrow_and_update(), true);
         let mut stream = conn.map_stream(&first_req).await?;
+        // The filter chunks are per session (the data plane keeps the old ones until the first
+        // message of this one).
+        self.lock().netmap.begin_session();
         let mut first = true;
         loop {
             tokio::select! {
@@ -769,6 +782,14 @@ pub async fn run(
     engine: Option<EngineConfig>,
     ubus: Option<PathBuf>,
 ) -> Result<(), String> {
+    if engine.is_some() {
+        // What a crashed run left (nftables table, rules, routing table, forwarding) goes at
+        // once, not when control first answers: a router restarting with its uplink down must
+        // not keep forwarding for routes nobody approved any more.
+        let mut r = crate::router::Router::new(crate::router::SystemRunner);
+        r.set_saved_path(&state_dir.join(crate::engine::FORWARDING_SAVED).to_string_lossy());
+        r.recover();
+    }
     let d = Daemon::load(state_dir, engine)?;
     let listener = crate::ipc::bind_private(socket)
         .await

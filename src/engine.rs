@@ -4,15 +4,21 @@
 //! Plays the role of tailscale `wgengine/userspace.go` + the I/O half of `wgengine/magicsock`.
 //! Per packet: TUN → [`WgPeers::encapsulate_to`] → the peer's [`Endpoint`] picks UDP and/or
 //! DERP; UDP/DERP → [`demux`] → STUN (netcheck), disco (path discovery) or WireGuard →
-//! [`WgPeers::decapsulate_to`] → TUN. Each DERP region gets its own task (the client needs `&mut`
-//! for both directions), connected to the loop by bounded channels. DERP host names without
-//! pinned addresses are resolved through one cache (`DnsCache`) shared by netcheck and the
-//! DERP dials, off the loop, each lookup bounded by `DNS_TIMEOUT`.
+//! [`WgPeers::decapsulate_to`] → the packet [`Filter`] → TUN. Each DERP region gets its own
+//! task (the client needs `&mut` for both directions), connected to the loop by bounded
+//! channels. DERP host names without pinned addresses are resolved through one cache
+//! (`DnsCache`) shared by netcheck and the DERP dials, off the loop, each lookup bounded by
+//! `DNS_TIMEOUT`.
 //!
 //! Per wake-up, a branch drains a burst of up to `BURST` (64) packets. Data messages for UDP are
 //! encrypted straight into a [`SendBatch`] that leaves in one `sendmmsg` with GSO at the end of
 //! the iteration; decrypted packets collect in a [`Coalescer`] that merges TCP segments before
 //! the TUN writes. No per-packet allocation on either path; the buffers are reused.
+//!
+//! Every decrypted packet passes the packet filter before it reaches the TUN, and every packet
+//! read from the TUN is shown to it first, so replies to our own UDP flows get back in. The
+//! filter's rules and local set follow the netmap; shields up is a preference set through the
+//! handle.
 //!
 //! The caller supplies the netmap (a `watch`), receives endpoint/home-DERP updates for control
 //! (another `watch`), and may query status or run CLI pings through [`EngineHandle`].
@@ -20,7 +26,10 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -39,6 +48,7 @@ use crate::{
         client::{self as derp_client, DerpEvent},
     },
     disco::{self, DiscoShared, Message},
+    filter::{Filter, LocalNets, Rules, Verdict},
     keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic},
     magicsock::{
         addr::{self, Family},
@@ -50,7 +60,7 @@ use crate::{
     netcheck::{self, ProbePlan, ReportState},
     router::{Prefix, Router, RouterConfig, SubnetRouter, SystemRunner, TAILNET_V4, TAILNET_V6},
     stun,
-    tailcfg::{DerpMap, DerpNode, DerpRegion},
+    tailcfg::{DerpMap, DerpNode, DerpRegion, FilterRule},
     tun::{gro::Coalescer, Tun},
     udp,
     wg::{self, PeerConfig, WgPeers},
@@ -169,6 +179,7 @@ pub struct PingResult {
 enum Cmd {
     Ping(NodePublic, oneshot::Sender<Result<PingResult, String>>),
     Netcheck(oneshot::Sender<Value>),
+    Filter(oneshot::Sender<Value>),
 }
 
 /// A cloneable handle to a running engine.
@@ -177,6 +188,7 @@ pub struct EngineHandle {
     cmds: mpsc::Sender<Cmd>,
     status: Arc<Mutex<HashMap<NodePublic, Value>>>,
     counters: Arc<Mutex<Value>>,
+    shields_up: Arc<AtomicBool>,
 }
 
 impl EngineHandle {
@@ -205,6 +217,24 @@ impl EngineHandle {
         let (tx, rx) = oneshot::channel();
         self.cmds
             .send(Cmd::Netcheck(tx))
+            .await
+            .map_err(|_| "data plane is not running".to_string())?;
+        rx.await.map_err(|_| "data plane stopped".to_string())
+    }
+
+    /// Shields up (refuse every new inbound flow) or down. The engine applies it on its next
+    /// timer tick and with every netmap; set it before the first netmap is published and no
+    /// packet ever sees the old value.
+    pub fn set_shields_up(&self, on: bool) {
+        self.shields_up.store(on, Ordering::Relaxed);
+    }
+
+    /// The packet filter in force (`tinyscale debug filter`): rules, local set, shields,
+    /// tracked flows, drops.
+    pub async fn filter(&self) -> Result<Value, String> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Filter(tx))
             .await
             .map_err(|_| "data plane is not running".to_string())?;
         rx.await.map_err(|_| "data plane stopped".to_string())
@@ -278,7 +308,16 @@ pub struct Engine {
     /// The last configuration the router applied; `None` until it succeeds.
     router_cfg: Option<RouterConfig>,
     router_retry: Instant,
+    /// Judges decrypted packets before the TUN, tracks the UDP flows we send.
+    filter: Filter,
+    /// The rules `filter` was compiled from (the netmap's chunks, concatenated).
+    filter_rules: Vec<FilterRule>,
+    /// The shields-up preference, written through [`EngineHandle::set_shields_up`].
+    shields_up: Arc<AtomicBool>,
 }
+
+/// The file in the state dir keeping the forwarding sysctls found before we changed them.
+pub const FORWARDING_SAVED: &str = "forwarding.saved";
 
 /// How often a failed router configuration is retried.
 const ROUTER_RETRY: Duration = Duration::from_secs(10);
@@ -522,6 +561,7 @@ impl Engine {
         let (derp_in_tx, derp_in_rx) = mpsc::channel(1024);
         let status = Arc::new(Mutex::new(HashMap::new()));
         let counters = Arc::new(Mutex::new(Value::Null));
+        let shields_up = Arc::new(AtomicBool::new(false));
         let engine = Engine {
             me: node.public(),
             wg: WgPeers::new(&node, OsRng.next_u32()),
@@ -563,12 +603,16 @@ impl Engine {
             approved: Vec::new(),
             router_cfg: None,
             router_retry: Instant::now(),
+            // Until the first netmap: no rules and nothing local, so nothing gets in.
+            filter: Filter::new(OsRng.next_u64()),
+            filter_rules: Vec::new(),
+            shields_up: shields_up.clone(),
         };
         let mut engine = engine;
         if let Some(dir) = &engine.route_prefs.state_dir {
             engine
                 .router
-                .set_saved_path(&dir.join("forwarding.saved").to_string_lossy());
+                .set_saved_path(&dir.join(FORWARDING_SAVED).to_string_lossy());
         }
         // Whatever a crashed run left (nftables table, rules, table 53, sysctls) goes first.
         engine.router.recover();
@@ -578,6 +622,7 @@ impl Engine {
                 cmds: cmd_tx,
                 status,
                 counters,
+                shields_up,
             },
             task,
         ))
@@ -772,6 +817,38 @@ impl Engine {
             // A new map: measure again now.
             self.next_netcheck = Instant::now();
         }
+        self.apply_filter(nm);
+    }
+
+    /// Brings the packet filter up to date with `nm`: its rules (recompiled only when they
+    /// changed) and the local set from the self node, and the shields-up preference.
+    fn apply_filter(&mut self, nm: &Netmap) {
+        if !nm.packet_filter().eq(self.filter_rules.iter()) {
+            self.filter_rules = nm.packet_filter().cloned().collect();
+            let rules = Rules::compile(&self.filter_rules);
+            for s in rules.skipped() {
+                log::warn!("filter: ignoring rule entry: {s}");
+            }
+            log::info!("filter: rules={} chunks={}", self.filter_rules.len(), nm.filters.len());
+            self.filter.set_rules(rules);
+        }
+        if let Some(me) = &nm.self_node {
+            let local = LocalNets::from_self_node(me);
+            if local != *self.filter.local() {
+                log::info!("filter: local nets {:?}", local.prefixes());
+                self.filter.set_local(local);
+            }
+        }
+        self.sync_shields_up();
+    }
+
+    /// Applies the shields-up preference the handle last set.
+    fn sync_shields_up(&mut self) {
+        let on = self.shields_up.load(Ordering::Relaxed);
+        if on != self.filter.shields_up() {
+            log::info!("filter: shields_up={on}");
+            self.filter.set_shields_up(on);
+        }
     }
 
     fn derp_sender(&mut self, region: i32) -> Option<&mpsc::Sender<(NodePublic, Vec<u8>)>> {
@@ -884,6 +961,8 @@ impl Engine {
     }
 
     fn on_tun(&mut self, pkt: &[u8]) {
+        // Our UDP flows, so that their replies pass the filter.
+        self.filter.note_outbound(pkt);
         let room = wg::encapsulate_room(pkt.len());
         match self.wg.encapsulate_to(pkt, self.out4.spare(room)) {
             Ok(Some((peer, len))) => self.send_spare_to_peer(peer, len),
@@ -975,8 +1054,13 @@ impl Engine {
             }
         }
         if let Some(n) = r.to_tun {
-            // Written at the end of the burst, merged with its neighbours where possible.
-            self.tun_out.push(&plain[..n]);
+            let pkt = &plain[..n];
+            match self.filter.check_inbound(pkt) {
+                // Written at the end of the burst, merged with its neighbours where possible.
+                Verdict::Accept => self.tun_out.push(pkt),
+                // Counted by the filter (status "FilterDrop*").
+                Verdict::Drop(why) => log::trace!("filter: dropped len={n} why={}", why.name()),
+            }
         }
         for o in r.to_peers {
             self.send_to_peer(o.peer, o.datagram);
@@ -1110,6 +1194,11 @@ impl Engine {
                 let v = self.last_report.as_ref().map_or(Value::Null, report_json);
                 let _ = reply.send(v);
             }
+            Cmd::Filter(reply) => {
+                let mut v = self.filter.to_json();
+                v["PacketFilter"] = json!(self.filter_rules);
+                let _ = reply.send(v);
+            }
         }
     }
 
@@ -1121,6 +1210,8 @@ impl Engine {
             self.router_retry = now_t + ROUTER_RETRY;
             self.apply_router();
         }
+        self.filter.handle_timeout(now);
+        self.sync_shields_up();
         for o in self.wg.update_timers() {
             self.send_to_peer(o.peer, o.datagram);
         }
@@ -1372,7 +1463,7 @@ impl Engine {
     fn publish_status(&self, now: std::time::Instant) {
         let w = self.wg.stats();
         let d = &self.drops;
-        *self.counters.lock().unwrap_or_else(|e| e.into_inner()) = json!({
+        let mut counters = json!({
             "DiscoMalformed": d.disco_malformed,
             "DiscoUnknownSender": d.disco_unknown_sender,
             "DiscoUndecryptable": d.disco_undecryptable,
@@ -1385,6 +1476,10 @@ impl Engine {
             "WireGuardRxPackets": w.rx_packets,
             "WireGuardTxDatagrams": w.tx_datagrams,
         });
+        for (why, n) in self.filter.drops() {
+            counters[format!("FilterDrop{}", why.name()).as_str()] = json!(n);
+        }
+        *self.counters.lock().unwrap_or_else(|e| e.into_inner()) = counters;
         let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
         st.clear();
         for (k, p) in &self.peers {

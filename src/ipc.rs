@@ -52,6 +52,8 @@ pub enum IpcRequest {
     },
     /// The latest netcheck report.
     Netcheck,
+    /// The packet filter in force (`tinyscale debug filter`).
+    DebugFilter,
 }
 
 /// The daemon's answer: `data` on success, `error` otherwise.

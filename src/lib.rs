@@ -2,7 +2,7 @@
 //! small static binary for OpenWrt routers.
 //!
 //! Layers, bottom up: pure codecs and state machines (`keys`, `noise`, `tailcfg`, `zstdframe`,
-//! `stun`, `disco`, `derp::frame`, `uci`, `control::netmap`), then the network shells
+//! `stun`, `disco`, `derp::frame`, `uci`, `control::netmap`, `filter`), then the network shells
 //! (`http1`, `control::client`, `coordinator`), then the process entry points (`daemon`, `cli`).
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -15,6 +15,7 @@ pub mod derp;
 pub mod disco;
 pub mod engine;
 pub mod error;
+pub mod filter;
 pub mod http1;
 pub mod ipc;
 pub mod keys;

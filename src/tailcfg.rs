@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::keys::{DiscoPublic, MachinePublic, NodePublic};
@@ -33,6 +33,16 @@ fn is_false(b: &bool) -> bool {
 }
 fn is_zero_i32(v: &i32) -> bool {
     *v == 0
+}
+
+/// Go marshals a nil slice or struct pointer as `null`; read that as the empty value (serde's
+/// `default` covers only a missing key).
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// `RegisterRequest.Auth`.
@@ -244,22 +254,30 @@ pub struct PortRange {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct NetPortRange {
+    /// An IP, a CIDR, an inclusive range `a-b`, or `*` (spec §9.1).
     #[serde(rename = "IP")]
     pub ip: String,
-    #[serde(rename = "Ports")]
+    #[serde(rename = "Ports", deserialize_with = "null_as_default")]
     pub ports: PortRange,
 }
 
-/// `tailcfg.FilterRule` (network form only; never `SrcBits`/`Bits`, spec §9.1).
+/// `tailcfg.FilterRule` (network form only; never `SrcBits`/`Bits`, spec §9.1). A `CapGrant`
+/// (application capability) rule parses with empty `DstPorts`, so it grants no packets, as in Go.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct FilterRule {
-    #[serde(rename = "SrcIPs")]
+    #[serde(rename = "SrcIPs", deserialize_with = "null_as_default")]
     pub src_ips: Vec<String>,
-    #[serde(rename = "DstPorts")]
+    #[serde(rename = "DstPorts", deserialize_with = "null_as_default")]
     pub dst_ports: Vec<NetPortRange>,
-    #[serde(rename = "IPProto", skip_serializing_if = "Vec::is_empty")]
-    pub ip_proto: Vec<i32>,
+    /// IANA protocol numbers; empty = TCP, UDP, ICMPv4, ICMPv6. Go's `int`: values outside
+    /// 0-255 are ignored, not a parse error.
+    #[serde(
+        rename = "IPProto",
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub ip_proto: Vec<i64>,
 }
 
 impl FilterRule {
@@ -381,8 +399,14 @@ pub struct MapResponse {
     pub dns_config: Option<DnsConfig>,
     #[serde(rename = "Domain", skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// The legacy single filter (independent control servers still send it): replaces the
+    /// chunk named `"base"`. `null` or omitted = unchanged; `[]` = deny all.
+    #[serde(rename = "PacketFilter", skip_serializing_if = "Option::is_none")]
+    pub packet_filter: Option<Vec<FilterRule>>,
+    /// Named filter chunks (capver 81): a value replaces its chunk, `null` deletes it, and
+    /// `"*": null` clears every chunk first. The filter is the chunks concatenated by name.
     #[serde(rename = "PacketFilters", skip_serializing_if = "Option::is_none")]
-    pub packet_filters: Option<BTreeMap<String, Vec<FilterRule>>>,
+    pub packet_filters: Option<BTreeMap<String, Option<Vec<FilterRule>>>>,
     #[serde(rename = "UserProfiles", skip_serializing_if = "Option::is_none")]
     pub user_profiles: Option<Vec<UserProfile>>,
     #[serde(rename = "CollectServices", skip_serializing_if = "Option::is_none")]

@@ -175,7 +175,7 @@ async fn preauth_registration_assigns_both_families_and_streams_a_full_map() {
     assert!(a.first.derp_map.is_some() && a.first.dns_config.is_some());
     assert_eq!(
         a.first.packet_filters.as_ref().unwrap()["base"],
-        tailcfg::FilterRule::allow_all()
+        Some(tailcfg::FilterRule::allow_all())
     );
     let nodes = h.admin(AdminRequest::NodesList { user: None }).unwrap();
     assert_eq!(nodes[0]["online"], true);

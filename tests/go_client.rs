@@ -375,6 +375,48 @@ fn interactive_tinyscale_and_go_see_each_other_survive_restart_and_delete() {
                 .filter(|p| (p["CurAddr"] != "" || p["Relay"] != "") && p["RxBytes"].as_u64().unwrap_or(0) > 0)
         });
         assert!(st["LastHandshakeSecs"].is_u64(), "{st}");
+        // The packet filter: the coordinator's allow-all rule (one per family), this node's
+        // addresses local, and its advertised subnet route once approved.
+        let filter = || -> Value { serde_json::from_slice(&d.cli(&["debug", "filter"]).stdout).unwrap_or(Value::Null) };
+        let f = filter();
+        assert_eq!(f["Rules"].as_array().map(Vec::len), Some(2), "{f}");
+        assert!(
+            f["LocalNets"]
+                .as_array()
+                .is_some_and(|l| l.contains(&Value::from(format!("{ts_ip}/32")))),
+            "{f}"
+        );
+        assert!(!f["LocalNets"]
+            .as_array()
+            .is_some_and(|l| l.contains(&Value::from("192.168.77.0/24"))));
+        let id = ts["id"].to_string();
+        c.admin(&["nodes", "approve-routes", "-i", &id, "-r", "192.168.77.0/24"])
+            .unwrap();
+        eventually("the approved route is local to the filter", || {
+            filter()["LocalNets"]
+                .as_array()?
+                .contains(&Value::from("192.168.77.0/24"))
+                .then_some(())
+        });
+        // Shields up, applied live: connections this node opens still work (their replies pass).
+        let up = d.cli(&["up", "--shields-up"]);
+        assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+        eventually("shields up in the filter", || {
+            (filter()["ShieldsUp"] == true).then_some(())
+        });
+        eventually("HTTP to the Go node with shields up", || {
+            let o = Command::new("curl").args(["-s", "-m", "3", &url]).output().ok()?;
+            String::from_utf8_lossy(&o.stdout)
+                .contains("hello from gonode")
+                .then_some(())
+        });
+        let up = d.cli(&["up", "--shields-up=false"]);
+        assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+        eventually("shields down in the filter", || {
+            (filter()["ShieldsUp"] == false).then_some(())
+        });
+        let counters = d.status().unwrap()["Counters"].clone();
+        assert!(counters["FilterDropNotLocal"].is_u64(), "{counters}");
         // Our relay connection is TLS too (the listener speaks nothing else).
         let log = d.proc.as_ref().map(Proc::log).unwrap_or_default();
         assert!(

@@ -178,6 +178,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
         ],
     ),
     Verb::new("netcheck", &[Flag::new("json", Switch), SOCKET]),
+    Verb::new("debug", &[]).subs(&[Verb::new("filter", &[SOCKET])]),
     Verb::new("version", &[]),
     Verb::new(
         "daemon",
@@ -779,6 +780,32 @@ mod tests {
         };
         assert_eq!(s.config.as_deref(), Some(std::path::Path::new("/etc/x")));
         assert!(matches!(s.cmd, ServerCmd::Nodes(_)));
+    }
+
+    #[test]
+    fn shields_up_and_debug_filter_parse() {
+        let parse = |line: &str| {
+            let n = normalize(&v(line)).unwrap_or_else(|e| panic!("{line}: {e:?}"));
+            let strs: Vec<&str> = n.args.iter().map(String::as_str).collect();
+            Top::from_args(&["tinyscale"], &strs).map(|t| t.cmd)
+        };
+        for (line, want) in [
+            ("up --shields-up", Some(true)),
+            ("up -shields-up=false", Some(false)),
+            ("up --shields-up=0", Some(false)),
+            ("up", None),
+        ] {
+            let Ok(Cmd::Up(u)) = parse(line) else {
+                panic!("{line}: not up")
+            };
+            assert_eq!(u.shields_up, want, "{line}");
+        }
+        let Ok(Cmd::Debug(d)) = parse("debug filter -socket=/tmp/ts.sock") else {
+            panic!("not debug")
+        };
+        let crate::cli::DebugSub::Filter(f) = d.cmd;
+        assert_eq!(f.socket.as_deref(), Some(std::path::Path::new("/tmp/ts.sock")));
+        assert!(parse("debug").is_err(), "debug needs a subcommand");
     }
 
     #[test]

@@ -135,7 +135,7 @@ pub fn full_map(state: &State, viewer: u64, now: i64) -> Option<MapResponse> {
         peers: (!peers.is_empty()).then_some(peers),
         dns_config: Some(dns_config(state)),
         domain: Some(domain),
-        packet_filters: Some(BTreeMap::from([("base".to_string(), FilterRule::allow_all())])),
+        packet_filters: Some(BTreeMap::from([("base".to_string(), Some(FilterRule::allow_all()))])),
         user_profiles: Some(users.into_iter().filter_map(|u| profile(state, u)).collect()),
         collect_services: Some(false),
         control_time: Some(tailcfg::format_time(now)),

