@@ -226,6 +226,10 @@ pub struct DaemonCmd {
     /// the prefs applied at start (flags given beside it win)
     #[argh(option)]
     pub config: Option<PathBuf>,
+    /// ubusd socket for the `tinyscale` object (default /var/run/ubus/ubus.sock; "none" for no
+    /// ubus object)
+    #[argh(option, default = "String::from(crate::ubus_object::DEFAULT_SOCKET)")]
+    pub ubus_socket: String,
 }
 
 #[derive(FromArgs, Debug)]

@@ -572,6 +572,11 @@ impl Daemon {
         }))
     }
 
+    /// The current backend state (for the ubus state event).
+    pub fn backend_state(&self) -> BackendState {
+        self.lock().state
+    }
+
     fn set_state(&self, st: BackendState, err: Option<String>) {
         let mut s = self.lock();
         s.state = st;
@@ -777,11 +782,13 @@ pub fn system_hostname() -> String {
 /// Runs the daemon until SIGTERM/SIGINT. `initial` prefs (from the uci `client` section) are
 /// applied as an `up` before the local API opens; if they are refused (say, no login server
 /// yet) the daemon still runs, so `tinyscale up` can finish the job.
+/// `ubus` is ubusd's socket for the `tinyscale` object (`None`: no ubus object).
 pub async fn run(
     state_dir: &Path,
     socket: &Path,
     engine: Option<EngineConfig>,
     initial: Option<UpArgs>,
+    ubus: Option<PathBuf>,
 ) -> Result<(), String> {
     if engine.is_some() {
         // What a crashed run left (nftables table, rules, routing table, forwarding) goes at
@@ -807,6 +814,9 @@ pub async fn run(
         socket.display()
     );
     tokio::spawn(d.clone().control_loop());
+    if let Some(path) = ubus {
+        tokio::spawn(crate::ubus_object::run(d.clone(), path));
+    }
     let dd = d.clone();
     let accept = crate::ipc::serve_lines(listener, move |req: IpcRequest| {
         let d = dd.clone();

@@ -30,6 +30,8 @@ pub mod stun;
 pub mod tailcfg;
 pub mod tls;
 pub mod tun;
+pub mod ubus;
+pub mod ubus_object;
 pub mod uci;
 pub mod udp;
 #[cfg(test)]

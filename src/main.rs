@@ -51,6 +51,10 @@ fn run(top: Top) -> Result<(), Failure> {
             let sock = d
                 .socket
                 .unwrap_or_else(|| PathBuf::from(tinyscale::ipc::DEFAULT_SOCKET));
+            let ubus = match d.ubus_socket.as_str() {
+                "none" => None,
+                p => Some(PathBuf::from(p)),
+            };
             let tun = d.tun.unwrap_or(cfg.tun);
             let engine = match tun.as_str() {
                 "none" => None,
@@ -60,7 +64,7 @@ fn run(top: Top) -> Result<(), Failure> {
                 }),
             };
             runtime()?
-                .block_on(tinyscale::daemon::run(&dir, &sock, engine, initial))
+                .block_on(tinyscale::daemon::run(&dir, &sock, engine, initial, ubus))
                 .map_err(Failure::runtime)
         }
         Cmd::Stun(s) => stun(s),

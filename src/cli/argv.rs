@@ -190,6 +190,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             Flag::new("tun", Value),
             Flag::new("port", Value),
             Flag::new("config", Value),
+            Flag::new("ubus-socket", Value),
         ],
     ),
     Verb::new("server", &[Flag::new("config", Value).short('c')]).subs(&[
