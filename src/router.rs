@@ -415,66 +415,12 @@ impl Op {
                 dev,
             ]),
             Op::AddrDel { dev, addr } => v(&["ip", addr.family_flag(), "addr", "del", &addr.to_string(), "dev", dev]),
-            Op::RouteAdd { dev, route } => v(&[
-                "ip",
-                route.family_flag(),
-                "route",
-                "replace",
-                &route.to_string(),
-                "dev",
-                dev,
-            ]),
-            Op::RouteDel { dev, route } => v(&[
-                "ip",
-                route.family_flag(),
-                "route",
-                "del",
-                &route.to_string(),
-                "dev",
-                dev,
-            ]),
-            Op::TableRouteAdd { dev, route } => v(&[
-                "ip",
-                route.family_flag(),
-                "route",
-                "replace",
-                &route.to_string(),
-                "dev",
-                dev,
-                "table",
-                &ROUTE_TABLE.to_string(),
-            ]),
-            Op::TableRouteDel { dev, route } => v(&[
-                "ip",
-                route.family_flag(),
-                "route",
-                "del",
-                &route.to_string(),
-                "dev",
-                dev,
-                "table",
-                &ROUTE_TABLE.to_string(),
-            ]),
-            Op::ThrowAdd { route } => v(&[
-                "ip",
-                route.family_flag(),
-                "route",
-                "replace",
-                "throw",
-                &route.to_string(),
-                "table",
-                &ROUTE_TABLE.to_string(),
-            ]),
-            Op::ThrowDel { route } => v(&[
-                "ip",
-                route.family_flag(),
-                "route",
-                "del",
-                "throw",
-                &route.to_string(),
-                "table",
-                &ROUTE_TABLE.to_string(),
-            ]),
+            Op::RouteAdd { dev, route } => route_argv("replace", route, Some(dev), false),
+            Op::RouteDel { dev, route } => route_argv("del", route, Some(dev), false),
+            Op::TableRouteAdd { dev, route } => route_argv("replace", route, Some(dev), true),
+            Op::TableRouteDel { dev, route } => route_argv("del", route, Some(dev), true),
+            Op::ThrowAdd { route } => route_argv("replace", route, None, true),
+            Op::ThrowDel { route } => route_argv("del", route, None, true),
             Op::RuleAdd { v6, priority } => {
                 let mut a = v(&["ip", fam(*v6), "rule", "add", "priority", &priority.to_string()]);
                 if *priority == RULE_PRIORITY_BYPASS {
@@ -548,6 +494,23 @@ impl Op {
             state.tun.clear();
         }
     }
+}
+
+/// `ip -4|-6 route VERB [throw] P/L [dev D] [table 53]`: a route on `dev` or, without one, a
+/// `throw` route; in our table or the main one.
+fn route_argv(verb: &str, route: &Prefix, dev: Option<&str>, table: bool) -> Vec<String> {
+    let mut a: Vec<String> = vec!["ip".into(), route.family_flag().into(), "route".into(), verb.into()];
+    if dev.is_none() {
+        a.push("throw".into());
+    }
+    a.push(route.to_string());
+    if let Some(d) = dev {
+        a.extend(["dev".into(), d.to_string()]);
+    }
+    if table {
+        a.extend(["table".into(), ROUTE_TABLE.to_string()]);
+    }
+    a
 }
 
 fn fam(v6: bool) -> &'static str {
