@@ -149,12 +149,14 @@ h_nat() {
 # IPv6 is routed, not NATed: a and b reach the services and each other's host addresses (ICMPv6
 # passes the routers' firewalls), UDP between the homes is closed until step 5 opens it, and the
 # relay and STUN answer on 2001:db8:ff::1.
+v6_ping() { nsx "$1" ping -6 -n -c 1 -W 1 "$2" 2>&1 | grep -E 'bytes from|loss'; [[ ${PIPESTATUS[0]} == 0 ]]; }
 h_v6() {
 	local ok=0 ev="" h out dst before after a6=${LAN6_NET[a]}::2 b6=${LAN6_NET[b]}::2
 	for h in "${V6_HOMES[@]}"; do
 		for dst in "$INET6_IP" "$a6" "$b6"; do
 			[[ $dst == "${LAN6_NET[$h]}::2" ]] && continue
-			out=$(nsx "ts-$h" ping -6 -n -c 1 -W 2 "$dst" 2>&1 | grep -E 'bytes from|loss')
+			# Polled: a fresh address is tentative until duplicate address detection ends.
+			out=$(eventually_out 10 v6_ping "ts-$h" "$dst")
 			[[ $out == *"bytes from"* ]] || ok=1
 			ev+="ts-$h -> $dst: ${out%%$'\n'*}"$'\n'
 		done
