@@ -197,7 +197,9 @@ fn main() -> ExitCode {
         Err(early) => {
             return match early.status {
                 Ok(()) => {
-                    println!("{}", early.output);
+                    // `tinyscale --help | head` closes the pipe early: not an error, no panic.
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stdout(), "{}", early.output);
                     ExitCode::SUCCESS
                 }
                 Err(()) => {

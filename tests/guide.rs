@@ -242,3 +242,26 @@ fn guide_typos_name_the_flag() {
     }
     assert!(Path::new(BIN).exists());
 }
+
+/// `tinyscale --help | head -1`: the reader closes the pipe before the help is written. That is
+/// no error: exit 0, no panic message.
+#[test]
+fn help_into_a_closed_pipe_is_not_a_panic() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two new descriptors; each is wrapped in an OwnedFd exactly once.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read); // the reader is gone before anything is written
+    for args in [&["--help"][..], &["up", "--help"][..]] {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .stdout(std::process::Stdio::from(write.try_clone().unwrap()))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {err}", out.status);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
