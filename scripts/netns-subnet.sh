@@ -358,6 +358,65 @@ step5() {
 	report $ok "5 --accept-routes=false on P (route approved): no route via tinyscale0, $LAN_HOST unreachable" "$ev"
 }
 
+# The "internet" host for the exit-node step: an address on ts-inet that R's home router
+# reaches and P's does not (a drop in ts-nat-b), serving the same client-address page.
+INTERNET=198.51.100.1
+internet_up() {
+	ip -n ts-inet addr replace "$INTERNET/32" dev lo
+	ip -n ts-inet link set lo up
+	nsx ts-nat-b nft -f - <<-EOF || return 1
+		table ip ts-exit-test
+		delete table ip ts-exit-test
+		table ip ts-exit-test { chain block { type filter hook forward priority 0; ip daddr $INTERNET drop; }; }
+	EOF
+	spawn internet ts-inet python3 "$WORK/lan-server.py" "$INTERNET" "$LAN_PORT"
+	eventually 10 inet_get ts-a
+}
+inet_get() { nsx "$1" curl -sf --max-time 3 "http://$INTERNET:$LAN_PORT/"; }
+inet_get_is() { [[ $(inet_get ts-b) == "$1" ]]; }
+inet_get_fails() { ! inet_get ts-b; }
+r_not_local_drops() { ts_cli a status --json | jq -r '.Counters.FilterDropNotLocal // 0'; }
+
+# Exit node, the serving side: R offers itself (--advertise-exit-node), the coordinator approves
+# 0.0.0.0/0 and ::/0, and P's traffic for the internet host (sent into the tunnel by a host
+# route, as --exit-node would) leaves through R's uplink, masqueraded. R's own LAN stays out
+# of reach through the exit node until its subnet route is approved too ("guest wifi").
+step_exit() {
+	log "step 5b: exit node"
+	local ok=0 ev out before after
+	internet_up || ok=1
+	inet_get ts-b >/dev/null && ok=1 # P's home router drops it: only a tunnel gets P there
+	ev="$INTERNET from R's home: $(inet_get ts-a 2>&1 || echo failed); from P's home: $(inet_get ts-b 2>&1 || echo blocked)"$'\n'
+	nsx ts-b ip route replace "$INTERNET/32" dev tinyscale0
+	nsx ts-b ip route replace "$LAN_HOST/32" dev tinyscale0
+	out=$(approve "" 2>&1) || ok=1
+	inet_get_fails || ok=1
+	ev+="before R is an exit node, P -> $INTERNET via tinyscale0: $(inet_get ts-b 2>&1 || echo failed)"$'\n'
+	out=$(CLI_TIMEOUT=40 ts_cli a up --advertise-exit-node 2>&1) || ok=1
+	ev+="R: up --advertise-exit-node: ${out:-ok}"$'\n'
+	out=$(approve "0.0.0.0/0,::/0" 2>&1) || ok=1
+	ev+="approved 0.0.0.0/0 and ::/0 only: $(coord_admin nodes list -o json | jq -c --argjson i "$R_ID" '.[] | select(.id == $i) | .approved_routes')"$'\n'
+	out=$(eventually_out "$ROUTE_DEADLINE" inet_get_is "${NAT_WAN[a]}")
+	[[ $out != *failed* ]] && inet_get_is "${NAT_WAN[a]}" || ok=1
+	ev+="P -> $INTERNET through R: the server saw $(inet_get ts-b 2>&1 || echo nothing) (want R's uplink ${NAT_WAN[a]})"$'\n'
+	ev+="R: ip_forward=$(sysctl_get ts-a net.ipv4.ip_forward), $(nsx ts-a nft list table inet tinyscale 2>/dev/null | grep -c masquerade) masquerade rule"$'\n'
+	before=$(r_not_local_drops)
+	if lan_get ts-b >/dev/null; then ok=1; fi
+	after=$(r_not_local_drops)
+	((after > before)) || ok=1
+	ev+="P -> $LAN_HOST through the exit node (LAN not approved): $(lan_get ts-b 2>&1 || echo failed); R's FilterDropNotLocal $before -> $after"$'\n'
+	out=$(approve "$SUBNET,0.0.0.0/0,::/0" 2>&1) || ok=1
+	out=$(eventually_out "$ROUTE_DEADLINE" lan_get_is "$LAN_GW")
+	lan_get_is "$LAN_GW" || ok=1
+	ev+="LAN approved as a subnet route too: P -> $LAN_HOST: $(lan_get ts-b 2>&1 || echo failed)"$'\n'
+	# Back to the state the next steps expect.
+	nsx ts-b ip route del "$INTERNET/32" dev tinyscale0
+	nsx ts-b ip route del "$LAN_HOST/32" dev tinyscale0
+	out=$(CLI_TIMEOUT=40 ts_cli a up --advertise-exit-node=false 2>&1) || ok=1
+	out=$(approve "$SUBNET" 2>&1) || ok=1
+	report $ok "5b exit node: R serves the internet to P once 0.0.0.0/0 and ::/0 are approved (masqueraded), its LAN only when approved" "$ev"
+}
+
 # forwarding_is H V4 V6: ts-H's IPv4 and IPv6 forwarding sysctls have these values.
 forwarding_is() {
 	[[ $(sysctl_get "ts-$1" net.ipv4.ip_forward) == "$2" && $(sysctl_get "ts-$1" net.ipv6.conf.all.forwarding) == "$3" ]]
@@ -537,6 +596,7 @@ if h_tailnet; then
 	step3
 	step4
 	step5
+	step_exit
 	step6
 	step7
 fi

@@ -230,6 +230,7 @@ impl Daemon {
             advertise_routes: s.prefs.advertise_routes.clone(),
             accept_routes: s.prefs.accept_routes,
             snat_subnet_routes: s.prefs.snat_subnet_routes,
+            advertise_exit_node: s.prefs.advertise_exit_node,
             state_dir: Some(s.dir.clone()),
         };
         self.route_prefs_tx.send_if_modified(|cur| {

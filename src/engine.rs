@@ -111,6 +111,8 @@ pub struct RoutePrefs {
     pub accept_routes: bool,
     /// Masquerade forwarded tailnet traffic (`--snat-subnet-routes`).
     pub snat_subnet_routes: bool,
+    /// Offer this node as an exit node (`--advertise-exit-node`).
+    pub advertise_exit_node: bool,
     /// Where the router keeps what it must restore after a crash (the state dir).
     pub state_dir: Option<std::path::PathBuf>,
 }
@@ -119,20 +121,25 @@ impl RoutePrefs {
     /// Forwarding for the advertised routes that control approved (`approved`: the subnet
     /// routes in our own node's AllowedIPs), if any: forwarding stays off while a route only
     /// waits for approval. Exit-node routes are not subnet routes.
-    fn subnet_router(&self, approved: &[Prefix]) -> Option<SubnetRouter> {
+    ///
+    /// An exit node (`exit`: its default routes approved, IPv4 and IPv6) forwards those families
+    /// too, and always masquerades: its tailnet traffic leaves for the internet behind the
+    /// router's own address (`--snat-subnet-routes=false` applies to subnet routes alone).
+    fn subnet_router(&self, approved: &[Prefix], exit: [bool; 2]) -> Option<SubnetRouter> {
         let routes: Vec<Prefix> = self
             .advertise_routes
             .iter()
             .filter_map(|r| Prefix::parse_masked(r))
             .filter(|p| p.len > 0 && approved.contains(p))
             .collect();
-        if routes.is_empty() {
+        let exit = if self.advertise_exit_node { exit } else { [false; 2] };
+        if routes.is_empty() && exit == [false; 2] {
             return None;
         }
         Some(SubnetRouter {
-            v4: routes.iter().any(|p| p.addr.is_ipv4()),
-            v6: routes.iter().any(|p| p.addr.is_ipv6()),
-            snat: self.snat_subnet_routes,
+            v4: exit[0] || routes.iter().any(|p| p.addr.is_ipv4()),
+            v6: exit[1] || routes.iter().any(|p| p.addr.is_ipv6()),
+            snat: self.snat_subnet_routes || exit != [false; 2],
         })
     }
 }
@@ -305,6 +312,8 @@ pub struct Engine {
     accepted: Vec<Prefix>,
     /// Our own subnet routes that control approved (and made primary).
     approved: Vec<Prefix>,
+    /// Our default routes approved (we are an exit node), IPv4 and IPv6.
+    exit_approved: [bool; 2],
     /// The last configuration the router applied; `None` until it succeeds.
     router_cfg: Option<RouterConfig>,
     router_retry: Instant,
@@ -601,6 +610,7 @@ impl Engine {
             route_prefs: prefs.borrow().clone(),
             accepted: Vec::new(),
             approved: Vec::new(),
+            exit_approved: [false; 2],
             router_cfg: None,
             router_retry: Instant::now(),
             // Until the first netmap: no rules and nothing local, so nothing gets in.
@@ -726,7 +736,7 @@ impl Engine {
         }
         let mut cfg = RouterConfig::new(self.tun.name(), self.addresses.clone());
         cfg.accepted_routes = self.accepted.iter().map(|p| (p.addr, p.len)).collect();
-        cfg.subnet_router = self.route_prefs.subnet_router(&self.approved);
+        cfg.subnet_router = self.route_prefs.subnet_router(&self.approved, self.exit_approved);
         if self.router_cfg.as_ref() == Some(&cfg) {
             return;
         }
@@ -756,6 +766,7 @@ impl Engine {
         // Addresses of this node on the TUN.
         if let Some(me) = &nm.self_node {
             self.approved = peer_subnet_routes(me);
+            self.exit_approved = ["0.0.0.0/0", "::/0"].map(|d| me.allowed_ips.iter().any(|a| a == d));
             self.addresses = me
                 .addresses
                 .iter()
@@ -833,7 +844,18 @@ impl Engine {
             self.filter.set_rules(rules);
         }
         if let Some(me) = &nm.self_node {
-            let local = LocalNets::from_self_node(me);
+            // An approved exit route serves the internet, never this host's own LANs.
+            let exit = me.allowed_ips.iter().any(|a| a == "0.0.0.0/0" || a == "::/0");
+            let lans: Vec<wg::IpPrefix> = if exit {
+                self.router
+                    .connected_prefixes(self.tun.name())
+                    .iter()
+                    .filter_map(|p| wg::IpPrefix::new(p.addr, p.len))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let local = LocalNets::from_self_node(me, &lans);
             if local != *self.filter.local() {
                 log::info!("filter: local nets {:?}", local.prefixes());
                 self.filter.set_local(local);
@@ -1590,6 +1612,26 @@ mod tests {
     }
 
     #[test]
+    fn an_approved_exit_node_forwards_and_always_masquerades() {
+        let mut p = RoutePrefs::default(); // snat_subnet_routes off
+        assert_eq!(
+            p.subnet_router(&[], [true, true]),
+            None,
+            "approved but not advertised (any more)"
+        );
+        p.advertise_exit_node = true;
+        assert_eq!(p.subnet_router(&[], [false; 2]), None, "advertised, not approved yet");
+        assert_eq!(
+            p.subnet_router(&[], [true, false]),
+            Some(SubnetRouter {
+                v4: true,
+                v6: false,
+                snat: true
+            })
+        );
+    }
+
+    #[test]
     fn route_prefs_ask_forwarding_per_family() {
         let mut p = RoutePrefs {
             snat_subnet_routes: true,
@@ -1597,17 +1639,17 @@ mod tests {
         };
         let pfx = |s: &str| Prefix::parse_masked(s).unwrap();
         let approved = [pfx("0.0.0.0/0"), pfx("192.168.1.0/24"), pfx("fd00::/64")];
-        assert_eq!(p.subnet_router(&approved), None);
+        assert_eq!(p.subnet_router(&approved, [false; 2]), None);
         p.advertise_routes = vec!["0.0.0.0/0".into(), "::/0".into()];
         assert_eq!(
-            p.subnet_router(&approved),
+            p.subnet_router(&approved, [false; 2]),
             None,
             "exit-node routes are not subnet routes"
         );
         p.advertise_routes.push("192.168.1.0/24".into());
-        assert_eq!(p.subnet_router(&[]), None, "not approved yet");
+        assert_eq!(p.subnet_router(&[], [false; 2]), None, "not approved yet");
         assert_eq!(
-            p.subnet_router(&approved),
+            p.subnet_router(&approved, [false; 2]),
             Some(SubnetRouter {
                 v4: true,
                 v6: false,
@@ -1617,7 +1659,7 @@ mod tests {
         p.advertise_routes.push("fd00::/64".into());
         p.snat_subnet_routes = false;
         assert_eq!(
-            p.subnet_router(&approved),
+            p.subnet_router(&approved, [false; 2]),
             Some(SubnetRouter {
                 v4: true,
                 v6: true,

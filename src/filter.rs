@@ -503,9 +503,10 @@ impl LocalNets {
 
     /// From the self node: its `Addresses`, plus the `AllowedIPs` and `PrimaryRoutes` control
     /// gives it, which hold the subnet routes approved for (and served by) this node. A default
-    /// route there (an approved exit node) does not make every address local; see
-    /// [`default_route_local_nets`].
-    pub fn from_self_node(node: &Node) -> LocalNets {
+    /// route there (an approved exit node) makes the rest of the internet local, but not
+    /// `lans` (this host's connected prefixes) nor the tailnet ranges; see
+    /// [`default_route_local_nets`]. The LANs are local only when approved as subnet routes.
+    pub fn from_self_node(node: &Node, lans: &[IpPrefix]) -> LocalNets {
         let mut out = Vec::new();
         for s in node
             .addresses
@@ -514,7 +515,7 @@ impl LocalNets {
             .chain(&node.primary_routes)
         {
             match s.parse::<IpPrefix>() {
-                Ok(p) if p.is_empty() => out.extend(default_route_local_nets(p)),
+                Ok(p) if p.is_empty() => out.extend(default_route_local_nets(p, lans)),
                 Ok(p) => out.push(p),
                 Err(_) => log::warn!("filter: ignoring bad self address or route {s:?}"),
             }
@@ -535,16 +536,65 @@ impl LocalNets {
 }
 
 /// What an approved default route (`0.0.0.0/0` or `::/0`: this node is an exit node) adds to
-/// the local set. Nothing yet: exit-node forwarding is not implemented, and a default route
-/// must never make every destination local.
-///
-/// TODO(exit-node): return what Go's `shrinkDefaultRoute` does for an advertised default route:
-/// the whole family minus this node's own LANs, the tailnet ranges and non-routable space, so
-/// that an exit node is a "guest wifi" (the internet, but its LANs only when advertised as
-/// subnet routes).
-pub fn default_route_local_nets(default_route: IpPrefix) -> Vec<IpPrefix> {
-    let _ = default_route;
-    Vec::new()
+/// the local set, as Go's `shrinkDefaultRoute` does: the whole family minus this node's own
+/// LANs (`lans`), the tailnet ranges and space that is never routed on the internet (loopback,
+/// link-local, multicast, IPv4 "this network"). An exit node is a "guest wifi": the internet,
+/// and its LANs only when they are approved subnet routes. A few dozen prefixes at most.
+pub fn default_route_local_nets(default_route: IpPrefix, lans: &[IpPrefix]) -> Vec<IpPrefix> {
+    let v6 = default_route.addr().is_ipv6();
+    let fixed: &[&str] = if v6 {
+        &["fd7a:115c:a1e0::/48", "::1/128", "fe80::/10", "ff00::/8", "::/128"]
+    } else {
+        &[
+            "100.64.0.0/10",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "224.0.0.0/3",
+            "0.0.0.0/8",
+        ]
+    };
+    let mut exclude: Vec<IpPrefix> = fixed.iter().filter_map(|s| s.parse().ok()).collect();
+    exclude.extend(lans.iter().filter(|p| p.addr().is_ipv6() == v6).copied());
+    let mut out = vec![default_route];
+    for x in &exclude {
+        out = out.into_iter().flat_map(|p| subtract(p, x)).collect();
+    }
+    out
+}
+
+/// `p` without the addresses of `x`: `p` itself, nothing, or the halves of `p` that miss `x`
+/// (at most one prefix per bit between the two lengths).
+fn subtract(p: IpPrefix, x: &IpPrefix) -> Vec<IpPrefix> {
+    if p.addr().is_ipv6() != x.addr().is_ipv6() || !(p.contains(x.addr()) || x.contains(p.addr())) {
+        return vec![p];
+    }
+    if x.len() <= p.len() {
+        return Vec::new(); // x covers p
+    }
+    let mut out = Vec::new();
+    let mut cur = p;
+    while cur.len() < x.len() {
+        let (a, b) = halves(cur);
+        if a.contains(x.addr()) {
+            out.push(b);
+            cur = a;
+        } else {
+            out.push(a);
+            cur = b;
+        }
+    }
+    out
+}
+
+/// The two halves of a prefix shorter than its family's width.
+fn halves(p: IpPrefix) -> (IpPrefix, IpPrefix) {
+    let len = p.len() + 1;
+    let lo = IpPrefix::new(p.addr(), len).expect("shorter than the width");
+    let hi_addr = match p.addr() {
+        std::net::IpAddr::V4(a) => std::net::IpAddr::V4((u32::from(a) | (1u32 << (32 - u32::from(len)))).into()),
+        std::net::IpAddr::V6(a) => std::net::IpAddr::V6((u128::from(a) | (1u128 << (128 - u32::from(len)))).into()),
+    };
+    (lo, IpPrefix::new(hi_addr, len).expect("shorter than the width"))
 }
 
 // ---- packets ----
@@ -1519,7 +1569,32 @@ mod tests {
             primary_routes: vec!["192.168.1.0/24".into(), "10.1.0.0/16".into(), "junk".into()],
             ..Node::default()
         };
-        let l = LocalNets::from_self_node(&me);
+        let lans: Vec<IpPrefix> = vec!["192.168.1.0/24".parse().unwrap(), "192.168.7.0/24".parse().unwrap()];
+        let l = LocalNets::from_self_node(&me, &lans);
+        let local = |a: &str| {
+            let (v6, bits) = ip_bits(ip(a));
+            l.contains(v6, bits)
+        };
+        // Approved subnet routes are local, an approved LAN too.
+        assert!(local("10.1.200.3") && local("192.168.1.9") && local("100.64.0.1"));
+        // An approved exit node makes the internet local, both families...
+        assert!(local("8.8.8.8") && local("198.51.100.1") && local("2001:db8::1"));
+        // ...but not a LAN that is not approved, nor the tailnet, loopback or link-local.
+        for a in [
+            "192.168.7.1",
+            "100.64.0.9",
+            "127.0.0.1",
+            "169.254.1.1",
+            "fd7a:115c:a1e0::9",
+            "fe80::1",
+        ] {
+            assert!(!local(a), "{a} must not be local");
+        }
+        let no_exit = Node {
+            allowed_ips: me.allowed_ips[..3].to_vec(),
+            ..me.clone()
+        };
+        let l = LocalNets::from_self_node(&no_exit, &lans);
         let text: Vec<String> = l.prefixes().iter().map(ToString::to_string).collect();
         assert_eq!(
             text,
@@ -1529,17 +1604,15 @@ mod tests {
                 "192.168.1.0/24",
                 "fd7a:115c:a1e0::1/128"
             ],
-            "approved subnet routes count, exit routes do not"
+            "without an approved exit route only the subnet routes count"
         );
-        assert!(l.contains(false, ip_bits(ip("10.1.200.3")).1));
         assert!(!l.contains(false, ip_bits(ip("8.8.8.8")).1));
-        assert!(!l.contains(true, ip_bits(ip("2001:db8::1")).1));
         // AllowedIPs null (absent) = Addresses.
         let bare = Node {
             addresses: vec!["100.64.0.1/32".into()],
             ..Node::default()
         };
-        assert_eq!(LocalNets::from_self_node(&bare).prefixes().len(), 1);
+        assert_eq!(LocalNets::from_self_node(&bare, &[]).prefixes().len(), 1);
     }
 
     #[test]
@@ -1957,6 +2030,31 @@ mod tests {
             let mut v6 = b;
             if let Some(x) = v6.first_mut() { *x = 0x60 }
             let _ = f.check_inbound(&v6);
+        }
+
+        /// Subtracting prefixes leaves exactly the addresses outside them, as disjoint prefixes.
+        #[test]
+        fn subtract_leaves_exactly_the_rest(
+            holes in prop::collection::vec((any::<u32>(), 0u8..=32), 0..4),
+            probes in prop::collection::vec(any::<u32>(), 1..32),
+        ) {
+            let holes: Vec<IpPrefix> = holes
+                .iter()
+                .map(|&(a, l)| IpPrefix::new(std::net::IpAddr::from(a.to_be_bytes()), l).unwrap())
+                .collect();
+            let mut out = vec!["0.0.0.0/0".parse::<IpPrefix>().unwrap()];
+            for h in &holes {
+                out = out.into_iter().flat_map(|p| subtract(p, h)).collect();
+            }
+            for a in probes.iter().copied().chain(holes.iter().map(|h| match h.addr() {
+                std::net::IpAddr::V4(v) => u32::from(v),
+                _ => 0,
+            })) {
+                let addr = std::net::IpAddr::from(a.to_be_bytes());
+                let covering = out.iter().filter(|p| p.contains(addr)).count();
+                let in_hole = holes.iter().any(|h| h.contains(addr));
+                prop_assert_eq!(covering, usize::from(!in_hole), "{} holes {:?} out {:?}", addr, holes, out);
+            }
         }
     }
 }

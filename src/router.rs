@@ -880,6 +880,10 @@ impl<R: CommandRunner> Router<R> {
     }
 
     /// The host's connected prefixes (see [`parse_connected`]); none if `ip` cannot tell.
+    pub fn connected_prefixes(&mut self, tun: &str) -> Vec<Prefix> {
+        self.connected(tun)
+    }
+
     fn connected(&mut self, tun: &str) -> Vec<Prefix> {
         let mut v = Vec::new();
         for f in ["-4", "-6"] {
