@@ -44,17 +44,6 @@ TORN_DOWN=0
 SUMMARY_DONE=0
 AUTHKEY="" A_IP="" B_IP="" G_IP=""
 
-# The EXIT trap: a normal run has printed its summary already; an interrupted or aborted one is
-# torn down here, counted as a failure, and still ends with the summary line.
-finish() {
-	local rc=$?
-	[[ $SUMMARY_DONE == 1 ]] && return
-	[[ $TORN_DOWN == 1 ]] || topo_down
-	report 1 "run aborted (exit status $rc) before the end"
-	tidy_work
-	echo "$PASSED passed, $FAILED failed"
-}
-
 case $MODE in
 down)
 	ts_need_tools
@@ -76,7 +65,7 @@ esac
 
 ts_need_tools ss
 ts_workdir
-trap finish EXIT
+trap ts_finish EXIT
 trap 'exit 130' INT TERM
 ts_pick_bin
 ts_pick_caddy

@@ -109,6 +109,18 @@ tidy_work() {
 	fi
 }
 
+# The EXIT trap of a scenario script: a normal run has printed its summary already; an
+# interrupted or aborted one is torn down here, counted as a failure, and still ends with the
+# summary line. The script keeps SUMMARY_DONE and TORN_DOWN.
+ts_finish() {
+	local rc=$?
+	[[ ${SUMMARY_DONE:-0} == 1 ]] && return
+	[[ ${TORN_DOWN:-0} == 1 ]] || topo_down
+	report 1 "run aborted (exit status $rc) before the end"
+	tidy_work
+	echo "$PASSED passed, $FAILED failed"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Polling: `eventually SECS cmd...` reruns cmd (output discarded) until it succeeds or SECS pass.
 # `eventually_out SECS VAR cmd...` also keeps the last output in VAR. No bare sleeps elsewhere.

@@ -63,17 +63,6 @@ SUMMARY_DONE=0
 AUTHKEY="" R_ID="" P_IP=""
 R_FWD_ORIG="" P_FWD_BEFORE="" R_FWD6_BEFORE="" P_FWD6_BEFORE=""
 
-# The EXIT trap: as in netns-e2e.sh, an aborted run is torn down, counted as a failure, and still
-# ends with the summary line.
-finish() {
-	local rc=$?
-	[[ $SUMMARY_DONE == 1 ]] && return
-	[[ $TORN_DOWN == 1 ]] || topo_down
-	report 1 "run aborted (exit status $rc) before the end"
-	tidy_work
-	echo "$PASSED passed, $FAILED failed"
-}
-
 # ------------------------------------------------------------------------------------------------
 # The LAN behind R.
 
@@ -581,7 +570,7 @@ esac
 
 ts_need_tools
 ts_workdir
-trap finish EXIT
+trap ts_finish EXIT
 trap 'exit 130' INT TERM
 ts_pick_bin
 ts_pick_caddy
