@@ -364,6 +364,10 @@ internet_up() {
 inet_get() { nsx "$1" curl -sf --max-time 3 "http://$INTERNET:$LAN_PORT/"; }
 inet_get_is() { [[ $(inet_get ts-b) == "$1" ]]; }
 inet_get_fails() { ! inet_get ts-b; }
+p_lists_exit_node() {
+	local o
+	o=$(timeout 15 ip netns exec ts-b "$BIN" exit-node list --socket "$(daemon_sock b)" 2>&1) && grep -E '^100\.64\.0\.1 +a ' <<<"$o"
+}
 r_not_local_drops() { ts_cli a status --json | jq -r '.Counters.FilterDropNotLocal // 0'; }
 
 # Exit node, the serving side: R offers itself (--advertise-exit-node), the coordinator approves
@@ -385,6 +389,9 @@ step_exit() {
 	ev+="R: up --advertise-exit-node: ${out:-ok}"$'\n'
 	out=$(approve "0.0.0.0/0,::/0" 2>&1) || ok=1
 	ev+="approved 0.0.0.0/0 and ::/0 only: $(coord_admin nodes list -o json | jq -c --argjson i "$R_ID" '.[] | select(.id == $i) | .approved_routes')"$'\n'
+	out=$(eventually_out "$ROUTE_DEADLINE" p_lists_exit_node)
+	p_lists_exit_node >/dev/null || ok=1
+	ev+="P: tinyscale exit-node list: $(tr '\n' ' ' <<<"$out")"$'\n'
 	out=$(eventually_out "$ROUTE_DEADLINE" inet_get_is "${NAT_WAN[a]}")
 	[[ $out != *failed* ]] && inet_get_is "${NAT_WAN[a]}" || ok=1
 	ev+="P -> $INTERNET through R: the server saw $(inet_get ts-b 2>&1 || echo nothing) (want R's uplink ${NAT_WAN[a]})"$'\n'

@@ -50,6 +50,7 @@ pub enum Cmd {
     Ping(Ping),
     Netcheck(Netcheck),
     Debug(DebugCmd),
+    ExitNode(ExitNodeCmd),
     Version(Version),
     Daemon(DaemonCmd),
     Server(Server),
@@ -262,6 +263,33 @@ pub struct Netcheck {
     /// print JSON
     #[argh(switch)]
     pub json: bool,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "exit-node")]
+/// exit nodes of the tailnet
+pub struct ExitNodeCmd {
+    #[argh(subcommand)]
+    pub cmd: ExitNodeSub,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand)]
+pub enum ExitNodeSub {
+    List(ExitNodeList),
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "list")]
+/// list the peers that offer themselves as exit nodes (approved for 0.0.0.0/0 and ::/0), as
+/// `tailscale exit-node list` does
+pub struct ExitNodeList {
     /// daemon socket
     #[argh(option)]
     pub socket: Option<PathBuf>,
@@ -816,6 +844,13 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Cmd::ExitNode(e) => match e.cmd {
+            ExitNodeSub::List(l) => {
+                let v = ipc::call(&socket_or_default(l.socket), &IpcRequest::Status).await?;
+                print!("{}", render_exit_nodes(&v));
+                Ok(())
+            }
+        },
         Cmd::Debug(d) => match d.cmd {
             DebugSub::Filter(f) => {
                 let v = ipc::call(&socket_or_default(f.socket), &IpcRequest::DebugFilter).await?;
@@ -889,6 +924,42 @@ pub fn render_status(v: &Value) -> String {
         out.push_str(&table(&["IPV4", "IPV6", "NAME", "USER", "OS", "STATUS"], &rows));
     }
     out
+}
+
+/// [pure] `exit-node list`: the peers whose AllowedIPs hold both default routes (control
+/// approved them as exit nodes), in tailscale's columns; no location data (`-`). STATUS says
+/// `offline` or, for the one in use, `selected`.
+pub fn render_exit_nodes(v: &Value) -> String {
+    let selected = v["Prefs"]["exit_node"].as_str().unwrap_or("");
+    let s = |x: &Value| x.as_str().unwrap_or("").to_string();
+    let mut rows = Vec::new();
+    for p in v["Peer"].as_array().into_iter().flatten() {
+        let allowed: Vec<&str> = p["AllowedIPs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if !(allowed.contains(&"0.0.0.0/0") && allowed.contains(&"::/0")) {
+            continue;
+        }
+        let ip = p["TailscaleIPs"][0].as_str().unwrap_or("").to_string();
+        let name = s(&p["HostName"]);
+        let status = if !selected.is_empty() && (selected == ip || selected == name) {
+            "selected"
+        } else if p["Online"].as_bool() == Some(false) {
+            "offline"
+        } else {
+            "-"
+        };
+        rows.push(vec![ip, name, "-".into(), "-".into(), status.to_string()]);
+    }
+    if rows.is_empty() {
+        return "no exit nodes found (a node offers itself with `up --advertise-exit-node`; the \
+                coordinator approves 0.0.0.0/0 and ::/0)\n"
+            .to_string();
+    }
+    table(&["IP", "HOSTNAME", "COUNTRY", "CITY", "STATUS"], &rows)
 }
 
 /// Reads and validates the `config client` section of `path`; unknown options are logged as
@@ -1296,6 +1367,37 @@ mod tests {
         assert_eq!(a.login_server, base.login_server);
         assert_eq!(a.snat_subnet_routes, Some(true));
         assert_eq!(overlay(base.clone(), UpArgs::default()), base);
+    }
+
+    #[test]
+    fn exit_node_list_shows_approved_exit_nodes_only() {
+        let exit = |ip: &str, name: &str, online: bool| {
+            serde_json::json!({"TailscaleIPs": [ip], "HostName": name, "Online": online,
+                "AllowedIPs": [format!("{ip}/32"), "0.0.0.0/0", "::/0"]})
+        };
+        let mut v = serde_json::json!({
+            "Prefs": {"exit_node": ""},
+            "Peer": [
+                exit("100.64.0.1", "router", true),
+                exit("100.64.0.3", "cellar", false),
+                {"TailscaleIPs": ["100.64.0.2"], "HostName": "laptop", "Online": true,
+                 "AllowedIPs": ["100.64.0.2/32", "192.168.9.0/24", "0.0.0.0/0"]},
+            ]
+        });
+        let out = render_exit_nodes(&v);
+        let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(lines[0], ["IP", "HOSTNAME", "COUNTRY", "CITY", "STATUS"]);
+        assert_eq!(lines[1], ["100.64.0.1", "router", "-", "-", "-"]);
+        assert_eq!(lines[2], ["100.64.0.3", "cellar", "-", "-", "offline"]);
+        assert_eq!(
+            lines.len(),
+            3,
+            "a peer with only one default route is no exit node: {out}"
+        );
+        v["Prefs"]["exit_node"] = "router".into();
+        assert!(render_exit_nodes(&v).lines().nth(1).unwrap().ends_with("selected"));
+        v["Peer"] = serde_json::json!([]);
+        assert!(render_exit_nodes(&v).starts_with("no exit nodes found"));
     }
 
     #[test]
