@@ -573,26 +573,7 @@ step7() {
 # ------------------------------------------------------------------------------------------------
 # Teardown check: every namespace and every process we started is gone.
 
-h_teardown() {
-	local ok=0 ev="" f p pids=()
-	for f in "$WORK"/*.pid; do
-		[[ -e $f ]] && pids+=("$(cat "$f")")
-	done
-	topo_down
-	TORN_DOWN=1
-	local left
-	left=$(ip netns list | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg])$' | tr '\n' ' ')
-	[[ -z $left ]] || ok=1
-	ev+="namespaces left: '${left}'"$'\n'
-	for p in "${pids[@]}"; do
-		if kill -0 "$p" 2>/dev/null; then
-			ok=1
-			ev+="pid $p still alive"$'\n'
-		fi
-	done
-	ev+="processes started by the harness: ${#pids[@]}"
-	report $ok "H7 teardown removes every ts- namespace and process" "$ev"
-}
+h_teardown() { ts_teardown_check "H7 teardown removes every ts- namespace and process"; }
 
 h_topology
 h_nat

@@ -121,6 +121,28 @@ ts_finish() {
 	echo "$PASSED passed, $FAILED failed"
 }
 
+# ts_teardown_check NAME: tears the topology down (recording it in TORN_DOWN) and reports NAME:
+# no ts- namespace (ts-lan included) and no process the harness started is left.
+ts_teardown_check() {
+	local ok=0 ev="" f p pids=() left
+	for f in "$WORK"/*.pid; do
+		[[ -e $f ]] && pids+=("$(cat "$f")")
+	done
+	topo_down
+	TORN_DOWN=1
+	left=$(ip netns list | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg]|lan)$' | tr '\n' ' ')
+	[[ -z $left ]] || ok=1
+	ev+="namespaces left: '${left}'"$'\n'
+	for p in "${pids[@]}"; do
+		if kill -0 "$p" 2>/dev/null; then
+			ok=1
+			ev+="pid $p still alive"$'\n'
+		fi
+	done
+	ev+="processes started by the harness: ${#pids[@]}"
+	report $ok "$1" "$ev"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Polling: `eventually SECS cmd...` reruns cmd (output discarded) until it succeeds or SECS pass.
 # `eventually_out SECS VAR cmd...` also keeps the last output in VAR. No bare sleeps elsewhere.

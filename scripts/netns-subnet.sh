@@ -535,25 +535,7 @@ step7() {
 	report $ok "7b kill -9 while routing, restart without the coordinator: the daemons' start removes the leftovers" "$ev"
 }
 
-h_teardown() {
-	local ok=0 ev="" f p pids=() left
-	for f in "$WORK"/*.pid; do
-		[[ -e $f ]] && pids+=("$(cat "$f")")
-	done
-	topo_down
-	TORN_DOWN=1
-	left=$(ip netns list | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg]|lan)$' | tr '\n' ' ')
-	[[ -z $left ]] || ok=1
-	ev+="namespaces left: '${left}'"$'\n'
-	for p in "${pids[@]}"; do
-		if kill -0 "$p" 2>/dev/null; then
-			ok=1
-			ev+="pid $p still alive"$'\n'
-		fi
-	done
-	ev+="processes still recorded at the end: ${#pids[@]}"
-	report $ok "H3 teardown removes every ts- namespace (ts-lan too) and process" "$ev"
-}
+h_teardown() { ts_teardown_check "H3 teardown removes every ts- namespace (ts-lan too) and process"; }
 
 case $MODE in
 down)
