@@ -1,13 +1,15 @@
 //! The mini-coordinator (feature `coordinator`): a headscale-compatible control server with a
 //! SQLite store, started by `tinyscale server serve` and administered over a unix socket.
 //!
-//! Layers: `model` (records), `store` (SQLite), `ipam`, `state` (decisions + write-through),
-//! `mapper` (MapResponses and deltas), `server` (TCP/Noise/HTTP2 shell), `admin` (unix socket).
+//! Layers: `model` (records), `store` (SQLite), `ipam`, `policy` (ACLs), `state` (decisions +
+//! write-through), `mapper` (MapResponses and deltas), `server` (TCP/Noise/HTTP2 shell), `admin`
+//! (unix socket).
 
 pub mod admin;
 pub mod ipam;
 pub mod mapper;
 pub mod model;
+pub mod policy;
 pub mod server;
 pub mod state;
 pub mod store;

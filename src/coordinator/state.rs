@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::{
     ipam::Ipam,
     model::{Node, PreAuthKey, User},
+    policy::{Member, Policy},
     store::{Store, StoreError},
 };
 use crate::{
@@ -118,6 +119,8 @@ pub struct State {
     pending: HashMap<String, Pending>,
     sessions: HashMap<u64, u32>,
     primaries: BTreeMap<String, u64>,
+    /// The ACL policy (its text as set, and parsed); `None` allows all.
+    policy: Option<(String, Policy)>,
     store: Store,
 }
 
@@ -153,8 +156,21 @@ impl State {
             pending: HashMap::new(),
             sessions: HashMap::new(),
             primaries: BTreeMap::new(),
+            policy: None,
             store,
         };
+        if let Some(text) = st.store.get_policy()? {
+            let pol = Policy::parse(&text).unwrap_or_else(|e| {
+                // Fail closed: a stored policy this binary cannot read allows nothing until an
+                // admin sets one it can.
+                log::error!("stored ACL policy does not parse, denying all traffic until `server policy set`: {e}");
+                Policy {
+                    no_acls: false,
+                    ..Policy::default()
+                }
+            });
+            st.policy = Some((text, pol));
+        }
         st.primaries = st.compute_primaries();
         Ok(st)
     }
@@ -270,6 +286,90 @@ impl State {
             .filter(|id| self.nodes.contains_key(id))
             .map(Change::Node)
             .collect()
+    }
+
+    // ---- policy ----
+
+    /// The ACL policy in force (text as set, parsed), or `None` (allow all).
+    pub fn policy(&self) -> Option<&(String, Policy)> {
+        self.policy.as_ref()
+    }
+
+    /// Replaces the ACL policy (`None` clears it: allow all). A policy that does not parse or
+    /// check is refused with every error and its line, and the old one stays. Auto-approvers of
+    /// the new policy apply to every node's announced routes at once.
+    pub fn set_policy(&mut self, text: Option<&str>, now: i64) -> Result<Vec<Change>, CoordError> {
+        let parsed = match text {
+            Some(t) => Some((
+                t.to_string(),
+                Policy::parse(t).map_err(|e| CoordError::Invalid(e.to_string()))?,
+            )),
+            None => None,
+        };
+        self.store.set_policy(text, now)?;
+        self.policy = parsed;
+        log::info!(
+            "acl policy {}",
+            if self.policy.is_some() {
+                "set"
+            } else {
+                "cleared (allow all)"
+            }
+        );
+        let before = self.primaries.clone();
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.auto_approve(id)?;
+        }
+        let mut ch = vec![Change::Full];
+        ch.extend(self.node_changes_for_primaries(&before));
+        Ok(ch)
+    }
+
+    /// The node as the policy sees it.
+    pub fn member(&self, n: &Node) -> Member {
+        let effective = Self::effective_routes(n);
+        Member {
+            id: n.id,
+            user: self.users.get(&n.user_id).map(|u| u.name.clone()).unwrap_or_default(),
+            tags: n.tags.clone(),
+            ips: n
+                .ipv4
+                .map(std::net::IpAddr::V4)
+                .into_iter()
+                .chain(n.ipv6.map(std::net::IpAddr::V6))
+                .collect(),
+            routes: effective
+                .iter()
+                .filter(|r| !is_exit_route(r))
+                .filter_map(|r| r.parse().ok())
+                .collect(),
+            exit: effective.iter().any(|r| is_exit_route(r)),
+        }
+    }
+
+    /// Adds the node's announced routes that the policy's autoApprovers cover to its approved
+    /// routes (never removes any); true if that changed them.
+    fn auto_approve(&mut self, id: u64) -> Result<bool, CoordError> {
+        let (Some((_, pol)), Some(n)) = (&self.policy, self.nodes.get(&id)) else {
+            return Ok(false);
+        };
+        let announced = Self::announced_routes(n);
+        let new: Vec<String> = pol
+            .auto_approved(&self.member(n), &announced)
+            .into_iter()
+            .filter(|r| !n.approved_routes.contains(r))
+            .collect();
+        if new.is_empty() {
+            return Ok(false);
+        }
+        log::info!("routes auto-approved by policy node={id} routes={}", new.join(","));
+        let n = self.node_mut(id)?;
+        n.approved_routes.extend(new);
+        n.approved_routes.sort();
+        let n = n.clone();
+        self.store.update_node(&n)?;
+        Ok(true)
     }
 
     // ---- users ----
@@ -468,6 +568,7 @@ impl State {
         let id = n.id;
         log::info!("node registered node={id} name={} user={user_id}", n.given_name);
         self.nodes.insert(id, n);
+        self.auto_approve(id)?;
         let mut ch = vec![Change::Node(id)];
         ch.extend(self.node_changes_for_primaries(&before));
         Ok((id, ch))
@@ -659,7 +760,11 @@ impl State {
         let n = n.clone();
         self.store.update_node(&n)?;
         log::info!("node re-authenticated node={id}");
-        Ok(vec![Change::Node(id)])
+        let before = self.primaries.clone();
+        self.auto_approve(id)?;
+        let mut ch = vec![Change::Node(id)];
+        ch.extend(self.node_changes_for_primaries(&before));
+        Ok(ch)
     }
 
     /// `nodes register --user U --key ID`: approves a pending interactive registration.
@@ -818,6 +923,7 @@ impl State {
             ..Default::default()
         };
         let mut full = false;
+        let mut routes_changed = false;
         if !req.disco_key.is_zero() && req.disco_key != n.disco_key {
             n.disco_key = req.disco_key;
             patch.disco_key = Some(req.disco_key);
@@ -839,7 +945,8 @@ impl State {
                     .map(|v| HostinfoView(&v).routable_ips())
                     .unwrap_or_default();
                 let host_changed = view.hostname() != n.hostname;
-                full |= old_routes != view.routable_ips() || host_changed;
+                routes_changed = old_routes != view.routable_ips();
+                full |= routes_changed || host_changed;
                 if host_changed {
                     n.hostname = view.hostname().to_string();
                 }
@@ -851,6 +958,9 @@ impl State {
         if changed {
             let n = n.clone();
             self.store.update_node(&n)?;
+            if routes_changed {
+                self.auto_approve(id)?;
+            }
             if full {
                 ch.push(Change::Node(id));
             } else {
@@ -1095,6 +1205,55 @@ mod tests {
             other.allowed_ips
         );
         assert!(st.set_approved_routes(ids[0], vec!["nonsense".into()], true).is_err());
+    }
+
+    #[test]
+    fn auto_approvers_apply_at_registration_reannounce_and_policy_set() {
+        let mut st = state();
+        let k = with_key(&mut st, false);
+        st.set_policy(
+            Some(r#"{"autoApprovers": {"routes": {"10.0.0.0/8": ["u@"]}, "exitNode": ["u@"]}}"#),
+            0,
+        )
+        .unwrap();
+        // Registration announcing a covered route and one outside: only the covered one.
+        let (m, n) = mk(20);
+        let mut r = req(&n, Some(&k), "r");
+        r.hostinfo = Some(serde_json::json!({"Hostname": "r", "RoutableIPs": ["10.1.0.0/16", "192.168.9.0/24"]}));
+        register(&mut st, m, &r, 0);
+        let id = st.nodes().last().unwrap().id;
+        assert_eq!(st.node(id).unwrap().approved_routes, vec!["10.1.0.0/16"]);
+        assert_eq!(st.primaries().get("10.1.0.0/16"), Some(&id));
+        // Re-announcing through a map request (exit routes now too) approves the new ones.
+        let mr = MapRequest {
+            version: 130,
+            node_key: n.public(),
+            hostinfo: Some(
+                serde_json::json!({"Hostname": "r", "RoutableIPs": ["10.1.0.0/16", "10.2.0.0/16", "192.168.9.0/24", "0.0.0.0/0", "::/0"]}),
+            ),
+            ..Default::default()
+        };
+        let (_, ch) = st.apply_map_request(m, &mr, 1).unwrap();
+        assert!(ch.contains(&Change::Node(id)));
+        assert_eq!(
+            st.node(id).unwrap().approved_routes,
+            vec!["0.0.0.0/0", "10.1.0.0/16", "10.2.0.0/16", "::/0"]
+        );
+        // A policy set later approves what the node already announces.
+        st.set_policy(Some(r#"{"autoApprovers": {"routes": {"192.168.0.0/16": ["u@"]}}}"#), 2)
+            .unwrap();
+        let after = &st.node(id).unwrap().approved_routes;
+        assert!(after.contains(&"192.168.9.0/24".to_string()), "{after:?}");
+        // Without a policy nothing is approved automatically.
+        st.set_policy(None, 3).unwrap();
+        let (m2, n2) = mk(21);
+        let mut r = req(&n2, Some(&k), "r2");
+        r.hostinfo = Some(serde_json::json!({"Hostname": "r2", "RoutableIPs": ["10.3.0.0/16"]}));
+        register(&mut st, m2, &r, 4);
+        assert!(st.nodes().last().unwrap().approved_routes.is_empty());
+        // A bad policy is refused and changes nothing.
+        assert!(matches!(st.set_policy(Some("{\"acls\": [}"), 5), Err(CoordError::Invalid(e)) if e.contains("line 1")));
+        assert!(st.policy().is_none());
     }
 
     #[test]
