@@ -246,22 +246,28 @@ impl State {
         &self.primaries
     }
 
-    /// Primary router per subnet prefix: the lowest-id online node serving it, else the lowest id.
+    /// Primary router per subnet prefix (HA subnet routers): the current primary while it is
+    /// online and still serves the prefix; otherwise the lowest-id online node serving it, else
+    /// the lowest id. A primary that comes back does not take over again: the one that took
+    /// over stays (headscale `routes/primary.go`, no flapping).
     fn compute_primaries(&self) -> BTreeMap<String, u64> {
-        let mut out: BTreeMap<String, (bool, u64)> = BTreeMap::new();
+        let mut out: BTreeMap<String, (bool, bool, u64)> = BTreeMap::new();
         for n in self.nodes.values() {
             for r in Self::effective_routes(n).into_iter().filter(|r| !is_exit_route(r)) {
-                let cand = (self.is_online(n.id), n.id);
+                let online = self.is_online(n.id);
+                // Rank: staying primary (online) first, then online, then the lowest id.
+                let sticky = online && self.primaries.get(&r) == Some(&n.id);
+                let cand = (sticky, online, n.id);
                 out.entry(r)
                     .and_modify(|cur| {
-                        if (cand.0 && !cur.0) || (cand.0 == cur.0 && cand.1 < cur.1) {
+                        if (cand.0, cand.1, std::cmp::Reverse(cand.2)) > (cur.0, cur.1, std::cmp::Reverse(cur.2)) {
                             *cur = cand;
                         }
                     })
                     .or_insert(cand);
             }
         }
-        out.into_iter().map(|(k, (_, id))| (k, id)).collect()
+        out.into_iter().map(|(k, (_, _, id))| (k, id)).collect()
     }
 
     /// Recomputes the primaries and returns a full-node change for every node whose role moved.
@@ -1254,6 +1260,50 @@ mod tests {
         // A bad policy is refused and changes nothing.
         assert!(matches!(st.set_policy(Some("{\"acls\": [}"), 5), Err(CoordError::Invalid(e)) if e.contains("line 1")));
         assert!(st.policy().is_none());
+    }
+
+    #[test]
+    fn ha_primary_fails_over_and_the_new_one_stays() {
+        let mut st = state();
+        let k = with_key(&mut st, false);
+        let mut ids = vec![];
+        for b in [30u8, 31, 32] {
+            let (m, n) = mk(b);
+            let mut r = req(&n, Some(&k), &format!("ha{b}"));
+            r.hostinfo = Some(serde_json::json!({"Hostname": format!("ha{b}"), "RoutableIPs": ["10.9.0.0/24"]}));
+            register(&mut st, m, &r, 0);
+            let id = st.nodes().last().unwrap().id;
+            st.set_approved_routes(id, vec!["10.9.0.0/24".into()], true).unwrap();
+            ids.push(id);
+        }
+        let primary = |st: &State| st.primaries()["10.9.0.0/24"];
+        assert_eq!(primary(&st), ids[0], "none online: the lowest id");
+        st.session_start(ids[2], 1);
+        st.session_start(ids[1], 1);
+        assert_eq!(primary(&st), ids[2], "the first online router took over and stays");
+        // The primary goes offline: the lowest-id online router takes over, and both hear it.
+        let ch = st.session_end(ids[2], 2);
+        assert_eq!(primary(&st), ids[1]);
+        assert!(
+            ch.contains(&Change::Node(ids[1])) && ch.contains(&Change::Node(ids[2])),
+            "{ch:?}"
+        );
+        // The old primary comes back: no flap, the new primary stays.
+        let ch = st.session_start(ids[2], 3);
+        assert_eq!(primary(&st), ids[1]);
+        assert!(!ch.iter().any(|c| matches!(c, Change::Node(_))), "{ch:?}");
+        // A lower id coming online does not take over either.
+        st.session_start(ids[0], 4);
+        assert_eq!(primary(&st), ids[1]);
+        // The primary stops serving the route (approval revoked): the lowest-id online one.
+        st.set_approved_routes(ids[1], vec![], true).unwrap();
+        assert_eq!(primary(&st), ids[0]);
+        let p = st.primaries().clone();
+        assert_eq!(
+            mapper::tail_node(&st, ids[0], &p, 5).unwrap().primary_routes,
+            vec!["10.9.0.0/24"]
+        );
+        assert!(mapper::tail_node(&st, ids[2], &p, 5).unwrap().primary_routes.is_empty());
     }
 
     #[test]
