@@ -488,7 +488,7 @@ step_acl() {
 	eventually "$ROUTE_DEADLINE" p_gets_g || ok=1
 	p_denied 80 || ok=1
 	ev+="policy (p->r:22, g->r:8000, p->g:80): $(acl_ev)"$'\n'
-	ev+="R's filter: $(ts_cli a debug filter 2>/dev/null | jq -c '[.Rules[]? | {Srcs, Dsts}]' 2>/dev/null | cut -c1-300)"
+	ev+="R's filter: $(timeout 15 ip netns exec ts-a "$BIN" debug filter --socket "$(daemon_sock a)" 2>&1 | jq -c '[.Rules[]? | {Srcs, Dsts, IPProto}]' 2>&1 | cut -c1-400)"
 	report $ok "8a policy P->R tcp:22 only: P reaches R:22 not R:80 (our filter); the Go node reaches R:8000, P reaches it, R does not (Go's filter)" "$ev"
 
 	ok=0 ev=""

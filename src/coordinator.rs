@@ -179,7 +179,13 @@ pub async fn run(cfg: &ServerConfig) -> Result<(), String> {
     }
     let store =
         store::Store::open(&cfg.db_path).map_err(|e| format!("cannot open database {}: {e}", cfg.db_path.display()))?;
-    let st = state::State::load(store, settings).map_err(|e| e.to_string())?;
+    let mut st = state::State::load(store, settings).map_err(|e| e.to_string())?;
+    if let Some(p) = &cfg.policy_path {
+        let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read policy_path {}: {e}", p.display()))?;
+        st.use_policy_file(&p.display().to_string(), &text)
+            .map_err(|e| format!("policy_path {e}"))?;
+        log::info!("acl policy loaded from {}", p.display());
+    }
     let coord = server::Coordinator::new(st).map_err(|e| e.to_string())?;
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(crate::tls::Acceptor::from_pem_files(cert, key)?),

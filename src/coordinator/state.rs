@@ -121,6 +121,9 @@ pub struct State {
     primaries: BTreeMap<String, u64>,
     /// The ACL policy (its text as set, and parsed); `None` allows all.
     policy: Option<(String, Policy)>,
+    /// The policy file (`policy_path`) the policy was loaded from; the admin socket cannot
+    /// change it then.
+    policy_file: Option<String>,
     store: Store,
 }
 
@@ -157,6 +160,7 @@ impl State {
             sessions: HashMap::new(),
             primaries: BTreeMap::new(),
             policy: None,
+            policy_file: None,
             store,
         };
         if let Some(text) = st.store.get_policy()? {
@@ -305,6 +309,11 @@ impl State {
     /// check is refused with every error and its line, and the old one stays. Auto-approvers of
     /// the new policy apply to every node's announced routes at once.
     pub fn set_policy(&mut self, text: Option<&str>, now: i64) -> Result<Vec<Change>, CoordError> {
+        if let Some(f) = &self.policy_file {
+            return Err(CoordError::Conflict(format!(
+                "the policy comes from the file {f} (option policy_path): edit it and restart the server, or remove the option to manage the policy here"
+            )));
+        }
         let parsed = match text {
             Some(t) => Some((
                 t.to_string(),
@@ -330,6 +339,20 @@ impl State {
         let mut ch = vec![Change::Full];
         ch.extend(self.node_changes_for_primaries(&before));
         Ok(ch)
+    }
+
+    /// Uses the policy in `text`, read from the file `path` (`policy_path`), instead of the
+    /// stored one, and refuses later changes through [`State::set_policy`].
+    pub fn use_policy_file(&mut self, path: &str, text: &str) -> Result<(), CoordError> {
+        let pol = Policy::parse(text).map_err(|e| CoordError::Invalid(format!("{path}:\n{e}")))?;
+        self.policy = Some((text.to_string(), pol));
+        self.policy_file = Some(path.to_string());
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.auto_approve(id)?;
+        }
+        self.primaries = self.compute_primaries();
+        Ok(())
     }
 
     /// The node as the policy sees it.
@@ -1257,6 +1280,17 @@ mod tests {
         r.hostinfo = Some(serde_json::json!({"Hostname": "r2", "RoutableIPs": ["10.3.0.0/16"]}));
         register(&mut st, m2, &r, 4);
         assert!(st.nodes().last().unwrap().approved_routes.is_empty());
+        // From a file (policy_path): in force, and the admin socket cannot change it.
+        st.use_policy_file("/etc/p.hujson", r#"{"acls": []}"#).unwrap();
+        assert!(st.policy().is_some());
+        assert!(matches!(st.set_policy(None, 5), Err(CoordError::Conflict(e)) if e.contains("/etc/p.hujson")));
+        st.policy_file = None;
+        st.set_policy(None, 5).unwrap();
+        assert!(st
+            .use_policy_file("/etc/p.hujson", "{\n  \"acls\": 1}")
+            .unwrap_err()
+            .to_string()
+            .contains("line 2"));
         // A bad policy is refused and changes nothing.
         assert!(matches!(st.set_policy(Some("{\"acls\": [}"), 5), Err(CoordError::Invalid(e)) if e.contains("line 1")));
         assert!(st.policy().is_none());
