@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bad=0
 PURE="src/keys.rs src/noise.rs src/tailcfg.rs src/zstdframe.rs src/stun.rs src/disco.rs
       src/derp.rs src/derp/frame.rs src/uci.rs src/control/netmap.rs src/coordinator/ipam.rs
-      src/coordinator/mapper.rs src/coordinator/model.rs src/wg.rs src/qr.rs
+      src/coordinator/mapper.rs src/coordinator/model.rs src/coordinator/policy.rs src/wg.rs src/qr.rs
       src/magicsock/demux.rs src/magicsock/endpoint.rs src/magicsock/addr.rs src/magicsock/batch.rs src/netcheck.rs
       src/tun/gro.rs src/cli/argv.rs src/filter.rs src/ubus.rs src/ubus/blobmsg.rs"
 for f in $PURE; do

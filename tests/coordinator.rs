@@ -764,3 +764,92 @@ async fn derp_url_maps_are_fetched_and_bad_ones_refused() {
         .unwrap_err()
         .contains("expected http"));
 }
+
+fn base_filter(m: &MapResponse) -> Option<Vec<tailcfg::FilterRule>> {
+    m.packet_filters.as_ref()?.get("base")?.clone()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn policy_set_get_and_live_streams_get_new_filters_and_peers() {
+    let h = start().await;
+    let akey = h.user_and_key("alice", true, None);
+    let bkey = h.user_and_key("bob", true, None);
+    let mut a = join(&h, &akey, "alpha").await;
+    let mut b = join(&h, &bkey, "beta").await;
+    let a_id = a.first.node.as_ref().unwrap().id;
+    let b_id = b.first.node.as_ref().unwrap().id;
+    let a_addrs = a.first.node.as_ref().unwrap().addresses.clone();
+    assert_eq!(base_filter(&b.first), Some(tailcfg::FilterRule::allow_all()));
+    assert_eq!(
+        h.admin(AdminRequest::PolicyGet).unwrap()["policy"],
+        serde_json::Value::Null
+    );
+
+    // alice -> bob on tcp:22 only. Both streams, still open, get their new filters.
+    let policy = "// ssh to bob's machines\n{\n  \"acls\": [\n    {\"action\": \"accept\", \"proto\": \"tcp\", \"src\": [\"alice@\"], \"dst\": [\"bob@:22\"]},\n  ],\n}\n";
+    h.admin(AdminRequest::PolicySet { policy: policy.into() }).unwrap();
+    let m = until(&mut b.stream, |m| {
+        base_filter(m).is_some_and(|f| f != tailcfg::FilterRule::allow_all())
+    })
+    .await;
+    let f = base_filter(&m).unwrap();
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].src_ips, a_addrs, "alice's node, both families");
+    assert_eq!(f[0].ip_proto, vec![6]);
+    assert!(f[0].dst_ports.iter().all(|d| d.ports.first == 22 && d.ports.last == 22));
+    assert!(
+        m.peers.as_ref().is_some_and(|p| p.iter().any(|n| n.id == a_id)),
+        "b still sees a"
+    );
+    // Alice's node is a destination of nothing: an empty filter, but bob stays its peer.
+    let m = until(&mut a.stream, |m| base_filter(m).is_some_and(|f| f.is_empty())).await;
+    assert!(m.peers.as_ref().is_some_and(|p| p.iter().any(|n| n.id == b_id)));
+    assert_eq!(
+        h.admin(AdminRequest::PolicyGet).unwrap()["policy"],
+        policy,
+        "kept verbatim"
+    );
+
+    // A policy with an error is refused with its line, and the old one stays in force.
+    let bad = "{\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"group:nope\"], \"dst\": [\"*:*\"]},\n  ],\n}";
+    let e = h.admin(AdminRequest::PolicySet { policy: bad.into() }).unwrap_err();
+    assert!(e.contains("line 3") && e.contains("group:nope"), "{e}");
+    assert_eq!(h.admin(AdminRequest::PolicyGet).unwrap()["policy"], policy);
+
+    // Nobody may reach anybody: the peers disappear from both maps without reconnecting.
+    h.admin(AdminRequest::PolicySet {
+        policy: "{\"acls\": []}".into(),
+    })
+    .unwrap();
+    until(&mut a.stream, |m| {
+        m.peers_removed.as_ref().is_some_and(|r| r.contains(&b_id))
+    })
+    .await;
+    until(&mut b.stream, |m| {
+        m.peers_removed.as_ref().is_some_and(|r| r.contains(&a_id))
+    })
+    .await;
+
+    // A node joining under this policy is not announced to the others.
+    let mut c = join(&h, &akey, "gamma").await;
+    let c_id = c.first.node.as_ref().unwrap().id;
+    assert!(c.first.peers.is_none(), "no visible peers");
+    assert_eq!(base_filter(&c.first), Some(vec![]));
+
+    // Cleared: allow all again, every node a peer.
+    h.admin(AdminRequest::PolicyClear).unwrap();
+    let m = until(&mut a.stream, |m| {
+        base_filter(m) == Some(tailcfg::FilterRule::allow_all())
+    })
+    .await;
+    let ids: Vec<u64> = m.peers.unwrap_or_default().iter().map(|n| n.id).collect();
+    assert!(ids.contains(&b_id) && ids.contains(&c_id), "{ids:?}");
+    until(&mut c.stream, |m| {
+        base_filter(m) == Some(tailcfg::FilterRule::allow_all())
+    })
+    .await;
+    assert_eq!(
+        h.admin(AdminRequest::PolicyGet).unwrap()["policy"],
+        serde_json::Value::Null
+    );
+}

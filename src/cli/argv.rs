@@ -248,6 +248,12 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
                 ],
             ),
         ]),
+        Verb::new("policy", &[]).subs(&[
+            Verb::new("get", &[]),
+            Verb::new("set", &[Flag::new("file", Value).short('f')]),
+            Verb::new("check", &[Flag::new("file", Value).short('f')]),
+            Verb::new("clear", &[]),
+        ]),
     ]),
     Verb::new("stun", &[Flag::new("listen", Value)]),
     Verb::new(

@@ -1,5 +1,5 @@
 //! Admin API of the running coordinator over a root-only unix socket: JSON lines, one request
-//! and one response per line. The `tinyscale server users|preauthkeys|nodes|routes` verbs (and the
+//! and one response per line. The `tinyscale server users|preauthkeys|nodes|routes|policy` verbs (and the
 //! `headscale` alias) are clients of it.
 //!
 //! Plays the role of headscale's gRPC/CLI pair (`cmd/headscale/cli/*.go`), with the same verbs so
@@ -75,6 +75,13 @@ pub enum AdminRequest {
         id: u64,
         routes: Vec<String>,
     },
+    PolicyGet,
+    /// Replace the ACL policy with this HuJSON text (refused whole if it has errors).
+    PolicySet {
+        policy: String,
+    },
+    /// Remove the ACL policy: allow all again.
+    PolicyClear,
 }
 
 fn time_or_null(t: Option<i64>) -> Value {
@@ -236,6 +243,19 @@ pub fn handle(coord: &Coordinator, req: AdminRequest) -> IpcResponse {
                 v
             }
             AdminRequest::RoutesList => routes_json(&st),
+            AdminRequest::PolicyGet => json!({"policy": st.policy().map(|(t, _)| t.clone())}),
+            AdminRequest::PolicySet { policy } => {
+                let ch = st.set_policy(Some(&policy), now)?;
+                drop(st);
+                coord.publish(ch);
+                json!({"policy": "set"})
+            }
+            AdminRequest::PolicyClear => {
+                let ch = st.set_policy(None, now)?;
+                drop(st);
+                coord.publish(ch);
+                json!({"policy": "cleared"})
+            }
         })
     })();
     IpcResponse::from_result(r.map_err(|e| e.to_string()))

@@ -4,11 +4,20 @@
 //! Mirrors the roles of headscale `hscontrol/mapper/{mapper,builder}.go` and
 //! `hscontrol/types/node.go` (`TailNode`). A delta touches only the nodes a change names, so one
 //! change costs O(sessions), not O(sessions × nodes). Pure: the clock comes in as `now`.
+//!
+//! With an ACL policy ([`super::policy`]) each viewer gets its own PacketFilter and only the
+//! peers it may reach or that may reach it; a node change then also carries the viewer's
+//! recompiled filter (a new node's addresses may appear in it), a peer that is not visible is
+//! sent as removed, and a change to the viewer itself resends its full map (its own visibility
+//! may have moved). Without a policy, everything is allowed and every node is a peer.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 
-use super::state::{Change, State};
+use super::{
+    policy::{Compiled, Member},
+    state::{Change, State},
+};
 use crate::tailcfg::{self, DnsConfig, FilterRule, MapResponse, Resolver, UserProfile};
 
 fn fqdn(state: &State, given: &str) -> String {
@@ -107,15 +116,67 @@ pub fn dns_config(state: &State) -> DnsConfig {
     dns
 }
 
+/// The policy resolved against the current nodes, for one message.
+pub struct PolicyView {
+    compiled: Compiled,
+    /// Sorted by id (the state's node order).
+    members: Vec<Member>,
+}
+
+impl PolicyView {
+    /// `None` when no policy is set (allow all, every node a peer).
+    pub fn new(state: &State) -> Option<PolicyView> {
+        let (_, pol) = state.policy()?;
+        let members: Vec<Member> = state.nodes().map(|n| state.member(n)).collect();
+        Some(PolicyView {
+            compiled: pol.compile(&members),
+            members,
+        })
+    }
+
+    fn member(&self, id: u64) -> Option<&Member> {
+        self.members
+            .binary_search_by_key(&id, |m| m.id)
+            .ok()
+            .and_then(|i| self.members.get(i))
+    }
+
+    /// Whether `viewer` gets `peer` in its netmap.
+    pub fn visible(&self, viewer: u64, peer: u64) -> bool {
+        match (self.member(viewer), self.member(peer)) {
+            (Some(a), Some(b)) => self.compiled.visible(a, b),
+            _ => false,
+        }
+    }
+
+    /// The FilterRules `viewer` enforces.
+    pub fn filter(&self, viewer: u64) -> Vec<FilterRule> {
+        self.member(viewer)
+            .map(|m| self.compiled.filter_for(m))
+            .unwrap_or_default()
+    }
+}
+
+/// The `PacketFilters` of a message for `viewer`: its whole filter as the one `base` chunk.
+fn packet_filters(view: Option<&PolicyView>, viewer: u64) -> BTreeMap<String, Option<Vec<FilterRule>>> {
+    let rules = view.map_or_else(FilterRule::allow_all, |v| v.filter(viewer));
+    BTreeMap::from([("base".to_string(), Some(rules))])
+}
+
 /// The first message of a session for `viewer`.
 pub fn full_map(state: &State, viewer: u64, now: i64) -> Option<MapResponse> {
     let primaries = state.primaries();
     let node = tail_node(state, viewer, primaries, now)?;
+    let view = PolicyView::new(state);
     let mut users = vec![node.user];
-    let peers: Vec<tailcfg::Node> = state
+    let (visible, hidden): (Vec<u64>, Vec<u64>) = state
         .nodes()
-        .filter(|n| n.id != viewer)
-        .filter_map(|n| tail_node(state, n.id, primaries, now))
+        .map(|n| n.id)
+        .filter(|id| *id != viewer)
+        .partition(|id| view.as_ref().is_none_or(|v| v.visible(viewer, *id)));
+    let peers: Vec<tailcfg::Node> = visible
+        .into_iter()
+        .filter_map(|id| tail_node(state, id, primaries, now))
         .collect();
     users.extend(peers.iter().map(|p| p.user));
     users.sort_unstable();
@@ -133,9 +194,12 @@ pub fn full_map(state: &State, viewer: u64, now: i64) -> Option<MapResponse> {
         derp_map: Some(state.settings.derp_map.clone()),
         // Go ignores an empty Peers list, so omit it instead.
         peers: (!peers.is_empty()).then_some(peers),
+        // A full map with no peers changes no peers in Go, so peers the policy now hides are
+        // removed explicitly (harmless for ones the viewer never had).
+        peers_removed: (!hidden.is_empty()).then_some(hidden),
         dns_config: Some(dns_config(state)),
         domain: Some(domain),
-        packet_filters: Some(BTreeMap::from([("base".to_string(), Some(FilterRule::allow_all()))])),
+        packet_filters: Some(packet_filters(view.as_ref(), viewer)),
         user_profiles: Some(users.into_iter().filter_map(|u| profile(state, u)).collect()),
         collect_services: Some(false),
         control_time: Some(tailcfg::format_time(now)),
@@ -160,6 +224,9 @@ pub fn delta(state: &State, viewer: u64, change: &Change, now: i64) -> Delta {
         control_time: Some(tailcfg::format_time(now)),
         ..Default::default()
     };
+    if state.policy().is_some() {
+        return policy_delta(state, viewer, change, base, now);
+    }
     match change {
         Change::Full => full_map(state, viewer, now).map_or(Delta::End, |m| Delta::Send(Box::new(m))),
         Change::Removed(id) if *id == viewer => Delta::End,
@@ -191,5 +258,57 @@ pub fn delta(state: &State, viewer: u64, change: &Change, now: i64) -> Delta {
             peers_changed_patch: Some(vec![p.clone()]),
             ..base
         })),
+    }
+}
+
+/// [`delta`] under an ACL policy (see the module doc).
+fn policy_delta(state: &State, viewer: u64, change: &Change, base: MapResponse, now: i64) -> Delta {
+    match change {
+        Change::Removed(id) if *id == viewer => Delta::End,
+        Change::Full => full_map(state, viewer, now).map_or(Delta::End, |m| Delta::Send(Box::new(m))),
+        Change::Node(id) if *id == viewer => {
+            full_map(state, viewer, now).map_or(Delta::End, |m| Delta::Send(Box::new(m)))
+        }
+        Change::Removed(id) => {
+            let view = PolicyView::new(state);
+            Delta::Send(Box::new(MapResponse {
+                peers_removed: Some(vec![*id]),
+                packet_filters: Some(packet_filters(view.as_ref(), viewer)),
+                ..base
+            }))
+        }
+        Change::Node(id) => {
+            let Some(n) = tail_node(state, *id, state.primaries(), now) else {
+                return Delta::None;
+            };
+            let view = PolicyView::new(state);
+            let filters = Some(packet_filters(view.as_ref(), viewer));
+            if view.as_ref().is_some_and(|v| v.visible(viewer, *id)) {
+                let profiles = profile(state, n.user).into_iter().collect();
+                Delta::Send(Box::new(MapResponse {
+                    peers_changed: Some(vec![n]),
+                    user_profiles: Some(profiles),
+                    packet_filters: filters,
+                    ..base
+                }))
+            } else {
+                // Removing a peer the viewer never had is harmless (Go deletes by id).
+                Delta::Send(Box::new(MapResponse {
+                    peers_removed: Some(vec![*id]),
+                    packet_filters: filters,
+                    ..base
+                }))
+            }
+        }
+        Change::Patch(p) if p.node_id == viewer => Delta::None,
+        Change::Patch(p) => {
+            if !PolicyView::new(state).is_some_and(|v| v.visible(viewer, p.node_id)) {
+                return Delta::None;
+            }
+            Delta::Send(Box::new(MapResponse {
+                peers_changed_patch: Some(vec![p.clone()]),
+                ..base
+            }))
+        }
     }
 }

@@ -66,3 +66,11 @@ CREATE TABLE kv (
   key   TEXT PRIMARY KEY NOT NULL,
   value TEXT NOT NULL
 ) WITHOUT ROWID;
+
+-- The ACL policy (HuJSON text as the admin set it), version 2. At most one row; none means
+-- allow all. Kept verbatim so `policy get` returns the admin's comments and layout.
+CREATE TABLE policy (
+  id         INTEGER PRIMARY KEY CHECK (id = 1),
+  data       TEXT    NOT NULL,
+  updated_at INTEGER NOT NULL
+);

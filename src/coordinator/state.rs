@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use super::{
     ipam::Ipam,
     model::{Node, PreAuthKey, User},
+    policy::{Member, Policy},
     store::{Store, StoreError},
 };
 use crate::{
@@ -118,6 +119,11 @@ pub struct State {
     pending: HashMap<String, Pending>,
     sessions: HashMap<u64, u32>,
     primaries: BTreeMap<String, u64>,
+    /// The ACL policy (its text as set, and parsed); `None` allows all.
+    policy: Option<(String, Policy)>,
+    /// The policy file (`policy_path`) the policy was loaded from; the admin socket cannot
+    /// change it then.
+    policy_file: Option<String>,
     store: Store,
 }
 
@@ -153,8 +159,22 @@ impl State {
             pending: HashMap::new(),
             sessions: HashMap::new(),
             primaries: BTreeMap::new(),
+            policy: None,
+            policy_file: None,
             store,
         };
+        if let Some(text) = st.store.get_policy()? {
+            let pol = Policy::parse(&text).unwrap_or_else(|e| {
+                // Fail closed: a stored policy this binary cannot read allows nothing until an
+                // admin sets one it can.
+                log::error!("stored ACL policy does not parse, denying all traffic until `server policy set`: {e}");
+                Policy {
+                    no_acls: false,
+                    ..Policy::default()
+                }
+            });
+            st.policy = Some((text, pol));
+        }
         st.primaries = st.compute_primaries();
         Ok(st)
     }
@@ -230,22 +250,28 @@ impl State {
         &self.primaries
     }
 
-    /// Primary router per subnet prefix: the lowest-id online node serving it, else the lowest id.
+    /// Primary router per subnet prefix (HA subnet routers): the current primary while it is
+    /// online and still serves the prefix; otherwise the lowest-id online node serving it, else
+    /// the lowest id. A primary that comes back does not take over again: the one that took
+    /// over stays (headscale `routes/primary.go`, no flapping).
     fn compute_primaries(&self) -> BTreeMap<String, u64> {
-        let mut out: BTreeMap<String, (bool, u64)> = BTreeMap::new();
+        let mut out: BTreeMap<String, (bool, bool, u64)> = BTreeMap::new();
         for n in self.nodes.values() {
             for r in Self::effective_routes(n).into_iter().filter(|r| !is_exit_route(r)) {
-                let cand = (self.is_online(n.id), n.id);
+                let online = self.is_online(n.id);
+                // Rank: staying primary (online) first, then online, then the lowest id.
+                let sticky = online && self.primaries.get(&r) == Some(&n.id);
+                let cand = (sticky, online, n.id);
                 out.entry(r)
                     .and_modify(|cur| {
-                        if (cand.0 && !cur.0) || (cand.0 == cur.0 && cand.1 < cur.1) {
+                        if (cand.0, cand.1, std::cmp::Reverse(cand.2)) > (cur.0, cur.1, std::cmp::Reverse(cur.2)) {
                             *cur = cand;
                         }
                     })
                     .or_insert(cand);
             }
         }
-        out.into_iter().map(|(k, (_, id))| (k, id)).collect()
+        out.into_iter().map(|(k, (_, _, id))| (k, id)).collect()
     }
 
     /// Recomputes the primaries and returns a full-node change for every node whose role moved.
@@ -270,6 +296,109 @@ impl State {
             .filter(|id| self.nodes.contains_key(id))
             .map(Change::Node)
             .collect()
+    }
+
+    // ---- policy ----
+
+    /// The ACL policy in force (text as set, parsed), or `None` (allow all).
+    pub fn policy(&self) -> Option<&(String, Policy)> {
+        self.policy.as_ref()
+    }
+
+    /// Replaces the ACL policy (`None` clears it: allow all). A policy that does not parse or
+    /// check is refused with every error and its line, and the old one stays. Auto-approvers of
+    /// the new policy apply to every node's announced routes at once.
+    pub fn set_policy(&mut self, text: Option<&str>, now: i64) -> Result<Vec<Change>, CoordError> {
+        if let Some(f) = &self.policy_file {
+            return Err(CoordError::Conflict(format!(
+                "the policy comes from the file {f} (option policy_path): edit it and restart the server, or remove the option to manage the policy here"
+            )));
+        }
+        let parsed = match text {
+            Some(t) => Some((
+                t.to_string(),
+                Policy::parse(t).map_err(|e| CoordError::Invalid(e.to_string()))?,
+            )),
+            None => None,
+        };
+        self.store.set_policy(text, now)?;
+        self.policy = parsed;
+        log::info!(
+            "acl policy {}",
+            if self.policy.is_some() {
+                "set"
+            } else {
+                "cleared (allow all)"
+            }
+        );
+        let before = self.primaries.clone();
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.auto_approve(id)?;
+        }
+        let mut ch = vec![Change::Full];
+        ch.extend(self.node_changes_for_primaries(&before));
+        Ok(ch)
+    }
+
+    /// Uses the policy in `text`, read from the file `path` (`policy_path`), instead of the
+    /// stored one, and refuses later changes through [`State::set_policy`].
+    pub fn use_policy_file(&mut self, path: &str, text: &str) -> Result<(), CoordError> {
+        let pol = Policy::parse(text).map_err(|e| CoordError::Invalid(format!("{path}:\n{e}")))?;
+        self.policy = Some((text.to_string(), pol));
+        self.policy_file = Some(path.to_string());
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.auto_approve(id)?;
+        }
+        self.primaries = self.compute_primaries();
+        Ok(())
+    }
+
+    /// The node as the policy sees it.
+    pub fn member(&self, n: &Node) -> Member {
+        let effective = Self::effective_routes(n);
+        Member {
+            id: n.id,
+            user: self.users.get(&n.user_id).map(|u| u.name.clone()).unwrap_or_default(),
+            tags: n.tags.clone(),
+            ips: n
+                .ipv4
+                .map(std::net::IpAddr::V4)
+                .into_iter()
+                .chain(n.ipv6.map(std::net::IpAddr::V6))
+                .collect(),
+            routes: effective
+                .iter()
+                .filter(|r| !is_exit_route(r))
+                .filter_map(|r| r.parse().ok())
+                .collect(),
+            exit: effective.iter().any(|r| is_exit_route(r)),
+        }
+    }
+
+    /// Adds the node's announced routes that the policy's autoApprovers cover to its approved
+    /// routes (never removes any); true if that changed them.
+    fn auto_approve(&mut self, id: u64) -> Result<bool, CoordError> {
+        let (Some((_, pol)), Some(n)) = (&self.policy, self.nodes.get(&id)) else {
+            return Ok(false);
+        };
+        let announced = Self::announced_routes(n);
+        let new: Vec<String> = pol
+            .auto_approved(&self.member(n), &announced)
+            .into_iter()
+            .filter(|r| !n.approved_routes.contains(r))
+            .collect();
+        if new.is_empty() {
+            return Ok(false);
+        }
+        log::info!("routes auto-approved by policy node={id} routes={}", new.join(","));
+        let n = self.node_mut(id)?;
+        n.approved_routes.extend(new);
+        n.approved_routes.sort();
+        let n = n.clone();
+        self.store.update_node(&n)?;
+        Ok(true)
     }
 
     // ---- users ----
@@ -468,6 +597,7 @@ impl State {
         let id = n.id;
         log::info!("node registered node={id} name={} user={user_id}", n.given_name);
         self.nodes.insert(id, n);
+        self.auto_approve(id)?;
         let mut ch = vec![Change::Node(id)];
         ch.extend(self.node_changes_for_primaries(&before));
         Ok((id, ch))
@@ -659,7 +789,11 @@ impl State {
         let n = n.clone();
         self.store.update_node(&n)?;
         log::info!("node re-authenticated node={id}");
-        Ok(vec![Change::Node(id)])
+        let before = self.primaries.clone();
+        self.auto_approve(id)?;
+        let mut ch = vec![Change::Node(id)];
+        ch.extend(self.node_changes_for_primaries(&before));
+        Ok(ch)
     }
 
     /// `nodes register --user U --key ID`: approves a pending interactive registration.
@@ -818,6 +952,7 @@ impl State {
             ..Default::default()
         };
         let mut full = false;
+        let mut routes_changed = false;
         if !req.disco_key.is_zero() && req.disco_key != n.disco_key {
             n.disco_key = req.disco_key;
             patch.disco_key = Some(req.disco_key);
@@ -839,7 +974,8 @@ impl State {
                     .map(|v| HostinfoView(&v).routable_ips())
                     .unwrap_or_default();
                 let host_changed = view.hostname() != n.hostname;
-                full |= old_routes != view.routable_ips() || host_changed;
+                routes_changed = old_routes != view.routable_ips();
+                full |= routes_changed || host_changed;
                 if host_changed {
                     n.hostname = view.hostname().to_string();
                 }
@@ -851,6 +987,9 @@ impl State {
         if changed {
             let n = n.clone();
             self.store.update_node(&n)?;
+            if routes_changed {
+                self.auto_approve(id)?;
+            }
             if full {
                 ch.push(Change::Node(id));
             } else {
@@ -1095,6 +1234,110 @@ mod tests {
             other.allowed_ips
         );
         assert!(st.set_approved_routes(ids[0], vec!["nonsense".into()], true).is_err());
+    }
+
+    #[test]
+    fn auto_approvers_apply_at_registration_reannounce_and_policy_set() {
+        let mut st = state();
+        let k = with_key(&mut st, false);
+        st.set_policy(
+            Some(r#"{"autoApprovers": {"routes": {"10.0.0.0/8": ["u@"]}, "exitNode": ["u@"]}}"#),
+            0,
+        )
+        .unwrap();
+        // Registration announcing a covered route and one outside: only the covered one.
+        let (m, n) = mk(20);
+        let mut r = req(&n, Some(&k), "r");
+        r.hostinfo = Some(serde_json::json!({"Hostname": "r", "RoutableIPs": ["10.1.0.0/16", "192.168.9.0/24"]}));
+        register(&mut st, m, &r, 0);
+        let id = st.nodes().last().unwrap().id;
+        assert_eq!(st.node(id).unwrap().approved_routes, vec!["10.1.0.0/16"]);
+        assert_eq!(st.primaries().get("10.1.0.0/16"), Some(&id));
+        // Re-announcing through a map request (exit routes now too) approves the new ones.
+        let mr = MapRequest {
+            version: 130,
+            node_key: n.public(),
+            hostinfo: Some(
+                serde_json::json!({"Hostname": "r", "RoutableIPs": ["10.1.0.0/16", "10.2.0.0/16", "192.168.9.0/24", "0.0.0.0/0", "::/0"]}),
+            ),
+            ..Default::default()
+        };
+        let (_, ch) = st.apply_map_request(m, &mr, 1).unwrap();
+        assert!(ch.contains(&Change::Node(id)));
+        assert_eq!(
+            st.node(id).unwrap().approved_routes,
+            vec!["0.0.0.0/0", "10.1.0.0/16", "10.2.0.0/16", "::/0"]
+        );
+        // A policy set later approves what the node already announces.
+        st.set_policy(Some(r#"{"autoApprovers": {"routes": {"192.168.0.0/16": ["u@"]}}}"#), 2)
+            .unwrap();
+        let after = &st.node(id).unwrap().approved_routes;
+        assert!(after.contains(&"192.168.9.0/24".to_string()), "{after:?}");
+        // Without a policy nothing is approved automatically.
+        st.set_policy(None, 3).unwrap();
+        let (m2, n2) = mk(21);
+        let mut r = req(&n2, Some(&k), "r2");
+        r.hostinfo = Some(serde_json::json!({"Hostname": "r2", "RoutableIPs": ["10.3.0.0/16"]}));
+        register(&mut st, m2, &r, 4);
+        assert!(st.nodes().last().unwrap().approved_routes.is_empty());
+        // From a file (policy_path): in force, and the admin socket cannot change it.
+        st.use_policy_file("/etc/p.hujson", r#"{"acls": []}"#).unwrap();
+        assert!(st.policy().is_some());
+        assert!(matches!(st.set_policy(None, 5), Err(CoordError::Conflict(e)) if e.contains("/etc/p.hujson")));
+        st.policy_file = None;
+        st.set_policy(None, 5).unwrap();
+        assert!(st
+            .use_policy_file("/etc/p.hujson", "{\n  \"acls\": 1}")
+            .unwrap_err()
+            .to_string()
+            .contains("line 2"));
+        // A bad policy is refused and changes nothing.
+        assert!(matches!(st.set_policy(Some("{\"acls\": [}"), 5), Err(CoordError::Invalid(e)) if e.contains("line 1")));
+        assert!(st.policy().is_none());
+    }
+
+    #[test]
+    fn ha_primary_fails_over_and_the_new_one_stays() {
+        let mut st = state();
+        let k = with_key(&mut st, false);
+        let mut ids = vec![];
+        for b in [30u8, 31, 32] {
+            let (m, n) = mk(b);
+            let mut r = req(&n, Some(&k), &format!("ha{b}"));
+            r.hostinfo = Some(serde_json::json!({"Hostname": format!("ha{b}"), "RoutableIPs": ["10.9.0.0/24"]}));
+            register(&mut st, m, &r, 0);
+            let id = st.nodes().last().unwrap().id;
+            st.set_approved_routes(id, vec!["10.9.0.0/24".into()], true).unwrap();
+            ids.push(id);
+        }
+        let primary = |st: &State| st.primaries()["10.9.0.0/24"];
+        assert_eq!(primary(&st), ids[0], "none online: the lowest id");
+        st.session_start(ids[2], 1);
+        st.session_start(ids[1], 1);
+        assert_eq!(primary(&st), ids[2], "the first online router took over and stays");
+        // The primary goes offline: the lowest-id online router takes over, and both hear it.
+        let ch = st.session_end(ids[2], 2);
+        assert_eq!(primary(&st), ids[1]);
+        assert!(
+            ch.contains(&Change::Node(ids[1])) && ch.contains(&Change::Node(ids[2])),
+            "{ch:?}"
+        );
+        // The old primary comes back: no flap, the new primary stays.
+        let ch = st.session_start(ids[2], 3);
+        assert_eq!(primary(&st), ids[1]);
+        assert!(!ch.iter().any(|c| matches!(c, Change::Node(_))), "{ch:?}");
+        // A lower id coming online does not take over either.
+        st.session_start(ids[0], 4);
+        assert_eq!(primary(&st), ids[1]);
+        // The primary stops serving the route (approval revoked): the lowest-id online one.
+        st.set_approved_routes(ids[1], vec![], true).unwrap();
+        assert_eq!(primary(&st), ids[0]);
+        let p = st.primaries().clone();
+        assert_eq!(
+            mapper::tail_node(&st, ids[0], &p, 5).unwrap().primary_routes,
+            vec!["10.9.0.0/24"]
+        );
+        assert!(mapper::tail_node(&st, ids[2], &p, 5).unwrap().primary_routes.is_empty());
     }
 
     #[test]

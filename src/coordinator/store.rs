@@ -1,5 +1,5 @@
 //! SQLite store for the coordinator (rusqlite, bundled): users, pre-auth keys, nodes and a
-//! small key/value table for server secrets.
+//! small key/value table for server secrets, and the ACL policy text.
 //!
 //! Mirrors headscale `hscontrol/db/{db,users,preauth_keys,node}.go` and, for migrations,
 //! innernet `server/src/db/mod.rs` (`auto_migrate` on `PRAGMA user_version`).
@@ -44,7 +44,15 @@ const SCHEMA_SQL: &str = include_str!("schema.sql");
 /// Step 0 (to version 1) is the whole schema; only append to this list.
 // NOTE(store): foreign_keys cannot be switched off inside the migration transaction; a step
 // that rebuilds a referenced table must keep references valid or use `PRAGMA defer_foreign_keys`.
-const MIGRATIONS: &[&str] = &[SCHEMA_SQL];
+const MIGRATIONS: &[&str] = &[
+    SCHEMA_SQL,
+    // 1 -> 2: the ACL policy. The statement text must equal schema.sql's (sqlite_master keeps it).
+    "CREATE TABLE policy (
+  id         INTEGER PRIMARY KEY CHECK (id = 1),
+  data       TEXT    NOT NULL,
+  updated_at INTEGER NOT NULL
+);",
+];
 
 /// The `PRAGMA user_version` this binary writes and the newest it can open.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -376,6 +384,30 @@ impl Store {
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             [key, value],
         )?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// The ACL policy text, if one is set.
+    pub fn get_policy(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT data FROM policy WHERE id = 1", [], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Replaces the ACL policy text; `None` removes it (allow all).
+    pub fn set_policy(&self, data: Option<&str>, now: i64) -> Result<(), StoreError> {
+        let conn = self.conn();
+        match data {
+            Some(d) => conn.execute(
+                "INSERT INTO policy (id, data, updated_at) VALUES (1, ?1, ?2) \
+                 ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
+                params![d, now],
+            )?,
+            None => conn.execute("DELETE FROM policy", [])?,
+        };
         Ok(())
     }
 }
@@ -1096,5 +1128,28 @@ mod tests {
         );
         // AUTOINCREMENT state survived the dump.
         assert_eq!(s.insert_node(&node(1, 7)).unwrap(), 3);
+        // Version 2 added the policy table, empty (allow all) after the upgrade.
+        assert_eq!(s.get_policy().unwrap(), None);
+    }
+
+    #[test]
+    fn policy_text_survives_reopen_and_clears() {
+        let dir = TempDir::new("policy");
+        let path = dir.0.join("db.sqlite");
+        let text = "// ops only\n{\"acls\": []}\n";
+        {
+            let s = Store::open(&path).unwrap();
+            assert_eq!(s.get_policy().unwrap(), None);
+            s.set_policy(Some("{}"), 1).unwrap();
+            s.set_policy(Some(text), 2).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(
+            s.get_policy().unwrap().as_deref(),
+            Some(text),
+            "verbatim, comments included"
+        );
+        s.set_policy(None, 3).unwrap();
+        assert_eq!(s.get_policy().unwrap(), None);
     }
 }
