@@ -38,7 +38,7 @@
 #   5e `up --advertise-lan=ts-sub` on R: the coordinator lists what ts-sub carries; an address
 #      added there (IPv4, ULA; not link-local) is listed within ROUTE_DEADLINE, removed: gone
 #   6  `down` on R and P; then up again and the daemons stopped: no `table inet tinyscale`, no
-#      ip rules at 5211/5271 (ours) or 5210/5270 (Go's), tables 53 and 52 empty, ip_forward back
+#      ip rules at 5211/5251/5271 (ours) or 5210/5250/5270 (Go's), tables 53 and 52 empty, ip_forward back
 #      to 0 on R (set to 0 at the start so the daemon has to turn it on) and unchanged on P
 #   7  crash: R and P routing again, both `kill -9`ed, the leftovers are there; restarted on
 #      their state and `down`: clean; crashed again and restarted while the coordinator is
@@ -614,7 +614,7 @@ step6() {
 	eventually 10 r_clean || ok=1
 	eventually 10 p_clean || ok=1
 	ev+="after down: $(clean_ev a)"$'\n'"after down: $(clean_ev b)"$'\n'
-	report $ok "6a down on R and P: no nft table, no ip rules 5211/5271 (or 5210/5270), tables 53/52 empty, ip_forward 0 on R" "$ev"
+	report $ok "6a down on R and P: no nft table, no ip rules 5211/5251/5271 (or Go's), tables 53/52 empty, ip_forward 0 on R" "$ev"
 
 	# Up again, then the daemons stopped without `down`: stopping must undo as much.
 	ok=0 ev=""

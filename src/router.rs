@@ -23,7 +23,9 @@
 //! * **Accepted routes** (`--accept-routes`): peers' subnet routes go into routing table
 //!   [`ROUTE_TABLE`] (53), consulted by an `ip rule` at priority [`RULE_PRIORITY_TABLE`] (5271),
 //!   before the main table. The daemon's own sockets carry [`BYPASS_MARK`] (0x80000, `SO_MARK`)
-//!   and a rule at [`RULE_PRIORITY_BYPASS`] (5211) sends marked packets to the main table first:
+//!   and a rule at [`RULE_PRIORITY_BYPASS`] (5211) sends marked packets to the main table first
+//!   (and one at [`RULE_PRIORITY_UNREACHABLE`] (5251) stops those the main table has no route
+//!   for, Go's rule 5250, rather than letting them fall into table 53):
 //!   without it a peer's route covering the control server, a DERP relay or a peer's UDP
 //!   endpoint would pull the tunnel's own packets into the tunnel (a routing loop). Unlike Go,
 //!   a prefix directly connected on this router is never shadowed: a connected prefix inside an
@@ -73,6 +75,12 @@ pub const ROUTE_TABLE: u32 = 53;
 pub const RULE_PRIORITY_TABLE: u32 = 5271;
 /// `ip rule` priority of the bypass: marked packets look up the main table first.
 pub const RULE_PRIORITY_BYPASS: u32 = 5211;
+/// `ip rule` priority of `unreachable` for marked packets the main table did not route (no
+/// uplink): they fail at once instead of looping into the tunnel through table 53's default
+/// route (Go's base rule 50, `RTN_UNREACHABLE`).
+pub const RULE_PRIORITY_UNREACHABLE: u32 = 5251;
+/// The three rules of a family, in the order they are added (removed in reverse).
+const RULES: [u32; 3] = [RULE_PRIORITY_BYPASS, RULE_PRIORITY_UNREACHABLE, RULE_PRIORITY_TABLE];
 /// `SO_MARK` of the daemon's own sockets (Go `TailscaleBypassMark`).
 pub const BYPASS_MARK: u32 = 0x80000;
 /// The bits of the packet mark we own (Go `TailscaleFwmarkMask`).
@@ -450,13 +458,13 @@ impl Op {
             Op::ThrowDel { route } => route_argv("del", route, None, true),
             Op::RuleAdd { v6, priority } => {
                 let mut a = v(&["ip", fam(*v6), "rule", "add", "priority", &priority.to_string()]);
-                if *priority == RULE_PRIORITY_BYPASS {
-                    a.extend(v(&[
-                        "fwmark",
-                        &format!("{BYPASS_MARK:#x}/{MARK_MASK:#x}"),
-                        "table",
-                        "main",
-                    ]));
+                if *priority == RULE_PRIORITY_BYPASS || *priority == RULE_PRIORITY_UNREACHABLE {
+                    a.extend(v(&["fwmark", &format!("{BYPASS_MARK:#x}/{MARK_MASK:#x}")]));
+                    if *priority == RULE_PRIORITY_BYPASS {
+                        a.extend(v(&["table", "main"]));
+                    } else {
+                        a.extend(v(&["type", "unreachable"]));
+                    }
                 } else {
                     a.extend(v(&["table", &ROUTE_TABLE.to_string()]));
                 }
@@ -573,14 +581,9 @@ pub fn plan(cur: &Applied, want: &Applied) -> Vec<Op> {
     for v6 in [false, true] {
         let i = usize::from(v6);
         if old.rules[i] && !(same_dev && want.rules[i]) {
-            ops.push(Op::RuleDel {
-                v6,
-                priority: RULE_PRIORITY_TABLE,
-            });
-            ops.push(Op::RuleDel {
-                v6,
-                priority: RULE_PRIORITY_BYPASS,
-            });
+            for priority in RULES.into_iter().rev() {
+                ops.push(Op::RuleDel { v6, priority });
+            }
         }
     }
     // Routes before the throws that carve holes in them: no moment where a route (the exit
@@ -638,14 +641,9 @@ pub fn plan(cur: &Applied, want: &Applied) -> Vec<Op> {
     for v6 in [false, true] {
         let i = usize::from(v6);
         if want.rules[i] && !base.rules[i] {
-            ops.push(Op::RuleAdd {
-                v6,
-                priority: RULE_PRIORITY_BYPASS,
-            });
-            ops.push(Op::RuleAdd {
-                v6,
-                priority: RULE_PRIORITY_TABLE,
-            });
+            for priority in RULES {
+                ops.push(Op::RuleAdd { v6, priority });
+            }
         }
     }
     if want.snat && !base.snat {
@@ -857,7 +855,7 @@ impl<R: CommandRunner> Router<R> {
             log::info!("router: removed nftables table inet {NFT_TABLE} left by an earlier run");
         }
         for v6 in [false, true] {
-            for prio in [RULE_PRIORITY_BYPASS, RULE_PRIORITY_TABLE] {
+            for prio in RULES {
                 // One rule per run at most; a few more in case of repeated crashes.
                 for _ in 0..4 {
                     if self.runner.run(&Op::RuleDel { v6, priority: prio }.argv()).is_err() {
@@ -1232,8 +1230,10 @@ mod tests {
                 "ip -4 route replace 192.168.0.0/16 dev tinyscale0 table 53",
                 "ip -6 route replace fd00:5::/64 dev tinyscale0 table 53",
                 "ip -4 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -4 rule add priority 5251 fwmark 0x80000/0xff0000 type unreachable",
                 "ip -4 rule add priority 5271 table 53",
                 "ip -6 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -6 rule add priority 5251 fwmark 0x80000/0xff0000 type unreachable",
                 "ip -6 rule add priority 5271 table 53",
             ]
         );
@@ -1245,8 +1245,10 @@ mod tests {
             calls(&r),
             [
                 "ip -4 rule del priority 5271",
+                "ip -4 rule del priority 5251",
                 "ip -4 rule del priority 5211",
                 "ip -6 rule del priority 5271",
+                "ip -6 rule del priority 5251",
                 "ip -6 rule del priority 5211",
                 "ip -4 route del 10.1.0.0/16 dev tinyscale0 table 53",
                 "ip -4 route del 192.168.0.0/16 dev tinyscale0 table 53",
@@ -1296,8 +1298,10 @@ mod tests {
                 "ip -6 route replace ::/0 dev tinyscale0 table 53",
                 "ip -6 route replace fd00:1::/64 dev tinyscale0 table 53",
                 "ip -4 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -4 rule add priority 5251 fwmark 0x80000/0xff0000 type unreachable",
                 "ip -4 rule add priority 5271 table 53",
                 "ip -6 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -6 rule add priority 5251 fwmark 0x80000/0xff0000 type unreachable",
                 "ip -6 rule add priority 5271 table 53",
             ]
         );
@@ -1309,8 +1313,10 @@ mod tests {
             calls(&r),
             [
                 "ip -4 rule del priority 5271",
+                "ip -4 rule del priority 5251",
                 "ip -4 rule del priority 5211",
                 "ip -6 rule del priority 5271",
+                "ip -6 rule del priority 5251",
                 "ip -6 rule del priority 5211",
                 "ip -4 route del 0.0.0.0/0 dev tinyscale0 table 53",
                 "ip -4 route del 192.168.1.0/24 dev tinyscale0 table 53",
@@ -1335,8 +1341,10 @@ mod tests {
                 "ip -4 route replace 0.0.0.0/0 dev tinyscale0 table 53",
                 "ip -6 route replace ::/0 dev tinyscale0 table 53",
                 "ip -4 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -4 rule add priority 5251 fwmark 0x80000/0xff0000 type unreachable",
                 "ip -4 rule add priority 5271 table 53",
                 "ip -6 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -6 rule add priority 5251 fwmark 0x80000/0xff0000 type unreachable",
                 "ip -6 rule add priority 5271 table 53",
             ]
         );
@@ -1428,6 +1436,7 @@ mod tests {
         // Deleting stops at the first failure per priority, and is bounded otherwise.
         assert_eq!(c.iter().filter(|l| l.ends_with("rule del priority 5271")).count(), 2);
         assert_eq!(c.iter().filter(|l| l.ends_with("rule del priority 5211")).count(), 8);
+        assert_eq!(c.iter().filter(|l| l.ends_with("rule del priority 5251")).count(), 8);
     }
 
     #[test]

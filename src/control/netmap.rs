@@ -173,8 +173,6 @@ pub enum ExitNodeError {
     Ambiguous(String),
     /// The peer is there but control approved no default routes for it.
     NotOffered { arg: String, ip: String },
-    /// A name given before the first netmap: only an IP can be checked later.
-    NoNetmap(String),
 }
 
 impl std::fmt::Display for ExitNodeError {
@@ -196,10 +194,6 @@ impl std::fmt::Display for ExitNodeError {
                 f,
                 "node {arg} ({ip}) is not offering an exit node: it must run `up --advertise-exit-node` \
                  and the coordinator approve 0.0.0.0/0 and ::/0 (see `tinyscale exit-node list`)"
-            ),
-            ExitNodeError::NoNetmap(a) => write!(
-                f,
-                "cannot resolve exit node {a:?} by name before the node is connected; use its tailnet IP"
             ),
         }
     }
@@ -236,17 +230,16 @@ impl Netmap {
     }
 
     /// Resolves an `--exit-node` value to the peer's first tailnet IP, the form kept in the
-    /// prefs ("" stays ""). Before the first netmap an IP is taken as given (checked once the
-    /// netmap arrives, as Go does), a name is refused.
+    /// prefs ("" stays ""). Before the first netmap the value is kept as given (the daemon
+    /// applies its uci section at start, before control answers): the data plane matches it
+    /// by IP or name once peers arrive, and the next `up` resolves it. Go's CLI refuses a name
+    /// there; a router booting with `option exit_node 'name'` must not lose all its prefs.
     pub fn resolve_exit_node(&self, arg: &str) -> Result<String, ExitNodeError> {
         if arg.is_empty() {
             return Ok(String::new());
         }
         let Some(me) = &self.self_node else {
-            return match arg.parse::<std::net::IpAddr>() {
-                Ok(_) => Ok(arg.to_string()),
-                Err(_) => Err(ExitNodeError::NoNetmap(arg.to_string())),
-            };
+            return Ok(arg.to_string());
         };
         if node_matches(me, arg) {
             return Err(ExitNodeError::IsSelf(arg.to_string()));
@@ -363,13 +356,10 @@ mod tests {
             nm.resolve_exit_node("laptop"),
             Err(ExitNodeError::NotOffered { .. })
         ));
-        // Before the first netmap: an IP waits for it, a name cannot.
+        // Before the first netmap: kept as given, matched once peers arrive.
         let empty = Netmap::default();
         assert_eq!(empty.resolve_exit_node("100.64.0.2"), Ok("100.64.0.2".to_string()));
-        assert_eq!(
-            empty.resolve_exit_node("router"),
-            Err(ExitNodeError::NoNetmap("router".into()))
-        );
+        assert_eq!(empty.resolve_exit_node("router"), Ok("router".to_string()));
     }
 
     #[test]
