@@ -755,12 +755,13 @@ daemon_up() {
 
 # router_state H: what tinyscale's OS setup holds in ts-H, one line each (empty when none): our
 # nftables table, the policy-routing rules of both families at our priorities (5211 fwmark
-# bypass, 5271 lookup 53) and Go tailscaled's (5210, 5270), and the routes in tables 53 and 52.
+# bypass, 5251 unreachable for marked packets, 5271 lookup 53) and Go tailscaled's (5210, 5250,
+# 5270), and the routes in tables 53 and 52.
 router_state() {
 	local ns=ts-$1 t
 	nsx "$ns" nft list tables 2>/dev/null | grep -x 'table inet tinyscale'
-	nsx "$ns" ip -4 rule show 2>/dev/null | grep -E '^(5210|5211|5270|5271):' | sed 's/^/ip rule /'
-	nsx "$ns" ip -6 rule show 2>/dev/null | grep -E '^(5210|5211|5270|5271):' | sed 's/^/ip -6 rule /'
+	nsx "$ns" ip -4 rule show 2>/dev/null | grep -E '^(5210|5211|5250|5251|5270|5271):' | sed 's/^/ip rule /'
+	nsx "$ns" ip -6 rule show 2>/dev/null | grep -E '^(5210|5211|5250|5251|5270|5271):' | sed 's/^/ip -6 rule /'
 	for t in 53 52; do
 		nsx "$ns" ip -4 route show table "$t" 2>/dev/null | sed "s/^/table $t: /"
 		nsx "$ns" ip -6 route show table "$t" 2>/dev/null | sed "s/^/table $t (v6): /"

@@ -29,8 +29,16 @@
 #      back on: it sees 192.168.50.1 again
 #   4  approval revoked (`approve-routes -r ""`): P loses the LAN host, R stops forwarding
 #   5  approved again, then `up --accept-routes=false` on P: no tunnel route, no reach
+#   5c P chooses R with `up --exit-node=a` (errors first: R not offering, unknown name, P
+#      itself): the internet host is reached through R, table 53 holds both default routes,
+#      P's LAN goes into the tunnel until --exit-node-allow-lan-access; the daemon's TCP to the
+#      coordinator and the relay (ss) stays the same, a peer ping answers, control sees P online
+#   5d `down` with the exit node on leaves nothing; up brings it back; `up --exit-node=`
+#      clears it: internet host unreachable, no default route in table 53
+#   5e `up --advertise-lan=ts-sub` on R: the coordinator lists what ts-sub carries; an address
+#      added there (IPv4, ULA; not link-local) is listed within ROUTE_DEADLINE, removed: gone
 #   6  `down` on R and P; then up again and the daemons stopped: no `table inet tinyscale`, no
-#      ip rules at 5211/5271 (ours) or 5210/5270 (Go's), tables 53 and 52 empty, ip_forward back
+#      ip rules at 5211/5251/5271 (ours) or 5210/5250/5270 (Go's), tables 53 and 52 empty, ip_forward back
 #      to 0 on R (set to 0 at the start so the daemon has to turn it on) and unchanged on P
 #   7  crash: R and P routing again, both `kill -9`ed, the leftovers are there; restarted on
 #      their state and `down`: clean; crashed again and restarted while the coordinator is
@@ -373,23 +381,26 @@ p_lists_exit_node() {
 	local o
 	o=$(timeout 15 ip netns exec ts-b "$BIN" exit-node list --socket "$(daemon_sock b)" 2>&1) && grep -E '^100\.64\.0\.1 +a ' <<<"$o"
 }
+# p_up FLAGS...: `up` on P with FLAGS; prints the CLI's output, fails as it does.
+p_up() { CLI_TIMEOUT=40 ts_cli b up "$@" 2>&1; }
 r_not_local_drops() { ts_cli a status --json | jq -r '.Counters.FilterDropNotLocal // 0'; }
 
 # Exit node, the serving side: R offers itself (--advertise-exit-node), the coordinator approves
-# 0.0.0.0/0 and ::/0, and P's traffic for the internet host (sent into the tunnel by a host
-# route, as --exit-node would) leaves through R's uplink, masqueraded. R's own LAN stays out
-# of reach through the exit node until its subnet route is approved too ("guest wifi").
+# 0.0.0.0/0 and ::/0, and P's traffic for the internet host (P uses R with --exit-node) leaves
+# through R's uplink, masqueraded. R's own LAN stays out of reach through the exit node until
+# its subnet route is approved too ("guest wifi").
 step_exit() {
 	log "step 5b: exit node"
 	local ok=0 ev out before after
 	internet_up || ok=1
 	inet_get ts-b >/dev/null && ok=1 # P's home router drops it: only a tunnel gets P there
 	ev="$INTERNET from R's home: $(inet_get ts-a 2>&1 || echo failed); from P's home: $(inet_get ts-b 2>&1 || echo blocked)"$'\n'
+	# A hand-made route into the tunnel is not enough: no peer carries the default routes.
 	nsx ts-b ip route replace "$INTERNET/32" dev tinyscale0
-	nsx ts-b ip route replace "$LAN_HOST/32" dev tinyscale0
 	out=$(approve "" 2>&1) || ok=1
 	inet_get_fails || ok=1
 	ev+="before R is an exit node, P -> $INTERNET via tinyscale0: $(inet_get ts-b 2>&1 || echo failed)"$'\n'
+	nsx ts-b ip route del "$INTERNET/32" dev tinyscale0
 	out=$(CLI_TIMEOUT=40 ts_cli a up --advertise-exit-node 2>&1) || ok=1
 	ev+="R: up --advertise-exit-node: ${out:-ok}"$'\n'
 	out=$(approve "0.0.0.0/0,::/0" 2>&1) || ok=1
@@ -397,6 +408,8 @@ step_exit() {
 	out=$(eventually_out "$ROUTE_DEADLINE" p_lists_exit_node)
 	p_lists_exit_node >/dev/null || ok=1
 	ev+="P: tinyscale exit-node list: $(tr '\n' ' ' <<<"$out")"$'\n'
+	out=$(p_up --exit-node=a) || ok=1
+	ev+="P: up --exit-node=a: ${out:-ok}"$'\n'
 	out=$(eventually_out "$ROUTE_DEADLINE" inet_get_is "${NAT_WAN[a]}")
 	[[ $out != *failed* ]] && inet_get_is "${NAT_WAN[a]}" || ok=1
 	ev+="P -> $INTERNET through R: the server saw $(inet_get ts-b 2>&1 || echo nothing) (want R's uplink ${NAT_WAN[a]})"$'\n'
@@ -411,8 +424,7 @@ step_exit() {
 	lan_get_is "$LAN_GW" || ok=1
 	ev+="LAN approved as a subnet route too: P -> $LAN_HOST: $(lan_get ts-b 2>&1 || echo failed)"$'\n'
 	# Back to the state the next steps expect.
-	nsx ts-b ip route del "$INTERNET/32" dev tinyscale0
-	nsx ts-b ip route del "$LAN_HOST/32" dev tinyscale0
+	out=$(p_up --exit-node=) || ok=1
 	out=$(CLI_TIMEOUT=40 ts_cli a up --advertise-exit-node=false 2>&1) || ok=1
 	out=$(approve "$SUBNET" 2>&1) || ok=1
 	report $ok "5b exit node: R serves the internet to P once 0.0.0.0/0 and ::/0 are approved (masqueraded), its LAN only when approved" "$ev"
@@ -527,6 +539,155 @@ step_acl() {
 	for port in 22 80 8000; do stop "acl-$port"; done
 }
 
+# P's own LAN for the exit-node client step: its home router's LAN address.
+P_LAN_GW=${LAN_NET[b]}.1
+p_lan_ping() { nsx ts-b ping -n -c 1 -W 1 "$P_LAN_GW" >/dev/null 2>&1; }
+p_lan_lost() { ! p_lan_ping; }
+# p_t53 [FAMILY]: P's table 53 on one line ("empty" when none).
+p_t53() {
+	local o
+	o=$(nsx ts-b ip "${1:--4}" route show table 53 2>&1 | paste -sd';')
+	echo "${o:-empty}"
+}
+p_t53_default() { [[ $(p_t53) == *"default dev tinyscale0"* && $(p_t53 -6) == *"default dev tinyscale0"* ]]; }
+p_t53_no_default() { [[ $(p_t53) != *default* && $(p_t53 -6) != *default* ]]; }
+# p_daemon_tcp: P's established TCP connections to the coordinator and the relay (the daemon's
+# control session and DERP), as local -> peer, sorted.
+p_daemon_tcp() {
+	nsx ts-b ss -Htn state established "( dport = :$COORD_PORT or dport = :$DERP_PORT )" |
+		awk '{print $3 "->" $4}' | sort | paste -sd' '
+}
+r_offers_exit() { [[ $(peer_json b a | jq -r '.ExitNodeOption') == true ]]; }
+r_offers_no_exit() { [[ $(peer_json b a | jq -r '.ExitNodeOption') == false ]]; }
+
+# Exit node, the client side: P chooses R with --exit-node and the daemon routes P's internet
+# traffic into the tunnel (default routes in table 53; no hand-made route as in 5b) while its
+# own control, DERP and WireGuard sockets keep the physical uplink (fwmark bypass). P's own
+# LAN follows Go on Linux: through the exit node (unreachable) unless
+# --exit-node-allow-lan-access. `down` and clearing the exit node undo it.
+step_exit_client() {
+	log "step 5c: using R as exit node"
+	local ok=0 ev="" out tcp0 tcp1 arg
+	# Errors first, while R offers nothing.
+	out=$(CLI_TIMEOUT=40 ts_cli a up --advertise-exit-node=false 2>&1) || ok=1
+	out=$(approve "$SUBNET" 2>&1) || ok=1
+	eventually "$ROUTE_DEADLINE" r_offers_no_exit || ok=1
+	for arg in a nobody "$P_IP" ""; do
+		out=$(p_up --exit-node="$arg" --exit-node-allow-lan-access)
+		(($? != 0)) || ok=1
+		ev+="P: up --exit-node=$arg --exit-node-allow-lan-access -> $(tr '\n' ' ' <<<"$out")"$'\n'
+	done
+	[[ $(ts_status b | jq -r .Prefs.exit_node) == "" ]] || ok=1
+	out=$(CLI_TIMEOUT=40 ts_cli a up --advertise-exit-node 2>&1) || ok=1
+	out=$(approve "$SUBNET,0.0.0.0/0,::/0" 2>&1) || ok=1
+	eventually "$ROUTE_DEADLINE" r_offers_exit || ok=1
+	ev+="R offers an exit node again (approved 0.0.0.0/0, ::/0): P's view $(peer_json b a | jq -c '{ExitNodeOption, ExitNode}')"$'\n'
+	inet_get_fails || ok=1
+	p_t53_no_default || ok=1
+	p_lan_ping || ok=1
+	tcp0=$(p_daemon_tcp)
+	[[ -n $tcp0 ]] || ok=1
+	ev+="before: P -> $INTERNET: $(inet_get ts-b 2>&1 || echo blocked); P's table 53: $(p_t53); P pings its LAN $P_LAN_GW: $(p_lan_ping && echo yes || echo no)"$'\n'
+	ev+="before: P's daemon TCP (control :$COORD_PORT, DERP :$DERP_PORT): $tcp0"$'\n'
+	out=$(p_up --exit-node=a) || ok=1
+	ev+="P: up --exit-node=a: ${out:-ok}; prefs exit_node=$(ts_status b | jq -r .Prefs.exit_node)"$'\n'
+	out=$(eventually_out "$ROUTE_DEADLINE" inet_get_is "${NAT_WAN[a]}")
+	inet_get_is "${NAT_WAN[a]}" || ok=1
+	ev+="P -> $INTERNET through R: the server saw $(inet_get ts-b 2>&1 || echo nothing) (want R's uplink ${NAT_WAN[a]})"$'\n'
+	p_t53_default || ok=1
+	ev+="P's table 53: $(p_t53) | v6: $(p_t53 -6)"$'\n'
+	ev+="P: ip route get $INTERNET: $(nsx ts-b ip route get "$INTERNET" | head -n1); with the daemon's mark: $(nsx ts-b ip route get "$INTERNET" mark 0x80000 | head -n1)"$'\n'
+	p_lan_lost || ok=1
+	ev+="without LAN access P's LAN $P_LAN_GW goes into the tunnel: ping $(p_lan_ping && echo answered || echo lost); $(nsx ts-b ip route get "$P_LAN_GW" | head -n1)"$'\n'
+	out=$(p_up --exit-node-allow-lan-access) || ok=1
+	eventually "$ROUTE_DEADLINE" p_lan_ping || ok=1
+	inet_get_is "${NAT_WAN[a]}" || ok=1
+	ev+="up --exit-node-allow-lan-access: ping $P_LAN_GW $(p_lan_ping && echo answered || echo lost); internet still via R: $(inet_get ts-b 2>&1 || echo failed); table 53: $(p_t53)"$'\n'
+	# The daemon's own connections never went through the tunnel: the same TCP connections, a
+	# peer ping, control sees P online.
+	out=$(tnping b a)
+	[[ $out == *pong* ]] || ok=1
+	ev+="P: tinyscale ping a: $(tail -n1 <<<"$out")"$'\n'
+	tcp1=$(p_daemon_tcp)
+	[[ $tcp1 == "$tcp0" ]] || ok=1
+	ev+="P's daemon TCP now: $tcp1 ($([[ $tcp1 == "$tcp0" ]] && echo unchanged || echo CHANGED))"$'\n'
+	is_running b || ok=1
+	node_online b || ok=1
+	ev+="P: $(backend_state b); coordinator: $(node_json b | jq -c '{online, last_seen}'); P's status: $(ts_status b | jq -c '.ExitNodeStatus')"$'\n'
+	out=$(ts_cli b status 2>&1 | grep -E '^100\.64\.0\.1 ')
+	[[ $out == *"exit node"* ]] || ok=1
+	ev+="P: status: $(tr -s ' ' <<<"$out")"$'\n'
+	out=$(timeout 15 ip netns exec ts-b "$BIN" exit-node list --socket "$(daemon_sock b)" 2>&1 | grep -E '^100\.64\.0\.1 ')
+	[[ $out == *selected* ]] || ok=1
+	ev+="P: exit-node list: $(tr -s ' ' <<<"$out")"
+	report $ok "5c P uses R as exit node: $INTERNET via R's uplink, no hand-made route; LAN only with --exit-node-allow-lan-access; control/DERP TCP unchanged" "$ev"
+
+	ok=0 ev=""
+	out=$(ts_cli b down 2>&1) || ok=1
+	eventually 10 router_clean b || ok=1
+	ev+="P: down with the exit node on: $(clean_ev b)"$'\n'
+	out=$(p_up) || ok=1
+	out=$(eventually_out "$ROUTE_DEADLINE" inet_get_is "${NAT_WAN[a]}")
+	inet_get_is "${NAT_WAN[a]}" || ok=1
+	ev+="P: up again (prefs kept): -> $INTERNET: $(inet_get ts-b 2>&1 || echo failed); table 53: $(p_t53)"$'\n'
+	tcp0=$(p_daemon_tcp)
+	out=$(p_up --exit-node=) || ok=1
+	eventually "$ROUTE_DEADLINE" inet_get_fails || ok=1
+	p_t53_no_default || ok=1
+	p_lan_ping || ok=1
+	ev+="P: up --exit-node=: -> $INTERNET: $(inet_get ts-b 2>&1 || echo blocked); table 53: $(p_t53) | v6: $(p_t53 -6); LAN ping $(p_lan_ping && echo answered || echo lost)"$'\n'
+	tcp1=$(p_daemon_tcp)
+	[[ $tcp1 == "$tcp0" ]] || ok=1
+	ev+="P's daemon TCP across clearing: $tcp0 -> $tcp1"$'\n'
+	[[ $(peer_json b a | jq -r .ExitNode) == false ]] || ok=1
+	ev+="P's view of R: $(peer_json b a | jq -c '{ExitNode, ExitNodeOption}'); ExitNodeStatus $(ts_status b | jq -c .ExitNodeStatus)"
+	# Back to the state the next steps expect.
+	out=$(CLI_TIMEOUT=40 ts_cli a up --advertise-exit-node=false 2>&1) || ok=1
+	out=$(approve "$SUBNET" 2>&1) || ok=1
+	report $ok "5d exit node off: down removes its routes, up brings them back; --exit-node= clears them (internet unreachable, no default in table 53)" "$ev"
+}
+
+# advertised P: the coordinator lists prefix P as advertised by R.
+advertised() { [[ $(coord_admin routes list -o json | jq -r --arg p "$1" '[.[] | select(.prefix == $p and .advertised)] | length') == 1 ]]; }
+not_advertised() { ! advertised "$1"; }
+r_announced() { node_json a | jq -c '.announced_routes'; }
+r_daemon_tcp() { nsx ts-a ss -Htn state established "( dport = :$COORD_PORT )" | awk '{print $3 "->" $4}' | sort | paste -sd' '; }
+
+# --advertise-lan: R advertises what is configured on its LAN interface, and follows changes
+# (rtnetlink address events) without a new `up` and without a new control session.
+step_advertise_lan() {
+	log "step 5e: --advertise-lan"
+	local ok=0 ev="" out t0 tcp0 v4=192.168.60.0/24 v6=fd00:60::/64
+	out=$(CLI_TIMEOUT=40 ts_cli a up --advertise-lan=ts-sub --advertise-routes= 2>&1) || ok=1
+	ev+="R: up --advertise-lan=ts-sub --advertise-routes=: ${out:-ok}"$'\n'
+	eventually "$ROUTE_DEADLINE" advertised "$SUBNET" || ok=1
+	not_advertised "$v4" || ok=1
+	ev+="the coordinator lists $SUBNET (ts-sub's 192.168.50.1/24) from the interface: $(r_announced)"$'\n'
+	tcp0=$(r_daemon_tcp)
+	ip -n ts-a addr add 192.168.60.1/24 dev ts-sub
+	ip -n ts-a addr add fd00:60::1/64 dev ts-sub nodad
+	ip -n ts-a addr add fe80::60/64 dev ts-sub nodad 2>/dev/null
+	t0=$(now_ms)
+	eventually "$ROUTE_DEADLINE" advertised "$v4" || ok=1
+	eventually "$ROUTE_DEADLINE" advertised "$v6" || ok=1
+	ev+="added 192.168.60.1/24, fd00:60::1/64 (and fe80::60/64) on ts-sub: listed after $(($(now_ms) - t0)) ms: $(r_announced)"$'\n'
+	[[ $(r_announced) != *fe80* ]] || ok=1
+	ip -n ts-a addr del 192.168.60.1/24 dev ts-sub
+	ip -n ts-a addr del fd00:60::1/64 dev ts-sub
+	ip -n ts-a addr del fe80::60/64 dev ts-sub 2>/dev/null
+	t0=$(now_ms)
+	eventually "$ROUTE_DEADLINE" not_advertised "$v4" || ok=1
+	eventually "$ROUTE_DEADLINE" not_advertised "$v6" || ok=1
+	advertised "$SUBNET" || ok=1
+	ev+="removed: gone after $(($(now_ms) - t0)) ms: $(r_announced)"$'\n'
+	[[ $(r_daemon_tcp) == "$tcp0" ]] || ok=1
+	ev+="R's control TCP throughout: $tcp0 -> $(r_daemon_tcp) (re-announced in the session)"$'\n'
+	ev+="R's log: $(grep -o 'advertise_lan: prefixes .*' "$WORK/daemon-a.log" | tail -n 3 | paste -sd';')"
+	# Back to the state the next steps expect.
+	out=$(CLI_TIMEOUT=40 ts_cli a up --advertise-lan= --advertise-routes="$SUBNET" 2>&1) || ok=1
+	report $ok "5e --advertise-lan=ts-sub on R: an address added on ts-sub is advertised within ${ROUTE_DEADLINE}s, gone once removed" "$ev"
+}
+
 # forwarding_is H V4 V6: ts-H's IPv4 and IPv6 forwarding sysctls have these values.
 forwarding_is() {
 	[[ $(sysctl_get "ts-$1" net.ipv4.ip_forward) == "$2" && $(sysctl_get "ts-$1" net.ipv6.conf.all.forwarding) == "$3" ]]
@@ -567,7 +728,7 @@ step6() {
 	eventually 10 r_clean || ok=1
 	eventually 10 p_clean || ok=1
 	ev+="after down: $(clean_ev a)"$'\n'"after down: $(clean_ev b)"$'\n'
-	report $ok "6a down on R and P: no nft table, no ip rules 5211/5271 (or 5210/5270), tables 53/52 empty, ip_forward 0 on R" "$ev"
+	report $ok "6a down on R and P: no nft table, no ip rules 5211/5251/5271 (or Go's), tables 53/52 empty, ip_forward 0 on R" "$ev"
 
 	# Up again, then the daemons stopped without `down`: stopping must undo as much.
 	ok=0 ev=""
@@ -689,6 +850,8 @@ if h_tailnet; then
 	step4
 	step5
 	step_exit
+	step_exit_client
+	step_advertise_lan
 	step_acl
 	step6
 	step7

@@ -105,6 +105,10 @@ pub struct Up {
     /// subnet routes to offer the tailnet, comma-separated CIDRs (e.g. 192.168.1.0/24)
     #[argh(option)]
     pub advertise_routes: Option<String>,
+    /// also offer the subnets configured on this interface (e.g. br-lan), re-announced as its
+    /// addresses change (--advertise-lan= stops)
+    #[argh(option, arg_name = "iface")]
+    pub advertise_lan: Option<String>,
     /// accept subnet routes other nodes advertise (default false)
     #[argh(option, arg_name = "bool")]
     pub accept_routes: Option<bool>,
@@ -115,10 +119,12 @@ pub struct Up {
     /// offer this node as an exit node: advertises 0.0.0.0/0 and ::/0 (default false)
     #[argh(option, arg_name = "bool")]
     pub advertise_exit_node: Option<bool>,
-    /// tailnet IP or name of the exit node to use ("" to stop using one)
+    /// send internet traffic through this exit node: its tailnet IP or name, from `tinyscale
+    /// exit-node list` (--exit-node= stops using one)
     #[argh(option)]
     pub exit_node: Option<String>,
-    /// keep direct access to the local LAN while using an exit node (default false)
+    /// with --exit-node: reach this host's LANs directly, not through the exit node (default
+    /// false)
     #[argh(option, arg_name = "bool")]
     pub exit_node_allow_lan_access: Option<bool>,
     /// ACL tags to request, comma-separated (tag:router,…)
@@ -984,14 +990,22 @@ pub fn render_status(v: &Value) -> String {
             ("", relay) => format!("; relay \"{relay}\""),
             (direct, _) => format!("; direct {direct}"),
         };
+        // Go's status words for exit nodes.
+        let exit = if n["ExitNode"] == true {
+            "; exit node"
+        } else if n["ExitNodeOption"] == true {
+            "; offers exit node"
+        } else {
+            ""
+        };
         let online = if me {
             "-".to_string()
         } else if n["Online"].as_bool().unwrap_or(false) {
-            format!("online{path}")
+            format!("online{exit}{path}")
         } else {
             match n["LastSeen"].as_str() {
-                Some(t) => format!("offline, last seen {t}"),
-                None => "offline".to_string(),
+                Some(t) => format!("offline{exit}, last seen {t}"),
+                None => format!("offline{exit}"),
             }
         };
         vec![
@@ -1017,9 +1031,8 @@ pub fn render_status(v: &Value) -> String {
 
 /// [pure] `exit-node list`: the peers whose AllowedIPs hold both default routes (control
 /// approved them as exit nodes), in tailscale's columns; no location data (`-`). STATUS says
-/// `offline` or, for the one in use, `selected`.
+/// `offline` or, for the one in use (`ExitNode`), `selected`.
 pub fn render_exit_nodes(v: &Value) -> String {
-    let selected = v["Prefs"]["exit_node"].as_str().unwrap_or("");
     let s = |x: &Value| x.as_str().unwrap_or("").to_string();
     let mut rows = Vec::new();
     for p in v["Peer"].as_array().into_iter().flatten() {
@@ -1034,7 +1047,7 @@ pub fn render_exit_nodes(v: &Value) -> String {
         }
         let ip = p["TailscaleIPs"][0].as_str().unwrap_or("").to_string();
         let name = s(&p["HostName"]);
-        let status = if !selected.is_empty() && (selected == ip || selected == name) {
+        let status = if p["ExitNode"] == true {
             "selected"
         } else if p["Online"].as_bool() == Some(false) {
             "offline"
@@ -1070,11 +1083,9 @@ pub fn load_client_config(path: &std::path::Path) -> Result<crate::uci::client::
     Ok(load.config)
 }
 
-/// The prefs a `config client` section asks for: reads `auth_key_file` and, with
-/// `advertise_lan`, the prefixes on `lan_device` (`ip -o addr show dev D`; a missing device
-/// advertises nothing and logs a warning).
+/// The prefs a `config client` section asks for: reads `auth_key_file`. `advertise_lan`
+/// names `lan_device` to the daemon, which reads and follows its prefixes.
 pub fn client_up_args(c: &crate::uci::client::ClientConfig) -> Result<UpArgs, Failure> {
-    use crate::router::CommandRunner;
     let file_key = match &c.auth_key_file {
         Some(p) => Some(
             std::fs::read_to_string(p)
@@ -1084,18 +1095,7 @@ pub fn client_up_args(c: &crate::uci::client::ClientConfig) -> Result<UpArgs, Fa
         ),
         None => None,
     };
-    let mut lan = Vec::new();
-    if c.advertise_lan {
-        let argv: Vec<String> = ["ip", "-o", "addr", "show", "dev", &c.lan_device]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        match crate::router::SystemRunner.run(&argv) {
-            Ok(out) => lan = crate::uci::client::lan_prefixes(&out),
-            Err(e) => log::warn!("advertise_lan: cannot read {} addresses err={e}", c.lan_device),
-        }
-    }
-    Ok(c.up_args(file_key, &lan))
+    Ok(c.up_args(file_key))
 }
 
 /// `base` with every setting `flags` states replacing it (command-line flags beside
@@ -1109,6 +1109,7 @@ fn overlay(mut base: UpArgs, flags: UpArgs) -> UpArgs {
         auth_key,
         hostname,
         advertise_routes,
+        advertise_lan,
         accept_routes,
         accept_dns,
         advertise_exit_node,
@@ -1142,6 +1143,7 @@ async fn up(u: Up) -> Result<(), Failure> {
         auth_key,
         hostname: u.hostname,
         advertise_routes: u.advertise_routes.as_deref().map(split_list),
+        advertise_lan: u.advertise_lan,
         accept_routes: u.accept_routes,
         accept_dns: u.accept_dns,
         advertise_exit_node: u.advertise_exit_node,
@@ -1153,6 +1155,12 @@ async fn up(u: Up) -> Result<(), Failure> {
         force_reauth: u.force_reauth,
         reset: u.reset,
     };
+    if flags.exit_node.as_deref() == Some("") && flags.exit_node_allow_lan_access == Some(true) {
+        // Go's up: LAN access is a property of using an exit node.
+        return Err(Failure::usage(
+            "--exit-node-allow-lan-access can only be used with --exit-node",
+        ));
+    }
     let args = match &u.config {
         Some(path) => overlay(client_up_args(&load_client_config(path)?)?, flags),
         None => flags,
@@ -1457,7 +1465,7 @@ mod tests {
         )
         .expect("valid")
         .config;
-        let base = cfg.up_args(None, &[]);
+        let base = cfg.up_args(None);
         let flags = UpArgs {
             accept_routes: Some(false),
             hostname: Some("edge".into()),
@@ -1499,8 +1507,14 @@ mod tests {
             3,
             "a peer with only one default route is no exit node: {out}"
         );
-        v["Prefs"]["exit_node"] = "router".into();
+        v["Peer"][0]["ExitNode"] = true.into();
         assert!(render_exit_nodes(&v).lines().nth(1).unwrap().ends_with("selected"));
+        assert!(!render_exit_nodes(&v).lines().nth(2).unwrap().ends_with("selected"));
+        // `status` says the same in the peer's column, as Go words it.
+        v["Peer"][1]["ExitNodeOption"] = true.into();
+        let st = render_status(&v);
+        assert!(st.contains("online; exit node"), "{st}");
+        assert!(st.contains("offline; offers exit node"), "{st}");
         v["Peer"] = serde_json::json!([]);
         assert!(render_exit_nodes(&v).starts_with("no exit nodes found"));
     }

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::{
     control::{
         client::{self, ControlUrl},
-        netmap::Netmap,
+        netmap::{node_matches, offers_exit_node, Netmap},
     },
     engine::{Engine, EngineConfig, EngineHandle, LocalEndpoints, RoutePrefs},
     ipc::{IpcRequest, IpcResponse, UpArgs},
@@ -42,6 +42,8 @@ pub struct Prefs {
     pub login_server: String,
     pub hostname: String,
     pub advertise_routes: Vec<String>,
+    /// Interface whose prefixes are advertised too, followed as they change ("" none).
+    pub advertise_lan: String,
     pub accept_routes: bool,
     pub accept_dns: bool,
     pub advertise_exit_node: bool,
@@ -60,6 +62,7 @@ impl Default for Prefs {
             login_server: String::new(),
             hostname: String::new(),
             advertise_routes: Vec::new(),
+            advertise_lan: String::new(),
             accept_routes: false,
             accept_dns: true,
             advertise_exit_node: false,
@@ -120,6 +123,8 @@ pub struct Daemon {
     route_prefs_tx: watch::Sender<RoutePrefs>,
     /// Our endpoints and home DERP, from the data plane, for control.
     endpoints_tx: watch::Sender<LocalEndpoints>,
+    /// The prefixes on the `advertise_lan` interface, from [`Daemon::lan_loop`].
+    lan_routes_tx: watch::Sender<Vec<String>>,
     engine: Mutex<Option<RunningEngine>>,
     /// The node key for which the data plane failed to start (no retry storm on every map message).
     engine_failed_for: Mutex<Option<NodePublic>>,
@@ -208,6 +213,7 @@ impl Daemon {
             netmap_tx: watch::channel(None).0,
             route_prefs_tx: watch::channel(RoutePrefs::default()).0,
             endpoints_tx: watch::channel(LocalEndpoints::default()).0,
+            lan_routes_tx: watch::channel(Vec::new()).0,
             engine: Mutex::new(None),
             engine_failed_for: Mutex::new(None),
         });
@@ -227,10 +233,12 @@ impl Daemon {
             prefs: s.prefs.clone(),
         };
         let rp = RoutePrefs {
-            advertise_routes: s.prefs.advertise_routes.clone(),
+            advertise_routes: self.advertised(&s.prefs),
             accept_routes: s.prefs.accept_routes,
             snat_subnet_routes: s.prefs.snat_subnet_routes,
             advertise_exit_node: s.prefs.advertise_exit_node,
+            exit_node: s.prefs.exit_node.clone(),
+            exit_node_allow_lan_access: s.prefs.exit_node_allow_lan_access,
             state_dir: Some(s.dir.clone()),
         };
         self.route_prefs_tx.send_if_modified(|cur| {
@@ -243,6 +251,19 @@ impl Daemon {
         write_private_file(&path, &data).map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 
+    /// `--advertise-routes` plus the prefixes found on the `--advertise-lan` interface.
+    fn advertised(&self, prefs: &Prefs) -> Vec<String> {
+        let mut routes = prefs.advertise_routes.clone();
+        if !prefs.advertise_lan.is_empty() {
+            for r in self.lan_routes_tx.borrow().iter() {
+                if !routes.contains(r) {
+                    routes.push(r.clone());
+                }
+            }
+        }
+        routes
+    }
+
     fn bump(&self) {
         self.generation.send_modify(|g| *g += 1);
     }
@@ -253,7 +274,7 @@ impl Daemon {
         } else {
             prefs.hostname.clone()
         };
-        let mut routes = prefs.advertise_routes.clone();
+        let mut routes = self.advertised(prefs);
         if prefs.advertise_exit_node {
             for r in ["0.0.0.0/0", "::/0"] {
                 if !routes.iter().any(|x| x == r) {
@@ -321,6 +342,14 @@ impl Daemon {
                 ));
             }
         }
+        if let Some(i) = a.advertise_lan.as_deref().filter(|i| !i.is_empty()) {
+            // Linux IFNAMSIZ: 15 bytes and a NUL; no '/' or whitespace.
+            if i.len() > 15 || i.contains(['/', ' ', '\t', '\n']) {
+                return Err(format!(
+                    "invalid --advertise-lan {i:?}: expected an interface name such as br-lan"
+                ));
+            }
+        }
         for t in a.advertise_tags.iter().flatten() {
             if !t.starts_with("tag:") || t.len() < 5 {
                 return Err(format!("invalid --advertise-tags entry {t:?}: tags look like tag:name"));
@@ -352,6 +381,7 @@ impl Daemon {
             set!(
                 hostname,
                 advertise_routes,
+                advertise_lan,
                 accept_routes,
                 accept_dns,
                 advertise_exit_node,
@@ -362,9 +392,27 @@ impl Daemon {
                 snat_subnet_routes
             );
             p.want_running = true;
+            p.exit_node = s.netmap.resolve_exit_node(&p.exit_node).map_err(|e| e.to_string())?;
+            if !p.exit_node.is_empty() && p.advertise_exit_node {
+                // Go checkExitNodePrefsLocked.
+                return Err("cannot advertise an exit node and use an exit node at the same time".into());
+            }
             // An `up` that changes nothing on a running node (the init script's reload, run on
             // every lan/wan interface event) must not restart the control session.
             if !a.force_reauth && s.state == BackendState::Running && p == s.prefs {
+                return Ok(json!({"state": "Running"}));
+            }
+            // The exit node is the data plane's business alone: control hears nothing of it, so
+            // the session (and its TCP connection) stays.
+            let local_only = Prefs {
+                exit_node: s.prefs.exit_node.clone(),
+                exit_node_allow_lan_access: s.prefs.exit_node_allow_lan_access,
+                ..p.clone()
+            } == s.prefs;
+            if !a.force_reauth && s.state == BackendState::Running && local_only {
+                s.prefs = p;
+                drop(s);
+                self.save()?;
                 return Ok(json!({"state": "Running"}));
             }
             // Shields take effect at once, without waiting for the new session's netmap.
@@ -462,6 +510,7 @@ impl Daemon {
                     "LastSeen": p.last_seen, "Endpoints": p.endpoints, "HomeDERP": p.home_derp,
                     "AllowedIPs": p.allowed_ips, "PrimaryRoutes": p.primary_routes,
                     "CurAddr": "", "Relay": "",
+                    "ExitNode": node_matches(p, &s.prefs.exit_node), "ExitNodeOption": offers_exit_node(p),
                 });
                 if let Some(e) = engine.as_ref().and_then(|e| e.peers.get(&p.key)) {
                     for k in ["CurAddr", "Relay", "RxBytes", "TxBytes", "LastHandshakeSecs"] {
@@ -471,8 +520,13 @@ impl Daemon {
                 v
             })
             .collect();
+        // Go ipnstate.ExitNodeStatus: the chosen exit node, when it is in the netmap.
+        let exit_status = nm
+            .find_peer(&s.prefs.exit_node)
+            .map(|p| json!({"ID": p.stable_id, "Online": p.online.unwrap_or(false), "TailscaleIPs": p.addresses}));
         json!({
             "BackendState": s.state,
+            "ExitNodeStatus": exit_status,
             "AuthURL": s.auth_url,
             "Error": s.last_error,
             "LoginServer": s.prefs.login_server,
@@ -639,6 +693,93 @@ impl Daemon {
         }
     }
 
+    /// Follows the `--advertise-lan` interface: reads its prefixes when the pref is set and
+    /// again whenever the kernel reports an address change on it (rtnetlink), and publishes
+    /// them for control (a lite map request) and the data plane (forwarding). Without netlink
+    /// (no permission, or an old kernel) the prefixes are read once per prefs change.
+    pub async fn lan_loop(self: Arc<Self>) {
+        let mut gen = self.generation.subscribe();
+        let mut watcher = None;
+        loop {
+            gen.borrow_and_update();
+            let iface = self.lock().prefs.advertise_lan.clone();
+            if iface.is_empty() {
+                watcher = None;
+                self.set_lan_routes(Vec::new());
+            } else {
+                if watcher.is_none() {
+                    watcher = crate::netmon::AddrWatcher::new()
+                        .map_err(|e| log::warn!("advertise_lan: cannot watch address changes err={e}"))
+                        .ok();
+                }
+                self.refresh_lan(&iface);
+            }
+            loop {
+                let ev = async {
+                    match watcher.as_mut() {
+                        Some(w) => w.next().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = gen.changed() => {
+                        if r.is_err() { return; }
+                        break;
+                    }
+                    r = ev => match r {
+                        Ok(evs) => {
+                            // The index is looked up each time: the device may come and go.
+                            let idx = crate::netmon::if_index(&iface);
+                            if evs.iter().any(|e| Some(e.ifindex) == idx) {
+                                self.refresh_lan(&iface);
+                            }
+                        }
+                        // ENOBUFS: events were lost; read the state afresh.
+                        Err(e) => {
+                            log::debug!("advertise_lan: netlink err={e}");
+                            self.refresh_lan(&iface);
+                        }
+                    },
+                }
+            }
+        }
+    }
+
+    /// Reads the prefixes on `iface` (`ip -o addr show dev IFACE`) and publishes them.
+    fn refresh_lan(&self, iface: &str) {
+        use crate::router::CommandRunner;
+        let argv: Vec<String> = ["ip", "-o", "addr", "show", "dev", iface]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let routes = match crate::router::SystemRunner.run(&argv) {
+            Ok(out) => crate::uci::client::lan_prefixes(&out)
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            Err(e) => {
+                log::warn!("advertise_lan: cannot read {iface} addresses err={e}");
+                Vec::new()
+            }
+        };
+        self.set_lan_routes(routes);
+    }
+
+    fn set_lan_routes(&self, routes: Vec<String>) {
+        let changed = self.lan_routes_tx.send_if_modified(|cur| {
+            let changed = *cur != routes;
+            *cur = routes.clone();
+            changed
+        });
+        if changed {
+            log::info!("advertise_lan: prefixes {routes:?}");
+            // The data plane's forwarding follows the advertised routes.
+            if let Err(e) = self.save() {
+                log::warn!("advertise_lan: err={e}");
+            }
+        }
+    }
+
     async fn session(self: &Arc<Self>) -> Result<(), client::Error> {
         let (url, machine, mut node, prefs, auth_key, force) = {
             let s = self.lock();
@@ -714,8 +855,11 @@ impl Daemon {
             log::error!("persisting keys failed err={e}");
         }
         let mut ep_rx = self.endpoints_tx.subscribe();
+        let mut lan_rx = self.lan_routes_tx.subscribe();
+        lan_rx.borrow_and_update();
         let map_req = |ep: &LocalEndpoints, stream: bool| {
-            let mut hi = hostinfo.clone();
+            // Built per request: the LAN prefixes in RoutableIPs change under a session.
+            let mut hi = self.hostinfo(&prefs);
             if !ep.net_info.is_null() {
                 hi["NetInfo"] = ep.net_info.clone();
             }
@@ -771,6 +915,13 @@ impl Daemon {
                     let req = map_req(&ep_rx.borrow_and_update(), false);
                     conn.map_lite(&req).await?;
                 }
+                r = lan_rx.changed() => {
+                    if r.is_err() { continue; }
+                    lan_rx.borrow_and_update();
+                    // New RoutableIPs, as Go sends a changed Hostinfo: no new session.
+                    let req = map_req(&ep_rx.borrow(), false);
+                    conn.map_lite(&req).await?;
+                }
             }
         }
         Err(client::Error::Protocol("control server ended the map stream".into()))
@@ -819,6 +970,7 @@ pub async fn run(
         socket.display()
     );
     tokio::spawn(d.clone().control_loop());
+    tokio::spawn(d.clone().lan_loop());
     if let Some(path) = ubus {
         tokio::spawn(crate::ubus_object::run(d.clone(), path));
     }
@@ -904,5 +1056,101 @@ mod tests {
         })
         .expect("reauth up");
         assert_eq!(generation(&d), 4);
+    }
+
+    #[test]
+    fn lan_prefixes_join_the_advertised_routes_while_advertise_lan_is_set() {
+        let dir = TempDir::new("lan");
+        let d = Daemon::load(&dir.0, None).expect("state dir loads");
+        let up = |lan: &str| UpArgs {
+            login_server: Some("http://127.0.0.1:9".into()),
+            advertise_routes: Some(vec!["10.9.0.0/16".into()]),
+            advertise_lan: Some(lan.into()),
+            ..UpArgs::default()
+        };
+        let e = d.up(up("br/lan")).expect_err("bad name");
+        assert!(e.contains("interface name"), "{e}");
+        d.up(up("br-lan")).expect("up");
+        d.set_lan_routes(vec!["192.168.1.0/24".into(), "10.9.0.0/16".into()]);
+        let prefs = d.lock().prefs.clone();
+        assert_eq!(
+            d.hostinfo(&prefs)["RoutableIPs"],
+            json!(["10.9.0.0/16", "192.168.1.0/24"])
+        );
+        assert_eq!(
+            d.route_prefs_tx.borrow().advertise_routes,
+            ["10.9.0.0/16", "192.168.1.0/24"],
+            "the data plane forwards for them once approved"
+        );
+        // Off: the interface's prefixes are no longer offered, even before the watcher clears them.
+        d.up(up("")).expect("off");
+        let prefs = d.lock().prefs.clone();
+        assert_eq!(d.hostinfo(&prefs)["RoutableIPs"], json!(["10.9.0.0/16"]));
+        assert_eq!(d.route_prefs_tx.borrow().advertise_routes, ["10.9.0.0/16"]);
+    }
+
+    #[test]
+    fn exit_node_is_checked_resolved_and_keeps_the_session() {
+        let dir = TempDir::new("exit");
+        let d = Daemon::load(&dir.0, None).expect("state dir loads");
+        let node = |id: u64, name: &str, exit: bool| {
+            let addresses = vec![format!("100.64.0.{id}/32")];
+            let mut allowed_ips = addresses.clone();
+            if exit {
+                allowed_ips.extend(["0.0.0.0/0".to_string(), "::/0".to_string()]);
+            }
+            tailcfg::Node {
+                id,
+                name: format!("{name}.ts.example."),
+                addresses,
+                allowed_ips,
+                ..Default::default()
+            }
+        };
+        d.lock().netmap.apply(tailcfg::MapResponse {
+            node: Some(node(1, "me", false)),
+            peers: Some(vec![node(2, "router", true), node(3, "laptop", false)]),
+            ..Default::default()
+        });
+        let up = |exit: &str| UpArgs {
+            login_server: Some("http://127.0.0.1:9".into()),
+            exit_node: Some(exit.into()),
+            ..UpArgs::default()
+        };
+        for (arg, want) in [
+            ("nobody", "no peer has that tailnet IP or name"),
+            ("laptop", "is not offering an exit node"),
+            ("me", "it is this node"),
+        ] {
+            let e = d.up(up(arg)).expect_err(arg);
+            assert!(e.contains(want), "{arg}: {e}");
+        }
+        d.up(up("router")).expect("exit node by name");
+        assert_eq!(d.lock().prefs.exit_node, "100.64.0.2", "kept as the peer's IP");
+        assert_eq!(
+            d.route_prefs_tx.borrow().exit_node,
+            "100.64.0.2",
+            "published to the data plane"
+        );
+        let e = d
+            .up(UpArgs {
+                advertise_exit_node: Some(true),
+                ..up("router")
+            })
+            .expect_err("both");
+        assert!(e.contains("at the same time"), "{e}");
+        // Running: changing or clearing the exit node keeps the control session.
+        d.lock().state = BackendState::Running;
+        let g = generation(&d);
+        d.up(UpArgs {
+            exit_node_allow_lan_access: Some(true),
+            ..up("100.64.0.2")
+        })
+        .expect("lan access");
+        assert!(d.route_prefs_tx.borrow().exit_node_allow_lan_access);
+        d.up(up("")).expect("cleared");
+        assert_eq!(d.route_prefs_tx.borrow().exit_node, "");
+        assert_eq!(generation(&d), g);
+        assert_eq!(d.lock().state, BackendState::Running);
     }
 }

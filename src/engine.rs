@@ -42,7 +42,7 @@ use tokio::{
 };
 
 use crate::{
-    control::netmap::Netmap,
+    control::netmap::{node_matches, Netmap},
     derp::{
         self,
         client::{self as derp_client, DerpEvent},
@@ -58,7 +58,7 @@ use crate::{
         socket::{self, Sockets},
     },
     netcheck::{self, ProbePlan, ReportState},
-    router::{Prefix, Router, RouterConfig, SubnetRouter, SystemRunner, TAILNET_V4, TAILNET_V6},
+    router::{ExitRoutes, Prefix, Router, RouterConfig, SubnetRouter, SystemRunner, TAILNET_V4, TAILNET_V6},
     stun,
     tailcfg::{DerpMap, DerpNode, DerpRegion, FilterRule},
     tun::{gro::Coalescer, Tun},
@@ -113,6 +113,10 @@ pub struct RoutePrefs {
     pub snat_subnet_routes: bool,
     /// Offer this node as an exit node (`--advertise-exit-node`).
     pub advertise_exit_node: bool,
+    /// The exit node in use (`--exit-node`, its tailnet IP as the daemon resolved it), or "".
+    pub exit_node: String,
+    /// Keep the LAN out of the exit node's tunnel (`--exit-node-allow-lan-access`).
+    pub exit_node_allow_lan_access: bool,
     /// Where the router keeps what it must restore after a crash (the state dir).
     pub state_dir: Option<std::path::PathBuf>,
 }
@@ -159,6 +163,22 @@ pub fn peer_subnet_routes(node: &crate::tailcfg::Node) -> Vec<Prefix> {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect()
+}
+
+/// [pure] The WireGuard config of one peer: its AllowedIPs, without its subnet routes unless
+/// `accept_routes` (Go's netmap.AllowSubnetRoutes: neither routed to it nor accepted as sources
+/// from it), and without the default routes unless it is the chosen `exit_node` (Go wgcfg/nmcfg
+/// keeps exit routes for the selected exit node only).
+pub fn peer_config(node: &crate::tailcfg::Node, accept_routes: bool, exit_node: &str) -> PeerConfig {
+    let mut cfg = PeerConfig::from_node(node);
+    if !node_matches(node, exit_node) {
+        cfg.allowed_ips.retain(|ip| !ip.is_empty());
+    }
+    if !accept_routes {
+        let subnets: Vec<String> = peer_subnet_routes(node).iter().map(|s| s.to_string()).collect();
+        cfg.allowed_ips.retain(|ip| !subnets.contains(&ip.to_string()));
+    }
+    cfg
 }
 
 /// What control should publish about us (lite map request contents).
@@ -702,10 +722,11 @@ impl Engine {
                     if r.is_err() { break; }
                     let p = prefs.borrow_and_update().clone();
                     if p != self.route_prefs {
-                        let accept_changed = p.accept_routes != self.route_prefs.accept_routes;
+                        let accept_changed = p.accept_routes != self.route_prefs.accept_routes
+                            || p.exit_node != self.route_prefs.exit_node;
                         self.route_prefs = p;
                         match netmap.borrow().clone() {
-                            // WireGuard's AllowedIPs depend on --accept-routes too.
+                            // WireGuard's AllowedIPs depend on --accept-routes and --exit-node too.
                             Some(nm) if accept_changed => self.apply_netmap(&nm),
                             _ => self.apply_router(),
                         }
@@ -737,6 +758,11 @@ impl Engine {
         let mut cfg = RouterConfig::new(self.tun.name(), self.addresses.clone());
         cfg.accepted_routes = self.accepted.iter().map(|p| (p.addr, p.len)).collect();
         cfg.subnet_router = self.route_prefs.subnet_router(&self.approved, self.exit_approved);
+        // While one is chosen, even before it is in the netmap or while it is offline: the
+        // traffic waits in the tunnel rather than leaking around it (Go routerConfig).
+        cfg.exit_node = (!self.route_prefs.exit_node.is_empty()).then_some(ExitRoutes {
+            allow_lan: self.route_prefs.exit_node_allow_lan_access,
+        });
         if self.router_cfg.as_ref() == Some(&cfg) {
             return;
         }
@@ -783,19 +809,13 @@ impl Engine {
             .filter(|p| !p.key.is_zero() && p.key != self.me)
             .collect();
         let accept = self.route_prefs.accept_routes;
+        let exit_node = &self.route_prefs.exit_node;
         let mut accepted = std::collections::BTreeSet::new();
         self.wg.set_peers(peers.iter().map(|p| {
-            let mut cfg = PeerConfig::from_node(p);
-            let subnets = peer_subnet_routes(p);
             if accept {
-                accepted.extend(subnets.iter().copied());
-            } else {
-                // Without --accept-routes a peer's subnets are neither routed to it nor
-                // accepted as sources from it (Go's netmap.AllowSubnetRoutes off).
-                let subnets: Vec<String> = subnets.iter().map(|s| s.to_string()).collect();
-                cfg.allowed_ips.retain(|ip| !subnets.contains(&ip.to_string()));
+                accepted.extend(peer_subnet_routes(p));
             }
-            cfg
+            peer_config(p, accept, exit_node)
         }));
         self.accepted = accepted.into_iter().collect();
         self.apply_router();
@@ -1629,6 +1649,35 @@ mod tests {
         };
         let r: Vec<String> = peer_subnet_routes(&n).iter().map(|p| p.to_string()).collect();
         assert_eq!(r, ["192.168.50.0/24", "fd00:50::/64"]);
+    }
+
+    #[test]
+    fn only_the_chosen_exit_node_carries_the_default_routes() {
+        let node = |ip: &str, name: &str| crate::tailcfg::Node {
+            name: format!("{name}.ts.example."),
+            addresses: vec![format!("{ip}/32")],
+            allowed_ips: vec![
+                format!("{ip}/32"),
+                "192.168.7.0/24".into(),
+                "0.0.0.0/0".into(),
+                "::/0".into(),
+            ],
+            ..Default::default()
+        };
+        let (r1, r2) = (node("100.64.0.2", "r1"), node("100.64.0.3", "r2"));
+        let ips = |c: PeerConfig| c.allowed_ips.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        // No exit node chosen: nobody carries them.
+        assert_eq!(ips(peer_config(&r1, true, "")), ["100.64.0.2/32", "192.168.7.0/24"]);
+        // r1 chosen (by IP, as the prefs keep it): r1 only.
+        assert_eq!(
+            ips(peer_config(&r1, false, "100.64.0.2")),
+            ["100.64.0.2/32", "0.0.0.0/0", "::/0"]
+        );
+        assert_eq!(ips(peer_config(&r2, false, "100.64.0.2")), ["100.64.0.3/32"]);
+        assert_eq!(
+            ips(peer_config(&r2, true, "100.64.0.2")),
+            ["100.64.0.3/32", "192.168.7.0/24"]
+        );
     }
 
     #[test]

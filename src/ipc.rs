@@ -24,6 +24,8 @@ pub struct UpArgs {
     pub auth_key: Option<String>,
     pub hostname: Option<String>,
     pub advertise_routes: Option<Vec<String>>,
+    /// Interface whose prefixes are advertised, kept current ("" stops).
+    pub advertise_lan: Option<String>,
     pub accept_routes: Option<bool>,
     pub accept_dns: Option<bool>,
     pub advertise_exit_node: Option<bool>,

@@ -22,6 +22,7 @@ pub mod keys;
 pub mod logger;
 pub mod magicsock;
 pub mod netcheck;
+pub mod netmon;
 pub mod netns;
 pub mod noise;
 pub mod qr;

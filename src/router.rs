@@ -23,7 +23,9 @@
 //! * **Accepted routes** (`--accept-routes`): peers' subnet routes go into routing table
 //!   [`ROUTE_TABLE`] (53), consulted by an `ip rule` at priority [`RULE_PRIORITY_TABLE`] (5271),
 //!   before the main table. The daemon's own sockets carry [`BYPASS_MARK`] (0x80000, `SO_MARK`)
-//!   and a rule at [`RULE_PRIORITY_BYPASS`] (5211) sends marked packets to the main table first:
+//!   and a rule at [`RULE_PRIORITY_BYPASS`] (5211) sends marked packets to the main table first
+//!   (and one at [`RULE_PRIORITY_UNREACHABLE`] (5251) stops those the main table has no route
+//!   for, Go's rule 5250, rather than letting them fall into table 53):
 //!   without it a peer's route covering the control server, a DERP relay or a peer's UDP
 //!   endpoint would pull the tunnel's own packets into the tunnel (a routing loop). Unlike Go,
 //!   a prefix directly connected on this router is never shadowed: a connected prefix inside an
@@ -37,6 +39,14 @@
 //!   table is ours alone: created, replaced atomically and deleted as a whole, never touching
 //!   fw4's or anybody else's tables. Which destinations are served at all is the packet
 //!   filter's decision (approved routes only), before a packet reaches the TUN.
+//! * **Exit node, client side** (`--exit-node`): while one is chosen, table 53 also holds the
+//!   default routes `0.0.0.0/0` and `::/0` via the TUN (Go `ipnlocal` `routerConfig` adds both
+//!   even when the exit node offers only one, so nothing leaks). The daemon's own sockets keep
+//!   the physical route through the bypass rule. This host's directly connected prefixes
+//!   follow Go on Linux: without `--exit-node-allow-lan-access` they are routed into the TUN
+//!   too (Go appends the "external" interface prefixes to `Routes`: the LAN is reached through
+//!   the exit node or not at all, so nothing leaks around it); with it they get `throw` routes
+//!   (Go `LocalRoutes`) and stay directly reachable.
 //! * [`Router::recover`] removes what a crashed run left (nftables table, rules, routing
 //!   table, sysctls).
 
@@ -65,6 +75,12 @@ pub const ROUTE_TABLE: u32 = 53;
 pub const RULE_PRIORITY_TABLE: u32 = 5271;
 /// `ip rule` priority of the bypass: marked packets look up the main table first.
 pub const RULE_PRIORITY_BYPASS: u32 = 5211;
+/// `ip rule` priority of `unreachable` for marked packets the main table did not route (no
+/// uplink): they fail at once instead of looping into the tunnel through table 53's default
+/// route (Go's base rule 50, `RTN_UNREACHABLE`).
+pub const RULE_PRIORITY_UNREACHABLE: u32 = 5251;
+/// The three rules of a family, in the order they are added (removed in reverse).
+const RULES: [u32; 3] = [RULE_PRIORITY_BYPASS, RULE_PRIORITY_UNREACHABLE, RULE_PRIORITY_TABLE];
 /// `SO_MARK` of the daemon's own sockets (Go `TailscaleBypassMark`).
 pub const BYPASS_MARK: u32 = 0x80000;
 /// The bits of the packet mark we own (Go `TailscaleFwmarkMask`).
@@ -129,6 +145,16 @@ pub struct RouterConfig {
     pub accepted_routes: Vec<(IpAddr, u8)>,
     /// Set while this node advertises subnet routes: forwarding and SNAT.
     pub subnet_router: Option<SubnetRouter>,
+    /// Set while an exit node is chosen: default routes into the TUN (table [`ROUTE_TABLE`]).
+    pub exit_node: Option<ExitRoutes>,
+}
+
+/// Routing through a chosen exit node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitRoutes {
+    /// Keep this host's directly connected prefixes out of the tunnel
+    /// (`--exit-node-allow-lan-access`).
+    pub allow_lan: bool,
 }
 
 /// Forwarding for the subnet routes this node advertises.
@@ -153,6 +179,7 @@ impl RouterConfig {
             routes: vec![TAILNET_V4, TAILNET_V6],
             accepted_routes: Vec::new(),
             subnet_router: None,
+            exit_node: None,
         }
     }
 }
@@ -285,9 +312,17 @@ impl Applied {
                 table_routes.insert(r);
             }
         }
+        if let Some(exit) = cfg.exit_node {
+            table_routes.insert(Prefix::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0, true)?);
+            table_routes.insert(Prefix::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0, true)?);
+            if !exit.allow_lan {
+                // Go: "explicitly add routes to the local network so that we do not leak".
+                table_routes.extend(connected.iter().copied());
+            }
+        }
         let throws: BTreeSet<Prefix> = connected
             .iter()
-            .filter(|c| table_routes.iter().any(|r| r.len < c.len && r.contains(c)))
+            .filter(|c| !table_routes.contains(c) && table_routes.iter().any(|r| r.len < c.len && r.contains(c)))
             .copied()
             .collect();
         let family = |v6: bool| table_routes.iter().any(|r| r.addr.is_ipv6() == v6);
@@ -423,13 +458,13 @@ impl Op {
             Op::ThrowDel { route } => route_argv("del", route, None, true),
             Op::RuleAdd { v6, priority } => {
                 let mut a = v(&["ip", fam(*v6), "rule", "add", "priority", &priority.to_string()]);
-                if *priority == RULE_PRIORITY_BYPASS {
-                    a.extend(v(&[
-                        "fwmark",
-                        &format!("{BYPASS_MARK:#x}/{MARK_MASK:#x}"),
-                        "table",
-                        "main",
-                    ]));
+                if *priority == RULE_PRIORITY_BYPASS || *priority == RULE_PRIORITY_UNREACHABLE {
+                    a.extend(v(&["fwmark", &format!("{BYPASS_MARK:#x}/{MARK_MASK:#x}")]));
+                    if *priority == RULE_PRIORITY_BYPASS {
+                        a.extend(v(&["table", "main"]));
+                    } else {
+                        a.extend(v(&["type", "unreachable"]));
+                    }
                 } else {
                     a.extend(v(&["table", &ROUTE_TABLE.to_string()]));
                 }
@@ -546,24 +581,21 @@ pub fn plan(cur: &Applied, want: &Applied) -> Vec<Op> {
     for v6 in [false, true] {
         let i = usize::from(v6);
         if old.rules[i] && !(same_dev && want.rules[i]) {
-            ops.push(Op::RuleDel {
-                v6,
-                priority: RULE_PRIORITY_TABLE,
-            });
-            ops.push(Op::RuleDel {
-                v6,
-                priority: RULE_PRIORITY_BYPASS,
-            });
+            for priority in RULES.into_iter().rev() {
+                ops.push(Op::RuleDel { v6, priority });
+            }
         }
     }
-    for r in old.throws.iter().filter(|r| !keep(&want.throws, r)) {
-        ops.push(Op::ThrowDel { route: *r });
-    }
+    // Routes before the throws that carve holes in them: no moment where a route (the exit
+    // node's default) shadows the LAN.
     for r in old.table_routes.iter().filter(|r| !keep(&want.table_routes, r)) {
         ops.push(Op::TableRouteDel {
             dev: old.tun.clone(),
             route: *r,
         });
+    }
+    for r in old.throws.iter().filter(|r| !keep(&want.throws, r)) {
+        ops.push(Op::ThrowDel { route: *r });
     }
     for r in old.routes.iter().filter(|r| !keep(&want.routes, r)) {
         ops.push(Op::RouteDel {
@@ -609,14 +641,9 @@ pub fn plan(cur: &Applied, want: &Applied) -> Vec<Op> {
     for v6 in [false, true] {
         let i = usize::from(v6);
         if want.rules[i] && !base.rules[i] {
-            ops.push(Op::RuleAdd {
-                v6,
-                priority: RULE_PRIORITY_BYPASS,
-            });
-            ops.push(Op::RuleAdd {
-                v6,
-                priority: RULE_PRIORITY_TABLE,
-            });
+            for priority in RULES {
+                ops.push(Op::RuleAdd { v6, priority });
+            }
         }
     }
     if want.snat && !base.snat {
@@ -828,7 +855,7 @@ impl<R: CommandRunner> Router<R> {
             log::info!("router: removed nftables table inet {NFT_TABLE} left by an earlier run");
         }
         for v6 in [false, true] {
-            for prio in [RULE_PRIORITY_BYPASS, RULE_PRIORITY_TABLE] {
+            for prio in RULES {
                 // One rule per run at most; a few more in case of repeated crashes.
                 for _ in 0..4 {
                     if self.runner.run(&Op::RuleDel { v6, priority: prio }.argv()).is_err() {
@@ -851,7 +878,7 @@ impl<R: CommandRunner> Router<R> {
     /// first failing command; what succeeded before it stays recorded, so the next `set`
     /// retries only the rest.
     pub fn set(&mut self, cfg: &RouterConfig) -> Result<(), RouterError> {
-        let connected = if cfg.accepted_routes.is_empty() {
+        let connected = if cfg.accepted_routes.is_empty() && cfg.exit_node.is_none() {
             Vec::new()
         } else {
             self.connected(&cfg.tun)
@@ -1203,8 +1230,10 @@ mod tests {
                 "ip -4 route replace 192.168.0.0/16 dev tinyscale0 table 53",
                 "ip -6 route replace fd00:5::/64 dev tinyscale0 table 53",
                 "ip -4 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -4 rule add priority 5251 fwmark 0x80000/0xff0000 type unreachable",
                 "ip -4 rule add priority 5271 table 53",
                 "ip -6 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -6 rule add priority 5251 fwmark 0x80000/0xff0000 type unreachable",
                 "ip -6 rule add priority 5271 table 53",
             ]
         );
@@ -1216,15 +1245,127 @@ mod tests {
             calls(&r),
             [
                 "ip -4 rule del priority 5271",
+                "ip -4 rule del priority 5251",
                 "ip -4 rule del priority 5211",
                 "ip -6 rule del priority 5271",
+                "ip -6 rule del priority 5251",
                 "ip -6 rule del priority 5211",
-                "ip -4 route del throw 192.168.1.0/24 table 53",
                 "ip -4 route del 10.1.0.0/16 dev tinyscale0 table 53",
                 "ip -4 route del 192.168.0.0/16 dev tinyscale0 table 53",
                 "ip -6 route del fd00:5::/64 dev tinyscale0 table 53",
+                "ip -4 route del throw 192.168.1.0/24 table 53",
             ]
         );
+    }
+
+    /// A router with the LAN 192.168.1.0/24 (and fd00:1::/64) connected, for the exit node.
+    fn lan_router() -> Router<RecordingRunner> {
+        let mut runner = RecordingRunner::default();
+        runner.outputs.insert(
+            "ip -o -4 route show table main".into(),
+            "default via 192.168.1.254 dev br-lan\n192.168.1.0/24 dev br-lan proto kernel scope link src 192.168.1.1\n"
+                .into(),
+        );
+        runner.outputs.insert(
+            "ip -o -6 route show table main".into(),
+            "fd00:1::/64 dev br-lan proto kernel metric 256 pref medium\n".into(),
+        );
+        let mut r = Router::new(runner);
+        r.set(&cfg()).unwrap();
+        r.runner_mut().calls.clear();
+        r
+    }
+
+    /// The table-53 and rule commands among the calls (the route listings left out).
+    fn table_calls(r: &Router<RecordingRunner>) -> Vec<String> {
+        calls(r)
+            .into_iter()
+            .filter(|c| !c.contains("show table main"))
+            .collect()
+    }
+
+    #[test]
+    fn exit_node_routes_everything_and_the_lan_into_the_tunnel() {
+        let mut r = lan_router();
+        let mut c = cfg();
+        c.exit_node = Some(ExitRoutes { allow_lan: false });
+        r.set(&c).unwrap();
+        assert_eq!(
+            table_calls(&r),
+            [
+                "ip -4 route replace 0.0.0.0/0 dev tinyscale0 table 53",
+                "ip -4 route replace 192.168.1.0/24 dev tinyscale0 table 53",
+                "ip -6 route replace ::/0 dev tinyscale0 table 53",
+                "ip -6 route replace fd00:1::/64 dev tinyscale0 table 53",
+                "ip -4 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -4 rule add priority 5251 fwmark 0x80000/0xff0000 type unreachable",
+                "ip -4 rule add priority 5271 table 53",
+                "ip -6 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -6 rule add priority 5251 fwmark 0x80000/0xff0000 type unreachable",
+                "ip -6 rule add priority 5271 table 53",
+            ]
+        );
+        // Cleared: everything of it goes, the default routes before anything else in the table.
+        r.runner_mut().calls.clear();
+        c.exit_node = None;
+        r.set(&c).unwrap();
+        assert_eq!(
+            calls(&r),
+            [
+                "ip -4 rule del priority 5271",
+                "ip -4 rule del priority 5251",
+                "ip -4 rule del priority 5211",
+                "ip -6 rule del priority 5271",
+                "ip -6 rule del priority 5251",
+                "ip -6 rule del priority 5211",
+                "ip -4 route del 0.0.0.0/0 dev tinyscale0 table 53",
+                "ip -4 route del 192.168.1.0/24 dev tinyscale0 table 53",
+                "ip -6 route del ::/0 dev tinyscale0 table 53",
+                "ip -6 route del fd00:1::/64 dev tinyscale0 table 53",
+            ]
+        );
+        assert_eq!(r.applied().table_routes.len(), 0);
+    }
+
+    #[test]
+    fn exit_node_with_lan_access_throws_the_lan_and_switches_in_place() {
+        let mut r = lan_router();
+        let mut c = cfg();
+        c.exit_node = Some(ExitRoutes { allow_lan: true });
+        r.set(&c).unwrap();
+        assert_eq!(
+            table_calls(&r),
+            [
+                "ip -4 route replace throw 192.168.1.0/24 table 53",
+                "ip -6 route replace throw fd00:1::/64 table 53",
+                "ip -4 route replace 0.0.0.0/0 dev tinyscale0 table 53",
+                "ip -6 route replace ::/0 dev tinyscale0 table 53",
+                "ip -4 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -4 rule add priority 5251 fwmark 0x80000/0xff0000 type unreachable",
+                "ip -4 rule add priority 5271 table 53",
+                "ip -6 rule add priority 5211 fwmark 0x80000/0xff0000 table main",
+                "ip -6 rule add priority 5251 fwmark 0x80000/0xff0000 type unreachable",
+                "ip -6 rule add priority 5271 table 53",
+            ]
+        );
+        // LAN access off: the throws become tunnel routes; default routes and rules stay.
+        r.runner_mut().calls.clear();
+        c.exit_node = Some(ExitRoutes { allow_lan: false });
+        r.set(&c).unwrap();
+        assert_eq!(
+            table_calls(&r),
+            [
+                "ip -4 route del throw 192.168.1.0/24 table 53",
+                "ip -6 route del throw fd00:1::/64 table 53",
+                "ip -4 route replace 192.168.1.0/24 dev tinyscale0 table 53",
+                "ip -6 route replace fd00:1::/64 dev tinyscale0 table 53",
+            ]
+        );
+        // `down`: nothing of ours stays.
+        r.runner_mut().calls.clear();
+        r.close().unwrap();
+        assert!(r.applied().is_empty());
+        assert!(calls(&r).contains(&"ip -6 route del ::/0 dev tinyscale0 table 53".to_string()));
     }
 
     #[test]
@@ -1295,6 +1436,7 @@ mod tests {
         // Deleting stops at the first failure per priority, and is bounded otherwise.
         assert_eq!(c.iter().filter(|l| l.ends_with("rule del priority 5271")).count(), 2);
         assert_eq!(c.iter().filter(|l| l.ends_with("rule del priority 5211")).count(), 8);
+        assert_eq!(c.iter().filter(|l| l.ends_with("rule del priority 5251")).count(), 8);
     }
 
     #[test]

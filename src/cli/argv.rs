@@ -142,6 +142,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             Flag::new("auth-key", Value).aliases(&["authkey"]),
             Flag::new("hostname", Value),
             Flag::new("advertise-routes", Value),
+            Flag::new("advertise-lan", Value),
             Flag::new("accept-routes", Bool),
             Flag::new("accept-dns", Bool),
             Flag::new("advertise-exit-node", Bool),
@@ -792,13 +793,14 @@ mod tests {
         assert_eq!(u.accept_dns, Some(false));
         assert_eq!(u.advertise_routes.as_deref(), Some("192.168.188.0/24"));
         assert_eq!(u.advertise_exit_node, None);
-        let n = normalize(&v("up --advertise-exit-node=false --exit-node=")).unwrap();
+        let n = normalize(&v("up --advertise-exit-node=false --exit-node= --advertise-lan=br-lan")).unwrap();
         let strs: Vec<&str> = n.args.iter().map(String::as_str).collect();
         let Cmd::Up(u) = Top::from_args(&["tinyscale"], &strs).unwrap().cmd else {
             panic!("not up")
         };
         assert_eq!(u.advertise_exit_node, Some(false));
         assert_eq!(u.exit_node.as_deref(), Some(""));
+        assert_eq!(u.advertise_lan.as_deref(), Some("br-lan"));
         // headscale's way in.
         let mut args: Vec<String> = multi_call("headscale").iter().map(|s| s.to_string()).collect();
         args.extend(v("nodes register --namespace default --key abc -c /etc/x"));

@@ -161,6 +161,111 @@ impl Netmap {
     }
 }
 
+/// Why an `--exit-node` value cannot be used (Go `ipn.exitNodeIPOfArg` and
+/// `checkExitNodePrefsLocked`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitNodeError {
+    /// The value is this node's own tailnet IP or name.
+    IsSelf(String),
+    /// No peer has that tailnet IP or name.
+    Unknown(String),
+    /// More than one peer has that name.
+    Ambiguous(String),
+    /// The peer is there but control approved no default routes for it.
+    NotOffered { arg: String, ip: String },
+}
+
+impl std::fmt::Display for ExitNodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitNodeError::IsSelf(a) => write!(
+                f,
+                "cannot use {a} as an exit node: it is this node; did you mean --advertise-exit-node?"
+            ),
+            ExitNodeError::Unknown(a) => write!(
+                f,
+                "invalid value {a:?} for --exit-node: no peer has that tailnet IP or name (see `tinyscale exit-node list`)"
+            ),
+            ExitNodeError::Ambiguous(a) => write!(
+                f,
+                "invalid value {a:?} for --exit-node: several peers have that name; use its tailnet IP"
+            ),
+            ExitNodeError::NotOffered { arg, ip } => write!(
+                f,
+                "node {arg} ({ip}) is not offering an exit node: it must run `up --advertise-exit-node` \
+                 and the coordinator approve 0.0.0.0/0 and ::/0 (see `tinyscale exit-node list`)"
+            ),
+        }
+    }
+}
+
+/// [pure] True if `arg` names `node`: one of its tailnet IPs, its base name, or its FQDN with
+/// or without the final dot (case-insensitive, as Go compares names).
+pub fn node_matches(node: &Node, arg: &str) -> bool {
+    if arg.is_empty() {
+        return false;
+    }
+    let fqdn = node.name.trim_end_matches('.');
+    let base = fqdn.split('.').next().unwrap_or("");
+    node.addresses.iter().any(|a| a.split('/').next() == Some(arg))
+        || arg.trim_end_matches('.').eq_ignore_ascii_case(fqdn) && !fqdn.is_empty()
+        || arg.eq_ignore_ascii_case(base) && !base.is_empty()
+}
+
+/// [pure] Go's `ExitNodeOption`: control approved both default routes for `node` (they are in
+/// its AllowedIPs).
+pub fn offers_exit_node(node: &Node) -> bool {
+    ["0.0.0.0/0", "::/0"]
+        .iter()
+        .all(|d| node.allowed_ips.iter().any(|a| a == d))
+}
+
+impl Netmap {
+    /// The peer `arg` (a tailnet IP or name) names, if any, and only if it is the one peer with
+    /// that name.
+    pub fn find_peer(&self, arg: &str) -> Option<&Node> {
+        let mut it = self.peers.values().filter(|p| node_matches(p, arg));
+        let first = it.next()?;
+        it.next().is_none().then_some(first)
+    }
+
+    /// Resolves an `--exit-node` value to the peer's first tailnet IP, the form kept in the
+    /// prefs ("" stays ""). Before the first netmap the value is kept as given (the daemon
+    /// applies its uci section at start, before control answers): the data plane matches it
+    /// by IP or name once peers arrive, and the next `up` resolves it. Go's CLI refuses a name
+    /// there; a router booting with `option exit_node 'name'` must not lose all its prefs.
+    pub fn resolve_exit_node(&self, arg: &str) -> Result<String, ExitNodeError> {
+        if arg.is_empty() {
+            return Ok(String::new());
+        }
+        let Some(me) = &self.self_node else {
+            return Ok(arg.to_string());
+        };
+        if node_matches(me, arg) {
+            return Err(ExitNodeError::IsSelf(arg.to_string()));
+        }
+        let mut it = self.peers.values().filter(|p| node_matches(p, arg));
+        let peer = match (it.next(), it.next()) {
+            (Some(p), None) => p,
+            (Some(_), Some(_)) => return Err(ExitNodeError::Ambiguous(arg.to_string())),
+            (None, _) => return Err(ExitNodeError::Unknown(arg.to_string())),
+        };
+        let ip = peer
+            .addresses
+            .first()
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_default()
+            .to_string();
+        if !offers_exit_node(peer) {
+            return Err(ExitNodeError::NotOffered {
+                arg: arg.to_string(),
+                ip,
+            });
+        }
+        Ok(ip)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +277,89 @@ mod tests {
             name: name.into(),
             ..Default::default()
         }
+    }
+
+    fn exit_net() -> Netmap {
+        let node = |id: u64, name: &str, ip: &str, exit: bool| {
+            let mut n = peer(id, name);
+            n.addresses = vec![format!("{ip}/32"), format!("fd7a:115c:a1e0::{id}/128")];
+            n.allowed_ips = n.addresses.clone();
+            if exit {
+                n.allowed_ips.extend(["0.0.0.0/0".to_string(), "::/0".to_string()]);
+            }
+            n
+        };
+        let mut nm = Netmap::default();
+        nm.apply(MapResponse {
+            node: Some(node(1, "me.ts.example.", "100.64.0.1", false)),
+            peers: Some(vec![
+                node(2, "router.ts.example.", "100.64.0.2", true),
+                node(3, "laptop.ts.example.", "100.64.0.3", false),
+                node(4, "twin.ts.example.", "100.64.0.4", true),
+                node(5, "twin.ts.example.", "100.64.0.5", true),
+            ]),
+            ..Default::default()
+        });
+        nm
+    }
+
+    #[test]
+    fn exit_node_resolves_by_ip_or_name_to_the_peer_ip() {
+        let nm = exit_net();
+        for arg in [
+            "100.64.0.2",
+            "fd7a:115c:a1e0::2",
+            "router",
+            "ROUTER",
+            "router.ts.example",
+            "router.ts.example.",
+        ] {
+            assert_eq!(nm.resolve_exit_node(arg), Ok("100.64.0.2".to_string()), "{arg}");
+        }
+        assert_eq!(nm.resolve_exit_node(""), Ok(String::new()));
+        assert_eq!(nm.resolve_exit_node("100.64.0.4"), Ok("100.64.0.4".to_string()));
+    }
+
+    #[test]
+    fn exit_node_errors_name_the_problem() {
+        let nm = exit_net();
+        assert_eq!(nm.resolve_exit_node("me"), Err(ExitNodeError::IsSelf("me".into())));
+        assert_eq!(
+            nm.resolve_exit_node("100.64.0.1"),
+            Err(ExitNodeError::IsSelf("100.64.0.1".into()))
+        );
+        assert_eq!(
+            nm.resolve_exit_node("nobody"),
+            Err(ExitNodeError::Unknown("nobody".into()))
+        );
+        assert_eq!(
+            nm.resolve_exit_node("100.64.0.9"),
+            Err(ExitNodeError::Unknown("100.64.0.9".into()))
+        );
+        assert_eq!(
+            nm.resolve_exit_node("twin"),
+            Err(ExitNodeError::Ambiguous("twin".into()))
+        );
+        let e = nm.resolve_exit_node("laptop").unwrap_err();
+        assert_eq!(
+            e,
+            ExitNodeError::NotOffered {
+                arg: "laptop".into(),
+                ip: "100.64.0.3".into()
+            }
+        );
+        assert!(e.to_string().contains("not offering an exit node"), "{e}");
+        // One default route alone is no exit node (Go ContainsExitRoutes wants both).
+        let mut nm = nm;
+        nm.peers.get_mut(&3).unwrap().allowed_ips.push("0.0.0.0/0".into());
+        assert!(matches!(
+            nm.resolve_exit_node("laptop"),
+            Err(ExitNodeError::NotOffered { .. })
+        ));
+        // Before the first netmap: kept as given, matched once peers arrive.
+        let empty = Netmap::default();
+        assert_eq!(empty.resolve_exit_node("100.64.0.2"), Ok("100.64.0.2".to_string()));
+        assert_eq!(empty.resolve_exit_node("router"), Ok("router".to_string()));
     }
 
     #[test]

@@ -5,14 +5,15 @@
 //!     option enabled '1'
 //!     option login_server 'https://hs.example.com'
 //!     option auth_key_file '/etc/tinyscale/authkey'
-//!     option advertise_lan '1'            # the prefixes on lan_device (br-lan), read at start
+//!     option advertise_lan '1'            # the prefixes on lan_device (br-lan), followed live
 //!     list advertise_routes '10.9.0.0/16'
 //!     option snat_subnet_routes '1'
 //! ```
 //!
 //! The options mirror `tailscale up` flags (`accept_routes` is `--accept-routes`), plus the
 //! daemon's own `port`, `state_dir`, `tun`, `log_level`, and `advertise_lan`/`lan_device`,
-//! which the caller turns into routes with [`lan_prefixes`] (it runs `ip -o addr show dev D`).
+//! which become `--advertise-lan=DEVICE`: the daemon turns the device's addresses into routes
+//! with [`lan_prefixes`] (it runs `ip -o addr show dev D`) and follows their changes.
 //!
 //! Unlike the coordinator's section, an unknown option is a warning, not an error: LuCI and
 //! older package versions may leave options behind, and a router that stops joining its tailnet
@@ -367,25 +368,31 @@ impl ClientConfig {
         Ok(load)
     }
 
-    /// The prefs for the daemon's `up` path, given the key read from `auth_key_file` (if any)
-    /// and the prefixes [`lan_prefixes`] found on `lan_device`. Every setting is stated, so
-    /// the section is the whole truth: an option removed from the file goes back to its
-    /// default on the next reload. `reset` also clears what the section cannot express
+    /// The prefs for the daemon's `up` path, given the key read from `auth_key_file` (if any).
+    /// `advertise_lan` becomes `--advertise-lan=lan_device`: the daemon reads the device's
+    /// prefixes ([`lan_prefixes`]) and follows their changes. Every setting is stated, so the
+    /// section is the whole truth: an option removed from the file goes back to its default on
+    /// the next reload. `reset` also clears what the section cannot express
     /// (`--advertise-tags`).
-    pub fn up_args(&self, file_key: Option<String>, lan: &[Prefix]) -> UpArgs {
+    pub fn up_args(&self, file_key: Option<String>) -> UpArgs {
         let mut routes: Vec<String> = Vec::new();
-        let lan = if self.advertise_lan { lan } else { &[] };
-        for p in lan.iter().chain(&self.advertise_routes) {
+        for p in &self.advertise_routes {
             let s = p.to_string();
             if !routes.contains(&s) {
                 routes.push(s);
             }
         }
+        let lan = if self.advertise_lan {
+            self.lan_device.as_str()
+        } else {
+            ""
+        };
         UpArgs {
             login_server: self.login_server.clone(),
             auth_key: self.auth_key.clone().or(file_key),
             hostname: self.hostname.clone(),
             advertise_routes: Some(routes),
+            advertise_lan: Some(lan.to_string()),
             accept_routes: Some(self.accept_routes),
             accept_dns: Some(self.accept_dns),
             advertise_exit_node: Some(self.advertise_exit_node),
@@ -598,15 +605,15 @@ mod tests {
              \tlist advertise_routes '10.9.0.0/16'\n\tlist advertise_routes '192.168.1.0/24'\n",
         )
         .config;
-        let lan = lan_prefixes("3: br-lan    inet 192.168.1.1/24 brd 192.168.1.255 scope global br-lan\n");
-        let a = c.up_args(Some("tskey-file".into()), &lan);
+        let a = c.up_args(Some("tskey-file".into()));
         assert_eq!(a.login_server.as_deref(), Some("http://10.0.0.1:8080"));
         assert_eq!(a.auth_key.as_deref(), Some("tskey-file"));
-        // LAN first, then the list, without duplicates.
+        // The list as given; the LAN device is the daemon's to read (and follow).
         assert_eq!(
             a.advertise_routes,
-            Some(vec!["192.168.1.0/24".into(), "10.9.0.0/16".into()])
+            Some(vec!["10.9.0.0/16".into(), "192.168.1.0/24".into()])
         );
+        assert_eq!(a.advertise_lan.as_deref(), Some("br-lan"));
         assert_eq!(a.snat_subnet_routes, Some(true));
         assert_eq!(a.exit_node.as_deref(), Some(""));
         assert!(a.reset && !a.force_reauth);
@@ -614,11 +621,8 @@ mod tests {
             advertise_lan: false,
             ..c
         };
-        // Without advertise_lan only the list remains (in file order).
-        assert_eq!(
-            off.up_args(None, &lan).advertise_routes,
-            Some(vec!["10.9.0.0/16".into(), "192.168.1.0/24".into()])
-        );
+        // Without advertise_lan: stated as off.
+        assert_eq!(off.up_args(None).advertise_lan.as_deref(), Some(""));
     }
 
     #[test]
