@@ -123,6 +123,8 @@ pub struct Daemon {
     engine: Mutex<Option<RunningEngine>>,
     /// The node key for which the data plane failed to start (no retry storm on every map message).
     engine_failed_for: Mutex<Option<NodePublic>>,
+    /// The uci file given with `--config`, read again on [`IpcRequest::Reload`].
+    config: std::sync::OnceLock<PathBuf>,
 }
 
 struct RunningEngine {
@@ -210,6 +212,7 @@ impl Daemon {
             endpoints_tx: watch::channel(LocalEndpoints::default()).0,
             engine: Mutex::new(None),
             engine_failed_for: Mutex::new(None),
+            config: std::sync::OnceLock::new(),
         });
         d.save()?;
         Ok(d)
@@ -306,11 +309,35 @@ impl Daemon {
                 Some(h) => h.filter().await,
                 None => Err("the data plane is not running (is the node up?)".into()),
             },
+            IpcRequest::Set(args) => self.apply_prefs(
+                UpArgs {
+                    login_server: None,
+                    auth_key: None,
+                    force_reauth: false,
+                    reset: false,
+                    ..args
+                },
+                false,
+            ),
+            IpcRequest::Reload => match self.config.get() {
+                // The init script's reload does the same through `tinyscale up --config`.
+                Some(path) => crate::cli::load_client_config(path)
+                    .and_then(|c| crate::cli::client_up_args(&c))
+                    .map_err(|f| f.message)
+                    .and_then(|a| self.up(a)),
+                None => Err("the daemon runs without --config: there is no config to reload".into()),
+            },
         };
         IpcResponse::from_result(r)
     }
 
     fn up(&self, a: UpArgs) -> Result<Value, String> {
+        self.apply_prefs(a, true)
+    }
+
+    /// `up` (`bring_up`: want running, a login server is required) or `set` (prefs only: a
+    /// stopped node stays stopped, a running one restarts its session if a pref changed).
+    fn apply_prefs(&self, a: UpArgs, bring_up: bool) -> Result<Value, String> {
         if let Some(u) = &a.login_server {
             ControlUrl::parse(u).map_err(|e| e.to_string())?;
         }
@@ -343,7 +370,7 @@ impl Daemon {
                 }
                 p.login_server = v.trim_end_matches('/').to_string();
             }
-            if p.login_server.is_empty() {
+            if p.login_server.is_empty() && bring_up {
                 return Err("no login server configured: pass --login-server http://HOST:PORT".into());
             }
             macro_rules! set {
@@ -361,11 +388,20 @@ impl Daemon {
                 shields_up,
                 snat_subnet_routes
             );
-            p.want_running = true;
+            p.want_running |= bring_up;
+            if !p.want_running {
+                // `set` on a stopped node: saved for the next `up`.
+                s.prefs = p;
+                let state = s.state;
+                drop(s);
+                self.save()?;
+                return Ok(json!({ "state": state }));
+            }
             // An `up` that changes nothing on a running node (the init script's reload, run on
             // every lan/wan interface event) must not restart the control session.
-            if !a.force_reauth && s.state == BackendState::Running && p == s.prefs {
-                return Ok(json!({"state": "Running"}));
+            // Nor does a `set` that changes nothing (it would drop a pending login URL).
+            if !a.force_reauth && p == s.prefs && (s.state == BackendState::Running || !bring_up) {
+                return Ok(json!({ "state": s.state }));
             }
             // Shields take effect at once, without waiting for the new session's netmap.
             if let Some(h) = self.engine_handle() {
@@ -448,6 +484,7 @@ impl Daemon {
             })
         });
         let engine = self.engine_handle();
+        let exit = s.prefs.exit_node.as_str();
         let peers: Vec<Value> = nm
             .peers
             .values()
@@ -458,6 +495,10 @@ impl Daemon {
                     "LastSeen": p.last_seen, "Endpoints": p.endpoints, "HomeDERP": p.home_derp,
                     "AllowedIPs": p.allowed_ips, "PrimaryRoutes": p.primary_routes,
                     "CurAddr": "", "Relay": "",
+                    // As in tailscale's PeerStatus: in use as our exit node / approved as one.
+                    "ExitNode": !exit.is_empty() && (p.name.split('.').next() == Some(exit)
+                        || p.addresses.iter().any(|a| a.split('/').next() == Some(exit))),
+                    "ExitNodeOption": p.allowed_ips.iter().any(|a| a == "0.0.0.0/0" || a == "::/0"),
                 });
                 if let Some(e) = engine.as_ref().and_then(|e| e.peer_status(&p.key)) {
                     for k in ["CurAddr", "Relay", "RxBytes", "TxBytes", "LastHandshakeSecs"] {
@@ -783,13 +824,15 @@ pub fn system_hostname() -> String {
 /// Runs the daemon until SIGTERM/SIGINT. `initial` prefs (from the uci `client` section) are
 /// applied as an `up` before the local API opens; if they are refused (say, no login server
 /// yet) the daemon still runs, so `tinyscale up` can finish the job.
-/// `ubus` is ubusd's socket for the `tinyscale` object (`None`: no ubus object).
+/// `ubus` is ubusd's socket for the `tinyscale` object (`None`: no ubus object); `config` is
+/// the uci file `initial` came from, read again on a reload request.
 pub async fn run(
     state_dir: &Path,
     socket: &Path,
     engine: Option<EngineConfig>,
     initial: Option<UpArgs>,
     ubus: Option<PathBuf>,
+    config: Option<PathBuf>,
 ) -> Result<(), String> {
     if engine.is_some() {
         // What a crashed run left (nftables table, rules, routing table, forwarding) goes at
@@ -800,6 +843,9 @@ pub async fn run(
         r.recover();
     }
     let d = Daemon::load(state_dir, engine)?;
+    if let Some(p) = config {
+        let _ = d.config.set(p);
+    }
     if let Some(args) = initial {
         match d.up(args) {
             Ok(_) => log::info!("prefs from config applied"),
@@ -900,5 +946,82 @@ mod tests {
         })
         .expect("reauth up");
         assert_eq!(generation(&d), 4);
+    }
+
+    #[tokio::test]
+    async fn set_changes_prefs_without_bringing_the_node_up() {
+        let dir = TempDir::new("set");
+        let d = Daemon::load(&dir.0, None).expect("state dir loads");
+        // A stopped node without a login server: saved for the next `up`, nothing starts, and
+        // login settings passed along are not taken.
+        let set = |a: UpArgs| d.handle(IpcRequest::Set(a));
+        let r = set(UpArgs {
+            shields_up: Some(true),
+            login_server: Some("http://127.0.0.1:9".into()),
+            ..UpArgs::default()
+        })
+        .await;
+        assert_eq!(r.error, "");
+        assert_eq!(generation(&d), 0);
+        {
+            let s = d.lock();
+            assert!(s.prefs.shields_up && !s.prefs.want_running);
+            assert_eq!(s.prefs.login_server, "");
+        }
+        let saved = std::fs::read_to_string(dir.0.join(STATE_FILE)).expect("state file");
+        assert!(saved.contains("\"shields_up\": true"), "{saved}");
+        // Bad input is refused as by `up`.
+        let r = set(UpArgs {
+            advertise_routes: Some(vec!["10.0.0.0".into()]),
+            ..UpArgs::default()
+        })
+        .await;
+        assert!(r.error.contains("advertise-routes"), "{}", r.error);
+        // On a running node an unchanged pref keeps the session, a changed one restarts it.
+        d.up(UpArgs {
+            login_server: Some("http://127.0.0.1:9".into()),
+            ..UpArgs::default()
+        })
+        .expect("up");
+        let g = generation(&d);
+        d.lock().state = BackendState::NeedsLogin;
+        let same = UpArgs {
+            shields_up: Some(true),
+            ..UpArgs::default()
+        };
+        assert_eq!(set(same).await.error, "");
+        assert_eq!(generation(&d), g);
+        assert_eq!(d.lock().state, BackendState::NeedsLogin);
+        let changed = UpArgs {
+            accept_routes: Some(true),
+            ..UpArgs::default()
+        };
+        assert_eq!(set(changed).await.error, "");
+        assert_eq!(generation(&d), g + 1);
+        assert!(d.lock().prefs.want_running);
+        // Without --config there is nothing to reload.
+        assert!(d.handle(IpcRequest::Reload).await.error.contains("--config"));
+    }
+
+    #[tokio::test]
+    async fn reload_reads_the_config_again() {
+        let dir = TempDir::new("reload");
+        let d = Daemon::load(&dir.0.join("state"), None).expect("state dir loads");
+        let cfg = dir.0.join("tinyscale");
+        let write = |accept: &str| {
+            let text = format!(
+                "config client 'client'\n\toption login_server 'http://127.0.0.1:9'\n\toption advertise_lan '0'\n\toption accept_routes '{accept}'\n"
+            );
+            std::fs::write(&cfg, text).expect("config")
+        };
+        write("1");
+        let _ = d.config.set(cfg.clone());
+        assert_eq!(d.handle(IpcRequest::Reload).await.error, "");
+        assert!(d.lock().prefs.accept_routes && d.lock().prefs.want_running);
+        write("0");
+        assert_eq!(d.handle(IpcRequest::Reload).await.error, "");
+        assert!(!d.lock().prefs.accept_routes);
+        std::fs::write(&cfg, "config client 'client'\n\toption accept_routes 'maybe'\n").expect("config");
+        assert!(d.handle(IpcRequest::Reload).await.error.contains("accept_routes"));
     }
 }
