@@ -69,7 +69,12 @@ if has_missing zbar-tools; then
     export TINYSCALE_REQUIRE_ZBAR=0
     skip "QR code decoding check (zbar-tools not installed)"
 fi
+if has_missing nodejs; then
+    export TINYSCALE_REQUIRE_NODE=0
+    skip "LuCI views syntax check (nodejs not installed)"
+fi
 export TINYSCALE_REQUIRE_GO=${TINYSCALE_REQUIRE_GO:-1}
+export TINYSCALE_REQUIRE_NODE=${TINYSCALE_REQUIRE_NODE:-1}
 export TINYSCALE_REQUIRE_ZBAR=${TINYSCALE_REQUIRE_ZBAR:-1}
 # Network-namespace tests (WireGuard interop with wireguard-go) need root, which CI has.
 if [ -n "$root" ]; then export TINYSCALE_NETNS=${TINYSCALE_NETNS:-1}; fi

@@ -333,7 +333,10 @@ pub fn peer_changes(old: &[PeerView], new: &[PeerView]) -> Vec<Map<String, Value
 /// `login`: the pending login URL, or start a login (an `up` with the given server and key)
 /// and wait up to [`LOGIN_WAIT`] for a URL, Running or an error.
 async fn login(d: Arc<Daemon>, a: UpArgs) -> Reply {
-    let summary = |v: &Value| json!({"BackendState": v["BackendState"], "AuthURL": v["AuthURL"], "Error": v["Error"]});
+    let summary = |v: &Value| {
+        let url = v["AuthURL"].as_str().unwrap_or("");
+        json!({"BackendState": v["BackendState"], "AuthURL": url, "Error": v["Error"], "QR": qr_rows(url)})
+    };
     let settled = |v: &Value| v["AuthURL"] != "" || v["BackendState"] == "Running";
     let v = d.status_json();
     if settled(&v) {
@@ -350,6 +353,16 @@ async fn login(d: Arc<Daemon>, a: UpArgs) -> Reply {
             return (ubus::STATUS_OK, summary(&v));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The login URL as QR rows of `0`/`1` (dark) modules, for LuCI to draw; empty without a URL.
+pub fn qr_rows(url: &str) -> Vec<String> {
+    match crate::qr::encode(url.as_bytes()) {
+        Ok(q) if !url.is_empty() => (0..q.size)
+            .map(|y| (0..q.size).map(|x| if q.get(x, y) { '1' } else { '0' }).collect())
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -556,6 +569,17 @@ mod tests {
         assert!(e.contains("\"accept_route\""), "{e}");
         assert!(request_for("set", &args(json!({"auth_key": "k"}))).is_err());
         assert!(request_for("set", &args(json!({"shields_up": "1"}))).is_err());
+    }
+
+    #[test]
+    fn login_qr_rows() {
+        let rows = qr_rows("http://127.0.0.1:8080/register/abc");
+        let q = crate::qr::encode(b"http://127.0.0.1:8080/register/abc").expect("qr");
+        assert_eq!(rows.len(), q.size);
+        assert!(rows.iter().all(|r| r.len() == q.size));
+        // The finder pattern's corner is dark, the module inside its ring light.
+        assert!(rows[0].starts_with("1111111") && rows[1].starts_with("1000001"));
+        assert!(qr_rows("").is_empty());
     }
 
     #[test]
