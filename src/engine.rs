@@ -54,7 +54,7 @@ use crate::{
         addr::{self, Family},
         batch::{self, SendBatch},
         demux::{self, Kind},
-        endpoint::{self, DiscoOut, Endpoint, Path, PathStatus, TxId},
+        endpoint::{self, DiscoOut, Endpoint, Path, PathStatus, SendPlan, TxId},
         socket::{self, Sockets},
     },
     netcheck::{self, ProbePlan, ReportState},
@@ -187,26 +187,34 @@ enum Cmd {
     Ping(NodePublic, oneshot::Sender<Result<PingResult, String>>),
     Netcheck(oneshot::Sender<Value>),
     Filter(oneshot::Sender<Value>),
+    Status(oneshot::Sender<EngineStatus>),
+}
+
+/// What the data plane knows for `status --json`, built when asked (never per packet).
+#[derive(Debug, Default)]
+pub struct EngineStatus {
+    /// Per-peer path status (`CurAddr`, `Relay`, handshake age, bytes).
+    pub peers: HashMap<NodePublic, Value>,
+    /// Engine-wide counters ("Counters"): what was dropped and why.
+    pub counters: Value,
 }
 
 /// A cloneable handle to a running engine.
 #[derive(Clone)]
 pub struct EngineHandle {
     cmds: mpsc::Sender<Cmd>,
-    status: Arc<Mutex<HashMap<NodePublic, Value>>>,
-    counters: Arc<Mutex<Value>>,
     shields_up: Arc<AtomicBool>,
 }
 
 impl EngineHandle {
-    /// Engine-wide counters (`tinyscale status --json` "Counters"): what was dropped and why.
-    pub fn counters(&self) -> Value {
-        self.counters.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Per-peer path status (`CurAddr`, `Relay`, handshake age, bytes).
-    pub fn peer_status(&self, key: &NodePublic) -> Option<Value> {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    /// Per-peer path status and counters as of now, built by the engine on this request.
+    pub async fn status(&self) -> Result<EngineStatus, String> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Status(tx))
+            .await
+            .map_err(|_| "data plane is not running".to_string())?;
+        rx.await.map_err(|_| "data plane stopped".to_string())
     }
 
     /// Sends one disco ping round to `peer` and waits for the first pong (5 s).
@@ -303,8 +311,6 @@ pub struct Engine {
     pending_pings: HashMap<TxId, u64>,
     rounds: HashMap<u64, PendingPing>,
     round: u64,
-    status: Arc<Mutex<HashMap<NodePublic, Value>>>,
-    counters: Arc<Mutex<Value>>,
     drops: Drops,
     addresses: Vec<(IpAddr, u8)>,
     route_prefs: RoutePrefs,
@@ -568,8 +574,6 @@ impl Engine {
         let (dns_done_tx, dns_done_rx) = mpsc::channel(1);
         let (https_done_tx, https_done_rx) = mpsc::channel(1);
         let (derp_in_tx, derp_in_rx) = mpsc::channel(1024);
-        let status = Arc::new(Mutex::new(HashMap::new()));
-        let counters = Arc::new(Mutex::new(Value::Null));
         let shields_up = Arc::new(AtomicBool::new(false));
         let engine = Engine {
             me: node.public(),
@@ -603,8 +607,6 @@ impl Engine {
             pending_pings: HashMap::new(),
             rounds: HashMap::new(),
             round: 0,
-            status: status.clone(),
-            counters: counters.clone(),
             drops: Drops::default(),
             addresses: Vec::new(),
             route_prefs: prefs.borrow().clone(),
@@ -630,8 +632,6 @@ impl Engine {
         Ok((
             EngineHandle {
                 cmds: cmd_tx,
-                status,
-                counters,
                 shields_up,
             },
             task,
@@ -935,28 +935,41 @@ impl Engine {
         }
     }
 
-    /// Where a datagram for `peer` goes (UDP address and/or DERP region), sending the disco
-    /// pings its endpoint wants on the way; `None` for an unknown peer.
-    fn route(&mut self, peer: NodePublic) -> Option<(Option<SocketAddr>, Option<i32>)> {
+    /// Where a datagram for `peer` goes (UDP address and/or DERP region, or every candidate
+    /// while no path is known), sending the disco pings its endpoint wants on the way; `None`
+    /// for an unknown peer.
+    fn route(&mut self, peer: NodePublic) -> Option<SendPlan> {
         let now = Instant::now().into_std();
-        let plan = self.peers.get_mut(&peer)?.endpoint.handle_send(now, &mut new_tx);
-        for d in plan.disco {
+        let mut plan = self.peers.get_mut(&peer)?.endpoint.handle_send(now, &mut new_tx);
+        for d in std::mem::take(&mut plan.disco) {
             self.send_disco(peer, d);
         }
-        Some((plan.udp, plan.derp))
+        Some(plan)
+    }
+
+    /// Queues a copy of `datagram` for each of `addrs` (a peer whose path is still unknown).
+    fn spray(&mut self, addrs: &[SocketAddr], datagram: &[u8]) {
+        for &a in addrs {
+            match addr::send_family(a, self.sock.have_v6()) {
+                Some((Family::V4, a)) => self.out4.push(a, datagram),
+                Some((Family::V6, a)) => self.out6.push(a, datagram),
+                None => {}
+            }
+        }
     }
 
     /// Sends one WireGuard datagram to `peer` along the path its endpoint chooses.
     fn send_to_peer(&mut self, peer: NodePublic, datagram: Vec<u8>) {
-        let Some((udp, derp)) = self.route(peer) else { return };
-        if let Some(a) = udp {
+        let Some(plan) = self.route(peer) else { return };
+        self.spray(&plan.spray, &datagram);
+        if let Some(a) = plan.udp {
             match addr::send_family(a, self.sock.have_v6()) {
                 Some((Family::V4, a)) => self.out4.push(a, &datagram),
                 Some((Family::V6, a)) => self.out6.push(a, &datagram),
                 None => {}
             }
         }
-        if let Some(r) = derp {
+        if let Some(r) = plan.derp {
             self.send_derp(r, peer, datagram);
         }
     }
@@ -964,7 +977,15 @@ impl Engine {
     /// [`send_to_peer`](Self::send_to_peer) for the `len`-byte datagram WireGuard just wrote
     /// into `out4`'s spare room: IPv4 commits it to that batch in place, IPv6 and DERP take a copy.
     fn send_spare_to_peer(&mut self, peer: NodePublic, len: usize) {
-        let Some((udp, derp)) = self.route(peer) else { return };
+        let Some(SendPlan { udp, derp, spray, .. }) = self.route(peer) else {
+            return;
+        };
+        if !spray.is_empty() {
+            // Rare (no path yet): copies, then the datagram stays in the spare room unused.
+            let datagram = self.out4.spare(len)[..len].to_vec();
+            self.spray(&spray, &datagram);
+            return;
+        }
         if let Some(r) = derp {
             let copy = self.out4.spare(len)[..len].to_vec();
             self.send_derp(r, peer, copy);
@@ -1174,8 +1195,6 @@ impl Engine {
         for o in outs {
             self.send_disco(peer, o);
         }
-        // A pong may have changed the path: let status (and a CLI ping's caller) see it at once.
-        self.publish_status(now);
     }
 
     fn on_cmd(&mut self, cmd: Cmd) {
@@ -1220,6 +1239,9 @@ impl Engine {
                 let mut v = self.filter.to_json();
                 v["PacketFilter"] = json!(self.filter_rules);
                 let _ = reply.send(v);
+            }
+            Cmd::Status(reply) => {
+                let _ = reply.send(self.status(Instant::now().into_std()));
             }
         }
     }
@@ -1269,7 +1291,6 @@ impl Engine {
             }
         }
         self.netcheck_step(now_t);
-        self.publish_status(now);
     }
 
     /// DERP host names (of nodes without pinned addresses) whose cached answer is missing or
@@ -1482,7 +1503,7 @@ impl Engine {
         self.last_report = Some(r);
     }
 
-    fn publish_status(&self, now: std::time::Instant) {
+    fn status(&self, now: std::time::Instant) -> EngineStatus {
         let w = self.wg.stats();
         let d = &self.drops;
         let mut counters = json!({
@@ -1501,9 +1522,7 @@ impl Engine {
         for (why, n) in self.filter.drops() {
             counters[format!("FilterDrop{}", why.name()).as_str()] = json!(n);
         }
-        *self.counters.lock().unwrap_or_else(|e| e.into_inner()) = counters;
-        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        st.clear();
+        let mut peers = HashMap::with_capacity(self.peers.len());
         for (k, p) in &self.peers {
             let (cur, relay) = match p.endpoint.path(now) {
                 PathStatus::Direct { addr, .. } => (addr.to_string(), String::new()),
@@ -1511,7 +1530,7 @@ impl Engine {
                 PathStatus::Unreachable => (String::new(), String::new()),
             };
             let ws = self.wg.peer_stats(k);
-            st.insert(
+            peers.insert(
                 *k,
                 json!({
                     "CurAddr": cur,
@@ -1523,6 +1542,7 @@ impl Engine {
                 }),
             );
         }
+        EngineStatus { peers, counters }
     }
 }
 

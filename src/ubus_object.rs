@@ -258,6 +258,8 @@ pub type Reply = (u32, Value);
 pub type PendingReply = Pin<Box<dyn Future<Output = Reply> + Send>>;
 /// Events to send: name and data.
 pub type Events = Vec<(&'static str, Map<String, Value>)>;
+/// Events being computed.
+pub type PendingEvents<'a> = Pin<Box<dyn Future<Output = Events> + Send + 'a>>;
 
 /// What [`serve`] needs of a ubus object.
 pub trait Object: Send + Sync + 'static {
@@ -271,8 +273,8 @@ pub trait Object: Send + Sync + 'static {
     fn call(self: &Arc<Self>, method: &str, args: &Map<String, Value>) -> Result<PendingReply, String>;
     /// The events since `snap` (and updates it). `announce` is false for the first call after
     /// a registration, which only takes the baseline.
-    fn events(&self, _snap: &mut Self::Snapshot, _announce: bool) -> Events {
-        Vec::new()
+    fn events<'a>(&'a self, _snap: &'a mut Self::Snapshot, _announce: bool) -> PendingEvents<'a> {
+        Box::pin(async { Vec::new() })
     }
 }
 
@@ -338,7 +340,7 @@ async fn login(d: Arc<Daemon>, a: UpArgs) -> Reply {
         json!({"BackendState": v["BackendState"], "AuthURL": url, "Error": v["Error"], "QR": qr_rows(url)})
     };
     let settled = |v: &Value| v["AuthURL"] != "" || v["BackendState"] == "Running";
-    let v = d.status_json();
+    let v = d.status_json().await;
     if settled(&v) {
         return (ubus::STATUS_OK, summary(&v));
     }
@@ -348,7 +350,7 @@ async fn login(d: Arc<Daemon>, a: UpArgs) -> Reply {
     }
     let deadline = tokio::time::Instant::now() + LOGIN_WAIT;
     loop {
-        let v = d.status_json();
+        let v = d.status_json().await;
         if settled(&v) || v["Error"] != "" || tokio::time::Instant::now() >= deadline {
             return (ubus::STATUS_OK, summary(&v));
         }
@@ -382,32 +384,35 @@ impl Object for Daemon {
         Ok(match request_for(method, args)? {
             Call::Ipc(req) => Box::pin(async move { reply_for(d.handle(req).await) }),
             Call::Peers => Box::pin(async move {
-                let v = d.status_json();
+                let v = d.status_json().await;
                 (ubus::STATUS_OK, json!({ "Peer": v["Peer"] }))
             }),
             Call::Login(a) => Box::pin(login(d, a)),
         })
     }
 
-    fn events(&self, snap: &mut Self::Snapshot, announce: bool) -> Events {
-        let state = self.backend_state();
-        let peers: Vec<PeerView> = self.status_json()["Peer"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(PeerView::from_status)
-            .collect();
-        let mut out = Vec::new();
-        if announce {
-            if snap.0 != Some(state) {
-                let mut m = Map::new();
-                m.insert("state".into(), serde_json::to_value(state).unwrap_or_default());
-                out.push((STATE_EVENT, m));
+    fn events<'a>(&'a self, snap: &'a mut Self::Snapshot, announce: bool) -> PendingEvents<'a> {
+        Box::pin(async move {
+            let status = self.status_json().await;
+            let state = self.backend_state();
+            let peers: Vec<PeerView> = status["Peer"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(PeerView::from_status)
+                .collect();
+            let mut out = Vec::new();
+            if announce {
+                if snap.0 != Some(state) {
+                    let mut m = Map::new();
+                    m.insert("state".into(), serde_json::to_value(state).unwrap_or_default());
+                    out.push((STATE_EVENT, m));
+                }
+                out.extend(peer_changes(&snap.1, &peers).into_iter().map(|m| (PEER_EVENT, m)));
             }
-            out.extend(peer_changes(&snap.1, &peers).into_iter().map(|m| (PEER_EVENT, m)));
-        }
-        *snap = (Some(state), peers);
-        out
+            *snap = (Some(state), peers);
+            out
+        })
     }
 }
 
@@ -479,7 +484,7 @@ async fn session<O: Object>(obj: &Arc<O>, mut sock: UnixStream) -> std::io::Resu
                         Event::Registered { id } => {
                             log::info!("ubus object registered name={name} id={id:#x}");
                             registered = true;
-                            obj.events(&mut snap, false);
+                            obj.events(&mut snap, false).await;
                         }
                         Event::RegisterFailed { status } => {
                             log::warn!("ubus refused object name={name} status={status}");
@@ -501,7 +506,7 @@ async fn session<O: Object>(obj: &Arc<O>, mut sock: UnixStream) -> std::io::Resu
             Some((inv, status, data)) = done_rx.recv() => c.reply(&inv, status, Some(&data)),
             _ = tick.tick() => {
                 if registered {
-                    for (id, data) in obj.events(&mut snap, true) {
+                    for (id, data) in obj.events(&mut snap, true).await {
                         c.send_event(id, &data);
                     }
                 }
