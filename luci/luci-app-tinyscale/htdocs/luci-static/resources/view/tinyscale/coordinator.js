@@ -196,7 +196,7 @@ return view.extend({
 				E('select', { 'id': 'tinyscale-key-user' }), ' ',
 				E('label', [E('input', { 'type': 'checkbox', 'id': 'tinyscale-key-reusable' }), ' ', _('reusable')]), ' ',
 				E('label', [E('input', { 'type': 'checkbox', 'id': 'tinyscale-key-ephemeral' }), ' ', _('ephemeral')]), ' ',
-				E('input', { 'type': 'text', 'id': 'tinyscale-key-expiration', 'value': '1h', 'size': 6, 'title': _('Expires after (e.g. 1h, 24h, 90d; 0 = never)') }), ' ',
+				E('input', { 'type': 'text', 'id': 'tinyscale-key-expiration', 'value': '1h', 'style': 'width:6em', 'title': _('Expires after (e.g. 1h, 24h, 90d; 0 = never)') }), ' ',
 				button.call(this, 'cbi-button-add', _('Create key'), 'handleKeyAdd'),
 				E('div', { 'id': 'tinyscale-key-out', 'style': 'margin-top:.5em' })
 			]),

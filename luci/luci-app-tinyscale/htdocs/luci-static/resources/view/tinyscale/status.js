@@ -47,7 +47,9 @@ function qr(rows) {
 	var svg = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 ' + (n + 8) + ' ' + (n + 8) +
 		'" width="200" height="200" shape-rendering="crispEdges"><rect width="100%" height="100%" fill="#fff"/>' +
 		'<path d="' + d + '" fill="#000"/></svg>';
-	return E('div', { 'class': 'tinyscale-qr', 'innerHTML': svg });
+	var div = E('div', { 'class': 'tinyscale-qr' });
+	div.innerHTML = svg;
+	return div;
 }
 
 function path(p) {
@@ -110,6 +112,7 @@ return view.extend({
 		var self = this;
 		return callLogin().then(checked).then(function(r) {
 			self.login = r;
+			self.asked = true;
 			return self.refresh();
 		}).catch(function(e) {
 			ui.addNotification(null, E('p', e.message), 'danger');
@@ -156,9 +159,18 @@ return view.extend({
 		}))];
 		if (url && st.BackendState != 'Running') {
 			var q = (this.login && this.login.AuthURL == url) ? this.login.QR : null;
+			// The QR code comes with `login`, which answers at once while a URL is pending
+			// (write access only: a read-only session sees the link).
+			if (!q && !this.asked) {
+				this.asked = true;
+				callLogin().then(checked).then(L.bind(function(r) {
+					this.login = r;
+					this.update(st, nc);
+				}, this)).catch(function() {});
+			}
 			body.push(E('div', { 'class': 'cbi-section' }, [
-				E('p', _('Open this link to log in this router:')),
-				E('p', E('a', { 'href': url, 'target': '_blank', 'rel': 'noreferrer' }, url)),
+				E('p', {}, _('Open this link to log in this router:')),
+				E('p', {}, [E('a', { 'href': url, 'target': '_blank', 'rel': 'noreferrer' }, url)]),
 				qr(q)
 			]));
 		}
@@ -167,7 +179,8 @@ return view.extend({
 			actions.push(E('button', { 'class': 'btn cbi-button cbi-button-reset', 'click': ui.createHandlerFn(this, 'action', callDown) }, _('Disconnect')));
 		else if (st.BackendState == 'Stopped')
 			actions.push(E('button', { 'class': 'btn cbi-button cbi-button-apply', 'click': ui.createHandlerFn(this, 'action', callUp) }, _('Connect')));
-		if (st.BackendState == 'NeedsLogin' || st.BackendState == 'NoState')
+		// Never logged in (or logged out): Log in fetches the URL, or starts a login for one.
+		if (st.BackendState == 'NeedsLogin' || st.BackendState == 'NoState' || (!self.DNSName && st.BackendState == 'Stopped'))
 			actions.push(E('button', { 'class': 'btn cbi-button cbi-button-action', 'click': ui.createHandlerFn(this, 'handleLogin') }, _('Log in')));
 		if (self.DNSName)
 			actions.push(E('button', { 'class': 'btn cbi-button cbi-button-remove', 'click': ui.createHandlerFn(this, 'action', callLogout) }, _('Log out')));
