@@ -35,8 +35,11 @@ function table(id, titles) {
 		titles.map(function(t) { return E('th', { 'class': 'th' }, t); })));
 }
 
+// Every button here writes: disabled for a session with read access only.
 function button(cls, label, fn) {
-	return E('button', { 'class': 'btn cbi-button ' + cls, 'click': ui.createHandlerFn(this, fn) }, label);
+	var b = E('button', { 'class': 'btn cbi-button ' + cls, 'click': ui.createHandlerFn(this, fn) }, label);
+	b.disabled = (L.hasViewPermission() === false);
+	return b;
 }
 
 return view.extend({

@@ -184,6 +184,7 @@ return view.extend({
 			actions.push(E('button', { 'class': 'btn cbi-button cbi-button-action', 'click': ui.createHandlerFn(this, 'handleLogin') }, _('Log in')));
 		if (self.DNSName)
 			actions.push(E('button', { 'class': 'btn cbi-button cbi-button-remove', 'click': ui.createHandlerFn(this, 'action', callLogout) }, _('Log out')));
+		actions.forEach(function(b) { b.disabled = (L.hasViewPermission() === false); });
 		body.push(E('div', { 'class': 'cbi-page-actions' }, actions));
 		dom.content(info, body);
 
