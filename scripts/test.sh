@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (`bash .ci/run` is this with nothing else around it).
 #   scripts/test.sh            everything: unit, property, in-process, official-Go-client,
-#                              lint, purity, dependency snapshot, netns end-to-end and
+#                              lint, purity, dependency snapshot, LuCI app checks and
+#                              package, netns end-to-end and
 #                              subnet router (root),
 #                              router cross builds + size budget
 #   TINYSCALE_SKIP_CROSS=1     skip the cross builds (a quick local run)
@@ -69,7 +70,12 @@ if has_missing zbar-tools; then
     export TINYSCALE_REQUIRE_ZBAR=0
     skip "QR code decoding check (zbar-tools not installed)"
 fi
+if has_missing nodejs; then
+    export TINYSCALE_REQUIRE_NODE=0
+    skip "LuCI views syntax check (nodejs not installed)"
+fi
 export TINYSCALE_REQUIRE_GO=${TINYSCALE_REQUIRE_GO:-1}
+export TINYSCALE_REQUIRE_NODE=${TINYSCALE_REQUIRE_NODE:-1}
 export TINYSCALE_REQUIRE_ZBAR=${TINYSCALE_REQUIRE_ZBAR:-1}
 # Network-namespace tests (WireGuard interop with wireguard-go) need root, which CI has.
 if [ -n "$root" ]; then export TINYSCALE_NETNS=${TINYSCALE_NETNS:-1}; fi
@@ -83,6 +89,7 @@ step "rustfmt" cargo fmt --check
 step "sans-io purity" scripts/check-purity.sh
 step "dependency snapshot" scripts/check-deps.sh
 step "OpenWrt init and firewall scripts (stubs)" sh scripts/openwrt-init-test.sh
+step "LuCI app package (luci-app-tinyscale .ipk, arch all)" scripts/package-luci-check.sh
 # README's first command, as a newcomer runs it: it must end by listing what it showed (as root
 # with the official client: the interactive login, the Go client, traffic over the tunnel,
 # both views).

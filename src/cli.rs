@@ -367,7 +367,12 @@ pub enum ServerCmd {
 #[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "serve")]
 /// run the coordinator (control server) with the config's `config server 'main'` section
-pub struct Serve {}
+pub struct Serve {
+    /// ubusd socket for the `tinyscale.server` object (default /var/run/ubus/ubus.sock; "none"
+    /// for no ubus object)
+    #[argh(option, default = "String::from(crate::ubus_object::DEFAULT_SOCKET)")]
+    pub ubus_socket: String,
+}
 
 #[derive(FromArgs, Debug)]
 #[cfg_attr(test, derive(argh::ArgsInfo))]

@@ -157,8 +157,9 @@ fn derp_key(coord: &server::Coordinator) -> Result<crate::keys::NodePrivate, Str
     }
 }
 
-/// `tinyscale server serve`: runs until SIGTERM/SIGINT.
-pub async fn run(cfg: &ServerConfig) -> Result<(), String> {
+/// `tinyscale server serve`: runs until SIGTERM/SIGINT; with `ubus` (ubusd's socket) it keeps
+/// the `tinyscale.server` object registered there.
+pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result<(), String> {
     let mut settings = settings_from_config(cfg)?;
     let embedded = cfg
         .derp
@@ -237,6 +238,12 @@ pub async fn run(cfg: &ServerConfig) -> Result<(), String> {
             None => std::future::pending().await,
         }
     };
+    if let Some(path) = ubus {
+        tokio::spawn(crate::ubus_object::serve(
+            std::sync::Arc::new(admin::ServerObject(coord.clone())),
+            path,
+        ));
+    }
     let admin_path: &Path = &cfg.unix_socket;
     tokio::select! {
         _ = server::serve_http(coord.clone(), listener, tls) => Ok(()),

@@ -128,6 +128,8 @@ pub struct Daemon {
     engine: Mutex<Option<RunningEngine>>,
     /// The node key for which the data plane failed to start (no retry storm on every map message).
     engine_failed_for: Mutex<Option<NodePublic>>,
+    /// The uci file given with `--config`, read again on [`IpcRequest::Reload`].
+    config: std::sync::OnceLock<PathBuf>,
 }
 
 struct RunningEngine {
@@ -216,6 +218,7 @@ impl Daemon {
             lan_routes_tx: watch::channel(Vec::new()).0,
             engine: Mutex::new(None),
             engine_failed_for: Mutex::new(None),
+            config: std::sync::OnceLock::new(),
         });
         d.save()?;
         Ok(d)
@@ -327,11 +330,35 @@ impl Daemon {
                 Some(h) => h.filter().await,
                 None => Err("the data plane is not running (is the node up?)".into()),
             },
+            IpcRequest::Set(args) => self.apply_prefs(
+                UpArgs {
+                    login_server: None,
+                    auth_key: None,
+                    force_reauth: false,
+                    reset: false,
+                    ..args
+                },
+                false,
+            ),
+            IpcRequest::Reload => match self.config.get() {
+                // The init script's reload does the same through `tinyscale up --config`.
+                Some(path) => crate::cli::load_client_config(path)
+                    .and_then(|c| crate::cli::client_up_args(&c))
+                    .map_err(|f| f.message)
+                    .and_then(|a| self.up(a)),
+                None => Err("the daemon runs without --config: there is no config to reload".into()),
+            },
         };
         IpcResponse::from_result(r)
     }
 
     fn up(&self, a: UpArgs) -> Result<Value, String> {
+        self.apply_prefs(a, true)
+    }
+
+    /// `up` (`bring_up`: want running, a login server is required) or `set` (prefs only: a
+    /// stopped node stays stopped, a running one restarts its session if a pref changed).
+    fn apply_prefs(&self, a: UpArgs, bring_up: bool) -> Result<Value, String> {
         if let Some(u) = &a.login_server {
             ControlUrl::parse(u).map_err(|e| e.to_string())?;
         }
@@ -372,7 +399,7 @@ impl Daemon {
                 }
                 p.login_server = v.trim_end_matches('/').to_string();
             }
-            if p.login_server.is_empty() {
+            if p.login_server.is_empty() && bring_up {
                 return Err("no login server configured: pass --login-server http://HOST:PORT".into());
             }
             macro_rules! set {
@@ -391,16 +418,25 @@ impl Daemon {
                 shields_up,
                 snat_subnet_routes
             );
-            p.want_running = true;
+            p.want_running |= bring_up;
             p.exit_node = s.netmap.resolve_exit_node(&p.exit_node).map_err(|e| e.to_string())?;
             if !p.exit_node.is_empty() && p.advertise_exit_node {
                 // Go checkExitNodePrefsLocked.
                 return Err("cannot advertise an exit node and use an exit node at the same time".into());
             }
+            if !p.want_running {
+                // `set` on a stopped node: saved for the next `up`.
+                s.prefs = p;
+                let state = s.state;
+                drop(s);
+                self.save()?;
+                return Ok(json!({ "state": state }));
+            }
             // An `up` that changes nothing on a running node (the init script's reload, run on
             // every lan/wan interface event) must not restart the control session.
-            if !a.force_reauth && s.state == BackendState::Running && p == s.prefs {
-                return Ok(json!({"state": "Running"}));
+            // Nor does a `set` that changes nothing (it would drop a pending login URL).
+            if !a.force_reauth && p == s.prefs && (s.state == BackendState::Running || !bring_up) {
+                return Ok(json!({ "state": s.state }));
             }
             // The exit node is the data plane's business alone: control hears nothing of it, so
             // the session (and its TCP connection) stays.
@@ -938,13 +974,15 @@ pub fn system_hostname() -> String {
 /// Runs the daemon until SIGTERM/SIGINT. `initial` prefs (from the uci `client` section) are
 /// applied as an `up` before the local API opens; if they are refused (say, no login server
 /// yet) the daemon still runs, so `tinyscale up` can finish the job.
-/// `ubus` is ubusd's socket for the `tinyscale` object (`None`: no ubus object).
+/// `ubus` is ubusd's socket for the `tinyscale` object (`None`: no ubus object); `config` is
+/// the uci file `initial` came from, read again on a reload request.
 pub async fn run(
     state_dir: &Path,
     socket: &Path,
     engine: Option<EngineConfig>,
     initial: Option<UpArgs>,
     ubus: Option<PathBuf>,
+    config: Option<PathBuf>,
 ) -> Result<(), String> {
     if engine.is_some() {
         // What a crashed run left (nftables table, rules, routing table, forwarding) goes at
@@ -955,6 +993,9 @@ pub async fn run(
         r.recover();
     }
     let d = Daemon::load(state_dir, engine)?;
+    if let Some(p) = config {
+        let _ = d.config.set(p);
+    }
     if let Some(args) = initial {
         match d.up(args) {
             Ok(_) => log::info!("prefs from config applied"),
@@ -1152,5 +1193,82 @@ mod tests {
         assert_eq!(d.route_prefs_tx.borrow().exit_node, "");
         assert_eq!(generation(&d), g);
         assert_eq!(d.lock().state, BackendState::Running);
+    }
+
+    #[tokio::test]
+    async fn set_changes_prefs_without_bringing_the_node_up() {
+        let dir = TempDir::new("set");
+        let d = Daemon::load(&dir.0, None).expect("state dir loads");
+        // A stopped node without a login server: saved for the next `up`, nothing starts, and
+        // login settings passed along are not taken.
+        let set = |a: UpArgs| d.handle(IpcRequest::Set(a));
+        let r = set(UpArgs {
+            shields_up: Some(true),
+            login_server: Some("http://127.0.0.1:9".into()),
+            ..UpArgs::default()
+        })
+        .await;
+        assert_eq!(r.error, "");
+        assert_eq!(generation(&d), 0);
+        {
+            let s = d.lock();
+            assert!(s.prefs.shields_up && !s.prefs.want_running);
+            assert_eq!(s.prefs.login_server, "");
+        }
+        let saved = std::fs::read_to_string(dir.0.join(STATE_FILE)).expect("state file");
+        assert!(saved.contains("\"shields_up\": true"), "{saved}");
+        // Bad input is refused as by `up`.
+        let r = set(UpArgs {
+            advertise_routes: Some(vec!["10.0.0.0".into()]),
+            ..UpArgs::default()
+        })
+        .await;
+        assert!(r.error.contains("advertise-routes"), "{}", r.error);
+        // On a running node an unchanged pref keeps the session, a changed one restarts it.
+        d.up(UpArgs {
+            login_server: Some("http://127.0.0.1:9".into()),
+            ..UpArgs::default()
+        })
+        .expect("up");
+        let g = generation(&d);
+        d.lock().state = BackendState::NeedsLogin;
+        let same = UpArgs {
+            shields_up: Some(true),
+            ..UpArgs::default()
+        };
+        assert_eq!(set(same).await.error, "");
+        assert_eq!(generation(&d), g);
+        assert_eq!(d.lock().state, BackendState::NeedsLogin);
+        let changed = UpArgs {
+            accept_routes: Some(true),
+            ..UpArgs::default()
+        };
+        assert_eq!(set(changed).await.error, "");
+        assert_eq!(generation(&d), g + 1);
+        assert!(d.lock().prefs.want_running);
+        // Without --config there is nothing to reload.
+        assert!(d.handle(IpcRequest::Reload).await.error.contains("--config"));
+    }
+
+    #[tokio::test]
+    async fn reload_reads_the_config_again() {
+        let dir = TempDir::new("reload");
+        let d = Daemon::load(&dir.0.join("state"), None).expect("state dir loads");
+        let cfg = dir.0.join("tinyscale");
+        let write = |accept: &str| {
+            let text = format!(
+                "config client 'client'\n\toption login_server 'http://127.0.0.1:9'\n\toption advertise_lan '0'\n\toption accept_routes '{accept}'\n"
+            );
+            std::fs::write(&cfg, text).expect("config")
+        };
+        write("1");
+        let _ = d.config.set(cfg.clone());
+        assert_eq!(d.handle(IpcRequest::Reload).await.error, "");
+        assert!(d.lock().prefs.accept_routes && d.lock().prefs.want_running);
+        write("0");
+        assert_eq!(d.handle(IpcRequest::Reload).await.error, "");
+        assert!(!d.lock().prefs.accept_routes);
+        std::fs::write(&cfg, "config client 'client'\n\toption accept_routes 'maybe'\n").expect("config");
+        assert!(d.handle(IpcRequest::Reload).await.error.contains("accept_routes"));
     }
 }

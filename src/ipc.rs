@@ -56,6 +56,11 @@ pub enum IpcRequest {
     Netcheck,
     /// The packet filter in force (`tinyscale debug filter`).
     DebugFilter,
+    /// Change prefs without bringing the node up or down (tailscale `set`); `login_server`,
+    /// `auth_key`, `force_reauth` and `reset` are not taken.
+    Set(UpArgs),
+    /// Apply the `config client` section again (the daemon runs with `--config`).
+    Reload,
 }
 
 /// The daemon's answer: `data` on success, `error` otherwise.

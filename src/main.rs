@@ -64,7 +64,7 @@ fn run(top: Top) -> Result<(), Failure> {
                 }),
             };
             runtime()?
-                .block_on(tinyscale::daemon::run(&dir, &sock, engine, initial, ubus))
+                .block_on(tinyscale::daemon::run(&dir, &sock, engine, initial, ubus, d.config))
                 .map_err(Failure::runtime)
         }
         Cmd::Stun(s) => stun(s),
@@ -150,10 +150,11 @@ fn server(s: cli::Server) -> Result<(), Failure> {
     let cfg = tinyscale::uci::ServerConfig::from_uci_text(&text)
         .map_err(|e| Failure::config(format!("{}: {e}", path.display())))?;
     match s.cmd {
-        ServerCmd::Serve(_) => {
+        ServerCmd::Serve(sv) => {
             tinyscale::logger::init(cfg.log_level.to_level_filter());
+            let ubus = (sv.ubus_socket != "none").then(|| PathBuf::from(sv.ubus_socket));
             runtime()?
-                .block_on(tinyscale::coordinator::run(&cfg))
+                .block_on(tinyscale::coordinator::run(&cfg, ubus))
                 .map_err(Failure::runtime)
         }
         cmd => {

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Map, Value};
 use tinyscale::{
-    ubus::{self, blobmsg, Client, Event, Invoke},
+    ubus::{self, blobmsg, Client, Event, Invoke, Method},
     ubus_object,
 };
 
@@ -39,6 +39,14 @@ fn every_recorded_frame_decodes() {
         "call_ping_bad.txt",
         "call_down.txt",
         "send_event.txt",
+        "call_peers.txt",
+        "call_set_bad.txt",
+        "server.txt",
+        "list_server.txt",
+        "call_server_user_add.txt",
+        "call_server_users.txt",
+        "call_server_route_bad.txt",
+        "call_server_node_missing.txt",
     ] {
         for (_, f) in frames(name) {
             assert_eq!(ubus::frame_len(&f), Ok(f.len()), "{name}");
@@ -53,31 +61,37 @@ fn every_recorded_frame_decodes() {
     }
 }
 
-/// Plays the daemon's side: every frame our client sends must equal the recorded one, which
-/// ubusd accepted. Replies to successful calls reuse the recorded DATA (the daemon's status
-/// JSON is not rebuilt here); argument errors and events are produced by our code.
-#[test]
-fn daemon_session_replays_byte_for_byte() {
-    let mut c = Client::new(ubus_object::OBJECT, ubus_object::methods());
+/// Plays an object's side of a recorded session: every frame our client sends must equal the
+/// recorded one, which ubusd accepted. Replies to calls that `map` accepts reuse the recorded
+/// DATA and status (the daemon's JSON is not rebuilt here); argument errors and events are
+/// produced by our code. Returns the invocations seen.
+fn replay(
+    file: &str,
+    name: &str,
+    methods: Vec<Method>,
+    map: impl Fn(&str, &Map<String, Value>) -> Result<(), String>,
+) -> Vec<(String, Map<String, Value>)> {
+    let mut c = Client::new(name, methods);
     let mut pending: Vec<Invoke> = Vec::new();
     let mut invokes = Vec::new();
+    let rec = frames(file);
     // The object id ubusd assigned, from its DATA answer to ADD_OBJECT.
-    let recorded_id = frames("daemon.txt")
+    let recorded_id = rec
         .iter()
         .find(|(u, b)| *u && b[1] == ubus::MSG_DATA)
         .and_then(|(_, b)| ubus::decode(b).ok()?.u32(ubus::ATTR_OBJID));
-    for (from_ubusd, f) in frames("daemon.txt") {
-        if from_ubusd {
-            c.handle_frame(&f).expect("frame from ubusd");
+    for (i, (from_ubusd, f)) in rec.iter().enumerate() {
+        if *from_ubusd {
+            c.handle_frame(f).expect("frame from ubusd");
             while let Some(ev) = c.poll_event() {
                 match ev {
                     Event::Registered { id } => assert_eq!(Some(id), recorded_id),
                     Event::RegisterFailed { status } => panic!("refused {status}"),
                     Event::Invoke(inv) => {
                         invokes.push((inv.method.clone(), inv.args.clone()));
-                        match ubus_object::request_for(&inv.method, &inv.args) {
+                        match map(&inv.method, &inv.args) {
                             Err(msg) => c.reply(&inv, ubus::STATUS_INVALID_ARGUMENT, Some(&json!({ "error": msg }))),
-                            Ok(_) => pending.push(inv),
+                            Ok(()) => pending.push(inv),
                         }
                     }
                 }
@@ -87,11 +101,15 @@ fn daemon_session_replays_byte_for_byte() {
         let mine = match c.poll_transmit() {
             Some(x) => x,
             None => {
-                let m = ubus::decode(&f).expect("recorded");
+                let m = ubus::decode(f).expect("recorded");
                 match m.ty {
                     ubus::MSG_DATA => {
                         let inv = pending.remove(0);
-                        c.reply(&inv, ubus::STATUS_OK, Some(&data_of(&m)));
+                        let status = rec
+                            .get(i + 1)
+                            .and_then(|(_, b)| ubus::decode(b).ok()?.u32(ubus::ATTR_STATUS))
+                            .expect("STATUS after DATA");
+                        c.reply(&inv, status, Some(&data_of(&m)));
                     }
                     ubus::MSG_INVOKE => {
                         let d = data_of(&m);
@@ -103,18 +121,60 @@ fn daemon_session_replays_byte_for_byte() {
                 c.poll_transmit().expect("our frame")
             }
         };
-        assert_eq!(hex(&mine), hex(&f));
+        assert_eq!(hex(&mine), hex(f), "{file} frame {i}");
     }
     assert!(c.poll_transmit().is_none());
+    invokes
+}
+
+#[test]
+fn daemon_session_replays_byte_for_byte() {
+    let invokes = replay("daemon.txt", ubus_object::OBJECT, ubus_object::methods(), |m, a| {
+        ubus_object::request_for(m, a).map(|_| ())
+    });
     let session = json!("c0ffee00c0ffee00c0ffee00c0ffee00");
-    assert_eq!(invokes.len(), 4);
-    assert_eq!(invokes[0].0, "status");
+    let names: Vec<&str> = invokes.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(names, ["status", "status", "ping", "peers", "set", "down"]);
     assert_eq!(invokes[1].1.get("ubus_rpc_session"), Some(&session));
-    assert_eq!(
-        (invokes[2].0.as_str(), invokes[2].1.get("peer")),
-        ("ping", Some(&json!(5)))
+    assert_eq!(invokes[2].1.get("peer"), Some(&json!(5)));
+    assert_eq!(invokes[4].1.get("accept_route"), Some(&json!(true)));
+}
+
+/// The coordinator's object, registered and called through the real ubusd.
+#[cfg(feature = "coordinator")]
+#[test]
+fn server_session_replays_byte_for_byte() {
+    use tinyscale::coordinator::admin;
+    let invokes = replay(
+        "server.txt",
+        admin::SERVER_OBJECT,
+        ubus_object::signatures(admin::SERVER_METHODS),
+        |m, a| ubus_object::map_call(admin::SERVER_METHODS, m, a).map(|_| ()),
     );
-    assert_eq!(invokes[3].0, "down");
+    let names: Vec<&str> = invokes.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(names, ["user_add", "users", "route_approve", "node_delete"]);
+    // What the callers saw: the new user in the list, our messages for the two failures.
+    let reply = |file: &str| {
+        let f = frames(file);
+        let status = f
+            .iter()
+            .rev()
+            .find(|(u, b)| *u && b[1] == ubus::MSG_STATUS)
+            .and_then(|(_, b)| ubus::decode(b).ok()?.u32(ubus::ATTR_STATUS));
+        let data = f
+            .iter()
+            .find(|(u, b)| *u && is_call_data(b))
+            .map(|(_, b)| data_of(&ubus::decode(b).expect("decode")));
+        (status, data.unwrap_or(Value::Null))
+    };
+    let (st, users) = reply("call_server_users.txt");
+    assert_eq!((st, users["users"][0]["name"].as_str()), (Some(0), Some("alice")));
+    let (st, e) = reply("call_server_route_bad.txt");
+    assert_eq!(st, Some(ubus::STATUS_INVALID_ARGUMENT));
+    assert!(e["error"].as_str().expect("error").contains("10.0.0.1"), "{e}");
+    let (st, e) = reply("call_server_node_missing.txt");
+    assert_eq!(st, Some(ubus::STATUS_UNKNOWN_ERROR));
+    assert!(e["error"].as_str().expect("error").contains("42"), "{e}");
 }
 
 fn hex(b: &[u8]) -> String {
@@ -153,6 +213,24 @@ fn list_shows_our_signature() {
     let sig = Value::Object(blobmsg::table(m.attr(ubus::ATTR_SIGNATURE).expect("sig")).expect("table"));
     assert_eq!(sig["ping"], json!({"peer": blobmsg::STRING}));
     assert_eq!(sig["up"]["accept_routes"], json!(blobmsg::BOOL));
+    assert_eq!(sig["set"]["exit_node"], json!(blobmsg::STRING));
+    assert_eq!(sig["peers"], json!({}));
+}
+
+#[cfg(feature = "coordinator")]
+#[test]
+fn list_shows_the_server_signature() {
+    use tinyscale::coordinator::admin;
+    let f = frames("list_server.txt");
+    let reply = f.iter().find(|(u, b)| *u && b[1] == ubus::MSG_DATA).expect("DATA");
+    let m = ubus::decode(&reply.1).expect("decode");
+    assert_eq!(m.str(ubus::ATTR_OBJPATH), Some(admin::SERVER_OBJECT));
+    let body = ubus::add_object_body(admin::SERVER_OBJECT, &ubus_object::signatures(admin::SERVER_METHODS));
+    let ours = ubus::encode(ubus::MSG_ADD_OBJECT, 1, 0, &body);
+    assert_eq!(
+        m.attr(ubus::ATTR_SIGNATURE),
+        ubus::decode(&ours).expect("ours").attr(ubus::ATTR_SIGNATURE)
+    );
 }
 
 /// What the listener receives: an INVOKE of method "tinyscale.state" with our data.
@@ -253,8 +331,17 @@ async fn daemon_shell_against_scripted_ubusd() {
         let _ = timeout(step, read_frame(&mut s)).await.expect("data");
         let st = timeout(step, read_frame(&mut s)).await.expect("status");
         assert_eq!(ubus::decode(&st).expect("decode").u32(ubus::ATTR_STATUS), Some(2));
+        // set {"accept_route": true}: a misspelt pref is INVALID_ARGUMENT naming it
+        s.write_all(from_ubusd[7]).await.expect("invoke");
+        let data = ubus::decode(&timeout(step, read_frame(&mut s)).await.expect("data")).map(|m| data_of(&m));
+        assert!(data.expect("decode")["error"]
+            .as_str()
+            .expect("error")
+            .contains("accept_route"));
+        let st = timeout(step, read_frame(&mut s)).await.expect("status");
+        assert_eq!(ubus::decode(&st).expect("decode").u32(ubus::ATTR_STATUS), Some(2));
         // down, then the state event
-        s.write_all(from_ubusd[6]).await.expect("invoke");
+        s.write_all(from_ubusd[8]).await.expect("invoke");
         let _ = timeout(step, read_frame(&mut s)).await.expect("data");
         let _ = timeout(step, read_frame(&mut s)).await.expect("status");
         let ev = timeout(step, read_frame(&mut s)).await.expect("event");

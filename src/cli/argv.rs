@@ -196,7 +196,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
         ],
     ),
     Verb::new("server", &[Flag::new("config", Value).short('c')]).subs(&[
-        Verb::new("serve", &[]),
+        Verb::new("serve", &[Flag::new("ubus-socket", Value)]),
         Verb::new("users", &[])
             .aliases(&["user", "namespace", "namespaces", "ns"])
             .subs(&[

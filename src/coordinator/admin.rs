@@ -4,6 +4,9 @@
 //!
 //! Plays the role of headscale's gRPC/CLI pair (`cmd/headscale/cli/*.go`), with the same verbs so
 //! people's habits work. [`handle`] is the dispatcher; the listener and client are thin shells.
+//!
+//! The same requests back the ubus object `tinyscale.server` ([`SERVER_METHODS`], registered
+//! by `tinyscale server serve --ubus-socket`), which LuCI's Coordinator page calls through rpcd.
 
 use std::{path::Path, sync::Arc};
 
@@ -15,7 +18,13 @@ use super::{
     server::{random_hex, unix_now, Coordinator},
     state::{CoordError, State},
 };
-use crate::{ipc, ipc::IpcResponse, tailcfg};
+use crate::{
+    ipc,
+    ipc::IpcResponse,
+    tailcfg,
+    ubus::{blobmsg, Method},
+    ubus_object::{self, Args, MethodDef, Object, PendingReply},
+};
 
 /// One admin request.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -276,6 +285,222 @@ fn key_json(st: &State, k: &super::model::PreAuthKey, now: i64) -> Value {
     })
 }
 
+/// The ubus object the coordinator registers.
+pub const SERVER_OBJECT: &str = "tinyscale.server";
+
+type R = AdminRequest;
+type Map = serde_json::Map<String, Value>;
+
+/// Checks the argument names of `method` and deserializes them into `T`.
+fn args_of<T: serde::de::DeserializeOwned>(method: &str, allowed: Args, a: &Map) -> Result<T, String> {
+    ubus_object::only_known(method, allowed, a)?;
+    ubus_object::typed(method, allowed, a)
+}
+
+/// A node id: a number, or a string of digits (JSON-RPC clients send either).
+fn id_arg(a: &Map, name: &str) -> Result<u64, String> {
+    match a.get(name) {
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(s)) => s.parse().ok(),
+        _ => None,
+    }
+    .ok_or_else(|| format!("argument {name} must be a node id (a positive integer)"))
+}
+
+const ID: (&str, u8) = ("id", blobmsg::INT32);
+const USER_ADD: Args = &[("name", blobmsg::STRING)];
+const NODE_DELETE: Args = &[ID];
+const NODE_RENAME: Args = &[ID, ("name", blobmsg::STRING)];
+const ROUTE_APPROVE: Args = &[("node", blobmsg::INT32), ("routes", blobmsg::ARRAY)];
+const KEY_ADD: Args = &[
+    ("user", blobmsg::STRING),
+    ("reusable", blobmsg::BOOL),
+    ("ephemeral", blobmsg::BOOL),
+    ("expiration", blobmsg::STRING),
+    ("tags", blobmsg::ARRAY),
+];
+const KEYS: Args = &[("user", blobmsg::STRING)];
+const KEY_EXPIRE: Args = &[("key", blobmsg::STRING)];
+
+/// `preauthkey_add` arguments as sent (`expiration`: a duration like `24h`, or seconds;
+/// default 1h as in the CLI, `0` for none).
+#[derive(Deserialize)]
+struct KeyAdd {
+    user: String,
+    #[serde(default)]
+    reusable: bool,
+    #[serde(default)]
+    ephemeral: bool,
+    #[serde(default)]
+    expiration: Option<Value>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+fn key_add(a: &Map) -> Result<R, String> {
+    let k: KeyAdd = args_of("preauthkey_add", KEY_ADD, a)?;
+    let secs = match &k.expiration {
+        None => 3600,
+        Some(Value::Number(n)) => n.as_u64().ok_or("expiration: seconds must be a positive integer")?,
+        Some(Value::String(s)) => crate::uci::parse_duration(s)
+            .map_err(|e| format!("expiration {s:?}: {e}"))?
+            .as_secs(),
+        Some(_) => return Err("expiration: a duration like 24h, or seconds".into()),
+    };
+    Ok(R::PreauthkeysCreate {
+        user: k.user,
+        reusable: k.reusable,
+        ephemeral: k.ephemeral,
+        expiration_secs: (secs > 0).then_some(secs),
+        tags: k.tags,
+    })
+}
+
+/// The `tinyscale.server` methods. Each maps onto an [`AdminRequest`]; unknown argument names
+/// are refused. `preauthkeys` is on the write side: the list holds the key secrets.
+pub const SERVER_METHODS: &[MethodDef<AdminRequest>] = &[
+    MethodDef {
+        name: "users",
+        args: &[],
+        write: false,
+        map: |a| args_of::<Map>("users", &[], a).map(|_| R::UsersList),
+    },
+    MethodDef {
+        name: "user_add",
+        args: USER_ADD,
+        write: true,
+        map: |a| {
+            #[derive(Deserialize)]
+            struct A {
+                name: String,
+            }
+            args_of::<A>("user_add", USER_ADD, a).map(|x| R::UsersCreate { name: x.name })
+        },
+    },
+    MethodDef {
+        name: "nodes",
+        args: &[],
+        write: false,
+        map: |a| args_of::<Map>("nodes", &[], a).map(|_| R::NodesList { user: None }),
+    },
+    MethodDef {
+        name: "node_delete",
+        args: NODE_DELETE,
+        write: true,
+        map: |a| {
+            ubus_object::only_known("node_delete", NODE_DELETE, a)?;
+            Ok(R::NodesDelete { id: id_arg(a, "id")? })
+        },
+    },
+    MethodDef {
+        name: "node_rename",
+        args: NODE_RENAME,
+        write: true,
+        map: |a| {
+            ubus_object::only_known("node_rename", NODE_RENAME, a)?;
+            match a.get("name") {
+                Some(Value::String(n)) if !n.is_empty() => Ok(R::NodesRename {
+                    id: id_arg(a, "id")?,
+                    name: n.clone(),
+                }),
+                _ => Err("node_rename needs argument name (the new name)".into()),
+            }
+        },
+    },
+    MethodDef {
+        name: "routes",
+        args: &[],
+        write: false,
+        map: |a| args_of::<Map>("routes", &[], a).map(|_| R::RoutesList),
+    },
+    MethodDef {
+        name: "route_approve",
+        args: ROUTE_APPROVE,
+        write: true,
+        map: |a| {
+            ubus_object::only_known("route_approve", ROUTE_APPROVE, a)?;
+            let routes = match a.get("routes") {
+                Some(Value::Array(rs)) => rs
+                    .iter()
+                    .map(|r| match r.as_str() {
+                        Some(r) if tailcfg::is_valid_cidr(r) => Ok(r.to_string()),
+                        _ => Err(format!("route_approve: {r} is not a prefix like 10.0.0.0/24")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+                _ => {
+                    return Err(
+                        "route_approve needs argument routes (the full list of approved prefixes; [] for none)".into(),
+                    )
+                }
+            };
+            Ok(R::NodesApproveRoutes {
+                id: id_arg(a, "node")?,
+                routes,
+            })
+        },
+    },
+    MethodDef {
+        name: "preauthkey_add",
+        args: KEY_ADD,
+        write: true,
+        map: key_add,
+    },
+    MethodDef {
+        name: "preauthkeys",
+        args: KEYS,
+        write: true,
+        map: |a| {
+            #[derive(Deserialize)]
+            struct A {
+                user: Option<String>,
+            }
+            args_of::<A>("preauthkeys", KEYS, a).map(|x| R::PreauthkeysList { user: x.user })
+        },
+    },
+    MethodDef {
+        name: "preauthkey_expire",
+        args: KEY_EXPIRE,
+        write: true,
+        map: |a| {
+            #[derive(Deserialize)]
+            struct A {
+                key: String,
+            }
+            args_of::<A>("preauthkey_expire", KEY_EXPIRE, a).map(|x| R::PreauthkeysExpire { key: x.key })
+        },
+    },
+];
+
+/// The coordinator as the ubus object [`SERVER_OBJECT`].
+pub struct ServerObject(pub Arc<Coordinator>);
+
+impl Object for ServerObject {
+    type Snapshot = ();
+
+    fn name(&self) -> &'static str {
+        SERVER_OBJECT
+    }
+
+    fn methods(&self) -> Vec<Method> {
+        ubus_object::signatures(SERVER_METHODS)
+    }
+
+    fn call(self: &Arc<Self>, method: &str, args: &Map) -> Result<PendingReply, String> {
+        let req = ubus_object::map_call(SERVER_METHODS, method, args)?;
+        let r = handle(&self.0, req);
+        // Lists are JSON arrays; a ubus reply is a table.
+        let r = match r.data {
+            Value::Array(a) if r.error.is_empty() => IpcResponse {
+                data: json!({ method: a }),
+                error: r.error,
+            },
+            _ => r,
+        };
+        let reply = ubus_object::reply_for(r);
+        Ok(Box::pin(async move { reply }))
+    }
+}
+
 /// Binds the admin socket (mode 0600, removing a stale one) and serves it forever.
 pub async fn serve_admin(coord: Arc<Coordinator>, path: &Path) -> std::io::Result<()> {
     let listener = ipc::bind_private(path).await?;
@@ -294,4 +519,116 @@ pub async fn call(path: &Path, req: &AdminRequest) -> Result<Value, String> {
         "(is `tinyscale server serve` running with this --config, and are you root?)",
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(method: &str, v: Value) -> Result<AdminRequest, String> {
+        ubus_object::map_call(SERVER_METHODS, method, v.as_object().expect("object"))
+    }
+
+    #[test]
+    fn server_methods_map_onto_admin_requests() {
+        let s = "ubus_rpc_session";
+        assert_eq!(call("users", json!({ s: "x" })), Ok(R::UsersList));
+        assert_eq!(
+            call("user_add", json!({"name": "alice", s: "x"})),
+            Ok(R::UsersCreate { name: "alice".into() })
+        );
+        assert_eq!(call("nodes", json!({})), Ok(R::NodesList { user: None }));
+        assert_eq!(call("node_delete", json!({"id": 7})), Ok(R::NodesDelete { id: 7 }));
+        assert_eq!(call("node_delete", json!({"id": "7"})), Ok(R::NodesDelete { id: 7 }));
+        assert_eq!(
+            call("node_rename", json!({"id": 3, "name": "gw"})),
+            Ok(R::NodesRename {
+                id: 3,
+                name: "gw".into()
+            })
+        );
+        assert_eq!(call("routes", json!({})), Ok(R::RoutesList));
+        assert_eq!(
+            call(
+                "route_approve",
+                json!({"node": 2, "routes": ["10.0.0.0/24", "0.0.0.0/0"]})
+            ),
+            Ok(R::NodesApproveRoutes {
+                id: 2,
+                routes: vec!["10.0.0.0/24".into(), "0.0.0.0/0".into()]
+            })
+        );
+        assert_eq!(
+            call("route_approve", json!({"node": 2, "routes": []})),
+            Ok(R::NodesApproveRoutes { id: 2, routes: vec![] })
+        );
+        assert_eq!(
+            call(
+                "preauthkey_add",
+                json!({"user": "alice", "reusable": true, "expiration": "24h"})
+            ),
+            Ok(R::PreauthkeysCreate {
+                user: "alice".into(),
+                reusable: true,
+                ephemeral: false,
+                expiration_secs: Some(86400),
+                tags: vec![]
+            })
+        );
+        let Ok(R::PreauthkeysCreate { expiration_secs, .. }) = call("preauthkey_add", json!({"user": "a"})) else {
+            panic!("default expiration")
+        };
+        assert_eq!(expiration_secs, Some(3600));
+        let Ok(R::PreauthkeysCreate { expiration_secs, .. }) =
+            call("preauthkey_add", json!({"user": "a", "expiration": 0}))
+        else {
+            panic!("no expiration")
+        };
+        assert_eq!(expiration_secs, None);
+        assert_eq!(call("preauthkeys", json!({})), Ok(R::PreauthkeysList { user: None }));
+        assert_eq!(
+            call("preauthkey_expire", json!({"key": "tskey-auth-x"})),
+            Ok(R::PreauthkeysExpire {
+                key: "tskey-auth-x".into()
+            })
+        );
+    }
+
+    #[test]
+    fn server_methods_refuse_bad_arguments() {
+        for (m, v, needle) in [
+            ("users", json!({"all": true}), "\"all\""),
+            ("user_add", json!({}), "name"),
+            ("user_add", json!({"name": 5}), "user_add"),
+            ("node_delete", json!({"id": -1}), "id"),
+            ("node_delete", json!({"id": "x"}), "id"),
+            ("node_delete", json!({"node": 1}), "\"node\""),
+            ("node_rename", json!({"id": 1}), "name"),
+            ("route_approve", json!({"node": 1}), "routes"),
+            ("route_approve", json!({"node": 1, "routes": ["10.0.0.1"]}), "10.0.0.1"),
+            ("route_approve", json!({"routes": []}), "node"),
+            ("preauthkey_add", json!({"reusable": true}), "user"),
+            (
+                "preauthkey_add",
+                json!({"user": "a", "expiration": "soon"}),
+                "expiration",
+            ),
+            ("preauthkey_add", json!({"user": "a", "expiry": "1h"}), "\"expiry\""),
+            ("preauthkey_expire", json!({}), "key"),
+            ("policy_get", json!({}), "unknown method"),
+        ] {
+            let e = call(m, v.clone()).expect_err(&format!("{m} {v}"));
+            assert!(e.contains(needle), "{m} {v}: {e}");
+        }
+    }
+
+    #[test]
+    fn server_signatures_and_acl_sides() {
+        let sig = ubus_object::signatures(SERVER_METHODS);
+        assert_eq!(sig.len(), SERVER_METHODS.len());
+        let read: Vec<&str> = SERVER_METHODS.iter().filter(|m| !m.write).map(|m| m.name).collect();
+        assert_eq!(read, ["users", "nodes", "routes"]);
+        let ra = sig.iter().find(|m| m.name == "route_approve").expect("route_approve");
+        assert_eq!(ra.args, [("node", blobmsg::INT32), ("routes", blobmsg::ARRAY)]);
+    }
 }
