@@ -359,8 +359,54 @@ pub enum ServerCmd {
 #[derive(FromArgs, Debug)]
 #[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "serve")]
-/// run the coordinator (control server) with the config's `config server 'main'` section
-pub struct Serve {}
+/// run the coordinator (control server) with the config's `config server 'main'` section; the
+/// flags below replace the options of the same name in that section
+pub struct Serve {
+    /// turn MagicDNS on or off (uci magic_dns; default true)
+    #[argh(option)]
+    pub magic_dns: Option<bool>,
+    /// the MagicDNS domain: nodes are <host>.<base-domain> (uci base_domain; default tailnet.internal)
+    #[argh(option)]
+    pub base_domain: Option<String>,
+    /// global resolver pushed to clients, repeatable (uci list nameserver)
+    #[argh(option)]
+    pub nameserver: Vec<String>,
+    /// split DNS: domain=resolver[,domain=resolver...], repeatable (uci list split_dns)
+    #[argh(option)]
+    pub split_dns: Vec<String>,
+    /// extra MagicDNS records: name=IP[,name=IP...], repeatable (uci list extra_records)
+    #[argh(option)]
+    pub extra_records: Vec<String>,
+}
+
+impl Serve {
+    /// The flags as uci options (line 0: from the command line) for
+    /// [`crate::uci::ServerConfig::from_uci_with`].
+    pub fn uci_overrides(&self) -> Vec<crate::uci::UciOption> {
+        let opt = |name: &str, value: String, list: bool| crate::uci::UciOption {
+            name: name.into(),
+            value,
+            list,
+            line: 0,
+        };
+        let mut v = Vec::new();
+        if let Some(b) = self.magic_dns {
+            v.push(opt("magic_dns", b.to_string(), false));
+        }
+        if let Some(d) = &self.base_domain {
+            v.push(opt("base_domain", d.clone(), false));
+        }
+        let lists = [
+            ("nameserver", &self.nameserver),
+            ("split_dns", &self.split_dns),
+            ("extra_records", &self.extra_records),
+        ];
+        for (name, values) in lists {
+            v.extend(values.iter().map(|x| opt(name, x.clone(), true)));
+        }
+        v
+    }
+}
 
 #[derive(FromArgs, Debug)]
 #[cfg_attr(test, derive(argh::ArgsInfo))]

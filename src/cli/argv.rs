@@ -195,7 +195,16 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
         ],
     ),
     Verb::new("server", &[Flag::new("config", Value).short('c')]).subs(&[
-        Verb::new("serve", &[]),
+        Verb::new(
+            "serve",
+            &[
+                Flag::new("magic-dns", Bool),
+                Flag::new("base-domain", Value),
+                Flag::new("nameserver", Repeat),
+                Flag::new("split-dns", Repeat),
+                Flag::new("extra-records", Repeat),
+            ],
+        ),
         Verb::new("users", &[])
             .aliases(&["user", "namespace", "namespaces", "ns"])
             .subs(&[
