@@ -232,6 +232,7 @@ impl Daemon {
             snat_subnet_routes: s.prefs.snat_subnet_routes,
             advertise_exit_node: s.prefs.advertise_exit_node,
             state_dir: Some(s.dir.clone()),
+            accept_dns: s.prefs.accept_dns,
         };
         self.route_prefs_tx.send_if_modified(|cur| {
             let changed = *cur != rp;
@@ -475,6 +476,13 @@ impl Daemon {
             "Self": self_node,
             "Peer": peers,
             "MagicDNSSuffix": nm.magic_dns_suffix(),
+            // Go's ipnstate.TailnetStatus.
+            "CurrentTailnet": {
+                "Name": nm.domain,
+                "MagicDNSSuffix": nm.magic_dns_suffix(),
+                "MagicDNSEnabled": nm.dns.proxied,
+            },
+            "DNS": dns_status(nm, s.prefs.accept_dns),
             "DataPlane": engine.is_some(),
             "Counters": engine.as_ref().map(EngineHandle::counters),
             "Prefs": s.prefs,
@@ -831,6 +839,29 @@ pub async fn run(
     let _ = std::fs::remove_file(socket);
     log::info!("daemon stopped");
     Ok(())
+}
+
+/// The `DNS` object of `status --json`: what the MagicDNS resolver in this node does, for the
+/// OpenWrt glue (`tinyscale debug dns-uci`) and LuCI. `MagicDNS` is true when this node answers
+/// names at the service address (control turned MagicDNS on and `--accept-dns` is on).
+pub fn dns_status(nm: &Netmap, accept_dns: bool) -> Value {
+    let addrs = |rs: &[tailcfg::Resolver]| rs.iter().map(|r| r.addr.clone()).collect::<Vec<_>>();
+    let routes: serde_json::Map<String, Value> = nm
+        .dns
+        .routes
+        .iter()
+        .map(|(k, v)| (k.trim_end_matches('.').to_string(), json!(addrs(v))))
+        .collect();
+    json!({
+        "AcceptDNS": accept_dns,
+        "MagicDNS": accept_dns && nm.dns.proxied && !nm.magic_dns_suffix().is_empty(),
+        "MagicDNSSuffix": nm.magic_dns_suffix(),
+        "ServiceIPs": [crate::dns::SERVICE_V4.to_string(), crate::dns::SERVICE_V6.to_string()],
+        "Resolvers": addrs(&nm.dns.resolvers),
+        "Routes": routes,
+        "Domains": nm.dns.domains,
+        "ExtraRecords": nm.dns.extra_records,
+    })
 }
 
 #[cfg(test)]
