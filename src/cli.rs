@@ -309,6 +309,28 @@ pub struct DebugCmd {
 #[argh(subcommand)]
 pub enum DebugSub {
     Filter(DebugFilter),
+    DnsUci(DebugDnsUci),
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "dns-uci")]
+/// print the `uci batch` that makes dnsmasq forward the MagicDNS suffix and the tailnet's
+/// reverse zones to 100.100.100.100 (or, with --remove or MagicDNS off, takes those entries
+/// out); empty when dhcp already matches. The init script pipes it into `uci batch`.
+pub struct DebugDnsUci {
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+    /// remove our entries whatever the daemon says (the daemon is not asked)
+    #[argh(switch)]
+    pub remove: bool,
+    /// dnsmasq's uci file (default /etc/config/dhcp)
+    #[argh(option)]
+    pub dhcp: Option<PathBuf>,
+    /// wait up to this many seconds for the daemon to have its DNS settings from control
+    #[argh(option, default = "0")]
+    pub wait: u64,
 }
 
 #[derive(FromArgs, Debug)]
@@ -903,9 +925,48 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
                 print_json(&v);
                 Ok(())
             }
+            DebugSub::DnsUci(d) => debug_dns_uci(d).await,
         },
         _ => Err(Failure::usage("not a client command")),
     }
+}
+
+/// `debug dns-uci`: the MagicDNS suffix the daemon answers for (after up to `--wait` seconds
+/// for a netmap), turned into the dnsmasq batch for the current `/etc/config/dhcp`.
+async fn debug_dns_uci(d: DebugDnsUci) -> Result<(), Failure> {
+    let suffix = if d.remove {
+        None
+    } else {
+        let socket = socket_or_default(d.socket);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(d.wait);
+        loop {
+            let v = ipc::call(&socket, &IpcRequest::Status).await;
+            let ready = v.as_ref().ok().filter(|v| v["BackendState"] == "Running");
+            if ready.is_some() || tokio::time::Instant::now() >= deadline {
+                break magic_dns_suffix(&v?);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    };
+    let path = d.dhcp.unwrap_or_else(|| PathBuf::from("/etc/config/dhcp"));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Failure::runtime(format!("cannot read {}: {e}", path.display()))),
+    };
+    let batch = crate::uci::dnsmasq::batch(&text, suffix.as_deref())
+        .map_err(|e| Failure::config(format!("{}: {e}", path.display())))?;
+    print!("{batch}");
+    Ok(())
+}
+
+/// The suffix dnsmasq should forward, from `status --json`: only while this node answers
+/// MagicDNS (control turned it on and `--accept-dns` is on).
+pub fn magic_dns_suffix(status: &Value) -> Option<String> {
+    let dns = &status["DNS"];
+    (dns["MagicDNS"] == true)
+        .then(|| dns["MagicDNSSuffix"].as_str().unwrap_or("").to_string())
+        .filter(|s| !s.is_empty())
 }
 
 /// The `IPv6:` line of `netcheck` (as Go words it): the global address when IPv6 UDP works,

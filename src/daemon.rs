@@ -868,6 +868,48 @@ pub fn dns_status(nm: &Netmap, accept_dns: bool) -> Value {
 mod tests {
     use super::*;
 
+    #[test]
+    fn dns_status_for_the_openwrt_glue() {
+        let mut nm = Netmap::default();
+        nm.apply(tailcfg::MapResponse {
+            node: Some(tailcfg::Node {
+                name: "router.ts.example.".into(),
+                ..Default::default()
+            }),
+            dns_config: Some(tailcfg::DnsConfig {
+                proxied: true,
+                routes: [
+                    ("ts.example.".to_string(), vec![]),
+                    (
+                        "corp.example.".to_string(),
+                        vec![tailcfg::Resolver {
+                            addr: "10.0.0.53".into(),
+                        }],
+                    ),
+                ]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let v = dns_status(&nm, true);
+        assert_eq!(v["MagicDNS"], true);
+        assert_eq!(v["MagicDNSSuffix"], "ts.example");
+        assert_eq!(v["Routes"], json!({"corp.example": ["10.0.0.53"], "ts.example": []}));
+        assert_eq!(v["ServiceIPs"], json!(["100.100.100.100", "fd7a:115c:a1e0::53"]));
+        assert_eq!(
+            crate::cli::magic_dns_suffix(&json!({ "DNS": v })).as_deref(),
+            Some("ts.example")
+        );
+        // accept-dns off: the resolver is off, so dnsmasq must not forward to it.
+        let off = dns_status(&nm, false);
+        assert_eq!(off["MagicDNS"], false);
+        assert_eq!(crate::cli::magic_dns_suffix(&json!({ "DNS": off })), None);
+        nm.dns.proxied = false;
+        assert_eq!(dns_status(&nm, true)["MagicDNS"], false);
+    }
+
     /// A fresh state dir under the system temp dir, removed on drop.
     struct TempDir(std::path::PathBuf);
 

@@ -46,6 +46,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/config/tinyscale";
 
 pub mod batch;
 pub mod client;
+pub mod dnsmasq;
 
 // ---------------------------------------------------------------------------------------------
 // Errors

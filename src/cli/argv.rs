@@ -179,7 +179,18 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
         ],
     ),
     Verb::new("netcheck", &[Flag::new("json", Switch), SOCKET]),
-    Verb::new("debug", &[]).subs(&[Verb::new("filter", &[SOCKET])]),
+    Verb::new("debug", &[]).subs(&[
+        Verb::new("filter", &[SOCKET]),
+        Verb::new(
+            "dns-uci",
+            &[
+                SOCKET,
+                Flag::new("remove", Switch),
+                Flag::new("dhcp", Value),
+                Flag::new("wait", Value),
+            ],
+        ),
+    ]),
     Verb::new("exit-node", &[]).subs(&[Verb::new("list", &[SOCKET]).aliases(&["ls"])]),
     Verb::new("version", &[]),
     Verb::new(
@@ -835,9 +846,22 @@ mod tests {
         let Ok(Cmd::Debug(d)) = parse("debug filter -socket=/tmp/ts.sock") else {
             panic!("not debug")
         };
-        let crate::cli::DebugSub::Filter(f) = d.cmd;
+        let crate::cli::DebugSub::Filter(f) = d.cmd else {
+            panic!("not debug filter")
+        };
         assert_eq!(f.socket.as_deref(), Some(std::path::Path::new("/tmp/ts.sock")));
         assert!(parse("debug").is_err(), "debug needs a subcommand");
+        let Ok(Cmd::Debug(d)) = parse("debug dns-uci --remove -wait=5 --dhcp /tmp/dhcp") else {
+            panic!("not debug")
+        };
+        let crate::cli::DebugSub::DnsUci(u) = d.cmd else {
+            panic!("not debug dns-uci")
+        };
+        assert!(u.remove);
+        assert_eq!(
+            (u.wait, u.dhcp.as_deref()),
+            (5, Some(std::path::Path::new("/tmp/dhcp")))
+        );
     }
 
     #[test]

@@ -121,9 +121,11 @@ pub fn dns_config(state: &State) -> DnsConfig {
     dns.extra_records = s
         .extra_records
         .iter()
+        // No Type: Go infers A or AAAA from the value, and its dialer (tsdial's dnsMap) reads
+        // only records without a Type.
         .map(|(name, ip)| DnsRecord {
             name: name.clone(),
-            r#type: if ip.is_ipv4() { "A" } else { "AAAA" }.into(),
+            r#type: String::new(),
             value: ip.to_string(),
         })
         .collect();
@@ -287,8 +289,8 @@ mod tests {
         assert_eq!(
             v["ExtraRecords"],
             serde_json::json!([
-                {"Name": "grafana.ts.example", "Type": "A", "Value": "100.64.0.9"},
-                {"Name": "v6.ts.example", "Type": "AAAA", "Value": "fd7a:115c:a1e0::9"}
+                {"Name": "grafana.ts.example", "Value": "100.64.0.9"},
+                {"Name": "v6.ts.example", "Value": "fd7a:115c:a1e0::9"}
             ])
         );
         // And it reads back as what was sent.
