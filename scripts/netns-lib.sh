@@ -605,6 +605,10 @@ coord_config() {
 		printf "\toption server_url '%s'\n\toption listen_addr '[::]:%s'\n" "$COORD_URL" "$COORD_PORT"
 		printf "\toption db_path '%s/db.sqlite'\n\toption unix_socket '%s/admin.sock'\n" "$d" "$d"
 		printf "\toption base_domain 'ts.test'\n"
+		# MagicDNS: names under example.test go to the test resolver in ts-inet (dns_upstream).
+		printf "\tlist split_dns 'example.test=%s'\n" "$INET_IP"
+		# web-a: a's address (the first allocated), for the Go node to reach by an extra record.
+		printf "\tlist extra_records 'extra.ts.test=100.64.99.99,web-a.ts.test=100.64.0.1'\n"
 		if [[ $TLS == 1 ]]; then
 			printf "\toption tls_cert_path '%s'\n\toption tls_key_path '%s'\n" "$WORK/tls/cert.pem" "$WORK/tls/key.pem"
 		fi
@@ -624,6 +628,27 @@ coord_config() {
 		derp_map_json "$COORD_PORT" >"$d/derp.json"
 	fi
 	COORD_CONF=$d/tinyscale.conf
+}
+
+# dns_upstream: a few lines of python as the test's upstream resolver on $INET_IP:53 (UDP):
+# every A question under example.test gets 192.0.2.7, anything else NXDOMAIN.
+dns_upstream() {
+	spawn dnsup ts-inet python3 -c "
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('$INET_IP', 53))
+while True:
+    q, peer = s.recvfrom(512)
+    i, labels = 12, []
+    while i < len(q) and q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode(errors='replace'))
+        i += 1 + q[i]
+    name = '.'.join(labels).lower()
+    ok = (name == 'example.test' or name.endswith('.example.test')) and q[i + 1:i + 3] == b'\\x00\\x01'
+    head = q[:2] + struct.pack('>HHHHH', 0x8180 if ok else 0x8183, 1, int(ok), 0, 0)
+    answer = b'\\xc0\\x0c\\x00\\x01\\x00\\x01\\x00\\x00\\x00\\x3c\\x00\\x04' + bytes([192, 0, 2, 7]) if ok else b''
+    s.sendto(head + q[12:i + 5] + answer, peer)
+"
 }
 
 coord_admin() { timeout 20 ip netns exec ts-inet "$BIN" server --config "$COORD_CONF" "$@"; }
@@ -814,6 +839,12 @@ go_start() {
 :8081 {
 	bind 127.0.0.1
 	reverse_proxy http://$aip:8000 {
+		transport tailscale g
+	}
+}
+:8082 {
+	bind 127.0.0.1
+	reverse_proxy http://web-a.ts.test:8000 {
 		transport tailscale g
 	}
 }

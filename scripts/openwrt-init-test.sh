@@ -54,7 +54,10 @@ run() {
 			esac
 			eval "$1=\$__b"
 		}
-		uci() { rec "uci $*"; echo "tinyscale.main=server"; }
+		uci() {
+			rec "uci $*"
+			case "$*" in *show*) echo "tinyscale.main=server" ;; esac
+		}
 		logger() { rec "logger $*"; }
 		procd_open_service() { rec "procd_open_service $*"; }
 		procd_close_service() { rec "procd_close_service"; }
@@ -73,9 +76,11 @@ run() {
 		start() { rc_procd start_service "$@"; }
 		. "$INIT"
 		PROG="$T/tinyscale"
+		DNSMASQ_INIT="$T/dnsmasq"
 		case "$1" in
 		start) start ;;
 		reload) reload_service ;;
+		stop) stop_service ;;
 		triggers) service_triggers ;;
 		esac
 	)
@@ -157,13 +162,14 @@ procd_close_instance
 procd_close_service
 config_load tinyscale
 exec tinyscale up --config /etc/config/tinyscale
+exec tinyscale debug dns-uci
 W
 
 # A refused `up` is logged, not fatal.
 FAKE_RC=3
 export FAKE_RC
 run reload
-tail -n 1 "$TRACE" > "$T/last"
+grep logger "$TRACE" > "$T/last"
 TRACE="$T/last"
 expect "reload logs a refused up" <<'W'
 logger -t tinyscale reload: prefs not applied (daemon restarting or config invalid; see logread)
@@ -189,6 +195,33 @@ procd_open_service tinyscale /etc/init.d/tinyscale
 config_load tinyscale
 procd_close_service
 W
+
+# stop takes the dnsmasq forwarding out (the daemon is not asked).
+run stop
+expect "stop removes the MagicDNS forwarding from dhcp" <<'W'
+exec tinyscale debug dns-uci --remove
+W
+
+# A non-empty batch goes to uci and dnsmasq reloads; an empty one touches nothing.
+cat > "$T/tinyscale" <<'STUB'
+#!/bin/sh
+echo "exec tinyscale $*" >> "$TRACE"
+echo "del_list dhcp.@dnsmasq[0].server='/ts.example/100.100.100.100'"
+STUB
+printf '#!/bin/sh\necho "exec dnsmasq $*" >> "$TRACE"\n' > "$T/dnsmasq"
+chmod +x "$T/dnsmasq"
+run stop
+expect "stop applies a non-empty batch and reloads dnsmasq" <<'W'
+exec tinyscale debug dns-uci --remove
+uci -q batch
+uci -q commit dhcp
+exec dnsmasq reload
+W
+cat > "$T/tinyscale" <<'STUB'
+#!/bin/sh
+echo "exec tinyscale $*" >> "$TRACE"
+exit "${FAKE_RC:-0}"
+STUB
 
 run triggers
 expect "triggers: config and lan/wan" <<'W'

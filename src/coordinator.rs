@@ -133,6 +133,8 @@ pub fn settings_from_config(cfg: &ServerConfig) -> Result<state::Settings, Strin
         base_domain: cfg.base_domain.clone(),
         magic_dns: cfg.magic_dns,
         nameservers: cfg.nameservers.iter().map(|a| a.to_string()).collect(),
+        split_dns: cfg.split_dns.clone(),
+        extra_records: cfg.extra_records.clone(),
         derp_map: load_derp_map(&cfg.derp.paths)?,
         ephemeral_inactivity_timeout: cfg.ephemeral_node_inactivity_timeout.as_secs() as i64,
     })

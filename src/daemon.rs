@@ -243,6 +243,7 @@ impl Daemon {
             exit_node: s.prefs.exit_node.clone(),
             exit_node_allow_lan_access: s.prefs.exit_node_allow_lan_access,
             state_dir: Some(s.dir.clone()),
+            accept_dns: s.prefs.accept_dns,
         };
         self.route_prefs_tx.send_if_modified(|cur| {
             let changed = *cur != rp;
@@ -569,6 +570,13 @@ impl Daemon {
             "Self": self_node,
             "Peer": peers,
             "MagicDNSSuffix": nm.magic_dns_suffix(),
+            // Go's ipnstate.TailnetStatus.
+            "CurrentTailnet": {
+                "Name": nm.domain,
+                "MagicDNSSuffix": nm.magic_dns_suffix(),
+                "MagicDNSEnabled": nm.dns.proxied,
+            },
+            "DNS": dns_status(nm, s.prefs.accept_dns),
             "DataPlane": engine.is_some(),
             "Counters": engine.map(|e| e.counters),
             "Prefs": s.prefs,
@@ -1030,9 +1038,74 @@ pub async fn run(
     Ok(())
 }
 
+/// The `DNS` object of `status --json`: what the MagicDNS resolver in this node does, for the
+/// OpenWrt glue (`tinyscale debug dns-uci`) and LuCI. `MagicDNS` is true when this node answers
+/// names at the service address (control turned MagicDNS on and `--accept-dns` is on).
+pub fn dns_status(nm: &Netmap, accept_dns: bool) -> Value {
+    let addrs = |rs: &[tailcfg::Resolver]| rs.iter().map(|r| r.addr.clone()).collect::<Vec<_>>();
+    let routes: serde_json::Map<String, Value> = nm
+        .dns
+        .routes
+        .iter()
+        .map(|(k, v)| (k.trim_end_matches('.').to_string(), json!(addrs(v))))
+        .collect();
+    json!({
+        "AcceptDNS": accept_dns,
+        "MagicDNS": accept_dns && nm.dns.proxied && !nm.magic_dns_suffix().is_empty(),
+        "MagicDNSSuffix": nm.magic_dns_suffix(),
+        "ServiceIPs": [crate::dns::SERVICE_V4.to_string(), crate::dns::SERVICE_V6.to_string()],
+        "Resolvers": addrs(&nm.dns.resolvers),
+        "Routes": routes,
+        "Domains": nm.dns.domains,
+        "ExtraRecords": nm.dns.extra_records,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_status_for_the_openwrt_glue() {
+        let mut nm = Netmap::default();
+        nm.apply(tailcfg::MapResponse {
+            node: Some(tailcfg::Node {
+                name: "router.ts.example.".into(),
+                ..Default::default()
+            }),
+            dns_config: Some(tailcfg::DnsConfig {
+                proxied: true,
+                routes: [
+                    ("ts.example.".to_string(), vec![]),
+                    (
+                        "corp.example.".to_string(),
+                        vec![tailcfg::Resolver {
+                            addr: "10.0.0.53".into(),
+                        }],
+                    ),
+                ]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let v = dns_status(&nm, true);
+        assert_eq!(v["MagicDNS"], true);
+        assert_eq!(v["MagicDNSSuffix"], "ts.example");
+        assert_eq!(v["Routes"], json!({"corp.example": ["10.0.0.53"], "ts.example": []}));
+        assert_eq!(v["ServiceIPs"], json!(["100.100.100.100", "fd7a:115c:a1e0::53"]));
+        assert_eq!(
+            crate::cli::magic_dns_suffix(&json!({ "DNS": v })).as_deref(),
+            Some("ts.example")
+        );
+        // accept-dns off: the resolver is off, so dnsmasq must not forward to it.
+        let off = dns_status(&nm, false);
+        assert_eq!(off["MagicDNS"], false);
+        assert_eq!(crate::cli::magic_dns_suffix(&json!({ "DNS": off })), None);
+        nm.dns.proxied = false;
+        assert_eq!(dns_status(&nm, true)["MagicDNS"], false);
+    }
 
     /// A fresh state dir under the system temp dir, removed on drop.
     struct TempDir(std::path::PathBuf);

@@ -86,6 +86,18 @@ const DNS_RETRY: Duration = Duration::from_secs(30);
 /// its other inputs. Draining a burst costs one reactor round trip instead of one per packet,
 /// and lets a bulk flow's data messages leave in one batched send (see `magicsock::batch`).
 const BURST: usize = 64;
+/// Forwarded DNS queries in flight at once; more are dropped (the client retries), so a query
+/// flood costs bounded memory and tasks.
+const DNS_MAX_INFLIGHT: usize = 64;
+/// How long one upstream resolver gets to answer a forwarded query before the next is tried.
+const DNS_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Upstream resolvers tried per forwarded query (Go's forwarder also races a few, not all).
+const DNS_UPSTREAM_TRIES: usize = 3;
+/// Largest DNS answer relayed (EDNS allows up to 64 KiB; resolvers rarely exceed 4 KiB).
+const DNS_MAX_ANSWER: usize = 4096;
+/// The host's resolvers, read (never written) for queries outside every split-DNS route.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
 /// Budget for one region's `GET /derp/latency-check` (connection, TLS and the request).
 const HTTPS_LATENCY_BUDGET: Duration = Duration::from_secs(5);
 /// How long HTTPS latencies rank regions before they are measured again (a TLS connection to
@@ -119,6 +131,8 @@ pub struct RoutePrefs {
     pub exit_node_allow_lan_access: bool,
     /// Where the router keeps what it must restore after a crash (the state dir).
     pub state_dir: Option<std::path::PathBuf>,
+    /// Answer MagicDNS at the service address (`--accept-dns`).
+    pub accept_dns: bool,
 }
 
 impl RoutePrefs {
@@ -349,6 +363,15 @@ pub struct Engine {
     filter_rules: Vec<FilterRule>,
     /// The shields-up preference, written through [`EngineHandle::set_shields_up`].
     shields_up: Arc<AtomicBool>,
+    /// MagicDNS answers for packets to the service address; `None` with `--accept-dns=false`
+    /// (those packets then go the way of any other).
+    resolver: Option<crate::dns::Resolver>,
+    /// Keys the TCP responder's sequence numbers.
+    dns_secret: u64,
+    /// Forwarded queries not yet answered (at most [`DNS_MAX_INFLIGHT`]).
+    dns_inflight: usize,
+    /// Answers of forwarded queries come back to the loop here.
+    dns_fwd_tx: mpsc::Sender<(crate::dns::ReplyTo, Option<Vec<u8>>)>,
 }
 
 /// The file in the state dir keeping the forwarding sysctls found before we changed them.
@@ -593,6 +616,7 @@ impl Engine {
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let (dns_done_tx, dns_done_rx) = mpsc::channel(1);
         let (https_done_tx, https_done_rx) = mpsc::channel(1);
+        let (dns_fwd_tx, dns_fwd_rx) = mpsc::channel(DNS_MAX_INFLIGHT);
         let (derp_in_tx, derp_in_rx) = mpsc::channel(1024);
         let shields_up = Arc::new(AtomicBool::new(false));
         let engine = Engine {
@@ -639,6 +663,10 @@ impl Engine {
             filter: Filter::new(OsRng.next_u64()),
             filter_rules: Vec::new(),
             shields_up: shields_up.clone(),
+            resolver: None,
+            dns_secret: OsRng.next_u64(),
+            dns_inflight: 0,
+            dns_fwd_tx,
         };
         let mut engine = engine;
         if let Some(dir) = &engine.route_prefs.state_dir {
@@ -648,7 +676,15 @@ impl Engine {
         }
         // Whatever a crashed run left (nftables table, rules, table 53, sysctls) goes first.
         engine.router.recover();
-        let task = tokio::spawn(engine.run(netmap, prefs, cmd_rx, derp_in_rx, dns_done_rx, https_done_rx));
+        let task = tokio::spawn(engine.run(
+            netmap,
+            prefs,
+            cmd_rx,
+            derp_in_rx,
+            dns_done_rx,
+            https_done_rx,
+            dns_fwd_rx,
+        ));
         Ok((
             EngineHandle {
                 cmds: cmd_tx,
@@ -658,6 +694,8 @@ impl Engine {
         ))
     }
 
+    // One receiver per input of the loop; bundling them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         mut self,
         mut netmap: watch::Receiver<Option<Arc<Netmap>>>,
@@ -666,6 +704,7 @@ impl Engine {
         mut derp_in: mpsc::Receiver<(i32, NodePublic, Bytes)>,
         mut dns_done: mpsc::Receiver<()>,
         mut https_done: mpsc::Receiver<BTreeMap<i32, Duration>>,
+        mut dns_fwd: mpsc::Receiver<(crate::dns::ReplyTo, Option<Vec<u8>>)>,
     ) {
         let mut tun_buf = vec![0u8; MAX_DATAGRAM];
         let mut udp_buf = vec![0u8; MAX_DATAGRAM];
@@ -696,6 +735,12 @@ impl Engine {
                     Err(e) => log::debug!("udp6 recv err={e}"),
                 },
                 Some(lat) = https_done.recv() => self.on_https_latency(&lat),
+                Some((to, answer)) = dns_fwd.recv() => {
+                    self.dns_inflight = self.dns_inflight.saturating_sub(1);
+                    for p in answer.map(|a| to.packets(&a)).unwrap_or_default() {
+                        self.tun_out.push(&p);
+                    }
+                }
                 Some(()) = dns_done.recv() => {
                     // New DERP addresses: measure with them now rather than in 25 s.
                     self.dns_pending = false;
@@ -723,10 +768,12 @@ impl Engine {
                     let p = prefs.borrow_and_update().clone();
                     if p != self.route_prefs {
                         let accept_changed = p.accept_routes != self.route_prefs.accept_routes
-                            || p.exit_node != self.route_prefs.exit_node;
+                            || p.exit_node != self.route_prefs.exit_node
+                            || p.accept_dns != self.route_prefs.accept_dns;
                         self.route_prefs = p;
                         match netmap.borrow().clone() {
-                            // WireGuard's AllowedIPs depend on --accept-routes and --exit-node too.
+                            // WireGuard's AllowedIPs depend on --accept-routes and --exit-node too,
+                            // MagicDNS on --accept-dns.
                             Some(nm) if accept_changed => self.apply_netmap(&nm),
                             _ => self.apply_router(),
                         }
@@ -849,6 +896,86 @@ impl Engine {
             self.next_netcheck = Instant::now();
         }
         self.apply_filter(nm);
+        self.apply_dns(nm);
+    }
+
+    /// Rebuilds the MagicDNS answer tables from `nm` (or drops them with `--accept-dns=false`).
+    fn apply_dns(&mut self, nm: &Netmap) {
+        let r = self
+            .route_prefs
+            .accept_dns
+            .then(|| crate::dns::Resolver::from_netmap(nm));
+        let summary = |r: &Option<crate::dns::Resolver>| r.as_ref().map(|r| (r.magic, r.suffix.clone()));
+        if summary(&r) != summary(&self.resolver) {
+            match &r {
+                Some(r) => log::info!(
+                    "dns: answering at {} and {} magic_dns={} suffix={}",
+                    crate::dns::SERVICE_V4,
+                    crate::dns::SERVICE_V6,
+                    r.magic,
+                    r.suffix
+                ),
+                None => log::info!("dns: off (accept-dns=false)"),
+            }
+        }
+        self.resolver = r;
+    }
+
+    /// A packet from the TUN for the service address: answered here, or forwarded.
+    fn on_dns_packet(&mut self, pkt: &[u8]) {
+        use crate::dns::{self, Decision, Inbound, ReplyTo, TcpAction};
+        let Some(r) = &self.resolver else { return };
+        let (query, to) = match dns::parse_packet(pkt) {
+            Some(Inbound::Udp { src, dst, payload }) => (
+                payload.to_vec(),
+                ReplyTo::Udp {
+                    client: src,
+                    server: dst,
+                },
+            ),
+            Some(Inbound::Tcp(seg)) => match dns::handle_tcp(&seg, self.dns_secret) {
+                TcpAction::Send(p) => return self.tun_out.push(&p),
+                TcpAction::Query(q, reply) => (q, ReplyTo::Tcp(reply)),
+                TcpAction::None => return,
+            },
+            None => return,
+        };
+        match r.decide(&query) {
+            Some(Decision::Reply(answer)) => {
+                for p in to.packets(&answer) {
+                    self.tun_out.push(&p);
+                }
+            }
+            Some(Decision::Forward(up)) => self.forward_dns(up, query, to),
+            None => {}
+        }
+    }
+
+    /// Sends `query` to its upstream off the loop; the answer (or a SERVFAIL) comes back on
+    /// `dns_fwd`. Past [`DNS_MAX_INFLIGHT`] the query is dropped.
+    fn forward_dns(&mut self, up: crate::dns::Upstream, query: Vec<u8>, to: crate::dns::ReplyTo) {
+        if self.dns_inflight >= DNS_MAX_INFLIGHT {
+            log::debug!("dns: {DNS_MAX_INFLIGHT} queries in flight, dropping one");
+            return;
+        }
+        self.dns_inflight += 1;
+        let tx = self.dns_fwd_tx.clone();
+        tokio::spawn(async move {
+            let servers = match up {
+                crate::dns::Upstream::Resolvers(s) => s,
+                crate::dns::Upstream::System => std::fs::read_to_string(RESOLV_CONF)
+                    .map(|t| crate::dns::parse_resolv_conf(&t))
+                    .unwrap_or_default(),
+            };
+            let answer = match forward_query(&query, &servers).await {
+                Some(a) => Some(a),
+                None => {
+                    log::debug!("dns: no upstream answered servers={servers:?}");
+                    crate::dns::servfail(&query)
+                }
+            };
+            let _ = tx.send((to, answer)).await;
+        });
     }
 
     /// Brings the packet filter up to date with `nm`: its rules (recompiled only when they
@@ -1024,6 +1151,9 @@ impl Engine {
     }
 
     fn on_tun(&mut self, pkt: &[u8]) {
+        if self.resolver.is_some() && crate::dns::is_for_service(pkt) {
+            return self.on_dns_packet(pkt);
+        }
         // Our UDP flows, so that their replies pass the filter.
         self.filter.note_outbound(pkt);
         let room = wg::encapsulate_room(pkt.len());
@@ -1577,6 +1707,30 @@ struct Drops {
     disco_undecryptable: u64,
     /// STUN that answers no probe of ours.
     stun_unsolicited: u64,
+}
+
+/// Sends `query` to each of the first [`DNS_UPSTREAM_TRIES`] `servers` in turn over a marked
+/// UDP socket (never into the tunnel) and returns the first answer with the query's ID.
+async fn forward_query(query: &[u8], servers: &[SocketAddr]) -> Option<Vec<u8>> {
+    let id = query.get(..2)?;
+    for &server in servers.iter().take(DNS_UPSTREAM_TRIES) {
+        let attempt = async {
+            let sock = crate::netns::udp_connect(server).await.ok()?;
+            sock.send(query).await.ok()?;
+            let mut buf = vec![0u8; DNS_MAX_ANSWER];
+            loop {
+                let n = sock.recv(&mut buf).await.ok()?;
+                if n >= 12 && &buf[..2] == id {
+                    buf.truncate(n);
+                    return Some(buf);
+                }
+            }
+        };
+        if let Ok(Some(a)) = tokio::time::timeout(DNS_UPSTREAM_TIMEOUT, attempt).await {
+            return Some(a);
+        }
+    }
+    None
 }
 
 /// Resolves when the IPv6 socket has something to read (never, without one).

@@ -13,6 +13,7 @@ pub mod coordinator;
 pub mod daemon;
 pub mod derp;
 pub mod disco;
+pub mod dns;
 pub mod engine;
 pub mod error;
 pub mod filter;

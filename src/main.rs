@@ -147,8 +147,20 @@ fn server(s: cli::Server) -> Result<(), Failure> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(Failure::config(format!("cannot read {}: {e}", path.display()))),
     };
-    let cfg = tinyscale::uci::ServerConfig::from_uci_text(&text)
-        .map_err(|e| Failure::config(format!("{}: {e}", path.display())))?;
+    let overrides = match &s.cmd {
+        ServerCmd::Serve(serve) => serve.uci_overrides(),
+        _ => Vec::new(),
+    };
+    let cfg = tinyscale::uci::parse(&text)
+        .and_then(|f| tinyscale::uci::ServerConfig::from_uci_with(&f, &overrides))
+        .map_err(|e| match e.line() {
+            // A value from a flag: no file line to point at.
+            0 => Failure::config(format!(
+                "command line: {}",
+                e.to_string().trim_start_matches("line 0: ")
+            )),
+            _ => Failure::config(format!("{}: {e}", path.display())),
+        })?;
     match s.cmd {
         ServerCmd::Serve(sv) => {
             tinyscale::logger::init(cfg.log_level.to_level_filter());

@@ -56,6 +56,22 @@ pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     s.connect(addr).await
 }
 
+/// A UDP socket marked with [`BYPASS_MARK`], bound to an ephemeral port of `addr`'s family and
+/// connected to it (replies from anyone else are dropped by the kernel).
+pub async fn udp_connect(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+    let any: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = std::net::UdpSocket::bind(any)?;
+    mark(s.as_raw_fd());
+    s.set_nonblocking(true)?;
+    let s = tokio::net::UdpSocket::from_std(s)?;
+    s.connect(addr).await?;
+    Ok(s)
+}
+
 /// Resolves `host:port` with the system resolver and connects to the first address that
 /// answers, in the resolver's order, with marked sockets.
 pub async fn connect_host(addr: &str) -> io::Result<TcpStream> {

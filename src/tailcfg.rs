@@ -316,6 +316,24 @@ pub struct DnsConfig {
     /// True enables MagicDNS.
     #[serde(rename = "Proxied", skip_serializing_if = "is_false")]
     pub proxied: bool,
+    /// Static A/AAAA records MagicDNS serves besides the nodes' names.
+    #[serde(rename = "ExtraRecords", skip_serializing_if = "Vec::is_empty")]
+    pub extra_records: Vec<DnsRecord>,
+}
+
+/// `tailcfg.DNSRecord`: one extra MagicDNS record. An empty `Type` means A or AAAA, as the
+/// value's family says; other types are ignored (Go does the same).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DnsRecord {
+    /// FQDN, the trailing dot optional.
+    #[serde(rename = "Name")]
+    pub name: String,
+    #[serde(rename = "Type", skip_serializing_if = "String::is_empty")]
+    pub r#type: String,
+    /// The IP address as text.
+    #[serde(rename = "Value")]
+    pub value: String,
 }
 
 /// `tailcfg.DERPNode`. Name, RegionID and HostName are always emitted (rs requires them).

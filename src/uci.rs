@@ -46,6 +46,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/config/tinyscale";
 
 pub mod batch;
 pub mod client;
+pub mod dnsmasq;
 
 // ---------------------------------------------------------------------------------------------
 // Errors
@@ -931,6 +932,11 @@ pub struct ServerConfig {
     pub magic_dns: bool,
     /// Global resolvers pushed to clients (`list nameserver`).
     pub nameservers: Vec<IpAddr>,
+    /// Split DNS (`list split_dns 'domain=resolver'`): lowercase domain without trailing dot
+    /// and its resolvers (`IP` or `IP:port`), domains in first-seen order.
+    pub split_dns: Vec<(String, Vec<String>)>,
+    /// Extra MagicDNS records (`list extra_records 'name=IP'`): lowercase name, address.
+    pub extra_records: Vec<(String, IpAddr)>,
     /// Ephemeral nodes are deleted after this long offline
     /// (`ephemeral_node_inactivity_timeout`, more than 65 s).
     pub ephemeral_node_inactivity_timeout: Duration,
@@ -956,6 +962,8 @@ impl Default for ServerConfig {
             base_domain: "tailnet.internal".to_owned(),
             magic_dns: true,
             nameservers: vec![IpAddr::V4(Ipv4Addr::new(1, 1, 1, 1))],
+            split_dns: Vec::new(),
+            extra_records: Vec::new(),
             ephemeral_node_inactivity_timeout: Duration::from_secs(30 * 60),
             policy_path: None,
             log_level: LogLevel::Info,
@@ -986,6 +994,8 @@ const SERVER_OPTIONS: &[(&str, bool)] = &[
     ("base_domain", false),
     ("magic_dns", false),
     ("nameserver", true),
+    ("split_dns", true),
+    ("extra_records", true),
     ("ephemeral_node_inactivity_timeout", false),
     ("log_level", false),
     ("derp_server_enabled", false),
@@ -1072,6 +1082,14 @@ impl ServerConfig {
     /// section not named `main` is an error, since its options would otherwise be silently
     /// dropped. Unknown, repeated, mis-typed (`list` vs `option`) and invalid options are errors.
     pub fn from_uci(file: &UciFile) -> Result<ServerConfig, ConfigError> {
+        Self::from_uci_with(file, &[])
+    }
+
+    /// [`ServerConfig::from_uci`] with command-line values laid over the file: every option
+    /// named in `overrides` replaces the file's values of that name (all of a list's entries),
+    /// and is validated the same way. Give overrides line 0; [`ConfigError::line`] then says the
+    /// value came from the command line.
+    pub fn from_uci_with(file: &UciFile, overrides: &[UciOption]) -> Result<ServerConfig, ConfigError> {
         let mut opts = ServerOptions {
             scalars: Vec::new(),
             lists: Vec::new(),
@@ -1124,6 +1142,15 @@ impl ServerConfig {
                         opts.scalars.push(o);
                     }
                 }
+            }
+        }
+        opts.scalars.retain(|o| !overrides.iter().any(|v| v.name == o.name));
+        opts.lists.retain(|o| !overrides.iter().any(|v| v.name == o.name));
+        for o in overrides {
+            if o.list {
+                opts.lists.push(o);
+            } else {
+                opts.scalars.push(o);
             }
         }
         Self::from_options(&opts)
@@ -1223,6 +1250,38 @@ impl ServerConfig {
                 .iter()
                 .map(|o| parse_with(o, "IP address", |s| s.parse().ok()))
                 .collect::<Result<_, _>>()?;
+        }
+        for o in opts.list("split_dns") {
+            for entry in o.value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                let (domain, resolver) = split_dns_entry(entry).map_err(|why| invalid(o, why))?;
+                if c.magic_dns && (domain == c.base_domain || domain.ends_with(&format!(".{}", c.base_domain))) {
+                    return Err(invalid(
+                        o,
+                        format!(
+                            "split DNS domain {domain:?} is inside base_domain {:?}, which MagicDNS answers itself",
+                            c.base_domain
+                        ),
+                    ));
+                }
+                match c.split_dns.iter_mut().find(|(d, _)| *d == domain) {
+                    Some((_, rs)) => rs.push(resolver),
+                    None => c.split_dns.push((domain, vec![resolver])),
+                }
+            }
+        }
+        for o in opts.list("extra_records") {
+            for entry in o.value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                let (name, ip) = entry
+                    .split_once('=')
+                    .ok_or_else(|| invalid(o, format!("invalid record {entry:?}: expected name=IP")))?;
+                let name = validate_domain(name.trim().trim_end_matches('.'))
+                    .map_err(|why| invalid(o, format!("invalid record name {name:?}: {why}")))?;
+                let ip: IpAddr = ip
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(o, format!("invalid record address {ip:?} in {entry:?}")))?;
+                c.extra_records.push((name, ip));
+            }
         }
         if let Some(o) = opts.get("ephemeral_node_inactivity_timeout") {
             let d = parse_duration(&o.value).map_err(|e| invalid(o, format!("{e}: {:?}", o.value)))?;
@@ -1348,6 +1407,24 @@ fn http_url_host(url: &str) -> Result<&str, &'static str> {
 
 /// Validates a DNS domain (labels of `[a-z0-9-]`, 1-63 chars, not starting or ending with `-`,
 /// at most 253 chars, no trailing dot) and returns it lowercased.
+/// One `domain=resolver` of `split_dns`: the domain (validated, lowercase, without trailing
+/// dot) and the resolver as `IP` or `IP:port` (Go accepts both in `dnstype.Resolver.Addr`).
+fn split_dns_entry(entry: &str) -> Result<(String, String), String> {
+    let (domain, resolver) = entry
+        .split_once('=')
+        .ok_or_else(|| format!("invalid split DNS entry {entry:?}: expected domain=resolver"))?;
+    let domain = validate_domain(domain.trim().trim_end_matches('.'))
+        .map_err(|why| format!("invalid split DNS domain {domain:?}: {why}"))?;
+    let resolver = resolver.trim();
+    let ok = resolver.parse::<IpAddr>().is_ok() || resolver.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0);
+    if !ok {
+        return Err(format!(
+            "invalid split DNS resolver {resolver:?} for {domain:?}: expected IP or IP:port"
+        ));
+    }
+    Ok((domain, resolver.to_owned()))
+}
+
 fn validate_domain(s: &str) -> Result<String, &'static str> {
     if s.ends_with('.') {
         return Err("must not end with a dot");
@@ -1741,6 +1818,38 @@ config client
             ("option base_domain 'a..com'", "base_domain", "1-63"),
             ("option magic_dns 'maybe'", "magic_dns", "invalid boolean"),
             ("list nameserver 'dns.google'", "nameserver", "invalid IP address"),
+            ("list split_dns 'corp.example'", "split_dns", "expected domain=resolver"),
+            (
+                "list split_dns 'corp_x.example=10.0.0.1'",
+                "split_dns",
+                "invalid split DNS domain",
+            ),
+            (
+                "list split_dns 'corp.example=dns.corp'",
+                "split_dns",
+                "expected IP or IP:port",
+            ),
+            (
+                "list split_dns 'corp.example=10.0.0.1:0'",
+                "split_dns",
+                "expected IP or IP:port",
+            ),
+            (
+                "list split_dns 'x.tailnet.internal=10.0.0.1'",
+                "split_dns",
+                "inside base_domain \"tailnet.internal\"",
+            ),
+            ("list extra_records 'grafana'", "extra_records", "expected name=IP"),
+            (
+                "list extra_records 'graf ana=100.64.0.9'",
+                "extra_records",
+                "invalid record name",
+            ),
+            (
+                "list extra_records 'grafana=100.64.0.999'",
+                "extra_records",
+                "invalid record address",
+            ),
             (
                 "option ephemeral_node_inactivity_timeout '65s'",
                 "ephemeral_node_inactivity_timeout",
@@ -1845,6 +1954,67 @@ config client
             ServerConfig::from_uci_text("config server 'main'\noption a 'b\n"),
             Err(ConfigError::Syntax { line: 2, .. })
         ));
+    }
+
+    #[test]
+    fn split_dns_and_extra_records() {
+        let c = ServerConfig::from_uci_text(
+            "config server 'main'\n\
+             \tlist split_dns 'Corp.Example.=10.0.0.53, lab.example=10.9.0.1:5353'\n\
+             \tlist split_dns 'corp.example=fd00::53'\n\
+             \tlist extra_records 'grafana.tailnet.internal=100.64.0.9,v6.tailnet.internal=fd7a:115c:a1e0::9'\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.split_dns,
+            vec![
+                (
+                    "corp.example".to_string(),
+                    vec!["10.0.0.53".to_string(), "fd00::53".to_string()]
+                ),
+                ("lab.example".to_string(), vec!["10.9.0.1:5353".to_string()]),
+            ]
+        );
+        assert_eq!(
+            c.extra_records,
+            vec![
+                ("grafana.tailnet.internal".to_string(), "100.64.0.9".parse().unwrap()),
+                ("v6.tailnet.internal".to_string(), "fd7a:115c:a1e0::9".parse().unwrap()),
+            ]
+        );
+        // With MagicDNS off, a split domain inside the base domain is no conflict.
+        let off = "config server 'main'\n\toption magic_dns 0\n\tlist split_dns 'x.tailnet.internal=10.0.0.1'\n";
+        assert_eq!(ServerConfig::from_uci_text(off).unwrap().split_dns.len(), 1);
+    }
+
+    #[test]
+    fn command_line_overrides_replace_file_values() {
+        let file = parse(
+            "config server 'main'\n\toption base_domain 'file.example'\n\tlist nameserver '9.9.9.9'\n\
+             \tlist nameserver '8.8.8.8'\n\toption magic_dns '1'\n",
+        )
+        .unwrap();
+        let over = |name: &str, value: &str, list: bool| UciOption {
+            name: name.into(),
+            value: value.into(),
+            list,
+            line: 0,
+        };
+        let c = ServerConfig::from_uci_with(
+            &file,
+            &[
+                over("base_domain", "flag.example", false),
+                over("nameserver", "1.0.0.1", true),
+                over("magic_dns", "false", false),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.base_domain, "flag.example");
+        assert_eq!(c.nameservers, vec!["1.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert!(!c.magic_dns);
+        let e = ServerConfig::from_uci_with(&file, &[over("base_domain", "bad_domain", false)]).unwrap_err();
+        assert_eq!(e.line(), 0);
+        assert!(e.to_string().contains("tinyscale.main.base_domain"), "{e}");
     }
 
     #[test]

@@ -180,7 +180,18 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
         ],
     ),
     Verb::new("netcheck", &[Flag::new("json", Switch), SOCKET]),
-    Verb::new("debug", &[]).subs(&[Verb::new("filter", &[SOCKET])]),
+    Verb::new("debug", &[]).subs(&[
+        Verb::new("filter", &[SOCKET]),
+        Verb::new(
+            "dns-uci",
+            &[
+                SOCKET,
+                Flag::new("remove", Switch),
+                Flag::new("dhcp", Value),
+                Flag::new("wait", Value),
+            ],
+        ),
+    ]),
     Verb::new("exit-node", &[]).subs(&[Verb::new("list", &[SOCKET]).aliases(&["ls"])]),
     Verb::new("version", &[]),
     Verb::new(
@@ -196,7 +207,17 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
         ],
     ),
     Verb::new("server", &[Flag::new("config", Value).short('c')]).subs(&[
-        Verb::new("serve", &[Flag::new("ubus-socket", Value)]),
+        Verb::new(
+            "serve",
+            &[
+                Flag::new("ubus-socket", Value),
+                Flag::new("magic-dns", Bool),
+                Flag::new("base-domain", Value),
+                Flag::new("nameserver", Repeat),
+                Flag::new("split-dns", Repeat),
+                Flag::new("extra-records", Repeat),
+            ],
+        ),
         Verb::new("users", &[])
             .aliases(&["user", "namespace", "namespaces", "ns"])
             .subs(&[
@@ -834,9 +855,22 @@ mod tests {
         let Ok(Cmd::Debug(d)) = parse("debug filter -socket=/tmp/ts.sock") else {
             panic!("not debug")
         };
-        let crate::cli::DebugSub::Filter(f) = d.cmd;
+        let crate::cli::DebugSub::Filter(f) = d.cmd else {
+            panic!("not debug filter")
+        };
         assert_eq!(f.socket.as_deref(), Some(std::path::Path::new("/tmp/ts.sock")));
         assert!(parse("debug").is_err(), "debug needs a subcommand");
+        let Ok(Cmd::Debug(d)) = parse("debug dns-uci --remove -wait=5 --dhcp /tmp/dhcp") else {
+            panic!("not debug")
+        };
+        let crate::cli::DebugSub::DnsUci(u) = d.cmd else {
+            panic!("not debug dns-uci")
+        };
+        assert!(u.remove);
+        assert_eq!(
+            (u.wait, u.dhcp.as_deref()),
+            (5, Some(std::path::Path::new("/tmp/dhcp")))
+        );
     }
 
     #[test]

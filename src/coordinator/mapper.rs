@@ -18,7 +18,7 @@ use super::{
     policy::{Compiled, Member},
     state::{Change, State},
 };
-use crate::tailcfg::{self, DnsConfig, FilterRule, MapResponse, Resolver, UserProfile};
+use crate::tailcfg::{self, DnsConfig, DnsRecord, FilterRule, MapResponse, Resolver, UserProfile};
 
 fn fqdn(state: &State, given: &str) -> String {
     let d = &state.settings.base_domain;
@@ -98,21 +98,46 @@ fn profile(state: &State, uid: u64) -> Option<UserProfile> {
     })
 }
 
-/// The DNS configuration sent to every node (spec §10.2).
+/// The DNS configuration sent to every node (spec §10.2), as headscale's `generateDNSConfig`
+/// builds it: global resolvers, search domains, split DNS routes and extra records; with
+/// MagicDNS on, `Proxied` and empty routes (answered by MagicDNS alone) for the base domain and
+/// the reverse zones of the address prefixes (headscale `app.go`).
 pub fn dns_config(state: &State) -> DnsConfig {
     let s = &state.settings;
+    let resolver = |a: &String| Resolver { addr: a.clone() };
     let mut dns = DnsConfig {
-        resolvers: s.nameservers.iter().map(|a| Resolver { addr: a.clone() }).collect(),
+        resolvers: s.nameservers.iter().map(resolver).collect(),
         ..Default::default()
     };
     if !s.base_domain.is_empty() {
         dns.domains.push(s.base_domain.clone());
     }
+    for (domain, resolvers) in &s.split_dns {
+        dns.routes
+            .insert(format!("{domain}."), resolvers.iter().map(resolver).collect());
+    }
     if s.magic_dns && !s.base_domain.is_empty() {
         dns.proxied = true;
         // `[]` (not null): answer from MagicDNS only.
         dns.routes.insert(format!("{}.", s.base_domain), Vec::new());
+        for zone in reverse_zones_v4(s.ipam.v4)
+            .into_iter()
+            .chain(reverse_zone_v6(s.ipam.v6))
+        {
+            dns.routes.insert(zone, Vec::new());
+        }
     }
+    dns.extra_records = s
+        .extra_records
+        .iter()
+        // No Type: Go infers A or AAAA from the value, and its dialer (tsdial's dnsMap) reads
+        // only records without a Type.
+        .map(|(name, ip)| DnsRecord {
+            name: name.clone(),
+            r#type: String::new(),
+            value: ip.to_string(),
+        })
+        .collect();
     dns
 }
 
@@ -161,6 +186,37 @@ impl PolicyView {
 fn packet_filters(view: Option<&PolicyView>, viewer: u64) -> BTreeMap<String, Option<Vec<FilterRule>>> {
     let rules = view.map_or_else(FilterRule::allow_all, |v| v.filter(viewer));
     BTreeMap::from([("base".to_string(), Some(rules))])
+}
+
+/// The `in-addr.arpa.` zones covering an IPv4 prefix, one per /16 (100.64.0.0/10 gives
+/// `64.100.in-addr.arpa.` … `127.100.in-addr.arpa.`, Go's `magicDNSRootDomains`); a prefix longer
+/// than /16 gets its one /16 zone, which MagicDNS answers for the tailnet part only.
+fn reverse_zones_v4((addr, len): (std::net::Ipv4Addr, u8)) -> Vec<String> {
+    let o = addr.octets();
+    let len = len.min(16);
+    let count = 1u32 << (16 - u32::from(len));
+    let first = u32::from(o[1]) & !(count - 1);
+    (first..first + count)
+        .map(|b| format!("{b}.{}.in-addr.arpa.", o[0]))
+        .collect()
+}
+
+/// The `ip6.arpa.` zone of an IPv6 prefix, truncated to whole nibbles (fd7a:115c:a1e0::/48 gives
+/// `0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa.`).
+fn reverse_zone_v6((addr, len): (std::net::Ipv6Addr, u8)) -> Option<String> {
+    let nibbles = usize::from(len.min(128) / 4);
+    if nibbles == 0 {
+        return None;
+    }
+    let o = addr.octets();
+    let mut zone = String::new();
+    for i in (0..nibbles).rev() {
+        let n = (o[i / 2] >> if i % 2 == 0 { 4 } else { 0 }) & 0xf;
+        zone.push(char::from_digit(u32::from(n), 16).unwrap_or('0'));
+        zone.push('.');
+    }
+    zone.push_str("ip6.arpa.");
+    Some(zone)
 }
 
 /// The first message of a session for `viewer`.
@@ -310,5 +366,84 @@ fn policy_delta(state: &State, viewer: u64, change: &Change, base: MapResponse, 
                 ..base
             }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::{state::Settings, store::Store};
+
+    fn state(settings: Settings) -> State {
+        State::load(Store::open_in_memory().unwrap(), settings).unwrap()
+    }
+
+    #[test]
+    fn dns_config_json_has_go_field_names() {
+        let st = state(Settings {
+            base_domain: "ts.example".into(),
+            nameservers: vec!["9.9.9.9".into()],
+            split_dns: vec![("corp.example".into(), vec!["10.0.0.53".into(), "10.0.0.54:5353".into()])],
+            extra_records: vec![
+                ("grafana.ts.example".into(), "100.64.0.9".parse().unwrap()),
+                ("v6.ts.example".into(), "fd7a:115c:a1e0::9".parse().unwrap()),
+            ],
+            ..Settings::default()
+        });
+        let v = serde_json::to_value(dns_config(&st)).unwrap();
+        assert_eq!(v["Proxied"], true);
+        assert_eq!(v["Domains"], serde_json::json!(["ts.example"]));
+        assert_eq!(v["Resolvers"], serde_json::json!([{"Addr": "9.9.9.9"}]));
+        assert_eq!(
+            v["Routes"]["corp.example."],
+            serde_json::json!([{"Addr": "10.0.0.53"}, {"Addr": "10.0.0.54:5353"}])
+        );
+        // MagicDNS zones: `[]`, never null (Go's clone drops null routes).
+        assert_eq!(v["Routes"]["ts.example."], serde_json::json!([]));
+        assert_eq!(v["Routes"]["64.100.in-addr.arpa."], serde_json::json!([]));
+        assert_eq!(v["Routes"]["127.100.in-addr.arpa."], serde_json::json!([]));
+        assert!(v["Routes"].get("128.100.in-addr.arpa.").is_none());
+        assert_eq!(v["Routes"]["0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa."], serde_json::json!([]));
+        assert_eq!(v["Routes"].as_object().unwrap().len(), 1 + 1 + 64 + 1);
+        assert_eq!(
+            v["ExtraRecords"],
+            serde_json::json!([
+                {"Name": "grafana.ts.example", "Value": "100.64.0.9"},
+                {"Name": "v6.ts.example", "Value": "fd7a:115c:a1e0::9"}
+            ])
+        );
+        // And it reads back as what was sent.
+        let back: DnsConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back, dns_config(&st));
+    }
+
+    #[test]
+    fn magic_dns_off_sends_no_magic_routes() {
+        let st = state(Settings {
+            magic_dns: false,
+            split_dns: vec![("corp.example".into(), vec!["10.0.0.53".into()])],
+            ..Settings::default()
+        });
+        let d = dns_config(&st);
+        assert!(!d.proxied);
+        assert_eq!(d.routes.keys().collect::<Vec<_>>(), ["corp.example."]);
+        assert!(d.extra_records.is_empty());
+    }
+
+    #[test]
+    fn reverse_zones_follow_the_prefix() {
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        assert_eq!(
+            reverse_zones_v4((Ipv4Addr::new(100, 100, 0, 0), 15)),
+            ["100.100.in-addr.arpa.", "101.100.in-addr.arpa."]
+        );
+        assert_eq!(
+            reverse_zones_v4((Ipv4Addr::new(100, 64, 5, 0), 24)),
+            ["64.100.in-addr.arpa."]
+        );
+        assert_eq!(
+            reverse_zone_v6((Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0xab00, 0, 0, 0, 0), 56)).unwrap(),
+            "b.a.0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa."
+        );
     }
 }

@@ -48,6 +48,10 @@ pub struct Settings {
     pub magic_dns: bool,
     /// Global resolvers.
     pub nameservers: Vec<String>,
+    /// Split DNS: domain (no trailing dot) and its resolvers.
+    pub split_dns: Vec<(String, Vec<String>)>,
+    /// Extra MagicDNS records: name (no trailing dot) and address.
+    pub extra_records: Vec<(String, std::net::IpAddr)>,
     /// DERP map sent to every node.
     pub derp_map: DerpMap,
     /// Ephemeral nodes are deleted after this many seconds offline.
@@ -62,6 +66,8 @@ impl Default for Settings {
             base_domain: "tailnet.internal".into(),
             magic_dns: true,
             nameservers: vec!["1.1.1.1".into()],
+            split_dns: Vec::new(),
+            extra_records: Vec::new(),
             derp_map: DerpMap::default(),
             ephemeral_inactivity_timeout: 30 * 60,
         }
