@@ -1569,6 +1569,28 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
 mod tests {
     use super::*;
 
+    #[cfg(feature = "coordinator")]
+    #[test]
+    fn policy_check_refuses_with_the_config_exit_code() {
+        let p = std::path::Path::new("p.hujson");
+        assert!(policy_check(p, "// ok\n{\"acls\": [],}").is_ok());
+        let e = policy_check(p, "{\n  \"acls\": [\n    {\"action\": \"drop\"}]}").unwrap_err();
+        assert_eq!(e.code, crate::error::EXIT_CONFIG);
+        assert!(e.message.contains("error(s)"), "{}", e.message);
+        // `policy set` and `check` take the file positionally or as -f (headscale).
+        let a = Top::from_args(&["tinyscale"], &["server", "policy", "set", "-f", "x.hujson"]).unwrap();
+        let Cmd::Server(Server {
+            cmd: ServerCmd::Policy(PolicyArgs {
+                cmd: PolicyCmd::Set(s), ..
+            }),
+            ..
+        }) = a.cmd
+        else {
+            panic!("parsed {a:?}");
+        };
+        assert_eq!((s.input, s.file), (None, Some(PathBuf::from("x.hujson"))));
+    }
+
     #[test]
     fn flags_beside_config_win() {
         let cfg = crate::uci::client::ClientConfig::from_uci_text(

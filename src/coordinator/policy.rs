@@ -166,7 +166,9 @@ impl Parser<'_> {
                     self.i += 1;
                 }
                 let t = String::from_utf8_lossy(&self.s[at..self.i]).into_owned();
-                if t.parse::<f64>().is_err() {
+                // Numbers only ever name a protocol, which checks them itself; no float parser
+                // (its tables cost 14 KB on mipsel).
+                if !t.bytes().any(|c| c.is_ascii_digit()) {
                     return Err((at, format!("invalid number {t:?}")));
                 }
                 V::Num(t)
@@ -584,17 +586,15 @@ impl Policy {
         }
         // Tag names first, so owners may name other tags in any order.
         let tag_section = section("tagOwners");
-        let mut tag_names = Vec::new();
         if let Some(t) = tag_section {
             for (name, at, _) in c.obj(t, "tagOwners") {
                 if !name.starts_with("tag:") || name.len() <= 4 {
                     c.err(*at, format!("tag name {name:?} must look like tag:name"));
                 } else {
-                    tag_names.push(name.clone());
+                    pol.tag_owners.insert(name.clone(), Vec::new());
                 }
             }
         }
-        pol.tag_owners = tag_names.iter().map(|t| (t.clone(), Vec::new())).collect();
         if let Some(t) = tag_section {
             for (name, _, owners) in c.obj(t, "tagOwners") {
                 let mut list = Vec::new();
