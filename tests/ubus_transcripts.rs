@@ -47,6 +47,7 @@ fn every_recorded_frame_decodes() {
         "call_server_users.txt",
         "call_server_route_bad.txt",
         "call_server_node_missing.txt",
+        "listen_peer.txt",
     ] {
         for (_, f) in frames(name) {
             assert_eq!(ubus::frame_len(&f), Ok(f.len()), "{name}");
@@ -247,6 +248,22 @@ fn listener_receives_event() {
         assert_eq!(m.str(ubus::ATTR_METHOD), Some(ubus_object::STATE_EVENT));
         assert_eq!(data_of(&m), json!({"state": "Stopped"}));
     }
+}
+
+/// Peer events from a real tailnet, as a listener on the real ubusd received them.
+#[test]
+fn listener_receives_peer_events() {
+    let delivered: Vec<Value> = frames("listen_peer.txt")
+        .into_iter()
+        .filter(|(u, b)| *u && b[1] == ubus::MSG_INVOKE)
+        .map(|(_, b)| {
+            let m = ubus::decode(&b).expect("decode");
+            assert_eq!(m.str(ubus::ATTR_METHOD), Some(ubus_object::PEER_EVENT));
+            data_of(&m)
+        })
+        .collect();
+    let want = |action: &str| json!({"action": action, "id": 2, "ip": "100.64.0.2", "name": "branch-office", "online": true, "path": ""});
+    assert_eq!(delivered, [want("added"), want("removed")]);
 }
 
 /// A DATA frame carrying a method's answer (not the LOOKUP answer before it).

@@ -631,4 +631,47 @@ mod tests {
         let ra = sig.iter().find(|m| m.name == "route_approve").expect("route_approve");
         assert_eq!(ra.args, [("node", blobmsg::INT32), ("routes", blobmsg::ARRAY)]);
     }
+
+    /// The object against a real (in-memory) coordinator: lists come back as tables named after
+    /// the method, failures of the coordinator as UNKNOWN_ERROR with its message.
+    #[tokio::test]
+    async fn server_object_answers_from_the_coordinator() {
+        use crate::{
+            coordinator::{state::Settings, store::Store},
+            ubus,
+        };
+        let st = State::load(Store::open_in_memory().expect("db"), Settings::default()).expect("state");
+        let obj = Arc::new(ServerObject(Coordinator::new(st).expect("coordinator")));
+        let call = |m: &str, v: Value| {
+            let a = v.as_object().cloned().unwrap_or_default();
+            obj.call(m, &a)
+        };
+        let session = "ubus_rpc_session";
+        let (st, v) = call("user_add", json!({"name": "alice", session: "s"}))
+            .expect("user_add")
+            .await;
+        assert_eq!((st, v["name"].as_str()), (ubus::STATUS_OK, Some("alice")));
+        let (st, v) = call("users", json!({})).expect("users").await;
+        assert_eq!((st, v["users"][0]["name"].as_str()), (ubus::STATUS_OK, Some("alice")));
+        let (_, k) = call(
+            "preauthkey_add",
+            json!({"user": "alice", "reusable": true, "expiration": "24h"}),
+        )
+        .expect("key")
+        .await;
+        let key = k["key"].as_str().expect("key").to_string();
+        assert!(key.starts_with("tskey-auth-") && k["reusable"] == true && k["expiration"].is_string());
+        let (_, v) = call("preauthkeys", json!({"user": "alice"})).expect("keys").await;
+        assert_eq!(v["preauthkeys"][0]["key"], key.as_str());
+        let (_, v) = call("preauthkey_expire", json!({ "key": key })).expect("expire").await;
+        assert_eq!(v["expired"], true);
+        let (_, v) = call("nodes", json!({})).expect("nodes").await;
+        assert_eq!(v, json!({"nodes": []}));
+        let (st, v) = call("node_delete", json!({"id": 42})).expect("delete").await;
+        assert_eq!(st, ubus::STATUS_UNKNOWN_ERROR);
+        assert!(v["error"].as_str().is_some_and(|e| e.contains("42")), "{v}");
+        let (st, v) = call("user_add", json!({"name": "alice"})).expect("duplicate").await;
+        assert_eq!(st, ubus::STATUS_UNKNOWN_ERROR, "{v}");
+        assert!(call("route_approve", json!({"node": 1, "routes": ["x"]})).is_err());
+    }
 }
