@@ -91,6 +91,10 @@ pub enum AdminRequest {
     },
     /// Remove the ACL policy: allow all again.
     PolicyClear,
+    /// Check a policy without setting it: `{"valid", "errors": [{line, column, message}]}`.
+    PolicyCheck {
+        policy: String,
+    },
 }
 
 fn time_or_null(t: Option<i64>) -> Value {
@@ -265,6 +269,17 @@ pub fn handle(coord: &Coordinator, req: AdminRequest) -> IpcResponse {
                 coord.publish(ch);
                 json!({"policy": "cleared"})
             }
+            AdminRequest::PolicyCheck { policy } => {
+                let errors: Vec<Value> = match super::policy::Policy::parse(&policy) {
+                    Ok(_) => Vec::new(),
+                    Err(e) => e
+                        .0
+                        .iter()
+                        .map(|e| json!({"line": e.line, "column": e.col, "message": e.msg}))
+                        .collect(),
+                };
+                json!({"valid": errors.is_empty(), "errors": errors})
+            }
         })
     })();
     IpcResponse::from_result(r.map_err(|e| e.to_string()))
@@ -321,6 +336,16 @@ const KEY_ADD: Args = &[
 ];
 const KEYS: Args = &[("user", blobmsg::STRING)];
 const KEY_EXPIRE: Args = &[("key", blobmsg::STRING)];
+const POLICY: Args = &[("policy", blobmsg::STRING)];
+
+/// The `policy` argument (HuJSON text) of `policy_set` / `policy_check`.
+fn policy_arg(method: &str, a: &Map) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct A {
+        policy: String,
+    }
+    args_of::<A>(method, POLICY, a).map(|x| x.policy)
+}
 
 /// `preauthkey_add` arguments as sent (`expiration`: a duration like `24h`, or seconds;
 /// default 1h as in the CLI, `0` for none).
@@ -469,6 +494,24 @@ pub const SERVER_METHODS: &[MethodDef<AdminRequest>] = &[
             args_of::<A>("preauthkey_expire", KEY_EXPIRE, a).map(|x| R::PreauthkeysExpire { key: x.key })
         },
     },
+    MethodDef {
+        name: "policy_get",
+        args: &[],
+        write: false,
+        map: |a| args_of::<Map>("policy_get", &[], a).map(|_| R::PolicyGet),
+    },
+    MethodDef {
+        name: "policy_check",
+        args: POLICY,
+        write: false,
+        map: |a| policy_arg("policy_check", a).map(|policy| R::PolicyCheck { policy }),
+    },
+    MethodDef {
+        name: "policy_set",
+        args: POLICY,
+        write: true,
+        map: |a| policy_arg("policy_set", a).map(|policy| R::PolicySet { policy }),
+    },
 ];
 
 /// The coordinator as the ubus object [`SERVER_OBJECT`].
@@ -615,7 +658,10 @@ mod tests {
             ),
             ("preauthkey_add", json!({"user": "a", "expiry": "1h"}), "\"expiry\""),
             ("preauthkey_expire", json!({}), "key"),
-            ("policy_get", json!({}), "unknown method"),
+            ("policy_get", json!({"policy": "{}"}), "\"policy\""),
+            ("policy_set", json!({}), "policy"),
+            ("policy_check", json!({"policy": 5}), "policy_check"),
+            ("policy_delete", json!({}), "unknown method"),
         ] {
             let e = call(m, v.clone()).expect_err(&format!("{m} {v}"));
             assert!(e.contains(needle), "{m} {v}: {e}");
@@ -627,7 +673,7 @@ mod tests {
         let sig = ubus_object::signatures(SERVER_METHODS);
         assert_eq!(sig.len(), SERVER_METHODS.len());
         let read: Vec<&str> = SERVER_METHODS.iter().filter(|m| !m.write).map(|m| m.name).collect();
-        assert_eq!(read, ["users", "nodes", "routes"]);
+        assert_eq!(read, ["users", "nodes", "routes", "policy_get", "policy_check"]);
         let ra = sig.iter().find(|m| m.name == "route_approve").expect("route_approve");
         assert_eq!(ra.args, [("node", blobmsg::INT32), ("routes", blobmsg::ARRAY)]);
     }
@@ -673,5 +719,22 @@ mod tests {
         let (st, v) = call("user_add", json!({"name": "alice"})).expect("duplicate").await;
         assert_eq!(st, ubus::STATUS_UNKNOWN_ERROR, "{v}");
         assert!(call("route_approve", json!({"node": 1, "routes": ["x"]})).is_err());
+
+        // The policy: checked with its errors' lines, refused whole when bad, set when good.
+        let bad = "{\n  \"acls\": [\n    {\"action\": \"accept\" \"src\": [\"*\"]},\n  ],\n}\n";
+        let (st, v) = call("policy_check", json!({ "policy": bad })).expect("check").await;
+        assert_eq!((st, &v["valid"]), (ubus::STATUS_OK, &json!(false)), "{v}");
+        assert_eq!(v["errors"][0]["line"], 3, "{v}");
+        let (st, v) = call("policy_set", json!({ "policy": bad })).expect("set bad").await;
+        assert_eq!(st, ubus::STATUS_UNKNOWN_ERROR, "{v}");
+        let good = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}"#;
+        let (_, v) = call("policy_check", json!({ "policy": good })).expect("check").await;
+        assert_eq!(v, json!({"valid": true, "errors": []}));
+        let (_, v) = call("policy_get", json!({})).expect("get").await;
+        assert_eq!(v["policy"], Value::Null, "no policy yet: the bad one was not taken");
+        let (st, _) = call("policy_set", json!({ "policy": good })).expect("set").await;
+        assert_eq!(st, ubus::STATUS_OK);
+        let (_, v) = call("policy_get", json!({})).expect("get").await;
+        assert_eq!(v["policy"], good);
     }
 }

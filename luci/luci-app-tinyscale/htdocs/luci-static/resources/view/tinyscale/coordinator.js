@@ -17,6 +17,9 @@ var callRouteApprove = rpc.declare({ object: 'tinyscale.server', method: 'route_
 var callKeyAdd = rpc.declare({ object: 'tinyscale.server', method: 'preauthkey_add', params: ['user', 'reusable', 'ephemeral', 'expiration'] });
 var callKeys = rpc.declare({ object: 'tinyscale.server', method: 'preauthkeys' });
 var callKeyExpire = rpc.declare({ object: 'tinyscale.server', method: 'preauthkey_expire', params: ['key'] });
+var callPolicyGet = rpc.declare({ object: 'tinyscale.server', method: 'policy_get' });
+var callPolicyCheck = rpc.declare({ object: 'tinyscale.server', method: 'policy_check', params: ['policy'] });
+var callPolicySet = rpc.declare({ object: 'tinyscale.server', method: 'policy_set', params: ['policy'] });
 
 function checked(r) {
 	if (r == null || typeof r != 'object')
@@ -182,6 +185,9 @@ return view.extend({
 	},
 
 	render: function(data) {
+		var self = this;
+		var ta = E('textarea', { 'id': 'tinyscale-policy', 'rows': 14, 'style': 'width:100%;font-family:monospace',
+			'spellcheck': 'false', 'input': function() { self.policyEdited = true; } });
 		var view = E([], [
 			E('h2', _('Tinyscale coordinator')),
 			E('div', { 'class': 'cbi-map-descr' }, _('Users, nodes, subnet routes and pre-auth keys of the control server on this router.')),
@@ -203,12 +209,54 @@ return view.extend({
 				button.call(this, 'cbi-button-add', _('Create key'), 'handleKeyAdd'),
 				E('div', { 'id': 'tinyscale-key-out', 'style': 'margin-top:.5em' })
 			]),
-			table('tinyscale-keys', [_('User'), _('Key'), _('Kind'), _('Used'), _('Expires'), _('Actions')])
+			table('tinyscale-keys', [_('User'), _('Key'), _('Kind'), _('Used'), _('Expires'), _('Actions')]),
+			E('h3', _('ACL policy')),
+			E('div', { 'class': 'cbi-map-descr' }, _('headscale\'s policy format (HuJSON: comments and trailing commas allowed). Empty: every node reaches every node. It is checked before it is saved; a policy with errors is never applied.')),
+			E('div', { 'class': 'cbi-section' }, [
+				ta,
+				E('div', { 'style': 'margin-top:.5em' }, [
+					button.call(this, 'cbi-button-neutral', _('Check'), 'handlePolicyCheck'), ' ',
+					button.call(this, 'cbi-button-save', _('Check and save'), 'handlePolicySave')
+				]),
+				E('div', { 'id': 'tinyscale-policy-out', 'style': 'margin-top:.5em' })
+			])
 		]);
-		var self = this;
 		requestAnimationFrame(function() { self.update(data); });
 		poll.add(function() { return self.editing ? Promise.resolve() : self.refresh(); }, 10);
+		callPolicyGet().then(checked).then(function(r) {
+			if (!self.policyEdited)
+				ta.value = r.policy || '';
+		}).catch(fail);
 		return view;
+	},
+
+	// policy_check's answer shown under the editor; resolves to whether the text is valid.
+	checkPolicy: function() {
+		var text = document.getElementById('tinyscale-policy').value;
+		var out = document.getElementById('tinyscale-policy-out');
+		return callPolicyCheck(text).then(checked).then(function(r) {
+			dom.content(out, r.valid ? E('em', _('The policy is valid.')) :
+				E('ul', { 'class': 'alert-message warning' }, r.errors.map(function(e) {
+					return E('li', _('line %d, column %d: %s').format(e.line, e.column, e.message));
+				})));
+			return r.valid ? text : null;
+		});
+	},
+
+	handlePolicyCheck: function() {
+		return this.checkPolicy().catch(fail);
+	},
+
+	handlePolicySave: function() {
+		var self = this;
+		return this.checkPolicy().then(function(text) {
+			if (text == null)
+				return;
+			return callPolicySet(text).then(checked).then(function() {
+				self.policyEdited = false;
+				ui.addNotification(null, E('p', _('Policy saved: every node has its new filter.')), 'info');
+			});
+		}).catch(fail);
 	},
 
 	handleSave: null,
