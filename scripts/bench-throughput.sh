@@ -8,11 +8,16 @@
 #                 the TUN says otherwise) so the comparison is packet for packet
 #   tinyscale     the tailnet path a -> b once `tinyscale ping` reports it direct
 #   tinyscale-derp the same with UDP blocked between the homes (relayed by DERP region 999)
+#   forwarded      a -> a LAN host behind b (ts-lan, 192.168.50.10), b forwarding and
+#                  masquerading: wireguard-go-fwd (b's kernel forwards from its wireguard-go
+#                  device, nft masquerade) beside tinyscale-fwd (b advertises the subnet, the
+#                  coordinator approves it, a accepts it; b's own forwarding and SNAT)
 # For each: iperf3 TCP throughput (a -> b, BENCH_SECS seconds), ping RTT (20 pings), and the peak
-# RSS (VmHWM from /proc/PID/status) of the processes carrying it. Then the ratio
-# tinyscale/wireguard-go (goal >= 1.0). Root. Exit status: 0 when every path was measured.
+# RSS (VmHWM from /proc/PID/status) of the processes carrying it. Then the ratios
+# tinyscale/wireguard-go, direct and forwarded (goal >= 1.0). Root. Exit status: 0 when every
+# path was measured.
 #
-# Usage: scripts/bench-throughput.sh            (BENCH_SECS=5, BENCH_ONLY=raw,wg,ts,derp, KEEP=1)
+# Usage: scripts/bench-throughput.sh            (BENCH_SECS=5, BENCH_ONLY=raw,wg,ts,derp,fwd, KEEP=1)
 set -uo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,11 +25,14 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/scripts/netns-lib.sh"
 
 BENCH_SECS=${BENCH_SECS:-5}
-BENCH_ONLY=${BENCH_ONLY:-raw,wg,ts,derp}
+BENCH_ONLY=${BENCH_ONLY:-raw,wg,ts,derp,fwd}
 IPERF_PORT=5201
 WG_PORT=51820
 WG_A=192.168.99.1
 WG_B=192.168.99.2
+FWD_NET=192.168.50.0/24
+FWD_GW=192.168.50.1
+FWD_HOST=192.168.50.10
 MISSING=0
 declare -A MBPS RTT RSS NOTE
 
@@ -87,12 +95,49 @@ wg_start() {
 	spawn "wg-$h" "ts-$h" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$dev"
 	eventually 10 ip -n "ts-$h" link show "$dev" || return 1
 	eventually 10 test -S "/var/run/wireguard/$dev.sock" || return 1
-	local args=(set "$dev" private-key "$key" listen-port "$WG_PORT" peer "$peer_pub" allowed-ips "$7/32")
+	# $8: more allowed IPs (the forwarded LAN behind b).
+	local args=(set "$dev" private-key "$key" listen-port "$WG_PORT" peer "$peer_pub" allowed-ips "$7/32${8:+,$8}")
 	[[ -n $endpoint ]] && args+=(endpoint "$endpoint" persistent-keepalive 25)
 	nsx "ts-$h" wg "${args[@]}" || return 1
 	ip -n "ts-$h" addr replace "$me/24" dev "$dev"
 	ip -n "ts-$h" link set "$dev" mtu "$mtu" up
 }
+
+# fwd_lan_up: the LAN behind b for the forwarded paths: ts-lan on b's ts-sub, an iperf3 server.
+fwd_lan_up() {
+	ensure_ns ts-lan
+	ensure_veth ts-b ts-sub ts-lan ts-eth
+	ip -n ts-b addr replace "$FWD_GW/24" dev ts-sub
+	ip -n ts-b link set ts-sub up
+	ip -n ts-lan addr replace "$FWD_HOST/24" dev ts-eth
+	ip -n ts-lan link set ts-eth up
+	ip -n ts-lan link set lo up
+	ip -n ts-lan route replace default via "$FWD_GW"
+	spawn iperf-lan ts-lan iperf3 -s -p "$IPERF_PORT"
+	eventually 10 nsx ts-lan bash -c "exec 3<>/dev/tcp/127.0.0.1/$IPERF_PORT"
+}
+
+# wg_fwd_on / wg_fwd_off: b forwards from its wireguard-go device to the LAN and masquerades,
+# as tinyscale does for an approved subnet route (kernel forwarding, nft masquerade).
+wg_fwd_on() {
+	nsx ts-b sysctl -qw net.ipv4.ip_forward=1
+	nsx ts-b nft -f - <<EOF
+table ip ts-bench-masq {
+	chain post {
+		type nat hook postrouting priority srcnat; policy accept;
+		oifname "ts-sub" ip saddr 192.168.99.0/24 masquerade
+	}
+}
+EOF
+	ip -n ts-a route replace "$FWD_NET" dev ts-wga
+}
+wg_fwd_off() {
+	nsx ts-b nft delete table ip ts-bench-masq 2>/dev/null
+	nsx ts-b sysctl -qw net.ipv4.ip_forward="$B_FWD_ORIG"
+}
+
+# ts_fwd_routed: a routes the LAN host into tinyscale0 (the approved route reached it).
+ts_fwd_routed() { [[ $(nsx ts-a ip route get "$FWD_HOST" 2>&1) == *"dev tinyscale0"* ]]; }
 
 ping_and_check_direct() {
 	nsx ts-a ping -c 1 -W 1 "$B_IP" >/dev/null 2>&1
@@ -116,13 +161,21 @@ nat_forward b tcp "$IPERF_PORT"
 nat_forward b udp "$WG_PORT"
 nat_forward b icmp
 eventually 10 nsx ts-b bash -c "exec 3<>/dev/tcp/127.0.0.1/$IPERF_PORT" || die "iperf3 server did not start"
+B_FWD_ORIG=$(nsx ts-b sysctl -n net.ipv4.ip_forward)
+if want fwd; then
+	fwd_lan_up || die "the LAN behind ts-b did not come up"
+fi
 
 # Tinyscale first: its TUN MTU decides wireguard-go's.
 TS_MTU=1280
 if want ts || want derp; then
 	if coord_start && derp_start; then
 		KEY=$(preauth_key bench)
-		daemon_start a && daemon_start b && daemon_up a "$KEY" && daemon_up b "$KEY"
+		# The subnet is advertised from the start but approved only for tinyscale-fwd: until then
+		# a has no table-53 route that would take the wireguard-go path's packets.
+		FWD_FLAGS_A=() FWD_FLAGS_B=()
+		if want fwd; then FWD_FLAGS_A=(--accept-routes) FWD_FLAGS_B=(--advertise-routes="$FWD_NET"); fi
+		daemon_start a && daemon_start b && daemon_up a "$KEY" "${FWD_FLAGS_A[@]}" && daemon_up b "$KEY" "${FWD_FLAGS_B[@]}"
 		eventually 20 is_running a && eventually 20 is_running b
 		B_IP=$(node_ip4 b)
 		m=$(ip -n ts-a link show tinyscale0 2>/dev/null | grep -o 'mtu [0-9]*' | awk '{print $2}')
@@ -141,12 +194,28 @@ if want wg; then
 	printf '%s\n' "$ka" >"$WORK/wga.key"
 	printf '%s\n' "$kb" >"$WORK/wgb.key"
 	chmod 600 "$WORK"/wg?.key
+	fwd_allowed=""
+	want fwd && fwd_allowed=$FWD_NET
 	if wg_start b "$WG_B" "$(wg pubkey <<<"$ka")" "$WORK/wgb.key" "" "$TS_MTU" "$WG_A" &&
-		wg_start a "$WG_A" "$(wg pubkey <<<"$kb")" "$WORK/wga.key" "${NAT_WAN[b]}:$WG_PORT" "$TS_MTU" "$WG_B" &&
+		wg_start a "$WG_A" "$(wg pubkey <<<"$kb")" "$WORK/wga.key" "${NAT_WAN[b]}:$WG_PORT" "$TS_MTU" "$WG_B" "$fwd_allowed" &&
 		eventually 10 nsx ts-a ping -c 1 -W 1 "$WG_B"; then
 		measure wireguard-go a "$WG_B"
 		RSS[wireguard-go]="a=$(vmhwm wg-a) b=$(vmhwm wg-b)"
 		NOTE[wireguard-go]+="mtu $TS_MTU; "
+		if want fwd; then
+			wg_fwd_on
+			if eventually 10 nsx ts-a ping -c 1 -W 1 "$FWD_HOST"; then
+				measure wireguard-go-fwd a "$FWD_HOST"
+				RSS[wireguard-go-fwd]="a=$(vmhwm wg-a) b=$(vmhwm wg-b)"
+				NOTE[wireguard-go-fwd]+="$(nsx ts-a ip route get "$FWD_HOST" | head -n1 | awk '{print $2, $3}'); b: kernel forwarding + nft masquerade; "
+			else
+				MBPS[wireguard-go-fwd]=n/a
+				NOTE[wireguard-go-fwd]+="LAN host not reachable through the tunnel; "
+				MISSING=$((MISSING + 1))
+			fi
+			wg_fwd_off
+			ip -n ts-a route del "$FWD_NET" dev ts-wga 2>/dev/null
+		fi
 	else
 		MBPS[wireguard-go]=n/a
 		NOTE[wireguard-go]+="tunnel did not come up (see $WORK/wg-a.log); "
@@ -176,6 +245,23 @@ if want ts; then
 	fi
 fi
 
+if want fwd; then
+	if [[ -z ${B_IP:-} ]]; then
+		MBPS[tinyscale-fwd]=n/a
+		NOTE[tinyscale-fwd]+="no tailnet; "
+		MISSING=$((MISSING + 1))
+	elif coord_admin nodes approve-routes -i "$(node_id b)" -r "$FWD_NET" >/dev/null &&
+		eventually 20 ts_fwd_routed && eventually 20 nsx ts-a ping -c 1 -W 1 "$FWD_HOST"; then
+		measure tinyscale-fwd a "$FWD_HOST"
+		RSS[tinyscale-fwd]="a=$(vmhwm daemon-a) b=$(vmhwm daemon-b)"
+		NOTE[tinyscale-fwd]+="$(nsx ts-a ip route get "$FWD_HOST" | head -n1 | awk '{print $2, $3, $4, $5}'); b: subnet router, SNAT; "
+	else
+		MBPS[tinyscale-fwd]=n/a
+		NOTE[tinyscale-fwd]+="route not approved or LAN host not reachable; "
+		MISSING=$((MISSING + 1))
+	fi
+fi
+
 if want derp; then
 	if [[ -z ${B_IP:-} ]]; then
 		MBPS[tinyscale-derp]=n/a
@@ -197,7 +283,7 @@ RSS[raw]=-
 
 echo
 printf '%-15s %10s %12s  %-32s %s\n' path Mbit/s "rtt avg ms" "peak RSS kB (VmHWM)" notes
-for p in raw wireguard-go tinyscale tinyscale-derp; do
+for p in raw wireguard-go tinyscale tinyscale-derp wireguard-go-fwd tinyscale-fwd; do
 	[[ -n ${MBPS[$p]+x} ]] || continue
 	printf '%-15s %10s %12s  %-32s %s\n' "$p" "${MBPS[$p]}" "${RTT[$p]:-n/a}" "${RSS[$p]:-n/a}" "${NOTE[$p]:-}"
 done
@@ -207,4 +293,11 @@ if [[ ${MBPS[tinyscale]:-n/a} =~ ^[0-9]+$ && ${MBPS[wireguard-go]:-n/a} =~ ^[0-9
 fi
 [[ ${TS_NOT_DIRECT:-0} == 1 && $ratio != n/a ]] && ratio+=" (tinyscale path was NOT direct)"
 echo "ratio tinyscale/wireguard-go: $ratio (goal >= 1.0)"
+if want fwd; then
+	ratio=n/a
+	if [[ ${MBPS[tinyscale-fwd]:-n/a} =~ ^[0-9]+$ && ${MBPS[wireguard-go-fwd]:-n/a} =~ ^[0-9]+$ && ${MBPS[wireguard-go-fwd]} -gt 0 ]]; then
+		ratio=$(awk -v t="${MBPS[tinyscale-fwd]}" -v w="${MBPS[wireguard-go-fwd]}" 'BEGIN {printf "%.2f", t / w}')
+	fi
+	echo "ratio forwarded tinyscale-fwd/wireguard-go-fwd: $ratio (goal >= 1.0)"
+fi
 ((MISSING == 0))

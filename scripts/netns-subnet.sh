@@ -33,8 +33,9 @@
 #      itself): the internet host is reached through R, table 53 holds both default routes,
 #      P's LAN goes into the tunnel until --exit-node-allow-lan-access; the daemon's TCP to the
 #      coordinator and the relay (ss) stays the same, a peer ping answers, control sees P online
-#   5d `down` with the exit node on leaves nothing; up brings it back; `up --exit-node=`
-#      clears it: internet host unreachable, no default route in table 53
+#   5d `down` with the exit node on leaves nothing; up brings it back; kill -9 and a restart
+#      bring it back too (rules once); `up --exit-node=` clears it: internet host
+#      unreachable, no default route in table 53
 #   5e `up --advertise-lan=ts-sub` on R: the coordinator lists what ts-sub carries; an address
 #      added there (IPv4, ULA; not link-local) is listed within ROUTE_DEADLINE, removed: gone
 #   6  `down` on R and P; then up again and the daemons stopped: no `table inet tinyscale`, no
@@ -630,6 +631,18 @@ step_exit_client() {
 	out=$(eventually_out "$ROUTE_DEADLINE" inet_get_is "${NAT_WAN[a]}")
 	inet_get_is "${NAT_WAN[a]}" || ok=1
 	ev+="P: up again (prefs kept): -> $INTERNET: $(inet_get ts-b 2>&1 || echo failed); table 53: $(p_t53)"$'\n'
+	# A crash with the exit node on: the TUN's routes go with the device, the rules stay until
+	# the restarted daemon's start removes them; it then routes through R again, rules once.
+	stop daemon-b KILL
+	[[ -n $(router_state b) ]] || ok=1
+	ev+="P killed (-9) with the exit node on, left: $(clean_ev b)"$'\n'
+	daemon_start b || ok=1
+	out=$(eventually_out "$ROUTE_DEADLINE" inet_get_is "${NAT_WAN[a]}")
+	inet_get_is "${NAT_WAN[a]}" || ok=1
+	out=$(nsx ts-b ip -4 rule show | grep -cE '^(5211|5251|5271):')
+	[[ $out == 3 ]] || ok=1
+	ev+="restarted on its state: -> $INTERNET: $(inet_get ts-b 2>&1 || echo failed); $out IPv4 rules of ours (want 3); table 53: $(p_t53)"$'\n'
+	p_t53_default || ok=1
 	tcp0=$(p_daemon_tcp)
 	out=$(p_up --exit-node=) || ok=1
 	eventually "$ROUTE_DEADLINE" inet_get_fails || ok=1
@@ -644,7 +657,7 @@ step_exit_client() {
 	# Back to the state the next steps expect.
 	out=$(CLI_TIMEOUT=40 ts_cli a up --advertise-exit-node=false 2>&1) || ok=1
 	out=$(approve "$SUBNET" 2>&1) || ok=1
-	report $ok "5d exit node off: down removes its routes, up brings them back; --exit-node= clears them (internet unreachable, no default in table 53)" "$ev"
+	report $ok "5d exit node off: down removes its routes, up and a restart after kill -9 bring them back; --exit-node= clears them (internet unreachable, no default in table 53)" "$ev"
 }
 
 # advertised P: the coordinator lists prefix P as advertised by R.

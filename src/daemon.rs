@@ -403,6 +403,7 @@ impl Daemon {
             if p.login_server.is_empty() && bring_up {
                 return Err("no login server configured: pass --login-server http://HOST:PORT".into());
             }
+            let exit_given = a.exit_node.is_some();
             macro_rules! set {
                 ($($f:ident),*) => { $( if let Some(v) = a.$f { p.$f = v; } )* };
             }
@@ -420,7 +421,20 @@ impl Daemon {
                 snat_subnet_routes
             );
             p.want_running |= bring_up;
-            p.exit_node = s.netmap.resolve_exit_node(&p.exit_node).map_err(|e| e.to_string())?;
+            if exit_given {
+                let arg = p.exit_node.as_str();
+                // The exit node in use, named again (the uci section on every reload, by name
+                // or IP), stays without a new check: its approval may be gone for now, and
+                // that must not refuse every other pref of the command.
+                let cur = &s.prefs.exit_node;
+                let same =
+                    arg == cur || !cur.is_empty() && s.netmap.find_peer(arg).is_some_and(|n| node_matches(n, cur));
+                p.exit_node = if same {
+                    cur.clone()
+                } else {
+                    s.netmap.resolve_exit_node(arg).map_err(|e| e.to_string())?
+                };
+            }
             if !p.exit_node.is_empty() && p.advertise_exit_node {
                 // Go checkExitNodePrefsLocked.
                 return Err("cannot advertise an exit node and use an exit node at the same time".into());
@@ -759,31 +773,40 @@ impl Daemon {
                 self.refresh_lan(&iface);
             }
             loop {
-                let ev = async {
-                    match watcher.as_mut() {
-                        Some(w) => w.next().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
+                let ev = tokio::select! {
                     r = gen.changed() => {
                         if r.is_err() { return; }
                         break;
                     }
-                    r = ev => match r {
-                        Ok(evs) => {
-                            // The index is looked up each time: the device may come and go.
-                            let idx = crate::netmon::if_index(&iface);
-                            if evs.iter().any(|e| Some(e.ifindex) == idx) {
-                                self.refresh_lan(&iface);
-                            }
+                    r = async {
+                        match watcher.as_mut() {
+                            Some(w) => w.next().await,
+                            None => std::future::pending().await,
                         }
-                        // ENOBUFS: events were lost; read the state afresh.
-                        Err(e) => {
-                            log::debug!("advertise_lan: netlink err={e}");
+                    } => r,
+                };
+                match ev {
+                    Ok(evs) => {
+                        // The index is looked up each time: the device may come and go.
+                        let idx = crate::netmon::if_index(&iface);
+                        if evs.iter().any(|e| Some(e.ifindex) == idx) {
                             self.refresh_lan(&iface);
                         }
-                    },
+                    }
+                    // ENOBUFS: the kernel dropped events while we were slow; a datagram we could
+                    // not parse: either way, read afresh.
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == std::io::ErrorKind::InvalidData =>
+                    {
+                        self.refresh_lan(&iface)
+                    }
+                    // Anything else would fail again at once: stop watching (no busy loop);
+                    // the next prefs change opens a new socket.
+                    Err(e) => {
+                        log::warn!("advertise_lan: stopped watching address changes err={e}");
+                        watcher = None;
+                        self.refresh_lan(&iface);
+                    }
                 }
             }
         }
@@ -1262,10 +1285,25 @@ mod tests {
         })
         .expect("lan access");
         assert!(d.route_prefs_tx.borrow().exit_node_allow_lan_access);
+        d.up(up("router")).expect("the same exit node, by name");
+        assert_eq!(d.lock().prefs.exit_node, "100.64.0.2");
         d.up(up("")).expect("cleared");
         assert_eq!(d.route_prefs_tx.borrow().exit_node, "");
         assert_eq!(generation(&d), g);
         assert_eq!(d.lock().state, BackendState::Running);
+        // Its approval revoked while in use: other prefs still change and naming it again is
+        // no error (a uci reload); choosing it anew is.
+        d.up(up("router")).expect("chosen again");
+        d.lock().netmap.peers.get_mut(&2).unwrap().allowed_ips.truncate(1);
+        d.up(UpArgs {
+            accept_routes: Some(true),
+            ..UpArgs::default()
+        })
+        .expect("other prefs");
+        d.up(up("100.64.0.2")).expect("the same exit node, by IP");
+        d.up(up("")).expect("cleared");
+        let e = d.up(up("router")).expect_err("not offering any more");
+        assert!(e.contains("is not offering an exit node"), "{e}");
     }
 
     #[tokio::test]
