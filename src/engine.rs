@@ -905,16 +905,10 @@ impl Engine {
             .route_prefs
             .accept_dns
             .then(|| crate::dns::Resolver::from_netmap(nm));
-        let summary = |r: &Option<crate::dns::Resolver>| r.as_ref().map(|r| (r.magic, r.suffix.clone()));
-        if summary(&r) != summary(&self.resolver) {
-            match &r {
-                Some(r) => log::info!(
-                    "dns: answering at {} and {} magic_dns={} suffix={}",
-                    crate::dns::SERVICE_V4,
-                    crate::dns::SERVICE_V6,
-                    r.magic,
-                    r.suffix
-                ),
+        let suffix = |r: &Option<crate::dns::Resolver>| r.as_ref().map(|r| r.suffix.clone());
+        if suffix(&r) != suffix(&self.resolver) {
+            match suffix(&r) {
+                Some(s) => log::info!("dns: answering at 100.100.100.100 and fd7a:115c:a1e0::53 suffix={s}"),
                 None => log::info!("dns: off (accept-dns=false)"),
             }
         }
@@ -1714,20 +1708,20 @@ struct Drops {
 async fn forward_query(query: &[u8], servers: &[SocketAddr]) -> Option<Vec<u8>> {
     let id = query.get(..2)?;
     for &server in servers.iter().take(DNS_UPSTREAM_TRIES) {
+        // The socket is connected: only `server` can answer, and a fresh port sees no stale
+        // answers, so the first datagram is the answer (or garbage, then the next server).
         let attempt = async {
-            let sock = crate::netns::udp_connect(server).await.ok()?;
+            let sock = crate::netns::udp_connect(server).ok()?;
             sock.send(query).await.ok()?;
             let mut buf = vec![0u8; DNS_MAX_ANSWER];
-            loop {
-                let n = sock.recv(&mut buf).await.ok()?;
-                if n >= 12 && &buf[..2] == id {
-                    buf.truncate(n);
-                    return Some(buf);
-                }
-            }
+            let n = sock.recv(&mut buf).await.ok()?;
+            buf.truncate(n);
+            Some(buf)
         };
         if let Ok(Some(a)) = tokio::time::timeout(DNS_UPSTREAM_TIMEOUT, attempt).await {
-            return Some(a);
+            if a.len() >= 12 && a[..2] == *id {
+                return Some(a);
+            }
         }
     }
     None

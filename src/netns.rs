@@ -58,7 +58,7 @@ pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 
 /// A UDP socket marked with [`BYPASS_MARK`], bound to an ephemeral port of `addr`'s family and
 /// connected to it (replies from anyone else are dropped by the kernel).
-pub async fn udp_connect(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+pub fn udp_connect(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
     let any: SocketAddr = if addr.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -66,10 +66,10 @@ pub async fn udp_connect(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> 
     };
     let s = std::net::UdpSocket::bind(any)?;
     mark(s.as_raw_fd());
+    // A UDP connect only sets the peer: it never blocks.
+    s.connect(addr)?;
     s.set_nonblocking(true)?;
-    let s = tokio::net::UdpSocket::from_std(s)?;
-    s.connect(addr).await?;
-    Ok(s)
+    tokio::net::UdpSocket::from_std(s)
 }
 
 /// Resolves `host:port` with the system resolver and connects to the first address that

@@ -317,14 +317,34 @@ pub struct DnsConfig {
     #[serde(rename = "Proxied", skip_serializing_if = "is_false")]
     pub proxied: bool,
     /// Static A/AAAA records MagicDNS serves besides the nodes' names.
-    #[serde(rename = "ExtraRecords", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "ExtraRecords",
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "dns_records"
+    )]
     pub extra_records: Vec<DnsRecord>,
 }
 
+/// `ExtraRecords` read through [`Value`], whose parser every build has anyway: a derived
+/// `Vec<DnsRecord>` parser costs about 3 KB on the router. Entries that are not objects and
+/// fields that are not strings read as empty (and are then skipped by the resolver).
+fn dns_records<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<DnsRecord>, D::Error> {
+    let v = Value::deserialize(d)?;
+    let field = |r: &Value, k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| DnsRecord {
+            name: field(r, "Name"),
+            r#type: field(r, "Type"),
+            value: field(r, "Value"),
+        })
+        .collect())
+}
+
 /// `tailcfg.DNSRecord`: one extra MagicDNS record. An empty `Type` means A or AAAA, as the
-/// value's family says; other types are ignored (Go does the same).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+/// value's family says; other types are ignored (Go does the same). Parsed by [`dns_records`].
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct DnsRecord {
     /// FQDN, the trailing dot optional.
     #[serde(rename = "Name")]
@@ -686,6 +706,33 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn dns_config_extra_records() {
+        let d: DnsConfig = serde_json::from_str(
+            r#"{"Proxied":true,"ExtraRecords":[{"Name":"a.ts.example.","Type":"A","Value":"100.64.0.9"},
+                {"Name":"b.ts.example","Value":"fd7a:115c:a1e0::9"},{"Name":7},"junk"]}"#,
+        )
+        .unwrap();
+        let r = |n: &str, t: &str, v: &str| DnsRecord {
+            name: n.into(),
+            r#type: t.into(),
+            value: v.into(),
+        };
+        assert_eq!(
+            d.extra_records,
+            vec![
+                r("a.ts.example.", "A", "100.64.0.9"),
+                r("b.ts.example", "", "fd7a:115c:a1e0::9"),
+                r("", "", ""),
+                r("", "", "")
+            ]
+        );
+        let d: DnsConfig = serde_json::from_str(r#"{"ExtraRecords":null}"#).unwrap();
+        assert!(d.extra_records.is_empty());
+        let d: DnsConfig = serde_json::from_str(r#"{"Proxied":true}"#).unwrap();
+        assert!(d.proxied && d.extra_records.is_empty());
+    }
+
     use proptest::prelude::*;
 
     use super::*;

@@ -184,12 +184,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
         Verb::new("filter", &[SOCKET]),
         Verb::new(
             "dns-uci",
-            &[
-                SOCKET,
-                Flag::new("remove", Switch),
-                Flag::new("dhcp", Value),
-                Flag::new("wait", Value),
-            ],
+            &[SOCKET, Flag::new("remove", Switch), Flag::new("dhcp", Value)],
         ),
     ]),
     Verb::new("exit-node", &[]).subs(&[Verb::new("list", &[SOCKET]).aliases(&["ls"])]),
@@ -860,17 +855,14 @@ mod tests {
         };
         assert_eq!(f.socket.as_deref(), Some(std::path::Path::new("/tmp/ts.sock")));
         assert!(parse("debug").is_err(), "debug needs a subcommand");
-        let Ok(Cmd::Debug(d)) = parse("debug dns-uci --remove -wait=5 --dhcp /tmp/dhcp") else {
+        let Ok(Cmd::Debug(d)) = parse("debug dns-uci --remove -dhcp=/tmp/dhcp") else {
             panic!("not debug")
         };
         let crate::cli::DebugSub::DnsUci(u) = d.cmd else {
             panic!("not debug dns-uci")
         };
         assert!(u.remove);
-        assert_eq!(
-            (u.wait, u.dhcp.as_deref()),
-            (5, Some(std::path::Path::new("/tmp/dhcp")))
-        );
+        assert_eq!(u.dhcp.as_deref(), Some(std::path::Path::new("/tmp/dhcp")));
     }
 
     #[test]
