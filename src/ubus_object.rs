@@ -120,6 +120,7 @@ const UP_ARGS: Args = &[
     ("auth_key", blobmsg::STRING),
     ("hostname", blobmsg::STRING),
     ("advertise_routes", blobmsg::ARRAY),
+    ("advertise_lan", blobmsg::STRING),
     ("accept_routes", blobmsg::BOOL),
     ("accept_dns", blobmsg::BOOL),
     ("advertise_exit_node", blobmsg::BOOL),
@@ -136,6 +137,7 @@ const UP_ARGS: Args = &[
 const SET_ARGS: Args = &[
     ("hostname", blobmsg::STRING),
     ("advertise_routes", blobmsg::ARRAY),
+    ("advertise_lan", blobmsg::STRING),
     ("accept_routes", blobmsg::BOOL),
     ("accept_dns", blobmsg::BOOL),
     ("advertise_exit_node", blobmsg::BOOL),
