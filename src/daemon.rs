@@ -284,7 +284,7 @@ impl Daemon {
     /// Handles one local API request.
     pub async fn handle(self: &Arc<Self>, req: IpcRequest) -> IpcResponse {
         let r = match req {
-            IpcRequest::Status => Ok(self.status_json()),
+            IpcRequest::Status => Ok(self.status_json().await),
             IpcRequest::Up(args) => self.up(args),
             IpcRequest::Down => {
                 self.stop_engine();
@@ -425,7 +425,12 @@ impl Daemon {
     }
 
     /// `status --json` body.
-    pub fn status_json(&self) -> Value {
+    pub async fn status_json(&self) -> Value {
+        // Asked first, without the state lock held: the engine builds it now.
+        let engine = match self.engine_handle() {
+            Some(h) => h.status().await.ok(),
+            None => None,
+        };
         let s = self.lock();
         let nm = &s.netmap;
         let ips = |n: &tailcfg::Node| -> Vec<String> {
@@ -448,7 +453,6 @@ impl Daemon {
                 "KeyExpiry": n.key_expiry, "PrimaryRoutes": n.primary_routes,
             })
         });
-        let engine = self.engine_handle();
         let peers: Vec<Value> = nm
             .peers
             .values()
@@ -460,7 +464,7 @@ impl Daemon {
                     "AllowedIPs": p.allowed_ips, "PrimaryRoutes": p.primary_routes,
                     "CurAddr": "", "Relay": "",
                 });
-                if let Some(e) = engine.as_ref().and_then(|e| e.peer_status(&p.key)) {
+                if let Some(e) = engine.as_ref().and_then(|e| e.peers.get(&p.key)) {
                     for k in ["CurAddr", "Relay", "RxBytes", "TxBytes", "LastHandshakeSecs"] {
                         v[k] = e[k].clone();
                     }
@@ -484,7 +488,7 @@ impl Daemon {
             },
             "DNS": dns_status(nm, s.prefs.accept_dns),
             "DataPlane": engine.is_some(),
-            "Counters": engine.as_ref().map(EngineHandle::counters),
+            "Counters": engine.map(|e| e.counters),
             "Prefs": s.prefs,
         })
     }

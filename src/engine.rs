@@ -54,7 +54,7 @@ use crate::{
         addr::{self, Family},
         batch::{self, SendBatch},
         demux::{self, Kind},
-        endpoint::{self, DiscoOut, Endpoint, Path, PathStatus, TxId},
+        endpoint::{self, DiscoOut, Endpoint, Path, PathStatus, SendPlan, TxId},
         socket::{self, Sockets},
     },
     netcheck::{self, ProbePlan, ReportState},
@@ -201,26 +201,34 @@ enum Cmd {
     Ping(NodePublic, oneshot::Sender<Result<PingResult, String>>),
     Netcheck(oneshot::Sender<Value>),
     Filter(oneshot::Sender<Value>),
+    Status(oneshot::Sender<EngineStatus>),
+}
+
+/// What the data plane knows for `status --json`, built when asked (never per packet).
+#[derive(Debug, Default)]
+pub struct EngineStatus {
+    /// Per-peer path status (`CurAddr`, `Relay`, handshake age, bytes).
+    pub peers: HashMap<NodePublic, Value>,
+    /// Engine-wide counters ("Counters"): what was dropped and why.
+    pub counters: Value,
 }
 
 /// A cloneable handle to a running engine.
 #[derive(Clone)]
 pub struct EngineHandle {
     cmds: mpsc::Sender<Cmd>,
-    status: Arc<Mutex<HashMap<NodePublic, Value>>>,
-    counters: Arc<Mutex<Value>>,
     shields_up: Arc<AtomicBool>,
 }
 
 impl EngineHandle {
-    /// Engine-wide counters (`tinyscale status --json` "Counters"): what was dropped and why.
-    pub fn counters(&self) -> Value {
-        self.counters.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Per-peer path status (`CurAddr`, `Relay`, handshake age, bytes).
-    pub fn peer_status(&self, key: &NodePublic) -> Option<Value> {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    /// Per-peer path status and counters as of now, built by the engine on this request.
+    pub async fn status(&self) -> Result<EngineStatus, String> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Status(tx))
+            .await
+            .map_err(|_| "data plane is not running".to_string())?;
+        rx.await.map_err(|_| "data plane stopped".to_string())
     }
 
     /// Sends one disco ping round to `peer` and waits for the first pong (5 s).
@@ -317,8 +325,6 @@ pub struct Engine {
     pending_pings: HashMap<TxId, u64>,
     rounds: HashMap<u64, PendingPing>,
     round: u64,
-    status: Arc<Mutex<HashMap<NodePublic, Value>>>,
-    counters: Arc<Mutex<Value>>,
     drops: Drops,
     addresses: Vec<(IpAddr, u8)>,
     route_prefs: RoutePrefs,
@@ -342,10 +348,20 @@ pub struct Engine {
     resolver: Option<crate::dns::Resolver>,
     /// Keys the TCP responder's sequence numbers.
     dns_secret: u64,
-    /// Forwarded queries not yet answered (at most [`DNS_MAX_INFLIGHT`]).
-    dns_inflight: usize,
-    /// Answers of forwarded queries come back to the loop here.
-    dns_fwd_tx: mpsc::Sender<(crate::dns::ReplyTo, Option<Vec<u8>>)>,
+    /// Forwarded queries waiting for their upstream (at most [`DNS_MAX_INFLIGHT`]); the loop
+    /// polls their sockets, the tick retires the late ones.
+    dns_fwd: Vec<DnsForward>,
+}
+
+/// A forwarded DNS query waiting for its upstream's answer.
+struct DnsForward {
+    /// Connected to the upstream being asked.
+    sock: tokio::net::UdpSocket,
+    to: crate::dns::ReplyTo,
+    query: Vec<u8>,
+    /// Upstreams still to try, the next one last.
+    rest: Vec<SocketAddr>,
+    deadline: Instant,
 }
 
 /// The file in the state dir keeping the forwarding sysctls found before we changed them.
@@ -590,10 +606,7 @@ impl Engine {
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let (dns_done_tx, dns_done_rx) = mpsc::channel(1);
         let (https_done_tx, https_done_rx) = mpsc::channel(1);
-        let (dns_fwd_tx, dns_fwd_rx) = mpsc::channel(DNS_MAX_INFLIGHT);
         let (derp_in_tx, derp_in_rx) = mpsc::channel(1024);
-        let status = Arc::new(Mutex::new(HashMap::new()));
-        let counters = Arc::new(Mutex::new(Value::Null));
         let shields_up = Arc::new(AtomicBool::new(false));
         let engine = Engine {
             me: node.public(),
@@ -627,8 +640,6 @@ impl Engine {
             pending_pings: HashMap::new(),
             rounds: HashMap::new(),
             round: 0,
-            status: status.clone(),
-            counters: counters.clone(),
             drops: Drops::default(),
             addresses: Vec::new(),
             route_prefs: prefs.borrow().clone(),
@@ -643,8 +654,7 @@ impl Engine {
             shields_up: shields_up.clone(),
             resolver: None,
             dns_secret: OsRng.next_u64(),
-            dns_inflight: 0,
-            dns_fwd_tx,
+            dns_fwd: Vec::new(),
         };
         let mut engine = engine;
         if let Some(dir) = &engine.route_prefs.state_dir {
@@ -654,28 +664,16 @@ impl Engine {
         }
         // Whatever a crashed run left (nftables table, rules, table 53, sysctls) goes first.
         engine.router.recover();
-        let task = tokio::spawn(engine.run(
-            netmap,
-            prefs,
-            cmd_rx,
-            derp_in_rx,
-            dns_done_rx,
-            https_done_rx,
-            dns_fwd_rx,
-        ));
+        let task = tokio::spawn(engine.run(netmap, prefs, cmd_rx, derp_in_rx, dns_done_rx, https_done_rx));
         Ok((
             EngineHandle {
                 cmds: cmd_tx,
-                status,
-                counters,
                 shields_up,
             },
             task,
         ))
     }
 
-    // One receiver per input of the loop; bundling them would only rename them.
-    #[allow(clippy::too_many_arguments)]
     async fn run(
         mut self,
         mut netmap: watch::Receiver<Option<Arc<Netmap>>>,
@@ -684,7 +682,6 @@ impl Engine {
         mut derp_in: mpsc::Receiver<(i32, NodePublic, Bytes)>,
         mut dns_done: mpsc::Receiver<()>,
         mut https_done: mpsc::Receiver<BTreeMap<i32, Duration>>,
-        mut dns_fwd: mpsc::Receiver<(crate::dns::ReplyTo, Option<Vec<u8>>)>,
     ) {
         let mut tun_buf = vec![0u8; MAX_DATAGRAM];
         let mut udp_buf = vec![0u8; MAX_DATAGRAM];
@@ -692,6 +689,7 @@ impl Engine {
         // Decrypted packets on their way to the TUN (large enough for WgPeers to reuse it when
         // a handshake releases queued packets).
         let mut plain_buf = vec![0u8; wg::FLUSH_ROOM];
+        let mut dns_buf = vec![0u8; DNS_MAX_ANSWER];
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(nm) = netmap.borrow_and_update().clone() {
@@ -715,11 +713,8 @@ impl Engine {
                     Err(e) => log::debug!("udp6 recv err={e}"),
                 },
                 Some(lat) = https_done.recv() => self.on_https_latency(&lat),
-                Some((to, answer)) = dns_fwd.recv() => {
-                    self.dns_inflight = self.dns_inflight.saturating_sub(1);
-                    for p in answer.map(|a| to.packets(&a)).unwrap_or_default() {
-                        self.tun_out.push(&p);
-                    }
+                Some((i, n)) = poll_dns(&self.dns_fwd, &mut dns_buf), if !self.dns_fwd.is_empty() => {
+                    self.on_dns_answer(i, &dns_buf[..n]);
                 }
                 Some(()) = dns_done.recv() => {
                     // New DERP addresses: measure with them now rather than in 25 s.
@@ -925,31 +920,65 @@ impl Engine {
         }
     }
 
-    /// Sends `query` to its upstream off the loop; the answer (or a SERVFAIL) comes back on
-    /// `dns_fwd`. Past [`DNS_MAX_INFLIGHT`] the query is dropped.
+    /// Sends `query` to its upstream; [`poll_dns`] hears the answer. Past
+    /// [`DNS_MAX_INFLIGHT`] the query is dropped (the client asks again).
     fn forward_dns(&mut self, up: crate::dns::Upstream, query: Vec<u8>, to: crate::dns::ReplyTo) {
-        if self.dns_inflight >= DNS_MAX_INFLIGHT {
+        if self.dns_fwd.len() >= DNS_MAX_INFLIGHT {
             log::debug!("dns: {DNS_MAX_INFLIGHT} queries in flight, dropping one");
             return;
         }
-        self.dns_inflight += 1;
-        let tx = self.dns_fwd_tx.clone();
-        tokio::spawn(async move {
-            let servers = match up {
-                crate::dns::Upstream::Resolvers(s) => s,
-                crate::dns::Upstream::System => std::fs::read_to_string(RESOLV_CONF)
-                    .map(|t| crate::dns::parse_resolv_conf(&t))
-                    .unwrap_or_default(),
-            };
-            let answer = match forward_query(&query, &servers).await {
-                Some(a) => Some(a),
-                None => {
-                    log::debug!("dns: no upstream answered servers={servers:?}");
-                    crate::dns::servfail(&query)
+        let servers = match up {
+            crate::dns::Upstream::Resolvers(s) => s,
+            // A few lines of tmpfs: read per query, so a changed resolv.conf counts at once.
+            crate::dns::Upstream::System => std::fs::read_to_string(RESOLV_CONF)
+                .map(|t| crate::dns::parse_resolv_conf(&t))
+                .unwrap_or_default(),
+        };
+        let rest = servers.into_iter().take(DNS_UPSTREAM_TRIES).rev().collect();
+        self.dns_try(rest, query, to);
+    }
+
+    /// Asks the next upstream in `rest`, or answers SERVFAIL when none is left.
+    fn dns_try(&mut self, mut rest: Vec<SocketAddr>, query: Vec<u8>, to: crate::dns::ReplyTo) {
+        while let Some(server) = rest.pop() {
+            match crate::netns::udp_send(server, &query) {
+                Ok(sock) => {
+                    let deadline = Instant::now() + DNS_UPSTREAM_TIMEOUT;
+                    return self.dns_fwd.push(DnsForward {
+                        sock,
+                        to,
+                        query,
+                        rest,
+                        deadline,
+                    });
                 }
-            };
-            let _ = tx.send((to, answer)).await;
-        });
+                Err(e) => log::debug!("dns: upstream {server} err={e}"),
+            }
+        }
+        for p in crate::dns::servfail(&query).map(|a| to.packets(&a)).unwrap_or_default() {
+            self.tun_out.push(&p);
+        }
+    }
+
+    /// The `i`th forward's socket read `answer` (empty on a read error): relay it if it answers
+    /// the query, else ask the next upstream.
+    fn on_dns_answer(&mut self, i: usize, answer: &[u8]) {
+        let f = self.dns_fwd.swap_remove(i);
+        if answer.len() >= 12 && answer[..2] == f.query[..2] {
+            for p in f.to.packets(answer) {
+                self.tun_out.push(&p);
+            }
+        } else {
+            self.dns_try(f.rest, f.query, f.to);
+        }
+    }
+
+    /// Forwards whose upstream stayed silent past its deadline go to the next upstream.
+    fn expire_dns(&mut self, now: Instant) {
+        while let Some(i) = self.dns_fwd.iter().position(|f| f.deadline <= now) {
+            let f = self.dns_fwd.swap_remove(i);
+            self.dns_try(f.rest, f.query, f.to);
+        }
     }
 
     /// Brings the packet filter up to date with `nm`: its rules (recompiled only when they
@@ -1056,28 +1085,41 @@ impl Engine {
         }
     }
 
-    /// Where a datagram for `peer` goes (UDP address and/or DERP region), sending the disco
-    /// pings its endpoint wants on the way; `None` for an unknown peer.
-    fn route(&mut self, peer: NodePublic) -> Option<(Option<SocketAddr>, Option<i32>)> {
+    /// Where a datagram for `peer` goes (UDP address and/or DERP region, or every candidate
+    /// while no path is known), sending the disco pings its endpoint wants on the way; `None`
+    /// for an unknown peer.
+    fn route(&mut self, peer: NodePublic) -> Option<SendPlan> {
         let now = Instant::now().into_std();
-        let plan = self.peers.get_mut(&peer)?.endpoint.handle_send(now, &mut new_tx);
-        for d in plan.disco {
+        let mut plan = self.peers.get_mut(&peer)?.endpoint.handle_send(now, &mut new_tx);
+        for d in std::mem::take(&mut plan.disco) {
             self.send_disco(peer, d);
         }
-        Some((plan.udp, plan.derp))
+        Some(plan)
+    }
+
+    /// Queues a copy of `datagram` for each of `addrs` (a peer whose path is still unknown).
+    fn spray(&mut self, addrs: &[SocketAddr], datagram: &[u8]) {
+        for &a in addrs {
+            match addr::send_family(a, self.sock.have_v6()) {
+                Some((Family::V4, a)) => self.out4.push(a, datagram),
+                Some((Family::V6, a)) => self.out6.push(a, datagram),
+                None => {}
+            }
+        }
     }
 
     /// Sends one WireGuard datagram to `peer` along the path its endpoint chooses.
     fn send_to_peer(&mut self, peer: NodePublic, datagram: Vec<u8>) {
-        let Some((udp, derp)) = self.route(peer) else { return };
-        if let Some(a) = udp {
+        let Some(plan) = self.route(peer) else { return };
+        self.spray(&plan.spray, &datagram);
+        if let Some(a) = plan.udp {
             match addr::send_family(a, self.sock.have_v6()) {
                 Some((Family::V4, a)) => self.out4.push(a, &datagram),
                 Some((Family::V6, a)) => self.out6.push(a, &datagram),
                 None => {}
             }
         }
-        if let Some(r) = derp {
+        if let Some(r) = plan.derp {
             self.send_derp(r, peer, datagram);
         }
     }
@@ -1085,7 +1127,15 @@ impl Engine {
     /// [`send_to_peer`](Self::send_to_peer) for the `len`-byte datagram WireGuard just wrote
     /// into `out4`'s spare room: IPv4 commits it to that batch in place, IPv6 and DERP take a copy.
     fn send_spare_to_peer(&mut self, peer: NodePublic, len: usize) {
-        let Some((udp, derp)) = self.route(peer) else { return };
+        let Some(SendPlan { udp, derp, spray, .. }) = self.route(peer) else {
+            return;
+        };
+        if !spray.is_empty() {
+            // Rare (no path yet): copies, then the datagram stays in the spare room unused.
+            let datagram = self.out4.spare(len)[..len].to_vec();
+            self.spray(&spray, &datagram);
+            return;
+        }
         if let Some(r) = derp {
             let copy = self.out4.spare(len)[..len].to_vec();
             self.send_derp(r, peer, copy);
@@ -1298,8 +1348,6 @@ impl Engine {
         for o in outs {
             self.send_disco(peer, o);
         }
-        // A pong may have changed the path: let status (and a CLI ping's caller) see it at once.
-        self.publish_status(now);
     }
 
     fn on_cmd(&mut self, cmd: Cmd) {
@@ -1345,12 +1393,16 @@ impl Engine {
                 v["PacketFilter"] = json!(self.filter_rules);
                 let _ = reply.send(v);
             }
+            Cmd::Status(reply) => {
+                let _ = reply.send(self.status(Instant::now().into_std()));
+            }
         }
     }
 
     fn on_tick(&mut self) {
         let now_t = Instant::now();
         let now = now_t.into_std();
+        self.expire_dns(now_t);
         if self.router_cfg.is_none() && now_t >= self.router_retry {
             // The last attempt failed (a device not up yet, nft refused): try again, gently.
             self.router_retry = now_t + ROUTER_RETRY;
@@ -1393,7 +1445,6 @@ impl Engine {
             }
         }
         self.netcheck_step(now_t);
-        self.publish_status(now);
     }
 
     /// DERP host names (of nodes without pinned addresses) whose cached answer is missing or
@@ -1606,7 +1657,7 @@ impl Engine {
         self.last_report = Some(r);
     }
 
-    fn publish_status(&self, now: std::time::Instant) {
+    fn status(&self, now: std::time::Instant) -> EngineStatus {
         let w = self.wg.stats();
         let d = &self.drops;
         let mut counters = json!({
@@ -1625,9 +1676,7 @@ impl Engine {
         for (why, n) in self.filter.drops() {
             counters[format!("FilterDrop{}", why.name()).as_str()] = json!(n);
         }
-        *self.counters.lock().unwrap_or_else(|e| e.into_inner()) = counters;
-        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        st.clear();
+        let mut peers = HashMap::with_capacity(self.peers.len());
         for (k, p) in &self.peers {
             let (cur, relay) = match p.endpoint.path(now) {
                 PathStatus::Direct { addr, .. } => (addr.to_string(), String::new()),
@@ -1635,7 +1684,7 @@ impl Engine {
                 PathStatus::Unreachable => (String::new(), String::new()),
             };
             let ws = self.wg.peer_stats(k);
-            st.insert(
+            peers.insert(
                 *k,
                 json!({
                     "CurAddr": cur,
@@ -1647,6 +1696,7 @@ impl Engine {
                 }),
             );
         }
+        EngineStatus { peers, counters }
     }
 }
 
@@ -1663,28 +1713,25 @@ struct Drops {
     stun_unsolicited: u64,
 }
 
-/// Sends `query` to each of the first [`DNS_UPSTREAM_TRIES`] `servers` in turn over a marked
-/// UDP socket (never into the tunnel) and returns the first answer with the query's ID.
-async fn forward_query(query: &[u8], servers: &[SocketAddr]) -> Option<Vec<u8>> {
-    let id = query.get(..2)?;
-    for &server in servers.iter().take(DNS_UPSTREAM_TRIES) {
-        // The socket is connected: only `server` can answer, and a fresh port sees no stale
-        // answers, so the first datagram is the answer (or garbage, then the next server).
-        let attempt = async {
-            let sock = crate::netns::udp_connect(server).ok()?;
-            sock.send(query).await.ok()?;
-            let mut buf = vec![0u8; DNS_MAX_ANSWER];
-            let n = sock.recv(&mut buf).await.ok()?;
-            buf.truncate(n);
-            Some(buf)
-        };
-        if let Ok(Some(a)) = tokio::time::timeout(DNS_UPSTREAM_TIMEOUT, attempt).await {
-            if a.len() >= 12 && a[..2] == *id {
-                return Some(a);
+/// Resolves with (index, length) when the socket of one of `fwds` has a datagram for `buf`
+/// (length 0 on a read error); never while none has.
+fn poll_dns<'a>(
+    fwds: &'a [DnsForward],
+    buf: &'a mut [u8],
+) -> impl std::future::Future<Output = Option<(usize, usize)>> + 'a {
+    std::future::poll_fn(move |cx| {
+        for (i, f) in fwds.iter().enumerate() {
+            let mut rb = tokio::io::ReadBuf::new(buf);
+            match f.sock.poll_recv(cx, &mut rb) {
+                std::task::Poll::Ready(r) => {
+                    let n = if r.is_ok() { rb.filled().len() } else { 0 };
+                    return std::task::Poll::Ready(Some((i, n)));
+                }
+                std::task::Poll::Pending => {}
             }
         }
-    }
-    None
+        std::task::Poll::Pending
+    })
 }
 
 /// Resolves when the IPv6 socket has something to read (never, without one).

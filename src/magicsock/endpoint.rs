@@ -64,6 +64,8 @@ const MAX_CANDIDATES: usize = 100;
 /// Most pings awaiting a pong per peer. Discovery is rate-limited per candidate, so this only
 /// bites on a peer with very many candidates or a CLI ping storm; it bounds memory either way.
 const MAX_SENT_PINGS: usize = 128;
+/// Candidates that get a copy of a packet while no path is known (see [`SendPlan::spray`]).
+pub const MAX_SPRAY: usize = 8;
 
 /// Timing constants; `Default` gives Go's production values, tests shrink them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,13 +137,18 @@ pub struct DiscoOut {
 
 /// Where one outgoing (WireGuard) packet goes, plus the disco traffic this send triggered.
 /// Both `udp` and `derp` set means "send a copy each way" (the direct path is no longer
-/// trusted but not yet given up); neither set means the peer is unreachable: drop the packet.
+/// trusted but not yet given up). Neither set, `spray` lists the candidates that get a copy
+/// each while discovery runs (a peer without a home DERP, whose path is not confirmed yet:
+/// dropping the packet would lose a first handshake and cost WireGuard's 5 s retry); all
+/// three empty means the peer is unreachable: drop the packet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SendPlan {
     /// Send directly to this address.
     pub udp: Option<SocketAddr>,
     /// Send through this DERP region.
     pub derp: Option<i32>,
+    /// No path known yet: send a copy to each of these candidates (at most [`MAX_SPRAY`]).
+    pub spray: Vec<SocketAddr>,
     /// Disco messages to seal and send first.
     pub disco: Vec<DiscoOut>,
 }
@@ -409,7 +416,16 @@ impl Endpoint {
         if self.heartbeat_at.is_none() {
             self.heartbeat_at = Some(now + self.timing.heartbeat_interval);
         }
-        SendPlan { udp, derp, disco }
+        let spray = match (udp, derp) {
+            (None, None) => self.candidates.keys().take(MAX_SPRAY).copied().collect(),
+            _ => Vec::new(),
+        };
+        SendPlan {
+            udp,
+            derp,
+            spray,
+            disco,
+        }
     }
 
     /// A Ping from the peer arrived via `from` (Go `handlePingLocked`). A UDP source we did not
@@ -1143,6 +1159,42 @@ mod tests {
     }
 
     #[test]
+    fn without_home_derp_or_best_address_packets_go_to_every_candidate() {
+        let t0 = Instant::now();
+        let mut tx = tx_counter();
+        let mut ep = Endpoint::new(me(), Timing::default());
+        let (a, b) = (sa("203.0.113.2:41641"), sa("192.168.1.2:41641"));
+        ep.handle_netmap(&[a, b], peer_disco(), 0, t0);
+        let plan = ep.handle_send(t0, &mut tx);
+        assert_eq!((plan.udp, plan.derp), (None, None));
+        let mut spray = plan.spray.clone();
+        spray.sort();
+        let mut want = vec![a, b];
+        want.sort();
+        assert_eq!(spray, want, "the first handshake must not be dropped");
+        assert_eq!(plan.disco.len(), 2, "discovery pings every candidate");
+        // Many candidates: the copies are bounded.
+        let many: Vec<SocketAddr> = (1..=40).map(|i| sa(&format!("198.51.100.{i}:41641"))).collect();
+        ep.handle_netmap(&many, peer_disco(), 0, t0);
+        assert_eq!(ep.handle_send(t0, &mut tx).spray.len(), MAX_SPRAY);
+        // Once a pong confirms a path, that path alone is used.
+        ep.handle_netmap(&[a, b], peer_disco(), 0, t0);
+        let tx_a = ep
+            .handle_send(t0 + Duration::from_secs(6), &mut tx)
+            .disco
+            .iter()
+            .find_map(|d| match (&d.to, &d.msg) {
+                (Path::Udp(x), Message::Ping { tx_id, .. }) if *x == a => Some(*tx_id),
+                _ => None,
+            });
+        let Some(tx_a) = tx_a else { panic!("no ping to {a}") };
+        let now = t0 + Duration::from_secs(6) + Duration::from_millis(20);
+        ep.handle_pong(tx_a, Path::Udp(a), now);
+        let plan = ep.handle_send(now, &mut tx);
+        assert_eq!((plan.udp, plan.derp, plan.spray), (Some(a), None, vec![]));
+    }
+
+    #[test]
     fn peer_without_disco_is_derp_only() {
         let t0 = Instant::now();
         let mut tx = tx_counter();
@@ -1154,6 +1206,7 @@ mod tests {
             SendPlan {
                 udp: None,
                 derp: Some(5),
+                spray: vec![],
                 disco: vec![]
             }
         );
