@@ -42,19 +42,26 @@ pub const PORT: u16 = 53;
 /// TTL of MagicDNS answers (Go `tsdns.go` `defaultTTL`: 600 s).
 pub const TTL: u32 = 600;
 
-/// Record types.
+/// Record type A (IPv4 address).
 pub const TYPE_A: u16 = 1;
+/// Record type PTR (reverse lookup).
 pub const TYPE_PTR: u16 = 12;
+/// Record type AAAA (IPv6 address).
 pub const TYPE_AAAA: u16 = 28;
+/// Query type ANY.
 pub const TYPE_ANY: u16 = 255;
 /// Class IN.
 pub const CLASS_IN: u16 = 1;
 
-/// Response codes.
+/// Response code: no error.
 pub const RCODE_NOERROR: u8 = 0;
+/// Response code: the query could not be read.
 pub const RCODE_FORMERR: u8 = 1;
+/// Response code: no upstream answered.
 pub const RCODE_SERVFAIL: u8 = 2;
+/// Response code: no such name.
 pub const RCODE_NXDOMAIN: u8 = 3;
+/// Response code: opcode not implemented.
 pub const RCODE_NOTIMP: u8 = 4;
 
 /// Longest name in wire form (RFC 1035 §2.3.4).
@@ -559,11 +566,15 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
 // Packets
 // ---------------------------------------------------------------------------------------------
 
-/// TCP flags.
+/// TCP flag FIN.
 pub const FIN: u8 = 0x01;
+/// TCP flag SYN.
 pub const SYN: u8 = 0x02;
+/// TCP flag RST.
 pub const RST: u8 = 0x04;
+/// TCP flag PSH.
 pub const PSH: u8 = 0x08;
+/// TCP flag ACK.
 pub const ACK: u8 = 0x10;
 
 /// Segment size we send (no MSS option is read: the RFC 9293 defaults, 536 for IPv4 and
