@@ -623,6 +623,11 @@ step8() {
 	out=$(dig_has a 192.0.2.7 +tcp www.example.test A)
 	(($? == 0)) || ok=1
 	ev+="ts-a: dig +tcp www.example.test A (forwarded) -> $(paste -sd' ' <<<"$out")"$'\n'
+	# No split route: the system resolvers (the host's resolv.conf, which nothing in ts-a can
+	# reach) fail, and the client gets SERVFAIL rather than silence.
+	out=$(dig_status a +time=8 nothing.invalid A)
+	[[ $out == SERVFAIL ]] || ok=1
+	ev+="ts-a: nothing.invalid (system resolvers unreachable) -> $out"$'\n'
 	out=$(ts_status a | jq -c '.DNS | {MagicDNS, MagicDNSSuffix, Routes: (.Routes | with_entries(select(.value != [])))}')
 	[[ $(jq -r .MagicDNS <<<"$out") == true && $(jq -r .MagicDNSSuffix <<<"$out") == ts.test ]] || ok=1
 	ev+="ts-a: status --json .DNS $out"$'\n'
@@ -646,7 +651,7 @@ step8() {
 		ok=1
 		ev+="ts-b still answers at 100.100.100.100 after up --accept-dns=false"
 	fi
-	report $ok "8 MagicDNS at 100.100.100.100 on a: the Go node's name (UDP and TCP), PTR, bare name, extra record, NXDOMAIN, split DNS forwarded; the Go node resolves an extra record; accept-dns=false turns it off" "$ev"
+	report $ok "8 MagicDNS at 100.100.100.100 on a: the Go node's name (UDP and TCP), PTR, bare name, extra record, NXDOMAIN, split DNS forwarded, SERVFAIL when no upstream answers; the Go node resolves an extra record; accept-dns=false turns it off" "$ev"
 }
 
 # ------------------------------------------------------------------------------------------------

@@ -1040,11 +1040,8 @@ async fn debug_dns_uci(d: DebugDnsUci) -> Result<(), Failure> {
         magic_dns_suffix(&v)
     };
     let path = d.dhcp.unwrap_or_else(|| PathBuf::from("/etc/config/dhcp"));
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(Failure::runtime(format!("cannot read {}: {e}", path.display()))),
-    };
+    // No dhcp file: no dnsmasq to configure (an empty batch).
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
     let batch = crate::uci::dnsmasq::batch(&text, suffix.as_deref())
         .map_err(|e| Failure::config(format!("{}: {e}", path.display())))?;
     print!("{batch}");

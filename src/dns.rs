@@ -42,19 +42,26 @@ pub const PORT: u16 = 53;
 /// TTL of MagicDNS answers (Go `tsdns.go` `defaultTTL`: 600 s).
 pub const TTL: u32 = 600;
 
-/// Record types.
+/// Record type A (IPv4 address).
 pub const TYPE_A: u16 = 1;
+/// Record type PTR (reverse lookup).
 pub const TYPE_PTR: u16 = 12;
+/// Record type AAAA (IPv6 address).
 pub const TYPE_AAAA: u16 = 28;
+/// Query type ANY.
 pub const TYPE_ANY: u16 = 255;
 /// Class IN.
 pub const CLASS_IN: u16 = 1;
 
-/// Response codes.
+/// Response code: no error.
 pub const RCODE_NOERROR: u8 = 0;
+/// Response code: the query could not be read.
 pub const RCODE_FORMERR: u8 = 1;
+/// Response code: no upstream answered.
 pub const RCODE_SERVFAIL: u8 = 2;
+/// Response code: no such name.
 pub const RCODE_NXDOMAIN: u8 = 3;
+/// Response code: opcode not implemented.
 pub const RCODE_NOTIMP: u8 = 4;
 
 /// Longest name in wire form (RFC 1035 §2.3.4).
@@ -425,52 +432,59 @@ impl Resolver {
         if h.is_response() {
             return None;
         }
-        let reply = |q: Option<&Question>, rcode, aa, answers: &[RData]| {
-            Some(Decision::Reply(build_response(&h, q, rcode, aa, answers)))
-        };
-        if h.opcode() != 0 {
-            return reply(None, RCODE_NOTIMP, false, &[]);
-        }
-        let Ok((_, q)) = parse_query(msg) else {
-            return reply(None, RCODE_FORMERR, false, &[]);
-        };
-        let name = normalize(&q.name);
-        if self.magic && q.qclass == CLASS_IN {
-            if let Some(fqdn) = self.host(&name) {
-                let answers: Vec<RData> = self
-                    .records
-                    .iter()
-                    .filter(|(f, _)| f == fqdn)
-                    .filter_map(|(_, ip)| match (ip, q.qtype) {
-                        (IpAddr::V4(a), TYPE_A | TYPE_ANY) => Some(RData::A(*a)),
-                        (IpAddr::V6(a), TYPE_AAAA | TYPE_ANY) => Some(RData::Aaaa(*a)),
-                        _ => None,
-                    })
-                    .collect();
-                // No record of that type: NOERROR with no answer (NODATA).
-                return reply(Some(&q), RCODE_NOERROR, true, &answers);
-            }
-            if let Some(ip) = reverse_addr(&name) {
-                if tailnet_ip(ip) {
-                    return match self.records.iter().find(|(_, a)| *a == ip).map(|(f, _)| f) {
-                        Some(f) if matches!(q.qtype, TYPE_PTR | TYPE_ANY) => {
-                            reply(Some(&q), RCODE_NOERROR, true, &[RData::Ptr(f.clone())])
-                        }
-                        Some(_) => reply(Some(&q), RCODE_NOERROR, true, &[]),
-                        None => reply(Some(&q), RCODE_NXDOMAIN, true, &[]),
-                    };
+        // One response built at the end: (question echoed, rcode, authoritative, answers).
+        let (q, rcode, aa, answers) = if h.opcode() != 0 {
+            (None, RCODE_NOTIMP, false, Vec::new())
+        } else {
+            let Ok((_, q)) = parse_query(msg) else {
+                return Some(Decision::Reply(build_response(&h, None, RCODE_FORMERR, false, &[])));
+            };
+            match self.local_answer(&q) {
+                Some((rcode, answers)) => (Some(q), rcode, true, answers),
+                None => {
+                    return Some(Decision::Forward(match self.route(&q.name) {
+                        Some(a) => Upstream::Resolvers(a.to_vec()),
+                        None => Upstream::System,
+                    }))
                 }
             }
-            if is_tailnet_reverse_zone(&name) || self.local_zones.iter().any(|z| in_zone(&name, z)) {
-                let apex = name == self.suffix || self.local_zones.contains(&name);
-                let rcode = if apex { RCODE_NOERROR } else { RCODE_NXDOMAIN };
-                return reply(Some(&q), rcode, true, &[]);
-            }
+        };
+        Some(Decision::Reply(build_response(&h, q.as_ref(), rcode, aa, &answers)))
+    }
+
+    /// The answer MagicDNS gives itself (rcode and records), `None` for a name it forwards.
+    fn local_answer(&self, q: &Question) -> Option<(u8, Vec<RData>)> {
+        if !self.magic || q.qclass != CLASS_IN {
+            return None;
         }
-        Some(Decision::Forward(match self.route(&name) {
-            Some(a) => Upstream::Resolvers(a.to_vec()),
-            None => Upstream::System,
-        }))
+        let name = normalize(&q.name);
+        if let Some(fqdn) = self.host(&name) {
+            // No record of that type: NOERROR with no answer (NODATA).
+            let answers = self
+                .records
+                .iter()
+                .filter(|(f, _)| f == fqdn)
+                .filter_map(|(_, ip)| match (ip, q.qtype) {
+                    (IpAddr::V4(a), TYPE_A | TYPE_ANY) => Some(RData::A(*a)),
+                    (IpAddr::V6(a), TYPE_AAAA | TYPE_ANY) => Some(RData::Aaaa(*a)),
+                    _ => None,
+                })
+                .collect();
+            return Some((RCODE_NOERROR, answers));
+        }
+        if let Some(ip) = reverse_addr(&name).filter(|ip| tailnet_ip(*ip)) {
+            let found = self.records.iter().find(|(_, a)| *a == ip);
+            return Some(match found {
+                Some((f, _)) if matches!(q.qtype, TYPE_PTR | TYPE_ANY) => (RCODE_NOERROR, vec![RData::Ptr(f.clone())]),
+                Some(_) => (RCODE_NOERROR, Vec::new()),
+                None => (RCODE_NXDOMAIN, Vec::new()),
+            });
+        }
+        if is_tailnet_reverse_zone(&name) || self.local_zones.iter().any(|z| in_zone(&name, z)) {
+            let apex = name == self.suffix || self.local_zones.contains(&name);
+            return Some((if apex { RCODE_NOERROR } else { RCODE_NXDOMAIN }, Vec::new()));
+        }
+        None
     }
 }
 
@@ -552,11 +566,15 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
 // Packets
 // ---------------------------------------------------------------------------------------------
 
-/// TCP flags.
+/// TCP flag FIN.
 pub const FIN: u8 = 0x01;
+/// TCP flag SYN.
 pub const SYN: u8 = 0x02;
+/// TCP flag RST.
 pub const RST: u8 = 0x04;
+/// TCP flag PSH.
 pub const PSH: u8 = 0x08;
+/// TCP flag ACK.
 pub const ACK: u8 = 0x10;
 
 /// Segment size we send (no MSS option is read: the RFC 9293 defaults, 536 for IPv4 and

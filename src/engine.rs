@@ -368,10 +368,20 @@ pub struct Engine {
     resolver: Option<crate::dns::Resolver>,
     /// Keys the TCP responder's sequence numbers.
     dns_secret: u64,
-    /// Forwarded queries not yet answered (at most [`DNS_MAX_INFLIGHT`]).
-    dns_inflight: usize,
-    /// Answers of forwarded queries come back to the loop here.
-    dns_fwd_tx: mpsc::Sender<(crate::dns::ReplyTo, Option<Vec<u8>>)>,
+    /// Forwarded queries waiting for their upstream (at most [`DNS_MAX_INFLIGHT`]); the loop
+    /// polls their sockets, the tick retires the late ones.
+    dns_fwd: Vec<DnsForward>,
+}
+
+/// A forwarded DNS query waiting for its upstream's answer.
+struct DnsForward {
+    /// Connected to the upstream being asked.
+    sock: tokio::net::UdpSocket,
+    to: crate::dns::ReplyTo,
+    query: Vec<u8>,
+    /// Upstreams still to try, the next one last.
+    rest: Vec<SocketAddr>,
+    deadline: Instant,
 }
 
 /// The file in the state dir keeping the forwarding sysctls found before we changed them.
@@ -616,7 +626,6 @@ impl Engine {
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let (dns_done_tx, dns_done_rx) = mpsc::channel(1);
         let (https_done_tx, https_done_rx) = mpsc::channel(1);
-        let (dns_fwd_tx, dns_fwd_rx) = mpsc::channel(DNS_MAX_INFLIGHT);
         let (derp_in_tx, derp_in_rx) = mpsc::channel(1024);
         let shields_up = Arc::new(AtomicBool::new(false));
         let engine = Engine {
@@ -665,8 +674,7 @@ impl Engine {
             shields_up: shields_up.clone(),
             resolver: None,
             dns_secret: OsRng.next_u64(),
-            dns_inflight: 0,
-            dns_fwd_tx,
+            dns_fwd: Vec::new(),
         };
         let mut engine = engine;
         if let Some(dir) = &engine.route_prefs.state_dir {
@@ -676,15 +684,7 @@ impl Engine {
         }
         // Whatever a crashed run left (nftables table, rules, table 53, sysctls) goes first.
         engine.router.recover();
-        let task = tokio::spawn(engine.run(
-            netmap,
-            prefs,
-            cmd_rx,
-            derp_in_rx,
-            dns_done_rx,
-            https_done_rx,
-            dns_fwd_rx,
-        ));
+        let task = tokio::spawn(engine.run(netmap, prefs, cmd_rx, derp_in_rx, dns_done_rx, https_done_rx));
         Ok((
             EngineHandle {
                 cmds: cmd_tx,
@@ -694,8 +694,6 @@ impl Engine {
         ))
     }
 
-    // One receiver per input of the loop; bundling them would only rename them.
-    #[allow(clippy::too_many_arguments)]
     async fn run(
         mut self,
         mut netmap: watch::Receiver<Option<Arc<Netmap>>>,
@@ -704,7 +702,6 @@ impl Engine {
         mut derp_in: mpsc::Receiver<(i32, NodePublic, Bytes)>,
         mut dns_done: mpsc::Receiver<()>,
         mut https_done: mpsc::Receiver<BTreeMap<i32, Duration>>,
-        mut dns_fwd: mpsc::Receiver<(crate::dns::ReplyTo, Option<Vec<u8>>)>,
     ) {
         let mut tun_buf = vec![0u8; MAX_DATAGRAM];
         let mut udp_buf = vec![0u8; MAX_DATAGRAM];
@@ -712,6 +709,7 @@ impl Engine {
         // Decrypted packets on their way to the TUN (large enough for WgPeers to reuse it when
         // a handshake releases queued packets).
         let mut plain_buf = vec![0u8; wg::FLUSH_ROOM];
+        let mut dns_buf = vec![0u8; DNS_MAX_ANSWER];
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(nm) = netmap.borrow_and_update().clone() {
@@ -735,11 +733,8 @@ impl Engine {
                     Err(e) => log::debug!("udp6 recv err={e}"),
                 },
                 Some(lat) = https_done.recv() => self.on_https_latency(&lat),
-                Some((to, answer)) = dns_fwd.recv() => {
-                    self.dns_inflight = self.dns_inflight.saturating_sub(1);
-                    for p in answer.map(|a| to.packets(&a)).unwrap_or_default() {
-                        self.tun_out.push(&p);
-                    }
+                Some((i, n)) = poll_dns(&self.dns_fwd, &mut dns_buf), if !self.dns_fwd.is_empty() => {
+                    self.on_dns_answer(i, &dns_buf[..n]);
                 }
                 Some(()) = dns_done.recv() => {
                     // New DERP addresses: measure with them now rather than in 25 s.
@@ -945,31 +940,65 @@ impl Engine {
         }
     }
 
-    /// Sends `query` to its upstream off the loop; the answer (or a SERVFAIL) comes back on
-    /// `dns_fwd`. Past [`DNS_MAX_INFLIGHT`] the query is dropped.
+    /// Sends `query` to its upstream; [`poll_dns`] hears the answer. Past
+    /// [`DNS_MAX_INFLIGHT`] the query is dropped (the client asks again).
     fn forward_dns(&mut self, up: crate::dns::Upstream, query: Vec<u8>, to: crate::dns::ReplyTo) {
-        if self.dns_inflight >= DNS_MAX_INFLIGHT {
+        if self.dns_fwd.len() >= DNS_MAX_INFLIGHT {
             log::debug!("dns: {DNS_MAX_INFLIGHT} queries in flight, dropping one");
             return;
         }
-        self.dns_inflight += 1;
-        let tx = self.dns_fwd_tx.clone();
-        tokio::spawn(async move {
-            let servers = match up {
-                crate::dns::Upstream::Resolvers(s) => s,
-                crate::dns::Upstream::System => std::fs::read_to_string(RESOLV_CONF)
-                    .map(|t| crate::dns::parse_resolv_conf(&t))
-                    .unwrap_or_default(),
-            };
-            let answer = match forward_query(&query, &servers).await {
-                Some(a) => Some(a),
-                None => {
-                    log::debug!("dns: no upstream answered servers={servers:?}");
-                    crate::dns::servfail(&query)
+        let servers = match up {
+            crate::dns::Upstream::Resolvers(s) => s,
+            // A few lines of tmpfs: read per query, so a changed resolv.conf counts at once.
+            crate::dns::Upstream::System => std::fs::read_to_string(RESOLV_CONF)
+                .map(|t| crate::dns::parse_resolv_conf(&t))
+                .unwrap_or_default(),
+        };
+        let rest = servers.into_iter().take(DNS_UPSTREAM_TRIES).rev().collect();
+        self.dns_try(rest, query, to);
+    }
+
+    /// Asks the next upstream in `rest`, or answers SERVFAIL when none is left.
+    fn dns_try(&mut self, mut rest: Vec<SocketAddr>, query: Vec<u8>, to: crate::dns::ReplyTo) {
+        while let Some(server) = rest.pop() {
+            match crate::netns::udp_send(server, &query) {
+                Ok(sock) => {
+                    let deadline = Instant::now() + DNS_UPSTREAM_TIMEOUT;
+                    return self.dns_fwd.push(DnsForward {
+                        sock,
+                        to,
+                        query,
+                        rest,
+                        deadline,
+                    });
                 }
-            };
-            let _ = tx.send((to, answer)).await;
-        });
+                Err(e) => log::debug!("dns: upstream {server} err={e}"),
+            }
+        }
+        for p in crate::dns::servfail(&query).map(|a| to.packets(&a)).unwrap_or_default() {
+            self.tun_out.push(&p);
+        }
+    }
+
+    /// The `i`th forward's socket read `answer` (empty on a read error): relay it if it answers
+    /// the query, else ask the next upstream.
+    fn on_dns_answer(&mut self, i: usize, answer: &[u8]) {
+        let f = self.dns_fwd.swap_remove(i);
+        if answer.len() >= 12 && answer[..2] == f.query[..2] {
+            for p in f.to.packets(answer) {
+                self.tun_out.push(&p);
+            }
+        } else {
+            self.dns_try(f.rest, f.query, f.to);
+        }
+    }
+
+    /// Forwards whose upstream stayed silent past its deadline go to the next upstream.
+    fn expire_dns(&mut self, now: Instant) {
+        while let Some(i) = self.dns_fwd.iter().position(|f| f.deadline <= now) {
+            let f = self.dns_fwd.swap_remove(i);
+            self.dns_try(f.rest, f.query, f.to);
+        }
     }
 
     /// Brings the packet filter up to date with `nm`: its rules (recompiled only when they
@@ -1393,6 +1422,7 @@ impl Engine {
     fn on_tick(&mut self) {
         let now_t = Instant::now();
         let now = now_t.into_std();
+        self.expire_dns(now_t);
         if self.router_cfg.is_none() && now_t >= self.router_retry {
             // The last attempt failed (a device not up yet, nft refused): try again, gently.
             self.router_retry = now_t + ROUTER_RETRY;
@@ -1703,28 +1733,25 @@ struct Drops {
     stun_unsolicited: u64,
 }
 
-/// Sends `query` to each of the first [`DNS_UPSTREAM_TRIES`] `servers` in turn over a marked
-/// UDP socket (never into the tunnel) and returns the first answer with the query's ID.
-async fn forward_query(query: &[u8], servers: &[SocketAddr]) -> Option<Vec<u8>> {
-    let id = query.get(..2)?;
-    for &server in servers.iter().take(DNS_UPSTREAM_TRIES) {
-        // The socket is connected: only `server` can answer, and a fresh port sees no stale
-        // answers, so the first datagram is the answer (or garbage, then the next server).
-        let attempt = async {
-            let sock = crate::netns::udp_connect(server).ok()?;
-            sock.send(query).await.ok()?;
-            let mut buf = vec![0u8; DNS_MAX_ANSWER];
-            let n = sock.recv(&mut buf).await.ok()?;
-            buf.truncate(n);
-            Some(buf)
-        };
-        if let Ok(Some(a)) = tokio::time::timeout(DNS_UPSTREAM_TIMEOUT, attempt).await {
-            if a.len() >= 12 && a[..2] == *id {
-                return Some(a);
+/// Resolves with (index, length) when the socket of one of `fwds` has a datagram for `buf`
+/// (length 0 on a read error); never while none has.
+fn poll_dns<'a>(
+    fwds: &'a [DnsForward],
+    buf: &'a mut [u8],
+) -> impl std::future::Future<Output = Option<(usize, usize)>> + 'a {
+    std::future::poll_fn(move |cx| {
+        for (i, f) in fwds.iter().enumerate() {
+            let mut rb = tokio::io::ReadBuf::new(buf);
+            match f.sock.poll_recv(cx, &mut rb) {
+                std::task::Poll::Ready(r) => {
+                    let n = if r.is_ok() { rb.filled().len() } else { 0 };
+                    return std::task::Poll::Ready(Some((i, n)));
+                }
+                std::task::Poll::Pending => {}
             }
         }
-    }
-    None
+        std::task::Poll::Pending
+    })
 }
 
 /// Resolves when the IPv6 socket has something to read (never, without one).

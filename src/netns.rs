@@ -56,9 +56,10 @@ pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     s.connect(addr).await
 }
 
-/// A UDP socket marked with [`BYPASS_MARK`], bound to an ephemeral port of `addr`'s family and
-/// connected to it (replies from anyone else are dropped by the kernel).
-pub fn udp_connect(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+/// Sends `datagram` to `addr` from a new UDP socket marked with [`BYPASS_MARK`] (an ephemeral
+/// port of `addr`'s family, connected to it, so replies from anyone else are dropped by the
+/// kernel) and returns the socket, registered with tokio, to read the answer from.
+pub fn udp_send(addr: SocketAddr, datagram: &[u8]) -> io::Result<tokio::net::UdpSocket> {
     let any: SocketAddr = if addr.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -66,8 +67,9 @@ pub fn udp_connect(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
     };
     let s = std::net::UdpSocket::bind(any)?;
     mark(s.as_raw_fd());
-    // A UDP connect only sets the peer: it never blocks.
+    // A UDP connect only sets the peer, and one small send on a new socket does not block.
     s.connect(addr)?;
+    s.send(datagram)?;
     s.set_nonblocking(true)?;
     tokio::net::UdpSocket::from_std(s)
 }
