@@ -603,6 +603,12 @@ step8() {
 	out=$(dig_has a "$G_IP" +tcp "$gname" A)
 	(($? == 0)) || ok=1
 	ev+="ts-a: dig +tcp @100.100.100.100 $gname A -> $(paste -sd' ' <<<"$out")"$'\n'
+	# The IPv6 service address, AAAA.
+	local g6
+	g6=$(node_json g | jq -r '.ip_addresses[] | select(test(":"))' | head -1)
+	out=$(nsx ts-a dig +time=2 +tries=1 @fd7a:115c:a1e0::53 +short "$gname" AAAA 2>&1)
+	[[ -n $g6 ]] && grep -qxF "$g6" <<<"$out" || ok=1
+	ev+="ts-a: dig @fd7a:115c:a1e0::53 $gname AAAA -> $(paste -sd' ' <<<"$out") (want $g6)"$'\n'
 	out=$(dig_has a "$gname." -x "$G_IP")
 	(($? == 0)) || ok=1
 	ev+="ts-a: dig @100.100.100.100 -x $G_IP -> $(paste -sd' ' <<<"$out")"$'\n'
@@ -651,7 +657,7 @@ step8() {
 		ok=1
 		ev+="ts-b still answers at 100.100.100.100 after up --accept-dns=false"
 	fi
-	report $ok "8 MagicDNS at 100.100.100.100 on a: the Go node's name (UDP and TCP), PTR, bare name, extra record, NXDOMAIN, split DNS forwarded, SERVFAIL when no upstream answers; the Go node resolves an extra record; accept-dns=false turns it off" "$ev"
+	report $ok "8 MagicDNS at 100.100.100.100 on a: the Go node's name (UDP and TCP; AAAA at fd7a:115c:a1e0::53), PTR, bare name, extra record, NXDOMAIN, split DNS forwarded, SERVFAIL when no upstream answers; the Go node resolves an extra record; accept-dns=false turns it off" "$ev"
 }
 
 # ------------------------------------------------------------------------------------------------
