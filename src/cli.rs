@@ -43,6 +43,7 @@ pub struct Top {
 #[argh(subcommand)]
 pub enum Cmd {
     Up(Up),
+    Set(Set),
     Down(Down),
     Logout(Logout),
     Status(Status),
@@ -155,6 +156,77 @@ pub struct Up {
     /// and return once the daemon took them; flags given beside it override the file
     #[argh(option)]
     pub config: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(
+    subcommand,
+    name = "set",
+    note = "Unlike `up`, settings not given keep their values, and nothing logs in: a running node \
+            applies them live (no new login, the tunnel stays), a stopped one keeps them for its next \
+            `up`. Boolean flags: --shields-up alone means true, --shields-up=false turns it off.",
+    example = "tinyscale set --accept-routes --exit-node=100.64.0.7 --exit-node-allow-lan-access"
+)]
+/// change settings of this node without logging in again
+pub struct Set {
+    /// hostname to use instead of the system one
+    #[argh(option)]
+    pub hostname: Option<String>,
+    /// subnet routes to offer the tailnet, comma-separated CIDRs ("" offers none)
+    #[argh(option)]
+    pub advertise_routes: Option<String>,
+    /// also offer the subnets configured on this interface (e.g. br-lan); "" stops
+    #[argh(option, arg_name = "iface")]
+    pub advertise_lan: Option<String>,
+    /// accept subnet routes other nodes advertise
+    #[argh(option, arg_name = "bool")]
+    pub accept_routes: Option<bool>,
+    /// accept DNS settings from the tailnet, MagicDNS
+    #[argh(option, arg_name = "bool")]
+    pub accept_dns: Option<bool>,
+    /// offer this node as an exit node (advertises 0.0.0.0/0 and ::/0)
+    #[argh(option, arg_name = "bool")]
+    pub advertise_exit_node: Option<bool>,
+    /// send internet traffic through this exit node (tailnet IP or name; "" stops)
+    #[argh(option)]
+    pub exit_node: Option<String>,
+    /// with an exit node: reach this host's LANs directly
+    #[argh(option, arg_name = "bool")]
+    pub exit_node_allow_lan_access: Option<bool>,
+    /// ACL tags to request, comma-separated (tag:router,…)
+    #[argh(option)]
+    pub advertise_tags: Option<String>,
+    /// block incoming connections from the tailnet
+    #[argh(option, arg_name = "bool")]
+    pub shields_up: Option<bool>,
+    /// masquerade traffic to advertised subnets as this node
+    #[argh(option, arg_name = "bool")]
+    pub snat_subnet_routes: Option<bool>,
+    /// daemon socket (default /var/run/tinyscale.sock)
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+impl Set {
+    /// The prefs this command changes (none given: `None`).
+    pub fn up_args(self) -> Option<UpArgs> {
+        let a = UpArgs {
+            hostname: self.hostname,
+            advertise_routes: self.advertise_routes.as_deref().map(split_list),
+            advertise_lan: self.advertise_lan,
+            accept_routes: self.accept_routes,
+            accept_dns: self.accept_dns,
+            advertise_exit_node: self.advertise_exit_node,
+            exit_node: self.exit_node,
+            exit_node_allow_lan_access: self.exit_node_allow_lan_access,
+            advertise_tags: self.advertise_tags.as_deref().map(split_list),
+            shields_up: self.shields_up,
+            snat_subnet_routes: self.snat_subnet_routes,
+            ..UpArgs::default()
+        };
+        (a != UpArgs::default()).then_some(a)
+    }
 }
 
 #[derive(FromArgs, Debug)]
@@ -898,6 +970,14 @@ fn print_json(v: &Value) {
 pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
     match cmd {
         Cmd::Up(u) => up(u).await,
+        Cmd::Set(st) => {
+            let socket = socket_or_default(st.socket.clone());
+            let args = st
+                .up_args()
+                .ok_or_else(|| Failure::usage("set: no setting given (`tinyscale set --help` lists them)"))?;
+            ipc::call(&socket, &IpcRequest::Set(args)).await?;
+            Ok(())
+        }
         Cmd::Down(d) => {
             ipc::call(&socket_or_default(d.socket), &IpcRequest::Down).await?;
             Ok(())

@@ -159,6 +159,23 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             Flag::new("config", Value),
         ],
     ),
+    Verb::new(
+        "set",
+        &[
+            Flag::new("hostname", Value),
+            Flag::new("advertise-routes", Value),
+            Flag::new("advertise-lan", Value),
+            Flag::new("accept-routes", Bool),
+            Flag::new("accept-dns", Bool),
+            Flag::new("advertise-exit-node", Bool),
+            Flag::new("exit-node", Value),
+            Flag::new("exit-node-allow-lan-access", Bool),
+            Flag::new("advertise-tags", Value),
+            Flag::new("shields-up", Bool),
+            Flag::new("snat-subnet-routes", Bool),
+            SOCKET,
+        ],
+    ),
     Verb::new("down", &[SOCKET]),
     Verb::new("logout", &[SOCKET]),
     Verb::new("status", &[Flag::new("json", Switch), SOCKET]),
@@ -791,6 +808,35 @@ mod tests {
         assert!(multi_call("/usr/bin/tailscale").is_empty());
         assert!(multi_call("tinyscale").is_empty());
         assert!(multi_call("").is_empty());
+    }
+
+    /// `set` takes Go's flag forms and states only the prefs given; nothing given is refused.
+    #[test]
+    fn set_states_only_the_prefs_given() {
+        let set = |line: &str| {
+            let n = normalize(&v(line)).unwrap();
+            let strs: Vec<&str> = n.args.iter().map(String::as_str).collect();
+            let Cmd::Set(s) = Top::from_args(&["tinyscale"], &strs).unwrap().cmd else {
+                panic!("not set")
+            };
+            s.up_args()
+        };
+        let a = set("set --accept-routes --exit-node= -shields-up=false --advertise-routes 10.1.0.0/16,fd00::/64")
+            .expect("prefs");
+        assert_eq!(a.accept_routes, Some(true));
+        assert_eq!(a.exit_node.as_deref(), Some(""));
+        assert_eq!(a.shields_up, Some(false));
+        assert_eq!(
+            a.advertise_routes,
+            Some(vec!["10.1.0.0/16".to_string(), "fd00::/64".to_string()])
+        );
+        assert_eq!((a.hostname, a.accept_dns, a.login_server), (None, None, None));
+        assert!(set("set").is_none());
+        assert!(set("set --socket /tmp/x.sock").is_none());
+        assert!(
+            normalize(&v("set --login-server=http://x")).is_err(),
+            "set does not log in"
+        );
     }
 
     /// The guide's `up` line reaches argh's struct with its meaning intact.
