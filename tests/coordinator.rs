@@ -937,3 +937,14 @@ async fn a_head_that_never_ends_is_closed_by_the_handshake_budget() {
     // A whole request inside the budget is served.
     assert!(http_get(h.addr, "/health").await.starts_with("HTTP/1.1 200 "));
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn request_heads_over_8_kib_are_refused() {
+    let h = start().await;
+    let req = |pad: usize| format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(pad));
+    let ok = raw(h.addr, req(7 * 1024).as_bytes()).await;
+    assert!(ok.starts_with("HTTP/1.1 200 "), "{ok}");
+    let big = raw(h.addr, req(9 * 1024).as_bytes()).await;
+    assert!(big.starts_with("HTTP/1.1 400 "), "{big}");
+    assert!(big.contains("head too large"), "{big}");
+}

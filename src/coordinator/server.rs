@@ -179,7 +179,7 @@ async fn accept_conn(coord: Arc<Coordinator>, tcp: TcpStream, peer: SocketAddr, 
 }
 
 async fn handle_conn(coord: Arc<Coordinator>, mut sock: Stream, peer: SocketAddr, deadline: tokio::time::Instant) {
-    let head = tokio::time::timeout_at(deadline, http1::read_head(&mut sock)).await;
+    let head = tokio::time::timeout_at(deadline, http1::read_request_head(&mut sock)).await;
     let (head, leftover) = match head {
         Ok(Ok(x)) => x,
         // Closed before a whole head (some clients open a connection and close it unused):

@@ -720,7 +720,7 @@ impl DerpServer {
                 let Some(mut sock) = crate::tls::accept(tls.as_ref(), tcp, budget, peer).await else {
                     return;
                 };
-                let head = tokio::time::timeout_at(deadline, http1::read_head(&mut sock)).await;
+                let head = tokio::time::timeout_at(deadline, http1::read_request_head(&mut sock)).await;
                 match head {
                     Ok(Ok((head, leftover))) => server.handle_http(sock, &head, leftover, deadline).await,
                     // Closed before a whole head (some clients open a connection and close it
