@@ -34,8 +34,8 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 768;
 /// nodes behind one NAT address while one attacker takes at most a twelfth of the total.
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 64;
 /// Default budget from accept until the TLS handshake, the HTTP request head and the Noise or
-/// DERP handshake are done (Go's DERP server allows 10 s for its handshake too).
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// DERP handshake are done: spec §6.2's DERP handshake deadline, counted from accept.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = crate::derp::frame::HANDSHAKE_TIMEOUT;
 /// Seconds a refused client is asked to wait (`Retry-After`).
 pub const RETRY_AFTER_SECS: u32 = 5;
 

@@ -544,10 +544,10 @@ impl DerpServer {
     /// Runs the DERP protocol on a connection whose `101` was already written; `leftover` is
     /// what was read past the request head. Returns when the connection ends.
     ///
-    /// ServerKey, then ClientInfo by `deadline` (at most [`frame::HANDSHAKE_TIMEOUT`] after
-    /// accept in production), verification, registration, ServerInfo, then the reader/writer
-    /// pair until either side fails or the connection is replaced by a newer one with the same
-    /// key.
+    /// ServerKey, then ClientInfo by `deadline` (the listener's handshake budget from accept,
+    /// [`frame::HANDSHAKE_TIMEOUT`] by default), verification, registration, ServerInfo, then
+    /// the reader/writer pair until either side fails or the connection is replaced by a newer
+    /// one with the same key.
     pub async fn accept<S>(self: &Arc<Self>, io: S, leftover: Vec<u8>, deadline: tokio::time::Instant)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
