@@ -78,6 +78,12 @@ pub struct DerpCmd {
     /// PEM private key for --tls-cert
     #[argh(option)]
     pub tls_key: Option<std::path::PathBuf>,
+    /// connections open at once; more are refused (default 768)
+    #[argh(option, default = "768")]
+    pub max_connections: u32,
+    /// connections open at once from one address, or one IPv6 /64 (default 64)
+    #[argh(option, default = "64")]
+    pub max_connections_per_ip: u32,
 }
 
 #[derive(FromArgs, Debug)]

@@ -140,6 +140,15 @@ pub fn settings_from_config(cfg: &ServerConfig) -> Result<state::Settings, Strin
     })
 }
 
+/// The HTTP listener's limits from the validated config.
+pub fn limits_from_config(cfg: &ServerConfig) -> crate::connlimit::ListenLimits {
+    crate::connlimit::ListenLimits {
+        max_connections: cfg.max_connections,
+        max_connections_per_ip: cfg.max_connections_per_ip,
+        handshake_timeout: cfg.handshake_timeout,
+    }
+}
+
 /// The relay's persistent key (store kv `derp_private_key`), created on first use.
 fn derp_key(coord: &server::Coordinator) -> Result<crate::keys::NodePrivate, String> {
     let st = coord.lock();
@@ -189,7 +198,7 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
             .map_err(|e| format!("policy_path {e}"))?;
         log::info!("acl policy loaded from {}", p.display());
     }
-    let coord = server::Coordinator::new(st).map_err(|e| e.to_string())?;
+    let coord = server::Coordinator::with_limits(st, limits_from_config(cfg)).map_err(|e| e.to_string())?;
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(crate::tls::Acceptor::from_pem_files(cert, key)?),
         None => None,
@@ -201,12 +210,14 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen_addr))?;
     log::info!(
-        "coordinator listening addr={} tls={} url={} db={} admin={}",
+        "coordinator listening addr={} tls={} url={} db={} admin={} max_connections={} max_connections_per_ip={}",
         cfg.listen_addr,
         tls.is_some(),
         cfg.server_url,
         cfg.db_path.display(),
-        cfg.unix_socket.display()
+        cfg.unix_socket.display(),
+        cfg.max_connections,
+        cfg.max_connections_per_ip
     );
     let stun_sock = if cfg.derp.server_enabled {
         let a = cfg.derp.server_stun_listen_addr;
@@ -258,5 +269,18 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
             log::info!("coordinator stopped");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uci_defaults_are_the_listener_defaults() {
+        assert_eq!(
+            limits_from_config(&ServerConfig::default()),
+            crate::connlimit::ListenLimits::default()
+        );
     }
 }

@@ -27,6 +27,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest request/response head we accept (Go's default is 1 MiB; our heads are tiny).
 pub const MAX_HEAD: usize = 16 * 1024;
+/// Largest request head our listeners accept: a ts2021 or DERP upgrade is under 1 KiB, a
+/// browser opening a registration page a few KiB with cookies.
+pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// Largest body we read on the outer listener.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -335,11 +338,26 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HttpError> {
 
 /// Reads one head from `io`. Bytes read past the head are returned as leftover.
 pub async fn read_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<(Head, Vec<u8>), HttpError> {
+    read_head_max(io, MAX_HEAD).await
+}
+
+/// [`read_head`] for a listener: a head longer than [`MAX_REQUEST_HEAD`] is `TooLarge`.
+pub async fn read_request_head<R: AsyncRead + Unpin>(io: &mut R) -> Result<(Head, Vec<u8>), HttpError> {
+    read_head_max(io, MAX_REQUEST_HEAD).await
+}
+
+async fn read_head_max<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> Result<(Head, Vec<u8>), HttpError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
     loop {
         if let Some((head, used)) = parse_head(&buf)? {
+            if used > max {
+                return Err(HttpError::TooLarge);
+            }
             return Ok((head, buf.split_off(used)));
+        }
+        if buf.len() > max {
+            return Err(HttpError::TooLarge);
         }
         let n = io.read(&mut chunk).await?;
         if n == 0 {

@@ -7,6 +7,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cli;
+#[cfg(feature = "relay")]
+pub mod connlimit;
 pub mod control;
 #[cfg(feature = "coordinator")]
 pub mod coordinator;

@@ -108,9 +108,14 @@ fn derp(d: cli::DerpCmd) -> Result<(), Failure> {
         (None, None) => None,
         _ => return Err(Failure::usage("--tls-cert and --tls-key go together")),
     };
+    let limits = tinyscale::connlimit::ListenLimits {
+        max_connections: d.max_connections,
+        max_connections_per_ip: d.max_connections_per_ip,
+        ..Default::default()
+    };
     runtime()?.block_on(async {
         tokio::select! {
-            r = tinyscale::derp::server::run_standalone(d.listen, key, d.stun, tls) => r.map_err(|e| Failure::runtime(e.to_string())),
+            r = tinyscale::derp::server::run_standalone(d.listen, key, d.stun, tls, limits) => r.map_err(|e| Failure::runtime(e.to_string())),
             _ = tinyscale::shutdown_signal() => Ok(()),
         }
     })

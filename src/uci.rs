@@ -947,6 +947,14 @@ pub struct ServerConfig {
     /// ACL policy file (`policy_path`, HuJSON), loaded at start; while set, the policy cannot
     /// be changed through the admin socket.
     pub policy_path: Option<PathBuf>,
+    /// Connections open at once on the listener (`max_connections`, default 768).
+    pub max_connections: u32,
+    /// Connections open at once from one address or IPv6 /64 (`max_connections_per_ip`,
+    /// default 64).
+    pub max_connections_per_ip: u32,
+    /// Budget from accept until TLS, the request head and the Noise handshake are done
+    /// (`handshake_timeout`, default 10 s, 1 s to 5 min).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -968,6 +976,9 @@ impl Default for ServerConfig {
             policy_path: None,
             log_level: LogLevel::Info,
             derp: DerpConfig::default(),
+            max_connections: 768,
+            max_connections_per_ip: 64,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -1009,6 +1020,9 @@ const SERVER_OPTIONS: &[(&str, bool)] = &[
     ("derp_url", true),
     ("derp_path", true),
     ("policy_path", false),
+    ("max_connections", false),
+    ("max_connections_per_ip", false),
+    ("handshake_timeout", false),
 ];
 
 /// The `server 'main'` statements, sorted into single values and lists after the
@@ -1307,6 +1321,22 @@ impl ServerConfig {
                     ),
                 )
             })?;
+        }
+
+        let count = |name: &str, dflt: u32| match opts.get(name) {
+            Some(o) => parse_with(o, "count (a positive integer)", |s| {
+                s.parse::<u32>().ok().filter(|v| *v > 0)
+            }),
+            None => Ok(dflt),
+        };
+        c.max_connections = count("max_connections", c.max_connections)?;
+        c.max_connections_per_ip = count("max_connections_per_ip", c.max_connections_per_ip)?;
+        if let Some(o) = opts.get("handshake_timeout") {
+            let d = parse_duration(&o.value).map_err(|e| invalid(o, format!("{e}: {:?}", o.value)))?;
+            if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&d) {
+                return Err(invalid(o, format!("{:?} is out of range (1s to 5m)", o.value)));
+            }
+            c.handshake_timeout = d;
         }
 
         let d = &mut c.derp;
@@ -1709,6 +1739,9 @@ config server 'main'
 	list derp_url 'https://controlplane.tailscale.com/derpmap/default'
 	list derp_path '/etc/tinyscale/derp.json'
 	option policy_path '/etc/tinyscale/policy.hujson'
+	option max_connections '200'
+	option max_connections_per_ip '16'
+	option handshake_timeout '5s'
 
 config client
 	option anything 'ignored here'
@@ -1747,6 +1780,8 @@ config client
         assert_eq!(c.derp.urls.len(), 1);
         assert_eq!(c.derp.paths, vec![PathBuf::from("/etc/tinyscale/derp.json")]);
         assert_eq!(c.policy_path, Some(PathBuf::from("/etc/tinyscale/policy.hujson")));
+        assert_eq!((c.max_connections, c.max_connections_per_ip), (200, 16));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(5));
     }
 
     #[test]
@@ -1861,6 +1896,14 @@ config client
                 "missing unit",
             ),
             ("option log_level 'loud'", "log_level", "invalid log level"),
+            ("option max_connections '0'", "max_connections", "invalid count"),
+            (
+                "option max_connections_per_ip '-1'",
+                "max_connections_per_ip",
+                "invalid count",
+            ),
+            ("option handshake_timeout '0s'", "handshake_timeout", "out of range"),
+            ("option handshake_timeout '10'", "handshake_timeout", "missing unit"),
             (
                 "option derp_server_enabled '2'",
                 "derp_server_enabled",

@@ -12,6 +12,7 @@ mod common;
 
 use rand_core::{OsRng, RngCore};
 use tinyscale::{
+    connlimit::ListenLimits,
     control::client::{self, ControlConn, ControlUrl, Error},
     coordinator::{
         admin::{self, AdminRequest},
@@ -852,4 +853,98 @@ async fn policy_set_get_and_live_streams_get_new_filters_and_peers() {
         h.admin(AdminRequest::PolicyGet).unwrap()["policy"],
         serde_json::Value::Null
     );
+}
+
+/// A coordinator on a loopback port with these listener limits.
+async fn start_limited(limits: ListenLimits) -> Harness {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let settings = Settings {
+        server_url: format!("http://{addr}"),
+        ..Settings::default()
+    };
+    let st = State::load(Store::open_in_memory().unwrap(), settings).unwrap();
+    let coord = Coordinator::with_limits(st, limits).unwrap();
+    tokio::spawn(server::serve_http(coord.clone(), listener, None));
+    let url = ControlUrl::parse(&format!("http://{addr}")).unwrap();
+    Harness { coord, addr, url }
+}
+
+/// Polls `cond` every 10 ms until it holds (panics after [`DEADLINE`]).
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn over_the_per_ip_cap_gets_503_and_open_sessions_keep_working() {
+    let h = start_limited(ListenLimits {
+        max_connections_per_ip: 3,
+        ..ListenLimits::default()
+    })
+    .await;
+    let lim = h.coord.limits().clone();
+    let key = h.user_and_key("alice", true, None);
+    let mut a = join(&h, &key, "a").await;
+    eventually("the control session is admitted", || lim.active() == 1).await;
+    // Two idle connections fill the address's share; the next is refused and counted.
+    let idle1 = TcpStream::connect(h.addr).await.unwrap();
+    let idle2 = TcpStream::connect(h.addr).await.unwrap();
+    eventually("three admitted", || lim.active() == 3).await;
+    let mut extra = TcpStream::connect(h.addr).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(DEADLINE, extra.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let resp = String::from_utf8_lossy(&out);
+    assert!(resp.starts_with("HTTP/1.1 503 "), "{resp}");
+    assert!(resp.contains("\r\nRetry-After: 5\r\n"), "{resp}");
+    assert_eq!(lim.refused_per_ip(), 1);
+    // The established Noise session still answers.
+    let mut lite = map_req(&a.node, &a.disco, false);
+    lite.omit_peers = true;
+    let r = a.conn.map_lite(&lite).await;
+    assert!(r.is_ok(), "{r:?}");
+    drop((idle1, idle2));
+    eventually("idle connections released", || lim.active() == 1).await;
+    assert!(http_get(h.addr, "/health").await.starts_with("HTTP/1.1 200 "));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_head_that_never_ends_is_closed_by_the_handshake_budget() {
+    let budget = Duration::from_millis(800);
+    let h = start_limited(ListenLimits {
+        handshake_timeout: budget,
+        ..ListenLimits::default()
+    })
+    .await;
+    let lim = h.coord.limits().clone();
+    let started = std::time::Instant::now();
+    let mut s = TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
+        .await
+        .expect("the server kept the connection open");
+    assert!(started.elapsed() >= budget);
+    assert!(out.is_empty());
+    assert_eq!(lim.timed_out(), 1);
+    eventually("slot released", || lim.active() == 0).await;
+    // A whole request inside the budget is served.
+    assert!(http_get(h.addr, "/health").await.starts_with("HTTP/1.1 200 "));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn request_heads_over_8_kib_are_refused() {
+    let h = start().await;
+    let req = |pad: usize| format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(pad));
+    let ok = raw(h.addr, req(7 * 1024).as_bytes()).await;
+    assert!(ok.starts_with("HTTP/1.1 200 "), "{ok}");
+    let big = raw(h.addr, req(9 * 1024).as_bytes()).await;
+    assert!(big.starts_with("HTTP/1.1 400 "), "{big}");
+    assert!(big.contains("head too large"), "{big}");
 }

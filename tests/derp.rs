@@ -19,6 +19,7 @@ use bytes::Bytes;
 use common::{need_caddy, GoNode, Proc};
 use rand_core::{OsRng, RngCore};
 use tinyscale::{
+    connlimit::ListenLimits,
     control::client as control,
     coordinator::{
         admin::{self, AdminRequest},
@@ -540,7 +541,13 @@ async fn standalone_relay_serves_derp_and_stun() {
     let stun_addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
     let key = node_key();
     let server_pub = key.public();
-    let task = tokio::spawn(server::run_standalone(listen, key, Some(stun_addr), None));
+    let task = tokio::spawn(server::run_standalone(
+        listen,
+        key,
+        Some(stun_addr),
+        None,
+        Default::default(),
+    ));
     let (ka, kb) = (node_key(), node_key());
     let start = Instant::now();
     let mut a = loop {
@@ -786,4 +793,98 @@ async fn official_go_client_uses_our_relay() {
     assert!(relay.stats().packets_forwarded() >= 2);
     drop(go);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Reads until EOF or a reset; returns what arrived before.
+async fn read_until_closed(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("server did not close the connection");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A client over the per-IP cap is refused with 503 + Retry-After, a slowloris client is closed
+/// by the handshake budget, the session between A and B is untouched throughout, and once the
+/// attackers leave new clients get in again.
+#[tokio::test]
+async fn per_ip_cap_and_handshake_budget_spare_established_sessions() {
+    let budget = Duration::from_millis(1500);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let srv = Arc::new(DerpServer::new(node_key(), None).with_limits(ListenLimits {
+        max_connections: 100,
+        max_connections_per_ip: 4,
+        handshake_timeout: budget,
+    }));
+    let s = srv.clone();
+    tokio::spawn(async move { s.serve(listener, None).await });
+    let lim = srv.limits().clone();
+
+    let (ka, kb) = (node_key(), node_key());
+    let (pa, pb) = (ka.public(), kb.public());
+    let mut a = connect(addr, &ka).await;
+    let mut b = connect(addr, &kb).await;
+    let exchange = async |a: &mut DerpClient<Stream>, b: &mut DerpClient<Stream>, what: &'static [u8]| {
+        a.send(pb, what).await.unwrap();
+        assert_eq!(recv_packet(b).await, (pa, Bytes::from_static(what)));
+    };
+    exchange(&mut a, &mut b, b"before").await;
+
+    // Two more sessions from the same address fill its share; the fifth connection is refused
+    // at once (it sends nothing, so the answer cannot race a reset).
+    let attacker1 = connect(addr, &node_key()).await;
+    let attacker2 = connect(addr, &node_key()).await;
+    eventually("four admitted", || lim.active() == 4).await;
+    let mut extra = TcpStream::connect(addr).await.unwrap();
+    let resp = read_until_closed(&mut extra).await;
+    assert!(resp.starts_with("HTTP/1.1 503 "), "{resp}");
+    assert!(resp.contains("\r\nRetry-After: 5\r\n"), "{resp}");
+    assert_eq!((lim.refused_per_ip(), lim.refused_total()), (1, 0));
+    exchange(&mut a, &mut b, b"while full").await;
+
+    // A slowloris takes the freed slot and trickles one byte a second, never ending its head.
+    drop(attacker2);
+    eventually("attacker 2 released", || lim.active() == 3).await;
+    let started = Instant::now();
+    let slow = TcpStream::connect(addr).await.unwrap();
+    eventually("slowloris admitted", || lim.active() == 4).await;
+    let (mut slow_rd, mut slow_wr) = slow.into_split();
+    let trickle = tokio::spawn(async move {
+        for b in b"GET /derp HTTP/1.1\r\nHost: x\r\n".iter().cycle() {
+            if slow_wr.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            // Pacing of the attack, not synchronisation: the test waits on the socket below.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    exchange(&mut a, &mut b, b"during slowloris").await;
+    read_until_closed(&mut slow_rd).await;
+    assert!(started.elapsed() >= budget, "closed before the budget ran out");
+    assert_eq!(lim.timed_out(), 1);
+    trickle.abort();
+    eventually("slowloris released", || lim.active() == 3).await;
+    exchange(&mut a, &mut b, b"after slowloris").await;
+
+    // The attackers leave: a new client gets in and reaches A.
+    drop(attacker1);
+    eventually("attacker 1 released", || lim.active() == 2).await;
+    let ke = node_key();
+    let mut e = connect(addr, &ke).await;
+    let mut f = connect(addr, &node_key()).await;
+    eventually("new clients admitted", || lim.active() == 4).await;
+    e.send(pa, b"hello a").await.unwrap();
+    assert_eq!(recv_packet(&mut a).await, (ke.public(), Bytes::from_static(b"hello a")));
+    f.send(pa, b"from f").await.unwrap();
+    assert_eq!(recv_packet(&mut a).await.1, Bytes::from_static(b"from f"));
+    assert_eq!(lim.refused_per_ip(), 1);
 }

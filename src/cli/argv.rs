@@ -297,6 +297,8 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             Flag::new("stun", Value),
             Flag::new("tls-cert", Value),
             Flag::new("tls-key", Value),
+            Flag::new("max-connections", Value),
+            Flag::new("max-connections-per-ip", Value),
         ],
     ),
 ]);

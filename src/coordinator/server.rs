@@ -24,6 +24,7 @@ use super::{
     state::{Change, CoordError, RegisterOutcome, State},
 };
 use crate::{
+    connlimit::{self, ConnLimits, ListenLimits},
     http1::{self, Head},
     keys::{hex_encode, MachinePrivate, MachinePublic},
     noise::{self, stream::NoiseStream},
@@ -48,6 +49,8 @@ pub struct Coordinator {
     noise_key: MachinePrivate,
     /// The embedded DERP relay, when `derp_server_enabled`.
     derp: std::sync::OnceLock<Arc<crate::derp::server::DerpServer>>,
+    /// Admission and handshake budget of the HTTP listener.
+    limits: Arc<ConnLimits>,
 }
 
 /// Unix seconds now.
@@ -71,8 +74,14 @@ fn random32() -> [u8; 32] {
 }
 
 impl Coordinator {
-    /// Wraps `state`; loads or creates the server's Noise key in the store.
+    /// Wraps `state` with the default listener limits; loads or creates the server's Noise key
+    /// in the store.
     pub fn new(state: State) -> Result<Arc<Coordinator>, CoordError> {
+        Self::with_limits(state, ListenLimits::default())
+    }
+
+    /// [`Coordinator::new`] with `limits` for [`serve_http`].
+    pub fn with_limits(state: State, limits: ListenLimits) -> Result<Arc<Coordinator>, CoordError> {
         let noise_key = match state.store().get_kv("noise_private_key")? {
             Some(t) => MachinePrivate::from_key_str(&t)
                 .map_err(|_| CoordError::Invalid("stored noise_private_key is corrupt".into()))?,
@@ -90,7 +99,13 @@ impl Coordinator {
             registrations,
             noise_key,
             derp: Default::default(),
+            limits: ConnLimits::new(limits),
         }))
+    }
+
+    /// The listener's admission state and refusal counters.
+    pub fn limits(&self) -> &Arc<ConnLimits> {
+        &self.limits
     }
 
     /// Locks the state (a poisoned lock is still usable: panics abort the process anyway).
@@ -137,36 +152,34 @@ impl Coordinator {
     }
 }
 
-/// Accepts connections on `listener` forever.
 /// Accepts connections on `listener`, with TLS when `tls` is given, each served on its own task.
+/// Admission follows [`Coordinator::limits`]: over a cap the connection is refused (`503` with
+/// `Retry-After` on plain HTTP) and counted; sessions already open are not touched.
 pub async fn serve_http(coord: Arc<Coordinator>, listener: TcpListener, tls: Option<tls::Acceptor>) {
     loop {
-        match listener.accept().await {
-            Ok((sock, peer)) => {
-                let _ = sock.set_nodelay(true);
-                tokio::spawn(accept_conn(coord.clone(), sock, peer, tls.clone()));
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                log::warn!("accept failed err={e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        let (sock, peer, guard) = connlimit::accept(&listener, &coord.limits, tls.is_some(), "coordinator").await;
+        let coord = coord.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            accept_conn(coord, sock, peer, tls).await;
+        });
     }
 }
 
-/// Budget for the TLS handshake and the request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-
+/// One connection: TLS, the request head and the Noise handshake (with the HTTP/2 preface)
+/// share one `handshake_timeout` budget from accept.
 async fn accept_conn(coord: Arc<Coordinator>, tcp: TcpStream, peer: SocketAddr, tls: Option<tls::Acceptor>) {
-    let Some(sock) = tls::accept(tls.as_ref(), tcp, HEAD_TIMEOUT, peer).await else {
+    let budget = coord.limits.limits().handshake_timeout;
+    let deadline = tokio::time::Instant::now() + budget;
+    let Some(sock) = tls::accept(tls.as_ref(), tcp, budget, peer).await else {
         return;
     };
-    handle_conn(coord, sock, peer).await;
+    handle_conn(coord, sock, peer, deadline).await;
 }
 
-async fn handle_conn(coord: Arc<Coordinator>, mut sock: Stream, peer: SocketAddr) {
-    let head = tokio::time::timeout(HEAD_TIMEOUT, http1::read_head(&mut sock)).await;
+async fn handle_conn(coord: Arc<Coordinator>, mut sock: Stream, peer: SocketAddr, deadline: tokio::time::Instant) {
+    let head = tokio::time::timeout_at(deadline, http1::read_request_head(&mut sock)).await;
     let (head, leftover) = match head {
         Ok(Ok(x)) => x,
         // Closed before a whole head (some clients open a connection and close it unused):
@@ -177,9 +190,13 @@ async fn handle_conn(coord: Arc<Coordinator>, mut sock: Stream, peer: SocketAddr
             let _ = http1::write_response(&mut sock, 400, "text/plain", e.bad_request_body().as_bytes()).await;
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            coord.limits.note_timeout();
+            log::debug!("request head timed out peer={peer}");
+            return;
+        }
     };
-    let r = route(&coord, sock, &head, leftover, peer).await;
+    let r = route(&coord, sock, &head, leftover, peer, deadline).await;
     if let Err(e) = r {
         log::debug!("connection ended peer={peer} path={} err={e}", head.path());
     }
@@ -195,16 +212,17 @@ async fn route(
     head: &Head,
     leftover: Vec<u8>,
     peer: SocketAddr,
+    deadline: tokio::time::Instant,
 ) -> std::io::Result<()> {
     if head.path() == "/ts2021" {
-        return ts2021(coord, sock, head, leftover, peer).await;
+        return ts2021(coord, sock, head, leftover, peer, deadline).await;
     }
     if matches!(
         head.path(),
         "/derp" | "/derp/probe" | "/derp/latency-check" | "/generate_204"
     ) {
         if let Some(derp) = coord.derp.get() {
-            derp.handle_http(sock, head, leftover).await;
+            derp.handle_http(sock, head, leftover, deadline).await;
             return Ok(());
         }
     }
@@ -275,6 +293,7 @@ async fn ts2021(
     head: &Head,
     leftover: Vec<u8>,
     peer: SocketAddr,
+    deadline: tokio::time::Instant,
 ) -> std::io::Result<()> {
     let upgrade_ok = head
         .header("upgrade")
@@ -324,19 +343,28 @@ async fn ts2021(
         machine.short()
     );
     let io = NoiseStream::new(sock, transport, leftover);
-    serve_h2(coord.clone(), io, machine).await;
+    serve_h2(coord.clone(), io, machine, deadline).await;
     Ok(())
 }
 
-async fn serve_h2(coord: Arc<Coordinator>, io: NoiseStream<Stream>, machine: MachinePublic) {
+async fn serve_h2(
+    coord: Arc<Coordinator>,
+    io: NoiseStream<Stream>,
+    machine: MachinePublic,
+    deadline: tokio::time::Instant,
+) {
     let conn = h2::server::Builder::new()
         .max_concurrent_streams(32)
-        .handshake::<_, Bytes>(io)
-        .await;
-    let mut conn = match conn {
-        Ok(c) => c,
-        Err(e) => {
+        .handshake::<_, Bytes>(io);
+    let mut conn = match tokio::time::timeout_at(deadline, conn).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             log::debug!("h2 handshake failed machine={} err={e}", machine.short());
+            return;
+        }
+        Err(_) => {
+            coord.limits.note_timeout();
+            log::debug!("h2 preface timed out machine={}", machine.short());
             return;
         }
     };

@@ -21,6 +21,10 @@ use crate::{
 
 /// How long an interactive registration waits for an admin (headscale: 15 min).
 pub const PENDING_REGISTRATION_TTL: i64 = 15 * 60;
+/// Interactive registrations waiting at once. Anyone who can reach the listener can start one
+/// (each holds its Hostinfo), so the set is capped: at the cap the oldest is forgotten first
+/// (its client asks again with a new link). A home tailnet approves a few at a time.
+pub const MAX_PENDING_REGISTRATIONS: usize = 64;
 
 /// What changed, for map sessions to turn into deltas.
 #[derive(Debug, Clone, PartialEq)]
@@ -633,6 +637,15 @@ impl State {
 
     fn new_pending(&mut self, machine: MachinePublic, req: &RegisterRequest, id: String, now: i64) -> RegisterResponse {
         self.pending.retain(|_, p| p.expires > now && p.machine_key != machine);
+        while self.pending.len() >= MAX_PENDING_REGISTRATIONS {
+            let oldest = self
+                .pending
+                .values()
+                .min_by(|a, b| (a.expires, &a.id).cmp(&(b.expires, &b.id)))
+                .map(|p| p.id.clone());
+            let Some(oldest) = oldest else { break };
+            self.pending.remove(&oldest);
+        }
         let url = format!("{}/register/{id}", self.settings.server_url.trim_end_matches('/'));
         self.pending.insert(
             id.clone(),
@@ -1136,6 +1149,38 @@ mod tests {
         )
         .unwrap()
         .key
+    }
+
+    #[test]
+    fn pending_registrations_are_capped_oldest_first() {
+        let mut st = state();
+        let mut n = 0u32;
+        let mut start = |st: &mut State, now: i64| {
+            n += 1;
+            let mut b = [9u8; 32];
+            b[1..5].copy_from_slice(&n.to_le_bytes());
+            let m = MachinePrivate::from_random(b).public();
+            b[5] = 1;
+            let node = NodePrivate::from_random(b);
+            let id = format!("p{n}");
+            match st.register(m, &req(&node, None, "h"), now, || id.clone()).unwrap().0 {
+                RegisterOutcome::Reply(r) => assert!(r.auth_url.ends_with(&id)),
+                RegisterOutcome::Wait(w) => panic!("unexpected wait {w}"),
+            }
+        };
+        for i in 0..MAX_PENDING_REGISTRATIONS as i64 {
+            start(&mut st, 1000 + i);
+        }
+        assert!(st.pending("p1").is_some());
+        assert_eq!(st.pending.len(), MAX_PENDING_REGISTRATIONS);
+        // One more: the oldest two go in order, the newest stay, the size holds.
+        start(&mut st, 1100);
+        assert!(st.pending("p1").is_none() && st.pending("p2").is_some());
+        start(&mut st, 1101);
+        assert!(st.pending("p2").is_none() && st.pending("p3").is_some());
+        let last = format!("p{}", MAX_PENDING_REGISTRATIONS + 2);
+        assert!(st.pending(&last).is_some());
+        assert_eq!(st.pending.len(), MAX_PENDING_REGISTRATIONS);
     }
 
     #[test]

@@ -48,10 +48,10 @@ use tokio::{
 };
 
 use super::frame::{
-    self, Frame, FrameError, FrameReader, FrameType, PeerGoneReason, ServerInfo, HANDSHAKE_TIMEOUT, KEEP_ALIVE,
-    KEY_LEN, MAX_PACKET_SIZE,
+    self, Frame, FrameError, FrameReader, FrameType, PeerGoneReason, ServerInfo, KEEP_ALIVE, KEY_LEN, MAX_PACKET_SIZE,
 };
 use crate::{
+    connlimit::{self, ConnLimits, ListenLimits},
     disco, http1,
     keys::{NodePrivate, NodePublic},
     tailcfg::{DerpNode, DerpRegion},
@@ -72,8 +72,6 @@ pub const NOT_HERE_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest frame a client may send after the handshake: a full SendPacket (Go
 /// `maxUnknownFrameLen`); anything longer closes the connection, even of an unknown type.
 pub const MAX_CLIENT_FRAME: u32 = (MAX_PACKET_SIZE + KEY_LEN) as u32;
-/// Deadline for a DERP-host HTTP request head (the coordinator uses the same).
-pub const HTTP_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// NotHere timestamps remembered per sender; past this, stale ones are pruned first.
 const NOT_HERE_TRACKED: usize = 64;
 /// Read buffer growth per socket read.
@@ -382,6 +380,8 @@ pub struct DerpServer {
     registry: Mutex<Registry>,
     stats: DerpStats,
     next_conn: AtomicU32,
+    /// Admission and handshake budget of [`Self::serve`]'s listener.
+    limits: Arc<ConnLimits>,
 }
 
 impl fmt::Debug for DerpServer {
@@ -424,7 +424,20 @@ impl DerpServer {
             registry: Mutex::new(Registry::default()),
             stats: DerpStats::default(),
             next_conn: AtomicU32::new(1),
+            limits: ConnLimits::new(ListenLimits::default()),
         }
+    }
+
+    /// The same relay with other limits for [`Self::serve`] (the coordinator's embedded relay
+    /// is governed by the coordinator's listener instead).
+    pub fn with_limits(mut self, limits: ListenLimits) -> DerpServer {
+        self.limits = ConnLimits::new(limits);
+        self
+    }
+
+    /// The listener's admission state and refusal counters.
+    pub fn limits(&self) -> &Arc<ConnLimits> {
+        &self.limits
     }
 
     /// The server's public key (sent in ServerKey and `Derp-Public-Key`).
@@ -461,9 +474,14 @@ impl DerpServer {
     /// `Upgrade: DERP` → 101 then [`Self::accept`]; no upgrade → 426), `/derp/probe` and
     /// `/derp/latency-check` (200 for GET/HEAD, CORS open; else 405), `/generate_204` (captive
     /// portal check, spec §6.5), `OPTIONS *` 200, anything else 404. Errors end the connection
-    /// and are logged.
-    pub async fn handle_http<S>(self: &Arc<Self>, mut sock: S, head: &http1::Head, leftover: Vec<u8>)
-    where
+    /// and are logged. `deadline` bounds the DERP handshake (the budget started at accept).
+    pub async fn handle_http<S>(
+        self: &Arc<Self>,
+        mut sock: S,
+        head: &http1::Head,
+        leftover: Vec<u8>,
+        deadline: tokio::time::Instant,
+    ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let r = match head.path() {
@@ -480,7 +498,7 @@ impl DerpServer {
                     );
                     match sock.write_all(resp.as_bytes()).await {
                         Ok(()) => {
-                            self.accept(sock, leftover).await;
+                            self.accept(sock, leftover, deadline).await;
                             return;
                         }
                         Err(e) => Err(e),
@@ -526,17 +544,18 @@ impl DerpServer {
     /// Runs the DERP protocol on a connection whose `101` was already written; `leftover` is
     /// what was read past the request head. Returns when the connection ends.
     ///
-    /// ServerKey, then ClientInfo within [`HANDSHAKE_TIMEOUT`], verification, registration,
-    /// ServerInfo, then the reader/writer pair until either side fails or the connection is
-    /// replaced by a newer one with the same key.
-    pub async fn accept<S>(self: &Arc<Self>, io: S, leftover: Vec<u8>)
+    /// ServerKey, then ClientInfo by `deadline` (the listener's handshake budget from accept,
+    /// [`frame::HANDSHAKE_TIMEOUT`] by default), verification, registration, ServerInfo, then
+    /// the reader/writer pair until either side fails or the connection is replaced by a newer
+    /// one with the same key.
+    pub async fn accept<S>(self: &Arc<Self>, io: S, leftover: Vec<u8>, deadline: tokio::time::Instant)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (mut rd, mut wr) = tokio::io::split(io);
         let mut reader = FrameReader::new(frame::MAX_CLIENT_INFO_LEN);
         reader.push(&leftover);
-        let hs = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.handshake(&mut rd, &mut wr, &mut reader)).await;
+        let hs = tokio::time::timeout_at(deadline, self.handshake(&mut rd, &mut wr, &mut reader)).await;
         let key = match hs.unwrap_or(Err(ConnError::Timeout)) {
             Ok(k) => k,
             Err(e) => {
@@ -687,38 +706,37 @@ impl DerpServer {
 
     /// Accepts DERP-host HTTP(S) connections on `listener` forever (one task each): `/derp`,
     /// probes and `/generate_204` via [`Self::handle_http`]; TLS first when `tls` is given.
+    /// Admission follows [`Self::limits`]; TLS, the request head and the DERP handshake share
+    /// one `handshake_timeout` budget from accept.
     pub async fn serve(self: &Arc<Self>, listener: TcpListener, tls: Option<crate::tls::Acceptor>) {
+        let budget = self.limits.limits().handshake_timeout;
         loop {
-            match listener.accept().await {
-                Ok((tcp, peer)) => {
-                    let _ = tcp.set_nodelay(true);
-                    let server = self.clone();
-                    let tls = tls.clone();
-                    tokio::spawn(async move {
-                        let Some(mut sock) = crate::tls::accept(tls.as_ref(), tcp, HTTP_HEAD_TIMEOUT, peer).await
-                        else {
-                            return;
-                        };
-                        let head = tokio::time::timeout(HTTP_HEAD_TIMEOUT, http1::read_head(&mut sock)).await;
-                        match head {
-                            Ok(Ok((head, leftover))) => server.handle_http(sock, &head, leftover).await,
-                            // Closed before a whole head (some clients open a connection and
-                            // close it unused) or silent past the budget: nothing to report.
-                            Ok(Err(http1::HttpError::Closed)) | Err(_) => {}
-                            Ok(Err(e)) => {
-                                log::debug!("derp: bad http request peer={peer} err={e}");
-                                let body = e.bad_request_body();
-                                let _ = respond(&mut sock, 400, &[], body.as_bytes(), false).await;
-                            }
-                        }
-                    });
+            let (tcp, peer, guard) = connlimit::accept(&listener, &self.limits, tls.is_some(), "derp").await;
+            let server = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                let deadline = tokio::time::Instant::now() + budget;
+                let Some(mut sock) = crate::tls::accept(tls.as_ref(), tcp, budget, peer).await else {
+                    return;
+                };
+                let head = tokio::time::timeout_at(deadline, http1::read_request_head(&mut sock)).await;
+                match head {
+                    Ok(Ok((head, leftover))) => server.handle_http(sock, &head, leftover, deadline).await,
+                    // Closed before a whole head (some clients open a connection and close it
+                    // unused): nothing to report.
+                    Ok(Err(http1::HttpError::Closed)) => {}
+                    Err(_) => {
+                        server.limits.note_timeout();
+                        log::debug!("derp: request head timed out peer={peer}");
+                    }
+                    Ok(Err(e)) => {
+                        log::debug!("derp: bad http request peer={peer} err={e}");
+                        let body = e.bad_request_body();
+                        let _ = respond(&mut sock, 400, &[], body.as_bytes(), false).await;
+                    }
                 }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    log::warn!("derp: accept failed err={e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
+            });
         }
     }
 }
@@ -810,27 +828,30 @@ async fn respond<W: AsyncWrite + Unpin>(
 /// `tinyscale derp`: a standalone relay at `listen`, over TLS when `tls` is given, else plain
 /// HTTP (for clients with `TS_DEBUG_USE_DERP_HTTP=1`, or behind a TLS-terminating proxy that
 /// passes the upgrade), plus a STUN server on `stun` if given. Runs until an error; the caller
-/// adds signal handling.
+/// adds signal handling. `limits` governs the DERP listener.
 pub async fn run_standalone(
     listen: SocketAddr,
     private: NodePrivate,
     stun: Option<SocketAddr>,
     tls: Option<crate::tls::Acceptor>,
+    limits: ListenLimits,
 ) -> io::Result<()> {
-    let server = Arc::new(DerpServer::new(private, None));
+    let server = Arc::new(DerpServer::new(private, None).with_limits(limits));
     let listener = TcpListener::bind(listen).await?;
     let udp = match stun {
         Some(a) => Some(UdpSocket::bind(a).await?),
         None => None,
     };
     log::info!(
-        "derp: relay listening addr={} tls={} stun={} key={}",
+        "derp: relay listening addr={} tls={} stun={} key={} max_connections={} max_connections_per_ip={}",
         listener.local_addr().unwrap_or(listen),
         tls.is_some(),
         udp.as_ref()
             .and_then(|u| u.local_addr().ok())
             .map_or("off".to_string(), |a| a.to_string()),
-        server.public_key().short()
+        server.public_key().short(),
+        limits.max_connections,
+        limits.max_connections_per_ip
     );
     let stun_task = async {
         match udp {
