@@ -12,12 +12,19 @@
 #                  masquerading: wireguard-go-fwd (b's kernel forwards from its wireguard-go
 #                  device, nft masquerade) beside tinyscale-fwd (b advertises the subnet, the
 #                  coordinator approves it, a accepts it; b's own forwarding and SNAT)
+#   filter cost    tinyscale-fwd again with an ACL policy set on the coordinator
+#                  (tinyscale-fwd-acl): 200 accept rules b receives (LAN addresses and ports it
+#                  serves) that miss the iperf3 flow, then the one that matches it (and an ICMP
+#                  rule after that, for the RTT), against tinyscale-fwd without a policy. The
+#                  rules judge the flow's SYN; its later segments pass as established (filter.rs),
+#                  so the two figures differ by little more than run-to-run noise
 # For each: iperf3 TCP throughput (a -> b, BENCH_SECS seconds), ping RTT (20 pings), and the peak
 # RSS (VmHWM from /proc/PID/status) of the processes carrying it. Then the ratios
-# tinyscale/wireguard-go, direct and forwarded (goal >= 1.0). Root. Exit status: 0 when every
-# path was measured.
+# tinyscale/wireguard-go, direct and forwarded (goal >= 1.0), and tinyscale-fwd-acl/tinyscale-fwd
+# (the filter's cost, goal >= 0.95). Root. Exit status: 0 when every path was measured.
 #
-# Usage: scripts/bench-throughput.sh            (BENCH_SECS=5, BENCH_ONLY=raw,wg,ts,derp,fwd, KEEP=1)
+# Usage: scripts/bench-throughput.sh   (BENCH_SECS=5, BENCH_ONLY=raw,wg,ts,derp,fwd,filter, KEEP=1;
+#                                       filter needs fwd)
 set -uo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,7 +32,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/scripts/netns-lib.sh"
 
 BENCH_SECS=${BENCH_SECS:-5}
-BENCH_ONLY=${BENCH_ONLY:-raw,wg,ts,derp,fwd}
+BENCH_ONLY=${BENCH_ONLY:-raw,wg,ts,derp,fwd,filter}
 IPERF_PORT=5201
 WG_PORT=51820
 WG_A=192.168.99.1
@@ -33,6 +40,7 @@ WG_B=192.168.99.2
 FWD_NET=192.168.50.0/24
 FWD_GW=192.168.50.1
 FWD_HOST=192.168.50.10
+FILTER_MISSES=200
 MISSING=0
 declare -A MBPS RTT RSS NOTE
 
@@ -138,6 +146,33 @@ wg_fwd_off() {
 
 # ts_fwd_routed: a routes the LAN host into tinyscale0 (the approved route reached it).
 ts_fwd_routed() { [[ $(nsx ts-a ip route get "$FWD_HOST" 2>&1) == *"dev tinyscale0"* ]]; }
+
+# filter_policy SRC: the filter-cost policy (HuJSON) in $WORK/filter.hujson: FILTER_MISSES
+# accept rules from SRC to LAN addresses and ports b serves but the flow never uses (so b
+# receives them all and the flow's packets pass each one), then the flow's own rule, then ICMP.
+filter_policy() {
+	local src=$1 i f=$WORK/filter.hujson
+	{
+		echo "// bench-throughput.sh filter cost: $FILTER_MISSES rules that miss the iperf3 flow, then its own"
+		echo '{'
+		echo '  "acls": ['
+		for ((i = 0; i < FILTER_MISSES; i++)); do
+			printf '    {"action": "accept", "src": ["%s"], "dst": ["192.168.50.%d:%d"]},\n' \
+				"$src" $((100 + i % 100)) $((10000 + i))
+		done
+		printf '    {"action": "accept", "proto": "tcp", "src": ["%s"], "dst": ["%s:%s"]},\n' "$src" "$FWD_HOST" "$IPERF_PORT"
+		printf '    {"action": "accept", "proto": "icmp", "src": ["%s"], "dst": ["%s:*"]},\n' "$src" "$FWD_HOST"
+		echo '  ],'
+		echo '}'
+	} >"$f"
+	echo "$f"
+}
+
+# b_filter_rules: how many rules b's packet filter holds (`tinyscale debug filter`).
+b_filter_rules() {
+	timeout 15 ip netns exec ts-b "$BIN" debug filter --socket "$(daemon_sock b)" 2>/dev/null | jq -r '.Rules | length'
+}
+b_filter_full() { (($(b_filter_rules) >= FILTER_MISSES + 2)); }
 
 ping_and_check_direct() {
 	nsx ts-a ping -c 1 -W 1 "$B_IP" >/dev/null 2>&1
@@ -262,6 +297,21 @@ if want fwd; then
 	fi
 fi
 
+if want fwd && want filter; then
+	if [[ ${MBPS[tinyscale-fwd]:-n/a} =~ ^[0-9]+$ ]] &&
+		coord_admin policy set "$(filter_policy "$(node_ip4 a)")" >/dev/null &&
+		eventually 20 b_filter_full && eventually 20 nsx ts-a ping -c 1 -W 1 "$FWD_HOST"; then
+		measure tinyscale-fwd-acl a "$FWD_HOST"
+		RSS[tinyscale-fwd-acl]="a=$(vmhwm daemon-a) b=$(vmhwm daemon-b)"
+		NOTE[tinyscale-fwd-acl]+="policy of $((FILTER_MISSES + 2)) rules, b's filter holds $(b_filter_rules); "
+	else
+		MBPS[tinyscale-fwd-acl]=n/a
+		NOTE[tinyscale-fwd-acl]+="no tinyscale-fwd figure, or the policy did not reach b (filter: $(b_filter_rules) rules); "
+		MISSING=$((MISSING + 1))
+	fi
+	coord_admin policy clear >/dev/null
+fi
+
 if want derp; then
 	if [[ -z ${B_IP:-} ]]; then
 		MBPS[tinyscale-derp]=n/a
@@ -282,10 +332,10 @@ fi
 RSS[raw]=-
 
 echo
-printf '%-15s %10s %12s  %-32s %s\n' path Mbit/s "rtt avg ms" "peak RSS kB (VmHWM)" notes
-for p in raw wireguard-go tinyscale tinyscale-derp wireguard-go-fwd tinyscale-fwd; do
+printf '%-17s %10s %12s  %-32s %s\n' path Mbit/s "rtt avg ms" "peak RSS kB (VmHWM)" notes
+for p in raw wireguard-go tinyscale tinyscale-derp wireguard-go-fwd tinyscale-fwd tinyscale-fwd-acl; do
 	[[ -n ${MBPS[$p]+x} ]] || continue
-	printf '%-15s %10s %12s  %-32s %s\n' "$p" "${MBPS[$p]}" "${RTT[$p]:-n/a}" "${RSS[$p]:-n/a}" "${NOTE[$p]:-}"
+	printf '%-17s %10s %12s  %-32s %s\n' "$p" "${MBPS[$p]}" "${RTT[$p]:-n/a}" "${RSS[$p]:-n/a}" "${NOTE[$p]:-}"
 done
 ratio=n/a
 if [[ ${MBPS[tinyscale]:-n/a} =~ ^[0-9]+$ && ${MBPS[wireguard-go]:-n/a} =~ ^[0-9]+$ && ${MBPS[wireguard-go]} -gt 0 ]]; then
@@ -299,5 +349,12 @@ if want fwd; then
 		ratio=$(awk -v t="${MBPS[tinyscale-fwd]}" -v w="${MBPS[wireguard-go-fwd]}" 'BEGIN {printf "%.2f", t / w}')
 	fi
 	echo "ratio forwarded tinyscale-fwd/wireguard-go-fwd: $ratio (goal >= 1.0)"
+fi
+if want fwd && want filter; then
+	ratio=n/a
+	if [[ ${MBPS[tinyscale-fwd-acl]:-n/a} =~ ^[0-9]+$ && ${MBPS[tinyscale-fwd]:-n/a} =~ ^[0-9]+$ && ${MBPS[tinyscale-fwd]} -gt 0 ]]; then
+		ratio=$(awk -v t="${MBPS[tinyscale-fwd-acl]}" -v w="${MBPS[tinyscale-fwd]}" 'BEGIN {printf "%.3f", t / w}')
+	fi
+	echo "filter cost: tinyscale-fwd ${MBPS[tinyscale-fwd]:-n/a} Mbit/s without a policy, tinyscale-fwd-acl ${MBPS[tinyscale-fwd-acl]:-n/a} Mbit/s with $((FILTER_MISSES + 2)) rules; ratio $ratio (goal >= 0.95)"
 fi
 ((MISSING == 0))

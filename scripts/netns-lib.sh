@@ -43,9 +43,10 @@
 # exec` mounts over /etc/hosts) map it to 203.0.113.1 and, in a and b, 2001:db8:ff::1.
 
 TS_NAMESPACES=(ts-inet ts-nat-a ts-nat-b ts-nat-g ts-a ts-b ts-g)
-# Namespaces a scenario adds on top (netns-subnet.sh's LAN behind ts-a): topo_up leaves them to
-# their scenario, topo_down removes them too, so any run cleans up after any other.
-TS_EXTRA_NAMESPACES=(ts-lan)
+# Namespaces a scenario adds on top (netns-subnet.sh's LAN behind ts-a and its second router
+# ts-r2): topo_up leaves them to their scenario, topo_down removes them too, so any run cleans
+# up after any other.
+TS_EXTRA_NAMESPACES=(ts-lan ts-r2)
 TS_HOMES=(a b g)
 INET_IP=203.0.113.1
 COORD_PORT=8080
@@ -122,7 +123,7 @@ ts_finish() {
 }
 
 # ts_teardown_check NAME: tears the topology down (recording it in TORN_DOWN) and reports NAME:
-# no ts- namespace (ts-lan included) and no process the harness started is left.
+# no ts- namespace (ts-lan and ts-r2 included) and no process the harness started is left.
 ts_teardown_check() {
 	local ok=0 ev="" f p pids=() left
 	for f in "$WORK"/*.pid; do
@@ -130,7 +131,7 @@ ts_teardown_check() {
 	done
 	topo_down
 	TORN_DOWN=1
-	left=$(ip netns list | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg]|lan)$' | tr '\n' ' ')
+	left=$(ip netns list | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg]|lan|r2)$' | tr '\n' ' ')
 	[[ -z $left ]] || ok=1
 	ev+="namespaces left: '${left}'"$'\n'
 	for p in "${pids[@]}"; do
@@ -432,7 +433,7 @@ topo_down() {
 		for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
 		ip netns del "$ns" 2>/dev/null || true
 	done
-	left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg]|lan)$' || true)
+	left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg]|lan|r2)$' || true)
 	[[ -z $left ]] || log "WARNING: namespaces left after down: $left"
 }
 

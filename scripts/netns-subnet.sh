@@ -5,9 +5,12 @@
 # behind NAT; the official Go client in ts-g), plus a LAN behind home a:
 #
 #   ts-a (router R)                                    ts-lan (plain LAN host, no tinyscale)
-#   tinyscale --advertise-routes=192.168.50.0/24       192.168.50.10/24 on ts-eth
-#   192.168.50.1/24 on ts-sub  ─────── veth ─────────  default via 192.168.50.1
-#                                                      unreachable 100.64.0.0/10
+#   tinyscale --advertise-routes=192.168.50.0/24       192.168.50.10/24 on bridge ts-lbr
+#   192.168.50.1/24 on ts-sub  ─────── veth ─────────  (port ts-eth)
+#                                                      default via 192.168.50.1
+#   ts-r2 (second router R2, step 9 only)              unreachable 100.64.0.0/10
+#   203.0.113.5 on ts-inet's bridge (no NAT)           │
+#   192.168.50.2/24 on ts-sub  ─────── veth ─────────  (port ts-eth2)
 #   ts-b (remote peer P): tinyscale --accept-routes
 #
 # The LAN host has no route back to the tailnet (the explicit `unreachable` stands for a LAN
@@ -55,6 +58,7 @@
 #   up    build the topology with the LAN and leave it (no processes); `down` removes it
 # Environment: TINYSCALE_BIN, TINYSCALE_GO_CADDY, TLS, DERP_MODE, KEEP as for netns-e2e.sh;
 #   ROUTE_DEADLINE=20 (seconds for a route change to reach the data plane)
+#   HA_DEADLINE=30 (seconds from R's crash until P reaches the LAN host through R2)
 # Output: one PASS/FAIL/SKIP line per assertion; the last line is `N passed, N failed`.
 # SC2181: the output is the evidence, so status is read after capturing it. SC2119:
 # ts_need_tools without arguments needs only the common tools.
@@ -67,9 +71,12 @@ source "$REPO/scripts/netns-lib.sh"
 
 MODE=${1:-run}
 ROUTE_DEADLINE=${ROUTE_DEADLINE:-20}
+HA_DEADLINE=${HA_DEADLINE:-30}
 SUBNET=192.168.50.0/24
 LAN_GW=192.168.50.1
 LAN_HOST=192.168.50.10
+R2_LAN=192.168.50.2
+R2_WAN=203.0.113.5
 LAN_PORT=8000
 TAILNET=100.64.0.0/10
 TORN_DOWN=0
@@ -86,10 +93,29 @@ lan_up() {
 	ensure_veth ts-a ts-sub ts-lan ts-eth
 	ip -n ts-a addr replace "$LAN_GW/24" dev ts-sub
 	ip -n ts-a link set ts-sub up
-	ip -n ts-lan addr replace "$LAN_HOST/24" dev ts-eth
-	ip -n ts-lan link set ts-eth up
+	# The LAN is a bridge, so a second router (R2, step 9) can join it.
+	ip -n ts-lan link show ts-lbr >/dev/null 2>&1 || ip -n ts-lan link add ts-lbr type bridge
+	ip -n ts-lan link set ts-eth master ts-lbr up
+	ip -n ts-lan addr replace "$LAN_HOST/24" dev ts-lbr
+	ip -n ts-lan link set ts-lbr up
 	ip -n ts-lan route replace default via "$LAN_GW"
 	lan_no_return_route
+}
+
+# r2_up: the second router R2 (ts-r2, hostname r2), directly on the internet bridge as
+# $R2_WAN (no NAT in front), and on the LAN bridge as $R2_LAN. Forwarding starts off.
+r2_up() {
+	ensure_ns ts-r2
+	ensure_veth ts-r2 ts-wan ts-inet ts-up-r2
+	ip -n ts-inet link set ts-up-r2 master ts-br0 up
+	ip -n ts-r2 addr replace "$R2_WAN/24" dev ts-wan
+	ip -n ts-r2 link set ts-wan up
+	ip -n ts-r2 route replace default via "$INET_IP"
+	ensure_veth ts-r2 ts-sub ts-lan ts-eth2
+	ip -n ts-lan link set ts-eth2 master ts-lbr up
+	ip -n ts-r2 addr replace "$R2_LAN/24" dev ts-sub
+	ip -n ts-r2 link set ts-sub up
+	nsx ts-r2 sysctl -qw net.ipv4.ip_forward=0
 }
 
 # The LAN host's route to the tailnet: none (unreachable at once, not via the default route),
@@ -823,7 +849,84 @@ step7() {
 	report $ok "7b kill -9 while routing, restart without the coordinator: the daemons' start removes the leftovers" "$ev"
 }
 
-h_teardown() { ts_teardown_check "H3 teardown removes every ts- namespace (ts-lan too) and process"; }
+# ------------------------------------------------------------------------------------------------
+# HA subnet routers (step 9).
+
+# primaries: who serves SUBNET and who is primary, from `server routes list -o json`, one line.
+primaries() {
+	coord_admin routes list -o json |
+		jq -c --arg p "$SUBNET" '[.[] | select(.prefix == $p) | {node, enabled, primary}] | sort_by(.node)'
+}
+primary_is() { [[ $(primaries) == "$1" ]]; }
+ha_both() { echo "[{\"node\":\"a\",\"enabled\":true,\"primary\":$1},{\"node\":\"r2\",\"enabled\":true,\"primary\":$2}]"; }
+# p_get_via WANT: P reaches the LAN host (and the route goes into the tunnel), answered as from WANT.
+p_get_via() { p_route_tunnel && lan_get_is "$1"; }
+
+step_ha() {
+	log "step 9: HA subnet routers"
+	local ok=0 ev="" out t0 r2_id
+	# P accepts routes again (step 5 turned that off) and reaches the LAN through R first.
+	out=$(CLI_TIMEOUT=40 ts_cli b up --accept-routes=true 2>&1) || ok=1
+	r2_up || ok=1
+	daemon_start r2 || ok=1
+	daemon_up r2 "$AUTHKEY" --advertise-routes="$SUBNET" || ev+="up on r2: $(tail -n 3 "$WORK/up-r2.log")"$'\n'
+	eventually 20 is_running r2 || ok=1
+	r2_id=$(node_id r2)
+	out=$(coord_admin nodes approve-routes -i "$r2_id" -r "$SUBNET" 2>&1) || ok=1
+	ev+="R2 (ts-r2, node id $r2_id, LAN $R2_LAN) up --advertise-routes=$SUBNET, approved: $out"$'\n'
+	eventually "$ROUTE_DEADLINE" primary_is "$(ha_both true false)" || ok=1
+	ev+="server routes list: $(primaries)"$'\n'
+	out=$(eventually_out "$ROUTE_DEADLINE" p_get_via "$LAN_GW")
+	p_get_via "$LAN_GW" || ok=1
+	ev+="P: GET http://$LAN_HOST:$LAN_PORT/ -> '$(lan_get ts-b)' (want R's $LAN_GW); $(p_route)"$'\n'
+	ev+="R2 on standby: ip_forward=$(sysctl_get ts-r2 net.ipv4.ip_forward)"$'\n'
+	ev+="P's view of R: $(peer_json b a | jq -c .PrimaryRoutes); of R2: $(peer_json b r2 | jq -c .PrimaryRoutes)"
+	report $ok "9a R2 advertises $SUBNET too, approved: routes list has R primary, R2 secondary; P reaches $LAN_HOST via R ($LAN_GW)" "$ev"
+
+	ok=0 ev=""
+	stop daemon-a KILL
+	t0=$(now_ms)
+	ev+="R killed (-9)"$'\n'
+	out=$(eventually_out "$HA_DEADLINE" p_get_via "$R2_LAN")
+	p_get_via "$R2_LAN" || ok=1
+	ev+="P: GET -> '$(lan_get ts-b)' $(($(now_ms) - t0)) ms after the kill (want R2's $R2_LAN, deadline ${HA_DEADLINE}s)"$'\n'
+	eventually "$ROUTE_DEADLINE" primary_is "$(ha_both false true)" || ok=1
+	ev+="server routes list: $(primaries); R online: $(node_json a | jq -r .online)"$'\n'
+	out=$(sysctl_get ts-r2 net.ipv4.ip_forward)
+	[[ $out == 1 ]] || ok=1
+	ev+="R2: ip_forward=$out; $(nsx ts-r2 nft list table inet tinyscale 2>&1 | grep -E 'masquerade|Error' | sed 's/^[[:space:]]*//' | paste -sd';')"$'\n'
+	ev+="P's view of R2: $(peer_json b r2 | jq -c '{PrimaryRoutes, Online}')"
+	report $ok "9b R killed: within ${HA_DEADLINE}s P reaches $LAN_HOST via R2 ($R2_LAN), R2 primary" "$ev"
+
+	ok=0 ev=""
+	daemon_start a || ok=1
+	eventually "$ROUTE_DEADLINE" is_running a || ok=1
+	eventually "$ROUTE_DEADLINE" node_online a || ok=1
+	# The coordinator settles the primaries when R comes online, so once P sees R online the
+	# roles below are final.
+	eventually "$ROUTE_DEADLINE" test "$(peer_json b a | jq -r .Online)" = true || ok=1
+	ev+="R restarted on its state: $(backend_state a); coordinator: online $(node_json a | jq -r .online); P sees R online: $(peer_json b a | jq -r .Online)"$'\n'
+	primary_is "$(ha_both false true)" || ok=1
+	ev+="server routes list: $(primaries)"$'\n'
+	p_get_via "$R2_LAN" || ok=1
+	ev+="P: GET -> '$(lan_get ts-b)' (want R2's $R2_LAN still); P's view of R: $(peer_json b a | jq -c .PrimaryRoutes)"
+	report $ok "9c R back online: R2 stays primary (no flapping), P still reaches $LAN_HOST via R2" "$ev"
+
+	# Back to the state the next steps expect: R alone serves the subnet, R2 stopped and gone
+	# from the coordinator (its namespace goes with the teardown).
+	ok=0 ev=""
+	stop daemon-r2
+	out=$(coord_admin nodes delete -i "$r2_id" 2>&1) || ok=1
+	ev+="R2 stopped; nodes delete -i $r2_id: $out"$'\n'
+	eventually "$ROUTE_DEADLINE" primary_is '[{"node":"a","enabled":true,"primary":true}]' || ok=1
+	ev+="server routes list: $(primaries)"$'\n'
+	out=$(eventually_out "$HA_DEADLINE" p_get_via "$LAN_GW")
+	p_get_via "$LAN_GW" || ok=1
+	ev+="P: GET -> '$(lan_get ts-b)' (want R's $LAN_GW)"
+	report $ok "9d R2 stopped and deleted: R primary again, P reaches $LAN_HOST via R" "$ev"
+}
+
+h_teardown() { ts_teardown_check "H3 teardown removes every ts- namespace (ts-lan, ts-r2 too) and process"; }
 
 case $MODE in
 down)
@@ -866,6 +969,7 @@ if h_tailnet; then
 	step_exit_client
 	step_advertise_lan
 	step_acl
+	step_ha
 	step6
 	step7
 fi
