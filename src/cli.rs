@@ -49,6 +49,7 @@ pub enum Cmd {
     Ip(Ip),
     Ping(Ping),
     Netcheck(Netcheck),
+    Whois(Whois),
     Debug(DebugCmd),
     ExitNode(ExitNodeCmd),
     Version(Version),
@@ -267,6 +268,23 @@ pub struct Ping {
 /// show UDP reachability, the public address, NAT mapping behaviour and DERP latencies
 pub struct Netcheck {
     /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "whois")]
+/// show the machine and user behind a tailnet IP (v4 or v6), or behind an address in a subnet
+/// route a node serves
+pub struct Whois {
+    /// IP, IP:port or [IPv6]:port
+    #[argh(positional, arg_name = "ip[:port]")]
+    pub addr: String,
+    /// print JSON (Node, UserProfile), as `tailscale whois --json`
     #[argh(switch)]
     pub json: bool,
     /// daemon socket
@@ -1007,6 +1025,16 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Cmd::Whois(w) => {
+            let req = IpcRequest::WhoIs { addr: w.addr };
+            let v = ipc::call(&socket_or_default(w.socket), &req).await?;
+            if w.json {
+                print_json(&v);
+            } else {
+                print!("{}", render_whois(&v));
+            }
+            Ok(())
+        }
         Cmd::ExitNode(e) => match e.cmd {
             ExitNodeSub::List(l) => {
                 let v = ipc::call(&socket_or_default(l.socket), &IpcRequest::Status).await?;
@@ -1165,6 +1193,72 @@ pub fn render_exit_nodes(v: &Value) -> String {
             .to_string();
     }
     table(&["IP", "HOSTNAME", "COUNTRY", "CITY", "STATUS"], &rows)
+}
+
+/// Lines of `(label, value)` with the values in one column, as Go's
+/// `tabwriter.NewWriter(w, 10, 5, 5, ' ', 0)` lays them out (cell = widest label + 5, at least 10).
+fn label_block(out: &mut String, lines: &[(&str, String)]) {
+    let w = lines.iter().map(|(l, _)| l.len() + 5).max().unwrap_or(0).max(10);
+    for (l, v) in lines {
+        out.push_str(&format!("{l:<w$}{v}\n"));
+    }
+}
+
+/// Go's `%s` of a slice: `[a b c]`.
+fn go_list(v: &[Value]) -> String {
+    let items: Vec<&str> = v.iter().filter_map(Value::as_str).collect();
+    format!("[{}]", items.join(" "))
+}
+
+/// [pure] `whois` as tailscale prints it: the machine (name, stable ID, addresses, further
+/// AllowedIPs, OS), then its tags or its user.
+pub fn render_whois(v: &Value) -> String {
+    let n = &v["Node"];
+    let mut m = vec![
+        (
+            "  Name:",
+            n["Name"].as_str().unwrap_or("").trim_end_matches('.').to_string(),
+        ),
+        ("  ID:", n["StableID"].as_str().unwrap_or("").to_string()),
+        (
+            "  Addresses:",
+            go_list(n["Addresses"].as_array().map_or(&[], Vec::as_slice)),
+        ),
+    ];
+    // The first two AllowedIPs are the node's own addresses (Go prints the rest).
+    if let Some(more) = n["AllowedIPs"]
+        .as_array()
+        .and_then(|a| a.get(2..))
+        .filter(|a| !a.is_empty())
+    {
+        m.push(("  AllowedIPs:", go_list(more)));
+    }
+    if let Some(os) = n["Hostinfo"]["OS"].as_str().filter(|o| !o.is_empty()) {
+        m.push(("  OS:", os.to_string()));
+    }
+    let tags: Vec<&str> = n["Tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut out = String::from("Machine:\n");
+    if !tags.is_empty() {
+        m.push(("  Tags:", tags.join(", ")));
+        label_block(&mut out, &m);
+    } else {
+        label_block(&mut out, &m);
+        out.push_str("User:\n");
+        let u = &v["UserProfile"];
+        label_block(
+            &mut out,
+            &[
+                ("  Name:", u["LoginName"].as_str().unwrap_or("").to_string()),
+                ("  ID:", u["ID"].to_string()),
+            ],
+        );
+    }
+    out
 }
 
 /// Reads and validates the `config client` section of `path`; unknown options are logged as
@@ -1686,5 +1780,41 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("state:"));
+    }
+
+    #[test]
+    fn whois_text_is_laid_out_as_tailscale_does() {
+        let v = serde_json::json!({
+            "Node": {"Name": "laptop.ts.example.", "StableID": "nX3", "Tags": [],
+                     "Addresses": ["100.64.0.3/32", "fd7a:115c:a1e0::3/128"],
+                     "AllowedIPs": ["100.64.0.3/32", "fd7a:115c:a1e0::3/128", "192.168.5.0/24"],
+                     "Hostinfo": {"OS": "linux"}},
+            "UserProfile": {"ID": 7, "LoginName": "alice@example.com"},
+        });
+        assert_eq!(
+            render_whois(&v),
+            "Machine:\n  \
+             Name:           laptop.ts.example\n  \
+             ID:             nX3\n  \
+             Addresses:      [100.64.0.3/32 fd7a:115c:a1e0::3/128]\n  \
+             AllowedIPs:     [192.168.5.0/24]\n  \
+             OS:             linux\n\
+             User:\n  \
+             Name:     alice@example.com\n  \
+             ID:       7\n"
+        );
+        // A tagged node shows its tags instead of a user; no extra AllowedIPs, no OS, so the
+        // column is `  Addresses:` + 5 wide.
+        let v = serde_json::json!({
+            "Node": {"Name": "srv.ts.example.", "StableID": "nY", "Tags": ["tag:a", "tag:b"],
+                     "Addresses": ["100.64.0.4/32"], "AllowedIPs": ["100.64.0.4/32"]},
+            "UserProfile": {"ID": 1, "LoginName": "tagged-devices"},
+        });
+        let out = render_whois(&v);
+        assert!(out.contains("  Tags:          tag:a, tag:b\n"), "{out}");
+        assert!(
+            !out.contains("User:") && !out.contains("AllowedIPs") && !out.contains("OS:"),
+            "{out}"
+        );
     }
 }

@@ -341,6 +341,7 @@ impl Daemon {
                 },
                 false,
             ),
+            IpcRequest::WhoIs { addr } => self.whois(&addr),
             IpcRequest::Reload => match self.config.get() {
                 // The init script's reload does the same through `tinyscale up --config`.
                 Some(path) => crate::cli::load_client_config(path)
@@ -520,6 +521,22 @@ impl Daemon {
         self.save()?;
         self.bump();
         Ok(json!({"state": "NeedsLogin", "note": note}))
+    }
+
+    /// `whois`: Go's `apitype.WhoIsResponse` (`Node`, `UserProfile`; no `CapMap` yet, which Go
+    /// omits when empty).
+    fn whois(&self, arg: &str) -> Result<Value, String> {
+        let ip = crate::control::netmap::whois_addr(arg)
+            .ok_or_else(|| format!("invalid address {arg:?}: give a tailnet IP, IP:port or [IPv6]:port"))?;
+        let s = self.lock();
+        let n = s.netmap.whois(ip).ok_or_else(|| {
+            format!("no match for {arg}: no node in the netmap has this address or serves a subnet route holding it")
+        })?;
+        let user = s.netmap.users.get(&n.user).cloned().unwrap_or(tailcfg::UserProfile {
+            id: n.user,
+            ..Default::default()
+        });
+        Ok(json!({ "Node": n, "UserProfile": user }))
     }
 
     /// `status --json` body.
@@ -1380,5 +1397,53 @@ mod tests {
         assert!(!d.lock().prefs.accept_routes);
         std::fs::write(&cfg, "config client 'client'\n\toption accept_routes 'maybe'\n").expect("config");
         assert!(d.handle(IpcRequest::Reload).await.error.contains("accept_routes"));
+    }
+
+    #[tokio::test]
+    async fn whois_answers_with_node_and_user_profile() {
+        let dir = TempDir::new("whois");
+        let d = Daemon::load(&dir.0, None).expect("state dir loads");
+        d.lock().netmap.apply(tailcfg::MapResponse {
+            node: Some(tailcfg::Node {
+                id: 1,
+                name: "me.ts.example.".into(),
+                addresses: vec!["100.64.0.1/32".into()],
+                ..Default::default()
+            }),
+            peers: Some(vec![tailcfg::Node {
+                id: 2,
+                stable_id: "nPeer".into(),
+                name: "gw.ts.example.".into(),
+                user: 5,
+                addresses: vec!["100.64.0.2/32".into()],
+                primary_routes: vec!["192.168.1.0/24".into()],
+                tags: vec!["tag:gw".into()],
+                ..Default::default()
+            }]),
+            user_profiles: Some(vec![tailcfg::UserProfile {
+                id: 5,
+                login_name: "bob@example.com".into(),
+                display_name: "Bob".into(),
+            }]),
+            ..Default::default()
+        });
+        let r = d
+            .handle(IpcRequest::WhoIs {
+                addr: "192.168.1.20:80".into(),
+            })
+            .await;
+        assert_eq!(r.error, "");
+        assert_eq!(r.data["Node"]["StableID"], "nPeer");
+        assert_eq!(r.data["Node"]["Tags"], json!(["tag:gw"]));
+        assert_eq!(r.data["UserProfile"]["LoginName"], "bob@example.com");
+        assert!(r.data.get("CapMap").is_none(), "Go omits an empty CapMap");
+        let r = d
+            .handle(IpcRequest::WhoIs {
+                addr: "100.64.0.9".into(),
+            })
+            .await;
+        assert!(r.error.starts_with("no match for 100.64.0.9"), "{}", r.error);
+        let r = d.handle(IpcRequest::WhoIs { addr: "gw".into() }).await;
+        assert!(r.error.starts_with("invalid address"), "{}", r.error);
     }
 }

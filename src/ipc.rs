@@ -59,6 +59,10 @@ pub enum IpcRequest {
     /// Change prefs without bringing the node up or down (tailscale `set`); `login_server`,
     /// `auth_key`, `force_reauth` and `reset` are not taken.
     Set(UpArgs),
+    /// The node that owns an address (`tinyscale whois`): `IP`, `IP:port` or `[IPv6]:port`.
+    WhoIs {
+        addr: String,
+    },
     /// Apply the `config client` section again (the daemon runs with `--config`).
     Reload,
 }

@@ -180,6 +180,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
         ],
     ),
     Verb::new("netcheck", &[Flag::new("json", Switch), SOCKET]),
+    Verb::new("whois", &[Flag::new("json", Switch), SOCKET]),
     Verb::new("debug", &[]).subs(&[
         Verb::new("filter", &[SOCKET]),
         Verb::new(
