@@ -15,6 +15,7 @@ use crate::{
 };
 
 pub mod argv;
+pub mod dns;
 
 // Every argh type below also derives `ArgsInfo` in tests only: `argv::TREE`'s cross-check reads
 // it, and the binary does not carry that metadata.
@@ -50,6 +51,7 @@ pub enum Cmd {
     Ping(Ping),
     Netcheck(Netcheck),
     Whois(Whois),
+    Dns(DnsCmd),
     Debug(DebugCmd),
     ExitNode(ExitNodeCmd),
     Version(Version),
@@ -285,6 +287,57 @@ pub struct Whois {
     #[argh(positional, arg_name = "ip[:port]")]
     pub addr: String,
     /// print JSON (Node, UserProfile), as `tailscale whois --json`
+    #[argh(switch)]
+    pub json: bool,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "dns")]
+/// MagicDNS on this node: its configuration, and what it answers for a name
+pub struct DnsCmd {
+    #[argh(subcommand)]
+    pub cmd: DnsSub,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand)]
+pub enum DnsSub {
+    Status(DnsStatus),
+    Query(DnsQuery),
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "status")]
+/// print the DNS settings: MagicDNS on/off, suffix, resolvers, split DNS routes, search
+/// domains, and the system resolvers other names go to
+pub struct DnsStatus {
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "query")]
+/// ask this node's MagicDNS (100.100.100.100) for NAME, without sending anything: its records,
+/// or where the query would be forwarded
+pub struct DnsQuery {
+    /// the name (for PTR also an IP)
+    #[argh(positional)]
+    pub name: String,
+    /// record type: A (default), AAAA, PTR, CNAME, MX, NS, SRV, TXT, ANY
+    #[argh(positional, arg_name = "type")]
+    pub qtype: Option<String>,
+    /// print JSON
     #[argh(switch)]
     pub json: bool,
     /// daemon socket
@@ -1035,6 +1088,32 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Cmd::Dns(d) => match d.cmd {
+            DnsSub::Status(st) => {
+                let v = ipc::call(&socket_or_default(st.socket), &IpcRequest::Status).await?;
+                let conf = std::fs::read_to_string(crate::engine::RESOLV_CONF).unwrap_or_default();
+                let v = dns::status_json(&v, &conf);
+                if st.json {
+                    print_json(&v);
+                } else {
+                    print!("{}", dns::render_status(&v));
+                }
+                Ok(())
+            }
+            DnsSub::Query(q) => {
+                let req = IpcRequest::DnsQuery {
+                    name: q.name,
+                    qtype: q.qtype.unwrap_or_else(|| "A".into()),
+                };
+                let v = ipc::call(&socket_or_default(q.socket), &req).await?;
+                if q.json {
+                    print_json(&v);
+                } else {
+                    print!("{}", dns::render_query(&v));
+                }
+                Ok(())
+            }
+        },
         Cmd::ExitNode(e) => match e.cmd {
             ExitNodeSub::List(l) => {
                 let v = ipc::call(&socket_or_default(l.socket), &IpcRequest::Status).await?;

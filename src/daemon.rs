@@ -342,6 +342,7 @@ impl Daemon {
                 false,
             ),
             IpcRequest::WhoIs { addr } => self.whois(&addr),
+            IpcRequest::DnsQuery { name, qtype } => self.dns_query(&name, &qtype),
             IpcRequest::Reload => match self.config.get() {
                 // The init script's reload does the same through `tinyscale up --config`.
                 Some(path) => crate::cli::load_client_config(path)
@@ -537,6 +538,74 @@ impl Daemon {
             ..Default::default()
         });
         Ok(json!({ "Node": n, "UserProfile": user }))
+    }
+
+    /// `dns query`: the question put to [`crate::dns::Resolver`] as the data plane builds it from
+    /// the netmap, answered in the shape of Go's `jsonoutput.DNSQueryResult` (`Name`,
+    /// `QueryType`, `ResponseCode`, `Answers`), or for a forwarded name `Forward` (`split-dns`
+    /// or `system`) and the `Resolvers` it would go to. Nothing is sent.
+    fn dns_query(&self, name: &str, qtype: &str) -> Result<Value, String> {
+        use crate::dns::{self, Decision, Upstream};
+        let t = dns::qtype_from_name(qtype).ok_or_else(|| {
+            format!("unknown record type {qtype:?}: use A, AAAA, PTR, CNAME, MX, NS, SRV, TXT, ANY or a number")
+        })?;
+        // PTR of an address: its reverse name, so `dns query 100.64.0.2 PTR` works.
+        let qname = match (t, name.parse()) {
+            (dns::TYPE_PTR, Ok(ip)) => dns::reverse_name(ip),
+            _ => name.trim_end_matches('.').to_string(),
+        };
+        let msg = dns::query_message(&qname, t).ok_or_else(|| format!("invalid DNS name {name:?}"))?;
+        let resolver = {
+            let s = self.lock();
+            if !s.prefs.accept_dns {
+                return Err(
+                    "MagicDNS is off on this node (--accept-dns=false): 100.100.100.100 does not answer".into(),
+                );
+            }
+            dns::Resolver::from_netmap(&s.netmap)
+        };
+        let mut out = json!({ "Name": qname, "QueryType": dns::qtype_name(t) });
+        match resolver.decide(&msg) {
+            Some(Decision::Reply(resp)) => {
+                let (rcode, answers) = dns::parse_response(&resp).map_err(|e| format!("unreadable answer: {e:?}"))?;
+                // Go's dnsmessage names.
+                let rcodes = [
+                    "Success",
+                    "FormatError",
+                    "ServerFailure",
+                    "NameError",
+                    "NotImplemented",
+                    "Refused",
+                ];
+                out["ResponseCode"] = match rcodes.get(usize::from(rcode)) {
+                    Some(n) => format!("RCode{n}"),
+                    None => rcode.to_string(),
+                }
+                .into();
+                out["Answers"] = answers
+                    .into_iter()
+                    .map(|a| {
+                        json!({"Name": a.name, "TTL": a.ttl, "Class": "ClassINET",
+                               "Type": format!("Type{}", dns::qtype_name(a.rtype)), "Body": a.body})
+                    })
+                    .collect();
+            }
+            Some(Decision::Forward(up)) => {
+                let (via, addrs) = match up {
+                    Upstream::Resolvers(a) => ("split-dns", a),
+                    Upstream::System => (
+                        "system",
+                        std::fs::read_to_string(crate::engine::RESOLV_CONF)
+                            .map(|t| dns::parse_resolv_conf(&t))
+                            .unwrap_or_default(),
+                    ),
+                };
+                out["Forward"] = via.into();
+                out["Resolvers"] = addrs.iter().map(|a| json!({ "Addr": a.to_string() })).collect();
+            }
+            None => return Err("the query was not taken".into()),
+        }
+        Ok(out)
     }
 
     /// `status --json` body.
@@ -1096,8 +1165,14 @@ pub fn dns_status(nm: &Netmap, accept_dns: bool) -> Value {
         Value::Bool(accept_dns && nm.dns.proxied && !suffix.is_empty()),
     );
     m.insert("MagicDNSSuffix".into(), Value::String(suffix));
+    // Control's switch, whatever this node does with it (`dns status` tells the two apart).
+    m.insert("TailnetMagicDNS".into(), Value::Bool(nm.dns.proxied));
     m.insert("Resolvers".into(), addrs(&nm.dns.resolvers));
     m.insert("Routes".into(), Value::Object(routes));
+    m.insert(
+        "Domains".into(),
+        Value::Array(nm.dns.domains.iter().map(|d| Value::from(d.as_str())).collect()),
+    );
     Value::Object(m)
 }
 
@@ -1445,5 +1520,63 @@ mod tests {
         assert!(r.error.starts_with("no match for 100.64.0.9"), "{}", r.error);
         let r = d.handle(IpcRequest::WhoIs { addr: "gw".into() }).await;
         assert!(r.error.starts_with("invalid address"), "{}", r.error);
+    }
+
+    #[tokio::test]
+    async fn dns_query_uses_the_magic_dns_answers() {
+        let dir = TempDir::new("dnsq");
+        let d = Daemon::load(&dir.0, None).expect("state dir loads");
+        d.lock().netmap.apply(tailcfg::MapResponse {
+            node: Some(tailcfg::Node {
+                id: 1,
+                name: "me.ts.example.".into(),
+                addresses: vec!["100.64.0.1/32".into()],
+                ..Default::default()
+            }),
+            peers: Some(vec![tailcfg::Node {
+                id: 2,
+                name: "gw.ts.example.".into(),
+                addresses: vec!["100.64.0.2/32".into(), "fd7a:115c:a1e0::2/128".into()],
+                ..Default::default()
+            }]),
+            dns_config: Some(tailcfg::DnsConfig {
+                proxied: true,
+                routes: [(
+                    "corp.example.".to_string(),
+                    vec![tailcfg::Resolver {
+                        addr: "10.0.0.53".into(),
+                    }],
+                )]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let q = |name: &str, qtype: &str| {
+            d.handle(IpcRequest::DnsQuery {
+                name: name.into(),
+                qtype: qtype.into(),
+            })
+        };
+        let r = q("gw", "aaaa").await;
+        assert_eq!(r.error, "");
+        assert_eq!(r.data["ResponseCode"], "RCodeSuccess");
+        assert_eq!(r.data["QueryType"], "AAAA");
+        assert_eq!(
+            r.data["Answers"],
+            json!([{"Name": "gw.", "TTL": 600, "Class": "ClassINET", "Type": "TypeAAAA", "Body": "fd7a:115c:a1e0::2"}])
+        );
+        let r = q("100.64.0.2", "PTR").await;
+        assert_eq!(r.data["Name"], "2.0.64.100.in-addr.arpa");
+        assert_eq!(r.data["Answers"][0]["Body"], "gw.ts.example.");
+        assert_eq!(q("nope.ts.example", "A").await.data["ResponseCode"], "RCodeNameError");
+        let r = q("intranet.corp.example", "A").await;
+        assert_eq!(r.data["Forward"], "split-dns");
+        assert_eq!(r.data["Resolvers"], json!([{"Addr": "10.0.0.53:53"}]));
+        assert!(r.data.get("Answers").is_none(), "nothing was sent");
+        assert!(q("gw", "BOGUS").await.error.starts_with("unknown record type"));
+        d.lock().prefs.accept_dns = false;
+        assert!(q("gw", "A").await.error.contains("--accept-dns=false"));
     }
 }

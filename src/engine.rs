@@ -96,7 +96,7 @@ const DNS_UPSTREAM_TRIES: usize = 3;
 /// Largest DNS answer relayed (EDNS allows up to 64 KiB; resolvers rarely exceed 4 KiB).
 const DNS_MAX_ANSWER: usize = 4096;
 /// The host's resolvers, read (never written) for queries outside every split-DNS route.
-const RESOLV_CONF: &str = "/etc/resolv.conf";
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// Budget for one region's `GET /derp/latency-check` (connection, TLS and the request).
 const HTTPS_LATENCY_BUDGET: Duration = Duration::from_secs(5);

@@ -63,6 +63,12 @@ pub enum IpcRequest {
     WhoIs {
         addr: String,
     },
+    /// Ask this node's MagicDNS answer logic (`tinyscale dns query`), without the network:
+    /// names it does not answer say where they would be forwarded. `qtype`: A, AAAA, PTR, …
+    DnsQuery {
+        name: String,
+        qtype: String,
+    },
     /// Apply the `config client` section again (the daemon runs with `--config`).
     Reload,
 }

@@ -181,6 +181,10 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
     ),
     Verb::new("netcheck", &[Flag::new("json", Switch), SOCKET]),
     Verb::new("whois", &[Flag::new("json", Switch), SOCKET]),
+    Verb::new("dns", &[]).subs(&[
+        Verb::new("status", &[Flag::new("json", Switch), SOCKET]),
+        Verb::new("query", &[Flag::new("json", Switch), SOCKET]),
+    ]),
     Verb::new("debug", &[]).subs(&[
         Verb::new("filter", &[SOCKET]),
         Verb::new(
