@@ -52,6 +52,7 @@ pub enum Cmd {
     Netcheck(Netcheck),
     Whois(Whois),
     Dns(DnsCmd),
+    Metrics(MetricsCmd),
     Debug(DebugCmd),
     ExitNode(ExitNodeCmd),
     Version(Version),
@@ -344,6 +345,32 @@ pub struct DnsQuery {
     #[argh(option)]
     pub socket: Option<PathBuf>,
 }
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "metrics")]
+/// print the daemon's metrics in the Prometheus text format: per-peer bytes, handshake age and
+/// path, DERP and control state, packet counts and drops (`metrics print` as in tailscale)
+pub struct MetricsCmd {
+    #[argh(subcommand)]
+    pub cmd: Option<MetricsSub>,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand)]
+pub enum MetricsSub {
+    Print(MetricsPrint),
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "print")]
+/// the same as `tinyscale metrics`
+pub struct MetricsPrint {}
 
 #[derive(FromArgs, Debug)]
 #[cfg_attr(test, derive(argh::ArgsInfo))]
@@ -1114,6 +1141,11 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
                 Ok(())
             }
         },
+        Cmd::Metrics(m) => {
+            let v = ipc::call(&socket_or_default(m.socket), &IpcRequest::Status).await?;
+            print!("{}", crate::metrics::render(&v));
+            Ok(())
+        }
         Cmd::ExitNode(e) => match e.cmd {
             ExitNodeSub::List(l) => {
                 let v = ipc::call(&socket_or_default(l.socket), &IpcRequest::Status).await?;

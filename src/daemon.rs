@@ -678,6 +678,7 @@ impl Daemon {
             },
             "DNS": dns_status(nm, s.prefs.accept_dns),
             "DataPlane": engine.is_some(),
+            "DERP": engine.as_ref().map(|e| e.derp.clone()),
             "Counters": engine.map(|e| e.counters),
             "Prefs": s.prefs,
         })

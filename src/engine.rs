@@ -231,6 +231,8 @@ pub struct EngineStatus {
     pub peers: HashMap<NodePublic, Value>,
     /// Engine-wide counters ("Counters"): what was dropped and why.
     pub counters: Value,
+    /// DERP regions with a connection task: region ID → `{"Connected", "Home"}`.
+    pub derp: Value,
 }
 
 /// A cloneable handle to a running engine.
@@ -323,6 +325,8 @@ pub struct Engine {
     derp_map: DerpMap,
     home_derp: i32,
     derps: HashMap<i32, mpsc::Sender<(NodePublic, Vec<u8>)>>,
+    /// Per region with a task: whether its connection is up now (set by the task).
+    derp_up: HashMap<i32, Arc<AtomicBool>>,
     derp_in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
     /// Packets were queued towards a DERP task during this loop iteration.
     derp_queued: bool,
@@ -520,7 +524,8 @@ async fn derp_task(
     (node, port, tls): (DerpNode, u16, bool),
     dns: DnsCache,
     me: NodePrivate,
-    home: bool,
+    // Whether it is the home region, and the flag this task keeps saying if it is connected.
+    (home, up): (bool, Arc<AtomicBool>),
     mut out_rx: mpsc::Receiver<(NodePublic, Vec<u8>)>,
     in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
 ) {
@@ -548,6 +553,7 @@ async fn derp_task(
             Ok(mut c) => {
                 backoff.reset();
                 log::info!("derp connected region={region} addr={addr} tls={tls} home={home}");
+                up.store(true, Ordering::Relaxed);
                 if home {
                     let _ = c.note_preferred(true).await;
                 }
@@ -571,6 +577,7 @@ async fn derp_task(
                         },
                     }
                 }
+                up.store(false, Ordering::Relaxed);
             }
             Err(e) => log::warn!("derp connect failed region={region} addr={addr} err={e}"),
         }
@@ -634,6 +641,7 @@ impl Engine {
             derp_map: DerpMap::default(),
             home_derp: 0,
             derps: HashMap::new(),
+            derp_up: HashMap::new(),
             derp_in_tx,
             derp_queued: false,
             my_private: node,
@@ -1020,12 +1028,14 @@ impl Engine {
             let plain_http = crate::tls::derp_plain_http();
             let node = derp_node(r, plain_http)?;
             let (tx, rx) = mpsc::channel(DERP_QUEUE);
+            let up = Arc::new(AtomicBool::new(false));
+            self.derp_up.insert(region, up.clone());
             tokio::spawn(derp_task(
                 region,
                 (node.0, node.1, !plain_http),
                 self.dns.clone(),
                 self.my_private.clone(),
-                region == self.home_derp,
+                (region == self.home_derp, up),
                 rx,
                 self.derp_in_tx.clone(),
             ));
@@ -1686,7 +1696,18 @@ impl Engine {
                 }),
             );
         }
-        EngineStatus { peers, counters }
+        let mut derp = serde_json::Map::new();
+        for (region, up) in &self.derp_up {
+            derp.insert(
+                region.to_string(),
+                json!({"Connected": up.load(Ordering::Relaxed), "Home": *region == self.home_derp}),
+            );
+        }
+        EngineStatus {
+            peers,
+            counters,
+            derp: Value::Object(derp),
+        }
     }
 }
 
