@@ -1,4 +1,5 @@
-//! Command-line interface: the client verbs (`up`, `down`, `logout`, `status`, `ip`, `version`,
+//! Command-line interface: the client verbs (`up`, `down`, `logout`, `status`, `ip`, `whois`,
+//! `dns status|query`, `metrics`, `version`,
 //! `debug …`),
 //! `daemon`, and `server …` with headscale's admin verbs. Invoked as `headscale`, the binary
 //! behaves as `tinyscale server`; as `tailscaled`, as `tinyscale daemon`. `argv` first rewrites
