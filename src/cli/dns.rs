@@ -107,9 +107,14 @@ pub fn render_status(v: &Value) -> String {
         out.push_str(&format!("  - {r}\n"));
     }
     out.push('\n');
-    let mut domains = strs(&v["Domains"]);
-    domains.sort();
-    section(&mut out, "Search Domains:", &domains, "no search domains configured");
+    // Go sorts them; they are shown as control sent them here (a sort of Strings costs ~6 KB
+    // on the router, and control sends one or two).
+    section(
+        &mut out,
+        "Search Domains:",
+        &strs(&v["Domains"]),
+        "no search domains configured",
+    );
     out.push_str("=== System DNS configuration ===\n\n");
     out.push_str(
         "This is the DNS configuration that the MagicDNS resolver forwards other names to\n\
@@ -224,7 +229,7 @@ mod tests {
             "can reach this device at router.ts.example.\n",
             "Resolvers (in preference order):\n  - 1.1.1.1\n",
             "  - corp.example                   -> 10.0.0.53\n",
-            "Search Domains:\n  - ts.example\n  - z.example\n",
+            "Search Domains:\n  - z.example\n  - ts.example\n",
             "Nameservers:\n  - 127.0.0.1\n",
             "Search domains:\n  - lan\n  - home\n",
         ] {
