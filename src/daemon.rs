@@ -533,11 +533,32 @@ impl Daemon {
         let n = s.netmap.whois(ip).ok_or_else(|| {
             format!("no match for {arg}: no node in the netmap has this address or serves a subnet route holding it")
         })?;
-        let user = s.netmap.users.get(&n.user).cloned().unwrap_or(tailcfg::UserProfile {
-            id: n.user,
-            ..Default::default()
-        });
-        Ok(json!({ "Node": n, "UserProfile": user }))
+        // By hand, the fields whois users read, with Go's names: a derived serialization of the
+        // whole Node cost ~5 KB on the router.
+        let list = |v: &[String]| Value::Array(v.iter().map(|x| Value::from(x.as_str())).collect());
+        let mut node = serde_json::Map::new();
+        node.insert("ID".into(), n.id.into());
+        node.insert("StableID".into(), n.stable_id.as_str().into());
+        node.insert("Name".into(), n.name.as_str().into());
+        node.insert("User".into(), n.user.into());
+        node.insert("Key".into(), n.key.to_string().into());
+        node.insert("KeyExpiry".into(), n.key_expiry.as_str().into());
+        node.insert("Addresses".into(), list(&n.addresses));
+        node.insert("AllowedIPs".into(), list(&n.allowed_ips));
+        node.insert("PrimaryRoutes".into(), list(&n.primary_routes));
+        node.insert("Tags".into(), list(&n.tags));
+        node.insert("Hostinfo".into(), n.hostinfo.clone().unwrap_or_default());
+        node.insert("Online".into(), n.online.into());
+        node.insert("LastSeen".into(), n.last_seen.clone().into());
+        let u = s.netmap.users.get(&n.user);
+        let mut user = serde_json::Map::new();
+        user.insert("ID".into(), n.user.into());
+        user.insert("LoginName".into(), u.map_or("", |u| u.login_name.as_str()).into());
+        user.insert("DisplayName".into(), u.map_or("", |u| u.display_name.as_str()).into());
+        let mut m = serde_json::Map::new();
+        m.insert("Node".into(), Value::Object(node));
+        m.insert("UserProfile".into(), Value::Object(user));
+        Ok(Value::Object(m))
     }
 
     /// `dns query`: the question put to [`crate::dns::Resolver`] as the data plane builds it from
