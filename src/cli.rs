@@ -1107,7 +1107,10 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Whois(w) => {
-            let req = IpcRequest::WhoIs { addr: w.addr };
+            let req = IpcRequest::WhoIs(ipc::Lookup {
+                arg: w.addr,
+                qtype: String::new(),
+            });
             let v = ipc::call(&socket_or_default(w.socket), &req).await?;
             if w.json {
                 print_json(&v);
@@ -1129,10 +1132,10 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
                 Ok(())
             }
             DnsSub::Query(q) => {
-                let req = IpcRequest::DnsQuery {
-                    name: q.name,
+                let req = IpcRequest::DnsQuery(ipc::Lookup {
+                    arg: q.name,
                     qtype: q.qtype.unwrap_or_else(|| "A".into()),
-                };
+                });
                 let v = ipc::call(&socket_or_default(q.socket), &req).await?;
                 if q.json {
                     print_json(&v);

@@ -341,8 +341,8 @@ impl Daemon {
                 },
                 false,
             ),
-            IpcRequest::WhoIs { addr } => self.whois(&addr),
-            IpcRequest::DnsQuery { name, qtype } => self.dns_query(&name, &qtype),
+            IpcRequest::WhoIs(l) => self.whois(&l.arg),
+            IpcRequest::DnsQuery(l) => self.dns_query(&l.arg, &l.qtype),
             IpcRequest::Reload => match self.config.get() {
                 // The init script's reload does the same through `tinyscale up --config`.
                 Some(path) => crate::cli::load_client_config(path)
@@ -1525,9 +1525,10 @@ mod tests {
             ..Default::default()
         });
         let r = d
-            .handle(IpcRequest::WhoIs {
-                addr: "192.168.1.20:80".into(),
-            })
+            .handle(IpcRequest::WhoIs(crate::ipc::Lookup {
+                arg: "192.168.1.20:80".into(),
+                ..Default::default()
+            }))
             .await;
         assert_eq!(r.error, "");
         assert_eq!(r.data["Node"]["StableID"], "nPeer");
@@ -1535,12 +1536,18 @@ mod tests {
         assert_eq!(r.data["UserProfile"]["LoginName"], "bob@example.com");
         assert!(r.data.get("CapMap").is_none(), "Go omits an empty CapMap");
         let r = d
-            .handle(IpcRequest::WhoIs {
-                addr: "100.64.0.9".into(),
-            })
+            .handle(IpcRequest::WhoIs(crate::ipc::Lookup {
+                arg: "100.64.0.9".into(),
+                ..Default::default()
+            }))
             .await;
         assert!(r.error.starts_with("no match for 100.64.0.9"), "{}", r.error);
-        let r = d.handle(IpcRequest::WhoIs { addr: "gw".into() }).await;
+        let r = d
+            .handle(IpcRequest::WhoIs(crate::ipc::Lookup {
+                arg: "gw".into(),
+                ..Default::default()
+            }))
+            .await;
         assert!(r.error.starts_with("invalid address"), "{}", r.error);
     }
 
@@ -1576,10 +1583,10 @@ mod tests {
             ..Default::default()
         });
         let q = |name: &str, qtype: &str| {
-            d.handle(IpcRequest::DnsQuery {
-                name: name.into(),
+            d.handle(IpcRequest::DnsQuery(crate::ipc::Lookup {
+                arg: name.into(),
                 qtype: qtype.into(),
-            })
+            }))
         };
         let r = q("gw", "aaaa").await;
         assert_eq!(r.error, "");
