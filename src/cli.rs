@@ -1106,48 +1106,15 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Cmd::Whois(w) => {
-            let req = IpcRequest::WhoIs(ipc::Lookup {
-                arg: w.addr,
-                qtype: String::new(),
-            });
-            let v = ipc::call(&socket_or_default(w.socket), &req).await?;
-            if w.json {
+        Cmd::Whois(_) | Cmd::Dns(_) | Cmd::Metrics(_) => {
+            // One daemon call site for these verbs (each await site costs code on the router).
+            let (socket, req, json, shape, text) = lookup_plan(cmd);
+            let v = shape(ipc::call(&socket_or_default(socket), &req).await?);
+            if json {
                 print_json(&v);
             } else {
-                print!("{}", render_whois(&v));
+                print!("{}", text(&v));
             }
-            Ok(())
-        }
-        Cmd::Dns(d) => match d.cmd {
-            DnsSub::Status(st) => {
-                let v = ipc::call(&socket_or_default(st.socket), &IpcRequest::Status).await?;
-                let conf = std::fs::read_to_string(crate::engine::RESOLV_CONF).unwrap_or_default();
-                let v = dns::status_json(&v, &conf);
-                if st.json {
-                    print_json(&v);
-                } else {
-                    print!("{}", dns::render_status(&v));
-                }
-                Ok(())
-            }
-            DnsSub::Query(q) => {
-                let req = IpcRequest::DnsQuery(ipc::Lookup {
-                    arg: q.name,
-                    qtype: q.qtype.unwrap_or_else(|| "A".into()),
-                });
-                let v = ipc::call(&socket_or_default(q.socket), &req).await?;
-                if q.json {
-                    print_json(&v);
-                } else {
-                    print!("{}", dns::render_query(&v));
-                }
-                Ok(())
-            }
-        },
-        Cmd::Metrics(m) => {
-            let v = ipc::call(&socket_or_default(m.socket), &IpcRequest::Status).await?;
-            print!("{}", crate::metrics::render(&v));
             Ok(())
         }
         Cmd::ExitNode(e) => match e.cmd {
@@ -1308,6 +1275,60 @@ pub fn render_exit_nodes(v: &Value) -> String {
             .to_string();
     }
     table(&["IP", "HOSTNAME", "COUNTRY", "CITY", "STATUS"], &rows)
+}
+
+/// What `whois`, `dns status|query` and `metrics` ask the daemon, whether to print JSON, how the
+/// answer is shaped for printing and how it reads as text.
+type LookupPlan = (
+    Option<PathBuf>,
+    IpcRequest,
+    bool,
+    fn(Value) -> Value,
+    fn(&Value) -> String,
+);
+
+fn lookup_plan(cmd: Cmd) -> LookupPlan {
+    fn same(v: Value) -> Value {
+        v
+    }
+    fn dns_status(v: Value) -> Value {
+        let conf = std::fs::read_to_string(crate::engine::RESOLV_CONF).unwrap_or_default();
+        dns::status_json(&v, &conf)
+    }
+    let lookup = |arg: String, qtype: Option<String>| ipc::Lookup {
+        arg,
+        qtype: qtype.unwrap_or_default(),
+    };
+    match cmd {
+        Cmd::Whois(w) => (
+            w.socket,
+            IpcRequest::WhoIs(lookup(w.addr, None)),
+            w.json,
+            same,
+            render_whois,
+        ),
+        Cmd::Dns(DnsCmd {
+            cmd: DnsSub::Status(st),
+        }) => (st.socket, IpcRequest::Status, st.json, dns_status, dns::render_status),
+        Cmd::Dns(DnsCmd { cmd: DnsSub::Query(q) }) => {
+            let t = Some(q.qtype.unwrap_or_else(|| "A".into()));
+            (
+                q.socket,
+                IpcRequest::DnsQuery(lookup(q.name, t)),
+                q.json,
+                same,
+                dns::render_query,
+            )
+        }
+        // Metrics, the only other caller.
+        other => {
+            let socket = match other {
+                Cmd::Metrics(m) => m.socket,
+                _ => None,
+            };
+            (socket, IpcRequest::Status, false, same, crate::metrics::render)
+        }
+    }
 }
 
 /// Lines of `(label, value)` with the values in one column, as Go's
