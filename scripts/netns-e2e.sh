@@ -10,9 +10,10 @@
 #   run       (default) harness checks, then steps 1-4 of the issue's acceptance, step 5
 #             (direct over IPv6 with IPv4 UDP blocked), step 6 (bad input is dropped and
 #             counted), step 7 (only TCP: netcheck over HTTPS, traffic via DERP), step 8
-#             (MagicDNS at 100.100.100.100 with dig), then teardown
+#             (MagicDNS at 100.100.100.100 with dig), step 9 (whois, dns status|query, metrics),
+#             then teardown
 #   selftest  only what needs no data plane: topology, NAT, coordinator, logins, Go node, teardown
-#   dns       the harness checks, then step 8 alone
+#   dns       the harness checks, then steps 8 and 9 (the client's whois, dns and metrics verbs)
 #   up        build the topology and leave it (no processes); `down` removes it
 # Environment:
 #   TINYSCALE_BIN       binary to test (default: newest target*/{debug,release}/tinyscale)
@@ -660,6 +661,61 @@ step8() {
 	report $ok "8 MagicDNS at 100.100.100.100 on a: the Go node's name (UDP and TCP; AAAA at fd7a:115c:a1e0::53), PTR, bare name, extra record, NXDOMAIN, split DNS forwarded, SERVFAIL when no upstream answers; the Go node resolves an extra record; accept-dns=false turns it off" "$ev"
 }
 
+# ts_env H ARGS...: `tinyscale ARGS...` inside ts-H, the daemon socket given through
+# TINYSCALE_SOCKET (for verbs whose subcommand takes --socket, e.g. `dns query`).
+ts_env() {
+	timeout "${CLI_TIMEOUT:-15}" ip netns exec "ts-$1" env TINYSCALE_SOCKET="$(daemon_sock "$1")" "$BIN" "${@:2}"
+}
+
+# metric_value TEXT NAME LABEL-SUBSTRING: the value of the first sample of NAME whose labels
+# contain LABEL-SUBSTRING.
+metric_value() { awk -v n="$2" -v l="$3" '$1 ~ ("^" n "{") && index($1, l) { print $2; exit }' <<<"$1"; }
+
+step9() {
+	log "step 9: whois, dns status|query, metrics"
+	local ok=0 ev="" out gname v
+	if [[ -z ${G_IP:-} ]]; then
+		report 1 "9 whois, dns status|query, metrics" "no Go node (see H5)"
+		return
+	fi
+	gname=$(node_json g | jq -r .given_name).ts.test
+	daemon_up a "$AUTHKEY" --accept-dns true || ev+="up --accept-dns true on a failed"$'\n'
+	out=$(ts_cli a whois --json "$G_IP:443" 2>&1)
+	[[ $(jq -r .Node.Name <<<"$out" 2>/dev/null) == "$gname." && $(jq -r .UserProfile.LoginName <<<"$out" 2>/dev/null) != "" ]] || ok=1
+	ev+="ts-a: whois --json $G_IP:443 -> $(jq -c '{Name: .Node.Name, StableID: .Node.StableID, Addresses: .Node.Addresses, User: .UserProfile.LoginName}' <<<"$out" 2>/dev/null || echo "$out")"$'\n'
+	out=$(ts_cli a whois "$B_IP" 2>&1)
+	[[ $out == *"Machine:"* && $out == *"Name:"*"b.ts.test"* ]] || ok=1
+	ev+="ts-a: whois $B_IP -> $(paste -sd'|' <<<"$out")"$'\n'
+	out=$(ts_cli a whois 100.64.250.250 2>&1)
+	(($? != 0)) && [[ $out == *"no match"* ]] || ok=1
+	ev+="ts-a: whois 100.64.250.250 (nobody) -> $out"$'\n'
+	out=$(ts_env a dns query "$gname" 2>&1)
+	grep -q "TypeA  *$G_IP\$" <<<"$out" || ok=1
+	ev+="ts-a: dns query $gname -> $(grep -E 'Response code|TypeA' <<<"$out" | paste -sd'|')"$'\n'
+	out=$(ts_env a dns query "$G_IP" PTR 2>&1)
+	[[ $out == *"$gname."* ]] || ok=1
+	ev+="ts-a: dns query $G_IP PTR -> $(grep TypePTR <<<"$out")"$'\n'
+	out=$(ts_env a dns query www.example.test 2>&1)
+	[[ $out == *"split DNS"*"$INET_IP"* ]] || ok=1
+	ev+="ts-a: dns query www.example.test -> $(paste -sd'|' <<<"$out")"$'\n'
+	out=$(ts_env a dns status 2>&1)
+	[[ $out == *"MagicDNS: enabled tailnet-wide (suffix = ts.test)"* && $out == *"example.test"*"-> $INET_IP"* ]] || ok=1
+	ev+="ts-a: dns status -> $(grep -E 'MagicDNS:|->' <<<"$out" | paste -sd'|')"$'\n'
+	# WireGuard traffic to b first (a disco ping would not move the byte counters).
+	eventually 10 nsx ts-a ping -c 1 -W 2 "$B_IP" >/dev/null || ev+="ping $B_IP from ts-a failed"$'\n'
+	out=$(ts_env a metrics print 2>&1)
+	v=$(metric_value "$out" tinyscale_peer_rx_bytes_total "peer=\"b\"")
+	[[ -n $v && $v != 0 ]] || ok=1
+	ev+="ts-a: metrics print: rx bytes from b = ${v:-none}"
+	v=$(metric_value "$out" tinyscale_backend_state 'state="Running"')
+	[[ $v == 1 ]] || ok=1
+	ev+=", backend Running = ${v:-none}"
+	v=$(metric_value "$out" tinyscale_derp_connected 'home="true"')
+	ev+=", home DERP connected = ${v:-none}"
+	ev+=", $(grep -c '^# TYPE' <<<"$out") families, $(grep -vc '^#' <<<"$out") samples"
+	report $ok "9 whois (a Go node by ip:port, b as text, nobody refused), dns query (A, PTR, split DNS forward), dns status, metrics print with b's traffic" "$ev"
+}
+
 # ------------------------------------------------------------------------------------------------
 # Teardown check: every namespace and every process we started is gone.
 
@@ -681,9 +737,11 @@ if [[ $MODE == run ]]; then
 	step6
 	step7
 	step8
+	step9
 fi
 if [[ $MODE == dns ]]; then
 	step8
+	step9
 fi
 h_teardown
 tidy_work

@@ -1,4 +1,5 @@
-//! Command-line interface: the client verbs (`up`, `down`, `logout`, `status`, `ip`, `version`,
+//! Command-line interface: the client verbs (`up`, `down`, `logout`, `status`, `ip`, `whois`,
+//! `dns status|query`, `metrics`, `version`,
 //! `debug …`),
 //! `daemon`, and `server …` with headscale's admin verbs. Invoked as `headscale`, the binary
 //! behaves as `tinyscale server`; as `tailscaled`, as `tinyscale daemon`. `argv` first rewrites
@@ -15,6 +16,7 @@ use crate::{
 };
 
 pub mod argv;
+pub mod dns;
 
 // Every argh type below also derives `ArgsInfo` in tests only: `argv::TREE`'s cross-check reads
 // it, and the binary does not carry that metadata.
@@ -50,6 +52,9 @@ pub enum Cmd {
     Ip(Ip),
     Ping(Ping),
     Netcheck(Netcheck),
+    Whois(Whois),
+    Dns(DnsCmd),
+    Metrics(MetricsCmd),
     Debug(DebugCmd),
     ExitNode(ExitNodeCmd),
     Version(Version),
@@ -351,6 +356,100 @@ pub struct Netcheck {
     #[argh(option)]
     pub socket: Option<PathBuf>,
 }
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "whois")]
+/// show the machine and user behind a tailnet IP (v4 or v6), or behind an address in a subnet
+/// route a node serves
+pub struct Whois {
+    /// IP, IP:port or [IPv6]:port
+    #[argh(positional, arg_name = "ip[:port]")]
+    pub addr: String,
+    /// print JSON (Node, UserProfile), as `tailscale whois --json`
+    #[argh(switch)]
+    pub json: bool,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "dns")]
+/// MagicDNS on this node: its configuration, and what it answers for a name
+pub struct DnsCmd {
+    #[argh(subcommand)]
+    pub cmd: DnsSub,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand)]
+pub enum DnsSub {
+    Status(DnsStatus),
+    Query(DnsQuery),
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "status")]
+/// print the DNS settings: MagicDNS on/off, suffix, resolvers, split DNS routes, search
+/// domains, and the system resolvers other names go to
+pub struct DnsStatus {
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "query")]
+/// ask this node's MagicDNS (100.100.100.100) for NAME, without sending anything: its records,
+/// or where the query would be forwarded
+pub struct DnsQuery {
+    /// the name (for PTR also an IP)
+    #[argh(positional)]
+    pub name: String,
+    /// record type: A (default), AAAA, PTR, CNAME, MX, NS, SRV, TXT, ANY
+    #[argh(positional, arg_name = "type")]
+    pub qtype: Option<String>,
+    /// print JSON
+    #[argh(switch)]
+    pub json: bool,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "metrics")]
+/// print the daemon's metrics in the Prometheus text format: per-peer bytes, handshake age and
+/// path, DERP and control state, packet counts and drops (`metrics print` as in tailscale)
+pub struct MetricsCmd {
+    #[argh(subcommand)]
+    pub cmd: Option<MetricsSub>,
+    /// daemon socket
+    #[argh(option)]
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand)]
+pub enum MetricsSub {
+    Print(MetricsPrint),
+}
+
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "print")]
+/// the same as `tinyscale metrics`
+pub struct MetricsPrint {}
 
 #[derive(FromArgs, Debug)]
 #[cfg_attr(test, derive(argh::ArgsInfo))]
@@ -1093,6 +1192,17 @@ pub async fn run_client(cmd: Cmd) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Cmd::Whois(_) | Cmd::Dns(_) | Cmd::Metrics(_) => {
+            // One daemon call site for these verbs (each await site costs code on the router).
+            let (socket, req, json, shape, text) = lookup_plan(cmd);
+            let v = shape(ipc::call(&socket_or_default(socket), &req).await?);
+            if json {
+                print_json(&v);
+            } else {
+                print!("{}", text(&v));
+            }
+            Ok(())
+        }
         Cmd::ExitNode(e) => match e.cmd {
             ExitNodeSub::List(l) => {
                 let v = ipc::call(&socket_or_default(l.socket), &IpcRequest::Status).await?;
@@ -1248,6 +1358,126 @@ pub fn render_exit_nodes(v: &Value) -> String {
             .to_string();
     }
     table(&["IP", "HOSTNAME", "COUNTRY", "CITY", "STATUS"], &rows)
+}
+
+/// What `whois`, `dns status|query` and `metrics` ask the daemon, whether to print JSON, how the
+/// answer is shaped for printing and how it reads as text.
+type LookupPlan = (
+    Option<PathBuf>,
+    IpcRequest,
+    bool,
+    fn(Value) -> Value,
+    fn(&Value) -> String,
+);
+
+fn lookup_plan(cmd: Cmd) -> LookupPlan {
+    fn same(v: Value) -> Value {
+        v
+    }
+    fn dns_status(v: Value) -> Value {
+        let conf = std::fs::read_to_string(crate::engine::RESOLV_CONF).unwrap_or_default();
+        dns::status_json(&v, &conf)
+    }
+    let lookup = |arg: String, qtype: Option<String>| ipc::Lookup {
+        arg,
+        qtype: qtype.unwrap_or_default(),
+    };
+    match cmd {
+        Cmd::Whois(w) => (
+            w.socket,
+            IpcRequest::WhoIs(lookup(w.addr, None)),
+            w.json,
+            same,
+            render_whois,
+        ),
+        Cmd::Dns(DnsCmd {
+            cmd: DnsSub::Status(st),
+        }) => (st.socket, IpcRequest::Status, st.json, dns_status, dns::render_status),
+        Cmd::Dns(DnsCmd { cmd: DnsSub::Query(q) }) => {
+            let t = Some(q.qtype.unwrap_or_else(|| "A".into()));
+            (
+                q.socket,
+                IpcRequest::DnsQuery(lookup(q.name, t)),
+                q.json,
+                same,
+                dns::render_query,
+            )
+        }
+        // Metrics, the only other caller.
+        other => {
+            let socket = match other {
+                Cmd::Metrics(m) => m.socket,
+                _ => None,
+            };
+            (socket, IpcRequest::Status, false, same, crate::metrics::render)
+        }
+    }
+}
+
+/// Lines of `(label, value)` with the values in one column, as Go's
+/// `tabwriter.NewWriter(w, 10, 5, 5, ' ', 0)` lays them out (cell = widest label + 5, at least 10).
+fn label_block(out: &mut String, lines: &[(&str, String)]) {
+    let w = lines.iter().map(|(l, _)| l.len() + 5).max().unwrap_or(0).max(10);
+    for (l, v) in lines {
+        out.push_str(&format!("{l:<w$}{v}\n"));
+    }
+}
+
+/// Go's `%s` of a slice: `[a b c]`.
+fn go_list(v: &[Value]) -> String {
+    let items: Vec<&str> = v.iter().filter_map(Value::as_str).collect();
+    format!("[{}]", items.join(" "))
+}
+
+/// [pure] `whois` as tailscale prints it: the machine (name, stable ID, addresses, further
+/// AllowedIPs, OS), then its tags or its user.
+pub fn render_whois(v: &Value) -> String {
+    let n = &v["Node"];
+    let mut m = vec![
+        (
+            "  Name:",
+            n["Name"].as_str().unwrap_or("").trim_end_matches('.').to_string(),
+        ),
+        ("  ID:", n["StableID"].as_str().unwrap_or("").to_string()),
+        (
+            "  Addresses:",
+            go_list(n["Addresses"].as_array().map_or(&[], Vec::as_slice)),
+        ),
+    ];
+    // The first two AllowedIPs are the node's own addresses (Go prints the rest).
+    if let Some(more) = n["AllowedIPs"]
+        .as_array()
+        .and_then(|a| a.get(2..))
+        .filter(|a| !a.is_empty())
+    {
+        m.push(("  AllowedIPs:", go_list(more)));
+    }
+    if let Some(os) = n["Hostinfo"]["OS"].as_str().filter(|o| !o.is_empty()) {
+        m.push(("  OS:", os.to_string()));
+    }
+    let tags: Vec<&str> = n["Tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut out = String::from("Machine:\n");
+    if !tags.is_empty() {
+        m.push(("  Tags:", tags.join(", ")));
+        label_block(&mut out, &m);
+    } else {
+        label_block(&mut out, &m);
+        out.push_str("User:\n");
+        let u = &v["UserProfile"];
+        label_block(
+            &mut out,
+            &[
+                ("  Name:", u["LoginName"].as_str().unwrap_or("").to_string()),
+                ("  ID:", u["ID"].to_string()),
+            ],
+        );
+    }
+    out
 }
 
 /// Reads and validates the `config client` section of `path`; unknown options are logged as
@@ -1769,5 +1999,41 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("state:"));
+    }
+
+    #[test]
+    fn whois_text_is_laid_out_as_tailscale_does() {
+        let v = serde_json::json!({
+            "Node": {"Name": "laptop.ts.example.", "StableID": "nX3", "Tags": [],
+                     "Addresses": ["100.64.0.3/32", "fd7a:115c:a1e0::3/128"],
+                     "AllowedIPs": ["100.64.0.3/32", "fd7a:115c:a1e0::3/128", "192.168.5.0/24"],
+                     "Hostinfo": {"OS": "linux"}},
+            "UserProfile": {"ID": 7, "LoginName": "alice@example.com"},
+        });
+        assert_eq!(
+            render_whois(&v),
+            "Machine:\n  \
+             Name:           laptop.ts.example\n  \
+             ID:             nX3\n  \
+             Addresses:      [100.64.0.3/32 fd7a:115c:a1e0::3/128]\n  \
+             AllowedIPs:     [192.168.5.0/24]\n  \
+             OS:             linux\n\
+             User:\n  \
+             Name:     alice@example.com\n  \
+             ID:       7\n"
+        );
+        // A tagged node shows its tags instead of a user; no extra AllowedIPs, no OS, so the
+        // column is `  Addresses:` + 5 wide.
+        let v = serde_json::json!({
+            "Node": {"Name": "srv.ts.example.", "StableID": "nY", "Tags": ["tag:a", "tag:b"],
+                     "Addresses": ["100.64.0.4/32"], "AllowedIPs": ["100.64.0.4/32"]},
+            "UserProfile": {"ID": 1, "LoginName": "tagged-devices"},
+        });
+        let out = render_whois(&v);
+        assert!(out.contains("  Tags:          tag:a, tag:b\n"), "{out}");
+        assert!(
+            !out.contains("User:") && !out.contains("AllowedIPs") && !out.contains("OS:"),
+            "{out}"
+        );
     }
 }

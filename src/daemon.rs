@@ -341,6 +341,8 @@ impl Daemon {
                 },
                 false,
             ),
+            IpcRequest::WhoIs(l) => self.whois(&l.arg),
+            IpcRequest::DnsQuery(l) => self.dns_query(&l.arg, &l.qtype),
             IpcRequest::Reload => match self.config.get() {
                 // The init script's reload does the same through `tinyscale up --config`.
                 Some(path) => crate::cli::load_client_config(path)
@@ -522,6 +524,111 @@ impl Daemon {
         Ok(json!({"state": "NeedsLogin", "note": note}))
     }
 
+    /// `whois`: Go's `apitype.WhoIsResponse` (`Node`, `UserProfile`; no `CapMap` yet, which Go
+    /// omits when empty).
+    fn whois(&self, arg: &str) -> Result<Value, String> {
+        let ip = crate::control::netmap::whois_addr(arg)
+            .ok_or_else(|| format!("invalid address {arg:?}: give a tailnet IP, IP:port or [IPv6]:port"))?;
+        let s = self.lock();
+        let n = s.netmap.whois(ip).ok_or_else(|| {
+            format!("no match for {arg}: no node in the netmap has this address or serves a subnet route holding it")
+        })?;
+        // By hand, the fields whois users read, with Go's names: a derived serialization of the
+        // whole Node cost ~5 KB on the router.
+        let list = |v: &[String]| Value::Array(v.iter().map(|x| Value::from(x.as_str())).collect());
+        let mut node = serde_json::Map::new();
+        node.insert("ID".into(), n.id.into());
+        node.insert("StableID".into(), n.stable_id.as_str().into());
+        node.insert("Name".into(), n.name.as_str().into());
+        node.insert("User".into(), n.user.into());
+        node.insert("Key".into(), n.key.to_string().into());
+        node.insert("KeyExpiry".into(), n.key_expiry.as_str().into());
+        node.insert("Addresses".into(), list(&n.addresses));
+        node.insert("AllowedIPs".into(), list(&n.allowed_ips));
+        node.insert("PrimaryRoutes".into(), list(&n.primary_routes));
+        node.insert("Tags".into(), list(&n.tags));
+        node.insert("Hostinfo".into(), n.hostinfo.clone().unwrap_or_default());
+        node.insert("Online".into(), n.online.into());
+        node.insert("LastSeen".into(), n.last_seen.clone().into());
+        let u = s.netmap.users.get(&n.user);
+        let mut user = serde_json::Map::new();
+        user.insert("ID".into(), n.user.into());
+        user.insert("LoginName".into(), u.map_or("", |u| u.login_name.as_str()).into());
+        user.insert("DisplayName".into(), u.map_or("", |u| u.display_name.as_str()).into());
+        let mut m = serde_json::Map::new();
+        m.insert("Node".into(), Value::Object(node));
+        m.insert("UserProfile".into(), Value::Object(user));
+        Ok(Value::Object(m))
+    }
+
+    /// `dns query`: the question put to [`crate::dns::Resolver`] as the data plane builds it from
+    /// the netmap, answered in the shape of Go's `jsonoutput.DNSQueryResult` (`Name`,
+    /// `QueryType`, `ResponseCode`, `Answers`), or for a forwarded name `Forward` (`split-dns`
+    /// or `system`) and the `Resolvers` it would go to. Nothing is sent.
+    fn dns_query(&self, name: &str, qtype: &str) -> Result<Value, String> {
+        use crate::dns::{self, Decision, Upstream};
+        let t = dns::qtype_from_name(qtype).ok_or_else(|| {
+            format!("unknown record type {qtype:?}: use A, AAAA, PTR, CNAME, MX, NS, SRV, TXT, ANY or a number")
+        })?;
+        // PTR of an address: its reverse name, so `dns query 100.64.0.2 PTR` works.
+        let qname = match (t, name.parse()) {
+            (dns::TYPE_PTR, Ok(ip)) => dns::reverse_name(ip),
+            _ => name.trim_end_matches('.').to_string(),
+        };
+        let msg = dns::query_message(&qname, t).ok_or_else(|| format!("invalid DNS name {name:?}"))?;
+        let resolver = {
+            let s = self.lock();
+            if !s.prefs.accept_dns {
+                return Err(
+                    "MagicDNS is off on this node (--accept-dns=false): 100.100.100.100 does not answer".into(),
+                );
+            }
+            dns::Resolver::from_netmap(&s.netmap)
+        };
+        let mut out = json!({ "Name": qname, "QueryType": dns::qtype_name(t) });
+        match resolver.decide(&msg) {
+            Some(Decision::Reply(resp)) => {
+                let (rcode, answers) = dns::parse_response(&resp).map_err(|e| format!("unreadable answer: {e:?}"))?;
+                // Go's dnsmessage names.
+                let rcodes = [
+                    "Success",
+                    "FormatError",
+                    "ServerFailure",
+                    "NameError",
+                    "NotImplemented",
+                    "Refused",
+                ];
+                out["ResponseCode"] = match rcodes.get(usize::from(rcode)) {
+                    Some(n) => format!("RCode{n}"),
+                    None => rcode.to_string(),
+                }
+                .into();
+                out["Answers"] = answers
+                    .into_iter()
+                    .map(|a| {
+                        json!({"Name": a.name, "TTL": a.ttl, "Class": "ClassINET",
+                               "Type": format!("Type{}", dns::qtype_name(a.rtype)), "Body": a.body})
+                    })
+                    .collect();
+            }
+            Some(Decision::Forward(up)) => {
+                let (via, addrs) = match up {
+                    Upstream::Resolvers(a) => ("split-dns", a),
+                    Upstream::System => (
+                        "system",
+                        std::fs::read_to_string(crate::engine::RESOLV_CONF)
+                            .map(|t| dns::parse_resolv_conf(&t))
+                            .unwrap_or_default(),
+                    ),
+                };
+                out["Forward"] = via.into();
+                out["Resolvers"] = addrs.iter().map(|a| json!({ "Addr": a.to_string() })).collect();
+            }
+            None => return Err("the query was not taken".into()),
+        }
+        Ok(out)
+    }
+
     /// `status --json` body.
     pub async fn status_json(&self) -> Value {
         // Asked first, without the state lock held: the engine builds it now.
@@ -592,6 +699,7 @@ impl Daemon {
             },
             "DNS": dns_status(nm, s.prefs.accept_dns),
             "DataPlane": engine.is_some(),
+            "DERP": engine.as_ref().map(|e| e.derp.clone()),
             "Counters": engine.map(|e| e.counters),
             "Prefs": s.prefs,
         })
@@ -1079,8 +1187,14 @@ pub fn dns_status(nm: &Netmap, accept_dns: bool) -> Value {
         Value::Bool(accept_dns && nm.dns.proxied && !suffix.is_empty()),
     );
     m.insert("MagicDNSSuffix".into(), Value::String(suffix));
+    // Control's switch, whatever this node does with it (`dns status` tells the two apart).
+    m.insert("TailnetMagicDNS".into(), Value::Bool(nm.dns.proxied));
     m.insert("Resolvers".into(), addrs(&nm.dns.resolvers));
     m.insert("Routes".into(), Value::Object(routes));
+    m.insert(
+        "Domains".into(),
+        Value::Array(nm.dns.domains.iter().map(|d| Value::from(d.as_str())).collect()),
+    );
     Value::Object(m)
 }
 
@@ -1380,5 +1494,118 @@ mod tests {
         assert!(!d.lock().prefs.accept_routes);
         std::fs::write(&cfg, "config client 'client'\n\toption accept_routes 'maybe'\n").expect("config");
         assert!(d.handle(IpcRequest::Reload).await.error.contains("accept_routes"));
+    }
+
+    #[tokio::test]
+    async fn whois_answers_with_node_and_user_profile() {
+        let dir = TempDir::new("whois");
+        let d = Daemon::load(&dir.0, None).expect("state dir loads");
+        d.lock().netmap.apply(tailcfg::MapResponse {
+            node: Some(tailcfg::Node {
+                id: 1,
+                name: "me.ts.example.".into(),
+                addresses: vec!["100.64.0.1/32".into()],
+                ..Default::default()
+            }),
+            peers: Some(vec![tailcfg::Node {
+                id: 2,
+                stable_id: "nPeer".into(),
+                name: "gw.ts.example.".into(),
+                user: 5,
+                addresses: vec!["100.64.0.2/32".into()],
+                primary_routes: vec!["192.168.1.0/24".into()],
+                tags: vec!["tag:gw".into()],
+                ..Default::default()
+            }]),
+            user_profiles: Some(vec![tailcfg::UserProfile {
+                id: 5,
+                login_name: "bob@example.com".into(),
+                display_name: "Bob".into(),
+            }]),
+            ..Default::default()
+        });
+        let r = d
+            .handle(IpcRequest::WhoIs(crate::ipc::Lookup {
+                arg: "192.168.1.20:80".into(),
+                ..Default::default()
+            }))
+            .await;
+        assert_eq!(r.error, "");
+        assert_eq!(r.data["Node"]["StableID"], "nPeer");
+        assert_eq!(r.data["Node"]["Tags"], json!(["tag:gw"]));
+        assert_eq!(r.data["UserProfile"]["LoginName"], "bob@example.com");
+        assert!(r.data.get("CapMap").is_none(), "Go omits an empty CapMap");
+        let r = d
+            .handle(IpcRequest::WhoIs(crate::ipc::Lookup {
+                arg: "100.64.0.9".into(),
+                ..Default::default()
+            }))
+            .await;
+        assert!(r.error.starts_with("no match for 100.64.0.9"), "{}", r.error);
+        let r = d
+            .handle(IpcRequest::WhoIs(crate::ipc::Lookup {
+                arg: "gw".into(),
+                ..Default::default()
+            }))
+            .await;
+        assert!(r.error.starts_with("invalid address"), "{}", r.error);
+    }
+
+    #[tokio::test]
+    async fn dns_query_uses_the_magic_dns_answers() {
+        let dir = TempDir::new("dnsq");
+        let d = Daemon::load(&dir.0, None).expect("state dir loads");
+        d.lock().netmap.apply(tailcfg::MapResponse {
+            node: Some(tailcfg::Node {
+                id: 1,
+                name: "me.ts.example.".into(),
+                addresses: vec!["100.64.0.1/32".into()],
+                ..Default::default()
+            }),
+            peers: Some(vec![tailcfg::Node {
+                id: 2,
+                name: "gw.ts.example.".into(),
+                addresses: vec!["100.64.0.2/32".into(), "fd7a:115c:a1e0::2/128".into()],
+                ..Default::default()
+            }]),
+            dns_config: Some(tailcfg::DnsConfig {
+                proxied: true,
+                routes: [(
+                    "corp.example.".to_string(),
+                    vec![tailcfg::Resolver {
+                        addr: "10.0.0.53".into(),
+                    }],
+                )]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let q = |name: &str, qtype: &str| {
+            d.handle(IpcRequest::DnsQuery(crate::ipc::Lookup {
+                arg: name.into(),
+                qtype: qtype.into(),
+            }))
+        };
+        let r = q("gw", "aaaa").await;
+        assert_eq!(r.error, "");
+        assert_eq!(r.data["ResponseCode"], "RCodeSuccess");
+        assert_eq!(r.data["QueryType"], "AAAA");
+        assert_eq!(
+            r.data["Answers"],
+            json!([{"Name": "gw.", "TTL": 600, "Class": "ClassINET", "Type": "TypeAAAA", "Body": "fd7a:115c:a1e0::2"}])
+        );
+        let r = q("100.64.0.2", "PTR").await;
+        assert_eq!(r.data["Name"], "2.0.64.100.in-addr.arpa");
+        assert_eq!(r.data["Answers"][0]["Body"], "gw.ts.example.");
+        assert_eq!(q("nope.ts.example", "A").await.data["ResponseCode"], "RCodeNameError");
+        let r = q("intranet.corp.example", "A").await;
+        assert_eq!(r.data["Forward"], "split-dns");
+        assert_eq!(r.data["Resolvers"], json!([{"Addr": "10.0.0.53:53"}]));
+        assert!(r.data.get("Answers").is_none(), "nothing was sent");
+        assert!(q("gw", "BOGUS").await.error.starts_with("unknown record type"));
+        d.lock().prefs.accept_dns = false;
+        assert!(q("gw", "A").await.error.contains("--accept-dns=false"));
     }
 }

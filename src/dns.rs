@@ -563,6 +563,121 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// `tinyscale dns query`: a question built from text, an answer read back into text
+// ---------------------------------------------------------------------------------------------
+
+/// Record types by their usual names (the ones `dig` and `tailscale dns query` take).
+const TYPE_NAMES: &[(&str, u16)] = &[
+    ("A", TYPE_A),
+    ("NS", 2),
+    ("CNAME", 5),
+    ("SOA", 6),
+    ("PTR", TYPE_PTR),
+    ("MX", 15),
+    ("TXT", 16),
+    ("AAAA", TYPE_AAAA),
+    ("SRV", 33),
+    ("ANY", TYPE_ANY),
+];
+
+/// A record type from its name (any case) or number (`65`, `TYPE65`).
+pub fn qtype_from_name(s: &str) -> Option<u16> {
+    let up = s.to_ascii_uppercase();
+    TYPE_NAMES
+        .iter()
+        .find(|(n, _)| *n == up)
+        .map(|(_, t)| *t)
+        .or_else(|| up.strip_prefix("TYPE").unwrap_or(&up).parse().ok())
+}
+
+/// A record type's name (`TYPE65` for one without).
+pub fn qtype_name(t: u16) -> String {
+    match TYPE_NAMES.iter().find(|(_, n)| *n == t) {
+        Some((name, _)) => name.to_string(),
+        None => format!("TYPE{t}"),
+    }
+}
+
+/// The reverse-lookup name of `ip` (`1.2.3.4` → `4.3.2.1.in-addr.arpa`, nibbles for IPv6).
+pub fn reverse_name(ip: IpAddr) -> String {
+    let mut labels: Vec<String> = match ip {
+        IpAddr::V4(a) => a.octets().iter().map(u8::to_string).collect(),
+        IpAddr::V6(a) => a
+            .octets()
+            .iter()
+            .flat_map(|b| [b >> 4, b & 0xf])
+            .map(|n| format!("{n:x}"))
+            .collect(),
+    };
+    labels.reverse();
+    labels.push(if ip.is_ipv4() { "in-addr.arpa" } else { "ip6.arpa" }.into());
+    labels.join(".")
+}
+
+/// A standard recursive query for `name` (id 0), or `None` if the name cannot be encoded.
+pub fn query_message(name: &str, qtype: u16) -> Option<Vec<u8>> {
+    let mut m = vec![0, 0, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    write_name(&mut m, name).then_some(())?;
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&CLASS_IN.to_be_bytes());
+    Some(m)
+}
+
+/// One answer record read back from a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Owner name with a trailing dot.
+    pub name: String,
+    pub rtype: u16,
+    pub ttl: u32,
+    /// A/AAAA: the address; PTR: the name (trailing dot); other types: the rdata in hex.
+    pub body: String,
+}
+
+/// Reads a response's rcode and answer records (the questions are skipped).
+pub fn parse_response(msg: &[u8]) -> Result<(u8, Vec<Answer>), Error> {
+    let h = Header::parse(msg)?;
+    let u16_at = |p: usize| {
+        msg.get(p..p + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or(Error::TooShort)
+    };
+    let mut pos = 12;
+    for _ in 0..h.qdcount {
+        pos = read_name(msg, pos)?.1 + 4;
+        if pos > msg.len() {
+            return Err(Error::TooShort);
+        }
+    }
+    let mut out = Vec::new();
+    for _ in 0..u16_at(6)? {
+        let (name, p) = read_name(msg, pos)?;
+        let rtype = u16_at(p)?;
+        let ttl = (u32::from(u16_at(p + 4)?) << 16) | u32::from(u16_at(p + 6)?);
+        let len = usize::from(u16_at(p + 8)?);
+        let data = msg.get(p + 10..p + 10 + len).ok_or(Error::TooShort)?;
+        let body = match (rtype, data.len()) {
+            (TYPE_A, 4) => Ipv4Addr::from([data[0], data[1], data[2], data[3]]).to_string(),
+            (TYPE_AAAA, 16) => {
+                let mut o = [0u8; 16];
+                o.copy_from_slice(data);
+                Ipv6Addr::from(o).to_string()
+            }
+            (TYPE_PTR, _) => read_name(msg, p + 10)?.0 + ".",
+            _ => data.iter().map(|b| format!("{b:02x}")).collect(),
+        };
+        out.push(Answer {
+            name: name + ".",
+            rtype,
+            ttl,
+            body,
+        });
+        pos = p + 10 + len;
+    }
+    Ok((h.rcode(), out))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Packets
 // ---------------------------------------------------------------------------------------------
 
@@ -1269,9 +1384,47 @@ mod tests {
         }
     }
 
+    #[test]
+    fn dns_query_text_round_trip() {
+        assert_eq!(qtype_from_name("aaaa"), Some(TYPE_AAAA));
+        assert_eq!(qtype_from_name("PTR"), Some(TYPE_PTR));
+        assert_eq!(qtype_from_name("TYPE65"), Some(65));
+        assert_eq!(qtype_from_name("65"), Some(65));
+        assert_eq!(qtype_from_name("BOGUS"), None);
+        assert_eq!(qtype_name(TYPE_A), "A");
+        assert_eq!(qtype_name(65), "TYPE65");
+        assert_eq!(reverse_name("100.64.0.2".parse().unwrap()), "2.0.64.100.in-addr.arpa");
+        let v6 = reverse_name("fd7a:115c:a1e0::2".parse().unwrap());
+        assert_eq!(reverse_addr(&v6), Some("fd7a:115c:a1e0::2".parse().unwrap()));
+        assert!(query_message("a..b", TYPE_A).is_none());
+
+        let r = Resolver::from_netmap(&netmap());
+        let resp = reply(&r, &query_message("gonode", TYPE_ANY).unwrap());
+        let (rcode, ans) = parse_response(&resp).unwrap();
+        assert_eq!(rcode, RCODE_NOERROR);
+        let got: Vec<(&str, u16, u32, &str)> = ans
+            .iter()
+            .map(|a| (a.name.as_str(), a.rtype, a.ttl, a.body.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("gonode.", TYPE_A, TTL, "100.64.0.2"),
+                ("gonode.", TYPE_AAAA, TTL, "fd7a:115c:a1e0::2")
+            ]
+        );
+        let resp = reply(&r, &query_message(&v6, TYPE_PTR).unwrap());
+        let (_, ans) = parse_response(&resp).unwrap();
+        assert_eq!(ans[0].body, "gonode.ts.example.");
+        let resp = reply(&r, &query_message("nobody.ts.example", TYPE_A).unwrap());
+        assert_eq!(parse_response(&resp).unwrap(), (RCODE_NXDOMAIN, vec![]));
+        assert_eq!(parse_response(&resp[..resp.len() - 1]), Err(Error::TooShort));
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = parse_response(&data);
             let r = Resolver::from_netmap(&netmap());
             let _ = r.decide(&data);
             let _ = parse_query(&data);

@@ -96,7 +96,7 @@ const DNS_UPSTREAM_TRIES: usize = 3;
 /// Largest DNS answer relayed (EDNS allows up to 64 KiB; resolvers rarely exceed 4 KiB).
 const DNS_MAX_ANSWER: usize = 4096;
 /// The host's resolvers, read (never written) for queries outside every split-DNS route.
-const RESOLV_CONF: &str = "/etc/resolv.conf";
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// Budget for one region's `GET /derp/latency-check` (connection, TLS and the request).
 const HTTPS_LATENCY_BUDGET: Duration = Duration::from_secs(5);
@@ -231,6 +231,8 @@ pub struct EngineStatus {
     pub peers: HashMap<NodePublic, Value>,
     /// Engine-wide counters ("Counters"): what was dropped and why.
     pub counters: Value,
+    /// DERP regions with a connection task: region ID → `{"Connected", "Home"}`.
+    pub derp: Value,
 }
 
 /// A cloneable handle to a running engine.
@@ -323,6 +325,8 @@ pub struct Engine {
     derp_map: DerpMap,
     home_derp: i32,
     derps: HashMap<i32, mpsc::Sender<(NodePublic, Vec<u8>)>>,
+    /// Per region with a task: whether its connection is up now (set by the task).
+    derp_up: HashMap<i32, Arc<AtomicBool>>,
     derp_in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
     /// Packets were queued towards a DERP task during this loop iteration.
     derp_queued: bool,
@@ -530,7 +534,8 @@ async fn derp_task(
     (node, port, tls): (DerpNode, u16, bool),
     dns: DnsCache,
     me: NodePrivate,
-    home: bool,
+    // Whether it is the home region, and the flag this task keeps saying if it is connected.
+    (home, up): (bool, Arc<AtomicBool>),
     mut out_rx: mpsc::Receiver<(NodePublic, Vec<u8>)>,
     in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
 ) {
@@ -558,6 +563,7 @@ async fn derp_task(
             Ok(mut c) => {
                 backoff.reset();
                 log::info!("derp connected region={region} addr={addr} tls={tls} home={home}");
+                up.store(true, Ordering::Relaxed);
                 if home {
                     let _ = c.note_preferred(true).await;
                 }
@@ -581,6 +587,7 @@ async fn derp_task(
                         },
                     }
                 }
+                up.store(false, Ordering::Relaxed);
             }
             Err(e) => log::warn!("derp connect failed region={region} addr={addr} err={e}"),
         }
@@ -643,6 +650,7 @@ impl Engine {
             derp_map: DerpMap::default(),
             home_derp: 0,
             derps: HashMap::new(),
+            derp_up: HashMap::new(),
             derp_in_tx,
             derp_queued: false,
             my_private: node,
@@ -1049,12 +1057,14 @@ impl Engine {
             let plain_http = crate::tls::derp_plain_http();
             let node = derp_node(r, plain_http)?;
             let (tx, rx) = mpsc::channel(DERP_QUEUE);
+            let up = Arc::new(AtomicBool::new(false));
+            self.derp_up.insert(region, up.clone());
             tokio::spawn(derp_task(
                 region,
                 (node.0, node.1, !plain_http),
                 self.dns.clone(),
                 self.my_private.clone(),
-                region == self.home_derp,
+                (region == self.home_derp, up),
                 rx,
                 self.derp_in_tx.clone(),
             ));
@@ -1716,7 +1726,18 @@ impl Engine {
                 }),
             );
         }
-        EngineStatus { peers, counters }
+        let mut derp = serde_json::Map::new();
+        for (region, up) in &self.derp_up {
+            derp.insert(
+                region.to_string(),
+                json!({"Connected": up.load(Ordering::Relaxed), "Home": *region == self.home_derp}),
+            );
+        }
+        EngineStatus {
+            peers,
+            counters,
+            derp: Value::Object(derp),
+        }
     }
 }
 

@@ -59,8 +59,24 @@ pub enum IpcRequest {
     /// Change prefs without bringing the node up or down (tailscale `set`); `login_server`,
     /// `auth_key`, `force_reauth` and `reset` are not taken.
     Set(UpArgs),
+    /// The node that owns `arg` (`tinyscale whois`): `IP`, `IP:port` or `[IPv6]:port`.
+    WhoIs(Lookup),
+    /// Ask this node's MagicDNS answer logic for the name `arg` (`tinyscale dns query`),
+    /// without the network: names it does not answer say where they would be forwarded.
+    DnsQuery(Lookup),
     /// Apply the `config client` section again (the daemon runs with `--config`).
     Reload,
+}
+
+/// What `whois` and `dns query` ask about (one type for both: each request shape costs
+/// deserializer code on the router).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Lookup {
+    /// The address or name.
+    pub arg: String,
+    /// `dns query`: the record type (A, AAAA, PTR, …).
+    pub qtype: String,
 }
 
 /// The daemon's answer: `data` on success, `error` otherwise.

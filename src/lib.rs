@@ -24,6 +24,7 @@ pub mod ipc;
 pub mod keys;
 pub mod logger;
 pub mod magicsock;
+pub mod metrics;
 pub mod netcheck;
 pub mod netmon;
 pub mod netns;

@@ -197,6 +197,12 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
         ],
     ),
     Verb::new("netcheck", &[Flag::new("json", Switch), SOCKET]),
+    Verb::new("whois", &[Flag::new("json", Switch), SOCKET]),
+    Verb::new("dns", &[]).subs(&[
+        Verb::new("status", &[Flag::new("json", Switch), SOCKET]),
+        Verb::new("query", &[Flag::new("json", Switch), SOCKET]),
+    ]),
+    Verb::new("metrics", &[SOCKET]).subs(&[Verb::new("print", &[])]),
     Verb::new("debug", &[]).subs(&[
         Verb::new("filter", &[SOCKET]),
         Verb::new(
@@ -911,6 +917,50 @@ mod tests {
         };
         assert!(u.remove);
         assert_eq!(u.dhcp.as_deref(), Some(std::path::Path::new("/tmp/dhcp")));
+    }
+
+    #[test]
+    fn whois_dns_and_metrics_lines_parse() {
+        let parse = |line: &str| {
+            let n = normalize(&v(line)).unwrap_or_else(|e| panic!("{line}: {e:?}"));
+            let strs: Vec<&str> = n.args.iter().map(String::as_str).collect();
+            Top::from_args(&["tinyscale"], &strs)
+                .unwrap_or_else(|e| panic!("{line}: {}", e.output))
+                .cmd
+        };
+        let Cmd::Whois(w) = parse("whois -json 100.64.0.2:22") else {
+            panic!("not whois")
+        };
+        assert!(w.json);
+        assert_eq!(w.addr, "100.64.0.2:22");
+        let Cmd::Dns(crate::cli::DnsCmd {
+            cmd: crate::cli::DnsSub::Query(q),
+        }) = parse("dns query gonode AAAA --json")
+        else {
+            panic!("not dns query")
+        };
+        assert_eq!(
+            (q.name.as_str(), q.qtype.as_deref(), q.json),
+            ("gonode", Some("AAAA"), true)
+        );
+        assert!(matches!(
+            parse("dns status --json=false"),
+            Cmd::Dns(crate::cli::DnsCmd {
+                cmd: crate::cli::DnsSub::Status(crate::cli::DnsStatus { json: false, .. })
+            })
+        ));
+        // `metrics` and tailscale's `metrics print`, the socket flag on either side.
+        for line in [
+            "metrics --socket /s",
+            "metrics print --socket=/s",
+            "metrics -socket /s print",
+        ] {
+            let Cmd::Metrics(m) = parse(line) else {
+                panic!("{line}: not metrics")
+            };
+            assert_eq!(m.socket.as_deref(), Some(std::path::Path::new("/s")), "{line}");
+            assert_eq!(m.cmd.is_some(), line.contains("print"), "{line}");
+        }
     }
 
     #[test]

@@ -8,9 +8,12 @@
 //! mirroring Go `mapSession.updateStateFromResponse`. Pure: no I/O, no clock.
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
-use crate::tailcfg::{DerpMap, DnsConfig, FilterRule, MapResponse, Node, UserProfile};
+use crate::{
+    router::Prefix,
+    tailcfg::{DerpMap, DnsConfig, FilterRule, MapResponse, Node, UserProfile},
+};
 
 /// The chunk the legacy `PacketFilter` field stands for.
 const BASE_FILTER: &str = "base";
@@ -263,6 +266,48 @@ impl Netmap {
             });
         }
         Ok(ip)
+    }
+}
+
+/// [pure] The address a `whois` argument names: `IP`, `IP:port` or `[IPv6]:port` (the forms
+/// `tailscale whois` takes). `None` for anything else.
+pub fn whois_addr(arg: &str) -> Option<IpAddr> {
+    arg.parse::<IpAddr>()
+        .ok()
+        .or_else(|| arg.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+}
+
+impl Netmap {
+    /// [pure] The node that owns `ip` (Go `LocalBackend.WhoIs`): the self node or a peer with it
+    /// among its addresses, else the node serving the longest primary subnet route that holds
+    /// it (so traffic from a LAN host behind a subnet router names that router).
+    pub fn whois(&self, ip: IpAddr) -> Option<&Node> {
+        let nodes = || self.self_node.iter().chain(self.peers.values());
+        let host = Prefix {
+            addr: ip,
+            len: if ip.is_ipv4() { 32 } else { 128 },
+        };
+        nodes()
+            .find(|n| {
+                n.addresses
+                    .iter()
+                    .any(|a| a.split('/').next().and_then(|x| x.parse().ok()) == Some(ip))
+            })
+            .or_else(|| {
+                nodes()
+                    .filter_map(|n| {
+                        let best = n
+                            .primary_routes
+                            .iter()
+                            .filter_map(|r| Prefix::parse_masked(r))
+                            .filter(|r| r.contains(&host))
+                            .map(|r| r.len)
+                            .max()?;
+                        Some((best, n))
+                    })
+                    .max_by_key(|(len, _)| *len)
+                    .map(|(_, n)| n)
+            })
     }
 }
 
@@ -561,5 +606,35 @@ mod tests {
         assert_eq!(r[0].dst_ports[0].ports, PortRange::default());
         assert!(r[1].dst_ports.is_empty());
         assert_eq!(r[2].ip_proto, vec![6, 4_294_967_296]);
+    }
+
+    #[test]
+    fn whois_finds_owners_of_addresses_and_routes() {
+        let mut nm = exit_net();
+        let mut lan = peer(6, "gw.ts.example.");
+        lan.addresses = vec!["100.64.0.6/32".into()];
+        lan.primary_routes = vec!["192.168.0.0/16".into()];
+        lan.allowed_ips = vec!["100.64.0.6/32".into(), "192.168.0.0/16".into(), "10.1.0.0/16".into()];
+        let mut narrow = peer(7, "gw2.ts.example.");
+        narrow.addresses = vec!["100.64.0.7/32".into()];
+        narrow.primary_routes = vec!["192.168.5.0/24".into(), "fd00:5::/64".into()];
+        nm.apply(MapResponse {
+            peers_changed: Some(vec![lan, narrow]),
+            ..Default::default()
+        });
+        let who = |a: &str| whois_addr(a).and_then(|ip| nm.whois(ip)).map(|n| n.id);
+        assert_eq!(who("100.64.0.3"), Some(3));
+        assert_eq!(who("100.64.0.3:22"), Some(3));
+        assert_eq!(who("[fd7a:115c:a1e0:0::2]:443"), Some(2), "v6, written another way");
+        assert_eq!(who("100.64.0.1"), Some(1), "self");
+        assert_eq!(who("192.168.1.9"), Some(6), "subnet route");
+        assert_eq!(who("192.168.5.9"), Some(7), "the longest route wins");
+        assert_eq!(who("fd00:5::1"), Some(7));
+        // In the peer's AllowedIPs but not among its primary routes: not its.
+        assert_eq!(who("10.1.2.3"), None);
+        assert_eq!(who("100.64.0.99"), None, "no node has it");
+        assert_eq!(whois_addr("laptop"), None);
+        assert_eq!(whois_addr("100.64.0.3:x"), None);
+        assert_eq!(whois_addr(""), None);
     }
 }
