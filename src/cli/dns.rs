@@ -63,11 +63,11 @@ pub fn render_status(v: &Value) -> String {
     if v["AcceptDNS"] == true {
         out.push_str(
             "Tailscale DNS: enabled.\n\nTailscale is configured to handle DNS queries on this device.\n\
-             Run 'tinyscale up --accept-dns=false' to revert to your system default DNS resolver.\n",
+             Run 'tinyscale set --accept-dns=false' to revert to your system default DNS resolver.\n",
         );
     } else {
         out.push_str(
-            "Tailscale DNS: disabled.\n\n(Run 'tinyscale up --accept-dns=true' to start sending DNS \
+            "Tailscale DNS: disabled.\n\n(Run 'tinyscale set --accept-dns=true' to start sending DNS \
              queries to the Tailscale DNS resolver)\n",
         );
     }
