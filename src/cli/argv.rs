@@ -132,14 +132,10 @@ const ID: Flag = Flag::new("identifier", Value).short('i');
 /// headscale's `list` aliases.
 const LS: &[&str] = &["ls", "show"];
 
-/// The whole command line: `tinyscale <verb> …`.
-pub static TREE: Verb = Verb::new("", &[]).subs(&[
-    Verb::new(
-        "up",
+/// The prefs `up` and `set` both take (as in tailscale), then the verb's own flags.
+macro_rules! pref_flags {
+    ($($own:expr),* $(,)?) => {
         &[
-            Flag::new("login-server", Value),
-            // tailscale renamed --authkey to --auth-key; both are in guides.
-            Flag::new("auth-key", Value).aliases(&["authkey"]),
             Flag::new("hostname", Value),
             Flag::new("advertise-routes", Value),
             Flag::new("advertise-lan", Value),
@@ -149,33 +145,30 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             Flag::new("exit-node", Value),
             Flag::new("exit-node-allow-lan-access", Bool),
             Flag::new("advertise-tags", Value),
-            Flag::new("force-reauth", Switch),
-            Flag::new("reset", Switch),
             Flag::new("shields-up", Bool),
             Flag::new("snat-subnet-routes", Bool),
+            $($own),*
+        ]
+    };
+}
+
+/// The whole command line: `tinyscale <verb> …`.
+pub static TREE: Verb = Verb::new("", &[]).subs(&[
+    Verb::new(
+        "up",
+        pref_flags![
+            Flag::new("login-server", Value),
+            // tailscale renamed --authkey to --auth-key; both are in guides.
+            Flag::new("auth-key", Value).aliases(&["authkey"]),
+            Flag::new("force-reauth", Switch),
+            Flag::new("reset", Switch),
             Flag::new("timeout", Value),
             Flag::new("qr", Switch),
             SOCKET,
             Flag::new("config", Value),
         ],
     ),
-    Verb::new(
-        "set",
-        &[
-            Flag::new("hostname", Value),
-            Flag::new("advertise-routes", Value),
-            Flag::new("advertise-lan", Value),
-            Flag::new("accept-routes", Bool),
-            Flag::new("accept-dns", Bool),
-            Flag::new("advertise-exit-node", Bool),
-            Flag::new("exit-node", Value),
-            Flag::new("exit-node-allow-lan-access", Bool),
-            Flag::new("advertise-tags", Value),
-            Flag::new("shields-up", Bool),
-            Flag::new("snat-subnet-routes", Bool),
-            SOCKET,
-        ],
-    ),
+    Verb::new("set", pref_flags![SOCKET]),
     Verb::new("down", &[SOCKET]),
     Verb::new("logout", &[SOCKET]),
     Verb::new("status", &[Flag::new("json", Switch), SOCKET]),
