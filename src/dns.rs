@@ -1024,19 +1024,7 @@ mod tests {
 
     use super::*;
     use crate::tailcfg::{DnsRecord, MapResponse, Node, Resolver as TsResolver};
-
-    /// Hex bytes, whitespace ignored, `//` comments to the end of a line.
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s
-            .lines()
-            .map(|l| l.split("//").next().unwrap_or(""))
-            .flat_map(|l| l.split_whitespace())
-            .collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::vectors::hex;
 
     /// `dig @100.100.100.100 gonode.ts.example A` as sent (id 0x1234, RD, no EDNS).
     fn query(name: &str, qtype: u16) -> Vec<u8> {
@@ -1124,10 +1112,10 @@ mod tests {
         let r = Resolver::from_netmap(&netmap());
         let resp = reply(&r, &query("gonode.ts.example", TYPE_A));
         let want = hex(
-            "1234 8580 0001 0001 0000 0000                  // id; QR AA RD RA NOERROR; 1 question, 1 answer
-             06 676f6e6f6465 02 7473 07 6578616d706c65 00   // gonode.ts.example
-             0001 0001                                      // A IN
-             c00c 0001 0001 00000258 0004 64400002          // pointer to the question, A IN, TTL 600, 100.64.0.2",
+            "1234 8580 0001 0001 0000 0000                  # id; QR AA RD RA NOERROR; 1 question, 1 answer
+             06 676f6e6f6465 02 7473 07 6578616d706c65 00   # gonode.ts.example
+             0001 0001                                      # A IN
+             c00c 0001 0001 00000258 0004 64400002          # pointer to the question, A IN, TTL 600, 100.64.0.2",
         );
         assert_eq!(resp, want);
     }

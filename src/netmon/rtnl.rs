@@ -167,21 +167,7 @@ fn parse_addr(added: bool, body: &[u8]) -> Result<Option<AddrEvent>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Hex with whitespace and `#` comments (to the end of the line) ignored.
-    fn hex(s: &str) -> Vec<u8> {
-        let digits: String = s
-            .lines()
-            .map(|l| l.split('#').next().unwrap_or(""))
-            .collect::<String>()
-            .chars()
-            .filter(|c| !c.is_whitespace())
-            .collect();
-        (0..digits.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::vectors::hex;
 
     /// `ip addr add 192.168.60.1/24 dev ts-sub` (ifindex 7), as the kernel multicasts it on a
     /// little-endian host: header, ifaddrmsg, IFA_ADDRESS, IFA_LOCAL, IFA_LABEL "ts-sub".

@@ -328,19 +328,12 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::vectors::hex;
 
     fn enc(m: &Value) -> Vec<u8> {
         let mut b = BlobBuf::default();
         b.put_fields(m.as_object().expect("object"));
         b.buf
-    }
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-            .collect()
     }
 
     #[test]
