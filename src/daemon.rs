@@ -1,9 +1,11 @@
 //! The client daemon (`tinyscale daemon`, the tailscaled of tinyscale): owns the keys and prefs in
-//! the state dir, runs the control session (register, map long-poll, reconnect with backoff) and
-//! answers the CLI over the local socket.
+//! the state dir, runs the control session (register, map long-poll, reconnect with backoff),
+//! feeds each netmap to the data plane ([`crate::engine`]: TUN, WireGuard, magicsock, DERP,
+//! MagicDNS, routes and rules), and answers the CLI over the local socket ([`crate::ipc`]) and,
+//! when ubusd's socket is given, as the `tinyscale` ubus object ([`crate::ubus_object`]).
 //!
-//! Mirrors the roles of tailscale `ipn/ipnlocal/local.go` (backend state machine) and
-//! `control/controlclient/auto.go` (login/map loop). The data plane joins this loop later.
+//! Mirrors the roles of tailscale `ipn/ipnlocal/local.go` (backend state machine and prefs) and
+//! `control/controlclient/auto.go` (login/map loop).
 
 use std::{
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
