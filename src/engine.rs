@@ -25,7 +25,9 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    future::Future,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -417,9 +419,29 @@ fn derp_node(region: &DerpRegion, plain_http: bool) -> Option<(DerpNode, u16)> {
 
 /// DERP host names resolved to addresses (both families), shared by netcheck and the DERP
 /// tasks. Answers stay [`DNS_FRESH`]; a failure is retried after [`DNS_RETRY`] and meanwhile the
-/// last good answer, if any, is still used.
-#[derive(Clone, Default)]
-struct DnsCache(Arc<Mutex<HashMap<String, DnsEntry>>>);
+/// last good answer, if any, is still used. `resolve` is the system resolver (tests give their
+/// own, so no test depends on this machine's DNS).
+#[derive(Clone)]
+struct DnsCache {
+    entries: Arc<Mutex<HashMap<String, DnsEntry>>>,
+    resolve: Resolve,
+}
+
+/// Looks up a host name (the port of each answer is ignored).
+type Resolve = fn(String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>;
+
+fn system_resolve(host: String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>> {
+    Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), 0)).await?.collect()) })
+}
+
+impl Default for DnsCache {
+    fn default() -> Self {
+        DnsCache {
+            entries: Arc::default(),
+            resolve: system_resolve,
+        }
+    }
+}
 
 #[derive(Clone)]
 struct DnsEntry {
@@ -432,13 +454,13 @@ struct DnsEntry {
 impl DnsCache {
     /// The cached answer for `host` (empty if none).
     fn get(&self, host: &str) -> Vec<IpAddr> {
-        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         m.get(host).map(|e| e.addrs.clone()).unwrap_or_default()
     }
 
     /// Whether `host` has no answer worth using without a new lookup.
     fn stale(&self, host: &str, now: Instant) -> bool {
-        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         m.get(host)
             .is_none_or(|e| now >= e.at + if e.failed { DNS_RETRY } else { DNS_FRESH })
     }
@@ -450,7 +472,7 @@ impl DnsCache {
         if !self.stale(host, Instant::now()) {
             return self.get(host);
         }
-        let res = tokio::time::timeout(DNS_TIMEOUT, tokio::net::lookup_host((host, 0))).await;
+        let res = tokio::time::timeout(DNS_TIMEOUT, (self.resolve)(host.to_string())).await;
         let found: Result<Vec<IpAddr>, String> = match res {
             Ok(Ok(it)) => {
                 let mut v: Vec<IpAddr> = Vec::new();
@@ -469,7 +491,7 @@ impl DnsCache {
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("timed out after {}s", DNS_TIMEOUT.as_secs())),
         };
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let prev = m.get(host).cloned();
         let entry = match found {
             Ok(addrs) => {
@@ -1990,11 +2012,26 @@ mod tests {
         assert_eq!(derp_server_name(&node("", "192.0.2.1", ""), &a), "192.0.2.1");
     }
 
-    /// Host names are resolved (cached) and families honour "none"; a name that cannot resolve
-    /// yields nothing, promptly, without failing.
-    #[tokio::test]
+    /// A resolver that knows `localhost`, never answers for `slow.invalid` and fails the rest.
+    fn fake_resolve(host: String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>> {
+        Box::pin(async move {
+            match host.as_str() {
+                "localhost" => Ok(vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()]),
+                "slow.invalid" => std::future::pending().await,
+                _ => Err(std::io::ErrorKind::NotFound.into()),
+            }
+        })
+    }
+
+    /// Host names are resolved (cached) and families honour "none"; a name that cannot resolve,
+    /// or whose lookup hangs, yields nothing after at most [`DNS_TIMEOUT`], without failing, and
+    /// the failure is remembered until [`DNS_RETRY`]. Virtual time: no wall clock, no real DNS.
+    #[tokio::test(start_paused = true)]
     async fn derp_dial_addrs_resolve_names() {
-        let dns = DnsCache::default();
+        let dns = DnsCache {
+            resolve: fake_resolve,
+            ..DnsCache::default()
+        };
         let got = derp_dial_addrs(&node("localhost", "", "none"), 3340, &dns).await;
         assert_eq!(got, vec!["127.0.0.1:3340".parse::<SocketAddr>().unwrap()]);
         assert!(!dns.stale("localhost", Instant::now()), "the answer is cached");
@@ -2005,14 +2042,33 @@ mod tests {
         let got = derp_dial_addrs(&node("pinned.invalid", "192.0.2.1", "2001:db8::1"), 3340, &dns).await;
         assert_eq!(got.len(), 2);
         assert!(dns.stale("pinned.invalid", Instant::now()), "never looked up");
-        // .invalid never resolves (RFC 6761): empty, remembered as failed for a while.
+        // A failed lookup: empty at once, remembered as failed until the retry time.
         let t = Instant::now();
         let got = derp_dial_addrs(&node("no-such-host.invalid", "", ""), 3340, &dns).await;
         assert!(got.is_empty());
-        assert!(t.elapsed() <= DNS_TIMEOUT + Duration::from_secs(1));
+        assert_eq!(t.elapsed(), Duration::ZERO, "a refusal is not a timeout");
         assert!(
             !dns.stale("no-such-host.invalid", Instant::now()),
             "failure cached until retry"
+        );
+        assert!(dns.stale("no-such-host.invalid", Instant::now() + DNS_RETRY));
+        // A hanging lookup ends at the timeout.
+        let t = Instant::now();
+        let got = derp_dial_addrs(&node("slow.invalid", "", ""), 3340, &dns).await;
+        assert!(got.is_empty());
+        assert_eq!(t.elapsed(), DNS_TIMEOUT);
+        // After a failure the last good answer is kept: localhost refreshed while "down".
+        let down = DnsCache {
+            entries: dns.entries.clone(),
+            resolve: |_| Box::pin(async { Err(std::io::ErrorKind::NotFound.into()) }),
+        };
+        tokio::time::advance(DNS_FRESH).await;
+        assert!(down.stale("localhost", Instant::now()));
+        let got = derp_dial_addrs(&node("localhost", "", "none"), 3340, &down).await;
+        assert_eq!(
+            got,
+            vec!["127.0.0.1:3340".parse::<SocketAddr>().unwrap()],
+            "last good answer"
         );
     }
 }
