@@ -31,9 +31,10 @@ else
 fi
 check "file name luci-app-tinyscale_<version>_all.ipk" bash -c "[[ '$(basename "$IPK")' =~ ^luci-app-tinyscale_[0-9.]+-r[0-9]+_all\.ipk$ ]]"
 
-members=$(ar t "$IPK" 2>&1 | paste -sd' ')
-check "ar members in order: $members" [ "$members" = "debian-binary control.tar.gz data.tar.gz" ]
-(cd "$W" && ar x "$IPK") || fail "ar x"
+# opkg-lede gunzips and untars the outer file (an `ar` one is "Malformed package file").
+members=$(tar -tzf "$IPK" 2>&1 | paste -sd' ')
+check "outer tar.gz members in order: $members" [ "$members" = "./debian-binary ./data.tar.gz ./control.tar.gz" ]
+tar -xzf "$IPK" -C "$W" || fail "untar the outer tar.gz"
 check "debian-binary is \"2.0\\n\"" cmp -s "$W/debian-binary" <(printf '2.0\n')
 mkdir -p "$W/root" "$W/ctrl"
 tar -xzf "$W/data.tar.gz" -C "$W/root" || fail "untar data.tar.gz"

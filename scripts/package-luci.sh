@@ -4,8 +4,9 @@
 #
 #   scripts/package-luci.sh [--out DIR]
 #
-# Prints the path of the .ipk (the only stdout). The package is an `ar` archive of
-# `debian-binary` ("2.0\n"), `control.tar.gz` (control, postinst) and `data.tar.gz`:
+# Prints the path of the .ipk (the only stdout). The package is a gzipped tar of
+# `./debian-binary` ("2.0\n"), `./data.tar.gz` and `./control.tar.gz` (control, postinst),
+# the container OpenWrt's opkg reads (see package.sh):
 #
 #   /www/luci-static/resources/view/tinyscale/*.js    0644  luci/luci-app-tinyscale/htdocs/...
 #   /usr/share/luci/menu.d/luci-app-tinyscale.json     0644  luci/luci-app-tinyscale/root/...
@@ -15,7 +16,7 @@
 # caches and makes rpcd re-read its ACLs (SIGHUP), so the pages show without a reboot.
 #
 # Deterministic like package.sh: entries sorted, owner 0:0, mtime = SOURCE_DATE_EPOCH
-# (default: the last commit's time), gzip -n, `ar` in deterministic mode.
+# (default: the last commit's time), gzip -n.
 # Environment: PKG_RELEASE (default 1) → Version <crate version>-r<PKG_RELEASE>.
 # scripts/package-luci-check.sh checks the result.
 set -euo pipefail
@@ -83,5 +84,6 @@ printf '2.0\n' > "$WORK/debian-binary"
 mkdir -p "$OUT"
 IPK=$OUT/luci-app-tinyscale_${VERSION}_all.ipk
 rm -f "$IPK"
-(cd "$WORK" && ar rcD "$IPK" debian-binary control.tar.gz data.tar.gz)
+(cd "$WORK" && tar --format=gnu --owner=0 --group=0 --numeric-owner --mtime="@$SOURCE_DATE_EPOCH" \
+  -cf - ./debian-binary ./data.tar.gz ./control.tar.gz) | gzip -n -9 > "$IPK"
 echo "$IPK"

@@ -4,9 +4,11 @@
 #   scripts/cross-build.sh build <target> --no-default-features --features coordinator,tls
 #   scripts/package.sh <target> [--bin PATH] [--arch OPENWRT_ARCH] [--out DIR]
 #
-# Prints the path of the .ipk (the only stdout). The package is what opkg expects: an `ar`
-# archive of `debian-binary` ("2.0\n"), `control.tar.gz` (control, conffiles, postinst,
-# prerm) and `data.tar.gz`:
+# Prints the path of the .ipk (the only stdout). The package is what OpenWrt's opkg (opkg-lede)
+# reads: a gzipped tar of `./debian-binary` ("2.0\n"), `./data.tar.gz` and `./control.tar.gz`
+# (control, conffiles, postinst, prerm), as OpenWrt's ipkg-build makes it. (Not an `ar`
+# archive like a .deb: opkg-lede only gunzips and untars the outer file, and calls an `ar`
+# one a "Malformed package file".)
 #
 #   /usr/sbin/tinyscale                 0755  the binary (default: cross-build.sh path <target>)
 #   /etc/init.d/tinyscale               0755  openwrt/files/tinyscale.init
@@ -21,7 +23,7 @@
 # on removal (not upgrade) delete the firewall sections the uci-defaults script added.
 #
 # Deterministic: entries sorted, owner 0:0, mtime = SOURCE_DATE_EPOCH (default: the last
-# commit's time), gzip without name/time, `ar` in deterministic mode. Same inputs, same bytes.
+# commit's time), gzip without name/time. Same inputs, same bytes.
 #
 # Environment: PKG_RELEASE (default 1) → Version <crate version>-r<PKG_RELEASE>.
 # scripts/package-check.sh checks the result.
@@ -151,6 +153,7 @@ printf '2.0\n' > "$WORK/debian-binary"
 mkdir -p "$OUT"
 IPK=$OUT/tinyscale_${VERSION}_${ARCH}.ipk
 rm -f "$IPK"
-# `D`: zero uid/gid/mtime in the ar headers. Member order is what opkg and dpkg expect.
-(cd "$WORK" && ar rcD "$IPK" debian-binary control.tar.gz data.tar.gz)
+# Member order as ipkg-build writes it; owner 0:0 and a fixed mtime like the inner ones.
+(cd "$WORK" && tar --format=gnu --owner=0 --group=0 --numeric-owner --mtime="@$SOURCE_DATE_EPOCH" \
+  -cf - ./debian-binary ./data.tar.gz ./control.tar.gz) | gzip -n -9 > "$IPK"
 echo "$IPK"
