@@ -127,6 +127,9 @@ pub struct Daemon {
     endpoints_tx: watch::Sender<LocalEndpoints>,
     /// The prefixes on the `advertise_lan` interface, from [`Daemon::lan_loop`].
     lan_routes_tx: watch::Sender<Vec<String>>,
+    /// Bumped when what the ubus events report may have changed: backend state, prefs, the
+    /// netmap (self addresses, peer set, online) and, from the data plane, peer paths.
+    changes: watch::Sender<u64>,
     engine: Mutex<Option<RunningEngine>>,
     /// The node key for which the data plane failed to start (no retry storm on every map message).
     engine_failed_for: Mutex<Option<NodePublic>>,
@@ -218,6 +221,7 @@ impl Daemon {
             route_prefs_tx: watch::channel(RoutePrefs::default()).0,
             endpoints_tx: watch::channel(LocalEndpoints::default()).0,
             lan_routes_tx: watch::channel(Vec::new()).0,
+            changes: watch::channel(0).0,
             engine: Mutex::new(None),
             engine_failed_for: Mutex::new(None),
             config: std::sync::OnceLock::new(),
@@ -272,6 +276,17 @@ impl Daemon {
 
     fn bump(&self) {
         self.generation.send_modify(|g| *g += 1);
+        self.note_change();
+    }
+
+    fn note_change(&self) {
+        self.changes.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Changes when the backend state, prefs, netmap or a peer's path may have changed (the
+    /// ubus object compares its snapshot then instead of polling).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     fn hostinfo(&self, prefs: &Prefs) -> Value {
@@ -718,6 +733,7 @@ impl Daemon {
     fn stop_engine(&self) {
         self.engine.lock().unwrap_or_else(|e| e.into_inner()).take();
         let _ = self.netmap_tx.send(None);
+        self.note_change();
     }
 
     /// Starts the data plane for `node` unless it already runs with that key.
@@ -743,6 +759,7 @@ impl Daemon {
             self.netmap_tx.subscribe(),
             self.route_prefs_tx.subscribe(),
             self.endpoints_tx.clone(),
+            self.changes.clone(),
         )
         .await
         {
@@ -805,11 +822,14 @@ impl Daemon {
     }
 
     fn set_state(&self, st: BackendState, err: Option<String>) {
-        let mut s = self.lock();
-        s.state = st;
-        if let Some(e) = err {
-            s.last_error = e;
+        {
+            let mut s = self.lock();
+            s.state = st;
+            if let Some(e) = err {
+                s.last_error = e;
+            }
         }
+        self.note_change();
     }
 
     /// The control loop: (re)connects while `want_running`, restarts on prefs changes.
@@ -851,6 +871,7 @@ impl Daemon {
                             s.state = BackendState::Starting;
                         }
                     }
+                    self.note_change();
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {},
                         _ = gen.changed() => {},
@@ -1010,6 +1031,7 @@ impl Daemon {
                     s.auth_url = resp.auth_url.clone();
                     s.state = BackendState::NeedsLogin;
                 }
+                self.note_change();
                 req.followup = resp.auth_url;
                 continue;
             }
@@ -1086,6 +1108,7 @@ impl Daemon {
                         self.ensure_engine(&node).await;
                     }
                     let _ = self.netmap_tx.send(Some(nm));
+                    self.note_change();
                 }
                 r = ep_rx.changed() => {
                     if r.is_err() { continue; }

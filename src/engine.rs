@@ -70,6 +70,8 @@ use crate::{
 
 /// Timer resolution of the loop (boringtun wants ≥ 4 Hz; netcheck probes retransmit at 100 ms).
 const TICK: Duration = Duration::from_millis(100);
+/// How often the peers' paths are compared for the daemon's change notification.
+const PATH_CHECK: Duration = Duration::from_secs(1);
 /// How often netcheck re-runs (Go: every 20-26 s while active).
 const NETCHECK_INTERVAL: Duration = Duration::from_secs(25);
 /// Packets queued towards one DERP region before new ones are dropped.
@@ -348,6 +350,10 @@ pub struct Engine {
     next_netcheck: Instant,
     local: LocalEndpoints,
     endpoints_tx: watch::Sender<LocalEndpoints>,
+    /// Bumped when [`path_fingerprint`] changes (the daemon's ubus events wake on it).
+    changes: watch::Sender<u64>,
+    path_sum: u64,
+    next_path_check: Instant,
     pending_pings: HashMap<TxId, u64>,
     rounds: HashMap<u64, PendingPing>,
     round: u64,
@@ -635,6 +641,7 @@ impl Engine {
         netmap: watch::Receiver<Option<Arc<Netmap>>>,
         prefs: watch::Receiver<RoutePrefs>,
         endpoints_tx: watch::Sender<LocalEndpoints>,
+        changes: watch::Sender<u64>,
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), String> {
         let tun = Tun::open(&cfg.tun).map_err(|e| format!("cannot open TUN device {}: {e}", cfg.tun))?;
         let sock = Sockets::bind(cfg.port).map_err(|e| format!("cannot bind UDP: {e}"))?;
@@ -687,6 +694,9 @@ impl Engine {
             next_netcheck: Instant::now(),
             local: LocalEndpoints::default(),
             endpoints_tx,
+            changes,
+            path_sum: 0,
+            next_path_check: Instant::now(),
             pending_pings: HashMap::new(),
             rounds: HashMap::new(),
             round: 0,
@@ -1462,6 +1472,14 @@ impl Engine {
         }
         self.filter.handle_timeout(now);
         self.sync_shields_up();
+        if now_t >= self.next_path_check {
+            self.next_path_check = now_t + PATH_CHECK;
+            let sum = path_fingerprint(self.peers.iter().map(|(k, p)| (k, p.endpoint.path(now))));
+            if sum != self.path_sum {
+                self.path_sum = sum;
+                self.changes.send_modify(|g| *g = g.wrapping_add(1));
+            }
+        }
         for o in self.wg.update_timers() {
             self.send_to_peer(o.peer, o.datagram);
         }
@@ -1843,11 +1861,51 @@ pub fn report_json(r: &netcheck::Report) -> Value {
     })
 }
 
+/// [pure] One number for the peers' paths as the `tinyscale.peer` event reports them (direct,
+/// a DERP region or none): a sum of per-peer hashes, so the map's order does not matter.
+fn path_fingerprint<'a>(paths: impl Iterator<Item = (&'a NodePublic, PathStatus)>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    paths.fold(0, |sum, (k, p)| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        k.hash(&mut h);
+        match p {
+            PathStatus::Direct { .. } => (1u8, 0),
+            PathStatus::Derp(r) => (2, r),
+            PathStatus::Unreachable => (0, 0),
+        }
+        .hash(&mut h);
+        sum.wrapping_add(h.finish())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use crate::derp::tests::node;
+
+    #[test]
+    fn path_fingerprint_changes_only_with_the_reported_path() {
+        let a = NodePrivate::from_random([1; 32]).public();
+        let b = NodePrivate::from_random([2; 32]).public();
+        let direct = |port: u16, ms: u64| PathStatus::Direct {
+            addr: SocketAddr::from(([192, 0, 2, 1], port)),
+            rtt: Duration::from_millis(ms),
+        };
+        let f = |v: &[(&NodePublic, PathStatus)]| path_fingerprint(v.iter().copied());
+        let base = f(&[(&a, PathStatus::Derp(1)), (&b, direct(41641, 5))]);
+        // Order, latency and the direct address itself do not count.
+        assert_eq!(base, f(&[(&b, direct(41642, 9)), (&a, PathStatus::Derp(1))]));
+        // Another region, direct, no path, or a peer more or less do.
+        for other in [
+            f(&[(&a, PathStatus::Derp(2)), (&b, direct(41641, 5))]),
+            f(&[(&a, direct(1, 1)), (&b, direct(41641, 5))]),
+            f(&[(&a, PathStatus::Unreachable), (&b, direct(41641, 5))]),
+            f(&[(&b, direct(41641, 5))]),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
 
     #[test]
     fn peer_subnet_routes_are_allowed_ips_beyond_addresses() {
