@@ -549,7 +549,16 @@ pub async fn serve_admin(coord: Arc<Coordinator>, path: &Path) -> std::io::Resul
     let listener = ipc::bind_private(path).await?;
     ipc::serve_lines(listener, move |req: AdminRequest| {
         let coord = coord.clone();
-        async move { handle(&coord, req) }
+        async move {
+            // Answer only once the change is on disk (a created key must survive kill -9).
+            let since = coord.lock().store().mark();
+            let reply = handle(&coord, req);
+            let durable = coord.lock().store().durable(since);
+            match durable.await {
+                Ok(()) => reply,
+                Err(e) => IpcResponse::from_result(Err(format!("store failure: {e}"))),
+            }
+        }
     })
     .await
 }

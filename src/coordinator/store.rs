@@ -8,9 +8,12 @@
 //! - [`Store::open`] creates missing parent directories (mode 0700) and the file (mode 0600),
 //!   sets `journal_mode=WAL`, `synchronous=FULL`, `foreign_keys=ON` and a busy timeout, then
 //!   migrates. [`Store::open_in_memory`] does the same without a file, for tests.
-//! - Every write is one autocommitted statement, so it is durable (WAL + `synchronous=FULL`
-//!   fsyncs on commit) before the method returns and survives `kill -9`.
-//! - Ids come from SQLite `AUTOINCREMENT`, so they are never reused, even after a delete.
+//! - The connection lives on its own writer thread (see [`Store`]): write methods queue and
+//!   return at once, and a write is durable (WAL + `synchronous=FULL` fsyncs on commit) once
+//!   [`Store::durable`] resolves. Await that before telling a client something it must find
+//!   again after `kill -9` (a successful register response).
+//! - Ids are allocated by the store from SQLite's `AUTOINCREMENT` high-water mark, so they are
+//!   never reused, even after a delete or a failed insert.
 //! - Unique-constraint violations return [`StoreError::Conflict`] naming the columns, e.g.
 //!   `users.name`, so callers can say "user already exists".
 //! - The caller keeps the records in memory ([`Store::load`] at start) and writes through.
@@ -27,12 +30,19 @@
 //! fixture `tests/vectors/db/vN.sql` dumped from a version-N database.
 
 use std::{
+    collections::VecDeque,
+    future::Future,
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{
+        mpsc::{sync_channel, Receiver, SyncSender, TrySendError},
+        Mutex, MutexGuard, PoisonError,
+    },
+    thread::JoinHandle,
     time::Duration,
 };
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
+use tokio::sync::watch;
 
 use super::model::{Node, PreAuthKey, User};
 use crate::keys::{DiscoPublic, MachinePublic, NodePublic};
@@ -95,6 +105,30 @@ pub enum StoreError {
         /// The OS error.
         err: std::io::Error,
     },
+    /// The writer thread is gone (the store is shutting down).
+    #[error("database writer stopped")]
+    Stopped,
+}
+
+impl StoreError {
+    /// A copy for every waiter of a failed write (`io::Error` is not `Clone`).
+    fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Sqlite(s) => StoreError::Sqlite(s.clone()),
+            StoreError::TooNew(a, b) => StoreError::TooNew(*a, *b),
+            StoreError::Corrupt(s) => StoreError::Corrupt(s.clone()),
+            StoreError::Conflict(s) => StoreError::Conflict(s.clone()),
+            StoreError::NotFound(s) => StoreError::NotFound(s.clone()),
+            StoreError::InUse(s) => StoreError::InUse(s.clone()),
+            StoreError::MissingReference(s) => StoreError::MissingReference(s.clone()),
+            StoreError::Io { op, path, err } => StoreError::Io {
+                op,
+                path: path.clone(),
+                err: std::io::Error::new(err.kind(), err.to_string()),
+            },
+            StoreError::Stopped => StoreError::Stopped,
+        }
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -136,10 +170,91 @@ fn write_err(e: rusqlite::Error, what: impl FnOnce() -> String) -> StoreError {
     }
 }
 
-/// The coordinator database. `Send + Sync`: one connection behind a mutex, so an `Arc<Store>`
-/// can be shared by tasks; every method holds the lock for one short statement.
+/// Writes queued for the writer thread before a write method blocks its caller (backpressure
+/// when the disk cannot keep up). A registration storm of a few hundred nodes fits.
+const WRITE_QUEUE: usize = 1024;
+/// Most writes in one transaction (group commit): bounds how long one commit holds the write
+/// lock and how many writes a failed COMMIT takes down with it.
+const MAX_BATCH: usize = 256;
+/// Failed writes remembered for [`Store::durable`]; older failures only count as "one failed".
+const KEPT_ERRORS: usize = 32;
+
+/// One queued write; it runs inside its own savepoint of the batch's transaction.
+type WriteFn = Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>;
+
+enum Job {
+    /// A write and its sequence number (1, 2, ... in queue order).
+    Write(u64, WriteFn),
+    /// A read; it runs after every write queued before it is committed.
+    Read(Box<dyn FnOnce(&Connection) + Send>),
+}
+
+/// What the writer thread has finished, published after every transaction.
+#[derive(Debug, Default)]
+struct Done {
+    /// Every write up to this sequence number is committed (or failed).
+    seq: u64,
+    /// Transactions committed so far (one fsync each).
+    commits: u64,
+    /// Recent failed writes with their sequence numbers, oldest first.
+    errors: VecDeque<(u64, StoreError)>,
+    /// The newest sequence number of a failure dropped from `errors`.
+    forgotten: u64,
+}
+
+impl Done {
+    /// The first failure among writes `after + 1 ..= upto`, if any.
+    fn error_in(&self, after: u64, upto: u64) -> Option<StoreError> {
+        if let Some((_, e)) = self.errors.iter().find(|(s, _)| *s > after && *s <= upto) {
+            return Some(e.duplicate());
+        }
+        // A dropped failure may have been in the window: say so rather than claim success.
+        (self.forgotten > after).then(|| StoreError::Sqlite("a queued write failed (see the log)".into()))
+    }
+}
+
+/// The last id handed out per AUTOINCREMENT table (ids are allocated here, so an insert can
+/// return its id without waiting for the disk).
+#[derive(Debug, Default)]
+struct NextIds {
+    users: u64,
+    keys: u64,
+    nodes: u64,
+}
+
+fn bump(last: &mut u64) -> u64 {
+    *last += 1;
+    *last
+}
+
+struct Queue {
+    /// `None` once the store is dropped (the writer then drains and exits).
+    jobs: Option<SyncSender<Job>>,
+    /// Sequence number of the last queued write.
+    seq: u64,
+    ids: NextIds,
+}
+
+/// A point in the write queue, from [`Store::mark`]: [`Store::durable`] reports failures of
+/// the writes queued after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark(u64);
+
+/// The coordinator database. `Send + Sync`.
+///
+/// One connection lives on a dedicated writer thread, so SQLite's fsyncs never run on the
+/// runtime that forwards DERP packets. Write methods queue the write (in order) and return at
+/// once; ids are allocated here. Writes that queue up while a commit is in progress go into
+/// the next transaction together (group commit), each in its own savepoint, so one failing
+/// write does not undo the others. A caller that must not answer before its writes survive
+/// `kill -9` takes a [`Store::mark`] before writing and awaits [`Store::durable`] after.
+/// Reads ([`Store::load`], [`Store::get_kv`], ...) block until the writer has run them, after
+/// every write queued before them: they are for startup and tests. Dropping the store commits
+/// everything queued and joins the thread.
 pub struct Store {
-    conn: Mutex<Connection>,
+    queue: Mutex<Queue>,
+    done: watch::Receiver<Done>,
+    writer: Option<JoinHandle<()>>,
 }
 
 /// Everything the coordinator loads at start, each list ordered by id.
@@ -179,237 +294,496 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
-        Ok(Store { conn: Mutex::new(conn) })
+        let ids = NextIds {
+            users: last_id(&conn, "users")?,
+            keys: last_id(&conn, "pre_auth_keys")?,
+            nodes: last_id(&conn, "nodes")?,
+        };
+        let (jobs, rx) = sync_channel(WRITE_QUEUE);
+        let (done_tx, done) = watch::channel(Done::default());
+        let writer = std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || run_writer(&conn, &rx, &done_tx))
+            .map_err(|err| StoreError::Io {
+                op: "start writer thread",
+                path: path.map(Path::to_path_buf).unwrap_or_default(),
+                err,
+            })?;
+        Ok(Store {
+            queue: Mutex::new(Queue {
+                jobs: Some(jobs),
+                seq: 0,
+                ids,
+            }),
+            done,
+            writer: Some(writer),
+        })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic aborts the process (panic = "abort"), so poisoning cannot leave a half write.
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // A panic aborts the process (panic = "abort"), so poisoning cannot leave a half state.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues the write `make` builds (it may allocate an id) and returns `make`'s value. Blocks
+    /// only while the queue is full.
+    fn submit<T>(&self, make: impl FnOnce(&mut NextIds) -> (T, WriteFn)) -> Result<T, StoreError> {
+        let mut q = self.queue();
+        let (value, f) = make(&mut q.ids);
+        let seq = q.seq + 1;
+        let jobs = q.jobs.as_ref().ok_or(StoreError::Stopped)?;
+        match jobs.try_send(Job::Write(seq, f)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => {
+                log::warn!("store: write queue full, waiting for the disk; queued={WRITE_QUEUE}");
+                jobs.send(job).map_err(|_| StoreError::Stopped)?;
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(StoreError::Stopped),
+        }
+        q.seq = seq;
+        Ok(value)
+    }
+
+    /// Queues a write that allocates nothing.
+    fn write(&self, f: impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static) -> Result<(), StoreError> {
+        self.submit(|_| ((), Box::new(f)))
+    }
+
+    /// Runs `f` on the writer thread after every write queued so far, and waits for its answer.
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = sync_channel(1);
+        let job = Job::Read(Box::new(move |c| {
+            let _ = tx.send(f(c));
+        }));
+        self.queue()
+            .jobs
+            .as_ref()
+            .ok_or(StoreError::Stopped)?
+            .send(job)
+            .map_err(|_| StoreError::Stopped)?;
+        rx.recv().map_err(|_| StoreError::Stopped)?
+    }
+
+    /// The current end of the write queue.
+    pub fn mark(&self) -> Mark {
+        Mark(self.queue().seq)
+    }
+
+    /// Resolves once every write queued so far is committed (fsynced): `Err` with the first
+    /// failure among the writes queued after `since`. Awaiting it never blocks the runtime.
+    pub fn durable(&self, since: Mark) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        let upto = self.queue().seq;
+        let mut done = self.done.clone();
+        async move {
+            match done.wait_for(|d| d.seq >= upto).await {
+                Ok(d) => d.error_in(since.0, upto).map_or(Ok(()), Err),
+                Err(_) => Err(StoreError::Stopped),
+            }
+        }
+    }
+
+    /// [`Store::durable`] for code outside the runtime (startup, tests): blocks until every
+    /// write queued so far is committed.
+    pub fn flush(&self, since: Mark) -> Result<(), StoreError> {
+        let upto = self.queue().seq;
+        self.read(|_| Ok(()))?;
+        let done = self.done.borrow();
+        done.error_in(since.0, upto).map_or(Ok(()), Err)
+    }
+
+    /// Transactions committed so far; fewer than the writes when they were grouped.
+    pub fn commits(&self) -> u64 {
+        self.done.borrow().commits
     }
 
     /// The database's `PRAGMA user_version` (equal to [`SCHEMA_VERSION`] once open).
     pub fn schema_version(&self) -> Result<u32, StoreError> {
-        read_user_version(&self.conn())
+        self.read(read_user_version)
     }
 
     /// Reads every user, pre-auth key and node.
     pub fn load(&self) -> Result<Snapshot, StoreError> {
-        let conn = self.conn();
-        let mut snap = Snapshot::default();
-
-        let mut stmt = conn.prepare("SELECT id, name, display_name, created_at FROM users ORDER BY id")?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            snap.users.push(User {
-                id: id_from(r.get(0)?, "users.id")?,
-                name: r.get(1)?,
-                display_name: r.get(2)?,
-                created: r.get(3)?,
-            });
-        }
-        drop(rows);
-        drop(stmt);
-
-        let mut stmt = conn.prepare(
-            "SELECT id, key, user_id, reusable, ephemeral, used, tags, created_at, expiration \
-             FROM pre_auth_keys ORDER BY id",
-        )?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            snap.preauth_keys.push(PreAuthKey {
-                id: id_from(r.get(0)?, "pre_auth_keys.id")?,
-                key: r.get(1)?,
-                user_id: id_from(r.get(2)?, "pre_auth_keys.user_id")?,
-                reusable: r.get(3)?,
-                ephemeral: r.get(4)?,
-                used: r.get(5)?,
-                tags: list_from(&r.get::<_, String>(6)?, "pre_auth_keys.tags")?,
-                created: r.get(7)?,
-                expiration: r.get(8)?,
-            });
-        }
-        drop(rows);
-        drop(stmt);
-
-        let mut stmt = conn.prepare(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"))?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            snap.nodes.push(node_from_row(r)?);
-        }
-        Ok(snap)
+        self.read(load_all)
     }
 
-    /// Inserts `u` (its `id` is ignored) and returns the new id.
-    /// A taken name gives [`StoreError::Conflict`]`("users.name")`.
+    /// Queues the insert of `u` (its `id` is ignored) and returns the new id. A taken name
+    /// fails with [`StoreError::Conflict`]`("users.name")`, reported by [`Store::durable`].
     pub fn insert_user(&self, u: &User) -> Result<u64, StoreError> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO users (name, display_name, created_at) VALUES (?1, ?2, ?3)",
-            params![u.name, u.display_name, u.created],
-        )?;
-        new_id(&conn)
+        let u = u.clone();
+        self.submit(|ids| {
+            let id = bump(&mut ids.users);
+            let f: WriteFn = Box::new(move |c| {
+                c.execute(
+                    "INSERT INTO users (id, name, display_name, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![sql_id(id), u.name, u.display_name, u.created],
+                )?;
+                Ok(())
+            });
+            (id, f)
+        })
     }
 
     /// Rewrites user `u.id` (rename). [`StoreError::NotFound`] if it does not exist.
     pub fn update_user(&self, u: &User) -> Result<(), StoreError> {
-        let n = self.conn().execute(
-            "UPDATE users SET name = ?2, display_name = ?3, created_at = ?4 WHERE id = ?1",
-            params![sql_id(u.id), u.name, u.display_name, u.created],
-        )?;
-        found(n, || format!("user {}", u.id))
+        let u = u.clone();
+        self.write(move |c| {
+            let n = c.execute(
+                "UPDATE users SET name = ?2, display_name = ?3, created_at = ?4 WHERE id = ?1",
+                params![sql_id(u.id), u.name, u.display_name, u.created],
+            )?;
+            found(n, || format!("user {}", u.id))
+        })
     }
 
     /// Deletes user `id` and its pre-auth keys. Refused with [`StoreError::InUse`] while the
     /// user owns nodes. Deleting a missing user is not an error.
     pub fn delete_user(&self, id: u64) -> Result<(), StoreError> {
-        self.conn()
-            .execute("DELETE FROM users WHERE id = ?1", [sql_id(id)])
-            .map_err(|e| {
-                if is_foreign_key(&e) {
-                    StoreError::InUse(format!("user {id} still owns nodes"))
-                } else {
-                    e.into()
-                }
-            })?;
-        Ok(())
+        self.write(move |c| {
+            c.execute("DELETE FROM users WHERE id = ?1", [sql_id(id)])
+                .map_err(|e| {
+                    if is_foreign_key(&e) {
+                        StoreError::InUse(format!("user {id} still owns nodes"))
+                    } else {
+                        e.into()
+                    }
+                })?;
+            Ok(())
+        })
     }
 
-    /// Inserts `k` (its `id` is ignored) and returns the new id.
+    /// Queues the insert of `k` (its `id` is ignored) and returns the new id.
     pub fn insert_preauth_key(&self, k: &PreAuthKey) -> Result<u64, StoreError> {
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO pre_auth_keys \
-             (key, user_id, reusable, ephemeral, used, tags, created_at, expiration) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                k.key,
-                sql_id(k.user_id),
-                k.reusable,
-                k.ephemeral,
-                k.used,
-                list_to(&k.tags)?,
-                k.created,
-                k.expiration
-            ],
-        )
-        .map_err(|e| write_err(e, || format!("user {}", k.user_id)))?;
-        new_id(&conn)
+        let k = k.clone();
+        let tags = list_to(&k.tags)?;
+        self.submit(|ids| {
+            let id = bump(&mut ids.keys);
+            let f: WriteFn = Box::new(move |c| {
+                c.execute(
+                    "INSERT INTO pre_auth_keys \
+                     (id, key, user_id, reusable, ephemeral, used, tags, created_at, expiration) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![
+                        sql_id(id),
+                        k.key,
+                        sql_id(k.user_id),
+                        k.reusable,
+                        k.ephemeral,
+                        k.used,
+                        tags,
+                        k.created,
+                        k.expiration
+                    ],
+                )
+                .map_err(|e| write_err(e, || format!("user {}", k.user_id)))?;
+                Ok(())
+            });
+            (id, f)
+        })
     }
 
     /// Rewrites every column of pre-auth key `k.id` (mark used, expire).
     pub fn update_preauth_key(&self, k: &PreAuthKey) -> Result<(), StoreError> {
-        let n = self
-            .conn()
-            .execute(
-                "UPDATE pre_auth_keys SET key = ?2, user_id = ?3, reusable = ?4, ephemeral = ?5, \
-                 used = ?6, tags = ?7, created_at = ?8, expiration = ?9 WHERE id = ?1",
-                params![
-                    sql_id(k.id),
-                    k.key,
-                    sql_id(k.user_id),
-                    k.reusable,
-                    k.ephemeral,
-                    k.used,
-                    list_to(&k.tags)?,
-                    k.created,
-                    k.expiration
-                ],
-            )
-            .map_err(|e| write_err(e, || format!("user {}", k.user_id)))?;
-        found(n, || format!("pre-auth key {}", k.id))
+        let k = k.clone();
+        let tags = list_to(&k.tags)?;
+        self.write(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE pre_auth_keys SET key = ?2, user_id = ?3, reusable = ?4, ephemeral = ?5, \
+                     used = ?6, tags = ?7, created_at = ?8, expiration = ?9 WHERE id = ?1",
+                    params![
+                        sql_id(k.id),
+                        k.key,
+                        sql_id(k.user_id),
+                        k.reusable,
+                        k.ephemeral,
+                        k.used,
+                        tags,
+                        k.created,
+                        k.expiration
+                    ],
+                )
+                .map_err(|e| write_err(e, || format!("user {}", k.user_id)))?;
+            found(n, || format!("pre-auth key {}", k.id))
+        })
     }
 
     /// Deletes pre-auth key `id`; nodes registered with it keep living with `auth_key_id`
     /// cleared. Deleting a missing key is not an error.
     pub fn delete_preauth_key(&self, id: u64) -> Result<(), StoreError> {
-        self.conn()
-            .execute("DELETE FROM pre_auth_keys WHERE id = ?1", [sql_id(id)])?;
-        Ok(())
+        self.write(move |c| {
+            c.execute("DELETE FROM pre_auth_keys WHERE id = ?1", [sql_id(id)])?;
+            Ok(())
+        })
     }
 
-    /// Inserts `n` (its `id` is ignored) and returns the new id. A taken machine key, node key,
-    /// given name or address gives [`StoreError::Conflict`] naming the column.
+    /// Queues the insert of `n` (its `id` is ignored) and returns the new id. A taken machine
+    /// key, node key, given name or address fails with [`StoreError::Conflict`] naming the
+    /// column, reported by [`Store::durable`].
     pub fn insert_node(&self, n: &Node) -> Result<u64, StoreError> {
-        let conn = self.conn();
-        let v = NodeValues::new(n)?;
-        conn.execute(
-            "INSERT INTO nodes (machine_key, node_key, disco_key, hostname, given_name, user_id, \
-             ipv4, ipv6, endpoints, hostinfo, home_derp, tags, approved_routes, auth_key_id, \
-             ephemeral, expiry, last_seen, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
-            v.params(n).as_slice(),
-        )
-        .map_err(|e| write_err(e, || node_refs(n)))?;
-        new_id(&conn)
+        let n = n.clone();
+        let v = NodeValues::new(&n)?;
+        self.submit(|ids| {
+            let id = bump(&mut ids.nodes);
+            let f: WriteFn = Box::new(move |c| {
+                let sid = sql_id(id);
+                let mut p = v.params(&n);
+                p.push(&sid);
+                c.execute(
+                    "INSERT INTO nodes (machine_key, node_key, disco_key, hostname, given_name, \
+                     user_id, ipv4, ipv6, endpoints, hostinfo, home_derp, tags, approved_routes, \
+                     auth_key_id, ephemeral, expiry, last_seen, created_at, id) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
+                     ?16, ?17, ?18, ?19)",
+                    p.as_slice(),
+                )
+                .map_err(|e| write_err(e, || node_refs(&n)))?;
+                Ok(())
+            });
+            (id, f)
+        })
     }
 
     /// Updates every column of node `n.id`. [`StoreError::NotFound`] if it does not exist.
     pub fn update_node(&self, n: &Node) -> Result<(), StoreError> {
-        let v = NodeValues::new(n)?;
-        let mut p = v.params(n);
-        let id = sql_id(n.id);
-        p.push(&id);
-        let changed = self
-            .conn()
-            .execute(
-                "UPDATE nodes SET machine_key = ?1, node_key = ?2, disco_key = ?3, hostname = ?4, \
-                 given_name = ?5, user_id = ?6, ipv4 = ?7, ipv6 = ?8, endpoints = ?9, \
-                 hostinfo = ?10, home_derp = ?11, tags = ?12, approved_routes = ?13, \
-                 auth_key_id = ?14, ephemeral = ?15, expiry = ?16, last_seen = ?17, \
-                 created_at = ?18 WHERE id = ?19",
-                p.as_slice(),
-            )
-            .map_err(|e| write_err(e, || node_refs(n)))?;
-        found(changed, || format!("node {}", n.id))
+        let n = n.clone();
+        let v = NodeValues::new(&n)?;
+        self.write(move |c| {
+            let id = sql_id(n.id);
+            let mut p = v.params(&n);
+            p.push(&id);
+            let changed = c
+                .execute(
+                    "UPDATE nodes SET machine_key = ?1, node_key = ?2, disco_key = ?3, hostname = ?4, \
+                     given_name = ?5, user_id = ?6, ipv4 = ?7, ipv6 = ?8, endpoints = ?9, \
+                     hostinfo = ?10, home_derp = ?11, tags = ?12, approved_routes = ?13, \
+                     auth_key_id = ?14, ephemeral = ?15, expiry = ?16, last_seen = ?17, \
+                     created_at = ?18 WHERE id = ?19",
+                    p.as_slice(),
+                )
+                .map_err(|e| write_err(e, || node_refs(&n)))?;
+            found(changed, || format!("node {}", n.id))
+        })
     }
 
     /// Deletes node `id`. Deleting a missing node is not an error.
     pub fn delete_node(&self, id: u64) -> Result<(), StoreError> {
-        self.conn().execute("DELETE FROM nodes WHERE id = ?1", [sql_id(id)])?;
-        Ok(())
+        self.write(move |c| {
+            c.execute("DELETE FROM nodes WHERE id = ?1", [sql_id(id)])?;
+            Ok(())
+        })
     }
 
     /// Server secrets and settings (`noise_private_key`, `derp_private_key`, ...).
     pub fn get_kv(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0))
-            .optional()?)
+        let key = key.to_owned();
+        self.read(move |c| {
+            Ok(c.query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0))
+                .optional()?)
+        })
     }
 
-    /// Sets `key` to `value`, replacing any previous value.
+    /// Sets `key` to `value`, replacing any previous value, and blocks until that is durable
+    /// (server secrets are set once at startup and must not change across a crash).
     pub fn set_kv(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO kv (key, value) VALUES (?1, ?2) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            [key, value],
-        )?;
-        Ok(())
+        let since = self.mark();
+        let (key, value) = (key.to_owned(), value.to_owned());
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO kv (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [key, value],
+            )?;
+            Ok(())
+        })?;
+        self.flush(since)
     }
 }
 
 impl Store {
     /// The ACL policy text, if one is set.
     pub fn get_policy(&self) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT data FROM policy WHERE id = 1", [], |r| r.get(0))
-            .optional()?)
+        self.read(|c| {
+            Ok(c.query_row("SELECT data FROM policy WHERE id = 1", [], |r| r.get(0))
+                .optional()?)
+        })
     }
 
     /// Replaces the ACL policy text; `None` removes it (allow all).
     pub fn set_policy(&self, data: Option<&str>, now: i64) -> Result<(), StoreError> {
-        let conn = self.conn();
-        match data {
-            Some(d) => conn.execute(
-                "INSERT INTO policy (id, data, updated_at) VALUES (1, ?1, ?2) \
-                 ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
-                params![d, now],
-            )?,
-            None => conn.execute("DELETE FROM policy", [])?,
-        };
-        Ok(())
+        let data = data.map(str::to_owned);
+        self.write(move |c| {
+            match data {
+                Some(d) => c.execute(
+                    "INSERT INTO policy (id, data, updated_at) VALUES (1, ?1, ?2) \
+                     ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
+                    params![d, now],
+                )?,
+                None => c.execute("DELETE FROM policy", [])?,
+            };
+            Ok(())
+        })
     }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer commit what is left and exit.
+        self.queue.get_mut().unwrap_or_else(PoisonError::into_inner).jobs = None;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The writer thread: runs reads in queue order and commits the writes queued behind each other
+/// in one transaction, until the queue closes.
+fn run_writer(conn: &Connection, jobs: &Receiver<Job>, done: &watch::Sender<Done>) {
+    let mut held = None;
+    loop {
+        let job = match held.take() {
+            Some(j) => j,
+            None => match jobs.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
+        let first = match job {
+            Job::Read(f) => {
+                f(conn);
+                continue;
+            }
+            Job::Write(seq, f) => (seq, f),
+        };
+        // Whatever queued up during the previous commit joins this one.
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(Job::Write(seq, f)) => batch.push((seq, f)),
+                Ok(read) => {
+                    held = Some(read);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let last = batch.last().map_or(0, |b| b.0);
+        let failed = commit(conn, batch);
+        done.send_modify(|d| {
+            d.seq = last;
+            d.commits += 1;
+            for f in failed {
+                if d.errors.len() == KEPT_ERRORS {
+                    if let Some((s, _)) = d.errors.pop_front() {
+                        d.forgotten = s;
+                    }
+                }
+                d.errors.push_back(f);
+            }
+        });
+    }
+}
+
+/// Runs `batch` in one `IMMEDIATE` transaction, each write in a savepoint; returns the failures.
+fn commit(conn: &Connection, batch: Vec<(u64, WriteFn)>) -> Vec<(u64, StoreError)> {
+    let mut failed = Vec::new();
+    let mut seqs = Vec::with_capacity(batch.len());
+    let all_fail = |seqs: &[u64], e: rusqlite::Error| -> Vec<(u64, StoreError)> {
+        let e = StoreError::from(e);
+        log::error!("store: commit failed writes={} err={e}", seqs.len());
+        seqs.iter().map(|s| (*s, e.duplicate())).collect()
+    };
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let seqs: Vec<u64> = batch.iter().map(|b| b.0).collect();
+        return all_fail(&seqs, e);
+    }
+    for (seq, f) in batch {
+        seqs.push(seq);
+        let r = match conn.execute_batch("SAVEPOINT w") {
+            Err(e) => Err(e.into()),
+            Ok(()) => {
+                let r = f(conn);
+                let end = if r.is_ok() {
+                    "RELEASE w"
+                } else {
+                    "ROLLBACK TO w; RELEASE w"
+                };
+                match conn.execute_batch(end) {
+                    Ok(()) => r,
+                    Err(e) => r.and(Err(e.into())),
+                }
+            }
+        };
+        if let Err(e) = r {
+            log::warn!("store: write failed seq={seq} err={e}");
+            failed.push((seq, e));
+        }
+    }
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        let _ = conn.execute_batch("ROLLBACK");
+        return all_fail(&seqs, e);
+    }
+    failed
+}
+
+/// The highest id an AUTOINCREMENT `table` has ever handed out.
+fn last_id(conn: &Connection, table: &str) -> Result<u64, StoreError> {
+    let v: i64 = conn.query_row(
+        &format!(
+            "SELECT max(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = ?1), 0), \
+             COALESCE((SELECT max(id) FROM {table}), 0))"
+        ),
+        [table],
+        |r| r.get(0),
+    )?;
+    id_from(v, "sqlite_sequence")
+}
+
+fn load_all(conn: &Connection) -> Result<Snapshot, StoreError> {
+    let mut snap = Snapshot::default();
+
+    let mut stmt = conn.prepare("SELECT id, name, display_name, created_at FROM users ORDER BY id")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        snap.users.push(User {
+            id: id_from(r.get(0)?, "users.id")?,
+            name: r.get(1)?,
+            display_name: r.get(2)?,
+            created: r.get(3)?,
+        });
+    }
+    drop(rows);
+    drop(stmt);
+
+    let mut stmt = conn.prepare(
+        "SELECT id, key, user_id, reusable, ephemeral, used, tags, created_at, expiration \
+         FROM pre_auth_keys ORDER BY id",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        snap.preauth_keys.push(PreAuthKey {
+            id: id_from(r.get(0)?, "pre_auth_keys.id")?,
+            key: r.get(1)?,
+            user_id: id_from(r.get(2)?, "pre_auth_keys.user_id")?,
+            reusable: r.get(3)?,
+            ephemeral: r.get(4)?,
+            used: r.get(5)?,
+            tags: list_from(&r.get::<_, String>(6)?, "pre_auth_keys.tags")?,
+            created: r.get(7)?,
+            expiration: r.get(8)?,
+        });
+    }
+    drop(rows);
+    drop(stmt);
+
+    let mut stmt = conn.prepare(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"))?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        snap.nodes.push(node_from_row(r)?);
+    }
+    Ok(snap)
 }
 
 /// Creates missing parent directories with mode 0700 and the file with mode 0600 (keys and
@@ -487,11 +861,6 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         log::info!("store: migrated schema from={version} to={SCHEMA_VERSION}");
     }
     Ok(())
-}
-
-/// The rowid of the row just inserted on this connection.
-fn new_id(conn: &Connection) -> Result<u64, StoreError> {
-    id_from(conn.last_insert_rowid(), "rowid")
 }
 
 /// Turns "0 rows changed" into [`StoreError::NotFound`].
@@ -629,6 +998,20 @@ mod tests {
     };
 
     use super::*;
+
+    impl Store {
+        /// Runs `f` on the writer's connection after every queued write.
+        fn with_conn<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> T + Send + 'static) -> T {
+            self.read(move |c| Ok(f(c))).unwrap()
+        }
+    }
+
+    /// `op`, then waits until it is durable: its own failure comes back here.
+    fn now<T>(s: &Store, op: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let m = s.mark();
+        let v = op(s)?;
+        s.flush(m).map(|()| v)
+    }
 
     /// A unique temporary directory, removed on drop.
     struct TempDir(PathBuf);
@@ -843,16 +1226,16 @@ mod tests {
     fn unique_violations_are_conflicts() {
         let s = Store::open_in_memory().unwrap();
         let a = s.insert_user(&user("alice")).unwrap();
-        let e = s.insert_user(&user("alice")).unwrap_err();
+        let e = now(&s, |s| s.insert_user(&user("alice"))).unwrap_err();
         assert!(matches!(&e, StoreError::Conflict(c) if c == "users.name"), "{e}");
         assert_eq!(e.to_string(), "already exists: users.name");
         let b = s.insert_user(&user("bob")).unwrap();
         let mut renamed = user("alice");
         renamed.id = b;
-        assert!(matches!(s.update_user(&renamed), Err(StoreError::Conflict(c)) if c == "users.name"));
+        assert!(matches!(now(&s, |s| s.update_user(&renamed)), Err(StoreError::Conflict(c)) if c == "users.name"));
 
         s.insert_preauth_key(&key(a, "same")).unwrap();
-        assert!(matches!(s.insert_preauth_key(&key(a, "same")),
+        assert!(matches!(now(&s, |s| s.insert_preauth_key(&key(a, "same"))),
             Err(StoreError::Conflict(c)) if c == "pre_auth_keys.key"));
 
         let mut n1 = node(a, 1);
@@ -862,7 +1245,7 @@ mod tests {
         let clash = |f: &dyn Fn(&mut Node)| {
             let mut n = node(a, 9);
             f(&mut n);
-            match s.insert_node(&n) {
+            match now(&s, |s| s.insert_node(&n)) {
                 Err(StoreError::Conflict(c)) => c,
                 other => panic!("{other:?}"),
             }
@@ -884,18 +1267,21 @@ mod tests {
         let k = s.insert_preauth_key(&key(a, "k")).unwrap();
 
         assert!(matches!(
-            s.insert_node(&node(99, 1)),
+            now(&s, |s| s.insert_node(&node(99, 1))),
             Err(StoreError::MissingReference(_))
         ));
         assert!(matches!(
-            s.insert_node(&node(u64::MAX, 1)),
+            now(&s, |s| s.insert_node(&node(u64::MAX, 1))),
             Err(StoreError::MissingReference(_))
         ));
         let mut bad_key = node(a, 1);
         bad_key.auth_key_id = Some(77);
-        assert!(matches!(s.insert_node(&bad_key), Err(StoreError::MissingReference(_))));
         assert!(matches!(
-            s.insert_preauth_key(&key(99, "x")),
+            now(&s, |s| s.insert_node(&bad_key)),
+            Err(StoreError::MissingReference(_))
+        ));
+        assert!(matches!(
+            now(&s, |s| s.insert_preauth_key(&key(99, "x"))),
             Err(StoreError::MissingReference(_))
         ));
 
@@ -904,7 +1290,7 @@ mod tests {
         n.id = s.insert_node(&n).unwrap();
 
         // A user with nodes cannot go; its keys would have cascaded.
-        let e = s.delete_user(a);
+        let e = now(&s, |s| s.delete_user(a));
         assert!(matches!(e, Err(StoreError::InUse(_))), "{e:?}");
         // Deleting the key keeps the node and clears the reference.
         s.delete_preauth_key(k).unwrap();
@@ -912,21 +1298,24 @@ mod tests {
 
         let mut ghost = node(a, 5);
         ghost.id = 1234;
-        assert!(matches!(s.update_node(&ghost), Err(StoreError::NotFound(w)) if w == "node 1234"));
+        assert!(matches!(now(&s, |s| s.update_node(&ghost)), Err(StoreError::NotFound(w)) if w == "node 1234"));
         let mut gu = user("ghost");
         gu.id = u64::MAX;
-        assert!(matches!(s.update_user(&gu), Err(StoreError::NotFound(_))));
+        assert!(matches!(now(&s, |s| s.update_user(&gu)), Err(StoreError::NotFound(_))));
         let mut gk = key(a, "ghost");
         gk.id = 55;
-        assert!(matches!(s.update_preauth_key(&gk), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            now(&s, |s| s.update_preauth_key(&gk)),
+            Err(StoreError::NotFound(_))
+        ));
         // Deletes are idempotent.
-        s.delete_node(4321).unwrap();
-        s.delete_user(4321).unwrap();
+        now(&s, |s| s.delete_node(4321)).unwrap();
+        now(&s, |s| s.delete_user(4321)).unwrap();
 
         // With its nodes gone, the user and its keys go.
         s.insert_preauth_key(&key(a, "k2")).unwrap();
         s.delete_node(n.id).unwrap();
-        s.delete_user(a).unwrap();
+        now(&s, |s| s.delete_user(a)).unwrap();
         let snap = s.load().unwrap();
         assert!(snap.users.is_empty() && snap.preauth_keys.is_empty() && snap.nodes.is_empty());
     }
@@ -956,8 +1345,8 @@ mod tests {
         n.id = s.insert_node(&n).unwrap();
         s.set_kv("k", "v").unwrap();
 
-        // Acknowledged writes are committed: a second connection sees them while the first
-        // is still open (nothing waits in a transaction or a buffer).
+        // set_kv waits until durable, which covers every write queued before it: a second
+        // connection sees them while the first is still open.
         let other = Connection::open(&path).unwrap();
         let count: i64 = other.query_row("SELECT count(*) FROM nodes", [], |r| r.get(0)).unwrap();
         assert_eq!(count, 1);
@@ -993,10 +1382,10 @@ mod tests {
     fn empty_db_migrates_to_fresh_schema() {
         let s = Store::open_in_memory().unwrap();
         assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
-        assert_eq!(schema_of(&s.conn()), fresh_schema());
-        let fk: i64 = s.conn().query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
+        assert_eq!(s.with_conn(schema_of), fresh_schema());
+        let fk: i64 = s.with_conn(|c| c.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap());
         assert_eq!(fk, 1);
-        let sync: i64 = s.conn().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        let sync: i64 = s.with_conn(|c| c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap());
         assert_eq!(sync, 2, "FULL");
         // The schema defines what the issue promises.
         let names: Vec<String> = fresh_schema()
@@ -1047,19 +1436,13 @@ mod tests {
         let s = Store::open_in_memory().unwrap();
         let a = s.insert_user(&user("a")).unwrap();
         s.insert_node(&node(a, 1)).unwrap();
-        s.conn()
-            .execute("UPDATE nodes SET machine_key = 'mkey:zz'", [])
-            .unwrap();
+        s.with_conn(|c| c.execute("UPDATE nodes SET machine_key = 'mkey:zz'", []).unwrap());
         assert!(matches!(s.load(), Err(StoreError::Corrupt(m)) if m.contains("machine_key")));
-        s.conn()
-            .execute(
-                &format!(
-                    "UPDATE nodes SET machine_key = '{}', tags = 'nope'",
-                    MachinePublic([1; 32])
-                ),
-                [],
-            )
-            .unwrap();
+        let sql = format!(
+            "UPDATE nodes SET machine_key = '{}', tags = 'nope'",
+            MachinePublic([1; 32])
+        );
+        s.with_conn(move |c| c.execute(&sql, []).unwrap());
         assert!(matches!(s.load(), Err(StoreError::Corrupt(m)) if m.contains("nodes.tags")));
     }
 
@@ -1076,7 +1459,7 @@ mod tests {
 
         let s = Store::open(&path).unwrap();
         assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
-        assert_eq!(schema_of(&s.conn()), fresh_schema());
+        assert_eq!(s.with_conn(schema_of), fresh_schema());
 
         let snap = s.load().unwrap();
         assert_eq!(
@@ -1151,5 +1534,125 @@ mod tests {
         );
         s.set_policy(None, 3).unwrap();
         assert_eq!(s.get_policy().unwrap(), None);
+    }
+
+    /// Holds the writer thread inside a write until the returned sender is used or dropped:
+    /// a disk that takes as long as the test wants.
+    fn stall(s: &Store) -> SyncSender<()> {
+        let (tx, rx) = sync_channel::<()>(1);
+        s.write(move |_| {
+            let _ = rx.recv();
+            Ok(())
+        })
+        .unwrap();
+        tx
+    }
+
+    #[test]
+    fn writes_apply_in_queue_order_and_reads_wait_for_them() {
+        let s = Store::open_in_memory().unwrap();
+        let release = stall(&s);
+        let a = s.insert_user(&user("a")).unwrap();
+        let mut n = node(a, 1);
+        n.id = s.insert_node(&n).unwrap();
+        for i in 0..200 {
+            n.last_seen = Some(i);
+            s.update_node(&n).unwrap();
+        }
+        // Same keys and name as `n`: only possible if the delete runs before this insert.
+        s.delete_node(n.id).unwrap();
+        let mut again = node(a, 1);
+        again.id = s.insert_node(&again).unwrap();
+        again.last_seen = Some(7);
+        s.update_node(&again).unwrap();
+        assert_eq!((a, n.id, again.id), (1, 1, 2), "ids are handed out at once, in order");
+        assert!(
+            s.done.borrow().seq < s.mark().0,
+            "nothing committed while the disk is stuck"
+        );
+        drop(release);
+        assert_eq!(s.load().unwrap().nodes, vec![again]);
+        s.flush(Mark(0)).unwrap();
+    }
+
+    #[test]
+    fn writes_queued_behind_a_commit_share_the_next_one() {
+        let s = Store::open_in_memory().unwrap();
+        s.flush(Mark(0)).unwrap();
+        let before = s.commits();
+        let release = stall(&s);
+        for i in 0..100 {
+            s.set_policy(Some(&format!("{{\"v\": {i}}}")), i).unwrap();
+        }
+        drop(release);
+        s.flush(Mark(0)).unwrap();
+        assert_eq!(s.get_policy().unwrap().as_deref(), Some("{\"v\": 99}"));
+        // The stalled write's transaction and one more for the 100 behind it (the first few
+        // may even have joined the stalled one); one commit per write would be 101.
+        let commits = s.commits() - before;
+        assert!((1..=2).contains(&commits), "{commits} commits");
+    }
+
+    #[test]
+    fn a_failed_write_fails_its_waiters_and_spares_the_batch() {
+        let s = Store::open_in_memory().unwrap();
+        s.insert_user(&user("a")).unwrap();
+        s.flush(Mark(0)).unwrap();
+        let release = stall(&s);
+        let before_b = s.mark();
+        s.insert_user(&user("b")).unwrap();
+        let before_dup = s.mark();
+        s.insert_user(&user("a")).unwrap(); // taken: fails when the writer gets to it
+        let before_c = s.mark();
+        s.insert_user(&user("c")).unwrap();
+        drop(release);
+        assert!(matches!(s.flush(before_dup), Err(StoreError::Conflict(c)) if c == "users.name"));
+        assert!(
+            matches!(s.flush(before_b), Err(StoreError::Conflict(_))),
+            "window includes it"
+        );
+        s.flush(before_c).unwrap();
+        let names: Vec<String> = s.load().unwrap().users.into_iter().map(|u| u.name).collect();
+        assert_eq!(names, ["a", "b", "c"], "the rest of the transaction committed");
+
+        // More failures than are remembered: a waiter from before them still hears of one.
+        let before_many = s.mark();
+        for _ in 0..KEPT_ERRORS + 5 {
+            s.insert_user(&user("a")).unwrap();
+        }
+        let after_many = s.mark();
+        assert!(s.flush(before_many).is_err());
+        s.flush(after_many).unwrap();
+    }
+
+    #[test]
+    fn a_slow_disk_does_not_stall_the_runtime() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let s = Store::open_in_memory().unwrap();
+        let release = stall(&s);
+        rt.block_on(async {
+            let since = s.mark();
+            s.insert_user(&user("a")).unwrap();
+            let waiter = tokio::spawn(s.durable(since));
+            // Another task on the same thread keeps answering while the write is stuck.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(1);
+            let (back_tx, mut back) = tokio::sync::mpsc::channel::<u32>(1);
+            tokio::spawn(async move {
+                while let Some(v) = rx.recv().await {
+                    let _ = back_tx.send(v + 1).await;
+                }
+            });
+            for i in 0..100 {
+                tx.send(i).await.unwrap();
+                assert_eq!(back.recv().await, Some(i + 1));
+            }
+            assert!(!waiter.is_finished(), "durable before the disk finished");
+            drop(release);
+            waiter.await.unwrap().unwrap();
+        });
+        assert_eq!(s.load().unwrap().users.len(), 1);
     }
 }
