@@ -1655,4 +1655,26 @@ mod tests {
         });
         assert_eq!(s.load().unwrap().users.len(), 1);
     }
+
+    #[test]
+    fn durable_writes_are_in_the_file_while_the_store_is_still_open() {
+        let dir = TempDir::new("durable");
+        let path = dir.0.join("db.sqlite");
+        let s = Store::open(&path).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let since = s.mark();
+        let a = s.insert_user(&user("a")).unwrap();
+        let mut n = node(a, 1);
+        n.ipv4 = Some(Ipv4Addr::new(100, 64, 0, 1));
+        n.id = s.insert_node(&n).unwrap();
+        rt.block_on(s.durable(since)).unwrap();
+        // What a new process would find after kill -9 now: the store is neither dropped nor
+        // flushed by anyone else.
+        let other = Connection::open(&path).unwrap();
+        let ipv4: String = other
+            .query_row("SELECT ipv4 FROM nodes WHERE id = ?1", [sql_id(n.id)], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ipv4, "100.64.0.1");
+        drop(s);
+    }
 }
