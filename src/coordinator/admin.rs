@@ -564,11 +564,7 @@ fn handle_durable(coord: &Coordinator, req: AdminRequest) -> impl Future<Output 
 /// Binds the admin socket (mode 0600, removing a stale one) and serves it forever.
 pub async fn serve_admin(coord: Arc<Coordinator>, path: &Path) -> std::io::Result<()> {
     let listener = ipc::bind_private(path).await?;
-    ipc::serve_lines(listener, move |req: AdminRequest| {
-        let coord = coord.clone();
-        handle_durable(&coord, req)
-    })
-    .await
+    ipc::serve_lines(listener, move |req: AdminRequest| handle_durable(&coord, req)).await
 }
 
 /// Sends one request to the coordinator at `path` (client side of the CLI).

@@ -484,6 +484,8 @@ async fn register(
         match r {
             Ok((RegisterOutcome::Reply(resp), changes)) => {
                 // A node told it is registered must still be registered after kill -9.
+                // NOTE(store): the in-memory state is not rolled back when the disk fails here;
+                // the client gets a 500 and the failure is logged at error level.
                 if let Err(e) = durable.await {
                     return respond_now(respond, 500, error_text(&CoordError::Store(e)));
                 }

@@ -33,10 +33,7 @@ use std::{
     collections::VecDeque,
     future::Future,
     path::{Path, PathBuf},
-    sync::{
-        mpsc::{sync_channel, Receiver, SyncSender, TrySendError},
-        Mutex, MutexGuard, PoisonError,
-    },
+    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
     thread::JoinHandle,
     time::Duration,
 };
@@ -179,14 +176,52 @@ const MAX_BATCH: usize = 256;
 /// Failed writes remembered for [`Store::durable`]; older failures only count as "one failed".
 const KEPT_ERRORS: usize = 32;
 
-/// One queued write; it runs inside its own savepoint of the batch's transaction.
-type WriteFn = Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>;
+/// One queued write, owning its data (the writer thread runs it later). Plain data rather than
+/// closures keeps the code small: one `apply` instead of a closure type per method.
+enum Write {
+    InsertUser(u64, User),
+    UpdateUser(User),
+    DeleteUser(u64),
+    InsertKey(u64, PreAuthKey),
+    UpdateKey(PreAuthKey),
+    DeleteKey(u64),
+    InsertNode(u64, Box<Node>),
+    UpdateNode(Box<Node>),
+    DeleteNode(u64),
+    SetKv(String, String),
+    SetPolicy(Option<String>, i64),
+    /// Anything, for tests (e.g. a disk that stalls).
+    #[cfg(test)]
+    Test(TestWrite),
+}
+
+#[cfg(test)]
+type TestWrite = Box<dyn FnOnce(&Connection) -> Result<(), StoreError> + Send>;
+
+/// A read; it runs after every write queued before it is committed.
+enum Read {
+    Load,
+    Kv(String),
+    Policy,
+    SchemaVersion,
+    /// Nothing: waiting for its answer waits for the writes before it.
+    Barrier,
+    #[cfg(test)]
+    Test(Box<dyn FnOnce(&Connection) + Send>),
+}
+
+enum Answer {
+    Snapshot(Snapshot),
+    Text(Option<String>),
+    Version(u32),
+    Done,
+}
 
 enum Job {
     /// A write and its sequence number (1, 2, ... in queue order).
-    Write(u64, WriteFn),
-    /// A read; it runs after every write queued before it is committed.
-    Read(Box<dyn FnOnce(&Connection) + Send>),
+    Write(u64, Write),
+    /// A read and the ticket its answer is filed under.
+    Read(u64, Read),
 }
 
 /// What the writer thread has finished, published after every transaction.
@@ -227,12 +262,38 @@ fn bump(last: &mut u64) -> u64 {
     *last
 }
 
+/// The queue between the store's callers and its writer thread.
 struct Queue {
-    /// `None` once the store is dropped (the writer then drains and exits).
-    jobs: Option<SyncSender<Job>>,
+    jobs: VecDeque<Job>,
+    /// False once the store is dropped (the writer then drains and exits) or the writer died.
+    open: bool,
     /// Sequence number of the last queued write.
     seq: u64,
+    /// Writes among `jobs` (the bound applies to writes; reads wait anyway).
+    queued_writes: usize,
     ids: NextIds,
+    next_ticket: u64,
+    /// Answers to reads, by ticket, until their callers take them.
+    answers: Vec<(u64, Result<Answer, StoreError>)>,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when a job is queued or the queue closes: the writer waits on it.
+    work: Condvar,
+    /// Signalled when the writer took writes or answered a read: callers wait on it.
+    taken: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic aborts the process (panic = "abort"), so poisoning cannot leave a half state.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait<'a>(&self, cv: &Condvar, q: MutexGuard<'a, Queue>) -> MutexGuard<'a, Queue> {
+        cv.wait(q).unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// A point in the write queue, from [`Store::mark`]: [`Store::durable`] reports failures of
@@ -252,7 +313,7 @@ pub struct Mark(u64);
 /// every write queued before them: they are for startup and tests. Dropping the store commits
 /// everything queued and joins the thread.
 pub struct Store {
-    queue: Mutex<Queue>,
+    shared: Arc<Shared>,
     done: watch::Receiver<Done>,
     writer: Option<JoinHandle<()>>,
 }
@@ -299,83 +360,90 @@ impl Store {
             keys: last_id(&conn, "pre_auth_keys")?,
             nodes: last_id(&conn, "nodes")?,
         };
-        let (jobs, rx) = sync_channel(WRITE_QUEUE);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                open: true,
+                seq: 0,
+                queued_writes: 0,
+                ids,
+                next_ticket: 0,
+                answers: Vec::new(),
+            }),
+            work: Condvar::new(),
+            taken: Condvar::new(),
+        });
         let (done_tx, done) = watch::channel(Done::default());
+        let for_writer = shared.clone();
         let writer = std::thread::Builder::new()
             .name("store".into())
-            .spawn(move || run_writer(&conn, &rx, &done_tx))
+            .spawn(move || run_writer(&conn, &for_writer, &done_tx))
             .map_err(|err| StoreError::Io {
                 op: "start writer thread",
                 path: path.map(Path::to_path_buf).unwrap_or_default(),
                 err,
             })?;
         Ok(Store {
-            queue: Mutex::new(Queue {
-                jobs: Some(jobs),
-                seq: 0,
-                ids,
-            }),
+            shared,
             done,
             writer: Some(writer),
         })
     }
 
-    fn queue(&self) -> MutexGuard<'_, Queue> {
-        // A panic aborts the process (panic = "abort"), so poisoning cannot leave a half state.
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Queues the write `make` builds (it may allocate an id) and returns `make`'s value. Blocks
-    /// only while the queue is full.
-    fn submit<T>(&self, make: impl FnOnce(&mut NextIds) -> (T, WriteFn)) -> Result<T, StoreError> {
-        let mut q = self.queue();
-        let (value, f) = make(&mut q.ids);
-        let seq = q.seq + 1;
-        let jobs = q.jobs.as_ref().ok_or(StoreError::Stopped)?;
-        match jobs.try_send(Job::Write(seq, f)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(job)) => {
-                log::warn!("store: write queue full, waiting for the disk; queued={WRITE_QUEUE}");
-                jobs.send(job).map_err(|_| StoreError::Stopped)?;
+    /// Queues the write `make` builds (it may allocate an id) and returns its sequence number.
+    /// Blocks only while the queue is full.
+    fn submit(&self, make: impl FnOnce(&mut NextIds) -> Write) -> Result<u64, StoreError> {
+        let mut q = self.shared.lock();
+        if q.queued_writes >= WRITE_QUEUE {
+            log::warn!("store: write queue full, waiting for the disk; queued={WRITE_QUEUE}");
+            while q.open && q.queued_writes >= WRITE_QUEUE {
+                q = self.shared.wait(&self.shared.taken, q);
             }
-            Err(TrySendError::Disconnected(_)) => return Err(StoreError::Stopped),
         }
-        q.seq = seq;
-        Ok(value)
+        if !q.open {
+            return Err(StoreError::Stopped);
+        }
+        let w = make(&mut q.ids);
+        q.seq += 1;
+        let seq = q.seq;
+        q.jobs.push_back(Job::Write(seq, w));
+        q.queued_writes += 1;
+        self.shared.work.notify_one();
+        Ok(seq)
     }
 
-    /// Queues a write that allocates nothing.
-    fn write(&self, f: impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static) -> Result<(), StoreError> {
-        self.submit(|_| ((), Box::new(f)))
-    }
-
-    /// Runs `f` on the writer thread after every write queued so far, and waits for its answer.
-    fn read<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let (tx, rx) = sync_channel(1);
-        let job = Job::Read(Box::new(move |c| {
-            let _ = tx.send(f(c));
-        }));
-        self.queue()
-            .jobs
-            .as_ref()
-            .ok_or(StoreError::Stopped)?
-            .send(job)
-            .map_err(|_| StoreError::Stopped)?;
-        rx.recv().map_err(|_| StoreError::Stopped)?
+    /// Runs `r` on the writer thread after every write queued so far, and waits for its answer.
+    fn read(&self, r: Read) -> Result<Answer, StoreError> {
+        let mut q = self.shared.lock();
+        if !q.open {
+            return Err(StoreError::Stopped);
+        }
+        q.next_ticket += 1;
+        let ticket = q.next_ticket;
+        q.jobs.push_back(Job::Read(ticket, r));
+        self.shared.work.notify_one();
+        loop {
+            if let Some(i) = q.answers.iter().position(|a| a.0 == ticket) {
+                return q.answers.swap_remove(i).1;
+            }
+            if !q.open {
+                // Only the writer's end closes the queue while a caller waits (dropping the
+                // store needs every borrow gone): the answer will not come.
+                return Err(StoreError::Stopped);
+            }
+            q = self.shared.wait(&self.shared.taken, q);
+        }
     }
 
     /// The current end of the write queue.
     pub fn mark(&self) -> Mark {
-        Mark(self.queue().seq)
+        Mark(self.shared.lock().seq)
     }
 
     /// Resolves once every write queued so far is committed (fsynced): `Err` with the first
     /// failure among the writes queued after `since`. Awaiting it never blocks the runtime.
     pub fn durable(&self, since: Mark) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
-        let upto = self.queue().seq;
+        let upto = self.shared.lock().seq;
         let mut done = self.done.clone();
         async move {
             match done.wait_for(|d| d.seq >= upto).await {
@@ -388,8 +456,8 @@ impl Store {
     /// [`Store::durable`] for code outside the runtime (startup, tests): blocks until every
     /// write queued so far is committed.
     pub fn flush(&self, since: Mark) -> Result<(), StoreError> {
-        let upto = self.queue().seq;
-        self.read(|_| Ok(()))?;
+        let upto = self.shared.lock().seq;
+        self.read(Read::Barrier)?;
         let done = self.done.borrow();
         done.error_in(since.0, upto).map_or(Ok(()), Err)
     }
@@ -401,203 +469,98 @@ impl Store {
 
     /// The database's `PRAGMA user_version` (equal to [`SCHEMA_VERSION`] once open).
     pub fn schema_version(&self) -> Result<u32, StoreError> {
-        self.read(read_user_version)
+        match self.read(Read::SchemaVersion)? {
+            Answer::Version(v) => Ok(v),
+            _ => Err(StoreError::Stopped),
+        }
     }
 
     /// Reads every user, pre-auth key and node.
     pub fn load(&self) -> Result<Snapshot, StoreError> {
-        self.read(load_all)
+        match self.read(Read::Load)? {
+            Answer::Snapshot(s) => Ok(s),
+            _ => Err(StoreError::Stopped),
+        }
     }
 
     /// Queues the insert of `u` (its `id` is ignored) and returns the new id. A taken name
     /// fails with [`StoreError::Conflict`]`("users.name")`, reported by [`Store::durable`].
     pub fn insert_user(&self, u: &User) -> Result<u64, StoreError> {
-        let u = u.clone();
+        let mut id = 0;
         self.submit(|ids| {
-            let id = bump(&mut ids.users);
-            let f: WriteFn = Box::new(move |c| {
-                c.execute(
-                    "INSERT INTO users (id, name, display_name, created_at) VALUES (?1, ?2, ?3, ?4)",
-                    params![sql_id(id), u.name, u.display_name, u.created],
-                )?;
-                Ok(())
-            });
-            (id, f)
-        })
+            id = bump(&mut ids.users);
+            Write::InsertUser(id, u.clone())
+        })?;
+        Ok(id)
     }
 
     /// Rewrites user `u.id` (rename). [`StoreError::NotFound`] if it does not exist.
     pub fn update_user(&self, u: &User) -> Result<(), StoreError> {
-        let u = u.clone();
-        self.write(move |c| {
-            let n = c.execute(
-                "UPDATE users SET name = ?2, display_name = ?3, created_at = ?4 WHERE id = ?1",
-                params![sql_id(u.id), u.name, u.display_name, u.created],
-            )?;
-            found(n, || format!("user {}", u.id))
-        })
+        self.submit(|_| Write::UpdateUser(u.clone())).map(drop)
     }
 
     /// Deletes user `id` and its pre-auth keys. Refused with [`StoreError::InUse`] while the
     /// user owns nodes. Deleting a missing user is not an error.
     pub fn delete_user(&self, id: u64) -> Result<(), StoreError> {
-        self.write(move |c| {
-            c.execute("DELETE FROM users WHERE id = ?1", [sql_id(id)])
-                .map_err(|e| {
-                    if is_foreign_key(&e) {
-                        StoreError::InUse(format!("user {id} still owns nodes"))
-                    } else {
-                        e.into()
-                    }
-                })?;
-            Ok(())
-        })
+        self.submit(|_| Write::DeleteUser(id)).map(drop)
     }
 
     /// Queues the insert of `k` (its `id` is ignored) and returns the new id.
     pub fn insert_preauth_key(&self, k: &PreAuthKey) -> Result<u64, StoreError> {
-        let k = k.clone();
-        let tags = list_to(&k.tags)?;
+        let mut id = 0;
         self.submit(|ids| {
-            let id = bump(&mut ids.keys);
-            let f: WriteFn = Box::new(move |c| {
-                c.execute(
-                    "INSERT INTO pre_auth_keys \
-                     (id, key, user_id, reusable, ephemeral, used, tags, created_at, expiration) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![
-                        sql_id(id),
-                        k.key,
-                        sql_id(k.user_id),
-                        k.reusable,
-                        k.ephemeral,
-                        k.used,
-                        tags,
-                        k.created,
-                        k.expiration
-                    ],
-                )
-                .map_err(|e| write_err(e, || format!("user {}", k.user_id)))?;
-                Ok(())
-            });
-            (id, f)
-        })
+            id = bump(&mut ids.keys);
+            Write::InsertKey(id, k.clone())
+        })?;
+        Ok(id)
     }
 
     /// Rewrites every column of pre-auth key `k.id` (mark used, expire).
     pub fn update_preauth_key(&self, k: &PreAuthKey) -> Result<(), StoreError> {
-        let k = k.clone();
-        let tags = list_to(&k.tags)?;
-        self.write(move |c| {
-            let n = c
-                .execute(
-                    "UPDATE pre_auth_keys SET key = ?2, user_id = ?3, reusable = ?4, ephemeral = ?5, \
-                     used = ?6, tags = ?7, created_at = ?8, expiration = ?9 WHERE id = ?1",
-                    params![
-                        sql_id(k.id),
-                        k.key,
-                        sql_id(k.user_id),
-                        k.reusable,
-                        k.ephemeral,
-                        k.used,
-                        tags,
-                        k.created,
-                        k.expiration
-                    ],
-                )
-                .map_err(|e| write_err(e, || format!("user {}", k.user_id)))?;
-            found(n, || format!("pre-auth key {}", k.id))
-        })
+        self.submit(|_| Write::UpdateKey(k.clone())).map(drop)
     }
 
     /// Deletes pre-auth key `id`; nodes registered with it keep living with `auth_key_id`
     /// cleared. Deleting a missing key is not an error.
     pub fn delete_preauth_key(&self, id: u64) -> Result<(), StoreError> {
-        self.write(move |c| {
-            c.execute("DELETE FROM pre_auth_keys WHERE id = ?1", [sql_id(id)])?;
-            Ok(())
-        })
+        self.submit(|_| Write::DeleteKey(id)).map(drop)
     }
 
     /// Queues the insert of `n` (its `id` is ignored) and returns the new id. A taken machine
     /// key, node key, given name or address fails with [`StoreError::Conflict`] naming the
     /// column, reported by [`Store::durable`].
     pub fn insert_node(&self, n: &Node) -> Result<u64, StoreError> {
-        let n = n.clone();
-        let v = NodeValues::new(&n)?;
+        let mut id = 0;
         self.submit(|ids| {
-            let id = bump(&mut ids.nodes);
-            let f: WriteFn = Box::new(move |c| {
-                let sid = sql_id(id);
-                let mut p = v.params(&n);
-                p.push(&sid);
-                c.execute(
-                    "INSERT INTO nodes (machine_key, node_key, disco_key, hostname, given_name, \
-                     user_id, ipv4, ipv6, endpoints, hostinfo, home_derp, tags, approved_routes, \
-                     auth_key_id, ephemeral, expiry, last_seen, created_at, id) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
-                     ?16, ?17, ?18, ?19)",
-                    p.as_slice(),
-                )
-                .map_err(|e| write_err(e, || node_refs(&n)))?;
-                Ok(())
-            });
-            (id, f)
-        })
+            id = bump(&mut ids.nodes);
+            Write::InsertNode(id, Box::new(n.clone()))
+        })?;
+        Ok(id)
     }
 
     /// Updates every column of node `n.id`. [`StoreError::NotFound`] if it does not exist.
     pub fn update_node(&self, n: &Node) -> Result<(), StoreError> {
-        let n = n.clone();
-        let v = NodeValues::new(&n)?;
-        self.write(move |c| {
-            let id = sql_id(n.id);
-            let mut p = v.params(&n);
-            p.push(&id);
-            let changed = c
-                .execute(
-                    "UPDATE nodes SET machine_key = ?1, node_key = ?2, disco_key = ?3, hostname = ?4, \
-                     given_name = ?5, user_id = ?6, ipv4 = ?7, ipv6 = ?8, endpoints = ?9, \
-                     hostinfo = ?10, home_derp = ?11, tags = ?12, approved_routes = ?13, \
-                     auth_key_id = ?14, ephemeral = ?15, expiry = ?16, last_seen = ?17, \
-                     created_at = ?18 WHERE id = ?19",
-                    p.as_slice(),
-                )
-                .map_err(|e| write_err(e, || node_refs(&n)))?;
-            found(changed, || format!("node {}", n.id))
-        })
+        self.submit(|_| Write::UpdateNode(Box::new(n.clone()))).map(drop)
     }
 
     /// Deletes node `id`. Deleting a missing node is not an error.
     pub fn delete_node(&self, id: u64) -> Result<(), StoreError> {
-        self.write(move |c| {
-            c.execute("DELETE FROM nodes WHERE id = ?1", [sql_id(id)])?;
-            Ok(())
-        })
+        self.submit(|_| Write::DeleteNode(id)).map(drop)
     }
 
     /// Server secrets and settings (`noise_private_key`, `derp_private_key`, ...).
     pub fn get_kv(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let key = key.to_owned();
-        self.read(move |c| {
-            Ok(c.query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0))
-                .optional()?)
-        })
+        match self.read(Read::Kv(key.to_owned()))? {
+            Answer::Text(t) => Ok(t),
+            _ => Err(StoreError::Stopped),
+        }
     }
 
     /// Sets `key` to `value`, replacing any previous value, and blocks until that is durable
     /// (server secrets are set once at startup and must not change across a crash).
     pub fn set_kv(&self, key: &str, value: &str) -> Result<(), StoreError> {
         let since = self.mark();
-        let (key, value) = (key.to_owned(), value.to_owned());
-        self.write(move |c| {
-            c.execute(
-                "INSERT INTO kv (key, value) VALUES (?1, ?2) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [key, value],
-            )?;
-            Ok(())
-        })?;
+        self.submit(|_| Write::SetKv(key.to_owned(), value.to_owned()))?;
         self.flush(since)
     }
 }
@@ -605,69 +568,72 @@ impl Store {
 impl Store {
     /// The ACL policy text, if one is set.
     pub fn get_policy(&self) -> Result<Option<String>, StoreError> {
-        self.read(|c| {
-            Ok(c.query_row("SELECT data FROM policy WHERE id = 1", [], |r| r.get(0))
-                .optional()?)
-        })
+        match self.read(Read::Policy)? {
+            Answer::Text(t) => Ok(t),
+            _ => Err(StoreError::Stopped),
+        }
     }
 
     /// Replaces the ACL policy text; `None` removes it (allow all).
     pub fn set_policy(&self, data: Option<&str>, now: i64) -> Result<(), StoreError> {
-        let data = data.map(str::to_owned);
-        self.write(move |c| {
-            match data {
-                Some(d) => c.execute(
-                    "INSERT INTO policy (id, data, updated_at) VALUES (1, ?1, ?2) \
-                     ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
-                    params![d, now],
-                )?,
-                None => c.execute("DELETE FROM policy", [])?,
-            };
-            Ok(())
-        })
+        self.submit(|_| Write::SetPolicy(data.map(str::to_owned), now))
+            .map(drop)
     }
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
         // Closing the queue lets the writer commit what is left and exit.
-        self.queue.get_mut().unwrap_or_else(PoisonError::into_inner).jobs = None;
+        self.shared.lock().open = false;
+        self.shared.work.notify_all();
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
     }
 }
 
+/// Closes the queue when the writer thread ends for any reason, so no caller waits forever.
+struct WriterGone<'a>(&'a Shared);
+
+impl Drop for WriterGone<'_> {
+    fn drop(&mut self) {
+        self.0.lock().open = false;
+        self.0.taken.notify_all();
+    }
+}
+
 /// The writer thread: runs reads in queue order and commits the writes queued behind each other
-/// in one transaction, until the queue closes.
-fn run_writer(conn: &Connection, jobs: &Receiver<Job>, done: &watch::Sender<Done>) {
-    let mut held = None;
+/// in one transaction, until the queue closes and is drained.
+fn run_writer(conn: &Connection, shared: &Shared, done: &watch::Sender<Done>) {
+    let _gone = WriterGone(shared);
     loop {
-        let job = match held.take() {
-            Some(j) => j,
-            None => match jobs.recv() {
-                Ok(j) => j,
-                Err(_) => return,
-            },
-        };
-        let first = match job {
-            Job::Read(f) => {
-                f(conn);
-                continue;
-            }
-            Job::Write(seq, f) => (seq, f),
-        };
-        // Whatever queued up during the previous commit joins this one.
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(Job::Write(seq, f)) => batch.push((seq, f)),
-                Ok(read) => {
-                    held = Some(read);
-                    break;
+        let mut q = shared.lock();
+        while q.jobs.is_empty() && q.open {
+            q = shared.wait(&shared.work, q);
+        }
+        let mut batch = Vec::new();
+        let read = match q.jobs.pop_front() {
+            None => return, // closed and drained
+            Some(Job::Read(ticket, r)) => Some((ticket, r)),
+            Some(Job::Write(seq, w)) => {
+                batch.push((seq, w));
+                // Whatever queued up during the previous commit joins this one.
+                while batch.len() < MAX_BATCH && matches!(q.jobs.front(), Some(Job::Write(..))) {
+                    if let Some(Job::Write(seq, w)) = q.jobs.pop_front() {
+                        batch.push((seq, w));
+                    }
                 }
-                Err(_) => break,
+                q.queued_writes -= batch.len();
+                None
             }
+        };
+        drop(q);
+        shared.taken.notify_all();
+        if let Some((ticket, r)) = read {
+            let answer = run_read(conn, r);
+            shared.lock().answers.push((ticket, answer));
+            shared.taken.notify_all();
+            continue;
         }
         let last = batch.last().map_or(0, |b| b.0);
         let failed = commit(conn, batch);
@@ -686,25 +652,171 @@ fn run_writer(conn: &Connection, jobs: &Receiver<Job>, done: &watch::Sender<Done
     }
 }
 
+fn run_read(conn: &Connection, r: Read) -> Result<Answer, StoreError> {
+    Ok(match r {
+        Read::Load => Answer::Snapshot(load_all(conn)?),
+        Read::Kv(key) => Answer::Text(
+            conn.query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0))
+                .optional()?,
+        ),
+        Read::Policy => Answer::Text(
+            conn.query_row("SELECT data FROM policy WHERE id = 1", [], |r| r.get(0))
+                .optional()?,
+        ),
+        Read::SchemaVersion => Answer::Version(read_user_version(conn)?),
+        Read::Barrier => Answer::Done,
+        #[cfg(test)]
+        Read::Test(f) => {
+            f(conn);
+            Answer::Done
+        }
+    })
+}
+
+/// Runs one write on the writer's connection (inside the batch's transaction).
+fn apply(c: &Connection, w: Write) -> Result<(), StoreError> {
+    match w {
+        Write::InsertUser(id, u) => {
+            c.execute(
+                "INSERT INTO users (id, name, display_name, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![sql_id(id), u.name, u.display_name, u.created],
+            )?;
+        }
+        Write::UpdateUser(u) => {
+            let n = c.execute(
+                "UPDATE users SET name = ?2, display_name = ?3, created_at = ?4 WHERE id = ?1",
+                params![sql_id(u.id), u.name, u.display_name, u.created],
+            )?;
+            found(n, || format!("user {}", u.id))?;
+        }
+        Write::DeleteUser(id) => {
+            c.execute("DELETE FROM users WHERE id = ?1", [sql_id(id)])
+                .map_err(|e| {
+                    if is_foreign_key(&e) {
+                        StoreError::InUse(format!("user {id} still owns nodes"))
+                    } else {
+                        e.into()
+                    }
+                })?;
+        }
+        Write::InsertKey(id, k) => key_row(
+            c,
+            "INSERT INTO pre_auth_keys \
+             (id, key, user_id, reusable, ephemeral, used, tags, created_at, expiration) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            id,
+            &k,
+        )
+        .map(drop)?,
+        Write::UpdateKey(k) => {
+            let n = key_row(
+                c,
+                "UPDATE pre_auth_keys SET key = ?2, user_id = ?3, reusable = ?4, ephemeral = ?5, \
+                 used = ?6, tags = ?7, created_at = ?8, expiration = ?9 WHERE id = ?1",
+                k.id,
+                &k,
+            )?;
+            found(n, || format!("pre-auth key {}", k.id))?;
+        }
+        Write::DeleteKey(id) => {
+            c.execute("DELETE FROM pre_auth_keys WHERE id = ?1", [sql_id(id)])?;
+        }
+        Write::InsertNode(id, n) => {
+            node_row(
+                c,
+                "INSERT INTO nodes (machine_key, node_key, disco_key, hostname, given_name, \
+                 user_id, ipv4, ipv6, endpoints, hostinfo, home_derp, tags, approved_routes, \
+                 auth_key_id, ephemeral, expiry, last_seen, created_at, id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
+                 ?16, ?17, ?18, ?19)",
+                id,
+                &n,
+            )?;
+        }
+        Write::UpdateNode(n) => {
+            let changed = node_row(
+                c,
+                "UPDATE nodes SET machine_key = ?1, node_key = ?2, disco_key = ?3, hostname = ?4, \
+                 given_name = ?5, user_id = ?6, ipv4 = ?7, ipv6 = ?8, endpoints = ?9, \
+                 hostinfo = ?10, home_derp = ?11, tags = ?12, approved_routes = ?13, \
+                 auth_key_id = ?14, ephemeral = ?15, expiry = ?16, last_seen = ?17, \
+                 created_at = ?18 WHERE id = ?19",
+                n.id,
+                &n,
+            )?;
+            found(changed, || format!("node {}", n.id))?;
+        }
+        Write::DeleteNode(id) => {
+            c.execute("DELETE FROM nodes WHERE id = ?1", [sql_id(id)])?;
+        }
+        Write::SetKv(key, value) => {
+            c.execute(
+                "INSERT INTO kv (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [key, value],
+            )?;
+        }
+        Write::SetPolicy(Some(d), now) => {
+            c.execute(
+                "INSERT INTO policy (id, data, updated_at) VALUES (1, ?1, ?2) \
+                 ON CONFLICT (id) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
+                params![d, now],
+            )?;
+        }
+        Write::SetPolicy(None, _) => {
+            c.execute("DELETE FROM policy", [])?;
+        }
+        #[cfg(test)]
+        Write::Test(f) => f(c)?,
+    }
+    Ok(())
+}
+
+/// Runs `sql` with a pre-auth key's columns as ?1 (`id`) .. ?9; returns the rows changed.
+fn key_row(c: &Connection, sql: &str, id: u64, k: &PreAuthKey) -> Result<usize, StoreError> {
+    c.execute(
+        sql,
+        params![
+            sql_id(id),
+            k.key,
+            sql_id(k.user_id),
+            k.reusable,
+            k.ephemeral,
+            k.used,
+            list_to(&k.tags)?,
+            k.created,
+            k.expiration
+        ],
+    )
+    .map_err(|e| write_err(e, || format!("user {}", k.user_id)))
+}
+
+/// Runs `sql` with a node's columns as ?1..?18 and `id` as ?19; returns the rows changed.
+fn node_row(c: &Connection, sql: &str, id: u64, n: &Node) -> Result<usize, StoreError> {
+    let v = NodeValues::new(n)?;
+    let id = sql_id(id);
+    let mut p = v.params(n);
+    p.push(&id);
+    c.execute(sql, p.as_slice()).map_err(|e| write_err(e, || node_refs(n)))
+}
+
 /// Runs `batch` in one `IMMEDIATE` transaction, each write in a savepoint; returns the failures.
-fn commit(conn: &Connection, batch: Vec<(u64, WriteFn)>) -> Vec<(u64, StoreError)> {
-    let mut failed = Vec::new();
-    let mut seqs = Vec::with_capacity(batch.len());
-    let all_fail = |seqs: &[u64], e: rusqlite::Error| -> Vec<(u64, StoreError)> {
+fn commit(conn: &Connection, batch: Vec<(u64, Write)>) -> Vec<(u64, StoreError)> {
+    let seqs: Vec<u64> = batch.iter().map(|b| b.0).collect();
+    let all_fail = |e: rusqlite::Error| -> Vec<(u64, StoreError)> {
         let e = StoreError::from(e);
         log::error!("store: commit failed writes={} err={e}", seqs.len());
         seqs.iter().map(|s| (*s, e.duplicate())).collect()
     };
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        let seqs: Vec<u64> = batch.iter().map(|b| b.0).collect();
-        return all_fail(&seqs, e);
+        return all_fail(e);
     }
-    for (seq, f) in batch {
-        seqs.push(seq);
+    let mut failed = Vec::new();
+    for (seq, w) in batch {
         let r = match conn.execute_batch("SAVEPOINT w") {
             Err(e) => Err(e.into()),
             Ok(()) => {
-                let r = f(conn);
+                let r = apply(conn, w);
                 let end = if r.is_ok() {
                     "RELEASE w"
                 } else {
@@ -723,7 +835,7 @@ fn commit(conn: &Connection, batch: Vec<(u64, WriteFn)>) -> Vec<(u64, StoreError
     }
     if let Err(e) = conn.execute_batch("COMMIT") {
         let _ = conn.execute_batch("ROLLBACK");
-        return all_fail(&seqs, e);
+        return all_fail(e);
     }
     failed
 }
@@ -1002,7 +1114,20 @@ mod tests {
     impl Store {
         /// Runs `f` on the writer's connection after every queued write.
         fn with_conn<T: Send + 'static>(&self, f: impl FnOnce(&Connection) -> T + Send + 'static) -> T {
-            self.read(move |c| Ok(f(c))).unwrap()
+            let slot = Arc::new(Mutex::new(None));
+            let put = slot.clone();
+            self.read(Read::Test(Box::new(move |c| *put.lock().unwrap() = Some(f(c)))))
+                .unwrap();
+            let v = slot.lock().unwrap().take();
+            v.unwrap()
+        }
+
+        /// Queues an arbitrary write.
+        fn write(
+            &self,
+            f: impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
+        ) -> Result<(), StoreError> {
+            self.submit(|_| Write::Test(Box::new(f))).map(drop)
         }
     }
 
@@ -1538,8 +1663,8 @@ mod tests {
 
     /// Holds the writer thread inside a write until the returned sender is used or dropped:
     /// a disk that takes as long as the test wants.
-    fn stall(s: &Store) -> SyncSender<()> {
-        let (tx, rx) = sync_channel::<()>(1);
+    fn stall(s: &Store) -> std::sync::mpsc::SyncSender<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
         s.write(move |_| {
             let _ = rx.recv();
             Ok(())
