@@ -14,9 +14,12 @@
 //!   again after `kill -9` (a successful register response).
 //! - Ids are allocated by the store from SQLite's `AUTOINCREMENT` high-water mark, so they are
 //!   never reused, even after a delete or a failed insert.
-//! - Unique-constraint violations return [`StoreError::Conflict`] naming the columns, e.g.
-//!   `users.name`, so callers can say "user already exists".
+//! - Unique-constraint violations are reported (by [`Store::durable`] / [`Store::flush`]) as
+//!   [`StoreError::Conflict`] naming the columns, e.g. `users.name`; the caller checks
+//!   uniqueness in memory first, so these mean a bug or a hand-edited database.
 //! - The caller keeps the records in memory ([`Store::load`] at start) and writes through.
+//! - Adding a statement: a write is a `Write` variant and its arm in `apply`, a read a `Read`
+//!   variant and its arm in `run_read`; nothing touches the connection outside the writer.
 //!
 //! Migrations: `schema.sql` is the canonical current schema. `MIGRATIONS[i]` takes a database
 //! from version `i` to `i + 1`; step 0 is `schema.sql` itself. An empty database (version 0)
