@@ -2,8 +2,8 @@
 # The whole test suite, as CI runs it (`bash .ci/run` is this with nothing else around it).
 #   scripts/test.sh            everything: unit, property, in-process, official-Go-client,
 #                              lint, purity, dependency snapshot, LuCI app checks and
-#                              package, netns end-to-end and
-#                              subnet router (root),
+#                              package, netns end-to-end,
+#                              subnet router and coordinator load/crash (root),
 #                              router cross builds + size budget
 #   TINYSCALE_SKIP_CROSS=1     skip the cross builds (a quick local run)
 #   TINYSCALE_NO_INSTALL=1     as root, do not install what is missing (scripts/prereqs.sh)
@@ -110,6 +110,7 @@ else
     cargo build --quiet
     step "netns NAT end-to-end (tinyscale x2 + official Go client)" env TINYSCALE_BIN="$PWD/target/debug/tinyscale" scripts/netns-e2e.sh
     step "netns subnet router end-to-end (LAN host behind a tinyscale router)" env TINYSCALE_BIN="$PWD/target/debug/tinyscale" scripts/netns-subnet.sh
+    step "netns coordinator under load and kill -9 (DERP-only pings, connection floods, crash safety)" env TINYSCALE_BIN="$PWD/target/debug/tinyscale" scripts/netns-load.sh
 fi
 if [ "${TINYSCALE_SKIP_CROSS:-0}" = 1 ]; then
     skip "router builds and size budget (TINYSCALE_SKIP_CROSS=1)"

@@ -8,7 +8,7 @@
 //! The same requests back the ubus object `tinyscale.server` ([`SERVER_METHODS`], registered
 //! by `tinyscale server serve --ubus-socket`), which LuCI's Coordinator page calls through rpcd.
 
-use std::{path::Path, sync::Arc};
+use std::{future::Future, path::Path, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -530,28 +530,41 @@ impl Object for ServerObject {
 
     fn call(self: &Arc<Self>, method: &str, args: &Map) -> Result<PendingReply, String> {
         let req = ubus_object::map_call(SERVER_METHODS, method, args)?;
-        let r = handle(&self.0, req);
-        // Lists are JSON arrays; a ubus reply is a table.
-        let r = match r.data {
-            Value::Array(a) if r.error.is_empty() => IpcResponse {
-                data: json!({ method: a }),
-                error: r.error,
-            },
-            _ => r,
-        };
-        let reply = ubus_object::reply_for(r);
-        Ok(Box::pin(async move { reply }))
+        let r = handle_durable(&self.0, req);
+        let method = method.to_owned();
+        Ok(Box::pin(async move {
+            let r = r.await;
+            // Lists are JSON arrays; a ubus reply is a table.
+            let r = match r.data {
+                Value::Array(a) if r.error.is_empty() => IpcResponse {
+                    data: json!({ method: a }),
+                    error: r.error,
+                },
+                _ => r,
+            };
+            ubus_object::reply_for(r)
+        }))
+    }
+}
+
+/// [`handle`], answering once its writes are durable (a created key must survive kill -9);
+/// the wait does not block the runtime.
+fn handle_durable(coord: &Coordinator, req: AdminRequest) -> impl Future<Output = IpcResponse> + Send + 'static {
+    let since = coord.lock().store().mark();
+    let reply = handle(coord, req);
+    let durable = coord.lock().store().durable(since);
+    async move {
+        match durable.await {
+            Ok(()) => reply,
+            Err(e) => IpcResponse::from_result(Err(format!("store failure: {e}"))),
+        }
     }
 }
 
 /// Binds the admin socket (mode 0600, removing a stale one) and serves it forever.
 pub async fn serve_admin(coord: Arc<Coordinator>, path: &Path) -> std::io::Result<()> {
     let listener = ipc::bind_private(path).await?;
-    ipc::serve_lines(listener, move |req: AdminRequest| {
-        let coord = coord.clone();
-        async move { handle(&coord, req) }
-    })
-    .await
+    ipc::serve_lines(listener, move |req: AdminRequest| handle_durable(&coord, req)).await
 }
 
 /// Sends one request to the coordinator at `path` (client side of the CLI).

@@ -474,9 +474,21 @@ async fn register(
     let mut waiter = coord.registrations.subscribe();
     loop {
         let now = unix_now();
-        let r = coord.lock().register(machine, &req, now, || random_hex(12));
+        let (r, durable) = {
+            let mut st = coord.lock();
+            let since = st.store().mark();
+            let r = st.register(machine, &req, now, || random_hex(12));
+            // Covers every write queued so far, also an admin's approval of this machine.
+            (r, st.store().durable(since))
+        };
         match r {
             Ok((RegisterOutcome::Reply(resp), changes)) => {
+                // A node told it is registered must still be registered after kill -9.
+                // NOTE(store): the in-memory state is not rolled back when the disk fails here;
+                // the client gets a 500 and the failure is logged at error level.
+                if let Err(e) = durable.await {
+                    return respond_now(respond, 500, error_text(&CoordError::Store(e)));
+                }
                 coord.publish(changes);
                 return respond_now(respond, 200, json_bytes(&resp));
             }
