@@ -34,8 +34,8 @@ use std::{
 
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
 
-use super::model::{Node, PreAuthKey, User};
-use crate::keys::{DiscoPublic, MachinePublic, NodePublic};
+use super::model::{ApiKey, Node, PreAuthKey, User};
+use crate::keys::{hex_decode32, hex_encode, DiscoPublic, MachinePublic, NodePublic};
 
 /// The canonical schema of the current version.
 const SCHEMA_SQL: &str = include_str!("schema.sql");
@@ -51,6 +51,15 @@ const MIGRATIONS: &[&str] = &[
   id         INTEGER PRIMARY KEY CHECK (id = 1),
   data       TEXT    NOT NULL,
   updated_at INTEGER NOT NULL
+);",
+    // 2 -> 3: REST API keys (prefix + hash of the secret).
+    "CREATE TABLE api_keys (
+  id         INTEGER PRIMARY KEY AUTOINCREMENT,
+  prefix     TEXT    NOT NULL UNIQUE,
+  hash       TEXT    NOT NULL,
+  created_at INTEGER NOT NULL,
+  expiration INTEGER,
+  last_seen  INTEGER
 );",
 ];
 
@@ -151,6 +160,8 @@ pub struct Snapshot {
     pub preauth_keys: Vec<PreAuthKey>,
     /// All nodes.
     pub nodes: Vec<Node>,
+    /// All REST API keys, including expired ones.
+    pub api_keys: Vec<ApiKey>,
 }
 
 impl Store {
@@ -235,6 +246,23 @@ impl Store {
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
             snap.nodes.push(node_from_row(r)?);
+        }
+        drop(rows);
+        drop(stmt);
+
+        let mut stmt =
+            conn.prepare("SELECT id, prefix, hash, created_at, expiration, last_seen FROM api_keys ORDER BY id")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let hash: String = r.get(2)?;
+            snap.api_keys.push(ApiKey {
+                id: id_from(r.get(0)?, "api_keys.id")?,
+                prefix: r.get(1)?,
+                hash: hex_decode32(&hash).map_err(|_| StoreError::Corrupt("api_keys.hash".into()))?,
+                created: r.get(3)?,
+                expiration: r.get(4)?,
+                last_seen: r.get(5)?,
+            });
         }
         Ok(snap)
     }
@@ -384,6 +412,35 @@ impl Store {
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             [key, value],
         )?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Inserts API key `k` (its `id` is ignored) and returns the new id. A taken prefix gives
+    /// [`StoreError::Conflict`]`("api_keys.prefix")`.
+    pub fn insert_api_key(&self, k: &ApiKey) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO api_keys (prefix, hash, created_at, expiration, last_seen) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![k.prefix, hex_encode(&k.hash), k.created, k.expiration, k.last_seen],
+        )?;
+        new_id(&conn)
+    }
+
+    /// Rewrites the expiry and last use of API key `k.id` (the prefix and hash never change).
+    pub fn update_api_key(&self, k: &ApiKey) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE api_keys SET expiration = ?2, last_seen = ?3 WHERE id = ?1",
+            params![sql_id(k.id), k.expiration, k.last_seen],
+        )?;
+        found(n, || format!("api key {}", k.id))
+    }
+
+    /// Deletes API key `id`; deleting a missing key is not an error.
+    pub fn delete_api_key(&self, id: u64) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM api_keys WHERE id = ?1", [sql_id(id)])?;
         Ok(())
     }
 }
@@ -1130,6 +1187,58 @@ mod tests {
         assert_eq!(s.insert_node(&node(1, 7)).unwrap(), 3);
         // Version 2 added the policy table, empty (allow all) after the upgrade.
         assert_eq!(s.get_policy().unwrap(), None);
+    }
+
+    /// tests/vectors/db/v2.sql: the v1 fixture's data plus an ACL policy, at version 2.
+    const V2_FIXTURE: &str = include_str!("../../tests/vectors/db/v2.sql");
+
+    #[test]
+    fn v2_fixture_opens_and_migrates() {
+        let dir = TempDir::new("v2");
+        let path = dir.0.join("db.sqlite");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        Connection::open(&path).unwrap().execute_batch(V2_FIXTURE).unwrap();
+
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(schema_of(&s.conn()), fresh_schema());
+        let snap = s.load().unwrap();
+        assert_eq!((snap.users.len(), snap.preauth_keys.len(), snap.nodes.len()), (1, 1, 1));
+        assert!(s.get_policy().unwrap().is_some_and(|p| p.starts_with("// ops\n")));
+        // Version 3 added the API keys, none after the upgrade; the table takes new ones.
+        assert!(snap.api_keys.is_empty());
+        let k = ApiKey {
+            id: 0,
+            prefix: "abc1234".into(),
+            hash: [7; 32],
+            created: 10,
+            expiration: Some(20),
+            last_seen: None,
+        };
+        assert_eq!(s.insert_api_key(&k).unwrap(), 1);
+    }
+
+    #[test]
+    fn api_keys_roundtrip_expire_and_delete() {
+        let s = Store::open_in_memory().unwrap();
+        let mut k = ApiKey {
+            id: 0,
+            prefix: "p1".into(),
+            hash: [0xab; 32],
+            created: 100,
+            expiration: None,
+            last_seen: None,
+        };
+        k.id = s.insert_api_key(&k).unwrap();
+        assert!(matches!(s.insert_api_key(&k), Err(StoreError::Conflict(c)) if c == "api_keys.prefix"));
+        k.expiration = Some(200);
+        s.update_api_key(&k).unwrap();
+        assert_eq!(s.load().unwrap().api_keys, vec![k.clone()]);
+        s.conn().execute("UPDATE api_keys SET hash = 'zz'", []).unwrap();
+        assert!(matches!(s.load(), Err(StoreError::Corrupt(m)) if m.contains("api_keys.hash")));
+        s.delete_api_key(k.id).unwrap();
+        assert!(s.load().unwrap().api_keys.is_empty());
+        assert!(matches!(s.update_api_key(&k), Err(StoreError::NotFound(_))));
     }
 
     #[test]
