@@ -157,66 +157,71 @@ fn secs_until(expiration: &Option<String>, now: i64, default: u64) -> Result<u64
     }
 }
 
+/// proto3 JSON: `null` is the field's default (grpc-gateway clients send it for unset lists).
+fn nullable<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
+}
+
 #[derive(Deserialize)]
 struct UserCreate {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     name: String,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct KeyCreate {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     user: Value,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     reusable: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     ephemeral: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     expiration: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     acl_tags: Vec<String>,
 }
 
 #[derive(Deserialize)]
 struct KeyExpire {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     key: String,
 }
 
 #[derive(Deserialize)]
 struct UserRef {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     user: Value,
 }
 
 #[derive(Deserialize)]
 struct Tags {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     tags: Vec<String>,
 }
 
 #[derive(Deserialize)]
 struct Routes {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     routes: Vec<String>,
 }
 
 #[derive(Deserialize)]
 struct Expiration {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     expiration: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct Prefix {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     prefix: String,
 }
 
 #[derive(Deserialize)]
 struct PolicyBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     policy: String,
 }
 
@@ -752,6 +757,19 @@ mod tests {
                 r#"{"user":"1","key":"tskey-auth-x"}"#,
                 R::PreauthkeysExpire { key: s("tskey-auth-x") },
                 Shape::Empty,
+            ),
+            (
+                "POST",
+                "/api/v1/preauthkey",
+                r#"{"user":"alice","reusable":null,"ephemeral":false,"expiration":null,"aclTags":null}"#,
+                R::PreauthkeysCreate {
+                    user: s("alice"),
+                    reusable: false,
+                    ephemeral: false,
+                    expiration_secs: Some(DEFAULT_PREAUTH_SECS),
+                    tags: vec![],
+                },
+                Shape::PreAuthKey,
             ),
             ("GET", "/api/v1/apikey", "", R::ApikeysList, Shape::ApiKeys),
             (
