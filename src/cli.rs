@@ -542,6 +542,16 @@ pub struct Server {
     /// uci config file (default /etc/config/tinyscale); may appear anywhere after `server`
     #[argh(option, short = 'c')]
     pub config: Option<PathBuf>,
+    /// run the verb on the coordinator at this URL (https://host[:port]) through its REST API
+    /// instead of the local admin socket
+    #[cfg(feature = "coordinator")]
+    #[argh(option)]
+    pub remote: Option<String>,
+    /// API key for --remote (default: the TINYSCALE_API_KEY environment variable, which keeps
+    /// it out of the process list)
+    #[cfg(feature = "coordinator")]
+    #[argh(option)]
+    pub api_key: Option<String>,
     #[argh(subcommand)]
     pub cmd: ServerCmd,
 }
@@ -1726,9 +1736,9 @@ fn api_key_days(s: &str) -> Result<u64, String> {
 }
 
 #[cfg(feature = "coordinator")]
-/// Runs an admin verb against the coordinator's socket.
-pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), Failure> {
-    use crate::coordinator::admin::{call, AdminRequest as R};
+/// Runs an admin verb against the coordinator's socket or, with `--remote`, its REST API.
+pub async fn run_admin(target: &crate::coordinator::admin::AdminTarget, cmd: ServerCmd) -> Result<(), Failure> {
+    use crate::coordinator::admin::AdminRequest as R;
     // `routes list -i ID`: headscale's per-node view.
     let mut only_node = None;
     let (req, json, kind) = match cmd {
@@ -1848,7 +1858,7 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
             RoutesCmd::Enable(c) => {
                 let mut routes: Vec<String> = c.route.iter().flat_map(|r| split_list(r)).collect();
                 if c.all {
-                    let all = call(socket, &R::RoutesList).await?;
+                    let all = target.call(&R::RoutesList).await?;
                     let advertised = all
                         .as_array()
                         .into_iter()
@@ -1875,7 +1885,7 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
             }
         },
     };
-    let mut v = call(socket, &req).await?;
+    let mut v = target.call(&req).await?;
     if let (Some(id), Value::Array(rows)) = (only_node, &mut v) {
         rows.retain(|r| r["node_id"] == id);
     }

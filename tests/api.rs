@@ -321,3 +321,92 @@ async fn a_web_ui_session_end_to_end() {
     );
     assert!(!api.iter().any(|l| l.contains("method=GET")), "{api:?}");
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_tinyscale");
+
+/// `tinyscale server --remote URL <args>` with the key in TINYSCALE_API_KEY (and `SSL_CERT_FILE`
+/// = `ca`), run off the runtime thread so the in-process server keeps serving.
+async fn remote(url: &str, key: &str, args: &[&str], ca: Option<&std::path::Path>) -> (bool, String) {
+    let mut c = std::process::Command::new(BIN);
+    c.args(["server", "--remote", url])
+        .args(args)
+        .env("TINYSCALE_API_KEY", key);
+    if let Some(ca) = ca {
+        c.env("SSL_CERT_FILE", ca);
+    }
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap()).await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn server_verbs_run_remotely_over_the_api() {
+    let h = start().await;
+    let (key, prefix) = h.api_key();
+    let url = format!("http://{}", h.addr);
+    let (ok, out) = remote(&url, &key, &["users", "create", "alice"], None).await;
+    assert!(ok && out.contains("user alice"), "{out}");
+    let (ok, out) = remote(&url, &key, &["users", "list", "-o", "json"], None).await;
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(ok && v[0]["name"] == "alice", "{out}");
+    let (ok, out) = remote(
+        &url,
+        &key,
+        &["preauthkeys", "create", "-u", "alice", "--reusable"],
+        None,
+    )
+    .await;
+    assert!(ok && out.starts_with("tskey-auth-"), "{out}");
+    let (ok, out) = remote(&url, &key, &["apikeys", "list"], None).await;
+    assert!(ok && out.contains(&prefix), "{out}");
+    // The coordinator's own errors come back as they are.
+    let (ok, out) = remote(&url, &key, &["nodes", "delete", "-i", "9"], None).await;
+    assert!(!ok && out.contains("node 9 not found"), "{out}");
+    // --api-key works too; a wrong key is refused with a clear message.
+    let mut o = std::process::Command::new(BIN);
+    o.args(["server", "--remote", &url, "--api-key", &key, "users", "list"])
+        .env_remove("TINYSCALE_API_KEY");
+    let o = tokio::task::spawn_blocking(move || o.output().unwrap()).await.unwrap();
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("alice"));
+    let (ok, out) = remote(&url, "nope.nope", &["users", "list"], None).await;
+    assert!(!ok && out.contains("API key was refused"), "{out}");
+    let (ok, out) = remote(&url, "", &["users", "list"], None).await;
+    assert!(!ok && out.contains("--api-key"), "{out}");
+    // The change went through the coordinator itself.
+    let users = admin::handle_value(&h.coord, AdminRequest::UsersList).unwrap();
+    assert_eq!(users[0]["name"], "alice");
+}
+
+/// Over https the certificate is verified as the control client verifies it: a CA the client
+/// does not trust fails the call.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "current_thread")]
+async fn remote_verbs_verify_the_coordinators_certificate() {
+    let dir = std::env::temp_dir().join(format!("tinyscale-api-tls-{}", std::process::id()));
+    let Some(ca) = common::test_ca(&dir.join("ca")) else {
+        return;
+    };
+    let Some(other) = common::test_ca(&dir.join("other")) else {
+        return;
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let st = State::load(Store::open_in_memory().unwrap(), Settings::default()).unwrap();
+    let coord = Coordinator::new(st).unwrap();
+    let acceptor = tinyscale::tls::Acceptor::from_pem_files(&ca.cert, &ca.key).unwrap();
+    tokio::spawn(server::serve_http(coord.clone(), listener, Some(acceptor)));
+    let key = admin::handle_value(&coord, AdminRequest::ApikeysCreate { expiration_secs: None }).unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!("https://{addr}");
+    let (ok, out) = remote(&url, &key, &["users", "create", "bob"], Some(&ca.ca)).await;
+    assert!(ok && out.contains("user bob"), "{out}");
+    let (ok, out) = remote(&url, &key, &["users", "list"], Some(&other.ca)).await;
+    assert!(!ok && out.to_lowercase().contains("certificate"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

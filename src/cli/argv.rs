@@ -217,7 +217,17 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             Flag::new("ubus-socket", Value),
         ],
     ),
-    Verb::new("server", &[Flag::new("config", Value).short('c')]).subs(&[
+    Verb::new(
+        "server",
+        &[
+            Flag::new("config", Value).short('c'),
+            #[cfg(feature = "coordinator")]
+            Flag::new("remote", Value),
+            #[cfg(feature = "coordinator")]
+            Flag::new("api-key", Value),
+        ],
+    )
+    .subs(&[
         Verb::new(
             "serve",
             &[

@@ -658,6 +658,76 @@ pub async fn call(path: &Path, req: &AdminRequest) -> Result<Value, String> {
     .await
 }
 
+/// Where the admin verbs go: this machine's admin socket, or a coordinator's REST API.
+pub enum AdminTarget {
+    /// The unix socket of `server serve` (root only).
+    Socket(std::path::PathBuf),
+    /// `POST <url>/api/v1/admin` with `Authorization: Bearer <key>`.
+    Remote { url: String, key: String },
+}
+
+impl AdminTarget {
+    /// Sends one request; the answer is the same JSON either way.
+    pub async fn call(&self, req: &AdminRequest) -> Result<Value, String> {
+        match self {
+            AdminTarget::Socket(p) => call(p, req).await,
+            AdminTarget::Remote { url, key } => call_remote(url, key, req).await,
+        }
+    }
+}
+
+/// Largest answer read from a remote coordinator (a node list of a big tailnet fits).
+const REMOTE_MAX_BODY: usize = 4 << 20;
+/// Budget for one remote admin call, connect to last byte.
+const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// One request to a coordinator's `/api/v1/admin` (TLS verified against the system roots, as
+/// the control client does); errors say what the server answered.
+pub async fn call_remote(url: &str, key: &str, req: &AdminRequest) -> Result<Value, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let u = crate::http1::parse_url(url).map_err(|e| format!("--remote {url}: {e}"))?;
+    let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    let work = async {
+        let mut io = crate::tls::connect(&crate::tls::host_port(&u.host, u.port), &u.host, u.tls).await?;
+        let head = format!(
+            "POST {}/api/v1/admin HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            u.path.split('?').next().unwrap_or("").trim_end_matches('/'),
+            u.host_header(),
+            body.len()
+        );
+        io.write_all(head.as_bytes()).await?;
+        io.write_all(&body).await?;
+        io.flush().await?;
+        let (head, mut out) = crate::http1::read_head(&mut io).await.map_err(std::io::Error::other)?;
+        let mut chunk = [0u8; 4096];
+        while out.len() <= REMOTE_MAX_BODY {
+            match io.read(&mut chunk).await {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(n) = head.content_length() {
+            out.truncate(n);
+        }
+        Ok((head.status, out))
+    };
+    let (status, out) = match tokio::time::timeout(REMOTE_TIMEOUT, work).await {
+        Err(_) => return Err(format!("{url}: timed out")),
+        Ok(Err(e)) => return Err(format!("{url}: {e}")),
+        Ok(Ok(x)) => x,
+    };
+    let v: Option<Value> = serde_json::from_slice(&out).ok();
+    match (status, v) {
+        (200, Some(v)) => Ok(v),
+        (401, _) => Err(format!("{url}: the API key was refused (unknown or expired)")),
+        (_, Some(v)) if v["message"].is_string() => Err(v["message"].as_str().unwrap_or("").to_string()),
+        (s, _) => Err(format!("{url}: HTTP {s} (is it a tinyscale coordinator?)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,9 +17,10 @@
 //! older clients send names. The pre-0.26 route paths (`GET /api/v1/routes`,
 //! `POST /api/v1/routes/{id}/enable|disable`, `GET /api/v1/node/{id}/routes`) are served as
 //! aliases over route approvals; a route's id is `node id * 1024 + its row` in `routes list`.
+//! `POST /api/v1/admin` (tinyscale's own) takes one [`AdminRequest`] as the admin socket does
+//! and answers its JSON unchanged: `tinyscale server --remote URL` runs the verbs through it.
 #![forbid(unsafe_code)]
 
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::{
@@ -63,6 +64,8 @@ pub enum Shape {
     Routes(Option<u64>),
     /// `{}`.
     Empty,
+    /// The admin answer as it is (`/api/v1/admin`, for `tinyscale server --remote`).
+    Raw,
 }
 
 /// One routed REST request.
@@ -125,104 +128,80 @@ fn id(s: &str, what: &str) -> Result<u64, ApiError> {
         .map_err(|_| ApiError::BadRequest(format!("{what} {s:?} is not an id (a positive integer)")))
 }
 
-/// The body as `T`; an empty body counts as `{}` (grpc-gateway ignores unknown fields).
-fn body<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ApiError> {
-    let b = if b.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        b
-    };
-    serde_json::from_slice(b).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
-}
+/// A request body: a JSON object (an empty body counts as `{}`). Fields are read by name with
+/// proto3 JSON's rules: absent or `null` is the default, unknown fields are ignored
+/// (grpc-gateway's `DiscardUnknown`). One `Value` parse instead of a typed struct per path keeps
+/// the code small on the router.
+struct Body(Map<String, Value>);
 
-/// A uint64 field that proto3 JSON sends as a string (or a number), or a name.
-fn id_or_name(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => n.as_u64().map(|n| n.to_string()),
-        _ => None,
+fn body(b: &[u8]) -> Result<Body, ApiError> {
+    if b.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Body(Map::new()));
+    }
+    match serde_json::from_slice(b) {
+        Ok(Value::Object(m)) => Ok(Body(m)),
+        Ok(_) => Err(bad_field("", "a JSON object")),
+        Err(e) => Err(ApiError::BadRequest(format!("invalid JSON body: {e}"))),
     }
 }
 
-/// Seconds from `now` until the RFC 3339 `expiration` (0 if past); `default` when absent,
-/// empty or Go's zero time.
-fn secs_until(expiration: &Option<String>, now: i64, default: u64) -> Result<u64, ApiError> {
-    let Some(t) = expiration else { return Ok(default) };
-    match tailcfg::parse_time(t) {
+fn bad_field(k: &str, want: &str) -> ApiError {
+    ApiError::BadRequest(format!("invalid JSON body: field {k:?}: expected {want}"))
+}
+
+impl Body {
+    fn get(&self, k: &str) -> Option<&Value> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+
+    fn string(&self, k: &str) -> Result<String, ApiError> {
+        match self.get(k) {
+            None => Ok(String::new()),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(bad_field(k, "a string")),
+        }
+    }
+
+    fn flag(&self, k: &str) -> Result<bool, ApiError> {
+        match self.get(k) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(bad_field(k, "true or false")),
+        }
+    }
+
+    fn list(&self, k: &str) -> Result<Vec<String>, ApiError> {
+        let bad = || bad_field(k, "a list of strings");
+        match self.get(k) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_str().map(str::to_string).ok_or_else(bad))
+                .collect(),
+            Some(_) => Err(bad()),
+        }
+    }
+
+    /// `user`: a uint64 that proto3 JSON sends as a string (or a number), or a name; required.
+    fn user(&self) -> Result<String, ApiError> {
+        match self.get("user") {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            Some(Value::Number(n)) if n.is_u64() => Ok(n.to_string()),
+            _ => Err(ApiError::BadRequest("user is required (an id or a name)".into())),
+        }
+    }
+}
+
+/// Seconds from `now` until the RFC 3339 `expiration` (0 if past); `default` when empty or
+/// Go's zero time.
+fn secs_until(expiration: &str, now: i64, default: u64) -> Result<u64, ApiError> {
+    match tailcfg::parse_time(expiration) {
         Ok(Some(at)) => Ok(at.saturating_sub(now).max(0) as u64),
         Ok(None) => Ok(default),
         Err(_) => Err(ApiError::BadRequest(format!(
-            "expiration {t:?} is not an RFC 3339 time"
+            "expiration {expiration:?} is not an RFC 3339 time"
         ))),
     }
-}
-
-/// proto3 JSON: `null` is the field's default (grpc-gateway clients send it for unset lists).
-fn nullable<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
-    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
-}
-
-#[derive(Deserialize)]
-struct UserCreate {
-    #[serde(default, deserialize_with = "nullable")]
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct KeyCreate {
-    #[serde(default, deserialize_with = "nullable")]
-    user: Value,
-    #[serde(default, deserialize_with = "nullable")]
-    reusable: bool,
-    #[serde(default, deserialize_with = "nullable")]
-    ephemeral: bool,
-    #[serde(default, deserialize_with = "nullable")]
-    expiration: Option<String>,
-    #[serde(default, deserialize_with = "nullable")]
-    acl_tags: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct KeyExpire {
-    #[serde(default, deserialize_with = "nullable")]
-    key: String,
-}
-
-#[derive(Deserialize)]
-struct UserRef {
-    #[serde(default, deserialize_with = "nullable")]
-    user: Value,
-}
-
-#[derive(Deserialize)]
-struct Tags {
-    #[serde(default, deserialize_with = "nullable")]
-    tags: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct Routes {
-    #[serde(default, deserialize_with = "nullable")]
-    routes: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct Expiration {
-    #[serde(default, deserialize_with = "nullable")]
-    expiration: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Prefix {
-    #[serde(default, deserialize_with = "nullable")]
-    prefix: String,
-}
-
-#[derive(Deserialize)]
-struct PolicyBody {
-    #[serde(default, deserialize_with = "nullable")]
-    policy: String,
 }
 
 fn required(v: String, what: &str) -> Result<String, ApiError> {
@@ -243,158 +222,146 @@ pub fn route(method: &str, target: &str, b: &[u8], now: i64) -> Result<ApiCall, 
         .map(|s| percent_decode(s).ok_or_else(|| ApiError::BadRequest("bad path encoding".into())))
         .collect::<Result<_, _>>()?;
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    let call = |req, shape| Ok(ApiCall { req, shape });
-    match (method, segs.as_slice()) {
-        ("GET", ["user"]) => call(
+    let node = |n: &str| id(n, "node");
+    let (req, shape) = match (method, segs.as_slice()) {
+        ("GET", ["user"]) => (
             R::UsersList,
             Shape::Users {
                 id: query(q, "id")?,
                 name: query(q, "name")?,
             },
         ),
-        ("POST", ["user"]) => {
-            let u: UserCreate = body(b)?;
-            call(
-                R::UsersCreate {
-                    name: required(u.name, "name")?,
-                },
-                Shape::User,
-            )
-        }
-        ("DELETE", ["user", user]) => call(R::UsersDestroy { name: user.to_string() }, Shape::Empty),
-        ("POST", ["user", old, "rename", new]) => call(
+        ("POST", ["user"]) => (
+            R::UsersCreate {
+                name: required(body(b)?.string("name")?, "name")?,
+            },
+            Shape::User,
+        ),
+        ("DELETE", ["user", user]) => (R::UsersDestroy { name: user.to_string() }, Shape::Empty),
+        ("POST", ["user", old, "rename", new]) => (
             R::UsersRename {
                 old: old.to_string(),
                 new: new.to_string(),
             },
             Shape::User,
         ),
-        ("GET", ["node"]) => call(
+        ("GET", ["node"]) => (
             R::NodesList {
                 user: query(q, "user")?,
             },
             Shape::Nodes,
         ),
-        ("POST", ["node", "register"]) => {
-            let user = required(query(q, "user")?.unwrap_or_default(), "user")?;
-            let key = required(query(q, "key")?.unwrap_or_default(), "key")?;
-            call(R::NodesRegister { user, key }, Shape::Node)
-        }
-        ("GET", ["node", n]) => call(R::NodesList { user: None }, Shape::OneNode(id(n, "node")?)),
-        ("DELETE", ["node", n]) => call(R::NodesDelete { id: id(n, "node")? }, Shape::Empty),
-        ("POST", ["node", n, "expire"]) => call(R::NodesExpire { id: id(n, "node")? }, Shape::Node),
-        ("POST", ["node", n, "rename", name]) => call(
+        ("POST", ["node", "register"]) => (
+            R::NodesRegister {
+                user: required(query(q, "user")?.unwrap_or_default(), "user")?,
+                key: required(query(q, "key")?.unwrap_or_default(), "key")?,
+            },
+            Shape::Node,
+        ),
+        ("GET", ["node", n]) => (R::NodesList { user: None }, Shape::OneNode(node(n)?)),
+        ("DELETE", ["node", n]) => (R::NodesDelete { id: node(n)? }, Shape::Empty),
+        ("POST", ["node", n, "expire"]) => (R::NodesExpire { id: node(n)? }, Shape::Node),
+        ("POST", ["node", n, "rename", name]) => (
             R::NodesRename {
-                id: id(n, "node")?,
+                id: node(n)?,
                 name: name.to_string(),
             },
             Shape::Node,
         ),
-        ("POST", ["node", n, "user"]) => {
-            let u: UserRef = body(b)?;
-            let user = id_or_name(&u.user).ok_or_else(|| ApiError::BadRequest("user is required".into()))?;
-            call(
-                R::NodesMove {
-                    id: id(n, "node")?,
-                    user,
-                },
-                Shape::Node,
-            )
-        }
-        ("POST", ["node", n, "tags"]) => {
-            let t: Tags = body(b)?;
-            call(
-                R::NodesSetTags {
-                    id: id(n, "node")?,
-                    tags: t.tags,
-                },
-                Shape::Node,
-            )
-        }
-        ("POST", ["node", n, "approve_routes"]) => {
-            let r: Routes = body(b)?;
-            call(
-                R::NodesApproveRoutes {
-                    id: id(n, "node")?,
-                    routes: r.routes,
-                },
-                Shape::Node,
-            )
-        }
-        ("GET", ["node", n, "routes"]) => call(R::RoutesList, Shape::Routes(Some(id(n, "node")?))),
-        ("GET", ["preauthkey"]) => call(
+        ("POST", ["node", n, "user"]) => (
+            R::NodesMove {
+                id: node(n)?,
+                user: body(b)?.user()?,
+            },
+            Shape::Node,
+        ),
+        ("POST", ["node", n, "tags"]) => (
+            R::NodesSetTags {
+                id: node(n)?,
+                tags: body(b)?.list("tags")?,
+            },
+            Shape::Node,
+        ),
+        ("POST", ["node", n, "approve_routes"]) => (
+            R::NodesApproveRoutes {
+                id: node(n)?,
+                routes: body(b)?.list("routes")?,
+            },
+            Shape::Node,
+        ),
+        ("GET", ["node", n, "routes"]) => (R::RoutesList, Shape::Routes(Some(node(n)?))),
+        ("GET", ["preauthkey"]) => (
             R::PreauthkeysList {
                 user: query(q, "user")?,
             },
             Shape::PreAuthKeys,
         ),
         ("POST", ["preauthkey"]) => {
-            let k: KeyCreate = body(b)?;
-            let user = id_or_name(&k.user).ok_or_else(|| ApiError::BadRequest("user is required".into()))?;
-            let secs = secs_until(&k.expiration, now, DEFAULT_PREAUTH_SECS)?;
-            call(
+            let k = body(b)?;
+            let secs = secs_until(&k.string("expiration")?, now, DEFAULT_PREAUTH_SECS)?;
+            (
                 R::PreauthkeysCreate {
-                    user,
-                    reusable: k.reusable,
-                    ephemeral: k.ephemeral,
+                    user: k.user()?,
+                    reusable: k.flag("reusable")?,
+                    ephemeral: k.flag("ephemeral")?,
                     // 0 would mean "never" to the coordinator; a past time means "already expired".
                     expiration_secs: Some(secs),
-                    tags: k.acl_tags,
+                    tags: k.list("aclTags")?,
                 },
                 Shape::PreAuthKey,
             )
         }
-        ("POST", ["preauthkey", "expire"]) => {
-            let k: KeyExpire = body(b)?;
-            call(
-                R::PreauthkeysExpire {
-                    key: required(k.key, "key")?,
-                },
-                Shape::Empty,
-            )
-        }
-        ("GET", ["apikey"]) => call(R::ApikeysList, Shape::ApiKeys),
+        ("POST", ["preauthkey", "expire"]) => (
+            R::PreauthkeysExpire {
+                key: required(body(b)?.string("key")?, "key")?,
+            },
+            Shape::Empty,
+        ),
+        ("GET", ["apikey"]) => (R::ApikeysList, Shape::ApiKeys),
         ("POST", ["apikey"]) => {
-            let e: Expiration = body(b)?;
-            let secs = secs_until(&e.expiration, now, DEFAULT_API_KEY_SECS)?;
-            call(
+            let secs = secs_until(&body(b)?.string("expiration")?, now, DEFAULT_API_KEY_SECS)?;
+            (
                 R::ApikeysCreate {
                     expiration_secs: Some(secs),
                 },
                 Shape::ApiKeyCreated,
             )
         }
-        ("POST", ["apikey", "expire"]) => {
-            let p: Prefix = body(b)?;
-            call(
-                R::ApikeysExpire {
-                    prefix: required(p.prefix, "prefix")?,
-                },
-                Shape::Empty,
-            )
-        }
-        ("DELETE", ["apikey", prefix]) => call(
+        ("POST", ["apikey", "expire"]) => (
+            R::ApikeysExpire {
+                prefix: required(body(b)?.string("prefix")?, "prefix")?,
+            },
+            Shape::Empty,
+        ),
+        ("DELETE", ["apikey", prefix]) => (
             R::ApikeysDelete {
                 prefix: prefix.to_string(),
             },
             Shape::Empty,
         ),
-        ("GET", ["policy"]) => call(R::PolicyGet, Shape::Policy),
+        ("GET", ["policy"]) => (R::PolicyGet, Shape::Policy),
         ("PUT", ["policy"]) => {
-            let p: PolicyBody = body(b)?;
-            let policy = required(p.policy, "policy")?;
-            call(R::PolicySet { policy: policy.clone() }, Shape::PolicySet(policy))
+            let policy = required(body(b)?.string("policy")?, "policy")?;
+            (R::PolicySet { policy: policy.clone() }, Shape::PolicySet(policy))
         }
-        ("GET", ["routes"]) => call(R::RoutesList, Shape::Routes(None)),
-        ("POST", ["routes", r, action @ ("enable" | "disable")]) => call(
+        ("GET", ["routes"]) => (R::RoutesList, Shape::Routes(None)),
+        ("POST", ["routes", r, action @ ("enable" | "disable")]) => (
             R::RoutesSet {
                 route: id(r, "route")?,
                 enable: *action == "enable",
             },
             Shape::Empty,
         ),
-        _ => Err(ApiError::NotFound),
-    }
+        // tinyscale's own: one admin request as the socket takes it (`server --remote`).
+        ("POST", ["admin"]) => {
+            let text = std::str::from_utf8(b).map_err(|_| ApiError::BadRequest("body is not UTF-8".into()))?;
+            let req =
+                serde_json::from_str(text).map_err(|e| ApiError::BadRequest(format!("invalid admin request: {e}")))?;
+            (req, Shape::Raw)
+        }
+        _ => return Err(ApiError::NotFound),
+    };
+    Ok(ApiCall { req, shape })
 }
 
 /// Copies `v[from]` into `out[to]` unless it is absent or null.
@@ -536,6 +503,7 @@ pub fn render(shape: &Shape, v: &Value, now: i64) -> Result<Value, ApiError> {
             json!({"routes": rows.map(route_row).collect::<Vec<_>>()})
         }
         Shape::Empty => json!({}),
+        Shape::Raw => v.clone(),
     })
 }
 
@@ -566,7 +534,10 @@ fn coord_error(e: &CoordError) -> (u16, Vec<u8>) {
 /// status and JSON body.
 pub fn serve(coord: &Coordinator, method: &str, target: &str, b: &[u8], key: &str, now: i64) -> (u16, Vec<u8>) {
     let path = target.split('?').next().unwrap_or("");
-    let (status, out) = match route(method, target, b, now) {
+    let routed = route(method, target, b, now);
+    let op = routed.as_ref().ok().and_then(|c| serde_json::to_value(&c.req).ok());
+    let op = op.as_ref().and_then(|v| v["cmd"].as_str()).unwrap_or("-").to_string();
+    let (status, out) = match routed {
         Err(ApiError::NotFound) => (404, error_body(5, "Not Found")),
         Err(ApiError::BadRequest(m)) => (400, error_body(3, &m)),
         Ok(call) => match admin::handle_value(coord, call.req) {
@@ -578,7 +549,7 @@ pub fn serve(coord: &Coordinator, method: &str, target: &str, b: &[u8], key: &st
         },
     };
     if method != "GET" {
-        log::info!("api request method={method} path={path} key={key} status={status}");
+        log::info!("api request method={method} path={path} op={op} key={key} status={status}");
     }
     (status, out)
 }
@@ -833,6 +804,13 @@ mod tests {
                 },
                 Shape::Empty,
             ),
+            (
+                "POST",
+                "/api/v1/admin",
+                r#"{"cmd":"nodes_list","user":null}"#,
+                R::NodesList { user: None },
+                Shape::Raw,
+            ),
         ];
         for (m, t, b, req, shape) in table {
             assert_eq!(ok(m, t, b), (req, shape), "{m} {t}");
@@ -877,6 +855,8 @@ mod tests {
             ("POST", "/api/v1/apikey/expire", "{}", "prefix"),
             ("PUT", "/api/v1/policy", "{}", "policy"),
             ("POST", "/api/v1/routes/abc/enable", "", "route"),
+            ("POST", "/api/v1/admin", "{}", "cmd"),
+            ("POST", "/api/v1/admin", r#"{"cmd":"format_disk"}"#, "format_disk"),
             ("GET", "/api/v1/user?name=%zz", "", "name"),
         ] {
             match r(m, t, b) {
@@ -977,6 +957,10 @@ mod tests {
         assert_eq!(
             render(&Shape::Policy, &json!({"policy": null}), NOW).unwrap(),
             json!({"policy": ""})
+        );
+        assert_eq!(
+            render(&Shape::Raw, &json!([{"id": 1}]), NOW).unwrap(),
+            json!([{"id": 1}])
         );
         assert_eq!(
             render(&Shape::PolicySet("{}".into()), &json!({}), NOW).unwrap(),
