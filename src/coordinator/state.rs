@@ -126,7 +126,8 @@ pub struct State {
     users: BTreeMap<u64, User>,
     keys: BTreeMap<u64, PreAuthKey>,
     nodes: BTreeMap<u64, Node>,
-    api_keys: BTreeMap<u64, ApiKey>,
+    /// Ordered by id (a `Vec`: a handful of keys, and less code than a map).
+    api_keys: Vec<ApiKey>,
     pending: HashMap<String, Pending>,
     sessions: HashMap<u64, u32>,
     primaries: BTreeMap<String, u64>,
@@ -180,7 +181,7 @@ impl State {
             users: snap.users.into_iter().map(|u| (u.id, u)).collect(),
             keys: snap.preauth_keys.into_iter().map(|k| (k.id, k)).collect(),
             nodes: snap.nodes.into_iter().map(|n| (n.id, n)).collect(),
-            api_keys: snap.api_keys.into_iter().map(|k| (k.id, k)).collect(),
+            api_keys: snap.api_keys,
             pending: HashMap::new(),
             sessions: HashMap::new(),
             primaries: BTreeMap::new(),
@@ -499,7 +500,7 @@ impl State {
 
     /// All REST API keys by id.
     pub fn api_keys(&self) -> impl Iterator<Item = &ApiKey> {
-        self.api_keys.values()
+        self.api_keys.iter()
     }
 
     /// `apikeys create`: stores `prefix` and the hash of `secret` (both random text supplied by
@@ -520,33 +521,32 @@ impl State {
             last_seen: None,
         };
         k.id = self.store.insert_api_key(&k)?;
-        self.api_keys.insert(k.id, k.clone());
+        self.api_keys.push(k.clone());
         Ok(k)
     }
 
-    fn api_key_id(&self, prefix: &str) -> Result<u64, CoordError> {
+    fn api_key_pos(&self, prefix: &str) -> Result<usize, CoordError> {
         self.api_keys
-            .values()
-            .find(|k| k.prefix == prefix)
-            .map(|k| k.id)
+            .iter()
+            .position(|k| k.prefix == prefix)
             .ok_or_else(|| CoordError::NotFound(format!("api key with prefix {prefix:?} not found")))
     }
 
     /// `apikeys expire`: the key stops working now.
     pub fn expire_api_key(&mut self, prefix: &str, now: i64) -> Result<ApiKey, CoordError> {
-        let id = self.api_key_id(prefix)?;
-        let mut k = self.api_keys[&id].clone();
+        let i = self.api_key_pos(prefix)?;
+        let mut k = self.api_keys[i].clone();
         k.expiration = Some(k.expiration.map_or(now, |e| e.min(now)));
         self.store.update_api_key(&k)?;
-        self.api_keys.insert(id, k.clone());
+        self.api_keys[i] = k.clone();
         Ok(k)
     }
 
     /// `apikeys delete`.
     pub fn delete_api_key(&mut self, prefix: &str) -> Result<(), CoordError> {
-        let id = self.api_key_id(prefix)?;
-        self.store.delete_api_key(id)?;
-        self.api_keys.remove(&id);
+        let i = self.api_key_pos(prefix)?;
+        self.store.delete_api_key(self.api_keys[i].id)?;
+        self.api_keys.remove(i);
         Ok(())
     }
 
@@ -555,11 +555,7 @@ impl State {
     pub fn check_api_key(&self, presented: &str, now: i64) -> Result<&str, CoordError> {
         let refused = || CoordError::Unauthorized("invalid or expired api key".into());
         let (prefix, secret) = presented.split_once('.').ok_or_else(refused)?;
-        let k = self
-            .api_keys
-            .values()
-            .find(|k| k.prefix == prefix)
-            .ok_or_else(refused)?;
+        let k = self.api_keys.iter().find(|k| k.prefix == prefix).ok_or_else(refused)?;
         let ok = ct_eq(&k.hash, &api_key_hash(secret)) & k.expiration.is_none_or(|e| e > now);
         ok.then_some(k.prefix.as_str()).ok_or_else(refused)
     }
