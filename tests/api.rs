@@ -106,6 +106,13 @@ async fn missing_bad_and_expired_keys_get_the_same_short_401() {
     )
     .await;
     assert_eq!(r.0, 401);
+    // The scheme's case does not matter.
+    let r = raw(
+        h.addr,
+        format!("GET /api/v1/user HTTP/1.1\r\nAuthorization: bearer {key}\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.0, 200);
     // Expired through the API itself (with the other key), then refused.
     let (st, _) = h
         .call(

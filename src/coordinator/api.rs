@@ -507,6 +507,9 @@ pub fn render(shape: &Shape, v: &Value, now: i64) -> Result<Value, ApiError> {
     })
 }
 
+// ---- shell ----
+// Below: the glue to the running coordinator (locks and logs); everything above is pure.
+
 /// grpc-gateway's error body: `{"code", "message", "details": []}` with the gRPC code.
 fn error_body(grpc: u8, message: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({"code": grpc, "message": message, "details": []})).unwrap_or_default()

@@ -289,7 +289,11 @@ async fn api_http(
         }
     };
     let now = unix_now();
-    let token = head.header("authorization").and_then(|a| a.strip_prefix("Bearer "));
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    let token = head
+        .header("authorization")
+        .and_then(|a| a.split_once(' '))
+        .and_then(|(scheme, t)| scheme.eq_ignore_ascii_case("bearer").then_some(t));
     let key = token.and_then(|t| coord.lock().check_api_key(t.trim(), now).ok().map(str::to_string));
     let Some(key) = key else {
         return http1::write_response(sock, 401, "text/plain", b"Unauthorized\n").await;
