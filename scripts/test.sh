@@ -102,6 +102,13 @@ demo_check() {
     [ "$(grep -c '^showed:' <<<"$out")" -ge "$want" ] || { echo "demo showed fewer than $want parts"; return 1; }
 }
 step "README demo (scripts/demo.sh)" demo_check
+# The REST API against an independent client (PyPI hsapi-client, Python >= 3.12).
+if has_missing hsapi-client; then
+    skip "REST API with hsapi-client (not installed for a Python >= 3.12)"
+else
+    cargo build --quiet
+    step "REST API with an independent client (hsapi-client)" env TINYSCALE_BIN="$PWD/target/debug/tinyscale" scripts/hsapi-check.sh
+fi
 if [ -z "$root" ]; then
     skip "netns end-to-end and WireGuard interop (need root for network namespaces)"
 elif [ "${TINYSCALE_SKIP_NETNS:-0}" = 1 ]; then

@@ -44,8 +44,8 @@ use std::{
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior};
 use tokio::sync::watch;
 
-use super::model::{Node, PreAuthKey, User};
-use crate::keys::{DiscoPublic, MachinePublic, NodePublic};
+use super::model::{ApiKey, Node, PreAuthKey, User};
+use crate::keys::{hex_decode32, hex_encode, DiscoPublic, MachinePublic, NodePublic};
 
 /// The canonical schema of the current version.
 const SCHEMA_SQL: &str = include_str!("schema.sql");
@@ -61,6 +61,15 @@ const MIGRATIONS: &[&str] = &[
   id         INTEGER PRIMARY KEY CHECK (id = 1),
   data       TEXT    NOT NULL,
   updated_at INTEGER NOT NULL
+);",
+    // 2 -> 3: REST API keys (prefix + hash of the secret).
+    "CREATE TABLE api_keys (
+  id         INTEGER PRIMARY KEY AUTOINCREMENT,
+  prefix     TEXT    NOT NULL UNIQUE,
+  hash       TEXT    NOT NULL,
+  created_at INTEGER NOT NULL,
+  expiration INTEGER,
+  last_seen  INTEGER
 );",
 ];
 
@@ -193,6 +202,9 @@ enum Write {
     DeleteNode(u64),
     SetKv(String, String),
     SetPolicy(Option<String>, i64),
+    InsertApiKey(u64, ApiKey),
+    UpdateApiKey(ApiKey),
+    DeleteApiKey(u64),
     /// Anything, for tests (e.g. a disk that stalls).
     #[cfg(test)]
     Test(TestWrite),
@@ -258,6 +270,7 @@ struct NextIds {
     users: u64,
     keys: u64,
     nodes: u64,
+    api_keys: u64,
 }
 
 fn bump(last: &mut u64) -> u64 {
@@ -330,6 +343,8 @@ pub struct Snapshot {
     pub preauth_keys: Vec<PreAuthKey>,
     /// All nodes.
     pub nodes: Vec<Node>,
+    /// All REST API keys, including expired ones.
+    pub api_keys: Vec<ApiKey>,
 }
 
 impl Store {
@@ -362,6 +377,7 @@ impl Store {
             users: last_id(&conn, "users")?,
             keys: last_id(&conn, "pre_auth_keys")?,
             nodes: last_id(&conn, "nodes")?,
+            api_keys: last_id(&conn, "api_keys")?,
         };
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
@@ -569,6 +585,30 @@ impl Store {
 }
 
 impl Store {
+    /// Queues the insert of API key `k` (its `id` is ignored) and returns the new id. A taken
+    /// prefix fails with [`StoreError::Conflict`]`("api_keys.prefix")`, reported by
+    /// [`Store::durable`].
+    pub fn insert_api_key(&self, k: &ApiKey) -> Result<u64, StoreError> {
+        let mut id = 0;
+        self.submit(|ids| {
+            id = bump(&mut ids.api_keys);
+            Write::InsertApiKey(id, k.clone())
+        })?;
+        Ok(id)
+    }
+
+    /// Rewrites the expiry and last use of API key `k.id` (the prefix and hash never change).
+    pub fn update_api_key(&self, k: &ApiKey) -> Result<(), StoreError> {
+        self.submit(|_| Write::UpdateApiKey(k.clone())).map(drop)
+    }
+
+    /// Deletes API key `id`; deleting a missing key is not an error.
+    pub fn delete_api_key(&self, id: u64) -> Result<(), StoreError> {
+        self.submit(|_| Write::DeleteApiKey(id)).map(drop)
+    }
+}
+
+impl Store {
     /// The ACL policy text, if one is set.
     pub fn get_policy(&self) -> Result<Option<String>, StoreError> {
         match self.read(Read::Policy)? {
@@ -766,6 +806,30 @@ fn apply(c: &Connection, w: Write) -> Result<(), StoreError> {
                 params![d, now],
             )?;
         }
+        Write::InsertApiKey(id, k) => {
+            c.execute(
+                "INSERT INTO api_keys (id, prefix, hash, created_at, expiration, last_seen) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    sql_id(id),
+                    k.prefix,
+                    hex_encode(&k.hash),
+                    k.created,
+                    k.expiration,
+                    k.last_seen
+                ],
+            )?;
+        }
+        Write::UpdateApiKey(k) => {
+            let n = c.execute(
+                "UPDATE api_keys SET expiration = ?2, last_seen = ?3 WHERE id = ?1",
+                params![sql_id(k.id), k.expiration, k.last_seen],
+            )?;
+            found(n, || format!("api key {}", k.id))?;
+        }
+        Write::DeleteApiKey(id) => {
+            c.execute("DELETE FROM api_keys WHERE id = ?1", [sql_id(id)])?;
+        }
         Write::SetPolicy(None, _) => {
             c.execute("DELETE FROM policy", [])?;
         }
@@ -897,6 +961,23 @@ fn load_all(conn: &Connection) -> Result<Snapshot, StoreError> {
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
         snap.nodes.push(node_from_row(r)?);
+    }
+    drop(rows);
+    drop(stmt);
+
+    let mut stmt =
+        conn.prepare("SELECT id, prefix, hash, created_at, expiration, last_seen FROM api_keys ORDER BY id")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let hash: String = r.get(2)?;
+        snap.api_keys.push(ApiKey {
+            id: id_from(r.get(0)?, "api_keys.id")?,
+            prefix: r.get(1)?,
+            hash: hex_decode32(&hash).map_err(|_| StoreError::Corrupt("api_keys.hash".into()))?,
+            created: r.get(3)?,
+            expiration: r.get(4)?,
+            last_seen: r.get(5)?,
+        });
     }
     Ok(snap)
 }
@@ -1641,6 +1722,61 @@ mod tests {
         assert_eq!(s.insert_node(&node(1, 7)).unwrap(), 3);
         // Version 2 added the policy table, empty (allow all) after the upgrade.
         assert_eq!(s.get_policy().unwrap(), None);
+    }
+
+    /// tests/vectors/db/v2.sql: the v1 fixture's data plus an ACL policy, at version 2.
+    const V2_FIXTURE: &str = include_str!("../../tests/vectors/db/v2.sql");
+
+    #[test]
+    fn v2_fixture_opens_and_migrates() {
+        let dir = TempDir::new("v2");
+        let path = dir.0.join("db.sqlite");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        Connection::open(&path).unwrap().execute_batch(V2_FIXTURE).unwrap();
+
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(s.with_conn(schema_of), fresh_schema());
+        let snap = s.load().unwrap();
+        assert_eq!((snap.users.len(), snap.preauth_keys.len(), snap.nodes.len()), (1, 1, 1));
+        assert!(s.get_policy().unwrap().is_some_and(|p| p.starts_with("// ops\n")));
+        // Version 3 added the API keys, none after the upgrade; the table takes new ones.
+        assert!(snap.api_keys.is_empty());
+        let k = ApiKey {
+            id: 0,
+            prefix: "abc1234".into(),
+            hash: [7; 32],
+            created: 10,
+            expiration: Some(20),
+            last_seen: None,
+        };
+        assert_eq!(now(&s, |s| s.insert_api_key(&k)).unwrap(), 1);
+    }
+
+    #[test]
+    fn api_keys_roundtrip_expire_and_delete() {
+        let s = Store::open_in_memory().unwrap();
+        let mut k = ApiKey {
+            id: 0,
+            prefix: "p1".into(),
+            hash: [0xab; 32],
+            created: 100,
+            expiration: None,
+            last_seen: None,
+        };
+        k.id = s.insert_api_key(&k).unwrap();
+        assert!(matches!(now(&s, |s| s.insert_api_key(&k)), Err(StoreError::Conflict(c)) if c == "api_keys.prefix"));
+        k.expiration = Some(200);
+        s.update_api_key(&k).unwrap();
+        assert_eq!(s.load().unwrap().api_keys, vec![k.clone()]);
+        s.with_conn(|c| c.execute("UPDATE api_keys SET hash = 'zz'", []).unwrap());
+        assert!(matches!(s.load(), Err(StoreError::Corrupt(m)) if m.contains("api_keys.hash")));
+        s.delete_api_key(k.id).unwrap();
+        assert!(s.load().unwrap().api_keys.is_empty());
+        assert!(matches!(
+            now(&s, |s| s.update_api_key(&k)),
+            Err(StoreError::NotFound(_))
+        ));
     }
 
     #[test]
