@@ -1,6 +1,6 @@
 //! Control-plane JSON bodies: what the coordinator parses from clients (RegisterRequest,
 //! MapRequest) and what the client parses from control (RegisterResponse, MapResponse, DERP map),
-//! all through the key-folding decoder both sides use.
+//! all through the key-folding decoder both sides use, and the framing of the map stream.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use tinyscale::tailcfg::{self, DerpMap, MapRequest, MapResponse, RegisterRequest, RegisterResponse};
@@ -14,6 +14,9 @@ fuzz_target!(|data: &[u8]| {
         let mut nm = tinyscale::control::netmap::Netmap::default();
         nm.apply(m);
     }
+    // The map long-poll body: length-prefixed JSON or zstd messages back to back.
+    let mut stream = data.to_vec();
+    while let Ok(Some(_)) = tinyscale::control::client::next_map_message(&mut stream) {}
     if let Ok(s) = std::str::from_utf8(data) {
         let _ = tailcfg::parse_time(s);
         let _ = tailcfg::is_valid_cidr(s);
