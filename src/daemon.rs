@@ -156,6 +156,31 @@ fn random32() -> [u8; 32] {
     b
 }
 
+/// The keys and prefs of a state file that passed [`parse_state_file`].
+#[derive(Debug)]
+pub struct SavedState {
+    pub machine: MachinePrivate,
+    pub node: NodePrivate,
+    pub prefs: Prefs,
+}
+
+/// Checks the bytes of an existing state file. Every state file the daemon writes holds both
+/// keys, so a file without them (empty, truncated, garbage, keys missing or malformed) is
+/// damaged, not new: the caller refuses to start rather than log in again as a new node.
+pub fn parse_state_file(bytes: &[u8]) -> Result<SavedState, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(format!("is empty ({} bytes), probably truncated", bytes.len()));
+    }
+    let file: StateFile = serde_json::from_slice(bytes).map_err(|e| format!("is not valid state JSON: {e}"))?;
+    let machine = MachinePrivate::from_key_str(&file.machine_key).map_err(|e| format!("has a bad machine_key: {e}"))?;
+    let node = NodePrivate::from_key_str(&file.node_key).map_err(|e| format!("has a bad node_key: {e}"))?;
+    Ok(SavedState {
+        machine,
+        node,
+        prefs: file.prefs,
+    })
+}
+
 /// Writes `data` to `path` atomically with mode 0600 (tmp + fsync + rename + dir fsync).
 pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -167,6 +192,8 @@ pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
+        // A stale temp file left by a crash keeps its old mode; `mode` only applies on create.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -183,19 +210,24 @@ impl Daemon {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create state dir {}: {e}", dir.display()))?;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         let path = dir.join(STATE_FILE);
-        let file: StateFile = match std::fs::read(&path) {
-            Ok(b) => {
-                serde_json::from_slice(&b).map_err(|e| format!("state file {} is corrupt: {e}", path.display()))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
+        let saved = match std::fs::read(&path) {
+            Ok(b) => parse_state_file(&b).map_err(|e| {
+                format!(
+                    "state file {} {e}; refusing to start as a new node (restore it, or remove it to log in again)",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => SavedState {
+                machine: MachinePrivate::from_random(random32()),
+                node: NodePrivate::from_random(random32()),
+                prefs: Prefs::default(),
+            },
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        let machine =
-            MachinePrivate::from_key_str(&file.machine_key).unwrap_or_else(|_| MachinePrivate::from_random(random32()));
-        let node = NodePrivate::from_key_str(&file.node_key).unwrap_or_else(|_| NodePrivate::from_random(random32()));
-        let state = if file.prefs.want_running {
+        let SavedState { machine, node, prefs } = saved;
+        let state = if prefs.want_running {
             BackendState::Starting
-        } else if file.prefs.login_server.is_empty() {
+        } else if prefs.login_server.is_empty() {
             BackendState::NeedsLogin
         } else {
             BackendState::Stopped
@@ -206,7 +238,7 @@ impl Daemon {
                 dir: dir.to_path_buf(),
                 machine,
                 node,
-                prefs: file.prefs,
+                prefs,
                 auth_key: None,
                 force_reauth: false,
                 state,
@@ -1632,5 +1664,93 @@ mod tests {
         assert!(q("gw", "BOGUS").await.error.starts_with("unknown record type"));
         d.lock().prefs.accept_dns = false;
         assert!(q("gw", "A").await.error.contains("--accept-dns=false"));
+    }
+
+    #[test]
+    fn damaged_state_file_is_refused_and_left_untouched() {
+        let dir = TempDir::new("corrupt");
+        let path = dir.0.join(STATE_FILE);
+        let good = {
+            let d = Daemon::load(&dir.0, None).expect("fresh state dir loads");
+            let s = d.lock();
+            (s.machine.public(), s.node.public())
+        };
+        let text = std::fs::read(&path).expect("state file written");
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("empty", Vec::new(), "is empty"),
+            ("blank", b"\n\n".to_vec(), "is empty"),
+            ("truncated", text[..text.len() / 2].to_vec(), "not valid state JSON"),
+            ("garbage", vec![0xff, 0x00, 0x13, 0x37], "not valid state JSON"),
+            ("no keys", b"{}".to_vec(), "bad machine_key"),
+            (
+                "bad node key",
+                String::from_utf8_lossy(&text)
+                    .replace("\"node_key\": \"privkey:", "\"node_key\": \"privkey:zz")
+                    .into_bytes(),
+                "bad node_key",
+            ),
+        ];
+        for (what, bytes, want) in cases {
+            std::fs::write(&path, &bytes).expect("write damaged file");
+            let err = Daemon::load(&dir.0, None)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: loaded"));
+            assert!(err.contains(&path.display().to_string()), "{what}: {err}");
+            assert!(err.contains(want), "{what}: {err}");
+            assert!(err.contains("refusing to start"), "{what}: {err}");
+            assert_eq!(
+                std::fs::read(&path).expect("still there"),
+                bytes,
+                "{what}: file was rewritten"
+            );
+        }
+        // Restored, the same identity comes back.
+        std::fs::write(&path, &text).expect("restore");
+        let d = Daemon::load(&dir.0, None).expect("restored state loads");
+        let s = d.lock();
+        assert_eq!((s.machine.public(), s.node.public()), good);
+    }
+
+    #[test]
+    fn state_file_permissions_and_unreadable_path() {
+        let dir = TempDir::new("perm");
+        let path = dir.0.join(STATE_FILE);
+        let first = Daemon::load(&dir.0, None).expect("fresh").lock().node.public();
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        // Opened up by hand, and a stale world-readable temp file from a crashed write: the
+        // state is kept and both end up private.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, b"stale").expect("tmp");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666)).expect("chmod tmp");
+        let d = Daemon::load(&dir.0, None).expect("reloads");
+        assert_eq!(d.lock().node.public(), first);
+        assert_eq!(mode(&path), 0o600);
+        assert!(!tmp.exists(), "temp file renamed over the state file");
+        drop(d);
+        // A state path that cannot be read as a file is an error naming it, not a new identity.
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::create_dir(&path).expect("dir in the way");
+        let err = Daemon::load(&dir.0, None).err().expect("refused");
+        assert!(
+            err.contains("cannot read") && err.contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn write_private_file_replaces_atomically() {
+        let dir = TempDir::new("atomic");
+        std::fs::create_dir_all(&dir.0).expect("dir");
+        let path = dir.0.join("f");
+        write_private_file(&path, b"one").expect("write");
+        write_private_file(&path, b"two").expect("rewrite");
+        assert_eq!(std::fs::read(&path).expect("read"), b"two");
+        assert!(!path.with_extension("tmp").exists());
+        // A failed write (the parent is gone) leaves no partial file behind and reports the error.
+        let gone = dir.0.join("missing/f");
+        assert!(write_private_file(&gone, b"x").is_err());
+        assert!(!gone.exists());
     }
 }

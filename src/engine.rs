@@ -74,6 +74,10 @@ const TICK: Duration = Duration::from_millis(100);
 const PATH_CHECK: Duration = Duration::from_secs(1);
 /// How often netcheck re-runs (Go: every 20-26 s while active).
 const NETCHECK_INTERVAL: Duration = Duration::from_secs(25);
+/// With no relay address to route towards (a DERP map without relays), our IPv4 endpoint is the
+/// source address of the default route, found by routing towards this address (TEST-NET-1;
+/// connecting a UDP socket sends nothing).
+const DEFAULT_ROUTE_PROBE: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)), 3478);
 /// Packets queued towards one DERP region before new ones are dropped.
 const DERP_QUEUE: usize = 256;
 /// Largest datagram we read (WireGuard over a 1280 MTU plus overhead, with room to spare; a
@@ -1533,7 +1537,17 @@ impl Engine {
 
     fn netcheck_step(&mut self, now_t: Instant) {
         let now = now_t.into_std();
-        if self.report.is_none() && now_t >= self.next_netcheck && !self.derp_map.regions.is_empty() {
+        if self.derp_map.regions.is_empty() {
+            // Nothing to probe (control without DERP): the endpoints are still published, on the
+            // same schedule, so peers can reach us directly.
+            self.report = None;
+            if now_t >= self.next_netcheck {
+                self.next_netcheck = now_t + NETCHECK_INTERVAL;
+                self.apply_report(netcheck::Report::default());
+            }
+            return;
+        }
+        if self.report.is_none() && now_t >= self.next_netcheck {
             // Names first, off the loop; `dns_done` brings us back here.
             let stale = self.stale_derp_hosts(now_t);
             if !stale.is_empty() && !self.dns_pending {
@@ -1685,10 +1699,9 @@ impl Engine {
             .values()
             .flat_map(|reg| reg.nodes.iter())
             .flat_map(|n| derp::dial_addrs(n, 3478, &self.dns.get(&n.host_name)))
-            .find(SocketAddr::is_ipv4);
-        let local_v4 = towards
-            .and_then(local_addr_towards)
-            .map(|ip| SocketAddr::new(ip, self.sock.port()));
+            .find(SocketAddr::is_ipv4)
+            .unwrap_or(DEFAULT_ROUTE_PROBE);
+        let local_v4 = local_addr_towards(towards).map(|ip| SocketAddr::new(ip, self.sock.port()));
         let v6 = addr::publishable_v6(&socket::interface_v6(), self.tun.name());
         let stun: Vec<SocketAddr> = [r.global_v4, r.global_v6].into_iter().flatten().collect();
         let eps = addr::local_endpoints(&stun, local_v4, &v6, self.sock.port6());

@@ -114,6 +114,14 @@ pub enum StoreError {
         /// The OS error.
         err: std::io::Error,
     },
+    /// The database file exists but is empty, truncated or not SQLite; it is left as found.
+    #[error("database file {} {what}; refusing to start a new tailnet over it (restore it from a backup, or remove it)", path.display())]
+    Damaged {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong, e.g. `is empty (0 bytes)`.
+        what: String,
+    },
     /// The writer thread is gone (the store is shutting down).
     #[error("database writer stopped")]
     Stopped,
@@ -134,6 +142,10 @@ impl StoreError {
                 op,
                 path: path.clone(),
                 err: std::io::Error::new(err.kind(), err.to_string()),
+            },
+            StoreError::Damaged { path, what } => StoreError::Damaged {
+                path: path.clone(),
+                what: what.clone(),
             },
             StoreError::Stopped => StoreError::Stopped,
         }
@@ -349,9 +361,30 @@ pub struct Snapshot {
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and migrates it to [`SCHEMA_VERSION`].
+    /// An existing file that is empty (with no WAL holding its data), truncated or not SQLite is
+    /// [`StoreError::Damaged`] and left untouched: starting over would silently give the tailnet
+    /// a new control key and forget every node.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let damaged = |what: String| StoreError::Damaged {
+            path: path.to_path_buf(),
+            what,
+        };
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            let mut wal = path.as_os_str().to_owned();
+            wal.push("-wal");
+            if !std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+                return Err(damaged("is empty (0 bytes)".into()));
+            }
+        }
         prepare_file(path)?;
         let conn = Connection::open(path)?;
+        // Before any write (WAL switch, migrations): a damaged file must stay as it was.
+        let check = conn.query_row("PRAGMA quick_check", [], |r| r.get::<_, String>(0));
+        match check {
+            Ok(ok) if ok == "ok" => {}
+            Ok(problem) => return Err(damaged(format!("fails its integrity check: {problem}"))),
+            Err(e) => return Err(damaged(format!("is not a readable SQLite database: {e}"))),
+        }
         Self::init(conn, Some(path))
     }
 
@@ -1638,6 +1671,43 @@ mod tests {
             .execute_batch("CREATE TABLE t (x)")
             .unwrap();
         assert!(matches!(Store::open(&path), Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn damaged_db_file_is_refused_and_left_untouched() {
+        let dir = TempDir::new("damaged");
+        let path = dir.0.join("db.sqlite");
+        {
+            let s = Store::open(&path).unwrap();
+            s.insert_user(&user("alice")).unwrap();
+            for i in 0..200 {
+                s.set_kv(&format!("filler{i}"), &"x".repeat(500)).unwrap();
+            }
+        }
+        let good = std::fs::read(&path).unwrap();
+        assert!(good.len() > 8192, "a few pages: {}", good.len());
+        let mut garbage = good.clone();
+        garbage[..16].copy_from_slice(b"not sqlite here!");
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("empty", Vec::new(), "is empty"),
+            ("truncated", good[..good.len() / 2].to_vec(), "malformed"),
+            ("garbage", garbage, "not a database"),
+        ];
+        for (what, bytes, want) in cases {
+            std::fs::write(&path, &bytes).unwrap();
+            let err = match Store::open(&path) {
+                Err(e @ StoreError::Damaged { .. }) => e.to_string(),
+                Err(e) => panic!("{what}: wrong error {e}"),
+                Ok(_) => panic!("{what}: opened"),
+            };
+            assert!(
+                err.contains(&path.display().to_string()) && err.contains(want),
+                "{what}: {err}"
+            );
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "{what}: file was changed");
+        }
+        std::fs::write(&path, &good).unwrap();
+        assert_eq!(Store::open(&path).unwrap().load().unwrap().users.len(), 1);
     }
 
     #[test]
