@@ -84,6 +84,10 @@ impl Default for Prefs {
 struct StateFile {
     machine_key: String,
     node_key: String,
+    /// A node key being rotated to: written before control hears of it, so a crash between
+    /// control's answer and our next save cannot leave us with a key control has retired.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pending_node_key: String,
     prefs: Prefs,
 }
 
@@ -101,6 +105,8 @@ struct Shared {
     dir: PathBuf,
     machine: MachinePrivate,
     node: NodePrivate,
+    /// The key [`Daemon::session`] is rotating `node` to, until control accepted it.
+    pending_node: Option<NodePrivate>,
     prefs: Prefs,
     /// Auth key from the last `up`; never persisted, dropped after use.
     auth_key: Option<String>,
@@ -161,6 +167,8 @@ fn random32() -> [u8; 32] {
 pub struct SavedState {
     pub machine: MachinePrivate,
     pub node: NodePrivate,
+    /// A rotation in progress (see `StateFile::pending_node_key`).
+    pub pending_node: Option<NodePrivate>,
     pub prefs: Prefs,
 }
 
@@ -174,9 +182,14 @@ pub fn parse_state_file(bytes: &[u8]) -> Result<SavedState, String> {
     let file: StateFile = serde_json::from_slice(bytes).map_err(|e| format!("is not valid state JSON: {e}"))?;
     let machine = MachinePrivate::from_key_str(&file.machine_key).map_err(|e| format!("has a bad machine_key: {e}"))?;
     let node = NodePrivate::from_key_str(&file.node_key).map_err(|e| format!("has a bad node_key: {e}"))?;
+    let pending_node = match file.pending_node_key.as_str() {
+        "" => None,
+        k => Some(NodePrivate::from_key_str(k).map_err(|e| format!("has a bad pending_node_key: {e}"))?),
+    };
     Ok(SavedState {
         machine,
         node,
+        pending_node,
         prefs: file.prefs,
     })
 }
@@ -220,11 +233,17 @@ impl Daemon {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => SavedState {
                 machine: MachinePrivate::from_random(random32()),
                 node: NodePrivate::from_random(random32()),
+                pending_node: None,
                 prefs: Prefs::default(),
             },
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        let SavedState { machine, node, prefs } = saved;
+        let SavedState {
+            machine,
+            node,
+            pending_node,
+            prefs,
+        } = saved;
         let state = if prefs.want_running {
             BackendState::Starting
         } else if prefs.login_server.is_empty() {
@@ -238,6 +257,7 @@ impl Daemon {
                 dir: dir.to_path_buf(),
                 machine,
                 node,
+                pending_node,
                 prefs,
                 auth_key: None,
                 force_reauth: false,
@@ -271,6 +291,7 @@ impl Daemon {
         let f = StateFile {
             machine_key: s.machine.to_key_str(),
             node_key: s.node.to_key_str(),
+            pending_node_key: s.pending_node.as_ref().map(NodePrivate::to_key_str).unwrap_or_default(),
             prefs: s.prefs.clone(),
         };
         let rp = RoutePrefs {
@@ -448,6 +469,7 @@ impl Daemon {
                 if v != p.login_server && !p.login_server.is_empty() {
                     // A different control server knows nothing of our node key.
                     s.node = NodePrivate::from_random(random32());
+                    s.pending_node = None;
                 }
                 p.login_server = v.trim_end_matches('/').to_string();
             }
@@ -563,6 +585,7 @@ impl Daemon {
         {
             let mut s = self.lock();
             s.node = NodePrivate::from_random(random32());
+            s.pending_node = None;
             s.prefs.want_running = false;
             s.state = BackendState::NeedsLogin;
             s.netmap = Netmap::default();
@@ -1010,13 +1033,21 @@ impl Daemon {
         }
     }
 
+    /// Persists `next` as the key being rotated to, before control hears of it.
+    fn note_rotation(&self, next: &NodePrivate) -> Result<(), client::Error> {
+        self.lock().pending_node = Some(next.clone());
+        self.save()
+            .map_err(|e| client::Error::Rejected(format!("cannot persist the new node key: {e}")))
+    }
+
     async fn session(self: &Arc<Self>) -> Result<(), client::Error> {
-        let (url, machine, mut node, prefs, auth_key, force) = {
+        let (url, machine, mut node, pending, prefs, auth_key, force) = {
             let s = self.lock();
             (
                 s.prefs.login_server.clone(),
                 s.machine.clone(),
                 s.node.clone(),
+                s.pending_node.clone(),
                 s.prefs.clone(),
                 s.auth_key.clone(),
                 s.force_reauth,
@@ -1027,9 +1058,18 @@ impl Daemon {
         let mut conn = client::connect(&url, &machine, &server_key).await?;
         let hostinfo = self.hostinfo(&prefs);
         let mut old = crate::keys::NodePublic::default();
-        if force {
+        // The key control knew before a resumed rotation, in case control never took the new one.
+        let mut fallback = None;
+        if let Some(p) = pending {
+            // A rotation cut short (crash, lost answer): ask for the same one again. Control
+            // either did it already (it knows the new key) or does it now.
+            log::info!("node key rotation resumed");
+            old = node.public();
+            fallback = Some(std::mem::replace(&mut node, p));
+        } else if force {
             old = node.public();
             node = NodePrivate::from_random(random32());
+            self.note_rotation(&node)?;
         }
         let mut req = RegisterRequest {
             version: tailcfg::CURRENT_CAPABILITY_VERSION,
@@ -1053,8 +1093,23 @@ impl Daemon {
                 log::info!("node key expired, rotating");
                 req.old_node_key = node.public();
                 node = NodePrivate::from_random(random32());
+                self.note_rotation(&node)?;
                 req.node_key = node.public();
                 continue;
+            }
+            if !resp.auth_url.is_empty() && req.followup.is_empty() && req.auth.is_none() {
+                if let Some(prev) = fallback.take() {
+                    // Control never took the new key: go on with the one it knows.
+                    log::info!("node key rotation not known to control; keeping the current key");
+                    node = prev;
+                    req.node_key = node.public();
+                    req.old_node_key = crate::keys::NodePublic::default();
+                    self.lock().pending_node = None;
+                    if let Err(e) = self.save() {
+                        log::warn!("persisting keys failed err={e}");
+                    }
+                    continue;
+                }
             }
             if !resp.auth_url.is_empty() {
                 log::info!("login required url={}", resp.auth_url);
@@ -1077,6 +1132,7 @@ impl Daemon {
         {
             let mut s = self.lock();
             s.node = node.clone();
+            s.pending_node = None;
             s.auth_key = None;
             s.force_reauth = false;
             s.auth_url.clear();
