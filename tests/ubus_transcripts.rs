@@ -357,12 +357,22 @@ async fn daemon_shell_against_scripted_ubusd() {
             .contains("accept_route"));
         let st = timeout(step, read_frame(&mut s)).await.expect("status");
         assert_eq!(ubus::decode(&st).expect("decode").u32(ubus::ATTR_STATUS), Some(2));
-        // down, then the state event
+        // down: its data and status, and the state event, pushed by the change itself, so it
+        // may reach ubusd before, between or after the call's replies.
         s.write_all(from_ubusd[8]).await.expect("invoke");
-        let _ = timeout(step, read_frame(&mut s)).await.expect("data");
-        let _ = timeout(step, read_frame(&mut s)).await.expect("status");
-        let ev = timeout(step, read_frame(&mut s)).await.expect("event");
-        let m = ubus::decode(&ev).expect("decode");
+        let mut frames = Vec::new();
+        for _ in 0..3 {
+            frames.push(timeout(step, read_frame(&mut s)).await.expect("frame"));
+        }
+        let mut msgs: Vec<_> = frames.iter().map(|f| ubus::decode(f).expect("decode")).collect();
+        msgs.sort_by_key(|m| m.ty);
+        let m = msgs.pop().expect("event");
+        assert_eq!(
+            msgs.iter().map(|m| m.ty).collect::<Vec<_>>(),
+            vec![ubus::MSG_STATUS, ubus::MSG_DATA],
+            "down's replies"
+        );
+        assert_eq!(msgs[0].u32(ubus::ATTR_STATUS), Some(0), "down's status");
         assert_eq!((m.ty, m.peer), (ubus::MSG_INVOKE, ubus::SYSTEM_OBJECT_EVENT));
         assert_eq!(
             data_of(&m),
