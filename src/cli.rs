@@ -320,6 +320,10 @@ pub struct DaemonCmd {
     /// ubus object)
     #[argh(option, default = "String::from(crate::ubus_object::DEFAULT_SOCKET)")]
     pub ubus_socket: String,
+    /// serve the `tinyscale metrics` text at GET /metrics on ip:port (default off; a bare
+    /// :port or "" after = means 127.0.0.1, port 5252 if none; uci metrics_listen)
+    #[argh(option)]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(FromArgs, Debug)]
@@ -583,6 +587,10 @@ pub struct Serve {
     /// extra MagicDNS records: name=IP[,name=IP...], repeatable (uci list extra_records)
     #[argh(option)]
     pub extra_records: Vec<String>,
+    /// serve Prometheus metrics at GET /metrics on ip:port (uci metrics_listen_addr; default
+    /// 127.0.0.1:9090; a bare :port stays on loopback; "" turns it off)
+    #[argh(option)]
+    pub metrics_listen: Option<String>,
 }
 
 impl Serve {
@@ -601,6 +609,9 @@ impl Serve {
         }
         if let Some(d) = &self.base_domain {
             v.push(opt("base_domain", d.clone(), false));
+        }
+        if let Some(a) = &self.metrics_listen {
+            v.push(opt("metrics_listen_addr", a.clone(), false));
         }
         let lists = [
             ("nameserver", &self.nameserver),

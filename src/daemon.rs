@@ -1122,6 +1122,7 @@ pub async fn run(
     initial: Option<UpArgs>,
     ubus: Option<PathBuf>,
     config: Option<PathBuf>,
+    metrics: Option<std::net::SocketAddr>,
 ) -> Result<(), String> {
     if engine.is_some() {
         // What a crashed run left (nftables table, rules, routing table, forwarding) goes at
@@ -1149,6 +1150,20 @@ pub async fn run(
         state_dir.display(),
         socket.display()
     );
+    if let Some(addr) = metrics {
+        if !addr.ip().is_loopback() {
+            log::warn!(
+                "metrics listen addr={addr} is not loopback: anyone who reaches it reads peer names and traffic"
+            );
+        }
+        let listener = crate::metrics::listen::bind(addr).await?;
+        log::info!("metrics listening addr={addr} path=/metrics");
+        let dm = d.clone();
+        tokio::spawn(crate::metrics::listen::serve(listener, move || {
+            let d = dm.clone();
+            async move { crate::metrics::render(&d.status_json().await) }
+        }));
+    }
     tokio::spawn(d.clone().control_loop());
     tokio::spawn(d.clone().lan_loop());
     if let Some(path) = ubus {

@@ -215,6 +215,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             Flag::new("port", Value),
             Flag::new("config", Value),
             Flag::new("ubus-socket", Value),
+            Flag::new("metrics-listen", Value),
         ],
     ),
     Verb::new("server", &[Flag::new("config", Value).short('c')]).subs(&[
@@ -227,6 +228,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
                 Flag::new("nameserver", Repeat),
                 Flag::new("split-dns", Repeat),
                 Flag::new("extra-records", Repeat),
+                Flag::new("metrics-listen", Value),
             ],
         ),
         Verb::new("users", &[])

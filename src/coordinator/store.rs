@@ -242,6 +242,7 @@ impl Store {
     /// Inserts `u` (its `id` is ignored) and returns the new id.
     /// A taken name gives [`StoreError::Conflict`]`("users.name")`.
     pub fn insert_user(&self, u: &User) -> Result<u64, StoreError> {
+        let _t = super::metrics::StoreWriteTimer::start();
         let conn = self.conn();
         conn.execute(
             "INSERT INTO users (name, display_name, created_at) VALUES (?1, ?2, ?3)",
@@ -252,6 +253,7 @@ impl Store {
 
     /// Rewrites user `u.id` (rename). [`StoreError::NotFound`] if it does not exist.
     pub fn update_user(&self, u: &User) -> Result<(), StoreError> {
+        let _t = super::metrics::StoreWriteTimer::start();
         let n = self.conn().execute(
             "UPDATE users SET name = ?2, display_name = ?3, created_at = ?4 WHERE id = ?1",
             params![sql_id(u.id), u.name, u.display_name, u.created],
@@ -262,6 +264,7 @@ impl Store {
     /// Deletes user `id` and its pre-auth keys. Refused with [`StoreError::InUse`] while the
     /// user owns nodes. Deleting a missing user is not an error.
     pub fn delete_user(&self, id: u64) -> Result<(), StoreError> {
+        let _t = super::metrics::StoreWriteTimer::start();
         self.conn()
             .execute("DELETE FROM users WHERE id = ?1", [sql_id(id)])
             .map_err(|e| {
@@ -276,6 +279,7 @@ impl Store {
 
     /// Inserts `k` (its `id` is ignored) and returns the new id.
     pub fn insert_preauth_key(&self, k: &PreAuthKey) -> Result<u64, StoreError> {
+        let _t = super::metrics::StoreWriteTimer::start();
         let conn = self.conn();
         conn.execute(
             "INSERT INTO pre_auth_keys \
@@ -298,6 +302,7 @@ impl Store {
 
     /// Rewrites every column of pre-auth key `k.id` (mark used, expire).
     pub fn update_preauth_key(&self, k: &PreAuthKey) -> Result<(), StoreError> {
+        let _t = super::metrics::StoreWriteTimer::start();
         let n = self
             .conn()
             .execute(
@@ -322,6 +327,7 @@ impl Store {
     /// Deletes pre-auth key `id`; nodes registered with it keep living with `auth_key_id`
     /// cleared. Deleting a missing key is not an error.
     pub fn delete_preauth_key(&self, id: u64) -> Result<(), StoreError> {
+        let _t = super::metrics::StoreWriteTimer::start();
         self.conn()
             .execute("DELETE FROM pre_auth_keys WHERE id = ?1", [sql_id(id)])?;
         Ok(())
@@ -330,6 +336,7 @@ impl Store {
     /// Inserts `n` (its `id` is ignored) and returns the new id. A taken machine key, node key,
     /// given name or address gives [`StoreError::Conflict`] naming the column.
     pub fn insert_node(&self, n: &Node) -> Result<u64, StoreError> {
+        let _t = super::metrics::StoreWriteTimer::start();
         let conn = self.conn();
         let v = NodeValues::new(n)?;
         conn.execute(
@@ -345,6 +352,7 @@ impl Store {
 
     /// Updates every column of node `n.id`. [`StoreError::NotFound`] if it does not exist.
     pub fn update_node(&self, n: &Node) -> Result<(), StoreError> {
+        let _t = super::metrics::StoreWriteTimer::start();
         let v = NodeValues::new(n)?;
         let mut p = v.params(n);
         let id = sql_id(n.id);
@@ -365,6 +373,7 @@ impl Store {
 
     /// Deletes node `id`. Deleting a missing node is not an error.
     pub fn delete_node(&self, id: u64) -> Result<(), StoreError> {
+        let _t = super::metrics::StoreWriteTimer::start();
         self.conn().execute("DELETE FROM nodes WHERE id = ?1", [sql_id(id)])?;
         Ok(())
     }
@@ -379,6 +388,7 @@ impl Store {
 
     /// Sets `key` to `value`, replacing any previous value.
     pub fn set_kv(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let _t = super::metrics::StoreWriteTimer::start();
         self.conn().execute(
             "INSERT INTO kv (key, value) VALUES (?1, ?2) \
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -399,6 +409,7 @@ impl Store {
 
     /// Replaces the ACL policy text; `None` removes it (allow all).
     pub fn set_policy(&self, data: Option<&str>, now: i64) -> Result<(), StoreError> {
+        let _t = super::metrics::StoreWriteTimer::start();
         let conn = self.conn();
         match data {
             Some(d) => conn.execute(
