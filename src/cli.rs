@@ -1488,6 +1488,20 @@ pub fn render_whois(v: &Value) -> String {
             ],
         );
     }
+    // Capabilities as Go prints them: the name, then its values as indented JSON lined up
+    // under it (a bare name when it has none). Names sorted (Go's map order is random).
+    if let Some(caps) = v["CapMap"].as_object().filter(|c| !c.is_empty()) {
+        out.push_str("Capabilities:\n");
+        for (cap, vals) in caps {
+            match vals.as_array().filter(|a| !a.is_empty()) {
+                Some(_) => {
+                    let json = serde_json::to_string_pretty(vals).unwrap_or_default();
+                    out.push_str(&format!("  - {cap}:\n      {}\n", json.replace('\n', "\n      ")));
+                }
+                None => out.push_str(&format!("  - {cap}\n")),
+            }
+        }
+    }
     out
 }
 
@@ -2046,5 +2060,34 @@ mod tests {
             !out.contains("User:") && !out.contains("AllowedIPs") && !out.contains("OS:"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn whois_prints_the_cap_map_as_tailscale_does() {
+        let v = serde_json::json!({
+            "Node": {"Name": "srv.ts.example.", "StableID": "nY", "Tags": ["tag:a"],
+                     "Addresses": ["100.64.0.4/32"], "AllowedIPs": ["100.64.0.4/32"]},
+            "CapMap": {"example.com/cap/web": [{"path": "/admin", "n": [1, 2]}], "example.com/cap/ping": []},
+        });
+        let out = render_whois(&v);
+        let caps = out
+            .split_once("Capabilities:\n")
+            .map(|x| x.1)
+            .unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(
+            caps,
+            "  - example.com/cap/ping\n  \
+             - example.com/cap/web:\n      \
+             [\n        \
+               {\n          \
+                 \"n\": [\n            \
+                   1,\n            \
+                   2\n          \
+                 ],\n          \
+                 \"path\": \"/admin\"\n        \
+               }\n      \
+             ]\n"
+        );
+        assert!(!render_whois(&serde_json::json!({"Node": {}, "CapMap": {}})).contains("Capabilities"));
     }
 }

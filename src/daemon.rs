@@ -524,8 +524,9 @@ impl Daemon {
         Ok(json!({"state": "NeedsLogin", "note": note}))
     }
 
-    /// `whois`: Go's `apitype.WhoIsResponse` (`Node`, `UserProfile`; no `CapMap` yet, which Go
-    /// omits when empty).
+    /// `whois`: Go's `apitype.WhoIsResponse`: `Node`, `UserProfile`, and `CapMap`, the
+    /// application capabilities the address has towards this node from the filter's
+    /// `CapGrant` rules (omitted when empty, as Go does).
     fn whois(&self, arg: &str) -> Result<Value, String> {
         let ip = crate::control::netmap::whois_addr(arg)
             .ok_or_else(|| format!("invalid address {arg:?}: give a tailnet IP, IP:port or [IPv6]:port"))?;
@@ -558,6 +559,18 @@ impl Daemon {
         let mut m = serde_json::Map::new();
         m.insert("Node".into(), Value::Object(node));
         m.insert("UserProfile".into(), Value::Object(user));
+        let me: Vec<std::net::IpAddr> = s
+            .netmap
+            .self_node
+            .iter()
+            .flat_map(|n| &n.addresses)
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .collect();
+        let caps = crate::filter::peer_caps(s.netmap.packet_filter(), ip, &me);
+        if !caps.is_empty() {
+            let caps = caps.into_iter().map(|(k, v)| (k, Value::Array(v))).collect();
+            m.insert("CapMap".into(), Value::Object(caps));
+        }
         Ok(Value::Object(m))
     }
 
@@ -1564,6 +1577,19 @@ mod tests {
             }))
             .await;
         assert!(r.error.starts_with("invalid address"), "{}", r.error);
+        // A CapGrant from the peer's address towards ours shows up as its CapMap.
+        d.lock().netmap.apply(
+            serde_json::from_value(json!({"PacketFilter": [{"SrcIPs": ["100.64.0.2"], "CapGrant": [
+                {"Dsts": ["100.64.0.1/32"], "CapMap": {"example.com/cap/web": [{"path": "/admin"}]}}]}]}))
+            .expect("MapResponse"),
+        );
+        let r = d
+            .handle(IpcRequest::WhoIs(crate::ipc::Lookup {
+                arg: "100.64.0.2".into(),
+                ..Default::default()
+            }))
+            .await;
+        assert_eq!(r.data["CapMap"], json!({"example.com/cap/web": [{"path": "/admin"}]}));
     }
 
     #[tokio::test]

@@ -278,6 +278,25 @@ pub struct FilterRule {
         deserialize_with = "null_as_default"
     )]
     pub ip_proto: Vec<i64>,
+    /// Application capabilities the sources get towards `Dsts` (policy grants with `app`).
+    #[serde(
+        rename = "CapGrant",
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub cap_grant: Vec<CapGrant>,
+}
+
+/// `tailcfg.CapGrant`: capabilities (name → JSON values) granted towards the `Dsts` prefixes.
+/// Each value list is kept as sent (Go writes a nil list as `null`), so no grant can fail the
+/// whole MapResponse.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct CapGrant {
+    #[serde(rename = "Dsts", deserialize_with = "null_as_default")]
+    pub dsts: Vec<String>,
+    #[serde(rename = "CapMap", deserialize_with = "null_as_default")]
+    pub cap_map: BTreeMap<String, Value>,
 }
 
 impl FilterRule {
@@ -289,7 +308,7 @@ impl FilterRule {
                 ip: "*".into(),
                 ports: PortRange { first: 0, last: 65535 },
             }],
-            ip_proto: Vec::new(),
+            ..Default::default()
         }]
     }
 }
