@@ -404,6 +404,10 @@ pub struct DnsStatus {
     /// print JSON
     #[argh(switch)]
     pub json: bool,
+    /// also print fallback resolvers, nameservers, certificate domains, extra records and the
+    /// exit node filtered set (tailscale's --all)
+    #[argh(switch)]
+    pub all: bool,
     /// daemon socket
     #[argh(option)]
     pub socket: Option<PathBuf>,
@@ -1403,7 +1407,14 @@ fn lookup_plan(cmd: Cmd) -> LookupPlan {
         ),
         Cmd::Dns(DnsCmd {
             cmd: DnsSub::Status(st),
-        }) => (st.socket, IpcRequest::Status, st.json, dns_status, dns::render_status),
+        }) => {
+            let render = if st.all {
+                dns::render_status_all
+            } else {
+                dns::render_status
+            };
+            (st.socket, IpcRequest::Status, st.json, dns_status, render)
+        }
         Cmd::Dns(DnsCmd { cmd: DnsSub::Query(q) }) => {
             let t = Some(q.qtype.unwrap_or_else(|| "A".into()));
             (

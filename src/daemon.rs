@@ -1219,10 +1219,21 @@ pub fn dns_status(nm: &Netmap, accept_dns: bool) -> Value {
     m.insert("TailnetMagicDNS".into(), Value::Bool(nm.dns.proxied));
     m.insert("Resolvers".into(), addrs(&nm.dns.resolvers));
     m.insert("Routes".into(), Value::Object(routes));
-    m.insert(
-        "Domains".into(),
-        Value::Array(nm.dns.domains.iter().map(|d| Value::from(d.as_str())).collect()),
-    );
+    let strs = |v: &[String]| Value::Array(v.iter().map(|d| Value::from(d.as_str())).collect());
+    m.insert("Domains".into(), strs(&nm.dns.domains));
+    // The rest of control's DNSConfig, for `dns status --all`.
+    m.insert("FallbackResolvers".into(), addrs(&nm.dns.fallback_resolvers));
+    m.insert("Nameservers".into(), strs(&nm.dns.nameservers));
+    m.insert("CertDomains".into(), strs(&nm.dns.cert_domains));
+    let records = nm.dns.extra_records.iter().map(|r| {
+        let mut e = serde_json::Map::new();
+        e.insert("Name".into(), r.name.as_str().into());
+        e.insert("Type".into(), r.r#type.as_str().into());
+        e.insert("Value".into(), r.value.as_str().into());
+        Value::Object(e)
+    });
+    m.insert("ExtraRecords".into(), Value::Array(records.collect()));
+    m.insert("ExitNodeFilteredSet".into(), strs(&nm.dns.exit_node_filtered_set));
     Value::Object(m)
 }
 
@@ -1269,6 +1280,23 @@ mod tests {
         assert_eq!(crate::cli::magic_dns_suffix(&json!({ "DNS": off })), None);
         nm.dns.proxied = false;
         assert_eq!(dns_status(&nm, true)["MagicDNS"], false);
+        // The rest of control's DNSConfig, as sent, for `dns status --all`.
+        nm.apply(
+            serde_json::from_value(json!({"DNSConfig": {"Resolvers": [{"Addr": "1.1.1.1"}],
+                "FallbackResolvers": [{"Addr": "9.9.9.9"}], "Nameservers": ["10.9.9.9"],
+                "CertDomains": ["router.ts.example"], "ExitNodeFilteredSet": null,
+                "ExtraRecords": [{"Name": "grafana.ts.example.", "Value": "100.64.0.9"}]}}))
+            .expect("MapResponse"),
+        );
+        let v = dns_status(&nm, true);
+        assert_eq!(v["FallbackResolvers"], json!(["9.9.9.9"]));
+        assert_eq!(v["Nameservers"], json!(["10.9.9.9"]));
+        assert_eq!(v["CertDomains"], json!(["router.ts.example"]));
+        assert_eq!(v["ExitNodeFilteredSet"], json!([]));
+        assert_eq!(
+            v["ExtraRecords"],
+            json!([{"Name": "grafana.ts.example.", "Type": "", "Value": "100.64.0.9"}])
+        );
     }
 
     /// A fresh state dir under the system temp dir, removed on drop.

@@ -192,7 +192,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
     Verb::new("netcheck", &[Flag::new("json", Switch), SOCKET]),
     Verb::new("whois", &[Flag::new("json", Switch), SOCKET]),
     Verb::new("dns", &[]).subs(&[
-        Verb::new("status", &[Flag::new("json", Switch), SOCKET]),
+        Verb::new("status", &[Flag::new("json", Switch), Flag::new("all", Switch), SOCKET]),
         Verb::new("query", &[Flag::new("json", Switch), SOCKET]),
     ]),
     Verb::new("metrics", &[SOCKET]).subs(&[Verb::new("print", &[])]),
