@@ -283,8 +283,9 @@ pub fn peer_caps<'a>(
             continue;
         }
         for g in &r.cap_grant {
-            if g.dsts.iter().any(|d| dsts.iter().any(|ip| covers(d, *ip))) {
-                for (cap, vals) in &g.cap_map {
+            let mut gd = g["Dsts"].as_array().into_iter().flatten().filter_map(Value::as_str);
+            if gd.any(|d| dsts.iter().any(|ip| covers(d, *ip))) {
+                for (cap, vals) in g["CapMap"].as_object().into_iter().flatten() {
                     let vals = vals.as_array().map_or(&[][..], Vec::as_slice);
                     out.entry(cap.clone()).or_default().extend(vals.iter().cloned());
                 }
@@ -1218,6 +1219,7 @@ mod tests {
                  "CapMap": {"example.com/cap/admin": [{"level": 2}], "example.com/cap/ping": []}}]},
             {"SrcIPs": ["100.64.0.9"], "CapGrant": [
                 {"Dsts": ["*"], "CapMap": {"example.com/cap/nine": []}}]},
+            {"SrcIPs": ["*"], "CapGrant": [{"Dsts": "100.64.0.1/32", "CapMap": 5}, 7, null]},
         ]))
         .unwrap();
         let me = [ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")];

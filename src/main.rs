@@ -63,18 +63,8 @@ fn run(top: Top) -> Result<(), Failure> {
                     port: d.port.unwrap_or(cfg.port),
                 }),
             };
-            let metrics = match &d.metrics_listen {
-                // `--metrics-listen=` alone: the default loopback address.
-                Some(a) if a.trim().is_empty() => {
-                    tinyscale::metrics::parse_listen(":", tinyscale::metrics::DEFAULT_DAEMON_PORT)
-                        .map_err(Failure::usage)?
-                        .map(|(a, _)| a)
-                }
-                Some(a) => tinyscale::metrics::parse_listen(a, tinyscale::metrics::DEFAULT_DAEMON_PORT)
-                    .map_err(|e| Failure::usage(format!("--metrics-listen: {e}")))?
-                    .map(|(a, _)| a),
-                None => cfg.metrics_listen,
-            };
+            let metrics = tinyscale::metrics::daemon_listen(d.metrics_listen.as_deref(), cfg.metrics_listen)
+                .map_err(Failure::usage)?;
             runtime()?
                 .block_on(tinyscale::daemon::run(
                     &dir, &sock, engine, initial, ubus, d.config, metrics,

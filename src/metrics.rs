@@ -233,6 +233,23 @@ pub fn parse_listen(s: &str, default_port: u16) -> Result<Option<(std::net::Sock
     Ok(Some((a, !a.ip().is_loopback())))
 }
 
+/// `tinyscale daemon`'s metrics address: `--metrics-listen` when given (alone or empty: the
+/// loopback default), else the uci `metrics_listen` (`uci`); `None` is off.
+pub fn daemon_listen(
+    flag: Option<&str>,
+    uci: Option<std::net::SocketAddr>,
+) -> Result<Option<std::net::SocketAddr>, String> {
+    match flag {
+        Some(f) => {
+            let f = if f.trim().is_empty() { ":" } else { f };
+            Ok(parse_listen(f, DEFAULT_DAEMON_PORT)
+                .map_err(|e| format!("--metrics-listen: {e}"))?
+                .map(|(a, _)| a))
+        }
+        None => Ok(uci),
+    }
+}
+
 fn num(v: &Value) -> f64 {
     v.as_f64().unwrap_or(0.0)
 }
@@ -663,6 +680,22 @@ pub(crate) mod tests {
         for bad in ["99999", ":x", "localhost:9090", "1.2.3.4", "[::1]"] {
             assert!(parse_listen(bad, 9090).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn daemon_listen_flag_wins_and_alone_means_the_default() {
+        let uci = Some("127.0.0.1:9999".parse().unwrap());
+        let lo = Some("127.0.0.1:5252".parse().unwrap());
+        assert_eq!(daemon_listen(None, None), Ok(None), "off by default");
+        assert_eq!(daemon_listen(None, uci), Ok(uci));
+        assert_eq!(daemon_listen(Some(""), uci), Ok(lo), "--metrics-listen= alone");
+        assert_eq!(
+            daemon_listen(Some(":7000"), uci),
+            Ok(Some("127.0.0.1:7000".parse().unwrap()))
+        );
+        assert!(daemon_listen(Some("nope"), None)
+            .unwrap_err()
+            .starts_with("--metrics-listen: "));
     }
 
     #[cfg(feature = "coordinator")]

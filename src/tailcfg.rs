@@ -278,25 +278,16 @@ pub struct FilterRule {
         deserialize_with = "null_as_default"
     )]
     pub ip_proto: Vec<i64>,
-    /// Application capabilities the sources get towards `Dsts` (policy grants with `app`).
+    /// Application capabilities the sources get (policy grants with `app`): `tailcfg.CapGrant`
+    /// objects, `{"Dsts": [prefix…], "CapMap": {name: [value…]}}`, kept as sent JSON (no typed
+    /// decoder on the router; a malformed grant then grants nothing instead of failing the
+    /// MapResponse).
     #[serde(
         rename = "CapGrant",
         skip_serializing_if = "Vec::is_empty",
         deserialize_with = "null_as_default"
     )]
-    pub cap_grant: Vec<CapGrant>,
-}
-
-/// `tailcfg.CapGrant`: capabilities (name → JSON values) granted towards the `Dsts` prefixes.
-/// Each value list is kept as sent (Go writes a nil list as `null`), so no grant can fail the
-/// whole MapResponse.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct CapGrant {
-    #[serde(rename = "Dsts", deserialize_with = "null_as_default")]
-    pub dsts: Vec<String>,
-    #[serde(rename = "CapMap", deserialize_with = "null_as_default")]
-    pub cap_map: BTreeMap<String, Value>,
+    pub cap_grant: Vec<Value>,
 }
 
 impl FilterRule {
