@@ -568,7 +568,6 @@ impl Daemon {
             .collect();
         let caps = crate::filter::peer_caps(s.netmap.packet_filter(), ip, &me);
         if !caps.is_empty() {
-            let caps = caps.into_iter().map(|(k, v)| (k, Value::Array(v))).collect();
             m.insert("CapMap".into(), Value::Object(caps));
         }
         Ok(Value::Object(m))

@@ -270,8 +270,9 @@ pub fn peer_caps<'a>(
     rules: impl Iterator<Item = &'a FilterRule>,
     src: IpAddr,
     dsts: &[IpAddr],
-) -> std::collections::BTreeMap<String, Vec<Value>> {
-    let mut out = std::collections::BTreeMap::<String, Vec<Value>>::new();
+) -> serde_json::Map<String, Value> {
+    // A JSON map of arrays from the start: the map type the rest of the binary already uses.
+    let mut out = serde_json::Map::new();
     let covers = |entry: &str, ip: IpAddr| {
         let (v6, a) = ip_bits(ip);
         parse_entry(entry)
@@ -287,7 +288,9 @@ pub fn peer_caps<'a>(
             if gd.any(|d| dsts.iter().any(|ip| covers(d, *ip))) {
                 for (cap, vals) in g["CapMap"].as_object().into_iter().flatten() {
                     let vals = vals.as_array().map_or(&[][..], Vec::as_slice);
-                    out.entry(cap.clone()).or_default().extend(vals.iter().cloned());
+                    if let Value::Array(a) = out.entry(cap.as_str()).or_insert_with(|| Value::Array(Vec::new())) {
+                        a.extend(vals.iter().cloned());
+                    }
                 }
             }
         }
