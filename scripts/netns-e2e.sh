@@ -10,7 +10,8 @@
 #   run       (default) harness checks, then steps 1-4 of the issue's acceptance, step 5
 #             (direct over IPv6 with IPv4 UDP blocked), step 6 (bad input is dropped and
 #             counted), step 7 (only TCP: netcheck over HTTPS, traffic via DERP), step 8
-#             (MagicDNS at 100.100.100.100 with dig), step 9 (whois, dns status|query, metrics),
+#             (MagicDNS at 100.100.100.100 with dig), step 9 (whois, dns status|query, metrics;
+#             9b scrapes GET /metrics of the coordinator and of a with curl around pings),
 #             step 10 (no home DERP: first ping within 1 s), then teardown
 #   selftest  only what needs no data plane: topology, NAT, coordinator, logins, Go node, teardown
 #   dns       the harness checks, then steps 8 and 9 (the client's whois, dns and metrics verbs)
@@ -48,6 +49,8 @@ V6_DEADLINE=${V6_DEADLINE:-30}
 TORN_DOWN=0
 SUMMARY_DONE=0
 AUTHKEY="" A_IP="" B_IP="" G_IP=""
+# The coordinator's metrics_listen_addr default (127.0.0.1:9090 in ts-inet).
+COORD_METRICS_PORT=9090
 
 case $MODE in
 down)
@@ -675,7 +678,7 @@ metric_value() { awk -v n="$2" -v l="$3" '$1 ~ ("^" n "{") && index($1, l) { pri
 
 step9() {
 	log "step 9: whois, dns status|query, metrics"
-	local ok=0 ev="" out gname v
+	local ok=0 ev="" out gname v dm0 cm0
 	if [[ -z ${G_IP:-} ]]; then
 		report 1 "9 whois, dns status|query, metrics" "no Go node (see H5)"
 		return
@@ -703,8 +706,12 @@ step9() {
 	out=$(ts_env a dns status 2>&1)
 	[[ $out == *"MagicDNS: enabled tailnet-wide (suffix = ts.test)"* && $out == *"example.test"*"-> $INET_IP"* ]] || ok=1
 	ev+="ts-a: dns status -> $(grep -E 'MagicDNS:|->' <<<"$out" | paste -sd'|')"$'\n'
+	# The HTTP endpoints before the traffic, compared after it below.
+	dm0=$(scrape a "$METRICS_PORT")
+	cm0=$(scrape inet "$COORD_METRICS_PORT")
 	# WireGuard traffic to b first (a disco ping would not move the byte counters).
 	eventually 10 nsx ts-a ping -c 1 -W 2 "$B_IP" >/dev/null || ev+="ping $B_IP from ts-a failed"$'\n'
+	nsx ts-a ping -c 3 -i 0.2 -W 2 "$B_IP" >/dev/null || ev+="ping -c 3 $B_IP from ts-a failed"$'\n'
 	out=$(ts_env a metrics print 2>&1)
 	v=$(metric_value "$out" tinyscale_peer_rx_bytes_total "peer=\"b\"")
 	[[ -n $v && $v != 0 ]] || ok=1
@@ -716,6 +723,58 @@ step9() {
 	ev+=", home DERP connected = ${v:-none}"
 	ev+=", $(grep -c '^# TYPE' <<<"$out") families, $(grep -vc '^#' <<<"$out") samples"
 	report $ok "9 whois (a Go node by ip:port, b as text, nobody refused), dns query (A, PTR, split DNS forward), dns status, metrics print with b's traffic" "$ev"
+	step9_http "$dm0" "$cm0"
+}
+
+# scrape H PORT: GET /metrics on ts-H's loopback.
+scrape() { nsx "ts-$1" curl -sf --max-time 5 "http://127.0.0.1:$2/metrics" 2>&1; }
+
+# sample TEXT SERIES: the value of the sample written exactly as SERIES (name{labels}).
+sample() { awk -v s="$2" '$1 == s { print $2; exit }' <<<"$1"; }
+
+# gt A B: A > B as numbers (either empty: false).
+gt() { [[ -n $1 && -n $2 ]] && awk -v a="$1" -v b="$2" 'BEGIN { exit !(a > b) }'; }
+
+# 9b: the Prometheus endpoints over HTTP, scraped with curl before (DM0, CM0) and after pings.
+step9_http() {
+	local dm0=$1 cm0=$2 dm1 cm1 ok=0 ev="" v0 v1 s
+	dm1=$(scrape a "$METRICS_PORT")
+	cm1=$(scrape inet "$COORD_METRICS_PORT")
+	v0=$(metric_value "$dm0" tinyscale_peer_rx_bytes_total 'peer="b"')
+	v1=$(metric_value "$dm1" tinyscale_peer_rx_bytes_total 'peer="b"')
+	gt "$v1" "${v0:-0}" || ok=1
+	ev+="ts-a GET 127.0.0.1:$METRICS_PORT/metrics: rx bytes from b ${v0:-none} -> ${v1:-none}"
+	v0=$(metric_value "$dm0" tinyscale_peer_tx_bytes_total 'peer="b"')
+	v1=$(metric_value "$dm1" tinyscale_peer_tx_bytes_total 'peer="b"')
+	gt "$v1" "${v0:-0}" || ok=1
+	ev+=", tx bytes to b ${v0:-none} -> ${v1:-none}"$'\n'
+	v1=$(sample "$cm1" tinyscale_map_streams)
+	gt "$v1" 1 || ok=1
+	ev+="ts-inet GET 127.0.0.1:$COORD_METRICS_PORT/metrics: map streams ${v1:-none}"
+	v1=$(sample "$cm1" tinyscale_nodes_online)
+	gt "$v1" 1 || ok=1
+	ev+=", nodes online ${v1:-none}/$(sample "$cm1" tinyscale_nodes)"
+	v1=$(sample "$cm1" 'tinyscale_node_registrations_total{status="success"}')
+	gt "$v1" 1 || ok=1
+	ev+=", registrations success ${v1:-none}"
+	v0=$(sample "$cm0" tinyscale_map_fanout_seconds_count)
+	v1=$(sample "$cm1" tinyscale_map_fanout_seconds_count)
+	gt "$v1" 0 && ! gt "${v0:-0}" "$v1" || ok=1
+	ev+=", fan-outs ${v0:-none} -> ${v1:-none} (sum $(sample "$cm1" tinyscale_map_fanout_seconds_sum) s)"
+	v1=$(sample "$cm1" tinyscale_store_write_seconds_count)
+	gt "$v1" 0 || ok=1
+	ev+=", SQLite writes ${v1:-none}"
+	if [[ $DERP_MODE == embedded ]]; then
+		v1=$(sample "$cm1" 'tinyscale_stun_requests_total{result="served"}')
+		gt "$v1" 0 || ok=1
+		ev+=", STUN served ${v1:-none}"
+		v1=$(sample "$cm1" tinyscale_derp_bytes_received_total)
+		gt "$v1" 0 || ok=1
+		ev+=", DERP bytes in ${v1:-none} out $(sample "$cm1" tinyscale_derp_bytes_sent_total)"
+	fi
+	s=$(grep -c '^# TYPE' <<<"$cm1")
+	ev+=", $s families"
+	report $ok "9b /metrics over HTTP: a's rx/tx bytes with b moved across pings; the coordinator counts >= 2 streams, online nodes, registrations, fan-outs, SQLite writes" "$ev"
 }
 
 # pub_up H IP: namespace ts-H directly on the internet bridge as IP: no NAT, no firewall.

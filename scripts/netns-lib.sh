@@ -61,6 +61,8 @@ if [[ $TLS == 1 ]]; then SCHEME=https; else SCHEME=http; fi
 COORD_URL="$SCHEME://$INET_IP:$COORD_PORT"
 DERP_REGION=999
 TS_PORT=41641
+# Daemons' --metrics-listen port (on each namespace's loopback).
+METRICS_PORT=5252
 declare -A NAT_WAN=([a]=203.0.113.2 [b]=203.0.113.3 [g]=203.0.113.4)
 declare -A LAN_NET=([a]=10.0.1 [b]=10.0.2 [g]=10.0.3)
 INET6_IP=2001:db8:ff::1
@@ -760,6 +762,10 @@ daemon_flags() {
 	else
 		DAEMON_FLAGS=()
 		log "NOTE: this binary's daemon has no --tun/--port yet (contract not implemented): started without them"
+	fi
+	# Prometheus /metrics on the namespace's loopback, scraped by netns-e2e.sh step 9.
+	if grep -q -- '--metrics-listen' <<<"$help"; then
+		DAEMON_FLAGS+=(--metrics-listen "127.0.0.1:$METRICS_PORT")
 	fi
 }
 

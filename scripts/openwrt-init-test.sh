@@ -64,6 +64,7 @@ run() {
 		procd_open_instance() { rec "procd_open_instance $*"; }
 		procd_close_instance() { rec "procd_close_instance"; }
 		procd_set_param() { rec "procd_set_param $*"; }
+		procd_append_param() { rec "procd_append_param $*"; }
 		procd_add_reload_trigger() { rec "procd_add_reload_trigger $*"; }
 		procd_add_reload_interface_trigger() { rec "procd_add_reload_interface_trigger $*"; }
 		# rc.common (USE_PROCD): start wraps start_service in a service; reload calls
@@ -177,6 +178,24 @@ expect "reload logs a refused up" <<'W'
 logger -t tinyscale reload: prefs not applied (daemon restarting or config invalid; see logread)
 W
 FAKE_RC=0
+
+# metrics_listen becomes the daemon's --metrics-listen.
+CFG_client_metrics_listen=127.0.0.1:5252
+run start
+expect "metrics_listen is passed to the daemon" <<'W'
+procd_open_service tinyscale /etc/init.d/tinyscale
+config_load tinyscale
+procd_open_instance client
+procd_set_param command @T@/tinyscale daemon --config /etc/config/tinyscale
+procd_append_param command --metrics-listen 127.0.0.1:5252
+procd_set_param data port=41641 state_dir=/etc/tinyscale tun=tinyscale0 log_level=info
+procd_set_param respawn 3600 5 5
+procd_set_param stdout 1
+procd_set_param stderr 1
+procd_close_instance
+procd_close_service
+W
+CFG_client_metrics_listen=
 
 # Client disabled (and an anonymous section): no instance, no `up`.
 SECTIONS="client:cfg01 server:main"

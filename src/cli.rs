@@ -320,6 +320,10 @@ pub struct DaemonCmd {
     /// ubus object)
     #[argh(option, default = "String::from(crate::ubus_object::DEFAULT_SOCKET)")]
     pub ubus_socket: String,
+    /// serve the `tinyscale metrics` text at GET /metrics on ip:port (default off; a bare
+    /// :port or "" after = means 127.0.0.1, port 5252 if none; uci metrics_listen)
+    #[argh(option)]
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(FromArgs, Debug)]
@@ -400,6 +404,10 @@ pub struct DnsStatus {
     /// print JSON
     #[argh(switch)]
     pub json: bool,
+    /// also print fallback resolvers, nameservers, certificate domains, extra records and the
+    /// exit node filtered set (tailscale's --all)
+    #[argh(switch)]
+    pub all: bool,
     /// daemon socket
     #[argh(option)]
     pub socket: Option<PathBuf>,
@@ -595,6 +603,10 @@ pub struct Serve {
     /// extra MagicDNS records: name=IP[,name=IP...], repeatable (uci list extra_records)
     #[argh(option)]
     pub extra_records: Vec<String>,
+    /// serve Prometheus metrics at GET /metrics on ip:port (uci metrics_listen_addr; default
+    /// 127.0.0.1:9090; a bare :port stays on loopback; "" turns it off)
+    #[argh(option)]
+    pub metrics_listen: Option<String>,
 }
 
 impl Serve {
@@ -613,6 +625,9 @@ impl Serve {
         }
         if let Some(d) = &self.base_domain {
             v.push(opt("base_domain", d.clone(), false));
+        }
+        if let Some(a) = &self.metrics_listen {
+            v.push(opt("metrics_listen_addr", a.clone(), false));
         }
         let lists = [
             ("nameserver", &self.nameserver),
@@ -1472,7 +1487,14 @@ fn lookup_plan(cmd: Cmd) -> LookupPlan {
         ),
         Cmd::Dns(DnsCmd {
             cmd: DnsSub::Status(st),
-        }) => (st.socket, IpcRequest::Status, st.json, dns_status, dns::render_status),
+        }) => {
+            let render = if st.all {
+                dns::render_status_all
+            } else {
+                dns::render_status
+            };
+            (st.socket, IpcRequest::Status, st.json, dns_status, render)
+        }
         Cmd::Dns(DnsCmd { cmd: DnsSub::Query(q) }) => {
             let t = Some(q.qtype.unwrap_or_else(|| "A".into()));
             (
@@ -1556,6 +1578,20 @@ pub fn render_whois(v: &Value) -> String {
                 ("  ID:", u["ID"].to_string()),
             ],
         );
+    }
+    // Capabilities as Go prints them: the name, then its values as indented JSON lined up
+    // under it (a bare name when it has none). Names sorted (Go's map order is random).
+    if let Some(caps) = v["CapMap"].as_object().filter(|c| !c.is_empty()) {
+        out.push_str("Capabilities:\n");
+        for (cap, vals) in caps {
+            match vals.as_array().filter(|a| !a.is_empty()) {
+                Some(_) => {
+                    let json = serde_json::to_string_pretty(vals).unwrap_or_default();
+                    out.push_str(&format!("  - {cap}:\n      {}\n", json.replace('\n', "\n      ")));
+                }
+                None => out.push_str(&format!("  - {cap}\n")),
+            }
+        }
     }
     out
 }
@@ -2182,5 +2218,34 @@ mod tests {
             !out.contains("User:") && !out.contains("AllowedIPs") && !out.contains("OS:"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn whois_prints_the_cap_map_as_tailscale_does() {
+        let v = serde_json::json!({
+            "Node": {"Name": "srv.ts.example.", "StableID": "nY", "Tags": ["tag:a"],
+                     "Addresses": ["100.64.0.4/32"], "AllowedIPs": ["100.64.0.4/32"]},
+            "CapMap": {"example.com/cap/web": [{"path": "/admin", "n": [1, 2]}], "example.com/cap/ping": []},
+        });
+        let out = render_whois(&v);
+        let caps = out
+            .split_once("Capabilities:\n")
+            .map(|x| x.1)
+            .unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(
+            caps,
+            "  - example.com/cap/ping\n  \
+             - example.com/cap/web:\n      \
+             [\n        \
+               {\n          \
+                 \"n\": [\n            \
+                   1,\n            \
+                   2\n          \
+                 ],\n          \
+                 \"path\": \"/admin\"\n        \
+               }\n      \
+             ]\n"
+        );
+        assert!(!render_whois(&serde_json::json!({"Node": {}, "CapMap": {}})).contains("Capabilities"));
     }
 }

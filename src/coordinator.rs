@@ -9,6 +9,7 @@ pub mod admin;
 pub mod api;
 pub mod ipam;
 pub mod mapper;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod server;
@@ -150,6 +151,44 @@ pub fn limits_from_config(cfg: &ServerConfig) -> crate::connlimit::ListenLimits 
     }
 }
 
+/// Gathers every number of `GET /metrics` (the listener's refusals, the relay, STUN).
+pub fn metrics_snapshot(coord: &server::Coordinator, stun: Option<&crate::stun::StunStats>) -> metrics::Snapshot {
+    use metrics::Registration as R;
+    let m = coord.metrics();
+    let (nodes, nodes_online, evicted) = {
+        let st = coord.lock();
+        let ids: Vec<u64> = st.nodes().map(|n| n.id).collect();
+        let online = ids.iter().filter(|id| st.is_online(**id)).count();
+        (ids.len() as u64, online as u64, st.pending_evicted)
+    };
+    let l = coord.limits();
+    metrics::Snapshot {
+        nodes,
+        nodes_online,
+        map_streams: u64::from(m.map_streams()),
+        registrations: [R::Success, R::NeedsAuth, R::Unauthorized, R::Error].map(|r| u64::from(m.registrations(r))),
+        fanout: m.fanout.snapshot(),
+        store_writes: metrics::STORE_WRITES.snapshot(),
+        derp: coord.derp().map(|d| {
+            let (bytes_received, bytes_sent) = d.bytes();
+            metrics::DerpSnapshot {
+                clients: d.client_count() as u64,
+                bytes_received,
+                bytes_sent,
+                dropped_queue_full: u64::from(d.stats().packets_dropped()),
+                dropped_unknown_dest: u64::from(d.stats().packets_not_here()),
+            }
+        }),
+        stun: stun.map(|s| (u64::from(s.served()), u64::from(s.dropped()))),
+        refused: [
+            u64::from(l.refused_total()),
+            u64::from(l.refused_per_ip()),
+            u64::from(l.timed_out()),
+            evicted,
+        ],
+    }
+}
+
 /// The relay's persistent key (store kv `derp_private_key`), created on first use.
 fn derp_key(coord: &server::Coordinator) -> Result<crate::keys::NodePrivate, String> {
     let st = coord.lock();
@@ -246,10 +285,24 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
             cfg.derp.server_stun_listen_addr
         );
     }
+    let stun_stats = stun_sock
+        .as_ref()
+        .map(|_| std::sync::Arc::new(crate::stun::StunStats::default()));
+    if let Some(addr) = cfg.metrics_listen_addr {
+        if !addr.ip().is_loopback() {
+            log::warn!("metrics_listen_addr {addr} is not loopback: anyone who reaches it reads the node counts and traffic figures");
+        }
+        let listener = crate::metrics::listen::bind(addr).await?;
+        log::info!("metrics listening addr={addr} path=/metrics");
+        let (coord, stun_stats) = (coord.clone(), stun_stats.clone());
+        tokio::spawn(crate::metrics::listen::serve(listener, move || {
+            std::future::ready(metrics::render(&metrics_snapshot(&coord, stun_stats.as_deref())))
+        }));
+    }
     let stun = async {
-        match stun_sock {
-            Some(u) => crate::stun::serve_udp(u, Default::default()).await,
-            None => std::future::pending().await,
+        match (stun_sock, stun_stats) {
+            (Some(u), Some(stats)) => crate::stun::serve_udp(u, stats).await,
+            _ => std::future::pending().await,
         }
     };
     if let Some(path) = ubus {

@@ -596,8 +596,9 @@ impl Daemon {
         Ok(json!({"state": "NeedsLogin", "note": note}))
     }
 
-    /// `whois`: Go's `apitype.WhoIsResponse` (`Node`, `UserProfile`; no `CapMap` yet, which Go
-    /// omits when empty).
+    /// `whois`: Go's `apitype.WhoIsResponse`: `Node`, `UserProfile`, and `CapMap`, the
+    /// application capabilities the address has towards this node from the filter's
+    /// `CapGrant` rules (omitted when empty, as Go does).
     fn whois(&self, arg: &str) -> Result<Value, String> {
         let ip = crate::control::netmap::whois_addr(arg)
             .ok_or_else(|| format!("invalid address {arg:?}: give a tailnet IP, IP:port or [IPv6]:port"))?;
@@ -630,6 +631,17 @@ impl Daemon {
         let mut m = serde_json::Map::new();
         m.insert("Node".into(), Value::Object(node));
         m.insert("UserProfile".into(), Value::Object(user));
+        let me: Vec<std::net::IpAddr> = s
+            .netmap
+            .self_node
+            .iter()
+            .flat_map(|n| &n.addresses)
+            .filter_map(|a| a.split('/').next()?.parse().ok())
+            .collect();
+        let caps = crate::filter::peer_caps(s.netmap.packet_filter(), ip, &me);
+        if !caps.is_empty() {
+            m.insert("CapMap".into(), Value::Object(caps));
+        }
         Ok(Value::Object(m))
     }
 
@@ -1235,6 +1247,7 @@ pub async fn run(
     initial: Option<UpArgs>,
     ubus: Option<PathBuf>,
     config: Option<PathBuf>,
+    metrics: Option<std::net::SocketAddr>,
 ) -> Result<(), String> {
     if engine.is_some() {
         // What a crashed run left (nftables table, rules, routing table, forwarding) goes at
@@ -1262,6 +1275,20 @@ pub async fn run(
         state_dir.display(),
         socket.display()
     );
+    if let Some(addr) = metrics {
+        if !addr.ip().is_loopback() {
+            log::warn!(
+                "metrics listen addr={addr} is not loopback: anyone who reaches it reads peer names and traffic"
+            );
+        }
+        let listener = crate::metrics::listen::bind(addr).await?;
+        log::info!("metrics listening addr={addr} path=/metrics");
+        let dm = d.clone();
+        tokio::spawn(crate::metrics::listen::serve(listener, move || {
+            let d = dm.clone();
+            async move { crate::metrics::render(&d.status_json().await) }
+        }));
+    }
     tokio::spawn(d.clone().control_loop());
     tokio::spawn(d.clone().lan_loop());
     if let Some(path) = ubus {
@@ -1304,10 +1331,21 @@ pub fn dns_status(nm: &Netmap, accept_dns: bool) -> Value {
     m.insert("TailnetMagicDNS".into(), Value::Bool(nm.dns.proxied));
     m.insert("Resolvers".into(), addrs(&nm.dns.resolvers));
     m.insert("Routes".into(), Value::Object(routes));
-    m.insert(
-        "Domains".into(),
-        Value::Array(nm.dns.domains.iter().map(|d| Value::from(d.as_str())).collect()),
-    );
+    let strs = |v: &[String]| Value::Array(v.iter().map(|d| Value::from(d.as_str())).collect());
+    m.insert("Domains".into(), strs(&nm.dns.domains));
+    // The rest of control's DNSConfig, for `dns status --all`.
+    m.insert("FallbackResolvers".into(), addrs(&nm.dns.fallback_resolvers));
+    m.insert("Nameservers".into(), strs(&nm.dns.nameservers));
+    m.insert("CertDomains".into(), strs(&nm.dns.cert_domains));
+    let records = nm.dns.extra_records.iter().map(|r| {
+        let mut e = serde_json::Map::new();
+        e.insert("Name".into(), r.name.as_str().into());
+        e.insert("Type".into(), r.r#type.as_str().into());
+        e.insert("Value".into(), r.value.as_str().into());
+        Value::Object(e)
+    });
+    m.insert("ExtraRecords".into(), Value::Array(records.collect()));
+    m.insert("ExitNodeFilteredSet".into(), strs(&nm.dns.exit_node_filtered_set));
     Value::Object(m)
 }
 
@@ -1354,6 +1392,23 @@ mod tests {
         assert_eq!(crate::cli::magic_dns_suffix(&json!({ "DNS": off })), None);
         nm.dns.proxied = false;
         assert_eq!(dns_status(&nm, true)["MagicDNS"], false);
+        // The rest of control's DNSConfig, as sent, for `dns status --all`.
+        nm.apply(
+            serde_json::from_value(json!({"DNSConfig": {"Resolvers": [{"Addr": "1.1.1.1"}],
+                "FallbackResolvers": [{"Addr": "9.9.9.9"}], "Nameservers": ["10.9.9.9"],
+                "CertDomains": ["router.ts.example"], "ExitNodeFilteredSet": null,
+                "ExtraRecords": [{"Name": "grafana.ts.example.", "Value": "100.64.0.9"}]}}))
+            .expect("MapResponse"),
+        );
+        let v = dns_status(&nm, true);
+        assert_eq!(v["FallbackResolvers"], json!(["9.9.9.9"]));
+        assert_eq!(v["Nameservers"], json!(["10.9.9.9"]));
+        assert_eq!(v["CertDomains"], json!(["router.ts.example"]));
+        assert_eq!(v["ExitNodeFilteredSet"], json!([]));
+        assert_eq!(
+            v["ExtraRecords"],
+            json!([{"Name": "grafana.ts.example.", "Type": "", "Value": "100.64.0.9"}])
+        );
     }
 
     /// A fresh state dir under the system temp dir, removed on drop.
@@ -1662,6 +1717,19 @@ mod tests {
             }))
             .await;
         assert!(r.error.starts_with("invalid address"), "{}", r.error);
+        // A CapGrant from the peer's address towards ours shows up as its CapMap.
+        d.lock().netmap.apply(
+            serde_json::from_value(json!({"PacketFilter": [{"SrcIPs": ["100.64.0.2"], "CapGrant": [
+                {"Dsts": ["100.64.0.1/32"], "CapMap": {"example.com/cap/web": [{"path": "/admin"}]}}]}]}))
+            .expect("MapResponse"),
+        );
+        let r = d
+            .handle(IpcRequest::WhoIs(crate::ipc::Lookup {
+                arg: "100.64.0.2".into(),
+                ..Default::default()
+            }))
+            .await;
+        assert_eq!(r.data["CapMap"], json!({"example.com/cap/web": [{"path": "/admin"}]}));
     }
 
     #[tokio::test]

@@ -263,6 +263,41 @@ fn parse_entry(s: &str) -> Option<Entry> {
     Some(Entry::Range(v6, Range { lo: a, hi: a }))
 }
 
+/// [pure] The application capabilities `src` has towards any of `dsts` (our addresses), from
+/// the `CapGrant` rules of `rules`: Go's `PeerCaps` (`filter.CapsWithValues` over the self
+/// addresses). Values of a capability granted by several rules are concatenated, in rule order.
+pub fn peer_caps<'a>(
+    rules: impl Iterator<Item = &'a FilterRule>,
+    src: IpAddr,
+    dsts: &[IpAddr],
+) -> serde_json::Map<String, Value> {
+    // A JSON map of arrays from the start: the map type the rest of the binary already uses.
+    let mut out = serde_json::Map::new();
+    let covers = |entry: &str, ip: IpAddr| {
+        let (v6, a) = ip_bits(ip);
+        parse_entry(entry)
+            .and_then(|e| entry_range(e, v6))
+            .is_some_and(|r| r.contains(a))
+    };
+    for r in rules.filter(|r| !r.cap_grant.is_empty()) {
+        if !r.src_ips.iter().any(|s| covers(s, src)) {
+            continue;
+        }
+        for g in &r.cap_grant {
+            let mut gd = g["Dsts"].as_array().into_iter().flatten().filter_map(Value::as_str);
+            if gd.any(|d| dsts.iter().any(|ip| covers(d, *ip))) {
+                for (cap, vals) in g["CapMap"].as_object().into_iter().flatten() {
+                    let vals = vals.as_array().map_or(&[][..], Vec::as_slice);
+                    if let Value::Array(a) = out.entry(cap.as_str()).or_insert_with(|| Value::Array(Vec::new())) {
+                        a.extend(vals.iter().cloned());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The range `e` covers in family `v6`, if any.
 fn entry_range(e: Entry, v6: bool) -> Option<Range> {
     match e {
@@ -1171,7 +1206,45 @@ mod tests {
                 })
                 .collect(),
             ip_proto: protos.to_vec(),
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn peer_caps_come_from_cap_grants_towards_our_addresses() {
+        let rules: Vec<FilterRule> = serde_json::from_value(json!([
+            {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]},
+            {"SrcIPs": ["100.64.0.0/24"], "CapGrant": [
+                {"Dsts": ["100.64.0.1/32"], "CapMap": {"example.com/cap/admin": [{"level": 1}]}},
+                {"Dsts": ["100.64.0.99/32"], "CapMap": {"example.com/cap/other": null}}]},
+            {"SrcIPs": ["100.64.0.2-100.64.0.3"], "CapGrant": [
+                {"Dsts": ["fd7a:115c:a1e0::1/128", "100.64.0.0/10"],
+                 "CapMap": {"example.com/cap/admin": [{"level": 2}], "example.com/cap/ping": []}}]},
+            {"SrcIPs": ["100.64.0.9"], "CapGrant": [
+                {"Dsts": ["*"], "CapMap": {"example.com/cap/nine": []}}]},
+            {"SrcIPs": ["*"], "CapGrant": [{"Dsts": "100.64.0.1/32", "CapMap": 5}, 7, null]},
+        ]))
+        .unwrap();
+        let me = [ip("100.64.0.1"), ip("fd7a:115c:a1e0::1")];
+        let caps = peer_caps(rules.iter(), ip("100.64.0.2"), &me);
+        assert_eq!(
+            serde_json::to_value(&caps).unwrap(),
+            json!({"example.com/cap/admin": [{"level": 1}, {"level": 2}], "example.com/cap/ping": []}),
+            "both grants merge in rule order; a grant to another destination is not ours"
+        );
+        let caps = peer_caps(rules.iter(), ip("100.64.0.9"), &me);
+        assert_eq!(
+            caps.keys().collect::<Vec<_>>(),
+            ["example.com/cap/admin", "example.com/cap/nine"]
+        );
+        assert!(
+            peer_caps(rules.iter(), ip("100.64.1.2"), &me).is_empty(),
+            "outside every source"
+        );
+        assert!(
+            peer_caps(rules.iter(), ip("100.64.0.2"), &[]).is_empty(),
+            "no self address"
+        );
     }
 
     const ME4: &str = "100.64.0.1";
@@ -1901,6 +1974,7 @@ mod tests {
                     })
                     .collect(),
                 ip_proto: self.protos.clone(),
+                ..Default::default()
             }
         }
 

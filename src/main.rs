@@ -63,8 +63,12 @@ fn run(top: Top) -> Result<(), Failure> {
                     port: d.port.unwrap_or(cfg.port),
                 }),
             };
+            let metrics = tinyscale::metrics::daemon_listen(d.metrics_listen.as_deref(), cfg.metrics_listen)
+                .map_err(Failure::usage)?;
             runtime()?
-                .block_on(tinyscale::daemon::run(&dir, &sock, engine, initial, ubus, d.config))
+                .block_on(tinyscale::daemon::run(
+                    &dir, &sock, engine, initial, ubus, d.config, metrics,
+                ))
                 .map_err(Failure::runtime)
         }
         Cmd::Stun(s) => stun(s),

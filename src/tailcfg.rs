@@ -278,6 +278,16 @@ pub struct FilterRule {
         deserialize_with = "null_as_default"
     )]
     pub ip_proto: Vec<i64>,
+    /// Application capabilities the sources get (policy grants with `app`): `tailcfg.CapGrant`
+    /// objects, `{"Dsts": [prefix…], "CapMap": {name: [value…]}}`, kept as sent JSON (no typed
+    /// decoder on the router; a malformed grant then grants nothing instead of failing the
+    /// MapResponse).
+    #[serde(
+        rename = "CapGrant",
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub cap_grant: Vec<Value>,
 }
 
 impl FilterRule {
@@ -289,7 +299,7 @@ impl FilterRule {
                 ip: "*".into(),
                 ports: PortRange { first: 0, last: 65535 },
             }],
-            ip_proto: Vec::new(),
+            ..Default::default()
         }]
     }
 }
@@ -323,6 +333,35 @@ pub struct DnsConfig {
         deserialize_with = "dns_records"
     )]
     pub extra_records: Vec<DnsRecord>,
+    /// Resolvers for the control server's own name when nothing else answers (Go's
+    /// `FallbackResolvers`; shown by `dns status --all`).
+    #[serde(
+        rename = "FallbackResolvers",
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub fallback_resolvers: Vec<Resolver>,
+    /// Legacy resolver addresses (`Nameservers`).
+    #[serde(
+        rename = "Nameservers",
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub nameservers: Vec<String>,
+    /// Names control helps provision TLS certificates for (`CertDomains`).
+    #[serde(
+        rename = "CertDomains",
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub cert_domains: Vec<String>,
+    /// Suffixes an exit node's DNS proxy does not answer (`ExitNodeFilteredSet`).
+    #[serde(
+        rename = "ExitNodeFilteredSet",
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
+    pub exit_node_filtered_set: Vec<String>,
 }
 
 /// `ExtraRecords` read through [`Value`], whose parser every build has anyway: a derived

@@ -955,6 +955,9 @@ pub struct ServerConfig {
     /// Budget from accept until TLS, the request head and the Noise handshake are done
     /// (`handshake_timeout`, default 10 s, 1 s to 5 min).
     pub handshake_timeout: Duration,
+    /// Where `GET /metrics` is served (`metrics_listen_addr`, default 127.0.0.1:9090 as
+    /// headscale's; empty turns it off; a bare port stays on loopback).
+    pub metrics_listen_addr: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -979,6 +982,10 @@ impl Default for ServerConfig {
             max_connections: 768,
             max_connections_per_ip: 64,
             handshake_timeout: Duration::from_secs(10),
+            metrics_listen_addr: Some(SocketAddr::from((
+                [127, 0, 0, 1],
+                crate::metrics::DEFAULT_COORDINATOR_PORT,
+            ))),
         }
     }
 }
@@ -1023,6 +1030,7 @@ const SERVER_OPTIONS: &[(&str, bool)] = &[
     ("max_connections", false),
     ("max_connections_per_ip", false),
     ("handshake_timeout", false),
+    ("metrics_listen_addr", false),
 ];
 
 /// The `server 'main'` statements, sorted into single values and lists after the
@@ -1337,6 +1345,12 @@ impl ServerConfig {
                 return Err(invalid(o, format!("{:?} is out of range (1s to 5m)", o.value)));
             }
             c.handshake_timeout = d;
+        }
+        // Read raw: an empty value is "off" here, not "unset".
+        if let Some(o) = opts.scalars.iter().find(|o| o.name == "metrics_listen_addr") {
+            c.metrics_listen_addr = crate::metrics::parse_listen(&o.value, crate::metrics::DEFAULT_COORDINATOR_PORT)
+                .map_err(|e| invalid(o, e))?
+                .map(|(a, _)| a);
         }
 
         let d = &mut c.derp;
@@ -1805,6 +1819,26 @@ config client
     }
 
     #[test]
+    fn server_metrics_listen_addr() {
+        let get = |text: &str| {
+            ServerConfig::from_uci_text(&format!("config server 'main'\n{text}"))
+                .unwrap()
+                .metrics_listen_addr
+        };
+        assert_eq!(get(""), Some("127.0.0.1:9090".parse().unwrap()), "headscale's default");
+        assert_eq!(get("\toption metrics_listen_addr ''\n"), None, "empty is off");
+        assert_eq!(
+            get("\toption metrics_listen_addr ':9100'\n"),
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
+        assert_eq!(
+            get("\toption metrics_listen_addr '0.0.0.0:9100'\n"),
+            Some("0.0.0.0:9100".parse().unwrap()),
+            "explicit: allowed (warned at start)"
+        );
+    }
+
+    #[test]
     fn bools() {
         for (s, b) in [
             ("1", true),
@@ -1904,6 +1938,11 @@ config client
             ),
             ("option handshake_timeout '0s'", "handshake_timeout", "out of range"),
             ("option handshake_timeout '10'", "handshake_timeout", "missing unit"),
+            (
+                "option metrics_listen_addr 'localhost:9090'",
+                "metrics_listen_addr",
+                "invalid address",
+            ),
             (
                 "option derp_server_enabled '2'",
                 "derp_server_enabled",

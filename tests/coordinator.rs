@@ -1053,3 +1053,83 @@ async fn a_rotation_control_never_saw_falls_back_to_the_known_key() {
     assert_eq!(after[0]["node_key"], k1.public().to_string());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The value of the sample `series` (name and labels exactly as rendered) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn metrics_endpoint_counts_streams_registrations_and_fan_out() {
+    let h = start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let maddr = listener.local_addr().unwrap();
+    let coord = h.coord.clone();
+    tokio::spawn(tinyscale::metrics::listen::serve(listener, move || {
+        std::future::ready(tinyscale::coordinator::metrics::render(
+            &tinyscale::coordinator::metrics_snapshot(&coord, None),
+        ))
+    }));
+    let scrape = || async {
+        let r = http_get(maddr, "/metrics").await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.contains("text/plain; version=0.0.4"), "{r}");
+        r
+    };
+    let before = scrape().await;
+    assert_eq!(sample(&before, "tinyscale_map_streams"), Some(0.0));
+    assert_eq!(sample(&before, "tinyscale_nodes"), Some(0.0));
+
+    let key = h.user_and_key("alice", true, None);
+    let mut a = join(&h, &key, "alpha").await;
+    let b = join(&h, &key, "beta").await;
+    // A bad key is refused in-band and counted as such.
+    let mut conn = h.conn(&MachinePrivate::from_random(rnd())).await;
+    let r = conn
+        .register(&register_req(&NodePrivate::from_random(rnd()), Some("nope"), "mallory"))
+        .await
+        .unwrap();
+    assert!(!r.error.is_empty());
+    // A hears of B: B's arrival has been fanned out to A's stream.
+    let b_id = b.first.node.as_ref().unwrap().id;
+    until(&mut a.stream, |m| {
+        m.peers_changed.as_ref().is_some_and(|p| p.iter().any(|n| n.id == b_id))
+    })
+    .await;
+
+    let start = std::time::Instant::now();
+    let after = loop {
+        let t = scrape().await;
+        if sample(&t, "tinyscale_map_fanout_seconds_count").unwrap_or(0.0) >= 1.0 {
+            break t;
+        }
+        assert!(start.elapsed() < DEADLINE, "no fan-out recorded:\n{t}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(sample(&after, "tinyscale_map_streams"), Some(2.0), "{after}");
+    assert_eq!(sample(&after, "tinyscale_nodes"), Some(2.0));
+    assert_eq!(sample(&after, "tinyscale_nodes_online"), Some(2.0));
+    assert_eq!(
+        sample(&after, "tinyscale_node_registrations_total{status=\"success\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&after, "tinyscale_node_registrations_total{status=\"unauthorized\"}"),
+        Some(1.0)
+    );
+    assert!(sample(&after, "tinyscale_store_write_seconds_count").unwrap_or(0.0) >= 2.0);
+    assert!(!after.contains("tinyscale_derp_"), "no relay here");
+
+    // B goes away: its stream closes and the gauge follows.
+    drop(b);
+    let start = std::time::Instant::now();
+    while sample(&scrape().await, "tinyscale_map_streams") != Some(1.0) {
+        assert!(start.elapsed() < DEADLINE, "stream count did not drop");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(http_get(maddr, "/").await.starts_with("HTTP/1.1 404"));
+    assert!(raw(maddr, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .starts_with("HTTP/1.1 405"));
+}

@@ -192,7 +192,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
     Verb::new("netcheck", &[Flag::new("json", Switch), SOCKET]),
     Verb::new("whois", &[Flag::new("json", Switch), SOCKET]),
     Verb::new("dns", &[]).subs(&[
-        Verb::new("status", &[Flag::new("json", Switch), SOCKET]),
+        Verb::new("status", &[Flag::new("json", Switch), Flag::new("all", Switch), SOCKET]),
         Verb::new("query", &[Flag::new("json", Switch), SOCKET]),
     ]),
     Verb::new("metrics", &[SOCKET]).subs(&[Verb::new("print", &[])]),
@@ -215,6 +215,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             Flag::new("port", Value),
             Flag::new("config", Value),
             Flag::new("ubus-socket", Value),
+            Flag::new("metrics-listen", Value),
         ],
     ),
     Verb::new(
@@ -237,6 +238,7 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
                 Flag::new("nameserver", Repeat),
                 Flag::new("split-dns", Repeat),
                 Flag::new("extra-records", Repeat),
+                Flag::new("metrics-listen", Value),
             ],
         ),
         Verb::new("users", &[])

@@ -59,6 +59,17 @@ fn strs(v: &Value) -> Vec<String> {
 
 /// [pure] `dns status` text from [`status_json`]'s object.
 pub fn render_status(v: &Value) -> String {
+    render(v, false)
+}
+
+/// [pure] `dns status --all`: [`render_status`] plus fallback resolvers, nameservers,
+/// certificate domains, extra records, the exit node filtered set and match domains, where
+/// tailscale 1.90 prints them.
+pub fn render_status_all(v: &Value) -> String {
+    render(v, true)
+}
+
+fn render(v: &Value, all: bool) -> String {
     let mut out = String::from("\n=== 'Use Tailscale DNS' status ===\n\n");
     if v["AcceptDNS"] == true {
         out.push_str(
@@ -107,6 +118,17 @@ pub fn render_status(v: &Value) -> String {
         out.push_str(&format!("  - {r}\n"));
     }
     out.push('\n');
+    if all {
+        out.push_str("Fallback Resolvers:\n");
+        let fallback = strs(&v["FallbackResolvers"]);
+        if fallback.is_empty() {
+            out.push_str("  (no fallback resolvers configured)\n");
+        }
+        for (i, r) in fallback.iter().enumerate() {
+            out.push_str(&format!("  {i}: {r}\n"));
+        }
+        out.push('\n');
+    }
     // Go sorts them; they are shown as control sent them here (a sort of Strings costs ~6 KB
     // on the router, and control sends one or two).
     section(
@@ -115,6 +137,44 @@ pub fn render_status(v: &Value) -> String {
         &strs(&v["Domains"]),
         "no search domains configured",
     );
+    if all {
+        section(
+            &mut out,
+            "Nameservers IP Addresses:",
+            &strs(&v["Nameservers"]),
+            "none were provided",
+        );
+        section(
+            &mut out,
+            "Certificate Domains:",
+            &strs(&v["CertDomains"]),
+            "no certificate domains are configured",
+        );
+        let records: Vec<String> = v["ExtraRecords"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let f = |k: &str| r[k].as_str().unwrap_or("");
+                match f("Type") {
+                    "" => format!("{:<50} -> {}", f("Name"), f("Value")),
+                    t => format!("[{t}] {:<50} -> {}", f("Name"), f("Value")),
+                }
+            })
+            .collect();
+        section(
+            &mut out,
+            "Additional DNS Records:",
+            &records,
+            "no extra records are configured",
+        );
+        section(
+            &mut out,
+            "Filtered suffixes when forwarding DNS queries as an exit node:",
+            &strs(&v["ExitNodeFilteredSet"]),
+            "no suffixes are filtered",
+        );
+    }
     out.push_str("=== System DNS configuration ===\n\n");
     out.push_str(
         "This is the DNS configuration that the MagicDNS resolver forwards other names to\n\
@@ -132,6 +192,10 @@ pub fn render_status(v: &Value) -> String {
         &strs(&v["System"]["SearchDomains"]),
         "no search domains found",
     );
+    if all {
+        // resolv.conf has no per-domain servers: nothing is routed by domain at the OS level.
+        section(&mut out, "Match domains:", &[], "no match domains found");
+    }
     out
 }
 
@@ -249,6 +313,54 @@ mod tests {
             "(no routes configured: split DNS disabled)",
             "(no search domains configured)",
             "(no nameservers found",
+        ] {
+            assert!(t.contains(want), "{want:?} missing from\n{t}");
+        }
+    }
+
+    #[test]
+    fn status_all_prints_the_whole_dns_config_as_tailscale_does() {
+        let status = json!({
+            "Prefs": {"accept_dns": true},
+            "Self": {"DNSName": "router.ts.example."},
+            "DNS": {"TailnetMagicDNS": true, "MagicDNSSuffix": "ts.example",
+                    "Resolvers": ["1.1.1.1"], "Routes": {"corp.example": ["10.0.0.53"]},
+                    "Domains": ["ts.example"], "FallbackResolvers": ["9.9.9.9", "8.8.8.8"],
+                    "Nameservers": ["10.9.9.9"], "CertDomains": ["router.ts.example"],
+                    "ExtraRecords": [{"Name": "grafana.ts.example", "Type": "", "Value": "100.64.0.9"},
+                                     {"Name": "v6.ts.example", "Type": "AAAA", "Value": "fd7a:115c:a1e0::9"}],
+                    "ExitNodeFilteredSet": [".internal"]},
+        });
+        let v = status_json(&status, "nameserver 192.168.1.1\n");
+        let t = render_status_all(&v);
+        let want = format!(
+            "Split DNS Routes:\n  - corp.example                   -> 10.0.0.53\n\n\
+             Fallback Resolvers:\n  0: 9.9.9.9\n  1: 8.8.8.8\n\n\
+             Search Domains:\n  - ts.example\n\n\
+             Nameservers IP Addresses:\n  - 10.9.9.9\n\n\
+             Certificate Domains:\n  - router.ts.example\n\n\
+             Additional DNS Records:\n  - {:<50} -> 100.64.0.9\n  - [AAAA] {:<50} -> fd7a:115c:a1e0::9\n\n\
+             Filtered suffixes when forwarding DNS queries as an exit node:\n  - .internal\n\n\
+             === System DNS configuration ===",
+            "grafana.ts.example", "v6.ts.example"
+        );
+        assert!(t.contains(&want), "want\n{want}\nin\n{t}");
+        assert!(
+            t.ends_with(
+                "Search domains:\n  (no search domains found)\n\nMatch domains:\n  (no match domains found)\n\n"
+            ),
+            "{t}"
+        );
+        // Without --all none of it; with --all and nothing from control, the empty notes.
+        let plain = render_status(&v);
+        assert!(!plain.contains("Fallback") && !plain.contains("Certificate") && !plain.contains("Match domains"));
+        let t = render_status_all(&status_json(&json!({"Prefs": {"accept_dns": true}}), ""));
+        for want in [
+            "(no fallback resolvers configured)",
+            "Nameservers IP Addresses:\n  (none were provided)",
+            "(no certificate domains are configured)",
+            "(no extra records are configured)",
+            "(no suffixes are filtered)",
         ] {
             assert!(t.contains(want), "{want:?} missing from\n{t}");
         }

@@ -462,7 +462,7 @@ mod tests {
                 ip: "*".into(),
                 ports: PortRange { first: 0, last: 65535 },
             }],
-            ip_proto: Vec::new(),
+            ..Default::default()
         }
     }
 

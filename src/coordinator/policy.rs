@@ -1050,6 +1050,7 @@ impl Compiled {
                 src_ips,
                 dst_ports,
                 ip_proto: g.protos.clone(),
+                ..Default::default()
             });
         }
         out

@@ -22,6 +22,7 @@ use tokio::{
 use super::{
     api,
     mapper::{self, Delta},
+    metrics::{FanOutTimer, Metrics, Registration},
     state::{Change, CoordError, RegisterOutcome, State},
 };
 use crate::{
@@ -44,7 +45,7 @@ const CHANGE_QUEUE: usize = 1024;
 /// Shared coordinator context.
 pub struct Coordinator {
     state: Mutex<State>,
-    changes: broadcast::Sender<Change>,
+    changes: broadcast::Sender<Published>,
     /// Bumped whenever an interactive registration completes, to wake Followup waiters.
     registrations: watch::Sender<u64>,
     noise_key: MachinePrivate,
@@ -52,6 +53,23 @@ pub struct Coordinator {
     derp: std::sync::OnceLock<Arc<crate::derp::server::DerpServer>>,
     /// Admission and handshake budget of the HTTP listener.
     limits: Arc<ConnLimits>,
+    /// Map streams, registrations and fan-out latency (`GET /metrics`).
+    metrics: Arc<Metrics>,
+}
+
+/// A change on its way to the map streams, with the timer of its fan-out (none when no stream
+/// was listening). Derefs to the change.
+#[derive(Debug, Clone)]
+pub struct Published {
+    change: Change,
+    _fanout: Option<Arc<FanOutTimer>>,
+}
+
+impl std::ops::Deref for Published {
+    type Target = Change;
+    fn deref(&self) -> &Change {
+        &self.change
+    }
 }
 
 /// Unix seconds now.
@@ -101,12 +119,23 @@ impl Coordinator {
             noise_key,
             derp: Default::default(),
             limits: ConnLimits::new(limits),
+            metrics: Default::default(),
         }))
     }
 
     /// The listener's admission state and refusal counters.
     pub fn limits(&self) -> &Arc<ConnLimits> {
         &self.limits
+    }
+
+    /// The coordinator's own counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The embedded DERP relay, if any.
+    pub fn derp(&self) -> Option<&Arc<crate::derp::server::DerpServer>> {
+        self.derp.get()
     }
 
     /// Locks the state (a poisoned lock is still usable: panics abort the process anyway).
@@ -122,8 +151,13 @@ impl Coordinator {
     /// Publishes changes to every map session.
     pub fn publish(&self, changes: Vec<Change>) {
         for c in changes {
+            let fanout =
+                (self.changes.receiver_count() > 0).then(|| Arc::new(FanOutTimer::start(self.metrics.clone())));
             // No receivers is fine: nobody is streaming.
-            let _ = self.changes.send(c);
+            let _ = self.changes.send(Published {
+                change: c,
+                _fanout: fanout,
+            });
         }
     }
 
@@ -536,6 +570,11 @@ async fn register(
                 if let Err(e) = durable.await {
                     return respond_now(respond, 500, error_text(&CoordError::Store(e)));
                 }
+                coord.metrics.note_registration(if resp.machine_authorized {
+                    Registration::Success
+                } else {
+                    Registration::NeedsAuth
+                });
                 coord.publish(changes);
                 return respond_now(respond, 200, json_bytes(&resp));
             }
@@ -552,6 +591,10 @@ async fn register(
             }
             Err(e) => {
                 log::info!("registration refused machine={} err={e}", machine.short());
+                coord.metrics.note_registration(match e {
+                    CoordError::Unauthorized(_) => Registration::Unauthorized,
+                    _ => Registration::Error,
+                });
                 // Auth failures are reported in-band (200 + Error) as Go clients expect.
                 let resp = tailcfg::RegisterResponse {
                     error: e.to_string(),
@@ -613,6 +656,7 @@ async fn map(
         Ok(s) => s,
         Err(_) => return,
     };
+    let _stream = coord.metrics.stream_opened();
     let online = coord.lock().session_start(id, now);
     coord.publish(online);
     log::info!("map session started node={id}");

@@ -137,6 +137,8 @@ pub struct State {
     /// change it then.
     policy_file: Option<String>,
     store: Store,
+    /// Pending registrations evicted because [`MAX_PENDING_REGISTRATIONS`] were waiting.
+    pub pending_evicted: u64,
 }
 
 fn sanitize_label(host: &str) -> String {
@@ -183,6 +185,7 @@ impl State {
             nodes: snap.nodes.into_iter().map(|n| (n.id, n)).collect(),
             api_keys: snap.api_keys,
             pending: HashMap::new(),
+            pending_evicted: 0,
             sessions: HashMap::new(),
             primaries: BTreeMap::new(),
             policy: None,
@@ -730,6 +733,7 @@ impl State {
                 .map(|p| p.id.clone());
             let Some(oldest) = oldest else { break };
             self.pending.remove(&oldest);
+            self.pending_evicted += 1;
         }
         let url = format!("{}/register/{id}", self.settings.server_url.trim_end_matches('/'));
         self.pending.insert(
@@ -1340,6 +1344,7 @@ mod tests {
         let last = format!("p{}", MAX_PENDING_REGISTRATIONS + 2);
         assert!(st.pending(&last).is_some());
         assert_eq!(st.pending.len(), MAX_PENDING_REGISTRATIONS);
+        assert_eq!(st.pending_evicted, 2, "each eviction is counted for the metrics");
     }
 
     #[test]

@@ -901,7 +901,9 @@ fn node_row(c: &Connection, sql: &str, id: u64, n: &Node) -> Result<usize, Store
 }
 
 /// Runs `batch` in one `IMMEDIATE` transaction, each write in a savepoint; returns the failures.
+/// The whole transaction, fsync included, is one sample of `tinyscale_store_write_seconds`.
 fn commit(conn: &Connection, batch: Vec<(u64, Write)>) -> Vec<(u64, StoreError)> {
+    let _t = super::metrics::StoreWriteTimer::start();
     let seqs: Vec<u64> = batch.iter().map(|b| b.0).collect();
     let all_fail = |e: rusqlite::Error| -> Vec<(u64, StoreError)> {
         let e = StoreError::from(e);

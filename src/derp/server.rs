@@ -169,6 +169,9 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct Registry {
     clients: HashMap<NodePublic, Entry>,
+    /// Packet bytes received from clients and queued to destinations (64-bit: they pass 4 GiB
+    /// within days; under the registry lock, so no 64-bit atomics are needed).
+    bytes: (u64, u64),
 }
 
 impl Registry {
@@ -224,11 +227,15 @@ impl Registry {
     /// packet, queues PeerGone(dst, NotHere) to `src` at most once per [`NOT_HERE_INTERVAL`]
     /// (Go answers only disco: WireGuard to a stale key would otherwise echo a notice each).
     pub fn forward(&mut self, src: &NodePublic, dst: &NodePublic, data: &[u8], now: Instant) -> Forward {
+        self.bytes.0 += data.len() as u64;
         if let Some(d) = self.clients.get(dst) {
             let r = d.tx.try_send(Outbound::Packet {
                 src: *src,
                 data: Bytes::copy_from_slice(data),
             });
+            if r.is_ok() {
+                self.bytes.1 += data.len() as u64;
+            }
             if let Some(s) = self.clients.get_mut(src) {
                 s.sent_to.insert(*dst);
             }
@@ -292,6 +299,11 @@ impl Registry {
     /// Clients that call this their home region.
     pub fn home_clients(&self) -> usize {
         self.clients.values().filter(|e| e.preferred).count()
+    }
+
+    /// Packet bytes received from clients, and queued to destinations.
+    pub fn bytes(&self) -> (u64, u64) {
+        self.bytes
     }
 }
 
@@ -463,6 +475,11 @@ impl DerpServer {
     /// Clients that sent NotePreferred(true).
     pub fn home_client_count(&self) -> usize {
         self.registry().home_clients()
+    }
+
+    /// Packet bytes received from clients, and queued to destinations.
+    pub fn bytes(&self) -> (u64, u64) {
+        self.registry().bytes()
     }
 
     /// Locks the registry (a poisoned lock is still usable: panics abort the process anyway).
@@ -969,6 +986,8 @@ mod tests {
         // A receiver that went away (writer ended) counts as a full queue, never a panic.
         drop(b);
         assert_eq!(r.forward(&k(1), &k(2), b"five", now), Forward::QueueFull);
+        // In: every packet; out: only the queued ones ("one", "two", "four").
+        assert_eq!(r.bytes(), (3 + 3 + 5 + 4 + 4, 3 + 3 + 4));
     }
 
     #[test]

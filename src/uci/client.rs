@@ -62,6 +62,7 @@ const CLIENT_OPTIONS: &[(&str, bool)] = &[
     ("state_dir", false),
     ("log_level", false),
     ("tun", false),
+    ("metrics_listen", false),
 ];
 
 /// The typed `config client` section. Defaults are what `tailscale up` and tailscaled use,
@@ -106,6 +107,8 @@ pub struct ClientConfig {
     pub log_level: LogLevel,
     /// TUN device name, or `none` for control only.
     pub tun: String,
+    /// Where the daemon serves `GET /metrics` (`--metrics-listen`); `None` (default) is off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for ClientConfig {
@@ -130,6 +133,7 @@ impl Default for ClientConfig {
             state_dir: PathBuf::from(crate::daemon::DEFAULT_STATE_DIR),
             log_level: LogLevel::Info,
             tun: DEFAULT_TUN.into(),
+            metrics_listen: None,
         }
     }
 }
@@ -356,6 +360,11 @@ impl ClientConfig {
                     })?
                 }
                 "tun" => c.tun = device(&sec, o)?,
+                "metrics_listen" => {
+                    c.metrics_listen = crate::metrics::parse_listen(&o.value, crate::metrics::DEFAULT_DAEMON_PORT)
+                        .map_err(|e| sec.invalid(o, e))?
+                        .map(|(a, _)| a)
+                }
                 _ => {}
             }
         }
@@ -514,6 +523,23 @@ mod tests {
     fn anonymous_section_and_empty_values_keep_defaults() {
         let c = load("config client\n\toption port ''\n\toption tun 'wg9'\n").config;
         assert_eq!((c.port, c.tun.as_str()), (41641, "wg9"));
+    }
+
+    #[test]
+    fn metrics_listen_is_off_unless_set_and_stays_on_loopback_for_a_bare_port() {
+        assert_eq!(load("config client\n").config.metrics_listen, None);
+        assert_eq!(
+            load("config client\n\toption metrics_listen ''\n")
+                .config
+                .metrics_listen,
+            None
+        );
+        let c = load("config client\n\toption metrics_listen ':'\n").config;
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:5252".parse().unwrap()));
+        let c = load("config client\n\toption metrics_listen '192.168.1.1:9100'\n").config;
+        assert_eq!(c.metrics_listen, Some("192.168.1.1:9100".parse().unwrap()));
+        let e = ClientConfig::from_uci_text("config client\n\toption metrics_listen 'x:y'\n").unwrap_err();
+        assert!(e.to_string().contains("metrics_listen"), "{e}");
     }
 
     #[test]
