@@ -20,7 +20,7 @@ use tokio::{
 };
 
 use super::{
-    mapper::{self, Delta},
+    mapper::{self, Action, Fanout, Update, Viewer},
     state::{Change, CoordError, RegisterOutcome, State},
 };
 use crate::{
@@ -43,7 +43,9 @@ const CHANGE_QUEUE: usize = 1024;
 /// Shared coordinator context.
 pub struct Coordinator {
     state: Mutex<State>,
-    changes: broadcast::Sender<Change>,
+    /// Prepares changes for the sessions; locked only while the state lock is held.
+    fanout: Mutex<Fanout>,
+    changes: broadcast::Sender<Arc<Update>>,
     /// Bumped whenever an interactive registration completes, to wake Followup waiters.
     registrations: watch::Sender<u64>,
     noise_key: MachinePrivate,
@@ -95,6 +97,7 @@ impl Coordinator {
         let (registrations, _) = watch::channel(0);
         Ok(Arc::new(Coordinator {
             state: Mutex::new(state),
+            fanout: Mutex::new(Fanout::default()),
             changes,
             registrations,
             noise_key,
@@ -118,12 +121,35 @@ impl Coordinator {
         self.noise_key.public()
     }
 
-    /// Publishes changes to every map session.
+    /// Publishes changes to every map session: each is prepared once, under the state lock so
+    /// updates are queued in the order of the states they describe. Call without holding
+    /// [`Coordinator::lock`].
     pub fn publish(&self, changes: Vec<Change>) {
-        for c in changes {
-            // No receivers is fine: nobody is streaming.
-            let _ = self.changes.send(c);
+        if changes.is_empty() {
+            return;
         }
+        let st = self.lock();
+        let mut fanout = self.fanout();
+        if self.changes.receiver_count() == 0 {
+            // Nobody is streaming; a session starting later begins with a full map.
+            fanout.skip();
+            return;
+        }
+        let now = unix_now();
+        for c in changes {
+            let _ = self.changes.send(Arc::new(fanout.prepare(&st, c, now)));
+        }
+    }
+
+    fn fanout(&self) -> MutexGuard<'_, Fanout> {
+        self.fanout.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The full map for `viewer` as of now, and the update sequence number it covers.
+    fn full_map(&self, viewer: u64, now: i64) -> (Option<MapResponse>, u64) {
+        let st = self.lock();
+        let seq = self.fanout().seq();
+        (mapper::full_map(&st, viewer, now), seq)
     }
 
     /// Installs the embedded DERP relay (once, at startup).
@@ -557,8 +583,10 @@ async fn map(
     let online = coord.lock().session_start(id, now);
     coord.publish(online);
     log::info!("map session started node={id}");
-    let first = mapper::full_map(&coord.lock(), id, now);
+    let mut viewer = Viewer::new(id);
+    let (first, seq) = coord.full_map(id, now);
     if let Some(m) = first {
+        viewer.sent_full(&m, seq);
         if send.send_data(frame_map_message(&m, zstd), false).is_err() {
             end_session(&coord, id);
             return;
@@ -574,21 +602,26 @@ async fn map(
     let mut deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
     loop {
         tokio::select! {
-            c = rx.recv() => {
-                let now = unix_now();
-                let delta = match c {
-                    Ok(change) => mapper::delta(&coord.lock(), id, &change, now),
+            u = rx.recv() => {
+                let out = match u {
+                    Ok(u) => session_output(&coord, &mut viewer, &u, zstd),
                     // Fell behind: resynchronise with a full map.
-                    Err(broadcast::error::RecvError::Lagged(_)) => mapper::delta(&coord.lock(), id, &Change::Full, now),
-                    Err(broadcast::error::RecvError::Closed) => break,
-                };
-                match delta {
-                    Delta::None => continue,
-                    Delta::End => break,
-                    Delta::Send(m) => {
-                        if send.send_data(frame_map_message(&m, zstd), false).is_err() { break; }
-                        deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        log::debug!("map session fell behind node={id} skipped={n}");
+                        let (m, seq) = coord.full_map(id, unix_now());
+                        m.map(|m| {
+                            viewer.sent_full(&m, seq);
+                            vec![frame_map_message(&m, zstd)]
+                        })
                     }
+                    Err(broadcast::error::RecvError::Closed) => None,
+                };
+                let Some(out) = out else { break };
+                if out.iter().any(|b| send.send_data(b.clone(), false).is_err()) {
+                    break;
+                }
+                if !out.is_empty() {
+                    deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
@@ -599,6 +632,30 @@ async fn map(
         }
     }
     end_session(&coord, id);
+}
+
+/// The framed messages `viewer` gets for `u` (often none), or `None` to end the session.
+fn session_output(coord: &Coordinator, viewer: &mut Viewer, u: &Update, zstd: bool) -> Option<Vec<Bytes>> {
+    match viewer.action(u) {
+        Action::None => Some(Vec::new()),
+        Action::End => None,
+        Action::Full(view) => {
+            let m = mapper::full_map_with(&coord.lock(), viewer.id, view, unix_now())?;
+            viewer.sent_full(&m, u.seq);
+            Some(vec![frame_map_message(&m, zstd)])
+        }
+        Action::Send { filter, msg } => {
+            let mut out = Vec::with_capacity(2);
+            if let Some(mut f) = filter {
+                f.control_time = Some(tailcfg::format_time(unix_now()));
+                out.push(frame_map_message(&f, zstd));
+            }
+            if let Some(m) = msg {
+                out.push(m.framed(zstd, frame_map_message));
+            }
+            Some(out)
+        }
+    }
 }
 
 fn end_session(coord: &Coordinator, id: u64) {
