@@ -234,6 +234,16 @@ pub struct MapStream {
 impl MapStream {
     /// The next message, `Ok(None)` at end of stream. Fails after [`MAP_WATCHDOG`] of silence.
     pub async fn next(&mut self) -> Result<Option<MapResponse>, Error> {
+        match self.next_json().await? {
+            Some(msg) => serde_json::from_slice(&msg)
+                .map(Some)
+                .map_err(|e| Error::Protocol(format!("map message: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// The next message's JSON, unparsed (as [`MapStream::next`]).
+    pub async fn next_json(&mut self) -> Result<Option<Vec<u8>>, Error> {
         loop {
             if self.buf.len() >= 4 {
                 let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
@@ -247,8 +257,7 @@ impl MapStream {
                         msg = crate::zstdframe::decode(&msg, MAX_MAP_MESSAGE)
                             .map_err(|e| Error::Protocol(format!("map message: {e}")))?;
                     }
-                    let m = serde_json::from_slice(&msg).map_err(|e| Error::Protocol(format!("map message: {e}")))?;
-                    return Ok(Some(m));
+                    return Ok(Some(msg));
                 }
             }
             let chunk = tokio::time::timeout(MAP_WATCHDOG, self.body.data())
