@@ -284,6 +284,29 @@ pub fn full_map_with(state: &State, viewer: u64, view: Option<&PolicyView>, now:
     })
 }
 
+/// Merges adjacent patches of the same node into one (later fields win), so a session start
+/// (endpoints, then online) costs each viewer one message.
+pub fn coalesce(changes: Vec<Change>) -> Vec<Change> {
+    let mut out: Vec<Change> = Vec::with_capacity(changes.len());
+    for c in changes {
+        if let (Some(Change::Patch(prev)), Change::Patch(p)) = (out.last_mut(), &c) {
+            if prev.node_id == p.node_id {
+                let p = p.clone();
+                prev.derp_region = p.derp_region.or(prev.derp_region);
+                prev.endpoints = p.endpoints.or(prev.endpoints.take());
+                prev.key = p.key.or(prev.key);
+                prev.disco_key = p.disco_key.or(prev.disco_key);
+                prev.online = p.online.or(prev.online);
+                prev.last_seen = p.last_seen.or(prev.last_seen.take());
+                prev.key_expiry = p.key_expiry.or(prev.key_expiry.take());
+                continue;
+            }
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// One message shared by every session it goes to: serialised at most once per encoding.
 #[derive(Debug)]
 pub struct Shared {
@@ -711,7 +734,7 @@ mod tests {
             let mut sessions: BTreeMap<u64, (Viewer, Netmap)> = BTreeMap::new();
             let now = 1000;
             for op in &ops {
-                for change in run(&mut st, op, now) {
+                for change in coalesce(run(&mut st, op, now)) {
                     let u = fanout.prepare(&st, change, now);
                     let mut ended = Vec::new();
                     for (id, (viewer, nm)) in sessions.iter_mut() {
@@ -758,6 +781,34 @@ mod tests {
                 prop_assert_eq!(view_of(nm), view_of(&fresh), "node {} after {:?}", id, ops);
             }
         }
+    }
+
+    #[test]
+    fn adjacent_patches_of_one_node_merge() {
+        let p = |id, online, ep: Option<&str>| {
+            Change::Patch(tailcfg::PeerChange {
+                node_id: id,
+                online,
+                endpoints: ep.map(|e| vec![e.to_string()]),
+                ..Default::default()
+            })
+        };
+        let merged = coalesce(vec![
+            p(1, None, Some("a:1")),
+            p(1, Some(true), None),
+            p(2, Some(true), None),
+            Change::Node(1),
+            p(1, None, Some("b:2")),
+        ]);
+        assert_eq!(
+            merged,
+            vec![
+                p(1, Some(true), Some("a:1")),
+                p(2, Some(true), None),
+                Change::Node(1),
+                p(1, None, Some("b:2"))
+            ]
+        );
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub const MAP_KEEPALIVE: Duration = Duration::from_secs(55);
 pub const MAX_NOISE_BODY: usize = 1 << 20;
 /// Changes buffered per session before it falls back to a full map.
 const CHANGE_QUEUE: usize = 1024;
+/// Queued updates a session sends in one write at most.
+const MAX_BATCH: usize = 256;
 
 /// Shared coordinator context.
 pub struct Coordinator {
@@ -136,7 +138,7 @@ impl Coordinator {
             return;
         }
         let now = unix_now();
-        for c in changes {
+        for c in mapper::coalesce(changes) {
             let _ = self.changes.send(Arc::new(fanout.prepare(&st, c, now)));
         }
     }
@@ -558,12 +560,12 @@ async fn map(
     // Subscribe before applying, so no change between the full map and the loop is lost.
     let mut rx = coord.changes.subscribe();
     let applied = coord.lock().apply_map_request(machine, &req, now);
-    let (id, changes) = match applied {
+    let (id, mut changes) = match applied {
         Ok(x) => x,
         Err(e) => return respond_now(respond, u16::from(&e), error_text(&e)),
     };
-    coord.publish(changes);
     if !req.stream {
+        coord.publish(changes);
         if req.omit_peers {
             return respond_now(respond, 200, Vec::new());
         }
@@ -578,10 +580,11 @@ async fn map(
     *resp.status_mut() = http::StatusCode::OK;
     let mut send = match respond.send_response(resp, false) {
         Ok(s) => s,
-        Err(_) => return,
+        Err(_) => return coord.publish(changes),
     };
-    let online = coord.lock().session_start(id, now);
-    coord.publish(online);
+    // Published together: the endpoint patch and the online patch go out as one.
+    changes.extend(coord.lock().session_start(id, now));
+    coord.publish(changes);
     log::info!("map session started node={id}");
     let mut viewer = Viewer::new(id);
     let (first, seq) = coord.full_map(id, now);
@@ -603,26 +606,53 @@ async fn map(
     loop {
         tokio::select! {
             u = rx.recv() => {
-                let out = match u {
-                    Ok(u) => session_output(&coord, &mut viewer, &u, zstd),
-                    // Fell behind: resynchronise with a full map.
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        log::debug!("map session fell behind node={id} skipped={n}");
-                        let (m, seq) = coord.full_map(id, unix_now());
-                        m.map(|m| {
-                            viewer.sent_full(&m, seq);
-                            vec![frame_map_message(&m, zstd)]
-                        })
+                // Everything queued goes out in one write.
+                let mut out = Vec::new();
+                let mut next = Some(u);
+                let mut taken = 0;
+                let mut end = false;
+                while let Some(u) = next.take() {
+                    match u {
+                        Ok(u) => match session_output(&coord, &mut viewer, &u, zstd) {
+                            Some(o) => out.extend(o),
+                            None => end = true,
+                        },
+                        // Fell behind: resynchronise with a full map (what came before is moot).
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            log::debug!("map session fell behind node={id} skipped={n}");
+                            out.clear();
+                            let (m, seq) = coord.full_map(id, unix_now());
+                            match m {
+                                Some(m) => {
+                                    viewer.sent_full(&m, seq);
+                                    out.push(frame_map_message(&m, zstd));
+                                }
+                                None => end = true,
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => end = true,
                     }
-                    Err(broadcast::error::RecvError::Closed) => None,
-                };
-                let Some(out) = out else { break };
-                if out.iter().any(|b| send.send_data(b.clone(), false).is_err()) {
+                    taken += 1;
+                    if !end && taken < MAX_BATCH {
+                        next = match rx.try_recv() {
+                            Ok(u) => Some(Ok(u)),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(broadcast::error::RecvError::Lagged(n))),
+                            Err(_) => None,
+                        };
+                    }
+                }
+                if end {
                     break;
                 }
-                if !out.is_empty() {
-                    deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
+                let out = match out.len() {
+                    0 => continue,
+                    1 => out.pop().unwrap_or_default(),
+                    _ => Bytes::from(out.concat()),
+                };
+                if send.send_data(out, false).is_err() {
+                    break;
                 }
+                deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 if send.send_data(keepalive.clone(), false).is_err() { break; }
