@@ -26,6 +26,14 @@ use tinyscale::{
     tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
 };
 
+/// In-flight limits per thread: registrations (enough to keep the coordinator busy, few enough
+/// not to pile up behind its accept queue) and stream starts (each full map is O(N) bytes, all
+/// of them queued in the coordinator until read, so this bounds its memory peak).
+struct Gates {
+    join: tokio::sync::Semaphore,
+    stream: tokio::sync::Semaphore,
+}
+
 /// What node tasks report to the main thread.
 enum Event {
     Registered,
@@ -90,10 +98,10 @@ async fn join(sh: &Shared, i: usize, machine: &MachinePrivate, node: &NodePrivat
     Ok(conn)
 }
 
-async fn run_node(sh: Arc<Shared>, i: usize, tx: mpsc::Sender<Event>, gate: Arc<tokio::sync::Semaphore>) {
+async fn run_node(sh: Arc<Shared>, i: usize, tx: mpsc::Sender<Event>, gates: Arc<Gates>) {
     let machine = MachinePrivate::from_random(random_key());
     let node = NodePrivate::from_random(random_key());
-    let permit = gate.acquire().await;
+    let permit = gates.join.acquire().await;
     let mut conn = match join(&sh, i, &machine, &node).await {
         Ok(c) => c,
         Err(e) => return drop(tx.send(Event::Failed(i, e))),
@@ -104,7 +112,7 @@ async fn run_node(sh: Arc<Shared>, i: usize, tx: mpsc::Sender<Event>, gate: Arc<
     if go.wait_for(|g| *g).await.is_err() {
         return;
     }
-    let permit = gate.acquire().await;
+    let permit = gates.stream.acquire().await;
     let ep = vec![format!("127.0.0.1:{}", 10000 + i % 50000)];
     let mut stream = match conn.map_stream(&map_request(&node, ep, true, i)).await {
         Ok(s) => s,
@@ -223,9 +231,10 @@ fn main() {
                 .build()
                 .expect("runtime");
             let local = tokio::task::LocalSet::new();
-            // In-flight handshakes per thread: enough to keep the coordinator busy, few enough
-            // not to pile up behind its accept queue.
-            let gate = Arc::new(tokio::sync::Semaphore::new(32));
+            let gates = Arc::new(Gates {
+                join: tokio::sync::Semaphore::new(32),
+                stream: tokio::sync::Semaphore::new(4),
+            });
             local.block_on(&rt, async move {
                 let mut tasks = Vec::new();
                 for i in (t..n).step_by(threads) {
@@ -233,7 +242,7 @@ fn main() {
                         sh.clone(),
                         i,
                         tx.clone(),
-                        gate.clone(),
+                        gates.clone(),
                     )));
                 }
                 for t in tasks {
@@ -306,6 +315,9 @@ fn main() {
     let mut all = Vec::new();
     let mut per_stream = Vec::new();
     for k in 0..changes {
+        // Changes a second apart, as endpoint changes come: each finds the sessions quiet (a
+        // session writes at most every 200 ms, batching what arrives meanwhile).
+        std::thread::sleep(Duration::from_secs(1));
         let (t, each) = measure(k + 2, Duration::from_secs(120));
         eprintln!("swarm: change {}: last stream after {:.3} s", k + 1, t);
         all.push(t);

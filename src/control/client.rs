@@ -252,6 +252,10 @@ impl MapStream {
                 }
                 if self.buf.len() >= 4 + len {
                     let mut msg: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
+                    // A full map can be megabytes: do not keep its room for the keep-alives.
+                    if self.buf.is_empty() && self.buf.capacity() > 64 << 10 {
+                        self.buf = Vec::new();
+                    }
                     // Only if we asked for zstd; raw-block frames decode without a decompressor.
                     if msg.starts_with(&crate::zstdframe::MAGIC) {
                         msg = crate::zstdframe::decode(&msg, MAX_MAP_MESSAGE)

@@ -41,6 +41,11 @@ pub const MAX_NOISE_BODY: usize = 1 << 20;
 const CHANGE_QUEUE: usize = 1024;
 /// Queued updates a session sends in one write at most.
 const MAX_BATCH: usize = 256;
+/// Least time between two writes to one map session: an update arriving sooner waits for the
+/// rest of the gap and goes out with whatever arrives meanwhile, so a burst of changes (many
+/// nodes joining) costs each session a few writes per second, not one per change. A change
+/// after a quiet spell goes out at once. (headscale batches every change by 800 ms.)
+const MIN_WRITE_GAP: Duration = Duration::from_millis(200);
 
 /// Shared coordinator context.
 pub struct Coordinator {
@@ -602,10 +607,15 @@ async fn map(
         },
         zstd,
     );
-    let mut deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
+    let mut last_write = tokio::time::Instant::now();
+    let mut deadline = last_write + MAP_KEEPALIVE;
     loop {
         tokio::select! {
             u = rx.recv() => {
+                let quiet = last_write.elapsed();
+                if quiet < MIN_WRITE_GAP {
+                    tokio::time::sleep(MIN_WRITE_GAP - quiet).await;
+                }
                 // Everything queued goes out in one write.
                 let mut out = Vec::new();
                 let mut next = Some(u);
@@ -652,7 +662,8 @@ async fn map(
                 if send.send_data(out, false).is_err() {
                     break;
                 }
-                deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
+                last_write = tokio::time::Instant::now();
+                deadline = last_write + MAP_KEEPALIVE;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 if send.send_data(keepalive.clone(), false).is_err() { break; }

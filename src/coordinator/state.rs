@@ -249,6 +249,10 @@ impl State {
 
     /// Announced ∩ approved.
     pub fn effective_routes(n: &Node) -> Vec<String> {
+        // Most nodes route nothing: skip parsing their Hostinfo (primaries scan every node).
+        if n.approved_routes.is_empty() {
+            return Vec::new();
+        }
         Self::announced_routes(n)
             .into_iter()
             .filter(|r| n.approved_routes.contains(r))
