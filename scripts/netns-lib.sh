@@ -44,9 +44,9 @@
 
 TS_NAMESPACES=(ts-inet ts-nat-a ts-nat-b ts-nat-g ts-a ts-b ts-g)
 # Namespaces a scenario adds on top (netns-subnet.sh's LAN behind ts-a and its second router
-# ts-r2): topo_up leaves them to their scenario, topo_down removes them too, so any run cleans
+# ts-r2; netns-e2e.sh's public nodes ts-pa, ts-pb): topo_up leaves them to their scenario, topo_down removes them too, so any run cleans
 # up after any other.
-TS_EXTRA_NAMESPACES=(ts-lan ts-r2)
+TS_EXTRA_NAMESPACES=(ts-lan ts-r2 ts-pa ts-pb)
 TS_HOMES=(a b g)
 INET_IP=203.0.113.1
 COORD_PORT=8080
@@ -131,7 +131,7 @@ ts_teardown_check() {
 	done
 	topo_down
 	TORN_DOWN=1
-	left=$(ip netns list | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg]|lan|r2)$' | tr '\n' ' ')
+	left=$(ip netns list | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg]|lan|r2|pa|pb)$' | tr '\n' ' ')
 	[[ -z $left ]] || ok=1
 	ev+="namespaces left: '${left}'"$'\n'
 	for p in "${pids[@]}"; do
@@ -433,7 +433,7 @@ topo_down() {
 		for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
 		ip netns del "$ns" 2>/dev/null || true
 	done
-	left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg]|lan|r2)$' || true)
+	left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^ts-(inet|nat-[abg]|[abg]|lan|r2|pa|pb)$' || true)
 	[[ -z $left ]] || log "WARNING: namespaces left after down: $left"
 }
 
@@ -594,7 +594,8 @@ EOF
 EOF
 }
 
-# coord_config EMBEDDED(0|1): standalone mode always gets 0 and the derp_path map of :3340.
+# coord_config EMBEDDED(0|1|none): standalone mode always gets 0 and the derp_path map of :3340;
+# none: no relay and no DERP map.
 coord_config() {
 	local embedded=$1 d=$WORK/coord
 	mkdir -p "$d"
@@ -614,7 +615,10 @@ coord_config() {
 			printf "\toption tls_cert_path '%s'\n\toption tls_key_path '%s'\n" "$WORK/tls/cert.pem" "$WORK/tls/key.pem"
 		fi
 		printf "\toption derp_server_region_id '%s'\n" "$DERP_REGION"
-		if [[ $embedded == 1 ]]; then
+		if [[ $embedded == none ]]; then
+			# No relay and no DERP map (netns-e2e.sh step 10): peers get no home DERP.
+			printf "\toption derp_server_enabled '0'\n"
+		elif [[ $embedded == 1 ]]; then
 			printf "\toption derp_server_enabled '1'\n"
 			printf "\toption derp_server_stun_listen_addr '[::]:%s'\n" "$STUN_PORT"
 			printf "\toption derp_server_ipv4 '%s'\n\toption derp_server_ipv6 '%s'\n" "$INET_IP" "$INET6_IP"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# package-check.sh — checks an .ipk from scripts/package.sh the way opkg reads it: `ar x`,
+# package-check.sh — checks an .ipk from scripts/package.sh the way opkg reads it: untar,
 # then `tar` on the members. Asserts the members, the file tree with modes and owners, the
 # control fields, conffiles, the maintainer scripts (sh -n), that the files are the
 # repository's, and runs the unpacked binary's `tinyscale version` (under qemu-user for
-# foreign targets, through scripts/cross-build.sh run).
+# foreign targets, through scripts/cross-build.sh run). With apk-tools 3 (`$APK`, default
+# `apk` on PATH) it also builds the .apk from the same binary (package.sh --apk) and checks it
+# with `apk adbdump` and an install, upgrade and removal in a scratch root; without, one SKIP line.
 #
 #   scripts/package-check.sh <ipk> <rust-target>
 #
@@ -25,9 +27,10 @@ check() {  # check <description> <command...>
 }
 
 # ---- the ar container
-members=$(ar t "$IPK" 2>&1 | paste -sd' ')
-check "ar members in order: $members" [ "$members" = "debian-binary control.tar.gz data.tar.gz" ]
-(cd "$W" && ar x "$IPK") || fail "ar x"
+# opkg-lede gunzips and untars the outer file (an `ar` one is "Malformed package file").
+members=$(tar -tzf "$IPK" 2>&1 | paste -sd' ')
+check "outer tar.gz members in order: $members" [ "$members" = "./debian-binary ./data.tar.gz ./control.tar.gz" ]
+tar -xzf "$IPK" -C "$W" || fail "untar the outer tar.gz"
 check "debian-binary is \"2.0\\n\"" cmp -s "$W/debian-binary" <(printf '2.0\n')
 
 # ---- data.tar.gz: tree, modes, owners
@@ -94,6 +97,54 @@ done
 check "postinst runs default_postinst (uci-defaults, enable, start)" grep -q '^default_postinst \$0 \$@' "$W/ctrl/postinst"
 check "prerm runs default_prerm and deletes firewall.tinyscale" \
   bash -c "grep -q '^default_prerm \$0 \$@' '$W/ctrl/prerm' && grep -qx 'delete firewall.tinyscale' '$W/ctrl/prerm'"
+# apk runs scripts as /lib/apk/exec/<name>-<version>.<kind>: default_* must not guess the name from $0.
+check "postinst and prerm name the package (pkgname=tinyscale)" \
+  bash -c "grep -qx 'export pkgname=tinyscale' '$W/ctrl/postinst' && grep -qx 'export pkgname=tinyscale' '$W/ctrl/prerm'"
+
+# ---- the same as an APK v3 package (OpenWrt 25.x)
+APK=${APK:-apk}
+if "$APK" --version 2>/dev/null | grep -q '^apk-tools 3\.'; then
+  arch=$(field Architecture) ver=$(field Version)
+  A=$(APK=$APK "$HERE/package.sh" "$TARGET" --bin "$W/root/usr/sbin/tinyscale" --arch "$arch" --out "$W/apk" --apk 2>"$W/apk.log")
+  if [ -f "$A" ]; then
+    "$APK" adbdump "$A" > "$W/apk.dump" 2>&1
+    info() { sed -n "/^info:/,/^paths:/s/^  $1: //p" "$W/apk.dump"; }
+    check ".apk name, version $ver, arch $arch" \
+      [ "$(info name) $(info version) $(info arch)" = "tinyscale $ver $arch" ]
+    check ".apk depends: ca-bundle ip kmod-nft-nat kmod-tun nftables" \
+      [ "$(sed -n '/^  depends:/,/^paths:/s/^    - //p' "$W/apk.dump" | paste -sd' ')" = "ca-bundle ip kmod-nft-nat kmod-tun nftables" ]
+    check ".apk scripts: post-install, post-upgrade (PKG_UPGRADE=1), pre-deinstall" \
+      bash -c "grep -qx '  post-install: |' '$W/apk.dump' && grep -qx '  pre-deinstall: |' '$W/apk.dump' &&
+        sed -n '/^  post-upgrade: |/,/^  [a-z-]*: |/p' '$W/apk.dump' | grep -qx '    export PKG_UPGRADE=1'"
+    # A scratch root with a /bin/sh (apk runs the scripts chrooted), stand-ins for the dependencies.
+    R=$W/apkroot
+    mkdir -p "$R/bin" "$W/stub/usr/share/stub"
+    cp /bin/sh "$R/bin/sh"
+    for l in $(ldd /bin/sh | grep -o '/[^ ]*'); do mkdir -p "$R$(dirname "$l")"; cp "$l" "$R$l"; done
+    for d in kmod-tun ca-bundle ip nftables kmod-nft-nat; do
+      echo "$d" > "$W/stub/usr/share/stub/$d"
+      "$APK" mkpkg --info "name:$d" --info version:1-r1 --info arch:noarch --info description:stand-in \
+        --files "$W/stub" --output "$W/stub-$d.apk" >/dev/null 2>&1
+      rm "$W/stub/usr/share/stub/$d"
+    done
+    apkr() { "$APK" --root "$R" --allow-untrusted --no-network --no-cache "$@" >>"$W/apk.log" 2>&1; }
+    check ".apk installs beside its dependencies (scripts run)" apkr --initdb add "$W"/stub-*.apk "$A"
+    check ".apk installed the ipk's files, 0600 config" \
+      bash -c "cmp -s '$R/usr/sbin/tinyscale' '$W/root/usr/sbin/tinyscale' && cmp -s '$R/etc/init.d/tinyscale' '$W/root/etc/init.d/tinyscale' &&
+        [ \"\$(stat -c %a '$R/etc/config/tinyscale')\" = 600 ]"
+    check ".apk conffiles_static: /etc/config/tinyscale and its sha256" \
+      [ "$(cat "$R/lib/apk/packages/tinyscale.conffiles_static")" = "/etc/config/tinyscale $(sha256sum < "$W/root/etc/config/tinyscale" | cut -d' ' -f1)" ]
+    check ".apk list is every file it installs" \
+      bash -c "diff <(sort '$R/lib/apk/packages/tinyscale.list') <(cd '$R' && '$APK' --root '$R' --no-network info -L tinyscale 2>/dev/null | grep -v ' contains:\$' | grep . | sed 's|^|/|' | sort)"
+    printf "\toption hostname 'edited'\n" >> "$R/etc/config/tinyscale"
+    check ".apk removal keeps the edited config" \
+      bash -c "'$APK' --root '$R' --no-network del tinyscale >>'$W/apk.log' 2>&1 && grep -q edited '$R/etc/config/tinyscale' && [ ! -e '$R/usr/sbin/tinyscale' ]"
+  else
+    fail ".apk: package.sh --apk built nothing"; sed 's/^/  /' "$W/apk.log"
+  fi
+else
+  echo "SKIP: .apk (no apk-tools 3: \`$APK --version\`; see README)"
+fi
 
 # ---- the binary
 out=$(timeout 120 env TINYSCALE_BIN="$W/root/usr/sbin/tinyscale" "$HERE/cross-build.sh" run "$TARGET" version 2>&1)

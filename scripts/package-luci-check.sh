@@ -31,9 +31,10 @@ else
 fi
 check "file name luci-app-tinyscale_<version>_all.ipk" bash -c "[[ '$(basename "$IPK")' =~ ^luci-app-tinyscale_[0-9.]+-r[0-9]+_all\.ipk$ ]]"
 
-members=$(ar t "$IPK" 2>&1 | paste -sd' ')
-check "ar members in order: $members" [ "$members" = "debian-binary control.tar.gz data.tar.gz" ]
-(cd "$W" && ar x "$IPK") || fail "ar x"
+# opkg-lede gunzips and untars the outer file (an `ar` one is "Malformed package file").
+members=$(tar -tzf "$IPK" 2>&1 | paste -sd' ')
+check "outer tar.gz members in order: $members" [ "$members" = "./debian-binary ./data.tar.gz ./control.tar.gz" ]
+tar -xzf "$IPK" -C "$W" || fail "untar the outer tar.gz"
 check "debian-binary is \"2.0\\n\"" cmp -s "$W/debian-binary" <(printf '2.0\n')
 mkdir -p "$W/root" "$W/ctrl"
 tar -xzf "$W/data.tar.gz" -C "$W/root" || fail "untar data.tar.gz"
@@ -82,6 +83,29 @@ check "postinst parses (sh -n)" sh -n "$W/ctrl/postinst"
 check "postinst is executable" [ -x "$W/ctrl/postinst" ]
 check "postinst flushes LuCI's caches and HUPs rpcd" \
   bash -c "grep -q 'luci-indexcache' '$W/ctrl/postinst' && grep -q 'HUP rpcd' '$W/ctrl/postinst'"
+
+# ---- the same as an APK v3 package (OpenWrt 25.x), when apk-tools 3 is at hand
+APK=${APK:-apk}
+if "$APK" --version 2>/dev/null | grep -q '^apk-tools 3\.'; then
+  A=$(APK=$APK "$HERE/package-luci.sh" --out "$W/apk" --apk 2>"$W/apk.log")
+  if [ -f "$A" ]; then
+    "$APK" adbdump "$A" > "$W/apk.dump" 2>&1
+    info() { sed -n "/^info:/,/^paths:/s/^  $1: //p" "$W/apk.dump"; }
+    check ".apk name, version $(sed -n 's/^Version: //p' "$W/ctrl/control"), noarch" \
+      [ "$(info name) $(info version) $(info arch)" = "luci-app-tinyscale $(sed -n 's/^Version: //p' "$W/ctrl/control") noarch" ]
+    check ".apk depends: libc luci-base tinyscale" \
+      [ "$(sed -n '/^  depends:/,/^paths:/s/^    - //p' "$W/apk.dump" | paste -sd' ')" = "libc luci-base tinyscale" ]
+    mkdir -p "$W/apkroot"
+    "$APK" extract --allow-untrusted --destination "$W/apkroot" "$A" >>"$W/apk.log" 2>&1
+    check ".apk holds the .ipk's files, byte for byte, and its file list" \
+      bash -c "diff -r -x lib '$W/root' '$W/apkroot' >/dev/null &&
+        diff <(cd '$W/root' && find . -type f -printf '/%P\n' | sort) <(grep -v '^/lib/apk/' '$W/apkroot/lib/apk/packages/luci-app-tinyscale.list')"
+  else
+    fail ".apk: package-luci.sh --apk built nothing"; sed 's/^/  /' "$W/apk.log"
+  fi
+else
+  echo "SKIP: .apk (no apk-tools 3: \`$APK --version\`; see openwrt/README.md)"
+fi
 
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

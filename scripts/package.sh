@@ -2,11 +2,13 @@
 # package.sh — an OpenWrt .ipk (opkg, OpenWrt ≤ 24.10) from a cross-built binary.
 #
 #   scripts/cross-build.sh build <target> --no-default-features --features coordinator,tls
-#   scripts/package.sh <target> [--bin PATH] [--arch OPENWRT_ARCH] [--out DIR]
+#   scripts/package.sh <target> [--bin PATH] [--arch OPENWRT_ARCH] [--out DIR] [--apk]
 #
-# Prints the path of the .ipk (the only stdout). The package is what opkg expects: an `ar`
-# archive of `debian-binary` ("2.0\n"), `control.tar.gz` (control, conffiles, postinst,
-# prerm) and `data.tar.gz`:
+# Prints the path of the .ipk (the only stdout). The package is what OpenWrt's opkg (opkg-lede)
+# reads: a gzipped tar of `./debian-binary` ("2.0\n"), `./data.tar.gz` and `./control.tar.gz`
+# (control, conffiles, postinst, prerm), as OpenWrt's ipkg-build makes it. (Not an `ar`
+# archive like a .deb: opkg-lede only gunzips and untars the outer file, and calls an `ar`
+# one a "Malformed package file".)
 #
 #   /usr/sbin/tinyscale                 0755  the binary (default: cross-build.sh path <target>)
 #   /etc/init.d/tinyscale               0755  openwrt/files/tinyscale.init
@@ -21,22 +23,32 @@
 # on removal (not upgrade) delete the firewall sections the uci-defaults script added.
 #
 # Deterministic: entries sorted, owner 0:0, mtime = SOURCE_DATE_EPOCH (default: the last
-# commit's time), gzip without name/time, `ar` in deterministic mode. Same inputs, same bytes.
+# commit's time), gzip without name/time. Same inputs, same bytes.
 #
 # Environment: PKG_RELEASE (default 1) → Version <crate version>-r<PKG_RELEASE>.
 # scripts/package-check.sh checks the result.
+#
+# --apk: an APK v3 package for OpenWrt 25.x (apk-tools 3) instead, tinyscale-<version>.apk,
+# laid out as OpenWrt's package-pack.mk makes one: the same files plus
+# /lib/apk/packages/tinyscale.{list,conffiles,conffiles_static}, and the same scripts as
+# post-install, pre-deinstall and post-upgrade (with PKG_UPGRADE=1). Built by `apk mkpkg`, so
+# it needs apk-tools 3 (`$APK`, default `apk` on PATH; README says how to build it on Debian
+# 12); without it the .apk is skipped with a message on stderr, nothing on stdout, exit 0.
+# Unsigned: OpenWrt signs its feeds' packages with the build key; install this one with
+# `apk add --allow-untrusted`.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 FILES=$REPO/openwrt/files
 
-usage() { echo "usage: $0 <rust-target> [--bin PATH] [--arch OPENWRT_ARCH] [--out DIR]" >&2; exit 2; }
+usage() { echo "usage: $0 <rust-target> [--bin PATH] [--arch OPENWRT_ARCH] [--out DIR] [--apk]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 TARGET=$1; shift
-BIN= ARCH= OUT=$REPO/target-cross/ipk
+BIN= ARCH= OUT=$REPO/target-cross/ipk FORMAT=ipk
 while [ $# -gt 0 ]; do
   case $1 in
+    --apk) FORMAT=apk; shift ;;
     --bin) BIN=$2; shift 2 ;;
     --arch) ARCH=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
@@ -62,6 +74,12 @@ case $ARCH in
   mipsel_24kc | mips_24kc | arm_cortex-a7_neon-vfpv4 | aarch64_cortex-a53 | aarch64_generic | x86_64) ;;
   *) echo "unsupported OpenWrt arch $ARCH" >&2; exit 2 ;;
 esac
+
+APK=${APK:-apk}
+if [ "$FORMAT" = apk ] && ! "$APK" --version 2>/dev/null | grep -q '^apk-tools 3\.'; then
+  echo "package.sh: .apk skipped: \`$APK --version\` is not apk-tools 3.x (set APK=/path/to/apk; see README, OpenWrt package)" >&2
+  exit 0
+fi
 
 [ -n "$BIN" ] || BIN=$("$HERE/cross-build.sh" path "$TARGET")
 [ -f "$BIN" ] || { echo "no binary at $BIN: run scripts/cross-build.sh build $TARGET first" >&2; exit 1; }
@@ -111,6 +129,8 @@ cat > "$CTRL/postinst" <<'EOF'
 [ "${IPKG_NO_SCRIPT}" = "1" ] && exit 0
 [ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0
 . ${IPKG_INSTROOT}/lib/functions.sh
+# Named, not taken from $0: apk runs the script under another name.
+export pkgname=tinyscale
 default_postinst $0 $@
 ret=$?
 # default_postinst ran /etc/uci-defaults/99-tinyscale; fw4 picks the zone up on reload.
@@ -123,6 +143,7 @@ EOF
 #!/bin/sh
 [ -s ${IPKG_INSTROOT}/lib/functions.sh ] || exit 0
 . ${IPKG_INSTROOT}/lib/functions.sh
+export pkgname=tinyscale
 default_prerm $0 $@
 # On removal (not upgrade), take back the firewall sections 99-tinyscale added.
 if [ -z "${IPKG_INSTROOT}" ] && [ "${PKG_UPGRADE}" != "1" ]; then
@@ -139,6 +160,40 @@ EOF
 chmod 0755 "$CTRL/postinst" "$CTRL/prerm"
 chmod 0644 "$CTRL/control" "$CTRL/conffiles"
 
+if [ "$FORMAT" = apk ]; then
+  # OpenWrt's package-pack.mk: the file list, conffiles and their sha256 go into the package.
+  meta=$DATA/lib/apk/packages
+  mkdir -p "$meta"
+  cp "$CTRL/conffiles" "$meta/tinyscale.conffiles"
+  while read -r f; do
+    echo "$f $(sha256sum "$DATA$f" | cut -d' ' -f1)"
+  done < "$CTRL/conffiles" > "$meta/tinyscale.conffiles_static"
+  # Listing itself, as OpenWrt's (the shell creates it before find runs).
+  : > "$meta/tinyscale.list"
+  (cd "$DATA" && find . -type f,l -printf '/%P\n' | sort) > "$WORK/list"
+  mv "$WORK/list" "$meta/tinyscale.list"
+  chmod 0644 "$meta"/*
+  chmod 0755 "$DATA/lib/apk" "$meta"
+  { echo '#!/bin/sh'; echo 'export PKG_UPGRADE=1'; tail -n +2 "$CTRL/postinst"; } > "$CTRL/post-upgrade"
+  chmod 0755 "$CTRL/post-upgrade"
+  find "$DATA" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+  mkdir -p "$OUT"
+  PKG=$OUT/tinyscale-$VERSION.apk
+  rm -f "$PKG"
+  # ipk's "ip-tiny | ip-full": both provide `ip` in OpenWrt.
+  SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH "$APK" mkpkg \
+    --info "name:tinyscale" --info "version:$VERSION" \
+    --info "description:Tailscale-compatible mesh VPN client, subnet router and mini-coordinator for OpenWrt routers" \
+    --info "arch:$ARCH" --info "license:BSD-3-Clause" --info "origin:tinyscale" \
+    --info "maintainer:tinyscale maintainers" \
+    --info "depends:kmod-tun ca-bundle ip nftables kmod-nft-nat" \
+    --script "post-install:$CTRL/postinst" --script "post-upgrade:$CTRL/post-upgrade" \
+    --script "pre-deinstall:$CTRL/prerm" \
+    --files "$DATA" --output "$PKG" >&2
+  echo "$PKG"
+  exit 0
+fi
+
 # det_tgz <dir> <out>: ./-relative entries, sorted, 0:0, fixed mtime, gzip -n.
 det_tgz() {
   (cd "$1" && tar --format=gnu --sort=name --owner=0 --group=0 --numeric-owner \
@@ -151,6 +206,7 @@ printf '2.0\n' > "$WORK/debian-binary"
 mkdir -p "$OUT"
 IPK=$OUT/tinyscale_${VERSION}_${ARCH}.ipk
 rm -f "$IPK"
-# `D`: zero uid/gid/mtime in the ar headers. Member order is what opkg and dpkg expect.
-(cd "$WORK" && ar rcD "$IPK" debian-binary control.tar.gz data.tar.gz)
+# Member order as ipkg-build writes it; owner 0:0 and a fixed mtime like the inner ones.
+(cd "$WORK" && tar --format=gnu --owner=0 --group=0 --numeric-owner --mtime="@$SOURCE_DATE_EPOCH" \
+  -cf - ./debian-binary ./data.tar.gz ./control.tar.gz) | gzip -n -9 > "$IPK"
 echo "$IPK"

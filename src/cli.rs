@@ -542,6 +542,16 @@ pub struct Server {
     /// uci config file (default /etc/config/tinyscale); may appear anywhere after `server`
     #[argh(option, short = 'c')]
     pub config: Option<PathBuf>,
+    /// run the verb on the coordinator at this URL (https://host[:port]) through its REST API
+    /// instead of the local admin socket
+    #[cfg(feature = "coordinator")]
+    #[argh(option)]
+    pub remote: Option<String>,
+    /// API key for --remote (default: the TINYSCALE_API_KEY environment variable, which keeps
+    /// it out of the process list)
+    #[cfg(feature = "coordinator")]
+    #[argh(option)]
+    pub api_key: Option<String>,
     #[argh(subcommand)]
     pub cmd: ServerCmd,
 }
@@ -556,6 +566,8 @@ pub enum ServerCmd {
     Nodes(Nodes),
     Routes(Routes),
     Policy(PolicyArgs),
+    #[cfg(feature = "coordinator")]
+    Apikeys(Apikeys),
 }
 
 #[derive(FromArgs, Debug)]
@@ -612,6 +624,74 @@ impl Serve {
         }
         v
     }
+}
+
+#[cfg(feature = "coordinator")]
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "apikeys")]
+/// manage the API keys of the REST API (/api/v1, `Authorization: Bearer KEY`)
+pub struct Apikeys {
+    #[argh(subcommand)]
+    pub cmd: ApikeysCmd,
+}
+
+#[cfg(feature = "coordinator")]
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand)]
+pub enum ApikeysCmd {
+    Create(ApikeysCreate),
+    List(ApikeysList),
+    Expire(ApikeysExpire),
+    Delete(ApikeysDelete),
+}
+
+#[cfg(feature = "coordinator")]
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "create")]
+/// create an API key; it is printed once and only its hash is kept
+pub struct ApikeysCreate {
+    /// validity, e.g. 90d (the default), 4w, 1y, 720h; 0 for none
+    #[argh(option, short = 'e')]
+    pub expiration: Option<String>,
+    /// output format: json
+    #[argh(option, short = 'o')]
+    pub output: Option<String>,
+}
+
+#[cfg(feature = "coordinator")]
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "list")]
+/// list API keys (prefixes only)
+pub struct ApikeysList {
+    /// output format: json
+    #[argh(option, short = 'o')]
+    pub output: Option<String>,
+}
+
+#[cfg(feature = "coordinator")]
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "expire")]
+/// expire an API key now
+pub struct ApikeysExpire {
+    /// the key's prefix (as listed)
+    #[argh(option, short = 'p')]
+    pub prefix: String,
+}
+
+#[cfg(feature = "coordinator")]
+#[derive(FromArgs, Debug)]
+#[cfg_attr(test, derive(argh::ArgsInfo))]
+#[argh(subcommand, name = "delete")]
+/// delete an API key
+pub struct ApikeysDelete {
+    /// the key's prefix (as listed)
+    #[argh(option, short = 'p')]
+    pub prefix: String,
 }
 
 #[derive(FromArgs, Debug)]
@@ -1636,9 +1716,29 @@ async fn up(u: Up) -> Result<(), Failure> {
 }
 
 #[cfg(feature = "coordinator")]
-/// Runs an admin verb against the coordinator's socket.
-pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), Failure> {
-    use crate::coordinator::admin::{call, AdminRequest as R};
+/// An API key validity: headscale's `90d`, `4w`, `1y`, or a Go duration (`720h`); seconds.
+fn api_key_days(s: &str) -> Result<u64, String> {
+    let unit = match s.as_bytes().last() {
+        Some(b'd') => 86_400,
+        Some(b'w') => 7 * 86_400,
+        Some(b'y') => 365 * 86_400,
+        _ => {
+            return crate::uci::parse_duration(s)
+                .map(|d| d.as_secs())
+                .map_err(|e| e.to_string())
+        }
+    };
+    s[..s.len() - 1]
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| "expected a duration like 90d, 4w, 1y or 720h".into())
+}
+
+#[cfg(feature = "coordinator")]
+/// Runs an admin verb against the coordinator's socket or, with `--remote`, its REST API.
+pub async fn run_admin(target: &crate::coordinator::admin::AdminTarget, cmd: ServerCmd) -> Result<(), Failure> {
+    use crate::coordinator::admin::AdminRequest as R;
     // `routes list -i ID`: headscale's per-node view.
     let mut only_node = None;
     let (req, json, kind) = match cmd {
@@ -1734,6 +1834,22 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
             }
             PolicyCmd::Clear(_) => (R::PolicyClear, false, "done"),
         },
+        ServerCmd::Apikeys(a) => match a.cmd {
+            ApikeysCmd::Create(c) => {
+                let exp = c.expiration.as_deref().unwrap_or("90d");
+                let secs = api_key_days(exp).map_err(|e| Failure::usage(format!("--expiration {exp:?}: {e}")))?;
+                (
+                    R::ApikeysCreate {
+                        expiration_secs: (secs > 0).then_some(secs),
+                    },
+                    want_json(&c.output)?,
+                    "apikey",
+                )
+            }
+            ApikeysCmd::List(c) => (R::ApikeysList, want_json(&c.output)?, "apikeys"),
+            ApikeysCmd::Expire(c) => (R::ApikeysExpire { prefix: c.prefix }, false, "done"),
+            ApikeysCmd::Delete(c) => (R::ApikeysDelete { prefix: c.prefix }, false, "done"),
+        },
         ServerCmd::Routes(r) => match r.cmd {
             RoutesCmd::List(c) => {
                 only_node = c.identifier;
@@ -1742,7 +1858,7 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
             RoutesCmd::Enable(c) => {
                 let mut routes: Vec<String> = c.route.iter().flat_map(|r| split_list(r)).collect();
                 if c.all {
-                    let all = call(socket, &R::RoutesList).await?;
+                    let all = target.call(&R::RoutesList).await?;
                     let advertised = all
                         .as_array()
                         .into_iter()
@@ -1769,7 +1885,7 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
             }
         },
     };
-    let mut v = call(socket, &req).await?;
+    let mut v = target.call(&req).await?;
     if let (Some(id), Value::Array(rows)) = (only_node, &mut v) {
         rows.retain(|r| r["node_id"] == id);
     }
@@ -1790,7 +1906,14 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
             "{}",
             table(&["ID", "NAME", "CREATED"], &rows(&v, &["id", "name", "created_at"]))
         ),
-        "key" => println!("{}", s(&v["key"])),
+        "key" | "apikey" => println!("{}", s(&v["key"])),
+        "apikeys" => print!(
+            "{}",
+            table(
+                &["ID", "PREFIX", "EXPIRATION", "CREATED", "EXPIRED"],
+                &rows(&v, &["id", "prefix", "expiration", "created_at", "expired"])
+            )
+        ),
         "keys" => print!(
             "{}",
             table(
@@ -1873,6 +1996,30 @@ pub async fn run_admin(socket: &std::path::Path, cmd: ServerCmd) -> Result<(), F
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "coordinator")]
+    #[test]
+    fn api_key_validity_takes_headscale_units() {
+        assert_eq!(api_key_days("90d"), Ok(90 * 86_400));
+        assert_eq!(api_key_days("2w"), Ok(14 * 86_400));
+        assert_eq!(api_key_days("1y"), Ok(365 * 86_400));
+        assert_eq!(api_key_days("36h"), Ok(36 * 3600));
+        assert_eq!(api_key_days("0"), Ok(0));
+        for bad in ["d", "xd", "-1d", "1.5d", "soon", ""] {
+            assert!(api_key_days(bad).is_err(), "{bad}");
+        }
+        let a = Top::from_args(&["tinyscale"], &["server", "apikeys", "expire", "--prefix", "ab12"]).unwrap();
+        let Cmd::Server(Server {
+            cmd: ServerCmd::Apikeys(Apikeys {
+                cmd: ApikeysCmd::Expire(e),
+            }),
+            ..
+        }) = a.cmd
+        else {
+            panic!("parsed {a:?}");
+        };
+        assert_eq!(e.prefix, "ab12");
+    }
 
     #[cfg(feature = "coordinator")]
     #[test]

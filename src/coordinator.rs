@@ -6,6 +6,7 @@
 //! (unix socket).
 
 pub mod admin;
+pub mod api;
 pub mod ipam;
 pub mod mapper;
 pub mod model;

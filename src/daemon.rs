@@ -1,9 +1,11 @@
 //! The client daemon (`tinyscale daemon`, the tailscaled of tinyscale): owns the keys and prefs in
-//! the state dir, runs the control session (register, map long-poll, reconnect with backoff) and
-//! answers the CLI over the local socket.
+//! the state dir, runs the control session (register, map long-poll, reconnect with backoff),
+//! feeds each netmap to the data plane ([`crate::engine`]: TUN, WireGuard, magicsock, DERP,
+//! MagicDNS, routes and rules), and answers the CLI over the local socket ([`crate::ipc`]) and,
+//! when ubusd's socket is given, as the `tinyscale` ubus object ([`crate::ubus_object`]).
 //!
-//! Mirrors the roles of tailscale `ipn/ipnlocal/local.go` (backend state machine) and
-//! `control/controlclient/auto.go` (login/map loop). The data plane joins this loop later.
+//! Mirrors the roles of tailscale `ipn/ipnlocal/local.go` (backend state machine and prefs) and
+//! `control/controlclient/auto.go` (login/map loop).
 
 use std::{
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
@@ -82,6 +84,10 @@ impl Default for Prefs {
 struct StateFile {
     machine_key: String,
     node_key: String,
+    /// A node key being rotated to: written before control hears of it, so a crash between
+    /// control's answer and our next save cannot leave us with a key control has retired.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pending_node_key: String,
     prefs: Prefs,
 }
 
@@ -99,6 +105,8 @@ struct Shared {
     dir: PathBuf,
     machine: MachinePrivate,
     node: NodePrivate,
+    /// The key [`Daemon::session`] is rotating `node` to, until control accepted it.
+    pending_node: Option<NodePrivate>,
     prefs: Prefs,
     /// Auth key from the last `up`; never persisted, dropped after use.
     auth_key: Option<String>,
@@ -125,6 +133,9 @@ pub struct Daemon {
     endpoints_tx: watch::Sender<LocalEndpoints>,
     /// The prefixes on the `advertise_lan` interface, from [`Daemon::lan_loop`].
     lan_routes_tx: watch::Sender<Vec<String>>,
+    /// Bumped when what the ubus events report may have changed: backend state, prefs, the
+    /// netmap (self addresses, peer set, online) and, from the data plane, peer paths.
+    changes: watch::Sender<u64>,
     engine: Mutex<Option<RunningEngine>>,
     /// The node key for which the data plane failed to start (no retry storm on every map message).
     engine_failed_for: Mutex<Option<NodePublic>>,
@@ -151,6 +162,38 @@ fn random32() -> [u8; 32] {
     b
 }
 
+/// The keys and prefs of a state file that passed [`parse_state_file`].
+#[derive(Debug)]
+pub struct SavedState {
+    pub machine: MachinePrivate,
+    pub node: NodePrivate,
+    /// A rotation in progress (see `StateFile::pending_node_key`).
+    pub pending_node: Option<NodePrivate>,
+    pub prefs: Prefs,
+}
+
+/// Checks the bytes of an existing state file. Every state file the daemon writes holds both
+/// keys, so a file without them (empty, truncated, garbage, keys missing or malformed) is
+/// damaged, not new: the caller refuses to start rather than log in again as a new node.
+pub fn parse_state_file(bytes: &[u8]) -> Result<SavedState, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(format!("is empty ({} bytes), probably truncated", bytes.len()));
+    }
+    let file: StateFile = serde_json::from_slice(bytes).map_err(|e| format!("is not valid state JSON: {e}"))?;
+    let machine = MachinePrivate::from_key_str(&file.machine_key).map_err(|e| format!("has a bad machine_key: {e}"))?;
+    let node = NodePrivate::from_key_str(&file.node_key).map_err(|e| format!("has a bad node_key: {e}"))?;
+    let pending_node = match file.pending_node_key.as_str() {
+        "" => None,
+        k => Some(NodePrivate::from_key_str(k).map_err(|e| format!("has a bad pending_node_key: {e}"))?),
+    };
+    Ok(SavedState {
+        machine,
+        node,
+        pending_node,
+        prefs: file.prefs,
+    })
+}
+
 /// Writes `data` to `path` atomically with mode 0600 (tmp + fsync + rename + dir fsync).
 pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -162,6 +205,8 @@ pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
+        // A stale temp file left by a crash keeps its old mode; `mode` only applies on create.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -178,19 +223,30 @@ impl Daemon {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create state dir {}: {e}", dir.display()))?;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
         let path = dir.join(STATE_FILE);
-        let file: StateFile = match std::fs::read(&path) {
-            Ok(b) => {
-                serde_json::from_slice(&b).map_err(|e| format!("state file {} is corrupt: {e}", path.display()))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
+        let saved = match std::fs::read(&path) {
+            Ok(b) => parse_state_file(&b).map_err(|e| {
+                format!(
+                    "state file {} {e}; refusing to start as a new node (restore it, or remove it to log in again)",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => SavedState {
+                machine: MachinePrivate::from_random(random32()),
+                node: NodePrivate::from_random(random32()),
+                pending_node: None,
+                prefs: Prefs::default(),
+            },
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        let machine =
-            MachinePrivate::from_key_str(&file.machine_key).unwrap_or_else(|_| MachinePrivate::from_random(random32()));
-        let node = NodePrivate::from_key_str(&file.node_key).unwrap_or_else(|_| NodePrivate::from_random(random32()));
-        let state = if file.prefs.want_running {
+        let SavedState {
+            machine,
+            node,
+            pending_node,
+            prefs,
+        } = saved;
+        let state = if prefs.want_running {
             BackendState::Starting
-        } else if file.prefs.login_server.is_empty() {
+        } else if prefs.login_server.is_empty() {
             BackendState::NeedsLogin
         } else {
             BackendState::Stopped
@@ -201,7 +257,8 @@ impl Daemon {
                 dir: dir.to_path_buf(),
                 machine,
                 node,
-                prefs: file.prefs,
+                pending_node,
+                prefs,
                 auth_key: None,
                 force_reauth: false,
                 state,
@@ -216,6 +273,7 @@ impl Daemon {
             route_prefs_tx: watch::channel(RoutePrefs::default()).0,
             endpoints_tx: watch::channel(LocalEndpoints::default()).0,
             lan_routes_tx: watch::channel(Vec::new()).0,
+            changes: watch::channel(0).0,
             engine: Mutex::new(None),
             engine_failed_for: Mutex::new(None),
             config: std::sync::OnceLock::new(),
@@ -233,6 +291,7 @@ impl Daemon {
         let f = StateFile {
             machine_key: s.machine.to_key_str(),
             node_key: s.node.to_key_str(),
+            pending_node_key: s.pending_node.as_ref().map(NodePrivate::to_key_str).unwrap_or_default(),
             prefs: s.prefs.clone(),
         };
         let rp = RoutePrefs {
@@ -270,6 +329,17 @@ impl Daemon {
 
     fn bump(&self) {
         self.generation.send_modify(|g| *g += 1);
+        self.note_change();
+    }
+
+    fn note_change(&self) {
+        self.changes.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Changes when the backend state, prefs, netmap or a peer's path may have changed (the
+    /// ubus object compares its snapshot then instead of polling).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     fn hostinfo(&self, prefs: &Prefs) -> Value {
@@ -399,6 +469,7 @@ impl Daemon {
                 if v != p.login_server && !p.login_server.is_empty() {
                     // A different control server knows nothing of our node key.
                     s.node = NodePrivate::from_random(random32());
+                    s.pending_node = None;
                 }
                 p.login_server = v.trim_end_matches('/').to_string();
             }
@@ -514,6 +585,7 @@ impl Daemon {
         {
             let mut s = self.lock();
             s.node = NodePrivate::from_random(random32());
+            s.pending_node = None;
             s.prefs.want_running = false;
             s.state = BackendState::NeedsLogin;
             s.netmap = Netmap::default();
@@ -716,6 +788,7 @@ impl Daemon {
     fn stop_engine(&self) {
         self.engine.lock().unwrap_or_else(|e| e.into_inner()).take();
         let _ = self.netmap_tx.send(None);
+        self.note_change();
     }
 
     /// Starts the data plane for `node` unless it already runs with that key.
@@ -741,6 +814,7 @@ impl Daemon {
             self.netmap_tx.subscribe(),
             self.route_prefs_tx.subscribe(),
             self.endpoints_tx.clone(),
+            self.changes.clone(),
         )
         .await
         {
@@ -803,11 +877,14 @@ impl Daemon {
     }
 
     fn set_state(&self, st: BackendState, err: Option<String>) {
-        let mut s = self.lock();
-        s.state = st;
-        if let Some(e) = err {
-            s.last_error = e;
+        {
+            let mut s = self.lock();
+            s.state = st;
+            if let Some(e) = err {
+                s.last_error = e;
+            }
         }
+        self.note_change();
     }
 
     /// The control loop: (re)connects while `want_running`, restarts on prefs changes.
@@ -849,6 +926,7 @@ impl Daemon {
                             s.state = BackendState::Starting;
                         }
                     }
+                    self.note_change();
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {},
                         _ = gen.changed() => {},
@@ -955,13 +1033,21 @@ impl Daemon {
         }
     }
 
+    /// Persists `next` as the key being rotated to, before control hears of it.
+    fn note_rotation(&self, next: &NodePrivate) -> Result<(), client::Error> {
+        self.lock().pending_node = Some(next.clone());
+        self.save()
+            .map_err(|e| client::Error::Rejected(format!("cannot persist the new node key: {e}")))
+    }
+
     async fn session(self: &Arc<Self>) -> Result<(), client::Error> {
-        let (url, machine, mut node, prefs, auth_key, force) = {
+        let (url, machine, mut node, pending, prefs, auth_key, force) = {
             let s = self.lock();
             (
                 s.prefs.login_server.clone(),
                 s.machine.clone(),
                 s.node.clone(),
+                s.pending_node.clone(),
                 s.prefs.clone(),
                 s.auth_key.clone(),
                 s.force_reauth,
@@ -972,9 +1058,18 @@ impl Daemon {
         let mut conn = client::connect(&url, &machine, &server_key).await?;
         let hostinfo = self.hostinfo(&prefs);
         let mut old = crate::keys::NodePublic::default();
-        if force {
+        // The key control knew before a resumed rotation, in case control never took the new one.
+        let mut fallback = None;
+        if let Some(p) = pending {
+            // A rotation cut short (crash, lost answer): ask for the same one again. Control
+            // either did it already (it knows the new key) or does it now.
+            log::info!("node key rotation resumed");
+            old = node.public();
+            fallback = Some(std::mem::replace(&mut node, p));
+        } else if force {
             old = node.public();
             node = NodePrivate::from_random(random32());
+            self.note_rotation(&node)?;
         }
         let mut req = RegisterRequest {
             version: tailcfg::CURRENT_CAPABILITY_VERSION,
@@ -998,8 +1093,23 @@ impl Daemon {
                 log::info!("node key expired, rotating");
                 req.old_node_key = node.public();
                 node = NodePrivate::from_random(random32());
+                self.note_rotation(&node)?;
                 req.node_key = node.public();
                 continue;
+            }
+            if !resp.auth_url.is_empty() && req.followup.is_empty() && req.auth.is_none() {
+                if let Some(prev) = fallback.take() {
+                    // Control never took the new key: go on with the one it knows.
+                    log::info!("node key rotation not known to control; keeping the current key");
+                    node = prev;
+                    req.node_key = node.public();
+                    req.old_node_key = crate::keys::NodePublic::default();
+                    self.lock().pending_node = None;
+                    if let Err(e) = self.save() {
+                        log::warn!("persisting keys failed err={e}");
+                    }
+                    continue;
+                }
             }
             if !resp.auth_url.is_empty() {
                 log::info!("login required url={}", resp.auth_url);
@@ -1008,6 +1118,7 @@ impl Daemon {
                     s.auth_url = resp.auth_url.clone();
                     s.state = BackendState::NeedsLogin;
                 }
+                self.note_change();
                 req.followup = resp.auth_url;
                 continue;
             }
@@ -1021,6 +1132,7 @@ impl Daemon {
         {
             let mut s = self.lock();
             s.node = node.clone();
+            s.pending_node = None;
             s.auth_key = None;
             s.force_reauth = false;
             s.auth_url.clear();
@@ -1084,6 +1196,7 @@ impl Daemon {
                         self.ensure_engine(&node).await;
                     }
                     let _ = self.netmap_tx.send(Some(nm));
+                    self.note_change();
                 }
                 r = ep_rx.changed() => {
                     if r.is_err() { continue; }
@@ -1607,5 +1720,93 @@ mod tests {
         assert!(q("gw", "BOGUS").await.error.starts_with("unknown record type"));
         d.lock().prefs.accept_dns = false;
         assert!(q("gw", "A").await.error.contains("--accept-dns=false"));
+    }
+
+    #[test]
+    fn damaged_state_file_is_refused_and_left_untouched() {
+        let dir = TempDir::new("corrupt");
+        let path = dir.0.join(STATE_FILE);
+        let good = {
+            let d = Daemon::load(&dir.0, None).expect("fresh state dir loads");
+            let s = d.lock();
+            (s.machine.public(), s.node.public())
+        };
+        let text = std::fs::read(&path).expect("state file written");
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("empty", Vec::new(), "is empty"),
+            ("blank", b"\n\n".to_vec(), "is empty"),
+            ("truncated", text[..text.len() / 2].to_vec(), "not valid state JSON"),
+            ("garbage", vec![0xff, 0x00, 0x13, 0x37], "not valid state JSON"),
+            ("no keys", b"{}".to_vec(), "bad machine_key"),
+            (
+                "bad node key",
+                String::from_utf8_lossy(&text)
+                    .replace("\"node_key\": \"privkey:", "\"node_key\": \"privkey:zz")
+                    .into_bytes(),
+                "bad node_key",
+            ),
+        ];
+        for (what, bytes, want) in cases {
+            std::fs::write(&path, &bytes).expect("write damaged file");
+            let err = Daemon::load(&dir.0, None)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: loaded"));
+            assert!(err.contains(&path.display().to_string()), "{what}: {err}");
+            assert!(err.contains(want), "{what}: {err}");
+            assert!(err.contains("refusing to start"), "{what}: {err}");
+            assert_eq!(
+                std::fs::read(&path).expect("still there"),
+                bytes,
+                "{what}: file was rewritten"
+            );
+        }
+        // Restored, the same identity comes back.
+        std::fs::write(&path, &text).expect("restore");
+        let d = Daemon::load(&dir.0, None).expect("restored state loads");
+        let s = d.lock();
+        assert_eq!((s.machine.public(), s.node.public()), good);
+    }
+
+    #[test]
+    fn state_file_permissions_and_unreadable_path() {
+        let dir = TempDir::new("perm");
+        let path = dir.0.join(STATE_FILE);
+        let first = Daemon::load(&dir.0, None).expect("fresh").lock().node.public();
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        // Opened up by hand, and a stale world-readable temp file from a crashed write: the
+        // state is kept and both end up private.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, b"stale").expect("tmp");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666)).expect("chmod tmp");
+        let d = Daemon::load(&dir.0, None).expect("reloads");
+        assert_eq!(d.lock().node.public(), first);
+        assert_eq!(mode(&path), 0o600);
+        assert!(!tmp.exists(), "temp file renamed over the state file");
+        drop(d);
+        // A state path that cannot be read as a file is an error naming it, not a new identity.
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::create_dir(&path).expect("dir in the way");
+        let err = Daemon::load(&dir.0, None).err().expect("refused");
+        assert!(
+            err.contains("cannot read") && err.contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn write_private_file_replaces_atomically() {
+        let dir = TempDir::new("atomic");
+        std::fs::create_dir_all(&dir.0).expect("dir");
+        let path = dir.0.join("f");
+        write_private_file(&path, b"one").expect("write");
+        write_private_file(&path, b"two").expect("rewrite");
+        assert_eq!(std::fs::read(&path).expect("read"), b"two");
+        assert!(!path.with_extension("tmp").exists());
+        // A failed write (the parent is gone) leaves no partial file behind and reports the error.
+        let gone = dir.0.join("missing/f");
+        assert!(write_private_file(&gone, b"x").is_err());
+        assert!(!gone.exists());
     }
 }

@@ -25,7 +25,9 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    future::Future,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -68,8 +70,14 @@ use crate::{
 
 /// Timer resolution of the loop (boringtun wants ≥ 4 Hz; netcheck probes retransmit at 100 ms).
 const TICK: Duration = Duration::from_millis(100);
+/// How often the peers' paths are compared for the daemon's change notification.
+const PATH_CHECK: Duration = Duration::from_secs(1);
 /// How often netcheck re-runs (Go: every 20-26 s while active).
 const NETCHECK_INTERVAL: Duration = Duration::from_secs(25);
+/// With no relay address to route towards (a DERP map without relays), our IPv4 endpoint is the
+/// source address of the default route, found by routing towards this address (TEST-NET-1;
+/// connecting a UDP socket sends nothing).
+const DEFAULT_ROUTE_PROBE: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)), 3478);
 /// Packets queued towards one DERP region before new ones are dropped.
 const DERP_QUEUE: usize = 256;
 /// Largest datagram we read (WireGuard over a 1280 MTU plus overhead, with room to spare; a
@@ -346,6 +354,10 @@ pub struct Engine {
     next_netcheck: Instant,
     local: LocalEndpoints,
     endpoints_tx: watch::Sender<LocalEndpoints>,
+    /// Bumped when [`path_fingerprint`] changes (the daemon's ubus events wake on it).
+    changes: watch::Sender<u64>,
+    path_sum: u64,
+    next_path_check: Instant,
     pending_pings: HashMap<TxId, u64>,
     rounds: HashMap<u64, PendingPing>,
     round: u64,
@@ -417,9 +429,29 @@ fn derp_node(region: &DerpRegion, plain_http: bool) -> Option<(DerpNode, u16)> {
 
 /// DERP host names resolved to addresses (both families), shared by netcheck and the DERP
 /// tasks. Answers stay [`DNS_FRESH`]; a failure is retried after [`DNS_RETRY`] and meanwhile the
-/// last good answer, if any, is still used.
-#[derive(Clone, Default)]
-struct DnsCache(Arc<Mutex<HashMap<String, DnsEntry>>>);
+/// last good answer, if any, is still used. `resolve` is the system resolver (tests give their
+/// own, so no test depends on this machine's DNS).
+#[derive(Clone)]
+struct DnsCache {
+    entries: Arc<Mutex<HashMap<String, DnsEntry>>>,
+    resolve: Resolve,
+}
+
+/// Looks up a host name (the port of each answer is ignored).
+type Resolve = fn(String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>;
+
+fn system_resolve(host: String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>> {
+    Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), 0)).await?.collect()) })
+}
+
+impl Default for DnsCache {
+    fn default() -> Self {
+        DnsCache {
+            entries: Arc::default(),
+            resolve: system_resolve,
+        }
+    }
+}
 
 #[derive(Clone)]
 struct DnsEntry {
@@ -432,13 +464,13 @@ struct DnsEntry {
 impl DnsCache {
     /// The cached answer for `host` (empty if none).
     fn get(&self, host: &str) -> Vec<IpAddr> {
-        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         m.get(host).map(|e| e.addrs.clone()).unwrap_or_default()
     }
 
     /// Whether `host` has no answer worth using without a new lookup.
     fn stale(&self, host: &str, now: Instant) -> bool {
-        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         m.get(host)
             .is_none_or(|e| now >= e.at + if e.failed { DNS_RETRY } else { DNS_FRESH })
     }
@@ -450,7 +482,7 @@ impl DnsCache {
         if !self.stale(host, Instant::now()) {
             return self.get(host);
         }
-        let res = tokio::time::timeout(DNS_TIMEOUT, tokio::net::lookup_host((host, 0))).await;
+        let res = tokio::time::timeout(DNS_TIMEOUT, (self.resolve)(host.to_string())).await;
         let found: Result<Vec<IpAddr>, String> = match res {
             Ok(Ok(it)) => {
                 let mut v: Vec<IpAddr> = Vec::new();
@@ -469,7 +501,7 @@ impl DnsCache {
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("timed out after {}s", DNS_TIMEOUT.as_secs())),
         };
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let prev = m.get(host).cloned();
         let entry = match found {
             Ok(addrs) => {
@@ -613,6 +645,7 @@ impl Engine {
         netmap: watch::Receiver<Option<Arc<Netmap>>>,
         prefs: watch::Receiver<RoutePrefs>,
         endpoints_tx: watch::Sender<LocalEndpoints>,
+        changes: watch::Sender<u64>,
     ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), String> {
         let tun = Tun::open(&cfg.tun).map_err(|e| format!("cannot open TUN device {}: {e}", cfg.tun))?;
         let sock = Sockets::bind(cfg.port).map_err(|e| format!("cannot bind UDP: {e}"))?;
@@ -665,6 +698,9 @@ impl Engine {
             next_netcheck: Instant::now(),
             local: LocalEndpoints::default(),
             endpoints_tx,
+            changes,
+            path_sum: 0,
+            next_path_check: Instant::now(),
             pending_pings: HashMap::new(),
             rounds: HashMap::new(),
             round: 0,
@@ -1440,6 +1476,14 @@ impl Engine {
         }
         self.filter.handle_timeout(now);
         self.sync_shields_up();
+        if now_t >= self.next_path_check {
+            self.next_path_check = now_t + PATH_CHECK;
+            let sum = path_fingerprint(self.peers.iter().map(|(k, p)| (k, p.endpoint.path(now))));
+            if sum != self.path_sum {
+                self.path_sum = sum;
+                self.changes.send_modify(|g| *g = g.wrapping_add(1));
+            }
+        }
         for o in self.wg.update_timers() {
             self.send_to_peer(o.peer, o.datagram);
         }
@@ -1493,7 +1537,17 @@ impl Engine {
 
     fn netcheck_step(&mut self, now_t: Instant) {
         let now = now_t.into_std();
-        if self.report.is_none() && now_t >= self.next_netcheck && !self.derp_map.regions.is_empty() {
+        if self.derp_map.regions.is_empty() {
+            // Nothing to probe (control without DERP): the endpoints are still published, on the
+            // same schedule, so peers can reach us directly.
+            self.report = None;
+            if now_t >= self.next_netcheck {
+                self.next_netcheck = now_t + NETCHECK_INTERVAL;
+                self.apply_report(netcheck::Report::default());
+            }
+            return;
+        }
+        if self.report.is_none() && now_t >= self.next_netcheck {
             // Names first, off the loop; `dns_done` brings us back here.
             let stale = self.stale_derp_hosts(now_t);
             if !stale.is_empty() && !self.dns_pending {
@@ -1645,10 +1699,9 @@ impl Engine {
             .values()
             .flat_map(|reg| reg.nodes.iter())
             .flat_map(|n| derp::dial_addrs(n, 3478, &self.dns.get(&n.host_name)))
-            .find(SocketAddr::is_ipv4);
-        let local_v4 = towards
-            .and_then(local_addr_towards)
-            .map(|ip| SocketAddr::new(ip, self.sock.port()));
+            .find(SocketAddr::is_ipv4)
+            .unwrap_or(DEFAULT_ROUTE_PROBE);
+        let local_v4 = local_addr_towards(towards).map(|ip| SocketAddr::new(ip, self.sock.port()));
         let v6 = addr::publishable_v6(&socket::interface_v6(), self.tun.name());
         let stun: Vec<SocketAddr> = [r.global_v4, r.global_v6].into_iter().flatten().collect();
         let eps = addr::local_endpoints(&stun, local_v4, &v6, self.sock.port6());
@@ -1821,11 +1874,51 @@ pub fn report_json(r: &netcheck::Report) -> Value {
     })
 }
 
+/// [pure] One number for the peers' paths as the `tinyscale.peer` event reports them (direct,
+/// a DERP region or none): a sum of per-peer hashes, so the map's order does not matter.
+fn path_fingerprint<'a>(paths: impl Iterator<Item = (&'a NodePublic, PathStatus)>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    paths.fold(0, |sum, (k, p)| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        k.hash(&mut h);
+        match p {
+            PathStatus::Direct { .. } => (1u8, 0),
+            PathStatus::Derp(r) => (2, r),
+            PathStatus::Unreachable => (0, 0),
+        }
+        .hash(&mut h);
+        sum.wrapping_add(h.finish())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use crate::derp::tests::node;
+
+    #[test]
+    fn path_fingerprint_changes_only_with_the_reported_path() {
+        let a = NodePrivate::from_random([1; 32]).public();
+        let b = NodePrivate::from_random([2; 32]).public();
+        let direct = |port: u16, ms: u64| PathStatus::Direct {
+            addr: SocketAddr::from(([192, 0, 2, 1], port)),
+            rtt: Duration::from_millis(ms),
+        };
+        let f = |v: &[(&NodePublic, PathStatus)]| path_fingerprint(v.iter().copied());
+        let base = f(&[(&a, PathStatus::Derp(1)), (&b, direct(41641, 5))]);
+        // Order, latency and the direct address itself do not count.
+        assert_eq!(base, f(&[(&b, direct(41642, 9)), (&a, PathStatus::Derp(1))]));
+        // Another region, direct, no path, or a peer more or less do.
+        for other in [
+            f(&[(&a, PathStatus::Derp(2)), (&b, direct(41641, 5))]),
+            f(&[(&a, direct(1, 1)), (&b, direct(41641, 5))]),
+            f(&[(&a, PathStatus::Unreachable), (&b, direct(41641, 5))]),
+            f(&[(&b, direct(41641, 5))]),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
 
     #[test]
     fn peer_subnet_routes_are_allowed_ips_beyond_addresses() {
@@ -1990,11 +2083,26 @@ mod tests {
         assert_eq!(derp_server_name(&node("", "192.0.2.1", ""), &a), "192.0.2.1");
     }
 
-    /// Host names are resolved (cached) and families honour "none"; a name that cannot resolve
-    /// yields nothing, promptly, without failing.
-    #[tokio::test]
+    /// A resolver that knows `localhost`, never answers for `slow.invalid` and fails the rest.
+    fn fake_resolve(host: String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>> {
+        Box::pin(async move {
+            match host.as_str() {
+                "localhost" => Ok(vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()]),
+                "slow.invalid" => std::future::pending().await,
+                _ => Err(std::io::ErrorKind::NotFound.into()),
+            }
+        })
+    }
+
+    /// Host names are resolved (cached) and families honour "none"; a name that cannot resolve,
+    /// or whose lookup hangs, yields nothing after at most [`DNS_TIMEOUT`], without failing, and
+    /// the failure is remembered until [`DNS_RETRY`]. Virtual time: no wall clock, no real DNS.
+    #[tokio::test(start_paused = true)]
     async fn derp_dial_addrs_resolve_names() {
-        let dns = DnsCache::default();
+        let dns = DnsCache {
+            resolve: fake_resolve,
+            ..DnsCache::default()
+        };
         let got = derp_dial_addrs(&node("localhost", "", "none"), 3340, &dns).await;
         assert_eq!(got, vec!["127.0.0.1:3340".parse::<SocketAddr>().unwrap()]);
         assert!(!dns.stale("localhost", Instant::now()), "the answer is cached");
@@ -2005,14 +2113,33 @@ mod tests {
         let got = derp_dial_addrs(&node("pinned.invalid", "192.0.2.1", "2001:db8::1"), 3340, &dns).await;
         assert_eq!(got.len(), 2);
         assert!(dns.stale("pinned.invalid", Instant::now()), "never looked up");
-        // .invalid never resolves (RFC 6761): empty, remembered as failed for a while.
+        // A failed lookup: empty at once, remembered as failed until the retry time.
         let t = Instant::now();
         let got = derp_dial_addrs(&node("no-such-host.invalid", "", ""), 3340, &dns).await;
         assert!(got.is_empty());
-        assert!(t.elapsed() <= DNS_TIMEOUT + Duration::from_secs(1));
+        assert_eq!(t.elapsed(), Duration::ZERO, "a refusal is not a timeout");
         assert!(
             !dns.stale("no-such-host.invalid", Instant::now()),
             "failure cached until retry"
+        );
+        assert!(dns.stale("no-such-host.invalid", Instant::now() + DNS_RETRY));
+        // A hanging lookup ends at the timeout.
+        let t = Instant::now();
+        let got = derp_dial_addrs(&node("slow.invalid", "", ""), 3340, &dns).await;
+        assert!(got.is_empty());
+        assert_eq!(t.elapsed(), DNS_TIMEOUT);
+        // After a failure the last good answer is kept: localhost refreshed while "down".
+        let down = DnsCache {
+            entries: dns.entries.clone(),
+            resolve: |_| Box::pin(async { Err(std::io::ErrorKind::NotFound.into()) }),
+        };
+        tokio::time::advance(DNS_FRESH).await;
+        assert!(down.stale("localhost", Instant::now()));
+        let got = derp_dial_addrs(&node("localhost", "", "none"), 3340, &down).await;
+        assert_eq!(
+            got,
+            vec!["127.0.0.1:3340".parse::<SocketAddr>().unwrap()],
+            "last good answer"
         );
     }
 }

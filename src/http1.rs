@@ -1,8 +1,8 @@
 //! A minimal HTTP/1.1 head parser and writer for the outer (pre-Noise) connection.
 //!
-//! The coordinator's public listener serves a handful of routes (`/key`, `/ts2021` upgrade,
-//! `/register/<id>`, `/health`, later `/derp`), and the client makes two requests (`/key`, the
-//! `/ts2021` upgrade). A full HTTP stack would cost hundreds of KiB on a router for that, so this
+//! The coordinator's public listener serves a handful of routes (`/key`, the `/ts2021` upgrade,
+//! `/register/<id>`, `/health`, the embedded relay's `/derp` upgrade and probes), and the client
+//! makes a few requests (`/key`, the `/ts2021` and `/derp` upgrades, DERP map fetches). A full HTTP stack would cost hundreds of KiB on a router for that, so this
 //! module parses just the request/status line, headers and a `Content-Length` body, with hard
 //! limits. Everything after the head (upgraded protocols) is handed back to the caller untouched.
 //!

@@ -1,5 +1,6 @@
-//! Local API between the CLI (and later LuCI/ubus) and the daemon: JSON lines over a unix socket,
-//! one request and one response per line (`/var/run/tinyscale.sock` by default).
+//! Local API between the CLI and the daemon: JSON lines over a unix socket, one request and one
+//! response per line (`/var/run/tinyscale.sock` by default). The ubus object
+//! ([`crate::ubus_object`]) maps its methods onto the same requests.
 //!
 //! Plays the role of tailscale's LocalAPI. Message types are plain serde values; [`call`] is the
 //! client shell, the listener lives in `daemon.rs`.

@@ -1,9 +1,18 @@
 //! tinyscale: a Tailscale-compatible mesh VPN client, subnet router and mini-coordinator in one
 //! small static binary for OpenWrt routers.
 //!
-//! Layers, bottom up: pure codecs and state machines (`keys`, `noise`, `tailcfg`, `zstdframe`,
-//! `stun`, `disco`, `derp::frame`, `uci`, `control::netmap`, `filter`), then the network shells
-//! (`http1`, `control::client`, `coordinator`), then the process entry points (`daemon`, `cli`).
+//! Layers, bottom up:
+//! - pure codecs and state machines (no sockets, clock or files): `keys`, `noise`, `tailcfg`,
+//!   `zstdframe`, `stun`, `disco`, `derp::frame`, `magicsock::{demux, endpoint, addr}`,
+//!   `control::netmap`, `filter`, `dns`, `netmon::rtnl`, `ubus` (messages, `ubus::blobmsg`), `uci`,
+//!   `metrics`;
+//! - the network shells around them: `http1`, `tls`, `udp`, `control::client`, `derp::{client,
+//!   server}`, `netcheck`, `magicsock::socket`, `tun`, `wg` (boringtun tunnels), `router` (routes,
+//!   rules, nftables), `connlimit`;
+//! - the data plane `engine` (one task owning TUN, sockets, tunnels, DERP and MagicDNS), the
+//!   client `daemon` (control session, prefs, the `ipc` socket and the `ubus_object`), the
+//!   optional `coordinator` (control server, SQLite store, ACL policy, admin API, embedded DERP
+//!   relay and STUN), and the `cli` entry points.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cli;

@@ -5,8 +5,9 @@
 //! peer's path state (candidates, pings, pongs, best address, trust window, DERP fallback) and
 //! says where each packet goes; [`addr`] knows address families and which of our addresses to
 //! publish. The sockets ([`socket`], one per family), DERP clients, sealing and the clock live
-//! in the daemon's shell, which feeds these cores `now` and fresh transaction ids. The pure
-//! modules each forbid `unsafe`; `socket` needs it for one socket option.
+//! in the data-plane shell ([`crate::engine`]), which feeds these cores `now` and fresh
+//! transaction ids. The pure modules each forbid `unsafe`; `socket` needs it for socket
+//! options.
 
 pub mod addr;
 pub mod batch;

@@ -137,6 +137,19 @@ fn stun(_: cli::Stun) -> Result<(), Failure> {
 
 #[cfg(feature = "coordinator")]
 fn server(s: cli::Server) -> Result<(), Failure> {
+    use tinyscale::coordinator::admin::AdminTarget;
+    if let Some(url) = s.remote {
+        if matches!(s.cmd, ServerCmd::Serve(_)) {
+            return Err(Failure::usage("--remote runs admin verbs; serve runs here"));
+        }
+        let key = s
+            .api_key
+            .or_else(|| std::env::var("TINYSCALE_API_KEY").ok())
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| Failure::usage("--remote needs --api-key KEY (or TINYSCALE_API_KEY)"))?;
+        tinyscale::logger::init(log::LevelFilter::Warn);
+        return runtime()?.block_on(cli::run_admin(&AdminTarget::Remote { url, key }, s.cmd));
+    }
     let path = s.config.unwrap_or_else(|| {
         std::env::var_os("TINYSCALE_CONFIG")
             .map(PathBuf::from)
@@ -176,7 +189,7 @@ fn server(s: cli::Server) -> Result<(), Failure> {
         }
         cmd => {
             tinyscale::logger::init(log::LevelFilter::Warn);
-            runtime()?.block_on(cli::run_admin(&cfg.unix_socket, cmd))
+            runtime()?.block_on(cli::run_admin(&AdminTarget::Socket(cfg.unix_socket.clone()), cmd))
         }
     }
 }

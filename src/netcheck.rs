@@ -1201,13 +1201,12 @@ mod tests {
         ]);
         let plan = ProbePlan::new(&m, Timing::default()).with_home(902, true);
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let started = Instant::now();
-        let r = run(&sock, &plan, STUN_PROBE_TIMEOUT).await;
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "finished early, took {:?}",
-            started.elapsed()
-        );
+        // The report ends when every region has answered, not at the deadline: with a one-minute
+        // deadline the run must be over long before it (no wall-clock race on a busy machine).
+        let deadline = Duration::from_secs(60);
+        let r = tokio::time::timeout(deadline / 2, run(&sock, &plan, deadline))
+            .await
+            .expect("the report waited for its deadline instead of ending when all regions answered");
         assert!(r.udp && r.ipv4);
         assert_eq!(r.global_v4, Some(sock.local_addr().unwrap()));
         assert_eq!(r.mapping_varies_by_dest_ip, Some(false));

@@ -6,11 +6,13 @@
 //! [`Tun::send_with`]); reads strip the header. No offloads are enabled for reads
 //! (`TUNSETOFFLOAD` is never called), so the kernel hands us ordinary single packets.
 //!
-//! This is a thin shell with `unsafe` for the `ioctl` and the reactor registration (the only
-//! other such module is `magicsock::socket`, for one socket option). Opening the device needs `CAP_NET_ADMIN`. The interface exists while the
-//! returned [`Tun`] (its file descriptor) lives: it is not made persistent, so the kernel removes
-//! it, with its addresses and routes, when the process exits, even on a crash. Addresses, MTU, link state and routes are the
-//! router's job (`crate::router`), not this module's.
+//! This is a thin shell with `unsafe` for the `ioctl` and the reactor registration (the other
+//! such shells: `magicsock::socket`, `udp`, `netns` and `netmon`, for socket options and the
+//! netlink socket). Opening the device needs
+//! `CAP_NET_ADMIN`. The interface exists while the returned [`Tun`] (its file descriptor) lives:
+//! it is not made persistent, so the kernel removes it, with its addresses and routes, when the
+//! process exits, even on a crash. Addresses, MTU, link state and routes are the router's job
+//! (`crate::router`), not this module's.
 //!
 //! The caller supplies a tokio runtime with I/O enabled (`AsyncFd` registers with its reactor).
 //! Each `recv` yields exactly one IP packet (no packet-information or virtio header); each

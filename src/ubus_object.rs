@@ -10,10 +10,12 @@
 //! which rpcd adds to every call, is always accepted. A wrong argument answers
 //! UBUS_STATUS_INVALID_ARGUMENT with `{"error": ...}`.
 //!
-//! Events, from status snapshots compared once a second: `tinyscale.state` `{"state": "Running"}`
-//! when the backend state changes, `tinyscale.peer` `{"action": "added"|"removed"|"changed",
-//! "id", "name", "ip", "online", "path"}` when a peer comes, goes, or changes online state or
-//! path (`direct`, `derp-N` or empty).
+//! Events, from status snapshots compared when the daemon reports a change (backend state,
+//! prefs, netmap, or a peer's path in the data plane; [`Daemon::changes`]) and every
+//! [`SAFETY_POLL`] anyway: `tinyscale.state` `{"state": "Running", "ips": [...]}` when the
+//! backend state or our own addresses change, `tinyscale.peer` `{"action":
+//! "added"|"removed"|"changed", "id", "name", "ip", "online", "path"}` when a peer comes, goes,
+//! or changes online state or path (`direct`, `derp-N` or empty).
 //!
 //! [`request_for`] and [`peer_changes`] are pure; [`serve`] is the shell: it keeps a connection to
 //! ubusd, reconnecting with back-off (ubusd may start after us or restart) and registering again.
@@ -24,7 +26,7 @@ use serde_json::{json, Map, Value};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::UnixStream,
-    sync::mpsc,
+    sync::{mpsc, watch},
 };
 
 use crate::{
@@ -43,8 +45,10 @@ pub const STATE_EVENT: &str = "tinyscale.state";
 pub const PEER_EVENT: &str = "tinyscale.peer";
 /// Longest wait between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How often [`Object::events`] runs.
+/// How often [`Object::events`] runs for an object without [`Object::changes`].
 const EVENT_POLL: Duration = Duration::from_secs(1);
+/// How often it runs anyway for one with them.
+const SAFETY_POLL: Duration = Duration::from_secs(30);
 /// How long `login` waits for the control server to hand out a login URL.
 const LOGIN_WAIT: Duration = Duration::from_secs(10);
 /// The argument every call through rpcd carries.
@@ -278,6 +282,11 @@ pub trait Object: Send + Sync + 'static {
     fn events<'a>(&'a self, _snap: &'a mut Self::Snapshot, _announce: bool) -> PendingEvents<'a> {
         Box::pin(async { Vec::new() })
     }
+    /// A receiver that changes when [`Object::events`] may find something; `None` polls every
+    /// [`EVENT_POLL`].
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// One peer as [`peer_changes`] compares it.
@@ -370,8 +379,11 @@ pub fn qr_rows(url: &str) -> Vec<String> {
     }
 }
 
+/// What the daemon's events compare: backend state, our own addresses, the peers.
+pub type DaemonSnapshot = (Option<crate::daemon::BackendState>, Vec<String>, Vec<PeerView>);
+
 impl Object for Daemon {
-    type Snapshot = (Option<crate::daemon::BackendState>, Vec<PeerView>);
+    type Snapshot = DaemonSnapshot;
 
     fn name(&self) -> &'static str {
         OBJECT
@@ -397,6 +409,12 @@ impl Object for Daemon {
         Box::pin(async move {
             let status = self.status_json().await;
             let state = self.backend_state();
+            let ips: Vec<String> = status["Self"]["TailscaleIPs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
             let peers: Vec<PeerView> = status["Peer"]
                 .as_array()
                 .into_iter()
@@ -405,16 +423,21 @@ impl Object for Daemon {
                 .collect();
             let mut out = Vec::new();
             if announce {
-                if snap.0 != Some(state) {
+                if snap.0 != Some(state) || snap.1 != ips {
                     let mut m = Map::new();
                     m.insert("state".into(), serde_json::to_value(state).unwrap_or_default());
+                    m.insert("ips".into(), json!(ips));
                     out.push((STATE_EVENT, m));
                 }
-                out.extend(peer_changes(&snap.1, &peers).into_iter().map(|m| (PEER_EVENT, m)));
+                out.extend(peer_changes(&snap.2, &peers).into_iter().map(|m| (PEER_EVENT, m)));
             }
-            *snap = (Some(state), peers);
+            *snap = (Some(state), ips, peers);
             out
         })
+    }
+
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(Daemon::changes(self))
     }
 }
 
@@ -461,7 +484,8 @@ async fn session<O: Object>(obj: &Arc<O>, mut sock: UnixStream) -> std::io::Resu
     let (done_tx, mut done_rx) = mpsc::channel::<(Invoke, u32, Value)>(16);
     let mut registered = false;
     let mut snap = O::Snapshot::default();
-    let mut tick = tokio::time::interval(EVENT_POLL);
+    let mut changes = obj.changes();
+    let mut tick = tokio::time::interval(if changes.is_some() { SAFETY_POLL } else { EVENT_POLL });
     loop {
         while let Some(f) = c.poll_transmit() {
             sock.write_all(&f).await?;
@@ -486,6 +510,9 @@ async fn session<O: Object>(obj: &Arc<O>, mut sock: UnixStream) -> std::io::Resu
                         Event::Registered { id } => {
                             log::info!("ubus object registered name={name} id={id:#x}");
                             registered = true;
+                            if let Some(rx) = changes.as_mut() {
+                                rx.borrow_and_update();
+                            }
                             obj.events(&mut snap, false).await;
                         }
                         Event::RegisterFailed { status } => {
@@ -506,6 +533,15 @@ async fn session<O: Object>(obj: &Arc<O>, mut sock: UnixStream) -> std::io::Resu
                 }
             }
             Some((inv, status, data)) = done_rx.recv() => c.reply(&inv, status, Some(&data)),
+            r = changed(&mut changes) => {
+                if r.is_err() {
+                    changes = None;
+                } else if registered {
+                    for (id, data) in obj.events(&mut snap, true).await {
+                        c.send_event(id, &data);
+                    }
+                }
+            }
             _ = tick.tick() => {
                 if registered {
                     for (id, data) in obj.events(&mut snap, true).await {
@@ -514,6 +550,14 @@ async fn session<O: Object>(obj: &Arc<O>, mut sock: UnixStream) -> std::io::Resu
                 }
             }
         }
+    }
+}
+
+/// The next change on `rx`; never, without one.
+async fn changed(rx: &mut Option<watch::Receiver<u64>>) -> Result<(), watch::error::RecvError> {
+    match rx {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -614,6 +658,41 @@ mod tests {
         let read: Vec<&str> = METHODS.iter().filter(|m| !m.write).map(|m| m.name).collect();
         assert_eq!(read, ["status", "peers", "netcheck", "ping"]);
         assert_eq!(methods().len(), METHODS.len());
+    }
+
+    /// A state change notifies once and gives exactly one `tinyscale.state` event; an unchanged
+    /// daemon notifies nothing, and a repeated request that changes nothing sends no event.
+    #[tokio::test]
+    async fn state_change_pushes_one_event_and_no_change_none() {
+        let dir = std::env::temp_dir().join(format!("tinyscale-ubus-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let d = Daemon::load(&dir, None).expect("state dir loads");
+        let mut rx = Object::changes(&*d).expect("the daemon reports changes");
+        let mut snap = DaemonSnapshot::default();
+        assert!(
+            d.events(&mut snap, false).await.is_empty(),
+            "the baseline sends nothing"
+        );
+        assert!(!rx.has_changed().expect("sender alive"), "nothing happened yet");
+        assert!(d.events(&mut snap, true).await.is_empty());
+
+        let r = d.handle(IpcRequest::Down).await;
+        assert!(r.error.is_empty(), "{}", r.error);
+        assert!(rx.has_changed().expect("sender alive"), "down notifies");
+        rx.borrow_and_update();
+        let ev = d.events(&mut snap, true).await;
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0].0, STATE_EVENT);
+        assert_eq!(Value::Object(ev[0].1.clone()), json!({"state": "Stopped", "ips": []}));
+        assert!(
+            d.events(&mut snap, true).await.is_empty(),
+            "the same state again: no event"
+        );
+
+        // Down while already down: it may notify, but nothing changed, so no event.
+        let _ = d.handle(IpcRequest::Down).await;
+        assert!(d.events(&mut snap, true).await.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn peer(id: u64, online: bool, cur: &str, relay: &str) -> Value {

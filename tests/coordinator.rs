@@ -948,3 +948,108 @@ async fn request_heads_over_8_kib_are_refused() {
     assert!(big.starts_with("HTTP/1.1 400 "), "{big}");
     assert!(big.contains("head too large"), "{big}");
 }
+
+/// The daemon's state file with a node key rotation in progress, as a crash between control's
+/// answer and the daemon's save leaves it.
+fn state_with_pending_rotation(
+    dir: &std::path::Path,
+    url: &ControlUrl,
+    m: &MachinePrivate,
+    old: &NodePrivate,
+    new: &NodePrivate,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let state = serde_json::json!({
+        "machine_key": m.to_key_str(),
+        "node_key": old.to_key_str(),
+        "pending_node_key": new.to_key_str(),
+        "prefs": {"login_server": url.url, "want_running": true},
+    });
+    std::fs::write(
+        dir.join(tinyscale::daemon::STATE_FILE),
+        serde_json::to_vec(&state).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Runs a control-only daemon on `dir` until it is Running; returns its saved state file.
+async fn daemon_until_running(dir: &std::path::Path) -> serde_json::Value {
+    let d = tinyscale::daemon::Daemon::load(dir, None).unwrap();
+    let task = tokio::spawn(d.clone().control_loop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while d.backend_state() != tinyscale::daemon::BackendState::Running {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "daemon not Running: {:?}",
+            d.backend_state()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    serde_json::from_slice(&std::fs::read(dir.join(tinyscale::daemon::STATE_FILE)).unwrap()).unwrap()
+}
+
+/// kill -9 during a key rotation: control took the new key but the daemon never saved it. The
+/// restarted daemon resumes the rotation from its state file and is Running with the new key,
+/// the same node and addresses, without a new login.
+#[tokio::test]
+async fn a_rotation_control_took_is_resumed_after_a_crash() {
+    let h = start().await;
+    let key = h.user_and_key("alice", true, None);
+    let (m, k1, k2) = (
+        MachinePrivate::from_random(rnd()),
+        NodePrivate::from_random(rnd()),
+        NodePrivate::from_random(rnd()),
+    );
+    let mut conn = h.conn(&m).await;
+    assert!(
+        conn.register(&register_req(&k1, Some(&key), "r"))
+            .await
+            .unwrap()
+            .machine_authorized
+    );
+    let before = h.admin(AdminRequest::NodesList { user: None }).unwrap();
+    let mut rotate = register_req(&k2, Some(&key), "r");
+    rotate.old_node_key = k1.public();
+    assert!(conn.register(&rotate).await.unwrap().machine_authorized);
+
+    let dir = std::env::temp_dir().join(format!("ts-rot-a-{}", std::process::id()));
+    state_with_pending_rotation(&dir, &h.url, &m, &k1, &k2);
+    let saved = daemon_until_running(&dir).await;
+    assert_eq!(saved["node_key"], k2.to_key_str(), "the new key is ours now");
+    assert!(saved.get("pending_node_key").is_none(), "rotation done: {saved}");
+    let after = h.admin(AdminRequest::NodesList { user: None }).unwrap();
+    assert_eq!(after.as_array().unwrap().len(), 1);
+    assert_eq!(after[0]["ip_addresses"], before[0]["ip_addresses"]);
+    assert_eq!(after[0]["node_key"], k2.public().to_string());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The crash came before control heard of the new key: the restarted daemon finds control does
+/// not know it and goes on with the key control knows, Running, no new login.
+#[tokio::test]
+async fn a_rotation_control_never_saw_falls_back_to_the_known_key() {
+    let h = start().await;
+    let key = h.user_and_key("bob", true, None);
+    let (m, k1, k2) = (
+        MachinePrivate::from_random(rnd()),
+        NodePrivate::from_random(rnd()),
+        NodePrivate::from_random(rnd()),
+    );
+    let mut conn = h.conn(&m).await;
+    assert!(
+        conn.register(&register_req(&k1, Some(&key), "r"))
+            .await
+            .unwrap()
+            .machine_authorized
+    );
+
+    let dir = std::env::temp_dir().join(format!("ts-rot-b-{}", std::process::id()));
+    state_with_pending_rotation(&dir, &h.url, &m, &k1, &k2);
+    let saved = daemon_until_running(&dir).await;
+    assert_eq!(saved["node_key"], k1.to_key_str());
+    assert!(saved.get("pending_node_key").is_none(), "rotation dropped: {saved}");
+    let after = h.admin(AdminRequest::NodesList { user: None }).unwrap();
+    assert_eq!(after[0]["node_key"], k1.public().to_string());
+    let _ = std::fs::remove_dir_all(&dir);
+}

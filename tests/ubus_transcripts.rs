@@ -366,7 +366,7 @@ async fn daemon_shell_against_scripted_ubusd() {
         assert_eq!((m.ty, m.peer), (ubus::MSG_INVOKE, ubus::SYSTEM_OBJECT_EVENT));
         assert_eq!(
             data_of(&m),
-            json!({"id": "tinyscale.state", "data": {"state": "Stopped"}})
+            json!({"id": "tinyscale.state", "data": {"state": "Stopped", "ips": []}})
         );
         drop(s); // ubusd goes away; the shell reconnects and registers again
     }

@@ -217,7 +217,17 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             Flag::new("ubus-socket", Value),
         ],
     ),
-    Verb::new("server", &[Flag::new("config", Value).short('c')]).subs(&[
+    Verb::new(
+        "server",
+        &[
+            Flag::new("config", Value).short('c'),
+            #[cfg(feature = "coordinator")]
+            Flag::new("remote", Value),
+            #[cfg(feature = "coordinator")]
+            Flag::new("api-key", Value),
+        ],
+    )
+    .subs(&[
         Verb::new(
             "serve",
             &[
@@ -286,6 +296,13 @@ pub static TREE: Verb = Verb::new("", &[]).subs(&[
             Verb::new("set", &[Flag::new("file", Value).short('f')]),
             Verb::new("check", &[Flag::new("file", Value).short('f')]),
             Verb::new("clear", &[]),
+        ]),
+        #[cfg(feature = "coordinator")]
+        Verb::new("apikeys", &[]).aliases(&["apikey", "api"]).subs(&[
+            Verb::new("create", &[Flag::new("expiration", Value).short('e'), OUTPUT]).aliases(&["c", "new"]),
+            Verb::new("list", &[OUTPUT]).aliases(LS),
+            Verb::new("expire", &[Flag::new("prefix", Value).short('p')]).aliases(&["revoke", "exp", "e"]),
+            Verb::new("delete", &[Flag::new("prefix", Value).short('p')]).aliases(&["del"]),
         ]),
     ]),
     Verb::new("stun", &[Flag::new("listen", Value)]),

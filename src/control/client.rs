@@ -231,6 +231,42 @@ pub struct MapStream {
     buf: Vec<u8>,
 }
 
+/// Takes the next complete map message's JSON off the front of `buf` (a 4-byte little-endian
+/// length, then JSON or a zstd frame of JSON); `Ok(None)` while it is incomplete.
+pub fn next_map_json(buf: &mut Vec<u8>) -> Result<Option<Vec<u8>>, Error> {
+    let Some(head) = buf.first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(*head) as usize;
+    if len > MAX_MAP_MESSAGE {
+        return Err(Error::Protocol(format!("map message of {len} bytes is too large")));
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    let mut msg: Vec<u8> = buf.drain(..4 + len).skip(4).collect();
+    // A full map can be megabytes: do not keep its room for the keep-alives.
+    if buf.is_empty() && buf.capacity() > 64 << 10 {
+        *buf = Vec::new();
+    }
+    // Only if we asked for zstd; raw-block frames decode without a decompressor.
+    if msg.starts_with(&crate::zstdframe::MAGIC) {
+        msg = crate::zstdframe::decode(&msg, MAX_MAP_MESSAGE)
+            .map_err(|e| Error::Protocol(format!("map message: {e}")))?;
+    }
+    Ok(Some(msg))
+}
+
+/// [`next_map_json`], parsed.
+pub fn next_map_message(buf: &mut Vec<u8>) -> Result<Option<MapResponse>, Error> {
+    let Some(msg) = next_map_json(buf)? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&msg)
+        .map(Some)
+        .map_err(|e| Error::Protocol(format!("map message: {e}")))
+}
+
 impl MapStream {
     /// The next message, `Ok(None)` at end of stream. Fails after [`MAP_WATCHDOG`] of silence.
     pub async fn next(&mut self) -> Result<Option<MapResponse>, Error> {
@@ -245,24 +281,8 @@ impl MapStream {
     /// The next message's JSON, unparsed (as [`MapStream::next`]).
     pub async fn next_json(&mut self) -> Result<Option<Vec<u8>>, Error> {
         loop {
-            if self.buf.len() >= 4 {
-                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-                if len > MAX_MAP_MESSAGE {
-                    return Err(Error::Protocol(format!("map message of {len} bytes is too large")));
-                }
-                if self.buf.len() >= 4 + len {
-                    let mut msg: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
-                    // A full map can be megabytes: do not keep its room for the keep-alives.
-                    if self.buf.is_empty() && self.buf.capacity() > 64 << 10 {
-                        self.buf = Vec::new();
-                    }
-                    // Only if we asked for zstd; raw-block frames decode without a decompressor.
-                    if msg.starts_with(&crate::zstdframe::MAGIC) {
-                        msg = crate::zstdframe::decode(&msg, MAX_MAP_MESSAGE)
-                            .map_err(|e| Error::Protocol(format!("map message: {e}")))?;
-                    }
-                    return Ok(Some(msg));
-                }
+            if let Some(m) = next_map_json(&mut self.buf)? {
+                return Ok(Some(m));
             }
             let chunk = tokio::time::timeout(MAP_WATCHDOG, self.body.data())
                 .await
@@ -359,6 +379,36 @@ async fn read_all(body: &mut h2::RecvStream, limit: usize) -> Result<Vec<u8>, Er
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn map_messages_are_split_from_the_stream() {
+        let framed = |body: &[u8]| {
+            let mut v = (body.len() as u32).to_le_bytes().to_vec();
+            v.extend_from_slice(body);
+            v
+        };
+        let mut buf = framed(br#"{"KeepAlive":true}"#);
+        buf.extend(framed(&crate::zstdframe::encode(br#"{"Domain":"ts.example"}"#)));
+        let second_len = buf.len();
+        buf.truncate(second_len - 3);
+        let m = next_map_message(&mut buf).unwrap().expect("first message is complete");
+        assert!(m.keep_alive);
+        // The second is three bytes short: nothing yet, nothing consumed.
+        let before = buf.len();
+        assert!(next_map_message(&mut buf).unwrap().is_none());
+        assert_eq!(buf.len(), before);
+        let mut full = framed(&crate::zstdframe::encode(br#"{"Domain":"ts.example"}"#));
+        full.extend(framed(b"{"));
+        buf = full;
+        assert_eq!(
+            next_map_message(&mut buf).unwrap().unwrap().domain.as_deref(),
+            Some("ts.example")
+        );
+        assert!(matches!(next_map_message(&mut buf), Err(Error::Protocol(e)) if e.contains("map message")));
+        let mut huge = ((MAX_MAP_MESSAGE + 1) as u32).to_le_bytes().to_vec();
+        assert!(matches!(next_map_message(&mut huge), Err(Error::Protocol(e)) if e.contains("too large")));
+        assert!(next_map_message(&mut vec![1, 0]).unwrap().is_none());
+    }
 
     #[test]
     fn control_url_parsing() {

@@ -8,13 +8,13 @@
 //! The same requests back the ubus object `tinyscale.server` ([`SERVER_METHODS`], registered
 //! by `tinyscale server serve --ubus-socket`), which LuCI's Coordinator page calls through rpcd.
 
-use std::{path::Path, sync::Arc};
+use std::{future::Future, path::Path, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{
-    model::Node,
+    model::{ApiKey, Node},
     server::{random_hex, unix_now, Coordinator},
     state::{CoordError, State},
 };
@@ -95,7 +95,32 @@ pub enum AdminRequest {
     PolicyCheck {
         policy: String,
     },
+    /// Replace a node's ACL tags.
+    NodesSetTags {
+        id: u64,
+        tags: Vec<String>,
+    },
+    /// Approve (`enable`) or withdraw one route by the `id` of its row in `routes list`
+    /// (headscale's pre-0.26 route ids, kept for old REST clients).
+    RoutesSet {
+        route: u64,
+        enable: bool,
+    },
+    /// A new REST API key; the answer holds the whole key, shown this once.
+    ApikeysCreate {
+        expiration_secs: Option<u64>,
+    },
+    ApikeysList,
+    ApikeysExpire {
+        prefix: String,
+    },
+    ApikeysDelete {
+        prefix: String,
+    },
 }
+
+/// Routes per node addressable by a `routes list` row id (`node id * ROUTE_IDS + index`).
+pub const ROUTE_IDS: u64 = 1024;
 
 fn time_or_null(t: Option<i64>) -> Value {
     t.map_or(Value::Null, |t| Value::String(tailcfg::format_time(t)))
@@ -116,6 +141,7 @@ pub fn node_json(st: &State, n: &Node, now: i64) -> Value {
         "name": n.hostname,
         "given_name": n.given_name,
         "user": user,
+        "user_id": n.user_id,
         "ip_addresses": ips,
         "online": st.is_online(n.id),
         "last_seen": time_or_null(n.last_seen),
@@ -125,6 +151,7 @@ pub fn node_json(st: &State, n: &Node, now: i64) -> Value {
         "tags": n.tags,
         "machine_key": n.machine_key.to_string(),
         "node_key": n.node_key.to_string(),
+        "disco_key": n.disco_key.to_string(),
         "created_at": tailcfg::format_time(n.created),
         "announced_routes": State::announced_routes(n),
         "approved_routes": n.approved_routes,
@@ -134,9 +161,11 @@ pub fn node_json(st: &State, n: &Node, now: i64) -> Value {
 fn user_id(st: &State, name: &Option<String>) -> Result<Option<u64>, CoordError> {
     match name {
         None => Ok(None),
+        // A name, or (headscale 0.26+ REST clients) a user id.
         Some(n) => st
             .users()
             .find(|u| u.name == *n)
+            .or_else(|| n.parse().ok().and_then(|id| st.user(id)))
             .map(|u| Some(u.id))
             .ok_or_else(|| CoordError::NotFound(format!("user {n:?} not found"))),
     }
@@ -149,8 +178,9 @@ fn routes_json(st: &State) -> Value {
         let announced = State::announced_routes(n);
         let mut all: Vec<String> = announced.clone();
         all.extend(n.approved_routes.iter().filter(|r| !announced.contains(r)).cloned());
-        for r in all {
+        for (i, r) in (0u64..).zip(all) {
             rows.push(json!({
+                "id": n.id * ROUTE_IDS + i,
                 "node_id": n.id,
                 "node": n.given_name,
                 "prefix": r,
@@ -165,8 +195,24 @@ fn routes_json(st: &State) -> Value {
 
 /// Executes one request against the coordinator.
 pub fn handle(coord: &Coordinator, req: AdminRequest) -> IpcResponse {
+    IpcResponse::from_result(handle_value(coord, req).map_err(|e| e.to_string()))
+}
+
+fn api_key_json(k: &ApiKey, now: i64) -> Value {
+    json!({
+        "id": k.id,
+        "prefix": k.prefix,
+        "expiration": time_or_null(k.expiration),
+        "expired": k.expiration.is_some_and(|e| e <= now),
+        "created_at": tailcfg::format_time(k.created),
+        "last_seen": time_or_null(k.last_seen),
+    })
+}
+
+/// [`handle`] with the error kept typed (the REST API maps it to a status).
+pub fn handle_value(coord: &Coordinator, req: AdminRequest) -> Result<Value, CoordError> {
     let now = unix_now();
-    let r: Result<Value, CoordError> = (|| {
+    {
         let mut st = coord.lock();
         Ok(match req {
             AdminRequest::UsersCreate { name } => {
@@ -280,9 +326,56 @@ pub fn handle(coord: &Coordinator, req: AdminRequest) -> IpcResponse {
                 };
                 json!({"valid": errors.is_empty(), "errors": errors})
             }
+            AdminRequest::NodesSetTags { id, tags } => {
+                let ch = st.set_tags(id, tags)?;
+                let v = st.node(id).map(|n| node_json(&st, n, now)).unwrap_or(Value::Null);
+                drop(st);
+                coord.publish(ch);
+                v
+            }
+            AdminRequest::RoutesSet { route, enable } => {
+                let rows = routes_json(&st);
+                let row = rows
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|r| r["id"] == route)
+                    .ok_or_else(|| CoordError::NotFound(format!("route {route} not found")))?;
+                let id = row["node_id"].as_u64().unwrap_or(0);
+                let prefix = row["prefix"].as_str().unwrap_or("").to_string();
+                let ch = if enable {
+                    st.set_approved_routes(id, vec![prefix], false)?
+                } else {
+                    let keep = st.node(id).map(|n| n.approved_routes.clone()).unwrap_or_default();
+                    st.set_approved_routes(id, keep.into_iter().filter(|r| *r != prefix).collect(), true)?
+                };
+                let v = routes_json(&st);
+                drop(st);
+                coord.publish(ch);
+                v
+            }
+            AdminRequest::ApikeysCreate { expiration_secs } => {
+                let exp = expiration_secs.map(|s| now.saturating_add(s.min(i64::MAX as u64) as i64));
+                let (prefix, secret) = (random_hex(5), random_hex(32));
+                let k = st.create_api_key(&prefix, &secret, exp, now)?;
+                let mut v = api_key_json(&k, now);
+                v["key"] = Value::String(format!("{prefix}.{secret}"));
+                log::info!("api key created prefix={prefix}");
+                v
+            }
+            AdminRequest::ApikeysList => Value::Array(st.api_keys().map(|k| api_key_json(k, now)).collect()),
+            AdminRequest::ApikeysExpire { prefix } => {
+                let k = st.expire_api_key(&prefix, now)?;
+                log::info!("api key expired prefix={prefix}");
+                api_key_json(&k, now)
+            }
+            AdminRequest::ApikeysDelete { prefix } => {
+                st.delete_api_key(&prefix)?;
+                log::info!("api key deleted prefix={prefix}");
+                json!({"deleted": prefix})
+            }
         })
-    })();
-    IpcResponse::from_result(r.map_err(|e| e.to_string()))
+    }
 }
 
 fn key_json(st: &State, k: &super::model::PreAuthKey, now: i64) -> Value {
@@ -290,6 +383,7 @@ fn key_json(st: &State, k: &super::model::PreAuthKey, now: i64) -> Value {
         "id": k.id,
         "key": k.key,
         "user": st.user(k.user_id).map(|u| u.name.clone()).unwrap_or_default(),
+        "user_id": k.user_id,
         "reusable": k.reusable,
         "ephemeral": k.ephemeral,
         "used": k.used,
@@ -530,28 +624,41 @@ impl Object for ServerObject {
 
     fn call(self: &Arc<Self>, method: &str, args: &Map) -> Result<PendingReply, String> {
         let req = ubus_object::map_call(SERVER_METHODS, method, args)?;
-        let r = handle(&self.0, req);
-        // Lists are JSON arrays; a ubus reply is a table.
-        let r = match r.data {
-            Value::Array(a) if r.error.is_empty() => IpcResponse {
-                data: json!({ method: a }),
-                error: r.error,
-            },
-            _ => r,
-        };
-        let reply = ubus_object::reply_for(r);
-        Ok(Box::pin(async move { reply }))
+        let r = handle_durable(&self.0, req);
+        let method = method.to_owned();
+        Ok(Box::pin(async move {
+            let r = r.await;
+            // Lists are JSON arrays; a ubus reply is a table.
+            let r = match r.data {
+                Value::Array(a) if r.error.is_empty() => IpcResponse {
+                    data: json!({ method: a }),
+                    error: r.error,
+                },
+                _ => r,
+            };
+            ubus_object::reply_for(r)
+        }))
+    }
+}
+
+/// [`handle`], answering once its writes are durable (a created key must survive kill -9);
+/// the wait does not block the runtime.
+fn handle_durable(coord: &Coordinator, req: AdminRequest) -> impl Future<Output = IpcResponse> + Send + 'static {
+    let since = coord.lock().store().mark();
+    let reply = handle(coord, req);
+    let durable = coord.lock().store().durable(since);
+    async move {
+        match durable.await {
+            Ok(()) => reply,
+            Err(e) => IpcResponse::from_result(Err(format!("store failure: {e}"))),
+        }
     }
 }
 
 /// Binds the admin socket (mode 0600, removing a stale one) and serves it forever.
 pub async fn serve_admin(coord: Arc<Coordinator>, path: &Path) -> std::io::Result<()> {
     let listener = ipc::bind_private(path).await?;
-    ipc::serve_lines(listener, move |req: AdminRequest| {
-        let coord = coord.clone();
-        async move { handle(&coord, req) }
-    })
-    .await
+    ipc::serve_lines(listener, move |req: AdminRequest| handle_durable(&coord, req)).await
 }
 
 /// Sends one request to the coordinator at `path` (client side of the CLI).
@@ -562,6 +669,76 @@ pub async fn call(path: &Path, req: &AdminRequest) -> Result<Value, String> {
         "(is `tinyscale server serve` running with this --config, and are you root?)",
     )
     .await
+}
+
+/// Where the admin verbs go: this machine's admin socket, or a coordinator's REST API.
+pub enum AdminTarget {
+    /// The unix socket of `server serve` (root only).
+    Socket(std::path::PathBuf),
+    /// `POST <url>/api/v1/admin` with `Authorization: Bearer <key>`.
+    Remote { url: String, key: String },
+}
+
+impl AdminTarget {
+    /// Sends one request; the answer is the same JSON either way.
+    pub async fn call(&self, req: &AdminRequest) -> Result<Value, String> {
+        match self {
+            AdminTarget::Socket(p) => call(p, req).await,
+            AdminTarget::Remote { url, key } => call_remote(url, key, req).await,
+        }
+    }
+}
+
+/// Largest answer read from a remote coordinator (a node list of a big tailnet fits).
+const REMOTE_MAX_BODY: usize = 4 << 20;
+/// Budget for one remote admin call, connect to last byte.
+const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// One request to a coordinator's `/api/v1/admin` (TLS verified against the system roots, as
+/// the control client does); errors say what the server answered.
+pub async fn call_remote(url: &str, key: &str, req: &AdminRequest) -> Result<Value, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let u = crate::http1::parse_url(url).map_err(|e| format!("--remote {url}: {e}"))?;
+    let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    let work = async {
+        let mut io = crate::tls::connect(&crate::tls::host_port(&u.host, u.port), &u.host, u.tls).await?;
+        let head = format!(
+            "POST {}/api/v1/admin HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            u.path.split('?').next().unwrap_or("").trim_end_matches('/'),
+            u.host_header(),
+            body.len()
+        );
+        io.write_all(head.as_bytes()).await?;
+        io.write_all(&body).await?;
+        io.flush().await?;
+        let (head, mut out) = crate::http1::read_head(&mut io).await.map_err(std::io::Error::other)?;
+        let mut chunk = [0u8; 4096];
+        while out.len() <= REMOTE_MAX_BODY {
+            match io.read(&mut chunk).await {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(n) = head.content_length() {
+            out.truncate(n);
+        }
+        Ok((head.status, out))
+    };
+    let (status, out) = match tokio::time::timeout(REMOTE_TIMEOUT, work).await {
+        Err(_) => return Err(format!("{url}: timed out")),
+        Ok(Err(e)) => return Err(format!("{url}: {e}")),
+        Ok(Ok(x)) => x,
+    };
+    let v: Option<Value> = serde_json::from_slice(&out).ok();
+    match (status, v) {
+        (200, Some(v)) => Ok(v),
+        (401, _) => Err(format!("{url}: the API key was refused (unknown or expired)")),
+        (_, Some(v)) if v["message"].is_string() => Err(v["message"].as_str().unwrap_or("").to_string()),
+        (s, _) => Err(format!("{url}: HTTP {s} (is it a tinyscale coordinator?)")),
+    }
 }
 
 #[cfg(test)]

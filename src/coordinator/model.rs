@@ -86,3 +86,21 @@ pub struct Node {
     /// Registration time.
     pub created: i64,
 }
+
+/// An API key for the REST API (headscale `types.APIKey`). The secret is never stored: only
+/// its hash, compared in constant time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// Primary key, never reused.
+    pub id: u64,
+    /// The public part shown in lists and logs, unique (the text before the `.`).
+    pub prefix: String,
+    /// BLAKE2s-256 of the secret part (the text after the `.`).
+    pub hash: [u8; 32],
+    /// Creation time.
+    pub created: i64,
+    /// Expiry time; `None` never expires.
+    pub expiration: Option<i64>,
+    /// Last time the key was used, if recorded.
+    pub last_seen: Option<i64>,
+}

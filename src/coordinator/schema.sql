@@ -74,3 +74,14 @@ CREATE TABLE policy (
   data       TEXT    NOT NULL,
   updated_at INTEGER NOT NULL
 );
+
+-- REST API keys, version 3. The key is `<prefix>.<secret>`: only the prefix (shown in lists
+-- and logs) and the BLAKE2s-256 hash of the secret (lowercase hex) are stored.
+CREATE TABLE api_keys (
+  id         INTEGER PRIMARY KEY AUTOINCREMENT,
+  prefix     TEXT    NOT NULL UNIQUE,
+  hash       TEXT    NOT NULL,
+  created_at INTEGER NOT NULL,
+  expiration INTEGER,
+  last_seen  INTEGER
+);

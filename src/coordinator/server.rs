@@ -20,6 +20,7 @@ use tokio::{
 };
 
 use super::{
+    api,
     mapper::{self, Action, Fanout, Update, Viewer},
     state::{Change, CoordError, RegisterOutcome, State},
 };
@@ -260,6 +261,9 @@ async fn route(
         }
     }
     let sock = &mut sock;
+    if head.path().starts_with("/api/v1/") || head.path() == "/api/v1" {
+        return api_http(coord, sock, head, leftover, deadline).await;
+    }
     match head.path() {
         "/key" => {
             let v: Option<u32> = head.query("v").and_then(|v| v.parse().ok());
@@ -293,6 +297,49 @@ async fn route(
         }
         _ => http1::write_response(sock, 404, "text/plain", b"not found\n").await,
     }
+}
+
+/// `/api/v1/…`: the body (at most [`http1::MAX_BODY`], read within the connection's
+/// `deadline`), then `Authorization: Bearer <api key>`, then [`api::serve`]. A missing, unknown
+/// or expired key gets one short generic 401 whatever the path.
+async fn api_http(
+    coord: &Coordinator,
+    sock: &mut Stream,
+    head: &Head,
+    leftover: Vec<u8>,
+    deadline: tokio::time::Instant,
+) -> std::io::Result<()> {
+    let json = "application/json";
+    let body = match tokio::time::timeout_at(deadline, http1::read_body(sock, head, leftover)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(http1::HttpError::TooLarge)) => {
+            return http1::write_response(sock, 413, "text/plain", b"request body too large\n").await
+        }
+        Ok(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+        Err(_) => {
+            coord.limits.note_timeout();
+            return Ok(());
+        }
+    };
+    let now = unix_now();
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    let token = head
+        .header("authorization")
+        .and_then(|a| a.split_once(' '))
+        .and_then(|(scheme, t)| scheme.eq_ignore_ascii_case("bearer").then_some(t));
+    let key = token.and_then(|t| coord.lock().check_api_key(t.trim(), now).ok().map(str::to_string));
+    let Some(key) = key else {
+        return http1::write_response(sock, 401, "text/plain", b"Unauthorized\n").await;
+    };
+    // As on the admin socket: answer once the request's writes are durable.
+    let since = coord.lock().store().mark();
+    let (mut status, mut out) = api::serve(coord, &head.method, &head.target, &body, &key, now);
+    let durable = coord.lock().store().durable(since);
+    if let Err(e) = durable.await {
+        log::error!("api request not stored path={} err={e}", head.path());
+        (status, out) = (500, api::error_body(13, "internal error"));
+    }
+    http1::write_response(sock, status, json, &out).await
 }
 
 fn register_page(coord: &Coordinator, id: &str) -> (u16, String) {
@@ -507,9 +554,21 @@ async fn register(
     let mut waiter = coord.registrations.subscribe();
     loop {
         let now = unix_now();
-        let r = coord.lock().register(machine, &req, now, || random_hex(12));
+        let (r, durable) = {
+            let mut st = coord.lock();
+            let since = st.store().mark();
+            let r = st.register(machine, &req, now, || random_hex(12));
+            // Covers every write queued so far, also an admin's approval of this machine.
+            (r, st.store().durable(since))
+        };
         match r {
             Ok((RegisterOutcome::Reply(resp), changes)) => {
+                // A node told it is registered must still be registered after kill -9.
+                // NOTE(store): the in-memory state is not rolled back when the disk fails here;
+                // the client gets a 500 and the failure is logged at error level.
+                if let Err(e) = durable.await {
+                    return respond_now(respond, 500, error_text(&CoordError::Store(e)));
+                }
                 coord.publish(changes);
                 return respond_now(respond, 200, json_bytes(&resp));
             }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{
     ipam::Ipam,
-    model::{Node, PreAuthKey, User},
+    model::{ApiKey, Node, PreAuthKey, User},
     policy::{Member, Policy},
     store::{Store, StoreError},
 };
@@ -126,6 +126,8 @@ pub struct State {
     users: BTreeMap<u64, User>,
     keys: BTreeMap<u64, PreAuthKey>,
     nodes: BTreeMap<u64, Node>,
+    /// Ordered by id (a `Vec`: a handful of keys, and less code than a map).
+    api_keys: Vec<ApiKey>,
     pending: HashMap<String, Pending>,
     sessions: HashMap<u64, u32>,
     primaries: BTreeMap<String, u64>,
@@ -152,6 +154,19 @@ fn sanitize_label(host: &str) -> String {
     }
 }
 
+/// The stored form of an API key secret: BLAKE2s-256, already linked for Noise. A fast hash is
+/// enough here (headscale uses bcrypt): the secret is 32 random bytes, not a password.
+fn api_key_hash(secret: &str) -> [u8; 32] {
+    use blake2::Digest;
+    blake2::Blake2s256::digest(secret.as_bytes()).into()
+}
+
+/// Equality that takes the same time wherever the first difference is (Go
+/// `subtle.ConstantTimeCompare`).
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Route text normalised for comparison (`10.0.0.0/24`).
 fn is_exit_route(r: &str) -> bool {
     r == "0.0.0.0/0" || r == "::/0"
@@ -166,6 +181,7 @@ impl State {
             users: snap.users.into_iter().map(|u| (u.id, u)).collect(),
             keys: snap.preauth_keys.into_iter().map(|k| (k.id, k)).collect(),
             nodes: snap.nodes.into_iter().map(|n| (n.id, n)).collect(),
+            api_keys: snap.api_keys,
             pending: HashMap::new(),
             sessions: HashMap::new(),
             primaries: BTreeMap::new(),
@@ -482,6 +498,75 @@ impl State {
         self.store.delete_user(id)?;
         self.users.remove(&id);
         Ok(())
+    }
+
+    // ---- API keys ----
+
+    /// All REST API keys by id.
+    pub fn api_keys(&self) -> impl Iterator<Item = &ApiKey> {
+        self.api_keys.iter()
+    }
+
+    /// `apikeys create`: stores `prefix` and the hash of `secret` (both random text supplied by
+    /// the caller; the key the client presents is `<prefix>.<secret>`).
+    pub fn create_api_key(
+        &mut self,
+        prefix: &str,
+        secret: &str,
+        expiration: Option<i64>,
+        now: i64,
+    ) -> Result<ApiKey, CoordError> {
+        if self.api_keys.iter().any(|k| k.prefix == prefix) {
+            return Err(CoordError::Conflict(format!(
+                "API key prefix {prefix:?} already exists"
+            )));
+        }
+        let mut k = ApiKey {
+            id: 0,
+            prefix: prefix.to_string(),
+            hash: api_key_hash(secret),
+            created: now,
+            expiration,
+            last_seen: None,
+        };
+        k.id = self.store.insert_api_key(&k)?;
+        self.api_keys.push(k.clone());
+        Ok(k)
+    }
+
+    fn api_key_pos(&self, prefix: &str) -> Result<usize, CoordError> {
+        self.api_keys
+            .iter()
+            .position(|k| k.prefix == prefix)
+            .ok_or_else(|| CoordError::NotFound(format!("api key with prefix {prefix:?} not found")))
+    }
+
+    /// `apikeys expire`: the key stops working now.
+    pub fn expire_api_key(&mut self, prefix: &str, now: i64) -> Result<ApiKey, CoordError> {
+        let i = self.api_key_pos(prefix)?;
+        let mut k = self.api_keys[i].clone();
+        k.expiration = Some(k.expiration.map_or(now, |e| e.min(now)));
+        self.store.update_api_key(&k)?;
+        self.api_keys[i] = k.clone();
+        Ok(k)
+    }
+
+    /// `apikeys delete`.
+    pub fn delete_api_key(&mut self, prefix: &str) -> Result<(), CoordError> {
+        let i = self.api_key_pos(prefix)?;
+        self.store.delete_api_key(self.api_keys[i].id)?;
+        self.api_keys.remove(i);
+        Ok(())
+    }
+
+    /// Checks a presented `<prefix>.<secret>`; returns the key's prefix (for logs). Unknown,
+    /// malformed and expired keys all give the same [`CoordError::Unauthorized`].
+    pub fn check_api_key(&self, presented: &str, now: i64) -> Result<&str, CoordError> {
+        let refused = || CoordError::Unauthorized("invalid or expired api key".into());
+        let (prefix, secret) = presented.split_once('.').ok_or_else(refused)?;
+        let k = self.api_keys.iter().find(|k| k.prefix == prefix).ok_or_else(refused)?;
+        let ok = ct_eq(&k.hash, &api_key_hash(secret)) & k.expiration.is_none_or(|e| e > now);
+        ok.then_some(k.prefix.as_str()).ok_or_else(refused)
     }
 
     // ---- pre-auth keys ----
@@ -912,6 +997,25 @@ impl State {
         Ok(vec![Change::Node(id)])
     }
 
+    /// `nodes tag`: replaces the node's ACL tags (`tag:name` each). Tags change what the
+    /// policy grants, so every map is rebuilt.
+    pub fn set_tags(&mut self, id: u64, mut tags: Vec<String>) -> Result<Vec<Change>, CoordError> {
+        for t in &tags {
+            if !t.starts_with("tag:") || t.len() < 5 {
+                return Err(CoordError::Invalid(format!(
+                    "invalid tag {t:?}: tags look like tag:name"
+                )));
+            }
+        }
+        tags.sort();
+        tags.dedup();
+        let n = self.node_mut(id)?;
+        n.tags = tags;
+        let n = n.clone();
+        self.store.update_node(&n)?;
+        Ok(vec![Change::Full])
+    }
+
     /// `nodes approve-routes` (replaces the approved set) / `routes enable` (adds).
     pub fn set_approved_routes(
         &mut self,
@@ -1111,6 +1215,61 @@ mod tests {
 
     fn state() -> State {
         State::load(Store::open_in_memory().unwrap(), Settings::default()).unwrap()
+    }
+
+    #[test]
+    fn api_keys_check_hash_expiry_and_delete() {
+        let mut st = state();
+        let k = st.create_api_key("pfx1", "s3cret", Some(1000), 10).unwrap();
+        assert_ne!(k.hash, [0; 32]);
+        assert_eq!(st.check_api_key("pfx1.s3cret", 999).unwrap(), "pfx1");
+        for bad in ["pfx1.s3creT", "pfx1.", "pfx1", "pfx2.s3cret", "", ".s3cret"] {
+            assert!(
+                matches!(st.check_api_key(bad, 999), Err(CoordError::Unauthorized(_))),
+                "{bad}"
+            );
+        }
+        assert!(
+            st.check_api_key("pfx1.s3cret", 1000).is_err(),
+            "expired at its expiration"
+        );
+        st.create_api_key("pfx2", "other", None, 10).unwrap();
+        assert!(st.check_api_key("pfx2.other", i64::MAX).is_ok(), "no expiry");
+        let e = st.expire_api_key("pfx2", 50).unwrap();
+        assert_eq!(e.expiration, Some(50));
+        assert!(st.check_api_key("pfx2.other", 51).is_err());
+        // The secret is not stored anywhere; a reload keeps the hash and the expiry.
+        let snap = st.store().load().unwrap();
+        assert_eq!(snap.api_keys.len(), 2);
+        assert_eq!(snap.api_keys[1].expiration, Some(50));
+        st.delete_api_key("pfx1").unwrap();
+        assert!(st.check_api_key("pfx1.s3cret", 0).is_err());
+        assert!(matches!(st.delete_api_key("pfx1"), Err(CoordError::NotFound(_))));
+        assert!(matches!(
+            st.create_api_key("pfx2", "x", None, 0),
+            Err(CoordError::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn set_tags_validates_and_replaces() {
+        let mut st = state();
+        let key = with_key(&mut st, false);
+        let (m, n) = mk(1);
+        register(&mut st, m, &req(&n, Some(&key), "a"), 1);
+        let id = st.nodes().next().unwrap().id;
+        assert_eq!(
+            st.set_tags(id, vec!["tag:b".into(), "tag:a".into(), "tag:b".into()])
+                .unwrap(),
+            vec![Change::Full]
+        );
+        assert_eq!(st.node(id).unwrap().tags, ["tag:a", "tag:b"]);
+        assert!(matches!(
+            st.set_tags(id, vec!["web".into()]),
+            Err(CoordError::Invalid(_))
+        ));
+        assert!(matches!(st.set_tags(99, vec![]), Err(CoordError::NotFound(_))));
+        assert_eq!(st.store().load().unwrap().nodes[0].tags, ["tag:a", "tag:b"]);
     }
 
     fn mk(b: u8) -> (MachinePublic, NodePrivate) {

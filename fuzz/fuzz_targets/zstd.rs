@@ -1,0 +1,10 @@
+//! zstd frames from control (map responses), with the client's size limit.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use tinyscale::zstdframe;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(out) = zstdframe::decode(data, 1 << 20) {
+        assert!(out.len() <= 1 << 20);
+    }
+});
