@@ -292,12 +292,20 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
         if !addr.ip().is_loopback() {
             log::warn!("metrics_listen_addr {addr} is not loopback: anyone who reaches it reads the node counts and traffic figures");
         }
-        let listener = crate::metrics::listen::bind(addr).await?;
-        log::info!("metrics listening addr={addr} path=/metrics");
-        let (coord, stun_stats) = (coord.clone(), stun_stats.clone());
-        tokio::spawn(crate::metrics::listen::serve(listener, move || {
-            std::future::ready(metrics::render(&metrics_snapshot(&coord, stun_stats.as_deref())))
-        }));
+        // Metrics are not worth the tailnet: a taken port (the default 9090 is a popular one)
+        // leaves them off with a warning instead of stopping the coordinator.
+        match crate::metrics::listen::bind(addr).await {
+            Ok(listener) => {
+                log::info!("metrics listening addr={addr} path=/metrics");
+                let (coord, stun_stats) = (coord.clone(), stun_stats.clone());
+                tokio::spawn(crate::metrics::listen::serve(listener, move || {
+                    std::future::ready(metrics::render(&metrics_snapshot(&coord, stun_stats.as_deref())))
+                }));
+            }
+            Err(e) => log::warn!(
+                "metrics_listen_addr {addr}: cannot listen ({e}); metrics are off (pick another address, or '' to turn them off)"
+            ),
+        }
     }
     let stun = async {
         match (stun_sock, stun_stats) {

@@ -231,9 +231,9 @@ pub struct MapStream {
     buf: Vec<u8>,
 }
 
-/// Takes the next complete map message off the front of `buf` (a 4-byte little-endian length,
-/// then JSON or a zstd frame of JSON); `Ok(None)` while it is incomplete.
-pub fn next_map_message(buf: &mut Vec<u8>) -> Result<Option<MapResponse>, Error> {
+/// Takes the next complete map message's JSON off the front of `buf` (a 4-byte little-endian
+/// length, then JSON or a zstd frame of JSON); `Ok(None)` while it is incomplete.
+pub fn next_map_json(buf: &mut Vec<u8>) -> Result<Option<Vec<u8>>, Error> {
     let Some(head) = buf.first_chunk::<4>() else {
         return Ok(None);
     };
@@ -245,20 +245,43 @@ pub fn next_map_message(buf: &mut Vec<u8>) -> Result<Option<MapResponse>, Error>
         return Ok(None);
     }
     let mut msg: Vec<u8> = buf.drain(..4 + len).skip(4).collect();
+    // A full map can be megabytes: do not keep its room for the keep-alives.
+    if buf.is_empty() && buf.capacity() > 64 << 10 {
+        *buf = Vec::new();
+    }
     // Only if we asked for zstd; raw-block frames decode without a decompressor.
     if msg.starts_with(&crate::zstdframe::MAGIC) {
         msg = crate::zstdframe::decode(&msg, MAX_MAP_MESSAGE)
             .map_err(|e| Error::Protocol(format!("map message: {e}")))?;
     }
-    let m = serde_json::from_slice(&msg).map_err(|e| Error::Protocol(format!("map message: {e}")))?;
-    Ok(Some(m))
+    Ok(Some(msg))
+}
+
+/// [`next_map_json`], parsed.
+pub fn next_map_message(buf: &mut Vec<u8>) -> Result<Option<MapResponse>, Error> {
+    let Some(msg) = next_map_json(buf)? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&msg)
+        .map(Some)
+        .map_err(|e| Error::Protocol(format!("map message: {e}")))
 }
 
 impl MapStream {
     /// The next message, `Ok(None)` at end of stream. Fails after [`MAP_WATCHDOG`] of silence.
     pub async fn next(&mut self) -> Result<Option<MapResponse>, Error> {
+        match self.next_json().await? {
+            Some(msg) => serde_json::from_slice(&msg)
+                .map(Some)
+                .map_err(|e| Error::Protocol(format!("map message: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// The next message's JSON, unparsed (as [`MapStream::next`]).
+    pub async fn next_json(&mut self) -> Result<Option<Vec<u8>>, Error> {
         loop {
-            if let Some(m) = next_map_message(&mut self.buf)? {
+            if let Some(m) = next_map_json(&mut self.buf)? {
                 return Ok(Some(m));
             }
             let chunk = tokio::time::timeout(MAP_WATCHDOG, self.body.data())

@@ -21,7 +21,7 @@ use tokio::{
 
 use super::{
     api,
-    mapper::{self, Delta},
+    mapper::{self, Action, Fanout, Update, Viewer},
     metrics::{FanOutTimer, Metrics, Registration},
     state::{Change, CoordError, RegisterOutcome, State},
 };
@@ -41,10 +41,19 @@ pub const MAP_KEEPALIVE: Duration = Duration::from_secs(55);
 pub const MAX_NOISE_BODY: usize = 1 << 20;
 /// Changes buffered per session before it falls back to a full map.
 const CHANGE_QUEUE: usize = 1024;
+/// Queued updates a session sends in one write at most.
+const MAX_BATCH: usize = 256;
+/// Least time between two writes to one map session: an update arriving sooner waits for the
+/// rest of the gap and goes out with whatever arrives meanwhile, so a burst of changes (many
+/// nodes joining) costs each session a few writes per second, not one per change. A change
+/// after a quiet spell goes out at once. (headscale batches every change by 800 ms.)
+const MIN_WRITE_GAP: Duration = Duration::from_millis(200);
 
 /// Shared coordinator context.
 pub struct Coordinator {
     state: Mutex<State>,
+    /// Prepares changes for the sessions; locked only while the state lock is held.
+    fanout: Mutex<Fanout>,
     changes: broadcast::Sender<Published>,
     /// Bumped whenever an interactive registration completes, to wake Followup waiters.
     registrations: watch::Sender<u64>,
@@ -57,18 +66,18 @@ pub struct Coordinator {
     metrics: Arc<Metrics>,
 }
 
-/// A change on its way to the map streams, with the timer of its fan-out (none when no stream
-/// was listening). Derefs to the change.
-#[derive(Debug, Clone)]
+/// A prepared update on its way to the map streams, with the timer of its fan-out (it observes
+/// when the last session has handled the update). Derefs to the update.
+#[derive(Clone)]
 pub struct Published {
-    change: Change,
-    _fanout: Option<Arc<FanOutTimer>>,
+    update: Arc<Update>,
+    _fanout: Arc<FanOutTimer>,
 }
 
 impl std::ops::Deref for Published {
-    type Target = Change;
-    fn deref(&self) -> &Change {
-        &self.change
+    type Target = Update;
+    fn deref(&self) -> &Update {
+        &self.update
     }
 }
 
@@ -114,6 +123,7 @@ impl Coordinator {
         let (registrations, _) = watch::channel(0);
         Ok(Arc::new(Coordinator {
             state: Mutex::new(state),
+            fanout: Mutex::new(Fanout::default()),
             changes,
             registrations,
             noise_key,
@@ -148,17 +158,39 @@ impl Coordinator {
         self.noise_key.public()
     }
 
-    /// Publishes changes to every map session.
+    /// Publishes changes to every map session: each is prepared once, under the state lock so
+    /// updates are queued in the order of the states they describe. Call without holding
+    /// [`Coordinator::lock`].
     pub fn publish(&self, changes: Vec<Change>) {
-        for c in changes {
-            let fanout =
-                (self.changes.receiver_count() > 0).then(|| Arc::new(FanOutTimer::start(self.metrics.clone())));
-            // No receivers is fine: nobody is streaming.
+        if changes.is_empty() {
+            return;
+        }
+        let st = self.lock();
+        let mut fanout = self.fanout();
+        if self.changes.receiver_count() == 0 {
+            // Nobody is streaming; a session starting later begins with a full map.
+            fanout.skip();
+            return;
+        }
+        let now = unix_now();
+        for c in mapper::coalesce(changes) {
+            let timer = Arc::new(FanOutTimer::start(self.metrics.clone()));
             let _ = self.changes.send(Published {
-                change: c,
-                _fanout: fanout,
+                update: Arc::new(fanout.prepare(&st, c, now)),
+                _fanout: timer,
             });
         }
+    }
+
+    fn fanout(&self) -> MutexGuard<'_, Fanout> {
+        self.fanout.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The full map for `viewer` as of now, and the update sequence number it covers.
+    fn full_map(&self, viewer: u64, now: i64) -> (Option<MapResponse>, u64) {
+        let st = self.lock();
+        let seq = self.fanout().seq();
+        (mapper::full_map(&st, viewer, now), seq)
     }
 
     /// Installs the embedded DERP relay (once, at startup).
@@ -634,12 +666,12 @@ async fn map(
     // Subscribe before applying, so no change between the full map and the loop is lost.
     let mut rx = coord.changes.subscribe();
     let applied = coord.lock().apply_map_request(machine, &req, now);
-    let (id, changes) = match applied {
+    let (id, mut changes) = match applied {
         Ok(x) => x,
         Err(e) => return respond_now(respond, u16::from(&e), error_text(&e)),
     };
-    coord.publish(changes);
     if !req.stream {
+        coord.publish(changes);
         if req.omit_peers {
             return respond_now(respond, 200, Vec::new());
         }
@@ -654,14 +686,17 @@ async fn map(
     *resp.status_mut() = http::StatusCode::OK;
     let mut send = match respond.send_response(resp, false) {
         Ok(s) => s,
-        Err(_) => return,
+        Err(_) => return coord.publish(changes),
     };
     let _stream = coord.metrics.stream_opened();
-    let online = coord.lock().session_start(id, now);
-    coord.publish(online);
+    // Published together: the endpoint patch and the online patch go out as one.
+    changes.extend(coord.lock().session_start(id, now));
+    coord.publish(changes);
     log::info!("map session started node={id}");
-    let first = mapper::full_map(&coord.lock(), id, now);
+    let mut viewer = Viewer::new(id);
+    let (first, seq) = coord.full_map(id, now);
     if let Some(m) = first {
+        viewer.sent_full(&m, seq);
         if send.send_data(frame_map_message(&m, zstd), false).is_err() {
             end_session(&coord, id);
             return;
@@ -674,25 +709,63 @@ async fn map(
         },
         zstd,
     );
-    let mut deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
+    let mut last_write = tokio::time::Instant::now();
+    let mut deadline = last_write + MAP_KEEPALIVE;
     loop {
         tokio::select! {
-            c = rx.recv() => {
-                let now = unix_now();
-                let delta = match c {
-                    Ok(change) => mapper::delta(&coord.lock(), id, &change, now),
-                    // Fell behind: resynchronise with a full map.
-                    Err(broadcast::error::RecvError::Lagged(_)) => mapper::delta(&coord.lock(), id, &Change::Full, now),
-                    Err(broadcast::error::RecvError::Closed) => break,
-                };
-                match delta {
-                    Delta::None => continue,
-                    Delta::End => break,
-                    Delta::Send(m) => {
-                        if send.send_data(frame_map_message(&m, zstd), false).is_err() { break; }
-                        deadline = tokio::time::Instant::now() + MAP_KEEPALIVE;
+            u = rx.recv() => {
+                let quiet = last_write.elapsed();
+                if quiet < MIN_WRITE_GAP {
+                    tokio::time::sleep(MIN_WRITE_GAP - quiet).await;
+                }
+                // Everything queued goes out in one write.
+                let mut out = Vec::new();
+                let mut next = Some(u);
+                let mut taken = 0;
+                let mut end = false;
+                while let Some(u) = next.take() {
+                    match u {
+                        Ok(u) => match session_output(&coord, &mut viewer, &u, zstd) {
+                            Some(o) => out.extend(o),
+                            None => end = true,
+                        },
+                        // Fell behind: resynchronise with a full map (what came before is moot).
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            log::debug!("map session fell behind node={id} skipped={n}");
+                            out.clear();
+                            let (m, seq) = coord.full_map(id, unix_now());
+                            match m {
+                                Some(m) => {
+                                    viewer.sent_full(&m, seq);
+                                    out.push(frame_map_message(&m, zstd));
+                                }
+                                None => end = true,
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => end = true,
+                    }
+                    taken += 1;
+                    if !end && taken < MAX_BATCH {
+                        next = match rx.try_recv() {
+                            Ok(u) => Some(Ok(u)),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(broadcast::error::RecvError::Lagged(n))),
+                            Err(_) => None,
+                        };
                     }
                 }
+                if end {
+                    break;
+                }
+                let out = match out.len() {
+                    0 => continue,
+                    1 => out.pop().unwrap_or_default(),
+                    _ => Bytes::from(out.concat()),
+                };
+                if send.send_data(out, false).is_err() {
+                    break;
+                }
+                last_write = tokio::time::Instant::now();
+                deadline = last_write + MAP_KEEPALIVE;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 if send.send_data(keepalive.clone(), false).is_err() { break; }
@@ -702,6 +775,30 @@ async fn map(
         }
     }
     end_session(&coord, id);
+}
+
+/// The framed messages `viewer` gets for `u` (often none), or `None` to end the session.
+fn session_output(coord: &Coordinator, viewer: &mut Viewer, u: &Update, zstd: bool) -> Option<Vec<Bytes>> {
+    match viewer.action(u) {
+        Action::None => Some(Vec::new()),
+        Action::End => None,
+        Action::Full(view) => {
+            let m = mapper::full_map_with(&coord.lock(), viewer.id, view, unix_now())?;
+            viewer.sent_full(&m, u.seq);
+            Some(vec![frame_map_message(&m, zstd)])
+        }
+        Action::Send { filter, msg } => {
+            let mut out = Vec::with_capacity(2);
+            if let Some(mut f) = filter {
+                f.control_time = Some(tailcfg::format_time(unix_now()));
+                out.push(frame_map_message(&f, zstd));
+            }
+            if let Some(m) = msg {
+                out.push(m.framed(zstd, frame_map_message));
+            }
+            Some(out)
+        }
+    }
 }
 
 fn end_session(coord: &Coordinator, id: u64) {
