@@ -41,6 +41,8 @@
 #      unreachable, no default route in table 53
 #   5e `up --advertise-lan=ts-sub` on R: the coordinator lists what ts-sub carries; an address
 #      added there (IPv4, ULA; not link-local) is listed within ROUTE_DEADLINE, removed: gone
+#   5f `set --advertise-routes` on R adds and removes a route while P pings R five times a
+#      second: listed and gone within ROUTE_DEADLINE, no ping lost, the control TCP unchanged
 #   6  `down` on R and P; then up again and the daemons stopped: no `table inet tinyscale`, no
 #      ip rules at 5211/5251/5271 (ours) or 5210/5250/5270 (Go's), tables 53 and 52 empty, ip_forward back
 #      to 0 on R (set to 0 at the start so the daemon has to turn it on) and unchanged on P
@@ -733,6 +735,31 @@ step_advertise_lan() {
 	report $ok "5e --advertise-lan=ts-sub on R: an address added on ts-sub is advertised within ${ROUTE_DEADLINE}s, gone once removed" "$ev"
 }
 
+# `set` changes prefs live: while P pings R's tailnet address five times a second, R adds a
+# route with `tinyscale set` and takes it away again; no ping is lost, the control session stays.
+step_set_live() {
+	log "step 5f: set --advertise-routes while pinging"
+	local ok=0 ev="" out tcp0 r_ip added=192.168.70.0/24 pid
+	r_ip=$(node_ip4 a)
+	tcp0=$(r_daemon_tcp)
+	nsx ts-b ping -n -i 0.2 -c 40 -W 1 "$r_ip" >"$WORK/set-ping.log" 2>&1 &
+	pid=$!
+	out=$(ts_cli a set --advertise-routes="$SUBNET,$added" 2>&1) || ok=1
+	ev+="R: set --advertise-routes=$SUBNET,$added: ${out:-ok}"$'\n'
+	eventually "$ROUTE_DEADLINE" advertised "$added" || ok=1
+	advertised "$SUBNET" || ok=1
+	ev+="listed: $(r_announced)"$'\n'
+	out=$(ts_cli a set --advertise-routes="$SUBNET" 2>&1) || ok=1
+	eventually "$ROUTE_DEADLINE" not_advertised "$added" || ok=1
+	ev+="R: set --advertise-routes=$SUBNET: ${out:-ok}; listed: $(r_announced)"$'\n'
+	wait "$pid" || ok=1
+	grep -q ' 0% packet loss' "$WORK/set-ping.log" || ok=1
+	ev+="P -> R $r_ip meanwhile: $(grep 'packet loss' "$WORK/set-ping.log")"$'\n'
+	[[ $(r_daemon_tcp) == "$tcp0" ]] || ok=1
+	ev+="R's control TCP: $tcp0 -> $(r_daemon_tcp)"
+	report $ok "5f set on R changes its routes live: no ping from P lost, same control session" "$ev"
+}
+
 # forwarding_is H V4 V6: ts-H's IPv4 and IPv6 forwarding sysctls have these values.
 forwarding_is() {
 	[[ $(sysctl_get "ts-$1" net.ipv4.ip_forward) == "$2" && $(sysctl_get "ts-$1" net.ipv6.conf.all.forwarding) == "$3" ]]
@@ -974,6 +1001,7 @@ if h_tailnet; then
 	step_exit
 	step_exit_client
 	step_advertise_lan
+	step_set_live
 	step_acl
 	step_ha
 	step6
