@@ -133,6 +133,8 @@ pub struct Daemon {
     endpoints_tx: watch::Sender<LocalEndpoints>,
     /// The prefixes on the `advertise_lan` interface, from [`Daemon::lan_loop`].
     lan_routes_tx: watch::Sender<Vec<String>>,
+    /// Bumped when a pref changed what our Hostinfo says: the session sends it again.
+    hostinfo_tx: watch::Sender<u64>,
     /// Bumped when what the ubus events report may have changed: backend state, prefs, the
     /// netmap (self addresses, peer set, online) and, from the data plane, peer paths.
     changes: watch::Sender<u64>,
@@ -273,6 +275,7 @@ impl Daemon {
             route_prefs_tx: watch::channel(RoutePrefs::default()).0,
             endpoints_tx: watch::channel(LocalEndpoints::default()).0,
             lan_routes_tx: watch::channel(Vec::new()).0,
+            hostinfo_tx: watch::channel(0).0,
             changes: watch::channel(0).0,
             engine: Mutex::new(None),
             engine_failed_for: Mutex::new(None),
@@ -526,17 +529,36 @@ impl Daemon {
             if !a.force_reauth && p == s.prefs && (s.state == BackendState::Running || !bring_up) {
                 return Ok(json!({ "state": s.state }));
             }
-            // The exit node is the data plane's business alone: control hears nothing of it, so
-            // the session (and its TCP connection) stays.
-            let local_only = Prefs {
+            // Prefs that are the data plane's business (exit node, accepting routes and DNS,
+            // SNAT, shields) or reach control only through Hostinfo (advertised routes, exit node
+            // offer, hostname): the session and its TCP connection stay; a changed Hostinfo goes
+            // out in the session, as Go sends it.
+            let in_session = Prefs {
                 exit_node: s.prefs.exit_node.clone(),
                 exit_node_allow_lan_access: s.prefs.exit_node_allow_lan_access,
+                accept_routes: s.prefs.accept_routes,
+                accept_dns: s.prefs.accept_dns,
+                snat_subnet_routes: s.prefs.snat_subnet_routes,
+                shields_up: s.prefs.shields_up,
+                advertise_routes: s.prefs.advertise_routes.clone(),
+                advertise_exit_node: s.prefs.advertise_exit_node,
+                hostname: s.prefs.hostname.clone(),
                 ..p.clone()
             } == s.prefs;
-            if !a.force_reauth && s.state == BackendState::Running && local_only {
+            if !a.force_reauth && s.state == BackendState::Running && in_session {
+                if p.shields_up != s.prefs.shields_up {
+                    if let Some(h) = self.engine_handle() {
+                        h.set_shields_up(p.shields_up);
+                    }
+                }
+                let hostinfo_changed = self.hostinfo(&p) != self.hostinfo(&s.prefs);
                 s.prefs = p;
                 drop(s);
                 self.save()?;
+                if hostinfo_changed {
+                    self.hostinfo_tx.send_modify(|g| *g += 1);
+                }
+                self.note_change();
                 return Ok(json!({"state": "Running"}));
             }
             // Shields take effect at once, without waiting for the new session's netmap.
@@ -1156,9 +1178,13 @@ impl Daemon {
         let mut ep_rx = self.endpoints_tx.subscribe();
         let mut lan_rx = self.lan_routes_tx.subscribe();
         lan_rx.borrow_and_update();
+        let mut hostinfo_rx = self.hostinfo_tx.subscribe();
+        hostinfo_rx.borrow_and_update();
         let map_req = |ep: &LocalEndpoints, stream: bool| {
-            // Built per request: the LAN prefixes in RoutableIPs change under a session.
-            let mut hi = self.hostinfo(&prefs);
+            // Built per request: the LAN prefixes and the prefs in Hostinfo change under a
+            // session.
+            let cur = self.lock().prefs.clone();
+            let mut hi = self.hostinfo(&cur);
             if !ep.net_info.is_null() {
                 hi["NetInfo"] = ep.net_info.clone();
             }
@@ -1218,6 +1244,13 @@ impl Daemon {
                 r = lan_rx.changed() => {
                     if r.is_err() { continue; }
                     lan_rx.borrow_and_update();
+                    // New RoutableIPs, as Go sends a changed Hostinfo: no new session.
+                    let req = map_req(&ep_rx.borrow(), false);
+                    conn.map_lite(&req).await?;
+                }
+                r = hostinfo_rx.changed() => {
+                    if r.is_err() { continue; }
+                    hostinfo_rx.borrow_and_update();
                     // New RoutableIPs, as Go sends a changed Hostinfo: no new session.
                     let req = map_req(&ep_rx.borrow(), false);
                     conn.map_lite(&req).await?;
@@ -1450,9 +1483,36 @@ mod tests {
         d.up(args.clone()).expect("repeated up");
         assert_eq!(generation(&d), 1);
         assert_eq!(d.lock().state, BackendState::Running);
-        // A changed pref restarts the session.
+        // Routes, accepting routes, the exit node offer, hostname, shields: the session stays;
+        // what changes Hostinfo is sent again within it.
+        let hi = *d.hostinfo_tx.borrow();
         d.up(UpArgs {
             accept_routes: Some(false),
+            ..args.clone()
+        })
+        .expect("accept-routes off");
+        assert_eq!((generation(&d), *d.hostinfo_tx.borrow()), (1, hi), "data plane only");
+        d.up(UpArgs {
+            accept_routes: Some(false),
+            advertise_routes: Some(vec!["192.168.1.0/24".into(), "10.9.0.0/16".into()]),
+            hostname: Some("router2".into()),
+            ..args.clone()
+        })
+        .expect("new routes");
+        assert_eq!((generation(&d), *d.hostinfo_tx.borrow()), (1, hi + 1), "Hostinfo again");
+        assert_eq!(d.lock().state, BackendState::Running);
+        assert_eq!(d.lock().prefs.advertise_routes.len(), 2);
+        let on_disk = std::fs::read_to_string(dir.0.join(STATE_FILE)).expect("state file");
+        assert!(on_disk.contains("10.9.0.0/16"), "saved: {on_disk}");
+        // A pref control must hear at registration (tags) restarts the session.
+        let args = UpArgs {
+            accept_routes: Some(false),
+            advertise_routes: Some(vec!["192.168.1.0/24".into(), "10.9.0.0/16".into()]),
+            hostname: Some("router2".into()),
+            ..args
+        };
+        d.up(UpArgs {
+            advertise_tags: Some(vec!["tag:router".into()]),
             ..args.clone()
         })
         .expect("changed up");
@@ -1460,7 +1520,7 @@ mod tests {
         assert_eq!(d.lock().state, BackendState::Starting);
         // Same prefs but not running (e.g. after an error): try again.
         d.up(UpArgs {
-            accept_routes: Some(false),
+            advertise_tags: Some(vec!["tag:router".into()]),
             ..args.clone()
         })
         .expect("retry up");
@@ -1468,7 +1528,7 @@ mod tests {
         // --force-reauth always restarts.
         d.lock().state = BackendState::Running;
         d.up(UpArgs {
-            accept_routes: Some(false),
+            advertise_tags: Some(vec!["tag:router".into()]),
             force_reauth: true,
             ..args
         })
