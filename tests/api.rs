@@ -32,15 +32,7 @@ struct Harness {
 }
 
 async fn start() -> Harness {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let settings = Settings {
-        server_url: format!("http://{addr}"),
-        ..Settings::default()
-    };
-    let st = State::load(Store::open_in_memory().unwrap(), settings).unwrap();
-    let coord = Coordinator::new(st).unwrap();
-    tokio::spawn(server::serve_http(coord.clone(), listener, None));
+    let (coord, addr) = common::start_coordinator().await;
     Harness { coord, addr }
 }
 

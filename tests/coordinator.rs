@@ -47,15 +47,7 @@ struct Harness {
 }
 
 async fn start() -> Harness {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let settings = Settings {
-        server_url: format!("http://{addr}"),
-        ..Settings::default()
-    };
-    let st = State::load(Store::open_in_memory().unwrap(), settings).unwrap();
-    let coord = Coordinator::new(st).unwrap();
-    tokio::spawn(server::serve_http(coord.clone(), listener, None));
+    let (coord, addr) = common::start_coordinator().await;
     let url = ControlUrl::parse(&format!("http://{addr}")).unwrap();
     Harness { coord, addr, url }
 }
@@ -989,25 +981,30 @@ async fn daemon_until_running(dir: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(dir.join(tinyscale::daemon::STATE_FILE)).unwrap()).unwrap()
 }
 
-/// kill -9 during a key rotation: control took the new key but the daemon never saved it. The
-/// restarted daemon resumes the rotation from its state file and is Running with the new key,
-/// the same node and addresses, without a new login.
-#[tokio::test]
-async fn a_rotation_control_took_is_resumed_after_a_crash() {
+/// A coordinator with machine `m` registered under node key `k1` (a reusable key of `user`),
+/// and a second node key `k2` to rotate to.
+async fn registered_with_a_key_to_rotate_to(
+    user: &str,
+) -> (Harness, String, ControlConn, MachinePrivate, NodePrivate, NodePrivate) {
     let h = start().await;
-    let key = h.user_and_key("alice", true, None);
+    let key = h.user_and_key(user, true, None);
     let (m, k1, k2) = (
         MachinePrivate::from_random(rnd()),
         NodePrivate::from_random(rnd()),
         NodePrivate::from_random(rnd()),
     );
     let mut conn = h.conn(&m).await;
-    assert!(
-        conn.register(&register_req(&k1, Some(&key), "r"))
-            .await
-            .unwrap()
-            .machine_authorized
-    );
+    let r = conn.register(&register_req(&k1, Some(&key), "r")).await.unwrap();
+    assert!(r.machine_authorized);
+    (h, key, conn, m, k1, k2)
+}
+
+/// kill -9 during a key rotation: control took the new key but the daemon never saved it. The
+/// restarted daemon resumes the rotation from its state file and is Running with the new key,
+/// the same node and addresses, without a new login.
+#[tokio::test]
+async fn a_rotation_control_took_is_resumed_after_a_crash() {
+    let (h, key, mut conn, m, k1, k2) = registered_with_a_key_to_rotate_to("alice").await;
     let before = h.admin(AdminRequest::NodesList { user: None }).unwrap();
     let mut rotate = register_req(&k2, Some(&key), "r");
     rotate.old_node_key = k1.public();
@@ -1029,20 +1026,7 @@ async fn a_rotation_control_took_is_resumed_after_a_crash() {
 /// not know it and goes on with the key control knows, Running, no new login.
 #[tokio::test]
 async fn a_rotation_control_never_saw_falls_back_to_the_known_key() {
-    let h = start().await;
-    let key = h.user_and_key("bob", true, None);
-    let (m, k1, k2) = (
-        MachinePrivate::from_random(rnd()),
-        NodePrivate::from_random(rnd()),
-        NodePrivate::from_random(rnd()),
-    );
-    let mut conn = h.conn(&m).await;
-    assert!(
-        conn.register(&register_req(&k1, Some(&key), "r"))
-            .await
-            .unwrap()
-            .machine_authorized
-    );
+    let (h, _key, _conn, m, k1, k2) = registered_with_a_key_to_rotate_to("bob").await;
 
     let dir = std::env::temp_dir().join(format!("ts-rot-b-{}", std::process::id()));
     state_with_pending_rotation(&dir, &h.url, &m, &k1, &k2);

@@ -306,3 +306,24 @@ pub fn test_ca(dir: &Path) -> Option<TestCa> {
         key: dir.join("key.pem"),
     })
 }
+
+/// A coordinator on a loopback port with an in-memory store, plain HTTP, serving on this
+/// runtime: the in-process control server of the coordinator and REST API tests.
+#[cfg(feature = "coordinator")]
+pub async fn start_coordinator() -> (Arc<tinyscale::coordinator::server::Coordinator>, std::net::SocketAddr) {
+    use tinyscale::coordinator::{
+        server::{self, Coordinator},
+        state::{Settings, State},
+        store::Store,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let settings = Settings {
+        server_url: format!("http://{addr}"),
+        ..Settings::default()
+    };
+    let st = State::load(Store::open_in_memory().unwrap(), settings).unwrap();
+    let coord = Coordinator::new(st).unwrap();
+    tokio::spawn(server::serve_http(coord.clone(), listener, None));
+    (coord, addr)
+}
