@@ -205,6 +205,26 @@ fn server(_: cli::Server) -> Result<(), Failure> {
     ))
 }
 
+/// The verbs that keep running and serve others (daemon, coordinator, relay, STUN).
+fn is_service(cmd: &Cmd) -> bool {
+    match cmd {
+        Cmd::Daemon(_) | Cmd::Stun(_) | Cmd::Derp(_) => true,
+        #[cfg(feature = "coordinator")]
+        Cmd::Server(s) => matches!(s.cmd, ServerCmd::Serve(_)),
+        _ => false,
+    }
+}
+
+/// A one-shot verb piped into `head` ends quietly when the reader goes away, as C tools do,
+/// instead of panicking in `println!`. Services keep Rust's ignored SIGPIPE: a client closing
+/// its socket must not kill them.
+fn quiet_broken_pipe() {
+    // SAFETY: resetting a signal disposition to its default before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let mut raw = std::env::args();
     let prog = raw.next().unwrap_or_default();
@@ -245,6 +265,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    if !is_service(&top.cmd) {
+        quiet_broken_pipe();
+    }
     match run(top) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {

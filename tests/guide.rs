@@ -265,3 +265,27 @@ fn help_into_a_closed_pipe_is_not_a_panic() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// `tinyscale version` into a closed pipe (`| head -c0`): a one-shot verb ends quietly on
+/// SIGPIPE, as C tools do, instead of panicking in the middle of its output.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::os::{
+        fd::{FromRawFd, OwnedFd},
+        unix::process::ExitStatusExt,
+    };
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two new descriptors; each is wrapped in an OwnedFd exactly once.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    let out = std::process::Command::new(BIN)
+        .arg("version")
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?} {err}", out.status);
+}
