@@ -186,9 +186,9 @@ expect "metrics_listen is passed to the daemon" <<'W'
 procd_open_service tinyscale /etc/init.d/tinyscale
 config_load tinyscale
 procd_open_instance client
-procd_set_param command @T@/tinyscale daemon --config /etc/config/tinyscale
+procd_set_param command @T@/tinyscale daemon --config /etc/config/tinyscale --port 41641 --state-dir /etc/tinyscale --tun tinyscale0
 procd_append_param command --metrics-listen 127.0.0.1:5252
-procd_set_param data port=41641 state_dir=/etc/tinyscale tun=tinyscale0 log_level=info
+procd_set_param env TINYSCALE_LOG=info
 procd_set_param respawn 3600 5 5
 procd_set_param stdout 1
 procd_set_param stderr 1
