@@ -245,12 +245,14 @@ step_load() {
 
 	ev+="attackers: $(paste -sd' ' <<<"$tally")"$'\n'
 	local busy refused_ip refused_total closed_after
-	busy=$(sed -n 's/^busy_503=//p' <<<"$tally")
+	# Over a cap the coordinator answers 503; whichever attacker happens to hit the cap sees it
+	# (the idle connections or the register floods), so both count.
+	busy=$(( $(sed -n 's/^busy_503=//p' <<<"$tally") + $(cat "$WORK/flood-nokey.out" "$WORK/flood-badkey.out" | grep -c 'answered 503') ))
 	closed_after=$(sed -n 's/^slowloris_closed_after=//p' <<<"$tally")
 	refused_ip=$(grep -c 'connection refused, max_connections_per_ip reached' "$WORK/coord.log")
 	refused_total=$(grep -c 'connection refused, max_connections reached' "$WORK/coord.log")
 	((busy > 0 && refused_ip > 0 && refused_total > 0)) || ok=1
-	ev+="refusals logged: per-address cap $refused_ip lines (last: $(grep -o 'max_connections_per_ip reached.*' "$WORK/coord.log" | tail -1)), total cap $refused_total lines (last: $(grep -o 'max_connections reached.*' "$WORK/coord.log" | tail -1))"$'\n'
+	ev+="503 answers seen by the attackers: $busy; refusals logged: per-address cap $refused_ip lines (last: $(grep -o 'max_connections_per_ip reached.*' "$WORK/coord.log" | tail -1)), total cap $refused_total lines (last: $(grep -o 'max_connections reached.*' "$WORK/coord.log" | tail -1))"$'\n'
 	[[ $closed_after != never ]] && awk -v t="$closed_after" 'BEGIN {exit !(t >= 9 && t <= 13)}' || ok=1
 	ev+="slowloris closed by the coordinator after ${closed_after} s (handshake budget 10 s)"$'\n'
 	local kinds
