@@ -23,8 +23,8 @@ use std::{collections::HashMap, rc::Rc, sync::Arc};
 
 use tinyscale::{
     control::client::{self, ControlUrl},
-    keys::{MachinePrivate, NodePrivate},
-    tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
+    wire::keys::{MachinePrivate, NodePrivate},
+    wire::tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
 };
 use tokio::sync::Semaphore;
 
@@ -56,7 +56,7 @@ impl Machine {
     async fn register(
         &self,
         url: &ControlUrl,
-        server: &tinyscale::keys::MachinePublic,
+        server: &tinyscale::wire::keys::MachinePublic,
         auth_key: Option<&str>,
         announce: bool,
     ) -> Result<Vec<String>, String> {
@@ -150,7 +150,7 @@ fn main() {
 
 async fn register_all(
     url: ControlUrl,
-    server: tinyscale::keys::MachinePublic,
+    server: tinyscale::wire::keys::MachinePublic,
     count: u64,
     concurrency: u64,
     seed: u64,
@@ -190,7 +190,7 @@ async fn register_all(
 
 async fn verify_all(
     url: ControlUrl,
-    server: tinyscale::keys::MachinePublic,
+    server: tinyscale::wire::keys::MachinePublic,
     concurrency: u64,
     seed: u64,
     text: &str,

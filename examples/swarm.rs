@@ -22,8 +22,8 @@ use std::{
 use rand_core::{OsRng, RngCore};
 use tinyscale::{
     control::client::{self, ControlConn, ControlUrl},
-    keys::{MachinePrivate, MachinePublic, NodePrivate},
-    tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
+    wire::keys::{MachinePrivate, MachinePublic, NodePrivate},
+    wire::tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
 };
 
 /// In-flight limits per thread: registrations (enough to keep the coordinator busy, few enough

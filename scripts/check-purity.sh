@@ -5,12 +5,12 @@
 set -u
 cd "$(dirname "$0")/.."
 bad=0
-PURE="src/keys.rs src/noise.rs src/tailcfg.rs src/zstdframe.rs src/stun.rs src/disco.rs
-      src/derp.rs src/derp/frame.rs src/uci.rs src/control/netmap.rs src/coordinator/ipam.rs
-      src/coordinator/mapper.rs src/coordinator/model.rs src/coordinator/policy.rs src/wg.rs src/qr.rs
-      src/magicsock/demux.rs src/magicsock/endpoint.rs src/magicsock/addr.rs src/magicsock/batch.rs src/netcheck.rs
-      src/tun/gro.rs src/cli/argv.rs src/filter.rs src/ubus.rs src/ubus/blobmsg.rs src/netmon/rtnl.rs src/dns.rs
-      src/uci/dnsmasq.rs src/connlimit.rs src/coordinator/api.rs"
+PURE="src/wire/keys.rs src/wire/noise.rs src/wire/tailcfg.rs src/wire/zstdframe.rs src/wire/stun.rs src/wire/disco.rs
+      src/derp.rs src/derp/frame.rs src/platform/uci.rs src/control/netmap.rs src/coordinator/ipam.rs
+      src/coordinator/mapper.rs src/coordinator/model.rs src/coordinator/policy.rs src/dataplane/wg.rs src/cli/qr.rs
+      src/dataplane/magicsock/demux.rs src/dataplane/magicsock/endpoint.rs src/dataplane/magicsock/addr.rs src/dataplane/magicsock/batch.rs src/dataplane/netcheck.rs
+      src/dataplane/tun/gro.rs src/cli/argv.rs src/dataplane/filter.rs src/platform/ubus.rs src/platform/ubus/blobmsg.rs src/dataplane/netmon/rtnl.rs src/dataplane/dns.rs
+      src/platform/uci/dnsmasq.rs src/wire/connlimit.rs src/coordinator/api.rs"
 for f in $PURE; do
     grep -q '^#!\[forbid(unsafe_code)\]' "$f" || { echo "$f: missing #![forbid(unsafe_code)]"; bad=1; }
     # Only the non-test part of the file; shells at the bottom behind cfg(feature) are exempt.

@@ -11,12 +11,13 @@ use argh::FromArgs;
 use serde_json::Value;
 
 use crate::{
+    daemon::ipc::{self, IpcRequest, UpArgs},
     error::Failure,
-    ipc::{self, IpcRequest, UpArgs},
 };
 
 pub mod argv;
 pub mod dns;
+pub mod qr;
 
 // Every argh type below also derives `ArgsInfo` in tests only: `argv::TREE`'s cross-check reads
 // it, and the binary does not carry that metadata.
@@ -318,7 +319,7 @@ pub struct DaemonCmd {
     pub config: Option<PathBuf>,
     /// ubusd socket for the `tinyscale` object (default /var/run/ubus/ubus.sock; "none" for no
     /// ubus object)
-    #[argh(option, default = "String::from(crate::ubus_object::DEFAULT_SOCKET)")]
+    #[argh(option, default = "String::from(crate::platform::ubus_object::DEFAULT_SOCKET)")]
     pub ubus_socket: String,
     /// serve the `tinyscale metrics` text at GET /metrics on ip:port (default off; a bare
     /// :port or "" after = means 127.0.0.1, port 5252 if none; uci metrics_listen)
@@ -586,7 +587,7 @@ pub enum ServerCmd {
 pub struct Serve {
     /// ubusd socket for the `tinyscale.server` object (default /var/run/ubus/ubus.sock; "none"
     /// for no ubus object)
-    #[argh(option, default = "String::from(crate::ubus_object::DEFAULT_SOCKET)")]
+    #[argh(option, default = "String::from(crate::platform::ubus_object::DEFAULT_SOCKET)")]
     pub ubus_socket: String,
     /// turn MagicDNS on or off (uci magic_dns; default true)
     #[argh(option)]
@@ -611,9 +612,9 @@ pub struct Serve {
 
 impl Serve {
     /// The flags as uci options (line 0: from the command line) for
-    /// [`crate::uci::ServerConfig::from_uci_with`].
-    pub fn uci_overrides(&self) -> Vec<crate::uci::UciOption> {
-        let opt = |name: &str, value: String, list: bool| crate::uci::UciOption {
+    /// [`crate::platform::uci::ServerConfig::from_uci_with`].
+    pub fn uci_overrides(&self) -> Vec<crate::platform::uci::UciOption> {
+        let opt = |name: &str, value: String, list: bool| crate::platform::uci::UciOption {
             name: name.into(),
             value,
             list,
@@ -1333,7 +1334,7 @@ async fn debug_dns_uci(d: DebugDnsUci) -> Result<(), Failure> {
     let path = d.dhcp.unwrap_or_else(|| PathBuf::from("/etc/config/dhcp"));
     // No dhcp file: no dnsmasq to configure (an empty batch).
     let text = std::fs::read_to_string(&path).unwrap_or_default();
-    let batch = crate::uci::dnsmasq::batch(&text, suffix.as_deref())
+    let batch = crate::platform::uci::dnsmasq::batch(&text, suffix.as_deref())
         .map_err(|e| Failure::config(format!("{}: {e}", path.display())))?;
     print!("{batch}");
     Ok(())
@@ -1470,7 +1471,7 @@ fn lookup_plan(cmd: Cmd) -> LookupPlan {
         v
     }
     fn dns_status(v: Value) -> Value {
-        let conf = std::fs::read_to_string(crate::engine::RESOLV_CONF).unwrap_or_default();
+        let conf = std::fs::read_to_string(crate::dataplane::engine::RESOLV_CONF).unwrap_or_default();
         dns::status_json(&v, &conf)
     }
     let lookup = |arg: String, qtype: Option<String>| ipc::Lookup {
@@ -1511,7 +1512,7 @@ fn lookup_plan(cmd: Cmd) -> LookupPlan {
                 Cmd::Metrics(m) => m.socket,
                 _ => None,
             };
-            (socket, IpcRequest::Status, false, same, crate::metrics::render)
+            (socket, IpcRequest::Status, false, same, crate::daemon::metrics::render)
         }
     }
 }
@@ -1598,7 +1599,7 @@ pub fn render_whois(v: &Value) -> String {
 
 /// Reads and validates the `config client` section of `path`; unknown options are logged as
 /// warnings, a missing file yields the defaults, errors exit with code 3.
-pub fn load_client_config(path: &std::path::Path) -> Result<crate::uci::client::ClientConfig, Failure> {
+pub fn load_client_config(path: &std::path::Path) -> Result<crate::platform::uci::client::ClientConfig, Failure> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -1607,7 +1608,7 @@ pub fn load_client_config(path: &std::path::Path) -> Result<crate::uci::client::
         }
         Err(e) => return Err(Failure::config(format!("cannot read {}: {e}", path.display()))),
     };
-    let load = crate::uci::client::ClientConfig::from_uci_text(&text)
+    let load = crate::platform::uci::client::ClientConfig::from_uci_text(&text)
         .map_err(|e| Failure::config(format!("{}: {e}", path.display())))?;
     for w in &load.warnings {
         log::warn!("{}: {w}", path.display());
@@ -1617,7 +1618,7 @@ pub fn load_client_config(path: &std::path::Path) -> Result<crate::uci::client::
 
 /// The prefs a `config client` section asks for: reads `auth_key_file`. `advertise_lan`
 /// names `lan_device` to the daemon, which reads and follows its prefixes.
-pub fn client_up_args(c: &crate::uci::client::ClientConfig) -> Result<UpArgs, Failure> {
+pub fn client_up_args(c: &crate::platform::uci::client::ClientConfig) -> Result<UpArgs, Failure> {
     let file_key = match &c.auth_key_file {
         Some(p) => Some(
             std::fs::read_to_string(p)
@@ -1658,7 +1659,9 @@ fn overlay(mut base: UpArgs, flags: UpArgs) -> UpArgs {
 async fn up(u: Up) -> Result<(), Failure> {
     let socket = socket_or_default(u.socket);
     let timeout = match &u.timeout {
-        Some(t) => Some(crate::uci::parse_duration(t).map_err(|e| Failure::usage(format!("--timeout {t:?}: {e}")))?),
+        Some(t) => {
+            Some(crate::platform::uci::parse_duration(t).map_err(|e| Failure::usage(format!("--timeout {t:?}: {e}")))?)
+        }
         None => None,
     };
     let auth_key = match u.auth_key {
@@ -1725,8 +1728,8 @@ async fn up(u: Up) -> Result<(), Failure> {
         if !url.is_empty() && url != shown_url {
             eprintln!("\nTo authenticate, visit:\n\n\t{url}\n");
             if u.qr {
-                match crate::qr::encode(url.as_bytes()) {
-                    Ok(code) => eprintln!("{}", crate::qr::render_terminal(&code)),
+                match crate::cli::qr::encode(url.as_bytes()) {
+                    Ok(code) => eprintln!("{}", crate::cli::qr::render_terminal(&code)),
                     Err(e) => eprintln!("(no QR code: {e})"),
                 }
             }
@@ -1743,7 +1746,7 @@ async fn up(u: Up) -> Result<(), Failure> {
             if start.elapsed() >= t {
                 return Err(Failure::runtime(format!(
                     "timed out after {} waiting for the node to come up (state {state})",
-                    crate::uci::format_duration(t)
+                    crate::platform::uci::format_duration(t)
                 )));
             }
         }
@@ -1759,7 +1762,7 @@ fn api_key_days(s: &str) -> Result<u64, String> {
         Some(b'w') => 7 * 86_400,
         Some(b'y') => 365 * 86_400,
         _ => {
-            return crate::uci::parse_duration(s)
+            return crate::platform::uci::parse_duration(s)
                 .map(|d| d.as_secs())
                 .map_err(|e| e.to_string())
         }
@@ -1802,7 +1805,7 @@ pub async fn run_admin(target: &crate::coordinator::admin::AdminTarget, cmd: Ser
         ServerCmd::Preauthkeys(k) => match k.cmd {
             KeysCmd::Create(c) => {
                 let exp = c.expiration.as_deref().unwrap_or("1h");
-                let d = crate::uci::parse_duration(exp)
+                let d = crate::platform::uci::parse_duration(exp)
                     .map_err(|e| Failure::usage(format!("--expiration {exp:?}: {e}")))?;
                 let expiration_secs = (!d.is_zero()).then_some(d.as_secs());
                 let tags = c.tags.as_deref().map(split_list).unwrap_or_default();
@@ -2081,7 +2084,7 @@ mod tests {
 
     #[test]
     fn flags_beside_config_win() {
-        let cfg = crate::uci::client::ClientConfig::from_uci_text(
+        let cfg = crate::platform::uci::client::ClientConfig::from_uci_text(
             "config client\n\toption login_server 'http://10.0.0.1:8080'\n\toption accept_routes '1'\n",
         )
         .expect("valid")

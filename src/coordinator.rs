@@ -19,8 +19,8 @@ pub mod store;
 use std::{path::Path, sync::Arc, time::Duration};
 
 use crate::{
-    tailcfg::{DerpMap, DerpRegion},
-    uci::ServerConfig,
+    platform::uci::ServerConfig,
+    wire::tailcfg::{DerpMap, DerpRegion},
 };
 
 /// How often `list derp_url` maps are fetched again (headscale's `update_frequency` default).
@@ -51,8 +51,9 @@ pub fn merge_derp_maps<'a>(
 
 /// Downloads and parses one DERP map (`list derp_url`).
 pub async fn fetch_derp_map(url: &str) -> Result<DerpMap, String> {
-    let body = crate::http1::get(url, DERP_MAP_MAX_BYTES, DERP_MAP_FETCH_TIMEOUT).await?;
-    let m: DerpMap = crate::tailcfg::from_slice_folded(&body).map_err(|e| format!("{url}: not a DERP map: {e}"))?;
+    let body = crate::wire::http1::get(url, DERP_MAP_MAX_BYTES, DERP_MAP_FETCH_TIMEOUT).await?;
+    let m: DerpMap =
+        crate::wire::tailcfg::from_slice_folded(&body).map_err(|e| format!("{url}: not a DERP map: {e}"))?;
     if m.regions.is_empty() {
         return Err(format!("{url}: the DERP map has no regions"));
     }
@@ -111,8 +112,8 @@ pub fn load_derp_map(paths: &[std::path::PathBuf]) -> Result<DerpMap, String> {
     let mut map = DerpMap::default();
     for p in paths {
         let data = std::fs::read(p).map_err(|e| format!("cannot read DERP map {}: {e}", p.display()))?;
-        let m: DerpMap =
-            crate::tailcfg::from_slice_folded(&data).map_err(|e| format!("invalid DERP map {}: {e}", p.display()))?;
+        let m: DerpMap = crate::wire::tailcfg::from_slice_folded(&data)
+            .map_err(|e| format!("invalid DERP map {}: {e}", p.display()))?;
         for (id, region) in m.regions {
             map.regions.insert(id, region);
         }
@@ -143,8 +144,8 @@ pub fn settings_from_config(cfg: &ServerConfig) -> Result<state::Settings, Strin
 }
 
 /// The HTTP listener's limits from the validated config.
-pub fn limits_from_config(cfg: &ServerConfig) -> crate::connlimit::ListenLimits {
-    crate::connlimit::ListenLimits {
+pub fn limits_from_config(cfg: &ServerConfig) -> crate::wire::connlimit::ListenLimits {
+    crate::wire::connlimit::ListenLimits {
         max_connections: cfg.max_connections,
         max_connections_per_ip: cfg.max_connections_per_ip,
         handshake_timeout: cfg.handshake_timeout,
@@ -152,7 +153,7 @@ pub fn limits_from_config(cfg: &ServerConfig) -> crate::connlimit::ListenLimits 
 }
 
 /// Gathers every number of `GET /metrics` (the listener's refusals, the relay, STUN).
-pub fn metrics_snapshot(coord: &server::Coordinator, stun: Option<&crate::stun::StunStats>) -> metrics::Snapshot {
+pub fn metrics_snapshot(coord: &server::Coordinator, stun: Option<&crate::wire::stun::StunStats>) -> metrics::Snapshot {
     use metrics::Registration as R;
     let m = coord.metrics();
     let (nodes, nodes_online, evicted) = {
@@ -190,16 +191,15 @@ pub fn metrics_snapshot(coord: &server::Coordinator, stun: Option<&crate::stun::
 }
 
 /// The relay's persistent key (store kv `derp_private_key`), created on first use.
-fn derp_key(coord: &server::Coordinator) -> Result<crate::keys::NodePrivate, String> {
+fn derp_key(coord: &server::Coordinator) -> Result<crate::wire::keys::NodePrivate, String> {
     let st = coord.lock();
     match st.store().get_kv("derp_private_key").map_err(|e| e.to_string())? {
-        Some(t) => {
-            crate::keys::NodePrivate::from_key_str(&t).map_err(|_| "stored derp_private_key is corrupt".to_string())
-        }
+        Some(t) => crate::wire::keys::NodePrivate::from_key_str(&t)
+            .map_err(|_| "stored derp_private_key is corrupt".to_string()),
         None => {
             let mut b = [0u8; 32];
             rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
-            let k = crate::keys::NodePrivate::from_random(b);
+            let k = crate::wire::keys::NodePrivate::from_random(b);
             st.store()
                 .set_kv("derp_private_key", &k.to_key_str())
                 .map_err(|e| e.to_string())?;
@@ -240,7 +240,7 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
     }
     let coord = server::Coordinator::with_limits(st, limits_from_config(cfg)).map_err(|e| e.to_string())?;
     let tls = match &cfg.tls {
-        Some((cert, key)) => Some(crate::tls::Acceptor::from_pem_files(cert, key)?),
+        Some((cert, key)) => Some(crate::wire::tls::Acceptor::from_pem_files(cert, key)?),
         None => None,
     };
     if tls.is_none() && cfg.server_url.starts_with("https://") {
@@ -274,7 +274,7 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
         let verifier = cfg.derp.server_verify_clients.then(|| {
             // Weak: coordinator -> relay -> verifier would otherwise be a cycle.
             let weak = std::sync::Arc::downgrade(&coord);
-            std::sync::Arc::new(move |k: &crate::keys::NodePublic| {
+            std::sync::Arc::new(move |k: &crate::wire::keys::NodePublic| {
                 weak.upgrade()
                     .is_some_and(|c| c.lock().nodes().any(|n| n.node_key == *k))
             }) as crate::derp::server::Verifier
@@ -287,18 +287,18 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
     }
     let stun_stats = stun_sock
         .as_ref()
-        .map(|_| std::sync::Arc::new(crate::stun::StunStats::default()));
+        .map(|_| std::sync::Arc::new(crate::wire::stun::StunStats::default()));
     if let Some(addr) = cfg.metrics_listen_addr {
         if !addr.ip().is_loopback() {
             log::warn!("metrics_listen_addr {addr} is not loopback: anyone who reaches it reads the node counts and traffic figures");
         }
         // Metrics are not worth the tailnet: a taken port (the default 9090 is a popular one)
         // leaves them off with a warning instead of stopping the coordinator.
-        match crate::metrics::listen::bind(addr).await {
+        match crate::daemon::metrics::listen::bind(addr).await {
             Ok(listener) => {
                 log::info!("metrics listening addr={addr} path=/metrics");
                 let (coord, stun_stats) = (coord.clone(), stun_stats.clone());
-                tokio::spawn(crate::metrics::listen::serve(listener, move || {
+                tokio::spawn(crate::daemon::metrics::listen::serve(listener, move || {
                     std::future::ready(metrics::render(&metrics_snapshot(&coord, stun_stats.as_deref())))
                 }));
             }
@@ -309,12 +309,12 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
     }
     let stun = async {
         match (stun_sock, stun_stats) {
-            (Some(u), Some(stats)) => crate::stun::serve_udp(u, stats).await,
+            (Some(u), Some(stats)) => crate::wire::stun::serve_udp(u, stats).await,
             _ => std::future::pending().await,
         }
     };
     if let Some(path) = ubus {
-        tokio::spawn(crate::ubus_object::serve(
+        tokio::spawn(crate::platform::ubus_object::serve(
             std::sync::Arc::new(admin::ServerObject(coord.clone())),
             path,
         ));
@@ -342,7 +342,7 @@ mod tests {
     fn uci_defaults_are_the_listener_defaults() {
         assert_eq!(
             limits_from_config(&ServerConfig::default()),
-            crate::connlimit::ListenLimits::default()
+            crate::wire::connlimit::ListenLimits::default()
         );
     }
 }

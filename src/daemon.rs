@@ -1,11 +1,13 @@
 //! The client daemon (`tinyscale daemon`, the tailscaled of tinyscale): owns the keys and prefs in
 //! the state dir, runs the control session (register, map long-poll, reconnect with backoff),
-//! feeds each netmap to the data plane ([`crate::engine`]: TUN, WireGuard, magicsock, DERP,
-//! MagicDNS, routes and rules), and answers the CLI over the local socket ([`crate::ipc`]) and,
-//! when ubusd's socket is given, as the `tinyscale` ubus object ([`crate::ubus_object`]).
+//! feeds each netmap to the data plane ([`crate::dataplane::engine`]: TUN, WireGuard, magicsock, DERP,
+//! MagicDNS, routes and rules), and answers the CLI over the local socket ([`crate::daemon::ipc`]) and,
+//! when ubusd's socket is given, as the `tinyscale` ubus object ([`crate::platform::ubus_object`]).
 //!
 //! Mirrors the roles of tailscale `ipn/ipnlocal/local.go` (backend state machine and prefs) and
 //! `control/controlclient/auto.go` (login/map loop).
+pub mod ipc;
+pub mod metrics;
 
 use std::{
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
@@ -24,10 +26,10 @@ use crate::{
         client::{self, ControlUrl},
         netmap::{node_matches, offers_exit_node, Netmap},
     },
-    engine::{Engine, EngineConfig, EngineHandle, LocalEndpoints, RoutePrefs},
-    ipc::{IpcRequest, IpcResponse, UpArgs},
-    keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
-    tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
+    daemon::ipc::{IpcRequest, IpcResponse, UpArgs},
+    dataplane::engine::{Engine, EngineConfig, EngineHandle, LocalEndpoints, RoutePrefs},
+    wire::keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
+    wire::tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
 };
 
 /// Default state directory (keys and prefs, mode 0700/0600).
@@ -660,19 +662,19 @@ impl Daemon {
             .flat_map(|n| &n.addresses)
             .filter_map(|a| a.split('/').next()?.parse().ok())
             .collect();
-        let caps = crate::filter::peer_caps(s.netmap.packet_filter(), ip, &me);
+        let caps = crate::dataplane::filter::peer_caps(s.netmap.packet_filter(), ip, &me);
         if !caps.is_empty() {
             m.insert("CapMap".into(), Value::Object(caps));
         }
         Ok(Value::Object(m))
     }
 
-    /// `dns query`: the question put to [`crate::dns::Resolver`] as the data plane builds it from
+    /// `dns query`: the question put to [`crate::dataplane::dns::Resolver`] as the data plane builds it from
     /// the netmap, answered in the shape of Go's `jsonoutput.DNSQueryResult` (`Name`,
     /// `QueryType`, `ResponseCode`, `Answers`), or for a forwarded name `Forward` (`split-dns`
     /// or `system`) and the `Resolvers` it would go to. Nothing is sent.
     fn dns_query(&self, name: &str, qtype: &str) -> Result<Value, String> {
-        use crate::dns::{self, Decision, Upstream};
+        use crate::dataplane::dns::{self, Decision, Upstream};
         let t = dns::qtype_from_name(qtype).ok_or_else(|| {
             format!("unknown record type {qtype:?}: use A, AAAA, PTR, CNAME, MX, NS, SRV, TXT, ANY or a number")
         })?;
@@ -722,7 +724,7 @@ impl Daemon {
                     Upstream::Resolvers(a) => ("split-dns", a),
                     Upstream::System => (
                         "system",
-                        std::fs::read_to_string(crate::engine::RESOLV_CONF)
+                        std::fs::read_to_string(crate::dataplane::engine::RESOLV_CONF)
                             .map(|t| dns::parse_resolv_conf(&t))
                             .unwrap_or_default(),
                     ),
@@ -986,7 +988,7 @@ impl Daemon {
                 self.set_lan_routes(Vec::new());
             } else {
                 if watcher.is_none() {
-                    watcher = crate::netmon::AddrWatcher::new()
+                    watcher = crate::dataplane::netmon::AddrWatcher::new()
                         .map_err(|e| log::warn!("advertise_lan: cannot watch address changes err={e}"))
                         .ok();
                 }
@@ -1008,7 +1010,7 @@ impl Daemon {
                 match ev {
                     Ok(evs) => {
                         // The index is looked up each time: the device may come and go.
-                        let idx = crate::netmon::if_index(&iface);
+                        let idx = crate::dataplane::netmon::if_index(&iface);
                         if evs.iter().any(|e| Some(e.ifindex) == idx) {
                             self.refresh_lan(&iface);
                         }
@@ -1034,13 +1036,13 @@ impl Daemon {
 
     /// Reads the prefixes on `iface` (`ip -o addr show dev IFACE`) and publishes them.
     fn refresh_lan(&self, iface: &str) {
-        use crate::router::CommandRunner;
+        use crate::dataplane::router::CommandRunner;
         let argv: Vec<String> = ["ip", "-o", "addr", "show", "dev", iface]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let routes = match crate::router::SystemRunner.run(&argv) {
-            Ok(out) => crate::uci::client::lan_prefixes(&out)
+        let routes = match crate::dataplane::router::SystemRunner.run(&argv) {
+            Ok(out) => crate::platform::uci::client::lan_prefixes(&out)
                 .iter()
                 .map(|p| p.to_string())
                 .collect(),
@@ -1091,7 +1093,7 @@ impl Daemon {
         let server_key = client::fetch_server_key(&url).await?;
         let mut conn = client::connect(&url, &machine, &server_key).await?;
         let hostinfo = self.hostinfo(&prefs);
-        let mut old = crate::keys::NodePublic::default();
+        let mut old = crate::wire::keys::NodePublic::default();
         // The key control knew before a resumed rotation, in case control never took the new one.
         let mut fallback = None;
         if let Some(p) = pending {
@@ -1137,7 +1139,7 @@ impl Daemon {
                     log::info!("node key rotation not known to control; keeping the current key");
                     node = prev;
                     req.node_key = node.public();
-                    req.old_node_key = crate::keys::NodePublic::default();
+                    req.old_node_key = crate::wire::keys::NodePublic::default();
                     self.lock().pending_node = None;
                     if let Err(e) = self.save() {
                         log::warn!("persisting keys failed err={e}");
@@ -1286,8 +1288,12 @@ pub async fn run(
         // What a crashed run left (nftables table, rules, routing table, forwarding) goes at
         // once, not when control first answers: a router restarting with its uplink down must
         // not keep forwarding for routes nobody approved any more.
-        let mut r = crate::router::Router::new(crate::router::SystemRunner);
-        r.set_saved_path(&state_dir.join(crate::engine::FORWARDING_SAVED).to_string_lossy());
+        let mut r = crate::dataplane::router::Router::new(crate::dataplane::router::SystemRunner);
+        r.set_saved_path(
+            &state_dir
+                .join(crate::dataplane::engine::FORWARDING_SAVED)
+                .to_string_lossy(),
+        );
         r.recover();
     }
     let d = Daemon::load(state_dir, engine)?;
@@ -1300,7 +1306,7 @@ pub async fn run(
             Err(e) => log::warn!("prefs from config not applied err={e}"),
         }
     }
-    let listener = crate::ipc::bind_private(socket)
+    let listener = crate::daemon::ipc::bind_private(socket)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     log::info!(
@@ -1314,21 +1320,21 @@ pub async fn run(
                 "metrics listen addr={addr} is not loopback: anyone who reaches it reads peer names and traffic"
             );
         }
-        let listener = crate::metrics::listen::bind(addr).await?;
+        let listener = crate::daemon::metrics::listen::bind(addr).await?;
         log::info!("metrics listening addr={addr} path=/metrics");
         let dm = d.clone();
-        tokio::spawn(crate::metrics::listen::serve(listener, move || {
+        tokio::spawn(crate::daemon::metrics::listen::serve(listener, move || {
             let d = dm.clone();
-            async move { crate::metrics::render(&d.status_json().await) }
+            async move { crate::daemon::metrics::render(&d.status_json().await) }
         }));
     }
     tokio::spawn(d.clone().control_loop());
     tokio::spawn(d.clone().lan_loop());
     if let Some(path) = ubus {
-        tokio::spawn(crate::ubus_object::run(d.clone(), path));
+        tokio::spawn(crate::platform::ubus_object::run(d.clone(), path));
     }
     let dd = d.clone();
-    let accept = crate::ipc::serve_lines(listener, move |req: IpcRequest| {
+    let accept = crate::daemon::ipc::serve_lines(listener, move |req: IpcRequest| {
         let d = dd.clone();
         async move { d.handle(req).await }
     });
@@ -1753,7 +1759,7 @@ mod tests {
             ..Default::default()
         });
         let r = d
-            .handle(IpcRequest::WhoIs(crate::ipc::Lookup {
+            .handle(IpcRequest::WhoIs(crate::daemon::ipc::Lookup {
                 arg: "192.168.1.20:80".into(),
                 ..Default::default()
             }))
@@ -1764,14 +1770,14 @@ mod tests {
         assert_eq!(r.data["UserProfile"]["LoginName"], "bob@example.com");
         assert!(r.data.get("CapMap").is_none(), "Go omits an empty CapMap");
         let r = d
-            .handle(IpcRequest::WhoIs(crate::ipc::Lookup {
+            .handle(IpcRequest::WhoIs(crate::daemon::ipc::Lookup {
                 arg: "100.64.0.9".into(),
                 ..Default::default()
             }))
             .await;
         assert!(r.error.starts_with("no match for 100.64.0.9"), "{}", r.error);
         let r = d
-            .handle(IpcRequest::WhoIs(crate::ipc::Lookup {
+            .handle(IpcRequest::WhoIs(crate::daemon::ipc::Lookup {
                 arg: "gw".into(),
                 ..Default::default()
             }))
@@ -1784,7 +1790,7 @@ mod tests {
             .expect("MapResponse"),
         );
         let r = d
-            .handle(IpcRequest::WhoIs(crate::ipc::Lookup {
+            .handle(IpcRequest::WhoIs(crate::daemon::ipc::Lookup {
                 arg: "100.64.0.2".into(),
                 ..Default::default()
             }))
@@ -1824,7 +1830,7 @@ mod tests {
             ..Default::default()
         });
         let q = |name: &str, qtype: &str| {
-            d.handle(IpcRequest::DnsQuery(crate::ipc::Lookup {
+            d.handle(IpcRequest::DnsQuery(crate::daemon::ipc::Lookup {
                 arg: name.into(),
                 qtype: qtype.into(),
             }))

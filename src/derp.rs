@@ -22,7 +22,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::tailcfg::DerpNode;
+use crate::wire::tailcfg::DerpNode;
 
 pub mod client;
 pub mod frame;

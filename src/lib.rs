@@ -1,57 +1,38 @@
 //! tinyscale: a Tailscale-compatible mesh VPN client, subnet router and mini-coordinator in one
 //! small static binary for OpenWrt routers.
 //!
-//! Layers, bottom up:
-//! - pure codecs and state machines (no sockets, clock or files): `keys`, `noise`, `tailcfg`,
-//!   `zstdframe`, `stun`, `disco`, `derp::frame`, `magicsock::{demux, endpoint, addr}`,
-//!   `control::netmap`, `filter`, `dns`, `netmon::rtnl`, `ubus` (messages, `ubus::blobmsg`), `uci`,
-//!   `metrics`;
-//! - the network shells around them: `http1`, `tls`, `udp`, `control::client`, `derp::{client,
-//!   server}`, `netcheck`, `magicsock::socket`, `tun`, `wg` (boringtun tunnels), `router` (routes,
-//!   rules, nftables), `connlimit`;
-//! - the data plane `engine` (one task owning TUN, sockets, tunnels, DERP and MagicDNS), the
-//!   client `daemon` (control session, prefs, the `ipc` socket and the `ubus_object`), the
-//!   optional `coordinator` (control server, SQLite store, ACL policy, admin API, embedded DERP
-//!   relay and STUN), and the `cli` entry points.
+//! One folder per layer, bottom up:
+//! - `wire`: keys, the tailcfg types, the TS2021 Noise handshake and stream, zstd framing, disco
+//!   and STUN (pure codecs), and the shells every TCP connection passes (HTTP/1 heads, TLS,
+//!   listener admission);
+//! - `derp`: the relay protocol (`derp::frame`, pure), its client and its server;
+//! - `control`: the control client (`control::client`) and the sans-io netmap it keeps;
+//! - `dataplane`: the `engine` task owning TUN, sockets (`magicsock`, `udp`), WireGuard tunnels
+//!   (`wg`), the packet `filter`, MagicDNS (`dns`), routes/rules/nftables (`router`), network
+//!   monitoring (`netmon`), `netcheck` and sockets kept out of the tunnel (`netns`);
+//! - `daemon`: the client daemon (control session, prefs), its `ipc` socket and `metrics`;
+//! - `platform`: OpenWrt glue: `uci` files, the `ubus` codec and the `ubus_object`;
+//! - `coordinator` (feature): control server, SQLite store, ACL policy, admin and REST APIs,
+//!   embedded DERP relay and STUN;
+//! - `cli`: the command-line entry points.
+//!
+//! Pure modules (no sockets, clock or files; `scripts/check-purity.sh` lists them) hold the
+//! protocol logic; the tokio shells around them stay thin.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cli;
-#[cfg(feature = "relay")]
-pub mod connlimit;
 pub mod control;
 #[cfg(feature = "coordinator")]
 pub mod coordinator;
 pub mod daemon;
+pub mod dataplane;
 pub mod derp;
-pub mod disco;
-pub mod dns;
-pub mod engine;
 pub mod error;
-pub mod filter;
-pub mod http1;
-pub mod ipc;
-pub mod keys;
 pub mod logger;
-pub mod magicsock;
-pub mod metrics;
-pub mod netcheck;
-pub mod netmon;
-pub mod netns;
-pub mod noise;
-pub mod qr;
-pub mod router;
-pub mod stun;
-pub mod tailcfg;
-pub mod tls;
-pub mod tun;
-pub mod ubus;
-pub mod ubus_object;
-pub mod uci;
-pub mod udp;
+pub mod platform;
 #[cfg(test)]
 mod vectors;
-pub mod wg;
-pub mod zstdframe;
+pub mod wire;
 
 /// Release version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

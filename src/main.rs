@@ -26,7 +26,7 @@ fn run(top: Top) -> Result<(), Failure> {
             println!("tinyscale {}", tinyscale::VERSION);
             println!(
                 "  capability version {}",
-                tinyscale::tailcfg::CURRENT_CAPABILITY_VERSION
+                tinyscale::wire::tailcfg::CURRENT_CAPABILITY_VERSION
             );
             println!("  features: {}", tinyscale::FEATURES.join(" "));
             Ok(())
@@ -44,13 +44,13 @@ fn run(top: Top) -> Result<(), Failure> {
                 }
                 None => {
                     tinyscale::logger::init(log::LevelFilter::Info);
-                    (tinyscale::uci::client::ClientConfig::default(), None)
+                    (tinyscale::platform::uci::client::ClientConfig::default(), None)
                 }
             };
             let dir = d.state_dir.unwrap_or(cfg.state_dir);
             let sock = d
                 .socket
-                .unwrap_or_else(|| PathBuf::from(tinyscale::ipc::DEFAULT_SOCKET));
+                .unwrap_or_else(|| PathBuf::from(tinyscale::daemon::ipc::DEFAULT_SOCKET));
             let ubus = match d.ubus_socket.as_str() {
                 "none" => None,
                 p => Some(PathBuf::from(p)),
@@ -58,12 +58,12 @@ fn run(top: Top) -> Result<(), Failure> {
             let tun = d.tun.unwrap_or(cfg.tun);
             let engine = match tun.as_str() {
                 "none" => None,
-                name => Some(tinyscale::engine::EngineConfig {
+                name => Some(tinyscale::dataplane::engine::EngineConfig {
                     tun: name.to_string(),
                     port: d.port.unwrap_or(cfg.port),
                 }),
             };
-            let metrics = tinyscale::metrics::daemon_listen(d.metrics_listen.as_deref(), cfg.metrics_listen)
+            let metrics = tinyscale::daemon::metrics::daemon_listen(d.metrics_listen.as_deref(), cfg.metrics_listen)
                 .map_err(Failure::usage)?;
             runtime()?
                 .block_on(tinyscale::daemon::run(
@@ -94,7 +94,7 @@ fn stun(s: cli::Stun) -> Result<(), Failure> {
             .map_err(|e| Failure::runtime(format!("cannot bind {addr}: {e}")))?;
         log::info!("stun server listening addr={addr}");
         tokio::select! {
-            _ = tinyscale::stun::serve_udp(sock, Default::default()) => Ok(()),
+            _ = tinyscale::wire::stun::serve_udp(sock, Default::default()) => Ok(()),
             _ = tinyscale::shutdown_signal() => Ok(()),
         }
     })
@@ -106,13 +106,13 @@ fn derp(d: cli::DerpCmd) -> Result<(), Failure> {
     // A fresh key per start: clients learn it from the ServerKey frame; DERP maps do not pin it.
     let mut b = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
-    let key = tinyscale::keys::NodePrivate::from_random(b);
+    let key = tinyscale::wire::keys::NodePrivate::from_random(b);
     let tls = match (&d.tls_cert, &d.tls_key) {
-        (Some(c), Some(k)) => Some(tinyscale::tls::Acceptor::from_pem_files(c, k).map_err(Failure::config)?),
+        (Some(c), Some(k)) => Some(tinyscale::wire::tls::Acceptor::from_pem_files(c, k).map_err(Failure::config)?),
         (None, None) => None,
         _ => return Err(Failure::usage("--tls-cert and --tls-key go together")),
     };
-    let limits = tinyscale::connlimit::ListenLimits {
+    let limits = tinyscale::wire::connlimit::ListenLimits {
         max_connections: d.max_connections,
         max_connections_per_ip: d.max_connections_per_ip,
         ..Default::default()
@@ -157,7 +157,7 @@ fn server(s: cli::Server) -> Result<(), Failure> {
     let path = s.config.unwrap_or_else(|| {
         std::env::var_os("TINYSCALE_CONFIG")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(tinyscale::uci::DEFAULT_CONFIG_PATH))
+            .unwrap_or_else(|| PathBuf::from(tinyscale::platform::uci::DEFAULT_CONFIG_PATH))
     });
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -173,8 +173,8 @@ fn server(s: cli::Server) -> Result<(), Failure> {
         ServerCmd::Serve(serve) => serve.uci_overrides(),
         _ => Vec::new(),
     };
-    let cfg = tinyscale::uci::parse(&text)
-        .and_then(|f| tinyscale::uci::ServerConfig::from_uci_with(&f, &overrides))
+    let cfg = tinyscale::platform::uci::parse(&text)
+        .and_then(|f| tinyscale::platform::uci::ServerConfig::from_uci_with(&f, &overrides))
         .map_err(|e| match e.line() {
             // A value from a flag: no file line to point at.
             0 => Failure::config(format!(

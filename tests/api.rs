@@ -16,8 +16,8 @@ use tinyscale::{
         state::{Settings, State},
         store::Store,
     },
-    keys::{MachinePrivate, NodePrivate},
-    tailcfg::{self, RegisterRequest},
+    wire::keys::{MachinePrivate, NodePrivate},
+    wire::tailcfg::{self, RegisterRequest},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -137,7 +137,7 @@ async fn bad_input_gets_clear_statuses() {
     // Over the body limit: refused before anything is read or authenticated.
     let big = format!(
         "PUT /api/v1/policy HTTP/1.1\r\nAuthorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n",
-        tinyscale::http1::MAX_BODY + 1
+        tinyscale::wire::http1::MAX_BODY + 1
     );
     assert_eq!(raw(h.addr, big.as_bytes()).await.0, 413);
     // Duplicates are conflicts.
@@ -396,7 +396,7 @@ async fn remote_verbs_verify_the_coordinators_certificate() {
     let addr = listener.local_addr().unwrap();
     let st = State::load(Store::open_in_memory().unwrap(), Settings::default()).unwrap();
     let coord = Coordinator::new(st).unwrap();
-    let acceptor = tinyscale::tls::Acceptor::from_pem_files(&ca.cert, &ca.key).unwrap();
+    let acceptor = tinyscale::wire::tls::Acceptor::from_pem_files(&ca.cert, &ca.key).unwrap();
     tokio::spawn(server::serve_http(coord.clone(), listener, Some(acceptor)));
     let key = admin::handle_value(&coord, AdminRequest::ApikeysCreate { expiration_secs: None }).unwrap()["key"]
         .as_str()

@@ -12,7 +12,6 @@ mod common;
 
 use rand_core::{OsRng, RngCore};
 use tinyscale::{
-    connlimit::ListenLimits,
     control::client::{self, ControlConn, ControlUrl, Error},
     coordinator::{
         admin::{self, AdminRequest},
@@ -24,8 +23,9 @@ use tinyscale::{
         client::{self as derp_client, DerpEvent},
         server::{DerpServer, Verifier},
     },
-    keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
-    tailcfg::{self, MapRequest, MapResponse, RegisterAuth, RegisterRequest},
+    wire::connlimit::ListenLimits,
+    wire::keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
+    wire::tailcfg::{self, MapRequest, MapResponse, RegisterAuth, RegisterRequest},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -251,7 +251,7 @@ async fn zstd_is_sent_exactly_when_asked() {
         },
         true,
     );
-    assert_eq!(&frame[4..8], &tinyscale::zstdframe::MAGIC);
+    assert_eq!(&frame[4..8], &tinyscale::wire::zstdframe::MAGIC);
     let plain = server::frame_map_message(
         &MapResponse {
             keep_alive: true,
@@ -420,7 +420,7 @@ async fn garbage_on_the_outer_listener_gets_clear_errors() {
     .await;
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     // A truncated initiation (valid base64, 60 bytes).
-    let trunc = tinyscale::http1::base64_encode(&[0u8; 60]);
+    let trunc = tinyscale::wire::http1::base64_encode(&[0u8; 60]);
     let r = raw(
         h.addr,
         format!(
@@ -624,16 +624,16 @@ async fn wrong_server_key_and_broken_noise_records_do_not_hurt_others() {
         &b"\x05\x00\x10aaaaaaaaaaaaaaaa"[..],
     ] {
         let server_key = client::fetch_server_key(&h.url).await.unwrap();
-        let (init_state, init) = tinyscale::noise::initiate(&m, &server_key, 130, rnd());
+        let (init_state, init) = tinyscale::wire::noise::initiate(&m, &server_key, 130, rnd());
         let mut s = TcpStream::connect(h.addr).await.unwrap();
         let req = format!(
             "POST /ts2021 HTTP/1.1\r\nUpgrade: tailscale-control-protocol\r\nConnection: upgrade\r\nX-Tailscale-Handshake: {}\r\n\r\n",
-            tinyscale::http1::base64_encode(&init)
+            tinyscale::wire::http1::base64_encode(&init)
         );
         s.write_all(req.as_bytes()).await.unwrap();
-        let (head, mut left) = tinyscale::http1::read_head(&mut s).await.unwrap();
+        let (head, mut left) = tinyscale::wire::http1::read_head(&mut s).await.unwrap();
         assert_eq!(head.status, 101);
-        let msg = tinyscale::noise::stream::read_response_message(&mut s, &mut left)
+        let msg = tinyscale::wire::noise::stream::read_response_message(&mut s, &mut left)
             .await
             .unwrap();
         init_state.finish(&msg).unwrap();
@@ -696,7 +696,7 @@ async fn canned_http(response: Vec<u8>) -> SocketAddr {
         while let Ok((mut s, _)) = listener.accept().await {
             let response = response.clone();
             tokio::spawn(async move {
-                let _ = tinyscale::http1::read_head(&mut s).await;
+                let _ = tinyscale::wire::http1::read_head(&mut s).await;
                 let _ = s.write_all(&response).await;
                 let _ = s.shutdown().await;
             });
@@ -1050,7 +1050,7 @@ async fn metrics_endpoint_counts_streams_registrations_and_fan_out() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let maddr = listener.local_addr().unwrap();
     let coord = h.coord.clone();
-    tokio::spawn(tinyscale::metrics::listen::serve(listener, move || {
+    tokio::spawn(tinyscale::daemon::metrics::listen::serve(listener, move || {
         std::future::ready(tinyscale::coordinator::metrics::render(
             &tinyscale::coordinator::metrics_snapshot(&coord, None),
         ))

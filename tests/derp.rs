@@ -19,7 +19,6 @@ use bytes::Bytes;
 use common::{need_caddy, GoNode, Proc};
 use rand_core::{OsRng, RngCore};
 use tinyscale::{
-    connlimit::ListenLimits,
     control::client as control,
     coordinator::{
         admin::{self, AdminRequest},
@@ -32,11 +31,13 @@ use tinyscale::{
         frame::{self, ClientInfo, Frame, FrameReader, FrameType, PeerGoneReason},
         server::{self, DerpServer},
     },
-    disco,
-    keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
-    stun, tailcfg,
-    tls::Stream,
-    uci::DerpConfig,
+    platform::uci::DerpConfig,
+    wire::connlimit::ListenLimits,
+    wire::disco,
+    wire::keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
+    wire::stun,
+    wire::tailcfg,
+    wire::tls::Stream,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -310,7 +311,7 @@ async fn http_routes_of_a_derp_host() {
     s.write_all(b"GET http://127.0.0.1/derp HTTP/1.1\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
         .await
         .unwrap();
-    let (head, _) = tinyscale::http1::read_head(&mut s).await.unwrap();
+    let (head, _) = tinyscale::wire::http1::read_head(&mut s).await.unwrap();
     assert_eq!(head.status, 101);
 
     // The 101: any method, Upgrade matched case-insensitively, Go's headers.
@@ -318,7 +319,7 @@ async fn http_routes_of_a_derp_host() {
     s.write_all(b"POST /derp HTTP/1.1\r\nHost: x\r\nUpgrade: derp\r\nConnection: upgrade\r\n\r\n")
         .await
         .unwrap();
-    let (head, left) = tinyscale::http1::read_head(&mut s).await.unwrap();
+    let (head, left) = tinyscale::wire::http1::read_head(&mut s).await.unwrap();
     assert_eq!(head.status, 101);
     assert_eq!(head.header("upgrade"), Some("DERP"));
     assert_eq!(head.header("connection"), Some("Upgrade"));

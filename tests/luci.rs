@@ -14,7 +14,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tinyscale::ubus_object;
+use tinyscale::platform::ubus_object;
 
 /// Unminified JavaScript of all views together.
 const JS_BUDGET: usize = 40 * 1024;

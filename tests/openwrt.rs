@@ -7,7 +7,7 @@
 
 use std::process::Command;
 
-use tinyscale::uci::{
+use tinyscale::platform::uci::{
     batch::{apply, export},
     client::DEFAULT_TUN,
     parse, UciFile,

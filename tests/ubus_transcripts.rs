@@ -3,8 +3,8 @@
 
 use serde_json::{json, Map, Value};
 use tinyscale::{
-    ubus::{self, blobmsg, Client, Event, Invoke, Method},
-    ubus_object,
+    platform::ubus::{self, blobmsg, Client, Event, Invoke, Method},
+    platform::ubus_object,
 };
 
 /// The frames of a transcript: (from ubusd?, bytes).

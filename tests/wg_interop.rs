@@ -23,10 +23,10 @@ use std::{io::Write, net::SocketAddr, process::Command, time::Duration};
 use common::Proc;
 
 use tinyscale::{
-    keys::{NodePrivate, NodePublic},
-    router::{Router, RouterConfig, SystemRunner},
-    tun::Tun,
-    wg::{IpPrefix, PeerConfig, WgPeers, TIMER_TICK},
+    dataplane::router::{Router, RouterConfig, SystemRunner},
+    dataplane::tun::Tun,
+    dataplane::wg::{IpPrefix, PeerConfig, WgPeers, TIMER_TICK},
+    wire::keys::{NodePrivate, NodePublic},
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);

@@ -3,7 +3,7 @@
 //! all through the key-folding decoder both sides use, and the framing of the map stream.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tinyscale::tailcfg::{self, DerpMap, MapRequest, MapResponse, RegisterRequest, RegisterResponse};
+use tinyscale::wire::tailcfg::{self, DerpMap, MapRequest, MapResponse, RegisterRequest, RegisterResponse};
 
 fuzz_target!(|data: &[u8]| {
     let _ = tailcfg::from_slice_folded::<RegisterRequest>(data);

@@ -2,7 +2,7 @@
 //! seen on the tunnel, and resolv.conf.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tinyscale::dns;
+use tinyscale::dataplane::dns;
 
 fuzz_target!(|data: &[u8]| {
     let _ = dns::parse_query(data);

@@ -2,7 +2,7 @@
 //! admin endpoints), URL parsing and the base64 decoder used for the Noise handshake header.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tinyscale::http1;
+use tinyscale::wire::http1;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Some((head, used))) = http1::parse_head(data) {

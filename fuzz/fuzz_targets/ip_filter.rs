@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = tinyscale::filter::parse(data);
+    let _ = tinyscale::dataplane::filter::parse(data);
 });

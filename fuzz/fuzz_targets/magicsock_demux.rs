@@ -2,10 +2,10 @@
 //! STUN, disco or WireGuard parser it was classified for.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tinyscale::keys::NodePrivate;
-use tinyscale::magicsock::demux::{self, Kind};
-use tinyscale::wg::WgPeers;
-use tinyscale::{disco, stun};
+use tinyscale::dataplane::magicsock::demux::{self, Kind};
+use tinyscale::dataplane::wg::WgPeers;
+use tinyscale::wire::keys::NodePrivate;
+use tinyscale::{wire::disco, wire::stun};
 
 fuzz_target!(|data: &[u8]| {
     match demux::classify(data) {

@@ -2,8 +2,8 @@
 //! reply, the early-payload header, and transport records (length framing + AEAD open).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tinyscale::keys::MachinePrivate;
-use tinyscale::noise::{self, CipherState, RecordReader};
+use tinyscale::wire::keys::MachinePrivate;
+use tinyscale::wire::noise::{self, CipherState, RecordReader};
 
 fuzz_target!(|data: &[u8]| {
     let server = MachinePrivate::from_random([1; 32]);

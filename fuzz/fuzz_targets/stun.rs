@@ -1,7 +1,7 @@
 //! STUN binding requests (the relay's STUN server) and responses (netcheck, magicsock).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tinyscale::stun;
+use tinyscale::wire::stun;
 
 fuzz_target!(|data: &[u8]| {
     let _ = stun::is_stun(data);

@@ -1,7 +1,7 @@
 //! UCI config files (/etc/config/tinyscale, dhcp, network) and the option value parsers.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tinyscale::uci;
+use tinyscale::platform::uci;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };

@@ -1,7 +1,7 @@
 //! zstd frames from control (map responses), with the client's size limit.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tinyscale::zstdframe;
+use tinyscale::wire::zstdframe;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(out) = zstdframe::decode(data, 1 << 20) {

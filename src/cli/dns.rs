@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 /// The `nameserver` and `search` entries of a resolv.conf: what the MagicDNS resolver forwards
 /// to for names outside every split-DNS route.
 pub fn system_dns(resolv_conf: &str) -> (Vec<String>, Vec<String>) {
-    let ns = crate::dns::parse_resolv_conf(resolv_conf)
+    let ns = crate::dataplane::dns::parse_resolv_conf(resolv_conf)
         .iter()
         .map(|a| a.ip().to_string())
         .collect();

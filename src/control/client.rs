@@ -12,11 +12,11 @@ use rand_core::{OsRng, RngCore};
 use tokio::io::AsyncWriteExt;
 
 use crate::{
-    http1,
-    keys::{MachinePrivate, MachinePublic},
-    noise::{self, stream::NoiseStream},
-    tailcfg::{self, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse},
-    tls::{self, Stream},
+    wire::http1,
+    wire::keys::{MachinePrivate, MachinePublic},
+    wire::noise::{self, stream::NoiseStream},
+    wire::tailcfg::{self, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse},
+    wire::tls::{self, Stream},
 };
 
 /// Dial + handshake budget (Go: ~10 s end to end).
@@ -250,8 +250,8 @@ pub fn next_map_json(buf: &mut Vec<u8>) -> Result<Option<Vec<u8>>, Error> {
         *buf = Vec::new();
     }
     // Only if we asked for zstd; raw-block frames decode without a decompressor.
-    if msg.starts_with(&crate::zstdframe::MAGIC) {
-        msg = crate::zstdframe::decode(&msg, MAX_MAP_MESSAGE)
+    if msg.starts_with(&crate::wire::zstdframe::MAGIC) {
+        msg = crate::wire::zstdframe::decode(&msg, MAX_MAP_MESSAGE)
             .map_err(|e| Error::Protocol(format!("map message: {e}")))?;
     }
     Ok(Some(msg))
@@ -388,7 +388,7 @@ mod tests {
             v
         };
         let mut buf = framed(br#"{"KeepAlive":true}"#);
-        buf.extend(framed(&crate::zstdframe::encode(br#"{"Domain":"ts.example"}"#)));
+        buf.extend(framed(&crate::wire::zstdframe::encode(br#"{"Domain":"ts.example"}"#)));
         let second_len = buf.len();
         buf.truncate(second_len - 3);
         let m = next_map_message(&mut buf).unwrap().expect("first message is complete");
@@ -397,7 +397,7 @@ mod tests {
         let before = buf.len();
         assert!(next_map_message(&mut buf).unwrap().is_none());
         assert_eq!(buf.len(), before);
-        let mut full = framed(&crate::zstdframe::encode(br#"{"Domain":"ts.example"}"#));
+        let mut full = framed(&crate::wire::zstdframe::encode(br#"{"Domain":"ts.example"}"#));
         full.extend(framed(b"{"));
         buf = full;
         assert_eq!(

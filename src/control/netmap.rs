@@ -11,8 +11,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use crate::{
-    router::Prefix,
-    tailcfg::{DerpMap, DnsConfig, FilterRule, MapResponse, Node, UserProfile},
+    dataplane::router::Prefix,
+    wire::tailcfg::{DerpMap, DnsConfig, FilterRule, MapResponse, Node, UserProfile},
 };
 
 /// The chunk the legacy `PacketFilter` field stands for.
@@ -314,7 +314,7 @@ impl Netmap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tailcfg::{NetPortRange, PeerChange, PortRange};
+    use crate::wire::tailcfg::{NetPortRange, PeerChange, PortRange};
 
     fn peer(id: u64, name: &str) -> Node {
         Node {

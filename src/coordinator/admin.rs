@@ -19,11 +19,11 @@ use super::{
     state::{CoordError, State},
 };
 use crate::{
-    ipc,
-    ipc::IpcResponse,
-    tailcfg,
-    ubus::{blobmsg, Method},
-    ubus_object::{self, Args, MethodDef, Object, PendingReply},
+    daemon::ipc,
+    daemon::ipc::IpcResponse,
+    platform::ubus::{blobmsg, Method},
+    platform::ubus_object::{self, Args, MethodDef, Object, PendingReply},
+    wire::tailcfg,
 };
 
 /// One admin request.
@@ -461,7 +461,7 @@ fn key_add(a: &Map) -> Result<R, String> {
     let secs = match &k.expiration {
         None => 3600,
         Some(Value::Number(n)) => n.as_u64().ok_or("expiration: seconds must be a positive integer")?,
-        Some(Value::String(s)) => crate::uci::parse_duration(s)
+        Some(Value::String(s)) => crate::platform::uci::parse_duration(s)
             .map_err(|e| format!("expiration {s:?}: {e}"))?
             .as_secs(),
         Some(_) => return Err("expiration: a duration like 24h, or seconds".into()),
@@ -698,10 +698,10 @@ const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// the control client does); errors say what the server answered.
 pub async fn call_remote(url: &str, key: &str, req: &AdminRequest) -> Result<Value, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let u = crate::http1::parse_url(url).map_err(|e| format!("--remote {url}: {e}"))?;
+    let u = crate::wire::http1::parse_url(url).map_err(|e| format!("--remote {url}: {e}"))?;
     let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     let work = async {
-        let mut io = crate::tls::connect(&crate::tls::host_port(&u.host, u.port), &u.host, u.tls).await?;
+        let mut io = crate::wire::tls::connect(&crate::wire::tls::host_port(&u.host, u.port), &u.host, u.tls).await?;
         let head = format!(
             "POST {}/api/v1/admin HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -712,7 +712,9 @@ pub async fn call_remote(url: &str, key: &str, req: &AdminRequest) -> Result<Val
         io.write_all(head.as_bytes()).await?;
         io.write_all(&body).await?;
         io.flush().await?;
-        let (head, mut out) = crate::http1::read_head(&mut io).await.map_err(std::io::Error::other)?;
+        let (head, mut out) = crate::wire::http1::read_head(&mut io)
+            .await
+            .map_err(std::io::Error::other)?;
         let mut chunk = [0u8; 4096];
         while out.len() <= REMOTE_MAX_BODY {
             match io.read(&mut chunk).await {
@@ -861,7 +863,7 @@ mod tests {
     async fn server_object_answers_from_the_coordinator() {
         use crate::{
             coordinator::{state::Settings, store::Store},
-            ubus,
+            platform::ubus,
         };
         let st = State::load(Store::open_in_memory().expect("db"), Settings::default()).expect("state");
         let obj = Arc::new(ServerObject(Coordinator::new(st).expect("coordinator")));

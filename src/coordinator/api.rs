@@ -28,7 +28,7 @@ use super::{
     server::Coordinator,
     state::CoordError,
 };
-use crate::tailcfg;
+use crate::wire::tailcfg;
 
 /// Default life of a pre-auth key made without `expiration` (as the CLI).
 const DEFAULT_PREAUTH_SECS: u64 = 3600;

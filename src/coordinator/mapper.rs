@@ -31,7 +31,7 @@ use super::{
     policy::{Compiled, Member},
     state::{Change, State},
 };
-use crate::tailcfg::{self, DnsConfig, DnsRecord, FilterRule, MapResponse, Resolver, UserProfile};
+use crate::wire::tailcfg::{self, DnsConfig, DnsRecord, FilterRule, MapResponse, Resolver, UserProfile};
 
 fn fqdn(state: &State, given: &str) -> String {
     let d = &state.settings.base_domain;
@@ -616,11 +616,11 @@ mod tests {
         ]
     }
 
-    fn keys(slot: usize) -> (crate::keys::MachinePublic, crate::keys::NodePrivate) {
+    fn keys(slot: usize) -> (crate::wire::keys::MachinePublic, crate::wire::keys::NodePrivate) {
         let b = slot as u8 + 1;
         (
-            crate::keys::MachinePrivate::from_random([b; 32]).public(),
-            crate::keys::NodePrivate::from_random([b + 100; 32]),
+            crate::wire::keys::MachinePrivate::from_random([b; 32]).public(),
+            crate::wire::keys::NodePrivate::from_random([b + 100; 32]),
         )
     }
 
@@ -631,7 +631,7 @@ mod tests {
 
     /// Applies `op` to the state; the changes it caused (none if it was refused).
     fn run(st: &mut State, op: &Op, now: i64) -> Vec<Change> {
-        use crate::tailcfg::{MapRequest, RegisterAuth, RegisterRequest};
+        use crate::wire::tailcfg::{MapRequest, RegisterAuth, RegisterRequest};
         let map_req = |slot: usize, endpoints: Vec<String>, hostinfo: Option<serde_json::Value>| MapRequest {
             version: 130,
             node_key: keys(slot).1.public(),

@@ -6,7 +6,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::keys::{DiscoPublic, MachinePublic, NodePublic};
+use crate::wire::keys::{DiscoPublic, MachinePublic, NodePublic};
 
 /// A tailnet user (headscale `types.User`).
 #[derive(Debug, Clone, PartialEq, Eq)]

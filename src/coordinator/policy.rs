@@ -35,8 +35,8 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use crate::{
-    tailcfg::{FilterRule, NetPortRange, PortRange},
-    wg::IpPrefix,
+    dataplane::wg::IpPrefix,
+    wire::tailcfg::{FilterRule, NetPortRange, PortRange},
 };
 
 /// Deepest nesting of arrays and objects accepted (a policy needs 4).
@@ -1078,7 +1078,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::filter::{Filter, LocalNets, Rules, Verdict};
+    use crate::dataplane::filter::{Filter, LocalNets, Rules, Verdict};
 
     fn errs(text: &str) -> Vec<PolicyError> {
         Policy::parse(text).expect_err("policy should be refused").0

@@ -15,8 +15,8 @@ use super::{
     store::{Store, StoreError},
 };
 use crate::{
-    keys::{MachinePublic, NodePublic},
-    tailcfg::{self, DerpMap, HostinfoView, PeerChange, RegisterRequest, RegisterResponse},
+    wire::keys::{MachinePublic, NodePublic},
+    wire::tailcfg::{self, DerpMap, HostinfoView, PeerChange, RegisterRequest, RegisterResponse},
 };
 
 /// How long an interactive registration waits for an admin (headscale: 15 min).
@@ -1213,8 +1213,8 @@ mod tests {
     use super::*;
     use crate::{
         coordinator::mapper::{self, Action},
-        keys::{DiscoPrivate, MachinePrivate, NodePrivate},
-        tailcfg::{MapRequest, RegisterAuth},
+        wire::keys::{DiscoPrivate, MachinePrivate, NodePrivate},
+        wire::tailcfg::{MapRequest, RegisterAuth},
     };
 
     fn state() -> State {

@@ -45,7 +45,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Row, Transactio
 use tokio::sync::watch;
 
 use super::model::{ApiKey, Node, PreAuthKey, User};
-use crate::keys::{hex_decode32, hex_encode, DiscoPublic, MachinePublic, NodePublic};
+use crate::wire::keys::{hex_decode32, hex_encode, DiscoPublic, MachinePublic, NodePublic};
 
 /// The canonical schema of the current version.
 const SCHEMA_SQL: &str = include_str!("schema.sql");

@@ -20,7 +20,7 @@
 //!   [`Error::is_retryable`] says whether a new one may work and [`Backoff`] spaces the attempts
 //!   (Go magicsock reconnects with backoff capped at 10 s).
 //! * TLS: real regions only speak TLS (certificate checked for the node's `HostName`); plain
-//!   HTTP is for loopback tests and for `TS_DEBUG_USE_DERP_HTTP=1` (see [`crate::tls`]).
+//!   HTTP is for loopback tests and for `TS_DEBUG_USE_DERP_HTTP=1` (see [`crate::wire::tls`]).
 #![forbid(unsafe_code)]
 
 use std::{fmt, io, time::Duration};
@@ -36,9 +36,9 @@ use super::frame::{
     self, ClientInfo, Frame, FrameError, FrameReader, FrameType, PeerGoneReason, ServerInfo, KEY_LEN, MAX_PACKET_SIZE,
 };
 use crate::{
-    http1,
-    keys::{NodePrivate, NodePublic},
-    tls::{self, Stream},
+    wire::http1,
+    wire::keys::{NodePrivate, NodePublic},
+    wire::tls::{self, Stream},
 };
 
 /// Budget for the TCP dial, and separately for upgrade + handshake (Go: 10 s each).
@@ -274,7 +274,7 @@ async fn connect_staggered(addrs: &[std::net::SocketAddr]) -> io::Result<TcpStre
     let mut last_err = None;
     loop {
         if let Some(a) = pending.next() {
-            set.spawn(crate::netns::connect(a));
+            set.spawn(crate::dataplane::netns::connect(a));
         }
         if set.is_empty() {
             return Err(last_err.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address to dial")));

@@ -40,7 +40,7 @@ use crypto_box::{
     PublicKey, SalsaBox, SecretKey,
 };
 
-use crate::keys::{hex_decode32, hex_encode, NodePrivate, NodePublic};
+use crate::wire::keys::{hex_decode32, hex_encode, NodePrivate, NodePublic};
 
 /// ServerKey magic, "DERP🔑" (Go `Magic`).
 pub const MAGIC: [u8; 8] = [0x44, 0x45, 0x52, 0x50, 0xF0, 0x9F, 0x94, 0x91];

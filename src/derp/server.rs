@@ -51,11 +51,12 @@ use super::frame::{
     self, Frame, FrameError, FrameReader, FrameType, PeerGoneReason, ServerInfo, KEEP_ALIVE, KEY_LEN, MAX_PACKET_SIZE,
 };
 use crate::{
-    connlimit::{self, ConnLimits, ListenLimits},
-    disco, http1,
-    keys::{NodePrivate, NodePublic},
-    tailcfg::{DerpNode, DerpRegion},
-    uci::DerpConfig,
+    platform::uci::DerpConfig,
+    wire::connlimit::{self, ConnLimits, ListenLimits},
+    wire::disco,
+    wire::http1,
+    wire::keys::{NodePrivate, NodePublic},
+    wire::tailcfg::{DerpNode, DerpRegion},
 };
 
 /// Frames queued per client before new ones are dropped (Go `perClientSendQueueDepth`, 32):
@@ -725,7 +726,7 @@ impl DerpServer {
     /// probes and `/generate_204` via [`Self::handle_http`]; TLS first when `tls` is given.
     /// Admission follows [`Self::limits`]; TLS, the request head and the DERP handshake share
     /// one `handshake_timeout` budget from accept.
-    pub async fn serve(self: &Arc<Self>, listener: TcpListener, tls: Option<crate::tls::Acceptor>) {
+    pub async fn serve(self: &Arc<Self>, listener: TcpListener, tls: Option<crate::wire::tls::Acceptor>) {
         let budget = self.limits.limits().handshake_timeout;
         loop {
             let (tcp, peer, guard) = connlimit::accept(&listener, &self.limits, tls.is_some(), "derp").await;
@@ -734,7 +735,7 @@ impl DerpServer {
             tokio::spawn(async move {
                 let _guard = guard;
                 let deadline = tokio::time::Instant::now() + budget;
-                let Some(mut sock) = crate::tls::accept(tls.as_ref(), tcp, budget, peer).await else {
+                let Some(mut sock) = crate::wire::tls::accept(tls.as_ref(), tcp, budget, peer).await else {
                     return;
                 };
                 let head = tokio::time::timeout_at(deadline, http1::read_request_head(&mut sock)).await;
@@ -850,7 +851,7 @@ pub async fn run_standalone(
     listen: SocketAddr,
     private: NodePrivate,
     stun: Option<SocketAddr>,
-    tls: Option<crate::tls::Acceptor>,
+    tls: Option<crate::wire::tls::Acceptor>,
     limits: ListenLimits,
 ) -> io::Result<()> {
     let server = Arc::new(DerpServer::new(private, None).with_limits(limits));
@@ -872,7 +873,7 @@ pub async fn run_standalone(
     );
     let stun_task = async {
         match udp {
-            Some(u) => crate::stun::serve_udp(u, Arc::new(crate::stun::StunStats::default())).await,
+            Some(u) => crate::wire::stun::serve_udp(u, Arc::new(crate::wire::stun::StunStats::default())).await,
             None => std::future::pending().await,
         }
     };
