@@ -1635,23 +1635,10 @@ pub fn client_up_args(c: &crate::platform::uci::client::ClientConfig) -> Result<
 /// `--config` win).
 fn overlay(mut base: UpArgs, flags: UpArgs) -> UpArgs {
     macro_rules! take {
-        ($($f:ident),*) => { $( if flags.$f.is_some() { base.$f = flags.$f; } )* };
+        ($($f:ident: $t:ident),*) => { $( if flags.$f.is_some() { base.$f = flags.$f; } )* };
     }
-    take!(
-        login_server,
-        auth_key,
-        hostname,
-        advertise_routes,
-        advertise_lan,
-        accept_routes,
-        accept_dns,
-        advertise_exit_node,
-        exit_node,
-        exit_node_allow_lan_access,
-        advertise_tags,
-        shields_up,
-        snat_subnet_routes
-    );
+    take!(login_server: STRING, auth_key: STRING);
+    crate::daemon::ipc::for_each_pref!(take);
     base.force_reauth |= flags.force_reauth;
     base
 }

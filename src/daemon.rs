@@ -483,21 +483,9 @@ impl Daemon {
             }
             let exit_given = a.exit_node.is_some();
             macro_rules! set {
-                ($($f:ident),*) => { $( if let Some(v) = a.$f { p.$f = v; } )* };
+                ($($f:ident: $t:ident),*) => { $( if let Some(v) = a.$f { p.$f = v; } )* };
             }
-            set!(
-                hostname,
-                advertise_routes,
-                advertise_lan,
-                accept_routes,
-                accept_dns,
-                advertise_exit_node,
-                exit_node,
-                exit_node_allow_lan_access,
-                advertise_tags,
-                shields_up,
-                snat_subnet_routes
-            );
+            ipc::for_each_pref!(set);
             p.want_running |= bring_up;
             if exit_given {
                 let arg = p.exit_node.as_str();

@@ -41,6 +41,29 @@ pub struct UpArgs {
     pub reset: bool,
 }
 
+/// The prefs `up` and `set` carry, listed once for every place that walks them (the daemon's
+/// merge, the CLI's `--config` overlay, the ubus signatures): calls `$m!` with each pref as
+/// `field: blobmsg type` (the type of its ubus argument), in the ubus signature's order. Each is
+/// an `Option` field of [`UpArgs`] and a plain field of the daemon's `Prefs`.
+macro_rules! for_each_pref {
+    ($m:ident) => {
+        $m!(
+            hostname: STRING,
+            advertise_routes: ARRAY,
+            advertise_lan: STRING,
+            accept_routes: BOOL,
+            accept_dns: BOOL,
+            advertise_exit_node: BOOL,
+            exit_node: STRING,
+            exit_node_allow_lan_access: BOOL,
+            advertise_tags: ARRAY,
+            shields_up: BOOL,
+            snat_subnet_routes: BOOL
+        )
+    };
+}
+pub(crate) use for_each_pref;
+
 /// A request to the daemon.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]

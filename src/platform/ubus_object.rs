@@ -30,7 +30,7 @@ use tokio::{
 };
 
 use crate::{
-    daemon::ipc::{IpcRequest, IpcResponse, UpArgs},
+    daemon::ipc::{for_each_pref, IpcRequest, IpcResponse, UpArgs},
     daemon::Daemon,
     platform::ubus::{self, blobmsg, Client, Event, Invoke, Method},
 };
@@ -118,39 +118,24 @@ pub fn typed<T: serde::de::DeserializeOwned>(
     serde_json::from_value(Value::Object(known)).map_err(|e| format!("{method}: {e}"))
 }
 
+macro_rules! up_args {
+    ($($f:ident: $t:ident),*) => {
+        &[
+            ("login_server", blobmsg::STRING),
+            ("auth_key", blobmsg::STRING),
+            $((stringify!($f), blobmsg::$t),)*
+            ("force_reauth", blobmsg::BOOL),
+            ("reset", blobmsg::BOOL),
+        ]
+    };
+}
+macro_rules! set_args {
+    ($($f:ident: $t:ident),*) => { &[$((stringify!($f), blobmsg::$t)),*] };
+}
 /// `up` arguments and their blobmsg types, as advertised in the signature.
-const UP_ARGS: Args = &[
-    ("login_server", blobmsg::STRING),
-    ("auth_key", blobmsg::STRING),
-    ("hostname", blobmsg::STRING),
-    ("advertise_routes", blobmsg::ARRAY),
-    ("advertise_lan", blobmsg::STRING),
-    ("accept_routes", blobmsg::BOOL),
-    ("accept_dns", blobmsg::BOOL),
-    ("advertise_exit_node", blobmsg::BOOL),
-    ("exit_node", blobmsg::STRING),
-    ("exit_node_allow_lan_access", blobmsg::BOOL),
-    ("advertise_tags", blobmsg::ARRAY),
-    ("shields_up", blobmsg::BOOL),
-    ("snat_subnet_routes", blobmsg::BOOL),
-    ("force_reauth", blobmsg::BOOL),
-    ("reset", blobmsg::BOOL),
-];
-
+const UP_ARGS: Args = for_each_pref!(up_args);
 /// `set` arguments: the prefs of `up` (the uci option names), without login and reset.
-const SET_ARGS: Args = &[
-    ("hostname", blobmsg::STRING),
-    ("advertise_routes", blobmsg::ARRAY),
-    ("advertise_lan", blobmsg::STRING),
-    ("accept_routes", blobmsg::BOOL),
-    ("accept_dns", blobmsg::BOOL),
-    ("advertise_exit_node", blobmsg::BOOL),
-    ("exit_node", blobmsg::STRING),
-    ("exit_node_allow_lan_access", blobmsg::BOOL),
-    ("advertise_tags", blobmsg::ARRAY),
-    ("shields_up", blobmsg::BOOL),
-    ("snat_subnet_routes", blobmsg::BOOL),
-];
+const SET_ARGS: Args = for_each_pref!(set_args);
 
 /// `login` arguments.
 const LOGIN_ARGS: Args = &[("login_server", blobmsg::STRING), ("auth_key", blobmsg::STRING)];
@@ -568,6 +553,25 @@ fn bad_data(e: ubus::Error) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ubus signatures name every field of `UpArgs` (`set`: all but login and reset), so
+    /// a pref added to `UpArgs` but not to `for_each_pref!` fails here.
+    #[test]
+    fn signatures_cover_every_pref() {
+        let Value::Object(fields) = serde_json::to_value(UpArgs::default()).unwrap() else {
+            panic!("UpArgs is an object");
+        };
+        let mut all: Vec<&str> = fields.keys().map(String::as_str).collect();
+        all.sort_unstable();
+        let names = |a: Args| {
+            let mut v: Vec<&str> = a.iter().map(|(n, _)| *n).collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(names(UP_ARGS), all);
+        all.retain(|n| !["login_server", "auth_key", "force_reauth", "reset"].contains(n));
+        assert_eq!(names(SET_ARGS), all);
+    }
 
     fn args(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap_or_default()
