@@ -460,12 +460,14 @@ async fn ts2021(
     Ok(())
 }
 
-async fn serve_h2(
-    coord: Arc<Coordinator>,
-    io: NoiseStream<Stream>,
-    machine: MachinePublic,
-    deadline: tokio::time::Instant,
-) {
+/// The HTTP/2 side of a Noise session from `machine`: what `/ts2021` runs once the handshake is
+/// done, over the Noise stream. Public (and generic over the byte stream) for the fuzz target,
+/// which drives it over an in-memory pipe; the binary instantiates it once.
+#[doc(hidden)]
+pub async fn serve_h2<T>(coord: Arc<Coordinator>, io: T, machine: MachinePublic, deadline: tokio::time::Instant)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let conn = h2::server::Builder::new()
         .max_concurrent_streams(32)
         .handshake::<_, Bytes>(io);
