@@ -736,8 +736,15 @@ impl CommandRunner for SystemRunner {
         std::fs::read_to_string(path).map_err(|err| RouterError::File { path: path.into(), err })
     }
 
+    /// Sysctls are written in place; any other file (the saved forwarding values) atomically,
+    /// so a crash mid-write never leaves a torn file for [`Router::recover`] to misread.
     fn write_file(&mut self, path: &str, data: &str) -> Result<(), RouterError> {
-        std::fs::write(path, data).map_err(|err| RouterError::File { path: path.into(), err })
+        let r = if path.starts_with("/proc/") {
+            std::fs::write(path, data)
+        } else {
+            crate::daemon::write_private_file(std::path::Path::new(path), data.as_bytes())
+        };
+        r.map_err(|err| RouterError::File { path: path.into(), err })
     }
 
     fn remove_file(&mut self, path: &str) {
@@ -1028,6 +1035,29 @@ fn nft_hint(e: RouterError) -> RouterError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The saved forwarding values replace the old file whole (temp file + rename, as the
+    /// state file): no temp file is left, the content is the new one, the mode the state's.
+    #[test]
+    fn system_runner_replaces_saved_files_whole() {
+        let dir = std::env::temp_dir().join(format!("tinyscale-router-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("forwarding.saved");
+        let p = path.to_str().unwrap();
+        let mut r = SystemRunner;
+        r.write_file(p, "a=0\n").unwrap();
+        r.write_file(p, "b=1\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "b=1\n");
+        // Written through the state file's writer (temp file, fsync, rename): mode 0600.
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["forwarding.saved"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
