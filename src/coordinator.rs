@@ -1,12 +1,13 @@
 //! The mini-coordinator (feature `coordinator`): a headscale-compatible control server with a
 //! SQLite store, started by `tinyscale server serve` and administered over a unix socket.
 //!
-//! Layers: `model` (records), `store` (SQLite), `ipam`, `policy` (ACLs), `state` (decisions +
+//! Layers: `config` (the uci section), `model` (records), `store` (SQLite), `ipam`, `policy` (ACLs), `state` (decisions +
 //! write-through), `mapper` (MapResponses and deltas), `server` (TCP/Noise/HTTP2 shell), `admin`
 //! (unix socket).
 
 pub mod admin;
 pub mod api;
+pub mod config;
 pub mod ipam;
 pub mod mapper;
 pub mod metrics;
@@ -19,7 +20,7 @@ pub mod store;
 use std::{path::Path, sync::Arc, time::Duration};
 
 use crate::{
-    platform::uci::ServerConfig,
+    coordinator::config::ServerConfig,
     wire::tailcfg::{DerpMap, DerpRegion},
 };
 

@@ -26,8 +26,8 @@
 
 use std::{net::IpAddr, path::PathBuf};
 
-use super::{parse, parse_bool, ConfigError, LogLevel, UciFile, UciOption};
-use crate::{daemon::ipc::UpArgs, dataplane::router::Prefix};
+use super::{parse, parse_bool, ConfigError, UciFile, UciOption};
+use crate::{daemon::ipc::UpArgs, dataplane::router::Prefix, logger::LogLevel};
 
 /// Section type of the client settings.
 pub const CLIENT_SECTION_TYPE: &str = "client";
@@ -489,8 +489,11 @@ mod tests {
         );
         assert_eq!(c.state_dir, PathBuf::from("/etc/tinyscale"));
         // The coordinator section in the same file is valid for the server schema too.
-        let s = crate::platform::uci::ServerConfig::from_uci_text(PACKAGED).expect("server section valid");
-        assert_eq!(s.listen_addr.port(), 8080);
+        #[cfg(feature = "coordinator")]
+        {
+            let s = crate::coordinator::config::ServerConfig::from_uci_text(PACKAGED).expect("server section valid");
+            assert_eq!(s.listen_addr.port(), 8080);
+        }
     }
 
     #[test]
