@@ -126,10 +126,10 @@ pub fn load_derp_map(paths: &[std::path::PathBuf]) -> Result<DerpMap, String> {
 pub fn settings_from_config(cfg: &ServerConfig) -> Result<state::Settings, String> {
     let mut ipam = ipam::Ipam::default();
     if let Some(p) = cfg.prefix_v4 {
-        ipam.v4 = (p.addr(), p.prefix_len());
+        ipam.v4 = p;
     }
     if let Some(p) = cfg.prefix_v6 {
-        ipam.v6 = (p.addr(), p.prefix_len());
+        ipam.v6 = p;
     }
     Ok(state::Settings {
         server_url: cfg.server_url.clone(),

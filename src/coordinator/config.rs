@@ -21,10 +21,8 @@ use std::{
 use crate::{
     derp::config::DerpConfig,
     logger::LogLevel,
-    platform::uci::{
-        format_duration, parse, parse_bool, parse_duration, ConfigError, Ipv4Net, Ipv6Net, UciFile, UciOption,
-        CGNAT_RANGE, PACKAGE, TAILSCALE_ULA_RANGE,
-    },
+    platform::uci::{format_duration, parse, parse_bool, parse_duration, ConfigError, UciFile, UciOption, PACKAGE},
+    wire::tsaddr::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
 };
 
 /// The validated coordinator config from `config server 'main'`; every field has headscale's
@@ -43,9 +41,9 @@ pub struct ServerConfig {
     /// set the listener speaks TLS (control, `/key` and the embedded DERP relay).
     pub tls: Option<(PathBuf, PathBuf)>,
     /// IPv4 allocation prefix inside 100.64.0.0/10 (`list ip_prefix`); `None` if only v6 is set.
-    pub prefix_v4: Option<Ipv4Net>,
+    pub prefix_v4: Option<Prefix>,
     /// IPv6 allocation prefix inside fd7a:115c:a1e0::/48; `None` if only v4 is set.
-    pub prefix_v6: Option<Ipv6Net>,
+    pub prefix_v6: Option<Prefix>,
     /// MagicDNS domain (`base_domain`), lowercase, no trailing dot.
     pub base_domain: String,
     /// MagicDNS on (`magic_dns`).
@@ -331,22 +329,18 @@ impl ServerConfig {
             c.prefix_v6 = None;
             for o in prefixes {
                 if o.value.contains(':') {
-                    let p: Ipv6Net = o
-                        .value
-                        .parse()
+                    let p = Prefix::parse_exact(&o.value)
                         .map_err(|e| invalid(o, format!("invalid IPv6 prefix {:?}: {e}", o.value)))?;
-                    if !TAILSCALE_ULA_RANGE.contains_net(&p) {
+                    if !TAILSCALE_ULA_RANGE.contains_prefix(&p) {
                         return Err(invalid(o, format!("IPv6 prefix {p} is outside {TAILSCALE_ULA_RANGE}")));
                     }
                     if c.prefix_v6.replace(p).is_some() {
                         return Err(invalid(o, "at most one IPv6 prefix may be set".to_owned()));
                     }
                 } else {
-                    let p: Ipv4Net = o
-                        .value
-                        .parse()
+                    let p = Prefix::parse_exact(&o.value)
                         .map_err(|e| invalid(o, format!("invalid IPv4 prefix {:?}: {e}", o.value)))?;
-                    if !CGNAT_RANGE.contains_net(&p) {
+                    if !CGNAT_RANGE.contains_prefix(&p) {
                         return Err(invalid(o, format!("IPv4 prefix {p} is outside {CGNAT_RANGE}")));
                     }
                     if c.prefix_v4.replace(p).is_some() {

@@ -28,12 +28,7 @@
 //! Pure: the caller reads the file and passes its text.
 #![forbid(unsafe_code)]
 
-use std::{
-    fmt,
-    net::{Ipv4Addr, Ipv6Addr},
-    str::FromStr,
-    time::Duration,
-};
+use std::time::Duration;
 
 /// The uci package (file name under `/etc/config`) that holds tinyscale's settings.
 pub const PACKAGE: &str = "tinyscale";
@@ -670,132 +665,6 @@ fn decimal(n: u128, div: u128) -> String {
     format!("{int}.{}", frac.trim_end_matches('0'))
 }
 
-// ---------------------------------------------------------------------------------------------
-// IP prefixes
-// ---------------------------------------------------------------------------------------------
-
-/// Why an IP prefix text failed to parse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PrefixError {
-    /// Not `address/length`.
-    #[error("not in address/length form")]
-    Syntax,
-    /// The length is longer than the address.
-    #[error("prefix length out of range")]
-    Length,
-    /// Bits after the prefix length are set, e.g. `100.64.0.1/10`.
-    #[error("address has bits set beyond the prefix length")]
-    HostBits,
-}
-
-macro_rules! ip_net {
-    ($name:ident, $addr:ty, $bits:ty, $width:literal, $doc:literal) => {
-        #[doc = $doc]
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name {
-            addr: $addr,
-            len: u8,
-        }
-
-        impl $name {
-            /// The prefix `addr/len`; `None` if `len` is too long or `addr` has host bits set.
-            pub const fn new(addr: $addr, len: u8) -> Option<Self> {
-                if len > $width {
-                    return None;
-                }
-                let bits = <$bits>::from_be_bytes(addr.octets());
-                if bits & !Self::mask_bits(len) != 0 {
-                    return None;
-                }
-                Some(Self { addr, len })
-            }
-
-            const fn mask_bits(len: u8) -> $bits {
-                if len == 0 {
-                    0
-                } else {
-                    <$bits>::MAX << ($width - len as u32)
-                }
-            }
-
-            /// The network address (host bits are always zero).
-            pub const fn addr(&self) -> $addr {
-                self.addr
-            }
-
-            /// The prefix length in bits.
-            pub const fn prefix_len(&self) -> u8 {
-                self.len
-            }
-
-            /// The netmask as an integer, e.g. `0xffc0_0000` for a /10.
-            pub const fn mask(&self) -> $bits {
-                Self::mask_bits(self.len)
-            }
-
-            /// True if `ip` lies inside the prefix.
-            pub fn contains(&self, ip: $addr) -> bool {
-                <$bits>::from_be_bytes(ip.octets()) & self.mask() == <$bits>::from_be_bytes(self.addr.octets())
-            }
-
-            /// True if every address of `other` lies inside `self`.
-            pub fn contains_net(&self, other: &Self) -> bool {
-                other.len >= self.len && self.contains(other.addr)
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = PrefixError;
-
-            fn from_str(s: &str) -> Result<Self, PrefixError> {
-                let (a, l) = s.split_once('/').ok_or(PrefixError::Syntax)?;
-                let addr: $addr = a.parse().map_err(|_| PrefixError::Syntax)?;
-                if l.is_empty() || l.len() > 3 || !l.bytes().all(|c| c.is_ascii_digit()) {
-                    return Err(PrefixError::Syntax);
-                }
-                let len: u8 = l.parse().map_err(|_| PrefixError::Length)?;
-                if len > $width {
-                    return Err(PrefixError::Length);
-                }
-                Self::new(addr, len).ok_or(PrefixError::HostBits)
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}/{}", self.addr, self.len)
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Display::fmt(self, f)
-            }
-        }
-    };
-}
-
-ip_net!(Ipv4Net, Ipv4Addr, u32, 32, "An IPv4 prefix such as `100.64.0.0/10`.");
-ip_net!(
-    Ipv6Net,
-    Ipv6Addr,
-    u128,
-    128,
-    "An IPv6 prefix such as `fd7a:115c:a1e0::/48`."
-);
-
-/// Tailscale's IPv4 range, the CGNAT block (Go `tsaddr.CGNATRange`).
-pub const CGNAT_RANGE: Ipv4Net = Ipv4Net {
-    addr: Ipv4Addr::new(100, 64, 0, 0),
-    len: 10,
-};
-
-/// Tailscale's IPv6 ULA range (Go `tsaddr.TailscaleULARange`).
-pub const TAILSCALE_ULA_RANGE: Ipv6Net = Ipv6Net {
-    addr: Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0),
-    len: 48,
-};
-
 /// Text made of uci keywords, quotes, separators and short words, for "never panics" tests of
 /// the parser and of each section schema.
 #[cfg(test)]
@@ -1007,25 +876,6 @@ mod tests {
     }
 
     #[test]
-    fn prefixes() {
-        let p: Ipv4Net = "100.64.0.0/10".parse().unwrap();
-        assert_eq!(p, CGNAT_RANGE);
-        assert_eq!(p.to_string(), "100.64.0.0/10");
-        assert_eq!(p.mask(), 0xffc0_0000);
-        assert!(p.contains(Ipv4Addr::new(100, 127, 255, 255)));
-        assert!(!p.contains(Ipv4Addr::new(100, 128, 0, 0)));
-        let q: Ipv6Net = "fd7a:115c:a1e0:ab12::/64".parse().unwrap();
-        assert!(TAILSCALE_ULA_RANGE.contains_net(&q));
-        assert!(!q.contains_net(&TAILSCALE_ULA_RANGE));
-        assert_eq!("0.0.0.0/0".parse::<Ipv4Net>().unwrap().mask(), 0);
-        assert_eq!("100.64.0.1/10".parse::<Ipv4Net>(), Err(PrefixError::HostBits));
-        assert_eq!("100.64.0.0/33".parse::<Ipv4Net>(), Err(PrefixError::Length));
-        assert_eq!("100.64.0.0".parse::<Ipv4Net>(), Err(PrefixError::Syntax));
-        assert_eq!("100.64.0.0/+5".parse::<Ipv4Net>(), Err(PrefixError::Syntax));
-        assert_eq!("::/129".parse::<Ipv6Net>(), Err(PrefixError::Length));
-    }
-
-    #[test]
     fn bools() {
         for (s, b) in [
             ("1", true),
@@ -1050,8 +900,6 @@ mod tests {
         fn arbitrary_text_never_panics(s in any::<String>()) {
             let _ = parse(&s);
             let _ = parse_duration(&s);
-            let _ = s.parse::<Ipv4Net>();
-            let _ = s.parse::<Ipv6Net>();
         }
 
         #[test]
