@@ -612,7 +612,7 @@ pub struct Serve {
 
 impl Serve {
     /// The flags as uci options (line 0: from the command line) for
-    /// [`crate::platform::uci::ServerConfig::from_uci_with`].
+    /// [`crate::coordinator::config::ServerConfig::from_uci_with`].
     pub fn uci_overrides(&self) -> Vec<crate::platform::uci::UciOption> {
         let opt = |name: &str, value: String, list: bool| crate::platform::uci::UciOption {
             name: name.into(),

@@ -1,12 +1,13 @@
 //! The mini-coordinator (feature `coordinator`): a headscale-compatible control server with a
 //! SQLite store, started by `tinyscale server serve` and administered over a unix socket.
 //!
-//! Layers: `model` (records), `store` (SQLite), `ipam`, `policy` (ACLs), `state` (decisions +
+//! Layers: `config` (the uci section), `model` (records), `store` (SQLite), `ipam`, `policy` (ACLs), `state` (decisions +
 //! write-through), `mapper` (MapResponses and deltas), `server` (TCP/Noise/HTTP2 shell), `admin`
 //! (unix socket).
 
 pub mod admin;
 pub mod api;
+pub mod config;
 pub mod ipam;
 pub mod mapper;
 pub mod metrics;
@@ -19,7 +20,7 @@ pub mod store;
 use std::{path::Path, sync::Arc, time::Duration};
 
 use crate::{
-    platform::uci::ServerConfig,
+    coordinator::config::ServerConfig,
     wire::tailcfg::{DerpMap, DerpRegion},
 };
 
@@ -125,10 +126,10 @@ pub fn load_derp_map(paths: &[std::path::PathBuf]) -> Result<DerpMap, String> {
 pub fn settings_from_config(cfg: &ServerConfig) -> Result<state::Settings, String> {
     let mut ipam = ipam::Ipam::default();
     if let Some(p) = cfg.prefix_v4 {
-        ipam.v4 = (p.addr(), p.prefix_len());
+        ipam.v4 = p;
     }
     if let Some(p) = cfg.prefix_v6 {
-        ipam.v6 = (p.addr(), p.prefix_len());
+        ipam.v6 = p;
     }
     Ok(state::Settings {
         server_url: cfg.server_url.clone(),

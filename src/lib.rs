@@ -3,7 +3,7 @@
 //!
 //! One folder per layer, bottom up:
 //! - `wire`: keys, the tailcfg types, the TS2021 Noise handshake and stream, zstd framing, disco
-//!   and STUN (pure codecs), and the shells every TCP connection passes (HTTP/1 heads, TLS,
+//!   and STUN (pure codecs), IP prefixes and the tailnet ranges (`tsaddr`), and the shells every TCP connection passes (HTTP/1 heads, TLS,
 //!   listener admission);
 //! - `derp`: the relay protocol (`derp::frame`, pure), its client and its server;
 //! - `control`: the control client (`control::client`) and the sans-io netmap it keeps;

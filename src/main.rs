@@ -174,7 +174,7 @@ fn server(s: cli::Server) -> Result<(), Failure> {
         _ => Vec::new(),
     };
     let cfg = tinyscale::platform::uci::parse(&text)
-        .and_then(|f| tinyscale::platform::uci::ServerConfig::from_uci_with(&f, &overrides))
+        .and_then(|f| tinyscale::coordinator::config::ServerConfig::from_uci_with(&f, &overrides))
         .map_err(|e| match e.line() {
             // A value from a flag: no file line to point at.
             0 => Failure::config(format!(

@@ -26,12 +26,12 @@ use tinyscale::{
         state::{Settings, State},
         store::Store,
     },
+    derp::config::DerpConfig,
     derp::{
         client::{self, DerpClient, DerpEvent},
         frame::{self, ClientInfo, Frame, FrameReader, FrameType, PeerGoneReason},
         server::{self, DerpServer},
     },
-    platform::uci::DerpConfig,
     wire::connlimit::ListenLimits,
     wire::disco,
     wire::keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},

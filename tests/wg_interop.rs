@@ -25,8 +25,9 @@ use common::Proc;
 use tinyscale::{
     dataplane::router::{Router, RouterConfig, SystemRunner},
     dataplane::tun::Tun,
-    dataplane::wg::{IpPrefix, PeerConfig, WgPeers, TIMER_TICK},
+    dataplane::wg::{PeerConfig, WgPeers, TIMER_TICK},
     wire::keys::{NodePrivate, NodePublic},
+    wire::tsaddr::Prefix,
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -293,8 +294,8 @@ async fn child_main() {
     let tun = Tun::open(&tun_name).expect("open tun");
     assert_eq!(tun.name(), tun_name);
     let addrs = vec![
-        ("100.64.0.1".parse().unwrap(), 32),
-        ("fd7a:115c:a1e0::1".parse().unwrap(), 128),
+        "100.64.0.1/32".parse::<Prefix>().unwrap(),
+        "fd7a:115c:a1e0::1/128".parse::<Prefix>().unwrap(),
     ];
     let cfg = RouterConfig::new(&tun_name, addrs);
     let mut router = Router::new(SystemRunner);
@@ -307,7 +308,7 @@ async fn child_main() {
     wg.set_peers([PeerConfig {
         key: theirs,
         allowed_ips: vec![
-            "100.64.0.2/32".parse::<IpPrefix>().unwrap(),
+            "100.64.0.2/32".parse::<Prefix>().unwrap(),
             "fd7a:115c:a1e0::2/128".parse().unwrap(),
         ],
     }]);

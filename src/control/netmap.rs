@@ -10,9 +10,9 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use crate::{
-    dataplane::router::Prefix,
-    wire::tailcfg::{DerpMap, DnsConfig, FilterRule, MapResponse, Node, UserProfile},
+use crate::wire::{
+    tailcfg::{DerpMap, DnsConfig, FilterRule, MapResponse, Node, UserProfile},
+    tsaddr::Prefix,
 };
 
 /// The chunk the legacy `PacketFilter` field stands for.
@@ -283,10 +283,6 @@ impl Netmap {
     /// it (so traffic from a LAN host behind a subnet router names that router).
     pub fn whois(&self, ip: IpAddr) -> Option<&Node> {
         let nodes = || self.self_node.iter().chain(self.peers.values());
-        let host = Prefix {
-            addr: ip,
-            len: if ip.is_ipv4() { 32 } else { 128 },
-        };
         nodes()
             .find(|n| {
                 n.addresses
@@ -299,9 +295,9 @@ impl Netmap {
                         let best = n
                             .primary_routes
                             .iter()
-                            .filter_map(|r| Prefix::parse_masked(r))
-                            .filter(|r| r.contains(&host))
-                            .map(|r| r.len)
+                            .filter_map(|r| r.parse::<Prefix>().ok())
+                            .filter(|r| r.contains(ip))
+                            .map(|r| r.bits())
                             .max()?;
                         Some((best, n))
                     })

@@ -8,75 +8,56 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-/// Default IPv4 prefix (Tailscale CGNAT range).
-pub const DEFAULT_V4: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 10);
-/// Default IPv6 prefix (Tailscale ULA).
-pub const DEFAULT_V6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0), 48);
+use crate::wire::tsaddr::{is_reserved, Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE};
 
 /// The allocator's prefixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ipam {
-    /// IPv4 prefix (address, length).
-    pub v4: (Ipv4Addr, u8),
-    /// IPv6 prefix (address, length).
-    pub v6: (Ipv6Addr, u8),
+    /// IPv4 prefix (default [`CGNAT_RANGE`]); no IPv4 is handed out if it is not IPv4.
+    pub v4: Prefix,
+    /// IPv6 prefix (default [`TAILSCALE_ULA_RANGE`]); no IPv6 is handed out if it is not IPv6.
+    pub v6: Prefix,
 }
 
 impl Default for Ipam {
     fn default() -> Self {
         Ipam {
-            v4: DEFAULT_V4,
-            v6: DEFAULT_V6,
+            v4: CGNAT_RANGE,
+            v6: TAILSCALE_ULA_RANGE,
         }
     }
-}
-
-/// True for IPv4 addresses Tailscale reserves inside 100.64.0.0/10.
-pub fn reserved_v4(a: Ipv4Addr) -> bool {
-    let o = a.octets();
-    // 100.115.92.0/23: ChromeOS VMs; 100.100.100.100: quad-100 (MagicDNS).
-    (o[0] == 100 && o[1] == 115 && (o[2] & 0xfe) == 92) || a == Ipv4Addr::new(100, 100, 100, 100)
-}
-
-/// True for IPv6 addresses and subranges Tailscale reserves inside fd7a:115c:a1e0::/48.
-pub fn reserved_v6(a: Ipv6Addr) -> bool {
-    let s = a.segments();
-    let in_ula = s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0;
-    in_ula
-        && (a == Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0x53)
-            || s[3] == 0x0b1a // 4via6
-            || s[3] == 0xefe3 // ephemeral v6-only
-            || (s[3] == 0xab12 && s[4] == 0x4843 && s[5] == 0xcd96 && (s[6] >> 8) == 0x62))
 }
 
 impl Ipam {
     /// Lowest free IPv4 address, skipping network/broadcast and reserved ones.
     pub fn next_v4(&self, used: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
-        let (base, len) = self.v4;
-        let size = 1u64 << (32 - u32::from(len.min(32)));
-        let start = u32::from(base) & (u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0));
+        let IpAddr::V4(start) = self.v4.masked().addr() else {
+            return None;
+        };
+        let size = 1u64 << (32 - u32::from(self.v4.bits()));
         (1..size.saturating_sub(1)).find_map(|off| {
-            let a = Ipv4Addr::from(start.wrapping_add(off as u32));
-            (!used.contains(&a) && !reserved_v4(a)).then_some(a)
+            let a = Ipv4Addr::from(u32::from(start).wrapping_add(off as u32));
+            (!used.contains(&a) && !is_reserved(IpAddr::V4(a))).then_some(a)
         })
     }
 
     /// Lowest free IPv6 address (searching the first 2^32 of the prefix), skipping reserved ones.
     pub fn next_v6(&self, used: &BTreeSet<Ipv6Addr>) -> Option<Ipv6Addr> {
-        let (base, len) = self.v6;
-        let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-        let start = u128::from(base) & mask;
+        let IpAddr::V6(start) = self.v6.masked().addr() else {
+            return None;
+        };
+        let len = self.v6.bits();
         let span = if len >= 96 {
             1u128 << (128 - u32::from(len))
         } else {
             1u128 << 32
         };
         (1..span).find_map(|off| {
-            let a = Ipv6Addr::from(start + off);
-            (!used.contains(&a) && !reserved_v6(a)).then_some(a)
+            let a = Ipv6Addr::from(u128::from(start) + off);
+            (!used.contains(&a) && !is_reserved(IpAddr::V6(a))).then_some(a)
         })
     }
 }
@@ -100,18 +81,18 @@ mod tests {
 
     #[test]
     fn reserved_are_skipped() {
-        assert!(reserved_v4(Ipv4Addr::new(100, 115, 93, 7)));
-        assert!(reserved_v4(Ipv4Addr::new(100, 100, 100, 100)));
-        assert!(!reserved_v4(Ipv4Addr::new(100, 64, 0, 1)));
-        assert!(reserved_v6("fd7a:115c:a1e0::53".parse().unwrap()));
+        assert!(is_reserved(Ipv4Addr::new(100, 115, 93, 7).into()));
+        assert!(is_reserved(Ipv4Addr::new(100, 100, 100, 100).into()));
+        assert!(!is_reserved(Ipv4Addr::new(100, 64, 0, 1).into()));
+        assert!(is_reserved("fd7a:115c:a1e0::53".parse().unwrap()));
         let ipam = Ipam {
-            v4: (Ipv4Addr::new(100, 100, 100, 96), 28),
+            v4: "100.100.100.96/28".parse().unwrap(),
             ..Ipam::default()
         };
         let used: BTreeSet<_> = (97..100).map(|i| Ipv4Addr::new(100, 100, 100, i)).collect();
         assert_eq!(ipam.next_v4(&used), Some(Ipv4Addr::new(100, 100, 100, 101)));
         let ipam6 = Ipam {
-            v6: ("fd7a:115c:a1e0::50".parse().unwrap(), 124),
+            v6: "fd7a:115c:a1e0::50/124".parse().unwrap(),
             ..Ipam::default()
         };
         let used6: BTreeSet<Ipv6Addr> = (0x51..0x53)
@@ -123,7 +104,7 @@ mod tests {
     #[test]
     fn exhaustion_returns_none() {
         let ipam = Ipam {
-            v4: (Ipv4Addr::new(100, 64, 0, 0), 30),
+            v4: "100.64.0.0/30".parse().unwrap(),
             ..Ipam::default()
         };
         let used: BTreeSet<_> = [Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::new(100, 64, 0, 2)].into();

@@ -31,7 +31,10 @@ use super::{
     policy::{Compiled, Member},
     state::{Change, State},
 };
-use crate::wire::tailcfg::{self, DnsConfig, DnsRecord, FilterRule, MapResponse, Resolver, UserProfile};
+use crate::wire::{
+    tailcfg::{self, DnsConfig, DnsRecord, FilterRule, MapResponse, Resolver, UserProfile},
+    tsaddr::Prefix,
+};
 
 fn fqdn(state: &State, given: &str) -> String {
     let d = &state.settings.base_domain;
@@ -208,9 +211,12 @@ fn packet_filters(view: Option<&PolicyView>, viewer: u64) -> BTreeMap<String, Op
 /// The `in-addr.arpa.` zones covering an IPv4 prefix, one per /16 (100.64.0.0/10 gives
 /// `64.100.in-addr.arpa.` … `127.100.in-addr.arpa.`, Go's `magicDNSRootDomains`); a prefix longer
 /// than /16 gets its one /16 zone, which MagicDNS answers for the tailnet part only.
-fn reverse_zones_v4((addr, len): (std::net::Ipv4Addr, u8)) -> Vec<String> {
+fn reverse_zones_v4(prefix: Prefix) -> Vec<String> {
+    let std::net::IpAddr::V4(addr) = prefix.addr() else {
+        return Vec::new();
+    };
     let o = addr.octets();
-    let len = len.min(16);
+    let len = prefix.bits().min(16);
     let count = 1u32 << (16 - u32::from(len));
     let first = u32::from(o[1]) & !(count - 1);
     (first..first + count)
@@ -220,8 +226,11 @@ fn reverse_zones_v4((addr, len): (std::net::Ipv4Addr, u8)) -> Vec<String> {
 
 /// The `ip6.arpa.` zone of an IPv6 prefix, truncated to whole nibbles (fd7a:115c:a1e0::/48 gives
 /// `0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa.`).
-fn reverse_zone_v6((addr, len): (std::net::Ipv6Addr, u8)) -> Option<String> {
-    let nibbles = usize::from(len.min(128) / 4);
+fn reverse_zone_v6(prefix: Prefix) -> Option<String> {
+    let std::net::IpAddr::V6(addr) = prefix.addr() else {
+        return None;
+    };
+    let nibbles = usize::from(prefix.bits() / 4);
     if nibbles == 0 {
         return None;
     }
@@ -940,17 +949,14 @@ mod tests {
 
     #[test]
     fn reverse_zones_follow_the_prefix() {
-        use std::net::{Ipv4Addr, Ipv6Addr};
+        let p = |s: &str| s.parse::<Prefix>().unwrap();
         assert_eq!(
-            reverse_zones_v4((Ipv4Addr::new(100, 100, 0, 0), 15)),
+            reverse_zones_v4(p("100.100.0.0/15")),
             ["100.100.in-addr.arpa.", "101.100.in-addr.arpa."]
         );
+        assert_eq!(reverse_zones_v4(p("100.64.5.0/24")), ["64.100.in-addr.arpa."]);
         assert_eq!(
-            reverse_zones_v4((Ipv4Addr::new(100, 64, 5, 0), 24)),
-            ["64.100.in-addr.arpa."]
-        );
-        assert_eq!(
-            reverse_zone_v6((Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0xab00, 0, 0, 0, 0), 56)).unwrap(),
+            reverse_zone_v6(p("fd7a:115c:a1e0:ab00::/56")).unwrap(),
             "b.a.0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa."
         );
     }

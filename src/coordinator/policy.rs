@@ -35,8 +35,8 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use crate::{
-    dataplane::wg::IpPrefix,
     wire::tailcfg::{FilterRule, NetPortRange, PortRange},
+    wire::tsaddr::Prefix,
 };
 
 /// Deepest nesting of arrays and objects accepted (a policy needs 4).
@@ -368,9 +368,9 @@ pub enum Alias {
     /// `tag:x`.
     Tag(String),
     /// A name from `hosts`, already looked up.
-    Host(String, IpPrefix),
+    Host(String, Prefix),
     /// An IP or CIDR.
-    Prefix(IpPrefix),
+    Prefix(Prefix),
     /// `autogroup:member`: every untagged node.
     Member,
     /// `autogroup:tagged`: every tagged node.
@@ -396,13 +396,13 @@ pub struct Policy {
     /// `group:x` -> user names (without `@`).
     pub groups: BTreeMap<String, Vec<String>>,
     /// Host names -> prefixes.
-    pub hosts: BTreeMap<String, IpPrefix>,
+    pub hosts: BTreeMap<String, Prefix>,
     /// `tag:x` -> owners.
     pub tag_owners: BTreeMap<String, Vec<Alias>>,
     /// The rules, in file order.
     pub acls: Vec<Acl>,
     /// `autoApprovers.routes`: prefix -> who may have routes inside it approved automatically.
-    pub route_approvers: Vec<(IpPrefix, Vec<Alias>)>,
+    pub route_approvers: Vec<(Prefix, Vec<Alias>)>,
     /// `autoApprovers.exitNode`.
     pub exit_approvers: Vec<Alias>,
     /// No `acls` section at all: allow everything (headscale: a nil ACL list is allow-all,
@@ -574,7 +574,7 @@ impl Policy {
                     continue;
                 }
                 match &v.v {
-                    V::Str(s) => match s.parse::<IpPrefix>() {
+                    V::Str(s) => match s.parse::<Prefix>() {
                         Ok(p) => {
                             pol.hosts.insert(name.clone(), p);
                         }
@@ -621,7 +621,7 @@ impl Policy {
                 match k.to_ascii_lowercase().as_str() {
                     "routes" => {
                         for (prefix, pat, owners) in c.obj(v, "autoApprovers.routes") {
-                            let Ok(p) = prefix.parse::<IpPrefix>() else {
+                            let Ok(p) = prefix.parse::<Prefix>() else {
                                 c.err(*pat, format!("autoApprovers.routes: invalid CIDR {prefix:?}"));
                                 continue;
                             };
@@ -706,7 +706,7 @@ impl Policy {
         } else if let Some(p) = self.hosts.get(s) {
             Alias::Host(s.to_string(), *p)
         } else if looks_like_ip(s) {
-            match s.parse::<IpPrefix>() {
+            match s.parse::<Prefix>() {
                 Ok(p) => Alias::Prefix(p),
                 Err(_) => {
                     c.err(at, format!("invalid IP or CIDR {s:?}"));
@@ -842,12 +842,12 @@ impl Policy {
     pub fn auto_approved(&self, node: &Member, announced: &[String]) -> Vec<String> {
         let mut out = Vec::new();
         for r in announced {
-            let Ok(p) = r.parse::<IpPrefix>() else { continue };
-            let ok = if p.is_empty() {
+            let Ok(p) = r.parse::<Prefix>() else { continue };
+            let ok = if p.is_default() {
                 self.exit_approvers.iter().any(|a| self.names(a, node))
             } else {
                 self.route_approvers.iter().any(|(space, owners)| {
-                    space.len() <= p.len() && space.contains(p.addr()) && owners.iter().any(|a| self.names(a, node))
+                    space.bits() <= p.bits() && space.contains(p.addr()) && owners.iter().any(|a| self.names(a, node))
                 })
             };
             if ok {
@@ -952,7 +952,7 @@ pub struct Member {
     /// Tailnet addresses.
     pub ips: Vec<IpAddr>,
     /// Approved and announced subnet routes (not exit routes).
-    pub routes: Vec<IpPrefix>,
+    pub routes: Vec<Prefix>,
     /// Serves approved exit routes.
     pub exit: bool,
 }
@@ -962,20 +962,12 @@ pub struct Member {
 struct Set {
     all: bool,
     internet: bool,
-    nets: Vec<IpPrefix>,
-}
-
-fn host_prefix(ip: IpAddr) -> Option<IpPrefix> {
-    IpPrefix::new(ip, if ip.is_ipv4() { 32 } else { 128 })
-}
-
-fn overlaps(a: &IpPrefix, b: &IpPrefix) -> bool {
-    a.contains(b.addr()) || b.contains(a.addr())
+    nets: Vec<Prefix>,
 }
 
 impl Set {
     fn add_node(&mut self, n: &Member) {
-        self.nets.extend(n.ips.iter().filter_map(|ip| host_prefix(*ip)));
+        self.nets.extend(n.ips.iter().map(|ip| Prefix::host(*ip)));
     }
 
     fn union(&mut self, o: Set) {
@@ -992,8 +984,8 @@ impl Set {
         self.all || ips.iter().any(|ip| self.nets.iter().any(|p| p.contains(*ip)))
     }
 
-    fn overlaps_any(&self, routes: &[IpPrefix]) -> bool {
-        !routes.is_empty() && (self.all || routes.iter().any(|r| self.nets.iter().any(|p| overlaps(p, r))))
+    fn overlaps_any(&self, routes: &[Prefix]) -> bool {
+        !routes.is_empty() && (self.all || routes.iter().any(|r| self.nets.iter().any(|p| p.overlaps(r))))
     }
 }
 
@@ -1029,7 +1021,7 @@ impl Compiled {
                 }
                 for net in &set.nets {
                     let mine =
-                        node.ips.iter().any(|ip| net.contains(*ip)) || node.routes.iter().any(|r| overlaps(net, r));
+                        node.ips.iter().any(|ip| net.contains(*ip)) || node.routes.iter().any(|r| net.overlaps(r));
                     if mine {
                         dst_ports.extend(ports.iter().map(|p| NetPortRange {
                             ip: net.to_string(),
@@ -1472,7 +1464,7 @@ mod tests {
                 let rules = compiled.filter_for(dst);
                 let mut f = Filter::new(7);
                 f.set_rules(Rules::compile(&rules));
-                f.set_local(LocalNets::new(dst.ips.iter().filter_map(|ip| host_prefix(*ip))));
+                f.set_local(LocalNets::new(dst.ips.iter().map(|ip| Prefix::host(*ip))));
                 let got = f.check_inbound(&packet(src.ips[0], dst.ips[0], udp, port)) == Verdict::Accept;
                 let want = ref_allows(&acls, src, dst, udp, port);
                 prop_assert_eq!(got, want, "{} -> {} udp={} port={}\n{}\n{:?}", src.id, dst.id, udp, port, text, rules);

@@ -31,12 +31,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::{control::netmap::Netmap, wire::tailcfg::DnsConfig};
+use crate::{
+    control::netmap::Netmap,
+    wire::{
+        tailcfg::DnsConfig,
+        tsaddr::{is_tailnet_ip, TAILSCALE_SERVICE_IP, TAILSCALE_SERVICE_IPV6},
+    },
+};
 
-/// The MagicDNS service address, IPv4 (Go `tsaddr.TailscaleServiceIP`).
-pub const SERVICE_V4: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
-/// The MagicDNS service address, IPv6 (Go `tsaddr.TailscaleServiceIPv6`).
-pub const SERVICE_V6: Ipv6Addr = Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0x53);
 /// DNS port.
 pub const PORT: u16 = 53;
 /// TTL of MagicDNS answers (Go `tsdns.go` `defaultTTL`: 600 s).
@@ -472,7 +474,7 @@ impl Resolver {
                 .collect();
             return Some((RCODE_NOERROR, answers));
         }
-        if let Some(ip) = reverse_addr(&name).filter(|ip| tailnet_ip(*ip)) {
+        if let Some(ip) = reverse_addr(&name).filter(|ip| is_tailnet_ip(*ip)) {
             let found = self.records.iter().find(|(_, a)| *a == ip);
             return Some(match found {
                 Some((f, _)) if matches!(q.qtype, TYPE_PTR | TYPE_ANY) => (RCODE_NOERROR, vec![RData::Ptr(f.clone())]),
@@ -485,14 +487,6 @@ impl Resolver {
             return Some((if apex { RCODE_NOERROR } else { RCODE_NXDOMAIN }, Vec::new()));
         }
         None
-    }
-}
-
-/// In 100.64.0.0/10 or fd7a:115c:a1e0::/48.
-pub fn tailnet_ip(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => a.octets()[0] == 100 && a.octets()[1] & 0xc0 == 64,
-        IpAddr::V6(a) => a.segments()[..3] == [0xfd7a, 0x115c, 0xa1e0],
     }
 }
 
@@ -557,7 +551,8 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
             (w.next()? == "nameserver").then_some(())?;
             // A scoped IPv6 address (fe80::1%eth0) cannot be expressed without the scope id.
             let ip: IpAddr = w.next()?.parse().ok()?;
-            (ip != IpAddr::V4(SERVICE_V4) && ip != IpAddr::V6(SERVICE_V6)).then(|| SocketAddr::new(ip, PORT))
+            (ip != IpAddr::V4(TAILSCALE_SERVICE_IP) && ip != IpAddr::V6(TAILSCALE_SERVICE_IPV6))
+                .then(|| SocketAddr::new(ip, PORT))
         })
         .collect()
 }
@@ -722,8 +717,8 @@ pub struct TcpSegment<'a> {
 /// Quick test on a packet read from the TUN: is it addressed to the service address, port 53?
 pub fn is_for_service(pkt: &[u8]) -> bool {
     match pkt.first().map(|b| b >> 4) {
-        Some(4) => pkt.get(16..20) == Some(&SERVICE_V4.octets()[..]),
-        Some(6) => pkt.get(24..40) == Some(&SERVICE_V6.octets()[..]),
+        Some(4) => pkt.get(16..20) == Some(&TAILSCALE_SERVICE_IP.octets()[..]),
+        Some(6) => pkt.get(24..40) == Some(&TAILSCALE_SERVICE_IPV6.octets()[..]),
         _ => false,
     }
 }
@@ -1286,7 +1281,7 @@ mod tests {
             })
         );
         let src6: SocketAddr = "[fd7a:115c:a1e0::1]:40000".parse().unwrap();
-        let dst6 = SocketAddr::new(IpAddr::V6(SERVICE_V6), 53);
+        let dst6 = SocketAddr::new(IpAddr::V6(TAILSCALE_SERVICE_IPV6), 53);
         let p = udp_packet(src6, dst6, b"hi");
         assert!(is_for_service(&p));
         let pseudo = sum16(sum16(0, &p[8..40]), &[0, 17]) + 10;

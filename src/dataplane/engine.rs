@@ -54,7 +54,7 @@ use crate::{
         socket::{self, Sockets},
     },
     dataplane::netcheck::{self, ProbePlan, ReportState},
-    dataplane::router::{ExitRoutes, Prefix, Router, RouterConfig, SubnetRouter, SystemRunner, TAILNET_V4, TAILNET_V6},
+    dataplane::router::{ExitRoutes, Router, RouterConfig, SubnetRouter, SystemRunner},
     dataplane::tun::{gro::Coalescer, Tun},
     dataplane::udp,
     dataplane::wg::{self, PeerConfig, WgPeers},
@@ -66,6 +66,7 @@ use crate::{
     wire::keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic},
     wire::stun,
     wire::tailcfg::{DerpMap, DerpNode, DerpRegion, FilterRule},
+    wire::tsaddr::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
 };
 
 /// Timer resolution of the loop (boringtun wants ≥ 4 Hz; netcheck probes retransmit at 100 ms).
@@ -155,16 +156,16 @@ impl RoutePrefs {
         let routes: Vec<Prefix> = self
             .advertise_routes
             .iter()
-            .filter_map(|r| Prefix::parse_masked(r))
-            .filter(|p| p.len > 0 && approved.contains(p))
+            .filter_map(|r| r.parse::<Prefix>().ok())
+            .filter(|p| !p.is_default() && approved.contains(p))
             .collect();
         let exit = if self.advertise_exit_node { exit } else { [false; 2] };
         if routes.is_empty() && exit == [false; 2] {
             return None;
         }
         Some(SubnetRouter {
-            v4: exit[0] || routes.iter().any(|p| p.addr.is_ipv4()),
-            v6: exit[1] || routes.iter().any(|p| p.addr.is_ipv6()),
+            v4: exit[0] || routes.iter().any(Prefix::is_ipv4),
+            v6: exit[1] || routes.iter().any(|p| !p.is_ipv4()),
             snat: self.snat_subnet_routes || exit != [false; 2],
         })
     }
@@ -173,15 +174,15 @@ impl RoutePrefs {
 /// [pure] A peer's subnet routes: its AllowedIPs beyond its own addresses, without the tailnet
 /// ranges and default routes (exit-node routes are used only through `--exit-node`).
 pub fn peer_subnet_routes(node: &crate::wire::tailcfg::Node) -> Vec<Prefix> {
-    let own: Vec<Prefix> = node.addresses.iter().filter_map(|a| Prefix::parse_masked(a)).collect();
-    let tailnet = [
-        Prefix::new(TAILNET_V4.0, TAILNET_V4.1, true).expect("valid"),
-        Prefix::new(TAILNET_V6.0, TAILNET_V6.1, true).expect("valid"),
-    ];
+    let own: Vec<Prefix> = node.addresses.iter().filter_map(|a| a.parse().ok()).collect();
     node.allowed_ips
         .iter()
-        .filter_map(|a| Prefix::parse_masked(a))
-        .filter(|p| p.len > 0 && !own.contains(p) && !tailnet.iter().any(|t| t.contains(p)))
+        .filter_map(|a| a.parse::<Prefix>().ok())
+        .filter(|p| {
+            !p.is_default()
+                && !own.contains(p)
+                && ![CGNAT_RANGE, TAILSCALE_ULA_RANGE].iter().any(|t| t.contains_prefix(p))
+        })
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect()
@@ -194,7 +195,7 @@ pub fn peer_subnet_routes(node: &crate::wire::tailcfg::Node) -> Vec<Prefix> {
 pub fn peer_config(node: &crate::wire::tailcfg::Node, accept_routes: bool, exit_node: &str) -> PeerConfig {
     let mut cfg = PeerConfig::from_node(node);
     if !node_matches(node, exit_node) {
-        cfg.allowed_ips.retain(|ip| !ip.is_empty());
+        cfg.allowed_ips.retain(|ip| !ip.is_default());
     }
     if !accept_routes {
         let subnets: Vec<String> = peer_subnet_routes(node).iter().map(|s| s.to_string()).collect();
@@ -362,7 +363,7 @@ pub struct Engine {
     rounds: HashMap<u64, PendingPing>,
     round: u64,
     drops: Drops,
-    addresses: Vec<(IpAddr, u8)>,
+    addresses: Vec<Prefix>,
     route_prefs: RoutePrefs,
     /// The subnet routes of the last netmap's peers (empty without `--accept-routes`).
     accepted: Vec<Prefix>,
@@ -842,7 +843,7 @@ impl Engine {
             return; // not configured before the first netmap with our addresses
         }
         let mut cfg = RouterConfig::new(self.tun.name(), self.addresses.clone());
-        cfg.accepted_routes = self.accepted.iter().map(|p| (p.addr, p.len)).collect();
+        cfg.accepted_routes = self.accepted.clone();
         cfg.subnet_router = self.route_prefs.subnet_router(&self.approved, self.exit_approved);
         // While one is chosen, even before it is in the netmap or while it is offline: the
         // traffic waits in the tunnel rather than leaking around it (Go routerConfig).
@@ -884,7 +885,7 @@ impl Engine {
                 .iter()
                 .filter_map(|a| {
                     let (ip, len) = a.split_once('/')?;
-                    Some((ip.parse().ok()?, len.parse().ok()?))
+                    Prefix::new(ip.parse().ok()?, len.parse().ok()?)
                 })
                 .collect();
         }
@@ -1063,12 +1064,8 @@ impl Engine {
         if let Some(me) = &nm.self_node {
             // An approved exit route serves the internet, never this host's own LANs.
             let exit = me.allowed_ips.iter().any(|a| a == "0.0.0.0/0" || a == "::/0");
-            let lans: Vec<wg::IpPrefix> = if exit {
-                self.router
-                    .connected_prefixes(self.tun.name())
-                    .iter()
-                    .filter_map(|p| wg::IpPrefix::new(p.addr, p.len))
-                    .collect()
+            let lans: Vec<Prefix> = if exit {
+                self.router.connected_prefixes(self.tun.name())
             } else {
                 Vec::new()
             };
@@ -1999,7 +1996,7 @@ mod tests {
             snat_subnet_routes: true,
             ..Default::default()
         };
-        let pfx = |s: &str| Prefix::parse_masked(s).unwrap();
+        let pfx = |s: &str| s.parse::<Prefix>().unwrap();
         let approved = [pfx("0.0.0.0/0"), pfx("192.168.1.0/24"), pfx("fd00::/64")];
         assert_eq!(p.subnet_router(&approved, [false; 2]), None);
         p.advertise_routes = vec!["0.0.0.0/0".into(), "::/0".into()];

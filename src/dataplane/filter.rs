@@ -57,8 +57,9 @@ use std::{
 use serde_json::{json, Value};
 
 use crate::{
-    dataplane::wg::{FastHasher, IpPrefix},
+    dataplane::wg::FastHasher,
     wire::tailcfg::{FilterRule, Node},
+    wire::tsaddr::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
 };
 
 /// ICMP for IPv4.
@@ -182,9 +183,9 @@ fn host_mask(v6: bool, len: u8) -> Option<u128> {
 }
 
 /// The range a prefix covers.
-fn prefix_range(p: &IpPrefix) -> (bool, Range) {
-    let (v6, lo) = ip_bits(p.addr());
-    let hi = lo | host_mask(v6, p.len()).unwrap_or(0);
+fn prefix_range(p: &Prefix) -> (bool, Range) {
+    let (v6, lo) = ip_bits(p.masked().addr());
+    let hi = lo | host_mask(v6, p.bits()).unwrap_or(0);
     (v6, Range { lo, hi })
 }
 
@@ -236,23 +237,10 @@ fn parse_entry(s: &str) -> Option<Entry> {
     if s.starts_with("cap:") {
         return Some(Entry::Cap);
     }
-    if let Some((addr, len)) = s.split_once('/') {
-        let (v6, bits) = ip_bits(addr.parse().ok()?);
-        if len.is_empty() || len.len() > 3 || !len.bytes().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        let host = host_mask(v6, len.parse().ok()?)?;
+    if s.contains('/') {
         // Go refuses a CIDR with host bits set ("contains non-network bits set").
-        if bits & host != 0 {
-            return None;
-        }
-        return Some(Entry::Range(
-            v6,
-            Range {
-                lo: bits,
-                hi: bits | host,
-            },
-        ));
+        let (v6, r) = prefix_range(&Prefix::parse_exact(s).ok()?);
+        return Some(Entry::Range(v6, r));
     }
     if let Some((a, b)) = s.split_once('-') {
         let (v6a, lo) = ip_bits(a.parse().ok()?);
@@ -511,14 +499,14 @@ impl Rules {
 /// serves (Go `localNets`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LocalNets {
-    prefixes: Vec<IpPrefix>,
+    prefixes: Vec<Prefix>,
     v4: Vec<Range>,
     v6: Vec<Range>,
 }
 
 impl LocalNets {
     /// Exactly these prefixes.
-    pub fn new(prefixes: impl IntoIterator<Item = IpPrefix>) -> LocalNets {
+    pub fn new(prefixes: impl IntoIterator<Item = Prefix>) -> LocalNets {
         let mut out = LocalNets {
             prefixes: prefixes.into_iter().collect(),
             ..LocalNets::default()
@@ -541,7 +529,7 @@ impl LocalNets {
     /// route there (an approved exit node) makes the rest of the internet local, but not
     /// `lans` (this host's connected prefixes) nor the tailnet ranges; see
     /// [`default_route_local_nets`]. The LANs are local only when approved as subnet routes.
-    pub fn from_self_node(node: &Node, lans: &[IpPrefix]) -> LocalNets {
+    pub fn from_self_node(node: &Node, lans: &[Prefix]) -> LocalNets {
         let mut out = Vec::new();
         for s in node
             .addresses
@@ -549,8 +537,8 @@ impl LocalNets {
             .chain(&node.allowed_ips)
             .chain(&node.primary_routes)
         {
-            match s.parse::<IpPrefix>() {
-                Ok(p) if p.is_empty() => out.extend(default_route_local_nets(p, lans)),
+            match s.parse::<Prefix>() {
+                Ok(p) if p.is_default() => out.extend(default_route_local_nets(p, lans)),
                 Ok(p) => out.push(p),
                 Err(_) => log::warn!("filter: ignoring bad self address or route {s:?}"),
             }
@@ -559,7 +547,7 @@ impl LocalNets {
     }
 
     /// The prefixes, sorted.
-    pub fn prefixes(&self) -> &[IpPrefix] {
+    pub fn prefixes(&self) -> &[Prefix] {
         &self.prefixes
     }
 
@@ -575,20 +563,19 @@ impl LocalNets {
 /// LANs (`lans`), the tailnet ranges and space that is never routed on the internet (loopback,
 /// link-local, multicast, IPv4 "this network"). An exit node is a "guest wifi": the internet,
 /// and its LANs only when they are approved subnet routes. A few dozen prefixes at most.
-pub fn default_route_local_nets(default_route: IpPrefix, lans: &[IpPrefix]) -> Vec<IpPrefix> {
+pub fn default_route_local_nets(default_route: Prefix, lans: &[Prefix]) -> Vec<Prefix> {
     let v6 = default_route.addr().is_ipv6();
-    let fixed: &[&str] = if v6 {
-        &["fd7a:115c:a1e0::/48", "::1/128", "fe80::/10", "ff00::/8", "::/128"]
+    let (tailnet, fixed): (Prefix, &[&str]) = if v6 {
+        (TAILSCALE_ULA_RANGE, &["::1/128", "fe80::/10", "ff00::/8", "::/128"])
     } else {
-        &[
-            "100.64.0.0/10",
-            "127.0.0.0/8",
-            "169.254.0.0/16",
-            "224.0.0.0/3",
-            "0.0.0.0/8",
-        ]
+        (
+            CGNAT_RANGE,
+            &["127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3", "0.0.0.0/8"],
+        )
     };
-    let mut exclude: Vec<IpPrefix> = fixed.iter().filter_map(|s| s.parse().ok()).collect();
+    let mut exclude: Vec<Prefix> = std::iter::once(tailnet)
+        .chain(fixed.iter().filter_map(|s| s.parse().ok()))
+        .collect();
     exclude.extend(lans.iter().filter(|p| p.addr().is_ipv6() == v6).copied());
     let mut out = vec![default_route];
     for x in &exclude {
@@ -599,16 +586,16 @@ pub fn default_route_local_nets(default_route: IpPrefix, lans: &[IpPrefix]) -> V
 
 /// `p` without the addresses of `x`: `p` itself, nothing, or the halves of `p` that miss `x`
 /// (at most one prefix per bit between the two lengths).
-fn subtract(p: IpPrefix, x: &IpPrefix) -> Vec<IpPrefix> {
-    if p.addr().is_ipv6() != x.addr().is_ipv6() || !(p.contains(x.addr()) || x.contains(p.addr())) {
+fn subtract(p: Prefix, x: &Prefix) -> Vec<Prefix> {
+    if !p.overlaps(x) {
         return vec![p];
     }
-    if x.len() <= p.len() {
+    if x.bits() <= p.bits() {
         return Vec::new(); // x covers p
     }
     let mut out = Vec::new();
     let mut cur = p;
-    while cur.len() < x.len() {
+    while cur.bits() < x.bits() {
         let (a, b) = halves(cur);
         if a.contains(x.addr()) {
             out.push(b);
@@ -622,14 +609,14 @@ fn subtract(p: IpPrefix, x: &IpPrefix) -> Vec<IpPrefix> {
 }
 
 /// The two halves of a prefix shorter than its family's width.
-fn halves(p: IpPrefix) -> (IpPrefix, IpPrefix) {
-    let len = p.len() + 1;
-    let lo = IpPrefix::new(p.addr(), len).expect("shorter than the width");
+fn halves(p: Prefix) -> (Prefix, Prefix) {
+    let len = p.bits() + 1;
+    let lo = Prefix::new_masked(p.addr(), len).expect("shorter than the width");
     let hi_addr = match p.addr() {
         std::net::IpAddr::V4(a) => std::net::IpAddr::V4((u32::from(a) | (1u32 << (32 - u32::from(len)))).into()),
         std::net::IpAddr::V6(a) => std::net::IpAddr::V6((u128::from(a) | (1u128 << (128 - u32::from(len)))).into()),
     };
-    (lo, IpPrefix::new(hi_addr, len).expect("shorter than the width"))
+    (lo, Prefix::new_masked(hi_addr, len).expect("shorter than the width"))
 }
 
 // ---- packets ----
@@ -1642,7 +1629,7 @@ mod tests {
             primary_routes: vec!["192.168.1.0/24".into(), "10.1.0.0/16".into(), "junk".into()],
             ..Node::default()
         };
-        let lans: Vec<IpPrefix> = vec!["192.168.1.0/24".parse().unwrap(), "192.168.7.0/24".parse().unwrap()];
+        let lans: Vec<Prefix> = vec!["192.168.1.0/24".parse().unwrap(), "192.168.7.0/24".parse().unwrap()];
         let l = LocalNets::from_self_node(&me, &lans);
         let local = |a: &str| {
             let (v6, bits) = ip_bits(ip(a));
@@ -2112,11 +2099,11 @@ mod tests {
             holes in prop::collection::vec((any::<u32>(), 0u8..=32), 0..4),
             probes in prop::collection::vec(any::<u32>(), 1..32),
         ) {
-            let holes: Vec<IpPrefix> = holes
+            let holes: Vec<Prefix> = holes
                 .iter()
-                .map(|&(a, l)| IpPrefix::new(std::net::IpAddr::from(a.to_be_bytes()), l).unwrap())
+                .map(|&(a, l)| Prefix::new(std::net::IpAddr::from(a.to_be_bytes()), l).unwrap())
                 .collect();
-            let mut out = vec!["0.0.0.0/0".parse::<IpPrefix>().unwrap()];
+            let mut out = vec!["0.0.0.0/0".parse::<Prefix>().unwrap()];
             for h in &holes {
                 out = out.into_iter().flat_map(|p| subtract(p, h)).collect();
             }

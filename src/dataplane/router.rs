@@ -50,22 +50,13 @@
 //! * [`Router::recover`] removes what a crashed run left (nftables table, rules, routing
 //!   table, sysctls).
 
-use std::{
-    collections::BTreeSet,
-    fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    process::Command,
-};
+use std::{collections::BTreeSet, net::IpAddr, process::Command};
+
+use crate::wire::tsaddr::{Prefix, ALL_IPV4, ALL_IPV6, CGNAT_RANGE, TAILSCALE_ULA_RANGE};
 
 /// Go's default TUN MTU (`net/tstun/mtu.go` `DefaultTUNMTU`): 1280, the IPv6 minimum, so the
 /// WireGuard-wrapped packet fits any path with a 1360+ byte MTU.
 pub const DEFAULT_MTU: u16 = 1280;
-
-/// The tailnet IPv4 range (Go `tsaddr.CGNATRange`), routed to the TUN.
-pub const TAILNET_V4: (IpAddr, u8) = (IpAddr::V4(Ipv4Addr::new(100, 64, 0, 0)), 10);
-
-/// The tailnet IPv6 range (Go `tsaddr.TailscaleULARange`), routed to the TUN.
-pub const TAILNET_V6: (IpAddr, u8) = (IpAddr::V6(Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0, 0)), 48);
 
 /// Routing table for peers' subnet routes. Go uses table 52 with rules at 5210-5270; ours sit
 /// right beside them (53, 5211, 5271) so that a tailscaled on the same host (a developer's
@@ -109,9 +100,6 @@ pub enum RouterError {
         status: String,
         stderr: String,
     },
-    /// A prefix in the config is invalid (length beyond 32/128).
-    #[error("invalid prefix {0}/{1}")]
-    BadPrefix(IpAddr, u8),
     /// The config names no device.
     #[error("router config has an empty device name")]
     NoDevice,
@@ -135,14 +123,14 @@ pub struct RouterConfig {
     pub tun: String,
     /// Link MTU.
     pub mtu: u16,
-    /// Our tailnet addresses with their prefix length (usually /32 and /128).
-    pub addresses: Vec<(IpAddr, u8)>,
+    /// Our tailnet addresses with their prefix length (usually /32 and /128), host bits kept.
+    pub addresses: Vec<Prefix>,
     /// Prefixes routed into the TUN in the main table (the tailnet ranges). Host bits are
     /// ignored.
-    pub routes: Vec<(IpAddr, u8)>,
+    pub routes: Vec<Prefix>,
     /// Peers' subnet routes to reach through the TUN (table [`ROUTE_TABLE`]); empty unless
-    /// `--accept-routes`.
-    pub accepted_routes: Vec<(IpAddr, u8)>,
+    /// `--accept-routes`. Host bits are ignored.
+    pub accepted_routes: Vec<Prefix>,
     /// Set while this node advertises subnet routes: forwarding and SNAT.
     pub subnet_router: Option<SubnetRouter>,
     /// Set while an exit node is chosen: default routes into the TUN (table [`ROUTE_TABLE`]).
@@ -170,90 +158,17 @@ pub struct SubnetRouter {
 
 impl RouterConfig {
     /// The usual config: `addresses` on `tun` at [`DEFAULT_MTU`], routes for the two tailnet
-    /// ranges ([`TAILNET_V4`], [`TAILNET_V6`]). Push subnet routes onto `routes` as needed.
-    pub fn new(tun: &str, addresses: Vec<(IpAddr, u8)>) -> RouterConfig {
+    /// ranges ([`CGNAT_RANGE`], [`TAILSCALE_ULA_RANGE`]). Push subnet routes onto `routes` as
+    /// needed.
+    pub fn new(tun: &str, addresses: Vec<Prefix>) -> RouterConfig {
         RouterConfig {
             tun: tun.to_string(),
             mtu: DEFAULT_MTU,
             addresses,
-            routes: vec![TAILNET_V4, TAILNET_V6],
+            routes: vec![CGNAT_RANGE, TAILSCALE_ULA_RANGE],
             accepted_routes: Vec::new(),
             subnet_router: None,
             exit_node: None,
-        }
-    }
-}
-
-/// One prefix; addresses keep host bits, routes are masked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Prefix {
-    /// The address.
-    pub addr: IpAddr,
-    /// Prefix length.
-    pub len: u8,
-}
-
-impl Prefix {
-    /// Validates the length; `masked` clears host bits (for routes).
-    pub fn new(addr: IpAddr, len: u8, masked: bool) -> Result<Prefix, RouterError> {
-        let width = if addr.is_ipv4() { 32 } else { 128 };
-        if len > width {
-            return Err(RouterError::BadPrefix(addr, len));
-        }
-        let addr = if masked { mask(addr, len) } else { addr };
-        Ok(Prefix { addr, len })
-    }
-
-    fn family_flag(&self) -> &'static str {
-        if self.addr.is_ipv4() {
-            "-4"
-        } else {
-            "-6"
-        }
-    }
-
-    /// True if `other` lies inside this prefix (or is equal to it).
-    pub fn contains(&self, other: &Prefix) -> bool {
-        self.addr.is_ipv4() == other.addr.is_ipv4() && self.len <= other.len && mask(other.addr, self.len) == self.addr
-    }
-
-    /// `a.b.c.d/n`, `x::y/n` or a bare address (a host prefix), host bits masked.
-    pub fn parse_masked(s: &str) -> Option<Prefix> {
-        let (a, l) = match s.split_once('/') {
-            Some((a, l)) => (a.parse::<IpAddr>().ok()?, l.parse::<u8>().ok()?),
-            None => {
-                let a: IpAddr = s.parse().ok()?;
-                (a, if a.is_ipv4() { 32 } else { 128 })
-            }
-        };
-        Prefix::new(a, l, true).ok()
-    }
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-/// Clears the host bits of `addr` beyond `len`.
-fn mask(addr: IpAddr, len: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let m = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(len.min(32)))
-            };
-            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
-        }
-        IpAddr::V6(a) => {
-            let m = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(len.min(128)))
-            };
-            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
         }
     }
 }
@@ -293,28 +208,19 @@ impl Applied {
         if cfg.tun.is_empty() {
             return Err(RouterError::NoDevice);
         }
-        let addresses = cfg
-            .addresses
-            .iter()
-            .map(|&(a, l)| Prefix::new(a, l, false))
-            .collect::<Result<_, _>>()?;
-        let routes = cfg
-            .routes
-            .iter()
-            .map(|&(a, l)| Prefix::new(a, l, true))
-            .collect::<Result<_, _>>()?;
+        let addresses = cfg.addresses.iter().copied().collect();
+        let routes = cfg.routes.iter().map(Prefix::masked).collect();
         let mut table_routes = BTreeSet::new();
-        for &(a, l) in &cfg.accepted_routes {
-            let r = Prefix::new(a, l, true)?;
-            if let Some(c) = connected.iter().find(|c| c.contains(&r)) {
+        for r in cfg.accepted_routes.iter().map(Prefix::masked) {
+            if let Some(c) = connected.iter().find(|c| c.contains_prefix(&r)) {
                 log::debug!("router: not installing accepted route {r}: inside connected {c}");
             } else {
                 table_routes.insert(r);
             }
         }
         if let Some(exit) = cfg.exit_node {
-            table_routes.insert(Prefix::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0, true)?);
-            table_routes.insert(Prefix::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0, true)?);
+            table_routes.insert(ALL_IPV4);
+            table_routes.insert(ALL_IPV6);
             if !exit.allow_lan {
                 // Go: "explicitly add routes to the local network so that we do not leak".
                 table_routes.extend(connected.iter().copied());
@@ -322,10 +228,12 @@ impl Applied {
         }
         let throws: BTreeSet<Prefix> = connected
             .iter()
-            .filter(|c| !table_routes.contains(c) && table_routes.iter().any(|r| r.len < c.len && r.contains(c)))
+            .filter(|c| {
+                !table_routes.contains(c) && table_routes.iter().any(|r| r.bits() < c.bits() && r.contains_prefix(c))
+            })
             .copied()
             .collect();
-        let family = |v6: bool| table_routes.iter().any(|r| r.addr.is_ipv6() == v6);
+        let family = |v6: bool| table_routes.iter().any(|r| r.is_ipv4() != v6);
         let sr = cfg.subnet_router;
         Ok(Applied {
             tun: cfg.tun.clone(),
@@ -387,8 +295,8 @@ pub fn parse_connected(out: &str, tun: &str) -> Vec<Prefix> {
         if !link {
             continue;
         }
-        let Some(p) = Prefix::parse_masked(first) else { continue };
-        let special = match p.addr {
+        let Ok(p) = first.parse::<Prefix>() else { continue };
+        let special = match p.addr() {
             IpAddr::V4(a) => a.is_link_local() || a.is_multicast(),
             IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80 || a.is_multicast(),
         };
@@ -442,14 +350,14 @@ impl Op {
             Op::LinkUp { dev, mtu } => v(&["ip", "link", "set", "dev", dev, "mtu", &mtu.to_string(), "up"]),
             Op::AddrAdd { dev, addr } => v(&[
                 "ip",
-                addr.family_flag(),
+                fam(!addr.is_ipv4()),
                 "addr",
                 "replace",
                 &addr.to_string(),
                 "dev",
                 dev,
             ]),
-            Op::AddrDel { dev, addr } => v(&["ip", addr.family_flag(), "addr", "del", &addr.to_string(), "dev", dev]),
+            Op::AddrDel { dev, addr } => v(&["ip", fam(!addr.is_ipv4()), "addr", "del", &addr.to_string(), "dev", dev]),
             Op::RouteAdd { dev, route } => route_argv("replace", route, Some(dev), false),
             Op::RouteDel { dev, route } => route_argv("del", route, Some(dev), false),
             Op::TableRouteAdd { dev, route } => route_argv("replace", route, Some(dev), true),
@@ -534,7 +442,7 @@ impl Op {
 /// `ip -4|-6 route VERB [throw] P/L [dev D] [table 53]`: a route on `dev` or, without one, a
 /// `throw` route; in our table or the main one.
 fn route_argv(verb: &str, route: &Prefix, dev: Option<&str>, table: bool) -> Vec<String> {
-    let mut a: Vec<String> = vec!["ip".into(), route.family_flag().into(), "route".into(), verb.into()];
+    let mut a: Vec<String> = vec!["ip".into(), fam(!route.is_ipv4()).into(), "route".into(), verb.into()];
     if dev.is_none() {
         a.push("throw".into());
     }
@@ -1066,7 +974,7 @@ mod tests {
     fn cfg() -> RouterConfig {
         RouterConfig::new(
             "tinyscale0",
-            vec![(ip("100.64.0.1"), 32), (ip("fd7a:115c:a1e0::1"), 128)],
+            vec![pl(ip("100.64.0.1"), 32), pl(ip("fd7a:115c:a1e0::1"), 128)],
         )
     }
 
@@ -1103,13 +1011,13 @@ mod tests {
     fn diff_adds_and_removes_only_changes() {
         let mut r = Router::new(RecordingRunner::default());
         let mut c = cfg();
-        c.routes.push((ip("10.0.0.0"), 24));
+        c.routes.push(pl(ip("10.0.0.0"), 24));
         r.set(&c).unwrap();
         r.runner_mut().calls.clear();
 
         let mut c2 = cfg();
-        c2.addresses = vec![(ip("100.64.0.2"), 32), (ip("fd7a:115c:a1e0::1"), 128)];
-        c2.routes.push((ip("192.168.5.77"), 24)); // host bits are masked
+        c2.addresses = vec![pl(ip("100.64.0.2"), 32), pl(ip("fd7a:115c:a1e0::1"), 128)];
+        c2.routes.push(pl(ip("192.168.5.77"), 24)); // host bits are masked
         c2.mtu = 1400;
         r.set(&c2).unwrap();
         assert_eq!(
@@ -1196,16 +1104,21 @@ mod tests {
     fn duplicates_collapse_and_bad_prefix_rejected() {
         let mut r = Router::new(RecordingRunner::default());
         let mut c = cfg();
-        c.routes.push(TAILNET_V4);
-        c.routes.push((ip("100.64.1.1"), 10)); // same /10 once masked
+        c.routes.push(CGNAT_RANGE);
+        c.routes.push(pl(ip("100.64.1.1"), 10)); // same /10 once masked
         r.set(&c).unwrap();
         assert_eq!(r.runner().calls.len(), 5);
-        c.routes.push((ip("10.0.0.0"), 33));
-        assert!(matches!(r.set(&c), Err(RouterError::BadPrefix(_, 33))));
+        // A length beyond the family's width never makes it into a config.
+        assert_eq!(Prefix::new(ip("10.0.0.0"), 33), None);
     }
 
     fn p(s: &str) -> Prefix {
-        Prefix::parse_masked(s).unwrap()
+        s.parse().unwrap()
+    }
+
+    /// `a/l`, host bits kept (as an address is).
+    fn pl(a: IpAddr, l: u8) -> Prefix {
+        Prefix::new(a, l).unwrap()
     }
 
     #[test]
@@ -1241,10 +1154,10 @@ mod tests {
         // 192.168.0.0/16 covers the LAN: a throw keeps the LAN in main. 192.168.1.128/25 is
         // inside the LAN: not installed. 10.1.0.0/16 and fd00:5::/64 are plain.
         c.accepted_routes = vec![
-            (ip("192.168.0.0"), 16),
-            (ip("192.168.1.128"), 25),
-            (ip("10.1.0.0"), 16),
-            (ip("fd00:5::"), 64),
+            pl(ip("192.168.0.0"), 16),
+            pl(ip("192.168.1.128"), 25),
+            pl(ip("10.1.0.0"), 16),
+            pl(ip("fd00:5::"), 64),
         ];
         r.set(&c).unwrap();
         assert_eq!(
@@ -1496,14 +1409,14 @@ mod tests {
 
     #[test]
     fn prefix_contains() {
-        assert!(p("192.168.0.0/16").contains(&p("192.168.1.0/24")));
-        assert!(p("192.168.1.0/24").contains(&p("192.168.1.0/24")));
-        assert!(!p("192.168.1.0/24").contains(&p("192.168.0.0/16")));
-        assert!(!p("0.0.0.0/0").contains(&p("::/0")));
-        assert!(p("::/0").contains(&p("fd00::/8")));
+        assert!(p("192.168.0.0/16").contains_prefix(&p("192.168.1.0/24")));
+        assert!(p("192.168.1.0/24").contains_prefix(&p("192.168.1.0/24")));
+        assert!(!p("192.168.1.0/24").contains_prefix(&p("192.168.0.0/16")));
+        assert!(!p("0.0.0.0/0").contains_prefix(&p("::/0")));
+        assert!(p("::/0").contains_prefix(&p("fd00::/8")));
         assert_eq!(p("192.168.1.77/24"), p("192.168.1.0/24"));
         assert_eq!(p("10.0.0.1"), p("10.0.0.1/32"));
-        assert!(Prefix::parse_masked("10.0.0.0/33").is_none());
+        assert!("10.0.0.0/33".parse::<Prefix>().is_err());
     }
 
     #[test]

@@ -41,7 +41,6 @@ use std::{
     fmt,
     hash::{BuildHasherDefault, Hasher},
     net::IpAddr,
-    str::FromStr,
     sync::Arc,
     time::Duration,
 };
@@ -53,9 +52,10 @@ use boringtun::{
     x25519::{PublicKey, StaticSecret},
 };
 
-use crate::{
-    wire::keys::{NodePrivate, NodePublic},
-    wire::tailcfg::Node,
+use crate::wire::{
+    keys::{NodePrivate, NodePublic},
+    tailcfg::Node,
+    tsaddr::{ip_bits, mask_bits, Prefix},
 };
 
 /// How often [`WgPeers::update_timers`] should run (boringtun device `TIMERS_TICK`, 250 ms):
@@ -143,114 +143,6 @@ impl Hasher for FastHasher {
     }
 }
 
-/// An IP prefix (`100.64.0.0/10`, `fd7a:115c:a1e0::/48`) with host bits cleared.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct IpPrefix {
-    addr: IpAddr,
-    len: u8,
-}
-
-/// Why a prefix failed to parse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("invalid IP prefix")]
-pub struct PrefixError;
-
-impl IpPrefix {
-    /// `addr/len` with host bits cleared; `None` if `len` exceeds 32 (IPv4) or 128 (IPv6).
-    pub fn new(addr: IpAddr, len: u8) -> Option<IpPrefix> {
-        if len > width(&addr) {
-            return None;
-        }
-        let bits = ip_bits(addr) & mask_bits(addr, len);
-        let addr = match addr {
-            IpAddr::V4(_) => IpAddr::from((bits as u32).to_be_bytes()),
-            IpAddr::V6(_) => IpAddr::from(bits.to_be_bytes()),
-        };
-        Some(IpPrefix { addr, len })
-    }
-
-    /// The network address.
-    pub fn addr(&self) -> IpAddr {
-        self.addr
-    }
-
-    /// The prefix length.
-    pub fn len(&self) -> u8 {
-        self.len
-    }
-
-    /// True for a zero-length prefix (`0.0.0.0/0`, `::/0`).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// True if `ip` (of the same family) lies inside.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        ip.is_ipv4() == self.addr.is_ipv4() && ip_bits(ip) & mask_bits(ip, self.len) == ip_bits(self.addr)
-    }
-}
-
-impl FromStr for IpPrefix {
-    type Err = PrefixError;
-
-    /// Parses `addr/len`; a bare address means a host prefix (/32 or /128).
-    fn from_str(s: &str) -> Result<IpPrefix, PrefixError> {
-        let (a, l) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a.parse().map_err(|_| PrefixError)?;
-        let len = match l {
-            Some(l) if !l.is_empty() && l.len() <= 3 && l.bytes().all(|c| c.is_ascii_digit()) => {
-                l.parse().map_err(|_| PrefixError)?
-            }
-            Some(_) => return Err(PrefixError),
-            None => width(&addr),
-        };
-        IpPrefix::new(addr, len).ok_or(PrefixError)
-    }
-}
-
-impl fmt::Display for IpPrefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl fmt::Debug for IpPrefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-fn width(ip: &IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        32
-    } else {
-        128
-    }
-}
-
-/// The address as an integer (IPv4 in the low 32 bits).
-fn ip_bits(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(a) => u128::from(u32::from(a)),
-        IpAddr::V6(a) => u128::from(a),
-    }
-}
-
-/// The netmask of a `len`-bit prefix in `ip`'s family, in [`ip_bits`] form.
-fn mask_bits(ip: IpAddr, len: u8) -> u128 {
-    let w = u32::from(width(&ip));
-    let len = u32::from(len).min(w);
-    if len == 0 {
-        0
-    } else {
-        let full = if w == 128 { u128::MAX } else { (1u128 << w) - 1 };
-        full & (full << (w - len))
-    }
-}
-
 /// A longest-prefix-match table from IP prefixes to values (wireguard-go `AllowedIPs`).
 ///
 /// One hash map per distinct prefix length, longest first: a lookup costs at most one probe per
@@ -280,17 +172,18 @@ impl<T> AllowedIps<T> {
         usize::from(ip.is_ipv6())
     }
 
-    /// Maps `prefix` to `value`, returning the value it replaced.
-    pub fn insert(&mut self, prefix: IpPrefix, value: T) -> Option<T> {
-        let levels = &mut self.levels[Self::family(&prefix.addr)];
-        let pos = match levels.binary_search_by(|(l, _)| prefix.len.cmp(l)) {
+    /// Maps `prefix` (host bits ignored) to `value`, returning the value it replaced.
+    pub fn insert(&mut self, prefix: Prefix, value: T) -> Option<T> {
+        let (addr, len) = (prefix.masked().addr(), prefix.bits());
+        let levels = &mut self.levels[Self::family(&addr)];
+        let pos = match levels.binary_search_by(|(l, _)| len.cmp(l)) {
             Ok(p) => p,
             Err(p) => {
-                levels.insert(p, (prefix.len, FastMap::default()));
+                levels.insert(p, (len, FastMap::default()));
                 p
             }
         };
-        levels[pos].1.insert(ip_bits(prefix.addr), value)
+        levels[pos].1.insert(ip_bits(addr), value)
     }
 
     /// The value of the longest prefix containing `ip`.
@@ -323,7 +216,7 @@ pub struct PeerConfig {
     /// The peer's node key, its WireGuard static public key.
     pub key: NodePublic,
     /// Prefixes routed to this peer and accepted as source addresses from it.
-    pub allowed_ips: Vec<IpPrefix>,
+    pub allowed_ips: Vec<Prefix>,
 }
 
 impl PeerConfig {
@@ -492,7 +385,7 @@ pub struct PeerChanges {
 struct Peer {
     tunn: Tunn,
     index: u32,
-    allowed_ips: Vec<IpPrefix>,
+    allowed_ips: Vec<Prefix>,
 }
 
 /// The WireGuard peer table of one node.
@@ -552,7 +445,7 @@ impl WgPeers {
     /// does not send such netmaps).
     pub fn set_peers(&mut self, peers: impl IntoIterator<Item = PeerConfig>) -> PeerChanges {
         let me = self.public_key();
-        let want: BTreeMap<NodePublic, Vec<IpPrefix>> = peers
+        let want: BTreeMap<NodePublic, Vec<Prefix>> = peers
             .into_iter()
             .filter(|p| p.key != me && !p.key.is_zero())
             .map(|p| (p.key, p.allowed_ips))
@@ -830,7 +723,7 @@ impl WgPeers {
             .ok_or(WgError::UnknownPeer)
     }
 
-    fn add_peer(&mut self, key: NodePublic, allowed_ips: Vec<IpPrefix>) {
+    fn add_peer(&mut self, key: NodePublic, allowed_ips: Vec<Prefix>) {
         let index = self.alloc_index();
         // Zero PSK (Tailscale uses none) and no persistent keepalive (magicsock heartbeats);
         // `None` rate limiter: each Tunn rate-limits its own handshakes as well.
@@ -905,7 +798,7 @@ mod tests {
 
     use super::*;
 
-    fn pfx(s: &str) -> IpPrefix {
+    fn pfx(s: &str) -> Prefix {
         s.parse().unwrap()
     }
 
@@ -1353,8 +1246,8 @@ mod tests {
     #[test]
     fn prefix_parse_and_contains() {
         assert_eq!(pfx("100.64.1.2/10").to_string(), "100.64.0.0/10");
-        assert_eq!(pfx("::/0").len(), 0);
-        assert!(pfx("::/0").is_empty());
+        assert_eq!(pfx("::/0").bits(), 0);
+        assert!(pfx("::/0").is_default());
         for bad in [
             "100.64.0.0/33",
             "fd7a::/129",
@@ -1363,7 +1256,7 @@ mod tests {
             "1.2.3.4/+8",
             "1.2.3.4/0008",
         ] {
-            assert!(bad.parse::<IpPrefix>().is_err(), "{bad}");
+            assert!(bad.parse::<Prefix>().is_err(), "{bad}");
         }
         assert!(pfx("100.64.0.0/10").contains(ip("100.100.1.1")));
         assert!(!pfx("100.64.0.0/10").contains(ip("100.128.0.0")));

@@ -51,7 +51,7 @@ use super::frame::{
     self, Frame, FrameError, FrameReader, FrameType, PeerGoneReason, ServerInfo, KEEP_ALIVE, KEY_LEN, MAX_PACKET_SIZE,
 };
 use crate::{
-    platform::uci::DerpConfig,
+    derp::config::DerpConfig,
     wire::connlimit::{self, ConnLimits, ListenLimits},
     wire::disco,
     wire::http1,

@@ -623,17 +623,10 @@ impl HostinfoView<'_> {
     }
 }
 
-/// True for `a.b.c.d/n` (n ≤ 32) or `v6/n` (n ≤ 128): the prefix syntax of routes on the wire.
+/// True for `a.b.c.d/n` (n ≤ 32) or `v6/n` (n ≤ 128): the prefix syntax of routes on the wire
+/// (host bits allowed, as in [`crate::wire::tsaddr::Prefix`]'s `FromStr`).
 pub fn is_valid_cidr(s: &str) -> bool {
-    let Some((ip, len)) = s.split_once('/') else {
-        return false;
-    };
-    let Ok(len) = len.parse::<u8>() else { return false };
-    match ip.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(_)) => len <= 32,
-        Ok(std::net::IpAddr::V6(_)) => len <= 128,
-        Err(_) => false,
-    }
+    s.contains('/') && s.parse::<crate::wire::tsaddr::Prefix>().is_ok()
 }
 
 /// Seconds since the Unix epoch → RFC 3339 UTC (`2026-11-25T16:00:00Z`).

@@ -21,9 +21,7 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-/// The Tailscale ULA range `fd7a:115c:a1e0::/48` (spec §10.1): tailnet addresses live on the TUN
-/// device and are never a way to reach us from outside the tunnel.
-const TAILNET_V6_PREFIX: [u16; 3] = [0xfd7a, 0x115c, 0xa1e0];
+use crate::wire::tsaddr::TAILSCALE_ULA_RANGE;
 
 /// `IFA_F_DADFAILED`: duplicate address detection failed; the address is unusable.
 const IFA_F_DADFAILED: u32 = 0x08;
@@ -77,9 +75,10 @@ pub fn send_family(dst: SocketAddr, have_v6: bool) -> Option<(Family, SocketAddr
     }
 }
 
-/// True for an address in the tailnet's `fd7a:115c:a1e0::/48`.
+/// True for an address in the tailnet's `fd7a:115c:a1e0::/48` (spec §10.1): tailnet addresses
+/// live on the TUN device and are never a way to reach us from outside the tunnel.
 pub fn is_tailnet_v6(ip: Ipv6Addr) -> bool {
-    ip.segments()[..3] == TAILNET_V6_PREFIX
+    TAILSCALE_ULA_RANGE.contains(IpAddr::V6(ip))
 }
 
 /// One line of `/proc/net/if_inet6`.

@@ -16,7 +16,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::dataplane::router::Prefix;
+use crate::wire::tsaddr::Prefix;
 
 /// Multicast group of IPv4 address changes (`<linux/rtnetlink.h>`).
 pub const RTMGRP_IPV4_IFADDR: u32 = 0x10;
@@ -79,7 +79,7 @@ impl AddrEvent {
         if special || self.scope != SCOPE_UNIVERSE {
             return None;
         }
-        Prefix::new(self.addr, self.prefix_len, true).ok()
+        Prefix::new_masked(self.addr, self.prefix_len)
     }
 }
 

@@ -26,8 +26,8 @@
 
 use std::{net::IpAddr, path::PathBuf};
 
-use super::{parse, parse_bool, ConfigError, LogLevel, UciFile, UciOption};
-use crate::{daemon::ipc::UpArgs, dataplane::router::Prefix};
+use super::{parse, parse_bool, ConfigError, UciFile, UciOption};
+use crate::{daemon::ipc::UpArgs, logger::LogLevel, wire::tsaddr::Prefix};
 
 /// Section type of the client settings.
 pub const CLIENT_SECTION_TYPE: &str = "client";
@@ -325,7 +325,10 @@ impl ClientConfig {
                 "advertise_lan" => c.advertise_lan = sec.bool(o)?,
                 "lan_device" => c.lan_device = device(&sec, o)?,
                 "advertise_routes" => {
-                    let p = Prefix::parse_masked(&o.value)
+                    let p = o
+                        .value
+                        .parse::<Prefix>()
+                        .ok()
                         .filter(|_| o.value.contains('/'))
                         .ok_or_else(|| {
                             sec.invalid(
@@ -444,13 +447,12 @@ pub fn lan_prefixes(ip_addr_output: &str) -> Vec<Prefix> {
         if scoped_out || !cidr.contains('/') {
             continue;
         }
-        let Some(p) = Prefix::parse_masked(cidr) else { continue };
-        let special = match p.addr {
-            IpAddr::V4(a) => a.is_loopback() || a.is_link_local() || a.is_multicast() || p.len == 32,
-            IpAddr::V6(a) => {
-                (a.segments()[0] & 0xffc0) == 0xfe80 || a.is_loopback() || a.is_multicast() || p.len == 128
-            }
+        let Ok(p) = cidr.parse::<Prefix>() else { continue };
+        let special = match p.addr() {
+            IpAddr::V4(a) => a.is_loopback() || a.is_link_local() || a.is_multicast(),
+            IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80 || a.is_loopback() || a.is_multicast(),
         };
+        let special = special || p.is_single_ip();
         if !special && !v.contains(&p) {
             v.push(p);
         }
@@ -489,8 +491,11 @@ mod tests {
         );
         assert_eq!(c.state_dir, PathBuf::from("/etc/tinyscale"));
         // The coordinator section in the same file is valid for the server schema too.
-        let s = crate::platform::uci::ServerConfig::from_uci_text(PACKAGED).expect("server section valid");
-        assert_eq!(s.listen_addr.port(), 8080);
+        #[cfg(feature = "coordinator")]
+        {
+            let s = crate::coordinator::config::ServerConfig::from_uci_text(PACKAGED).expect("server section valid");
+            assert_eq!(s.listen_addr.port(), 8080);
+        }
     }
 
     #[test]

@@ -105,6 +105,11 @@ mod tests {
                         \noption local '/lan/'\n\nconfig dhcp 'lan'\n\toption interface 'lan'\n";
 
     #[test]
+    fn service_ip_is_quad_100() {
+        assert_eq!(SERVICE_IP, crate::wire::tsaddr::TAILSCALE_SERVICE_IP.to_string());
+    }
+
+    #[test]
     fn adds_the_forwarding_once() {
         let b = batch(DHCP, Some("ts.example")).unwrap();
         let entry = format!(
