@@ -6,12 +6,12 @@ set -u
 cd "$(dirname "$0")/.."
 bad=0
 PURE="src/wire/keys.rs src/wire/noise.rs src/wire/tailcfg.rs src/wire/zstdframe.rs src/wire/stun.rs src/wire/disco.rs
-      src/derp.rs src/derp/frame.rs src/platform/uci.rs src/control/netmap.rs src/coordinator/ipam.rs
-      src/coordinator/mapper.rs src/coordinator/model.rs src/coordinator/policy.rs src/dataplane/wg.rs src/cli/qr.rs
+      src/derp.rs src/derp/frame.rs src/platform/uci.rs src/platform/uci/syntax.rs src/control/netmap.rs src/coordinator/ipam.rs
+      src/coordinator/mapper.rs src/coordinator/model.rs src/coordinator/policy.rs src/dataplane/wg.rs src/platform/qr.rs
       src/dataplane/magicsock/demux.rs src/dataplane/magicsock/endpoint.rs src/dataplane/magicsock/addr.rs src/dataplane/magicsock/batch.rs src/dataplane/netcheck.rs
-      src/dataplane/tun/gro.rs src/cli/argv.rs src/dataplane/filter.rs src/platform/ubus.rs src/platform/ubus/blobmsg.rs src/dataplane/netmon/rtnl.rs src/dataplane/dns.rs
-      src/platform/uci/dnsmasq.rs src/wire/connlimit.rs src/coordinator/api.rs
-      src/coordinator/config.rs src/derp/config.rs src/wire/tsaddr.rs"
+      src/dataplane/tun/gro.rs src/cli/argv.rs src/dataplane/filter.rs src/wire/ubus.rs src/wire/ubus/blobmsg.rs src/dataplane/netmon/rtnl.rs src/dataplane/dns.rs
+      src/platform/uci/dnsmasq.rs src/platform/connlimit.rs src/coordinator/api.rs
+      src/platform/uci/server.rs src/platform/uci/derp.rs src/wire/prefix.rs"
 for f in $PURE; do
     grep -q '^#!\[forbid(unsafe_code)\]' "$f" || { echo "$f: missing #![forbid(unsafe_code)]"; bad=1; }
     # Only the non-test part of the file; shells at the bottom behind cfg(feature) are exempt.

@@ -11,13 +11,12 @@ use argh::FromArgs;
 use serde_json::Value;
 
 use crate::{
-    daemon::ipc::{self, IpcRequest, UpArgs},
     error::Failure,
+    platform::ipc::{self, IpcRequest, UpArgs},
 };
 
 pub mod argv;
 pub mod dns;
-pub mod qr;
 
 // Every argh type below also derives `ArgsInfo` in tests only: `argv::TREE`'s cross-check reads
 // it, and the binary does not carry that metadata.
@@ -612,7 +611,7 @@ pub struct Serve {
 
 impl Serve {
     /// The flags as uci options (line 0: from the command line) for
-    /// [`crate::coordinator::config::ServerConfig::from_uci_with`].
+    /// [`crate::platform::uci::server::ServerConfig::from_uci_with`].
     pub fn uci_overrides(&self) -> Vec<crate::platform::uci::UciOption> {
         let opt = |name: &str, value: String, list: bool| crate::platform::uci::UciOption {
             name: name.into(),
@@ -1512,7 +1511,13 @@ fn lookup_plan(cmd: Cmd) -> LookupPlan {
                 Cmd::Metrics(m) => m.socket,
                 _ => None,
             };
-            (socket, IpcRequest::Status, false, same, crate::daemon::metrics::render)
+            (
+                socket,
+                IpcRequest::Status,
+                false,
+                same,
+                crate::platform::metrics::render,
+            )
         }
     }
 }
@@ -1638,7 +1643,7 @@ fn overlay(mut base: UpArgs, flags: UpArgs) -> UpArgs {
         ($($f:ident: $t:ident),*) => { $( if flags.$f.is_some() { base.$f = flags.$f; } )* };
     }
     take!(login_server: STRING, auth_key: STRING);
-    crate::daemon::ipc::for_each_pref!(take);
+    crate::platform::ipc::for_each_pref!(take);
     base.force_reauth |= flags.force_reauth;
     base
 }
@@ -1715,8 +1720,8 @@ async fn up(u: Up) -> Result<(), Failure> {
         if !url.is_empty() && url != shown_url {
             eprintln!("\nTo authenticate, visit:\n\n\t{url}\n");
             if u.qr {
-                match crate::cli::qr::encode(url.as_bytes()) {
-                    Ok(code) => eprintln!("{}", crate::cli::qr::render_terminal(&code)),
+                match crate::platform::qr::encode(url.as_bytes()) {
+                    Ok(code) => eprintln!("{}", crate::platform::qr::render_terminal(&code)),
                     Err(e) => eprintln!("(no QR code: {e})"),
                 }
             }

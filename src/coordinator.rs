@@ -7,7 +7,6 @@
 
 pub mod admin;
 pub mod api;
-pub mod config;
 pub mod ipam;
 pub mod mapper;
 pub mod metrics;
@@ -20,7 +19,7 @@ pub mod store;
 use std::{path::Path, sync::Arc, time::Duration};
 
 use crate::{
-    coordinator::config::ServerConfig,
+    platform::uci::server::ServerConfig,
     wire::tailcfg::{DerpMap, DerpRegion},
 };
 
@@ -145,8 +144,8 @@ pub fn settings_from_config(cfg: &ServerConfig) -> Result<state::Settings, Strin
 }
 
 /// The HTTP listener's limits from the validated config.
-pub fn limits_from_config(cfg: &ServerConfig) -> crate::wire::connlimit::ListenLimits {
-    crate::wire::connlimit::ListenLimits {
+pub fn limits_from_config(cfg: &ServerConfig) -> crate::platform::connlimit::ListenLimits {
+    crate::platform::connlimit::ListenLimits {
         max_connections: cfg.max_connections,
         max_connections_per_ip: cfg.max_connections_per_ip,
         handshake_timeout: cfg.handshake_timeout,
@@ -241,7 +240,7 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
     }
     let coord = server::Coordinator::with_limits(st, limits_from_config(cfg)).map_err(|e| e.to_string())?;
     let tls = match &cfg.tls {
-        Some((cert, key)) => Some(crate::wire::tls::Acceptor::from_pem_files(cert, key)?),
+        Some((cert, key)) => Some(crate::platform::tls::Acceptor::from_pem_files(cert, key)?),
         None => None,
     };
     if tls.is_none() && cfg.server_url.starts_with("https://") {
@@ -295,11 +294,11 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
         }
         // Metrics are not worth the tailnet: a taken port (the default 9090 is a popular one)
         // leaves them off with a warning instead of stopping the coordinator.
-        match crate::daemon::metrics::listen::bind(addr).await {
+        match crate::platform::metrics::listen::bind(addr).await {
             Ok(listener) => {
                 log::info!("metrics listening addr={addr} path=/metrics");
                 let (coord, stun_stats) = (coord.clone(), stun_stats.clone());
-                tokio::spawn(crate::daemon::metrics::listen::serve(listener, move || {
+                tokio::spawn(crate::platform::metrics::listen::serve(listener, move || {
                     std::future::ready(metrics::render(&metrics_snapshot(&coord, stun_stats.as_deref())))
                 }));
             }
@@ -343,7 +342,7 @@ mod tests {
     fn uci_defaults_are_the_listener_defaults() {
         assert_eq!(
             limits_from_config(&ServerConfig::default()),
-            crate::wire::connlimit::ListenLimits::default()
+            crate::platform::connlimit::ListenLimits::default()
         );
     }
 }

@@ -1,13 +1,11 @@
 //! The client daemon (`tinyscale daemon`, the tailscaled of tinyscale): owns the keys and prefs in
 //! the state dir, runs the control session (register, map long-poll, reconnect with backoff),
 //! feeds each netmap to the data plane ([`crate::dataplane::engine`]: TUN, WireGuard, magicsock, DERP,
-//! MagicDNS, routes and rules), and answers the CLI over the local socket ([`crate::daemon::ipc`]) and,
+//! MagicDNS, routes and rules), and answers the CLI over the local socket ([`crate::platform::ipc`]) and,
 //! when ubusd's socket is given, as the `tinyscale` ubus object ([`crate::platform::ubus_object`]).
 //!
 //! Mirrors the roles of tailscale `ipn/ipnlocal/local.go` (backend state machine and prefs) and
 //! `control/controlclient/auto.go` (login/map loop).
-pub mod ipc;
-pub mod metrics;
 
 use std::{
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
@@ -26,10 +24,12 @@ use crate::{
         client::{self, ControlUrl},
         netmap::{node_matches, offers_exit_node, Netmap},
     },
-    daemon::ipc::{IpcRequest, IpcResponse, UpArgs},
     dataplane::engine::{Engine, EngineConfig, EngineHandle, LocalEndpoints, RoutePrefs},
-    wire::keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
-    wire::tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
+    platform::ipc::{IpcRequest, IpcResponse, UpArgs},
+    wire::{
+        keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
+        tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
+    },
 };
 
 /// Default state directory (keys and prefs, mode 0700/0600).
@@ -485,7 +485,7 @@ impl Daemon {
             macro_rules! set {
                 ($($f:ident: $t:ident),*) => { $( if let Some(v) = a.$f { p.$f = v; } )* };
             }
-            ipc::for_each_pref!(set);
+            crate::platform::ipc::for_each_pref!(set);
             p.want_running |= bring_up;
             if exit_given {
                 let arg = p.exit_node.as_str();
@@ -1294,7 +1294,7 @@ pub async fn run(
             Err(e) => log::warn!("prefs from config not applied err={e}"),
         }
     }
-    let listener = crate::daemon::ipc::bind_private(socket)
+    let listener = crate::platform::ipc::bind_private(socket)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     log::info!(
@@ -1308,12 +1308,12 @@ pub async fn run(
                 "metrics listen addr={addr} is not loopback: anyone who reaches it reads peer names and traffic"
             );
         }
-        let listener = crate::daemon::metrics::listen::bind(addr).await?;
+        let listener = crate::platform::metrics::listen::bind(addr).await?;
         log::info!("metrics listening addr={addr} path=/metrics");
         let dm = d.clone();
-        tokio::spawn(crate::daemon::metrics::listen::serve(listener, move || {
+        tokio::spawn(crate::platform::metrics::listen::serve(listener, move || {
             let d = dm.clone();
-            async move { crate::daemon::metrics::render(&d.status_json().await) }
+            async move { crate::platform::metrics::render(&d.status_json().await) }
         }));
     }
     tokio::spawn(d.clone().control_loop());
@@ -1322,7 +1322,7 @@ pub async fn run(
         tokio::spawn(crate::platform::ubus_object::run(d.clone(), path));
     }
     let dd = d.clone();
-    let accept = crate::daemon::ipc::serve_lines(listener, move |req: IpcRequest| {
+    let accept = crate::platform::ipc::serve_lines(listener, move |req: IpcRequest| {
         let d = dd.clone();
         async move { d.handle(req).await }
     });
@@ -1747,7 +1747,7 @@ mod tests {
             ..Default::default()
         });
         let r = d
-            .handle(IpcRequest::WhoIs(crate::daemon::ipc::Lookup {
+            .handle(IpcRequest::WhoIs(crate::platform::ipc::Lookup {
                 arg: "192.168.1.20:80".into(),
                 ..Default::default()
             }))
@@ -1758,14 +1758,14 @@ mod tests {
         assert_eq!(r.data["UserProfile"]["LoginName"], "bob@example.com");
         assert!(r.data.get("CapMap").is_none(), "Go omits an empty CapMap");
         let r = d
-            .handle(IpcRequest::WhoIs(crate::daemon::ipc::Lookup {
+            .handle(IpcRequest::WhoIs(crate::platform::ipc::Lookup {
                 arg: "100.64.0.9".into(),
                 ..Default::default()
             }))
             .await;
         assert!(r.error.starts_with("no match for 100.64.0.9"), "{}", r.error);
         let r = d
-            .handle(IpcRequest::WhoIs(crate::daemon::ipc::Lookup {
+            .handle(IpcRequest::WhoIs(crate::platform::ipc::Lookup {
                 arg: "gw".into(),
                 ..Default::default()
             }))
@@ -1778,7 +1778,7 @@ mod tests {
             .expect("MapResponse"),
         );
         let r = d
-            .handle(IpcRequest::WhoIs(crate::daemon::ipc::Lookup {
+            .handle(IpcRequest::WhoIs(crate::platform::ipc::Lookup {
                 arg: "100.64.0.2".into(),
                 ..Default::default()
             }))
@@ -1818,7 +1818,7 @@ mod tests {
             ..Default::default()
         });
         let q = |name: &str, qtype: &str| {
-            d.handle(IpcRequest::DnsQuery(crate::daemon::ipc::Lookup {
+            d.handle(IpcRequest::DnsQuery(crate::platform::ipc::Lookup {
                 arg: name.into(),
                 qtype: qtype.into(),
             }))

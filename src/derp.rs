@@ -25,8 +25,6 @@ use std::net::{IpAddr, SocketAddr};
 use crate::wire::tailcfg::DerpNode;
 
 pub mod client;
-#[cfg(feature = "relay")]
-pub mod config;
 pub mod frame;
 #[cfg(feature = "relay")]
 pub mod server;

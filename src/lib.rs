@@ -1,20 +1,22 @@
 //! tinyscale: a Tailscale-compatible mesh VPN client, subnet router and mini-coordinator in one
 //! small static binary for OpenWrt routers.
 //!
-//! One folder per layer, bottom up:
-//! - `wire`: keys, the tailcfg types, the TS2021 Noise handshake and stream, zstd framing, disco
-//!   and STUN (pure codecs), IP prefixes and the tailnet ranges (`tsaddr`), and the shells every TCP connection passes (HTTP/1 heads, TLS,
-//!   listener admission);
-//! - `derp`: the relay protocol (`derp::frame`, pure), its client and its server;
+//! One folder per layer, bottom up (each folder's `NAME.rs` beside it says what it is for):
+//! - `wire`: codecs, pure: keys, the tailcfg types, the TS2021 Noise handshake (and the stream
+//!   that carries HTTP/2 over it), zstd framing, disco, STUN, HTTP/1 heads, the one IP prefix
+//!   type with the tailnet ranges (`wire::prefix`), and ubus/blobmsg messages;
+//! - `derp`: the relay protocol (`derp::frame`, pure), its client and (feature `relay`) server;
 //! - `control`: the control client (`control::client`) and the sans-io netmap it keeps;
 //! - `dataplane`: the `engine` task owning TUN, sockets (`magicsock`, `udp`), WireGuard tunnels
 //!   (`wg`), the packet `filter`, MagicDNS (`dns`), routes/rules/nftables (`router`), network
 //!   monitoring (`netmon`), `netcheck` and sockets kept out of the tunnel (`netns`);
-//! - `daemon`: the client daemon (control session, prefs), its `ipc` socket and `metrics`;
-//! - `platform`: OpenWrt glue: `uci` files, the `ubus` codec and the `ubus_object`;
+//! - `platform`: the glue to the system around it: `uci` (the syntax and one schema per
+//!   component), the `ubus_object`, the local API socket (`ipc`), `tls`, listener admission
+//!   (`connlimit`), the Prometheus text (`metrics`), the `logger` and the login QR code (`qr`);
 //! - `coordinator` (feature): control server, SQLite store, ACL policy, admin and REST APIs,
 //!   embedded DERP relay and STUN;
-//! - `cli`: the command-line entry points.
+//! - at the top, the shells: the client `daemon` (control session, prefs, state file) and the
+//!   `cli` entry points.
 //!
 //! Pure modules (no sockets, clock or files; `scripts/check-purity.sh` lists them) hold the
 //! protocol logic; the tokio shells around them stay thin.
@@ -28,7 +30,6 @@ pub mod daemon;
 pub mod dataplane;
 pub mod derp;
 pub mod error;
-pub mod logger;
 pub mod platform;
 #[cfg(test)]
 mod vectors;

@@ -36,21 +36,21 @@ fn run(top: Top) -> Result<(), Failure> {
             // (procd runs it so); flags beside it win.
             let (cfg, initial) = match &d.config {
                 Some(path) => {
-                    tinyscale::logger::init(log::LevelFilter::Info);
+                    tinyscale::platform::logger::init(log::LevelFilter::Info);
                     let cfg = cli::load_client_config(path)?;
-                    tinyscale::logger::init(cfg.log_level.to_level_filter());
+                    tinyscale::platform::logger::init(cfg.log_level.to_level_filter());
                     let initial = cli::client_up_args(&cfg)?;
                     (cfg, Some(initial))
                 }
                 None => {
-                    tinyscale::logger::init(log::LevelFilter::Info);
+                    tinyscale::platform::logger::init(log::LevelFilter::Info);
                     (tinyscale::platform::uci::client::ClientConfig::default(), None)
                 }
             };
             let dir = d.state_dir.unwrap_or(cfg.state_dir);
             let sock = d
                 .socket
-                .unwrap_or_else(|| PathBuf::from(tinyscale::daemon::ipc::DEFAULT_SOCKET));
+                .unwrap_or_else(|| PathBuf::from(tinyscale::platform::ipc::DEFAULT_SOCKET));
             let ubus = match d.ubus_socket.as_str() {
                 "none" => None,
                 p => Some(PathBuf::from(p)),
@@ -63,7 +63,7 @@ fn run(top: Top) -> Result<(), Failure> {
                     port: d.port.unwrap_or(cfg.port),
                 }),
             };
-            let metrics = tinyscale::daemon::metrics::daemon_listen(d.metrics_listen.as_deref(), cfg.metrics_listen)
+            let metrics = tinyscale::platform::metrics::daemon_listen(d.metrics_listen.as_deref(), cfg.metrics_listen)
                 .map_err(Failure::usage)?;
             runtime()?
                 .block_on(tinyscale::daemon::run(
@@ -75,7 +75,7 @@ fn run(top: Top) -> Result<(), Failure> {
         Cmd::Derp(d) => derp(d),
         Cmd::Server(s) => server(s),
         other => {
-            tinyscale::logger::init(log::LevelFilter::Warn);
+            tinyscale::platform::logger::init(log::LevelFilter::Warn);
             runtime()?.block_on(cli::run_client(other))
         }
     }
@@ -83,7 +83,7 @@ fn run(top: Top) -> Result<(), Failure> {
 
 #[cfg(feature = "relay")]
 fn stun(s: cli::Stun) -> Result<(), Failure> {
-    tinyscale::logger::init(log::LevelFilter::Info);
+    tinyscale::platform::logger::init(log::LevelFilter::Info);
     let addr = s.listen.unwrap_or_else(|| "0.0.0.0:3478".into());
     let addr: std::net::SocketAddr = addr
         .parse()
@@ -102,17 +102,17 @@ fn stun(s: cli::Stun) -> Result<(), Failure> {
 
 #[cfg(feature = "relay")]
 fn derp(d: cli::DerpCmd) -> Result<(), Failure> {
-    tinyscale::logger::init(log::LevelFilter::Info);
+    tinyscale::platform::logger::init(log::LevelFilter::Info);
     // A fresh key per start: clients learn it from the ServerKey frame; DERP maps do not pin it.
     let mut b = [0u8; 32];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
     let key = tinyscale::wire::keys::NodePrivate::from_random(b);
     let tls = match (&d.tls_cert, &d.tls_key) {
-        (Some(c), Some(k)) => Some(tinyscale::wire::tls::Acceptor::from_pem_files(c, k).map_err(Failure::config)?),
+        (Some(c), Some(k)) => Some(tinyscale::platform::tls::Acceptor::from_pem_files(c, k).map_err(Failure::config)?),
         (None, None) => None,
         _ => return Err(Failure::usage("--tls-cert and --tls-key go together")),
     };
-    let limits = tinyscale::wire::connlimit::ListenLimits {
+    let limits = tinyscale::platform::connlimit::ListenLimits {
         max_connections: d.max_connections,
         max_connections_per_ip: d.max_connections_per_ip,
         ..Default::default()
@@ -151,7 +151,7 @@ fn server(s: cli::Server) -> Result<(), Failure> {
             .or_else(|| std::env::var("TINYSCALE_API_KEY").ok())
             .filter(|k| !k.is_empty())
             .ok_or_else(|| Failure::usage("--remote needs --api-key KEY (or TINYSCALE_API_KEY)"))?;
-        tinyscale::logger::init(log::LevelFilter::Warn);
+        tinyscale::platform::logger::init(log::LevelFilter::Warn);
         return runtime()?.block_on(cli::run_admin(&AdminTarget::Remote { url, key }, s.cmd));
     }
     let path = s.config.unwrap_or_else(|| {
@@ -174,7 +174,7 @@ fn server(s: cli::Server) -> Result<(), Failure> {
         _ => Vec::new(),
     };
     let cfg = tinyscale::platform::uci::parse(&text)
-        .and_then(|f| tinyscale::coordinator::config::ServerConfig::from_uci_with(&f, &overrides))
+        .and_then(|f| tinyscale::platform::uci::server::ServerConfig::from_uci_with(&f, &overrides))
         .map_err(|e| match e.line() {
             // A value from a flag: no file line to point at.
             0 => Failure::config(format!(
@@ -185,14 +185,14 @@ fn server(s: cli::Server) -> Result<(), Failure> {
         })?;
     match s.cmd {
         ServerCmd::Serve(sv) => {
-            tinyscale::logger::init(cfg.log_level.to_level_filter());
+            tinyscale::platform::logger::init(cfg.log_level.to_level_filter());
             let ubus = (sv.ubus_socket != "none").then(|| PathBuf::from(sv.ubus_socket));
             runtime()?
                 .block_on(tinyscale::coordinator::run(&cfg, ubus))
                 .map_err(Failure::runtime)
         }
         cmd => {
-            tinyscale::logger::init(log::LevelFilter::Warn);
+            tinyscale::platform::logger::init(log::LevelFilter::Warn);
             runtime()?.block_on(cli::run_admin(&AdminTarget::Socket(cfg.unix_socket.clone()), cmd))
         }
     }

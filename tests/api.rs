@@ -396,7 +396,7 @@ async fn remote_verbs_verify_the_coordinators_certificate() {
     let addr = listener.local_addr().unwrap();
     let st = State::load(Store::open_in_memory().unwrap(), Settings::default()).unwrap();
     let coord = Coordinator::new(st).unwrap();
-    let acceptor = tinyscale::wire::tls::Acceptor::from_pem_files(&ca.cert, &ca.key).unwrap();
+    let acceptor = tinyscale::platform::tls::Acceptor::from_pem_files(&ca.cert, &ca.key).unwrap();
     tokio::spawn(server::serve_http(coord.clone(), listener, Some(acceptor)));
     let key = admin::handle_value(&coord, AdminRequest::ApikeysCreate { expiration_secs: None }).unwrap()["key"]
         .as_str()

@@ -23,9 +23,11 @@ use tinyscale::{
         client::{self as derp_client, DerpEvent},
         server::{DerpServer, Verifier},
     },
-    wire::connlimit::ListenLimits,
-    wire::keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
-    wire::tailcfg::{self, MapRequest, MapResponse, RegisterAuth, RegisterRequest},
+    platform::connlimit::ListenLimits,
+    wire::{
+        keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
+        tailcfg::{self, MapRequest, MapResponse, RegisterAuth, RegisterRequest},
+    },
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -1050,7 +1052,7 @@ async fn metrics_endpoint_counts_streams_registrations_and_fan_out() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let maddr = listener.local_addr().unwrap();
     let coord = h.coord.clone();
-    tokio::spawn(tinyscale::daemon::metrics::listen::serve(listener, move || {
+    tokio::spawn(tinyscale::platform::metrics::listen::serve(listener, move || {
         std::future::ready(tinyscale::coordinator::metrics::render(
             &tinyscale::coordinator::metrics_snapshot(&coord, None),
         ))

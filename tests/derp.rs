@@ -26,18 +26,17 @@ use tinyscale::{
         state::{Settings, State},
         store::Store,
     },
-    derp::config::DerpConfig,
     derp::{
         client::{self, DerpClient, DerpEvent},
         frame::{self, ClientInfo, Frame, FrameReader, FrameType, PeerGoneReason},
         server::{self, DerpServer},
     },
-    wire::connlimit::ListenLimits,
-    wire::disco,
-    wire::keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
-    wire::stun,
-    wire::tailcfg,
-    wire::tls::Stream,
+    platform::{connlimit::ListenLimits, tls::Stream, uci::derp::DerpConfig},
+    wire::{
+        disco,
+        keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
+        stun, tailcfg,
+    },
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

@@ -14,8 +14,8 @@ use tinyscale::{
         client::{self, DerpEvent, Dial},
         server,
     },
+    platform::tls::Acceptor,
     wire::keys::NodePrivate,
-    wire::tls::Acceptor,
 };
 use tokio::net::TcpListener;
 

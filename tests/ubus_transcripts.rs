@@ -3,8 +3,8 @@
 
 use serde_json::{json, Map, Value};
 use tinyscale::{
-    platform::ubus::{self, blobmsg, Client, Event, Invoke, Method},
     platform::ubus_object,
+    wire::ubus::{self, blobmsg, Client, Event, Invoke, Method},
 };
 
 /// The frames of a transcript: (from ubusd?, bytes).

@@ -23,11 +23,15 @@ use std::{io::Write, net::SocketAddr, process::Command, time::Duration};
 use common::Proc;
 
 use tinyscale::{
-    dataplane::router::{Router, RouterConfig, SystemRunner},
-    dataplane::tun::Tun,
-    dataplane::wg::{PeerConfig, WgPeers, TIMER_TICK},
-    wire::keys::{NodePrivate, NodePublic},
-    wire::tsaddr::Prefix,
+    dataplane::{
+        router::{Router, RouterConfig, SystemRunner},
+        tun::Tun,
+        wg::{PeerConfig, WgPeers, TIMER_TICK},
+    },
+    wire::{
+        keys::{NodePrivate, NodePublic},
+        prefix::Prefix,
+    },
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);

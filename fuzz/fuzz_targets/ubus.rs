@@ -2,7 +2,7 @@
 //! stream of frames from ubusd.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tinyscale::platform::ubus::{self, blobmsg, Client, Method};
+use tinyscale::wire::ubus::{self, blobmsg, Client, Method};
 
 fuzz_target!(|data: &[u8]| {
     for a in blobmsg::attrs(data).flatten() {

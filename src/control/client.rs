@@ -12,11 +12,13 @@ use rand_core::{OsRng, RngCore};
 use tokio::io::AsyncWriteExt;
 
 use crate::{
-    wire::http1,
-    wire::keys::{MachinePrivate, MachinePublic},
-    wire::noise::{self, stream::NoiseStream},
-    wire::tailcfg::{self, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse},
-    wire::tls::{self, Stream},
+    platform::tls::{self, Stream},
+    wire::{
+        http1,
+        keys::{MachinePrivate, MachinePublic},
+        noise::{self, stream::NoiseStream},
+        tailcfg::{self, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest, RegisterResponse},
+    },
 };
 
 /// Dial + handshake budget (Go: ~10 s end to end).

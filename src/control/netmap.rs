@@ -11,8 +11,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use crate::wire::{
+    prefix::Prefix,
     tailcfg::{DerpMap, DnsConfig, FilterRule, MapResponse, Node, UserProfile},
-    tsaddr::Prefix,
 };
 
 /// The chunk the legacy `PacketFilter` field stands for.

@@ -19,11 +19,15 @@ use super::{
     state::{CoordError, State},
 };
 use crate::{
-    daemon::ipc,
-    daemon::ipc::IpcResponse,
-    platform::ubus::{blobmsg, Method},
-    platform::ubus_object::{self, Args, MethodDef, Object, PendingReply},
-    wire::tailcfg,
+    platform::{
+        ipc,
+        ipc::IpcResponse,
+        ubus_object::{self, Args, MethodDef, Object, PendingReply},
+    },
+    wire::{
+        tailcfg,
+        ubus::{blobmsg, Method},
+    },
 };
 
 /// One admin request.
@@ -701,7 +705,8 @@ pub async fn call_remote(url: &str, key: &str, req: &AdminRequest) -> Result<Val
     let u = crate::wire::http1::parse_url(url).map_err(|e| format!("--remote {url}: {e}"))?;
     let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     let work = async {
-        let mut io = crate::wire::tls::connect(&crate::wire::tls::host_port(&u.host, u.port), &u.host, u.tls).await?;
+        let mut io =
+            crate::platform::tls::connect(&crate::platform::tls::host_port(&u.host, u.port), &u.host, u.tls).await?;
         let head = format!(
             "POST {}/api/v1/admin HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -863,7 +868,7 @@ mod tests {
     async fn server_object_answers_from_the_coordinator() {
         use crate::{
             coordinator::{state::Settings, store::Store},
-            platform::ubus,
+            wire::ubus,
         };
         let st = State::load(Store::open_in_memory().expect("db"), Settings::default()).expect("state");
         let obj = Arc::new(ServerObject(Coordinator::new(st).expect("coordinator")));

@@ -11,7 +11,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::wire::tsaddr::{is_reserved, Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE};
+use crate::wire::prefix::{is_reserved, Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE};
 
 /// The allocator's prefixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -32,8 +32,8 @@ use super::{
     state::{Change, State},
 };
 use crate::wire::{
+    prefix::Prefix,
     tailcfg::{self, DnsConfig, DnsRecord, FilterRule, MapResponse, Resolver, UserProfile},
-    tsaddr::Prefix,
 };
 
 fn fqdn(state: &State, given: &str) -> String {

@@ -5,7 +5,7 @@
 //! Counters live where they happen and are plain atomics: [`Metrics`] (map streams,
 //! registrations, map fan-out latency) in the [`super::server::Coordinator`], [`STORE_WRITES`]
 //! process-wide (the store has no handle on the coordinator), the listener's refusals in
-//! [`crate::wire::connlimit::ConnLimits`], the relay's in [`crate::derp::server::DerpStats`], STUN's in
+//! [`crate::platform::connlimit::ConnLimits`], the relay's in [`crate::derp::server::DerpStats`], STUN's in
 //! [`crate::wire::stun::StunStats`]. The shell gathers them into a [`Snapshot`] and [`render`] (pure)
 //! writes the text. Names follow headscale (`node_registrations_total`) and Go tailscale's
 //! derper (`derp_bytes_received`, `derp_packets_dropped` by reason) under our `tinyscale_`
@@ -24,7 +24,7 @@ use std::{
     time::Instant,
 };
 
-use crate::daemon::metrics::{Histogram, HistogramSnapshot, Writer};
+use crate::platform::metrics::{Histogram, HistogramSnapshot, Writer};
 
 /// Fan-out buckets, seconds: a small tailnet fans out in well under a millisecond; a slow
 /// router with many nodes or a stuck stream shows up in the upper ones.
@@ -273,7 +273,7 @@ pub fn render(s: &Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::metrics::tests::{get, parse};
+    use crate::platform::metrics::tests::{get, parse};
 
     #[test]
     fn exposition_parses_and_carries_every_family() {

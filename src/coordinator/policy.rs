@@ -34,9 +34,9 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use crate::{
-    wire::tailcfg::{FilterRule, NetPortRange, PortRange},
-    wire::tsaddr::Prefix,
+use crate::wire::{
+    prefix::Prefix,
+    tailcfg::{FilterRule, NetPortRange, PortRange},
 };
 
 /// Deepest nesting of arrays and objects accepted (a policy needs 4).

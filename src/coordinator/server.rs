@@ -26,13 +26,17 @@ use super::{
     state::{Change, CoordError, RegisterOutcome, State},
 };
 use crate::{
-    wire::connlimit::{self, ConnLimits, ListenLimits},
-    wire::http1::{self, Head},
-    wire::keys::{hex_encode, MachinePrivate, MachinePublic},
-    wire::noise::{self, stream::NoiseStream},
-    wire::tailcfg::{self, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest},
-    wire::tls::{self, Stream},
-    wire::zstdframe,
+    platform::{
+        connlimit::{self, ConnLimits, ListenLimits},
+        tls::{self, Stream},
+    },
+    wire::{
+        http1::{self, Head},
+        keys::{hex_encode, MachinePrivate, MachinePublic},
+        noise::{self, stream::NoiseStream},
+        tailcfg::{self, MapRequest, MapResponse, OverTlsPublicKeyResponse, RegisterRequest},
+        zstdframe,
+    },
 };
 
 /// Map keep-alive cadence (headscale: 50 s + jitter; Go's watchdog fires at 120 s).

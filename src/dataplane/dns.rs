@@ -34,8 +34,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use crate::{
     control::netmap::Netmap,
     wire::{
+        prefix::{is_tailnet_ip, TAILSCALE_SERVICE_IP, TAILSCALE_SERVICE_IPV6},
         tailcfg::DnsConfig,
-        tsaddr::{is_tailnet_ip, TAILSCALE_SERVICE_IP, TAILSCALE_SERVICE_IPV6},
     },
 };
 

@@ -45,28 +45,32 @@ use tokio::{
 
 use crate::{
     control::netmap::{node_matches, Netmap},
-    dataplane::filter::{Filter, LocalNets, Rules, Verdict},
-    dataplane::magicsock::{
-        addr::{self, Family},
-        batch::{self, SendBatch},
-        demux::{self, Kind},
-        endpoint::{self, DiscoOut, Endpoint, Path, PathStatus, SendPlan, TxId},
-        socket::{self, Sockets},
+    dataplane::{
+        filter::{Filter, LocalNets, Rules, Verdict},
+        magicsock::{
+            addr::{self, Family},
+            batch::{self, SendBatch},
+            demux::{self, Kind},
+            endpoint::{self, DiscoOut, Endpoint, Path, PathStatus, SendPlan, TxId},
+            socket::{self, Sockets},
+        },
+        netcheck::{self, ProbePlan, ReportState},
+        router::{ExitRoutes, Router, RouterConfig, SubnetRouter, SystemRunner},
+        tun::{gro::Coalescer, Tun},
+        udp,
+        wg::{self, PeerConfig, WgPeers},
     },
-    dataplane::netcheck::{self, ProbePlan, ReportState},
-    dataplane::router::{ExitRoutes, Router, RouterConfig, SubnetRouter, SystemRunner},
-    dataplane::tun::{gro::Coalescer, Tun},
-    dataplane::udp,
-    dataplane::wg::{self, PeerConfig, WgPeers},
     derp::{
         self,
         client::{self as derp_client, DerpEvent},
     },
-    wire::disco::{self, DiscoShared, Message},
-    wire::keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic},
-    wire::stun,
-    wire::tailcfg::{DerpMap, DerpNode, DerpRegion, FilterRule},
-    wire::tsaddr::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
+    wire::{
+        disco::{self, DiscoShared, Message},
+        keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic},
+        prefix::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
+        stun,
+        tailcfg::{DerpMap, DerpNode, DerpRegion, FilterRule},
+    },
 };
 
 /// Timer resolution of the loop (boringtun wants ≥ 4 Hz; netcheck probes retransmit at 100 ms).
@@ -1090,7 +1094,7 @@ impl Engine {
     fn derp_sender(&mut self, region: i32) -> Option<&mpsc::Sender<(NodePublic, Vec<u8>)>> {
         if !self.derps.contains_key(&region) {
             let r = self.derp_map.regions.get(&region.to_string())?;
-            let plain_http = crate::wire::tls::derp_plain_http();
+            let plain_http = crate::platform::tls::derp_plain_http();
             let node = derp_node(r, plain_http)?;
             let (tx, rx) = mpsc::channel(DERP_QUEUE);
             let up = Arc::new(AtomicBool::new(false));
@@ -1628,7 +1632,7 @@ impl Engine {
     /// UDP is blocked: ranks the regions by `GET /derp/latency-check` instead (Go netcheck's
     /// HTTPS fallback), off the loop; the answers arrive in [`Self::on_https_latency`].
     fn measure_https_latency(&mut self) {
-        let plain_http = crate::wire::tls::derp_plain_http();
+        let plain_http = crate::platform::tls::derp_plain_http();
         let targets: Vec<(i32, (DerpNode, u16))> = self
             .derp_map
             .regions

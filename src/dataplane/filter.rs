@@ -58,8 +58,10 @@ use serde_json::{json, Value};
 
 use crate::{
     dataplane::wg::FastHasher,
-    wire::tailcfg::{FilterRule, Node},
-    wire::tsaddr::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
+    wire::{
+        prefix::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
+        tailcfg::{FilterRule, Node},
+    },
 };
 
 /// ICMP for IPv4.

@@ -52,7 +52,7 @@
 
 use std::{collections::BTreeSet, net::IpAddr, process::Command};
 
-use crate::wire::tsaddr::{Prefix, ALL_IPV4, ALL_IPV6, CGNAT_RANGE, TAILSCALE_ULA_RANGE};
+use crate::wire::prefix::{Prefix, ALL_IPV4, ALL_IPV6, CGNAT_RANGE, TAILSCALE_ULA_RANGE};
 
 /// Go's default TUN MTU (`net/tstun/mtu.go` `DefaultTUNMTU`): 1280, the IPv6 minimum, so the
 /// WireGuard-wrapped packet fits any path with a 1360+ byte MTU.

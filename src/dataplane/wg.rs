@@ -54,8 +54,8 @@ use boringtun::{
 
 use crate::wire::{
     keys::{NodePrivate, NodePublic},
+    prefix::{ip_bits, mask_bits, Prefix},
     tailcfg::Node,
-    tsaddr::{ip_bits, mask_bits, Prefix},
 };
 
 /// How often [`WgPeers::update_timers`] should run (boringtun device `TIMERS_TICK`, 250 ms):

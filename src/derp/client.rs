@@ -20,7 +20,7 @@
 //!   [`Error::is_retryable`] says whether a new one may work and [`Backoff`] spaces the attempts
 //!   (Go magicsock reconnects with backoff capped at 10 s).
 //! * TLS: real regions only speak TLS (certificate checked for the node's `HostName`); plain
-//!   HTTP is for loopback tests and for `TS_DEBUG_USE_DERP_HTTP=1` (see [`crate::wire::tls`]).
+//!   HTTP is for loopback tests and for `TS_DEBUG_USE_DERP_HTTP=1` (see [`crate::platform::tls`]).
 #![forbid(unsafe_code)]
 
 use std::{fmt, io, time::Duration};
@@ -36,9 +36,11 @@ use super::frame::{
     self, ClientInfo, Frame, FrameError, FrameReader, FrameType, PeerGoneReason, ServerInfo, KEY_LEN, MAX_PACKET_SIZE,
 };
 use crate::{
-    wire::http1,
-    wire::keys::{NodePrivate, NodePublic},
-    wire::tls::{self, Stream},
+    platform::tls::{self, Stream},
+    wire::{
+        http1,
+        keys::{NodePrivate, NodePublic},
+    },
 };
 
 /// Budget for the TCP dial, and separately for upgrade + handshake (Go: 10 s each).

@@ -51,12 +51,15 @@ use super::frame::{
     self, Frame, FrameError, FrameReader, FrameType, PeerGoneReason, ServerInfo, KEEP_ALIVE, KEY_LEN, MAX_PACKET_SIZE,
 };
 use crate::{
-    derp::config::DerpConfig,
-    wire::connlimit::{self, ConnLimits, ListenLimits},
-    wire::disco,
-    wire::http1,
-    wire::keys::{NodePrivate, NodePublic},
-    wire::tailcfg::{DerpNode, DerpRegion},
+    platform::{
+        connlimit::{self, ConnLimits, ListenLimits},
+        uci::derp::DerpConfig,
+    },
+    wire::{
+        disco, http1,
+        keys::{NodePrivate, NodePublic},
+        tailcfg::{DerpNode, DerpRegion},
+    },
 };
 
 /// Frames queued per client before new ones are dropped (Go `perClientSendQueueDepth`, 32):
@@ -726,7 +729,7 @@ impl DerpServer {
     /// probes and `/generate_204` via [`Self::handle_http`]; TLS first when `tls` is given.
     /// Admission follows [`Self::limits`]; TLS, the request head and the DERP handshake share
     /// one `handshake_timeout` budget from accept.
-    pub async fn serve(self: &Arc<Self>, listener: TcpListener, tls: Option<crate::wire::tls::Acceptor>) {
+    pub async fn serve(self: &Arc<Self>, listener: TcpListener, tls: Option<crate::platform::tls::Acceptor>) {
         let budget = self.limits.limits().handshake_timeout;
         loop {
             let (tcp, peer, guard) = connlimit::accept(&listener, &self.limits, tls.is_some(), "derp").await;
@@ -735,7 +738,7 @@ impl DerpServer {
             tokio::spawn(async move {
                 let _guard = guard;
                 let deadline = tokio::time::Instant::now() + budget;
-                let Some(mut sock) = crate::wire::tls::accept(tls.as_ref(), tcp, budget, peer).await else {
+                let Some(mut sock) = crate::platform::tls::accept(tls.as_ref(), tcp, budget, peer).await else {
                     return;
                 };
                 let head = tokio::time::timeout_at(deadline, http1::read_request_head(&mut sock)).await;
@@ -851,7 +854,7 @@ pub async fn run_standalone(
     listen: SocketAddr,
     private: NodePrivate,
     stun: Option<SocketAddr>,
-    tls: Option<crate::wire::tls::Acceptor>,
+    tls: Option<crate::platform::tls::Acceptor>,
     limits: ListenLimits,
 ) -> io::Result<()> {
     let server = Arc::new(DerpServer::new(private, None).with_limits(limits));

@@ -30,9 +30,9 @@ use tokio::{
 };
 
 use crate::{
-    daemon::ipc::{for_each_pref, IpcRequest, IpcResponse, UpArgs},
     daemon::Daemon,
-    platform::ubus::{self, blobmsg, Client, Event, Invoke, Method},
+    platform::ipc::{for_each_pref, IpcRequest, IpcResponse, UpArgs},
+    wire::ubus::{self, blobmsg, Client, Event, Invoke, Method},
 };
 
 /// ubusd's socket on OpenWrt.
@@ -356,7 +356,7 @@ async fn login(d: Arc<Daemon>, a: UpArgs) -> Reply {
 
 /// The login URL as QR rows of `0`/`1` (dark) modules, for LuCI to draw; empty without a URL.
 pub fn qr_rows(url: &str) -> Vec<String> {
-    match crate::cli::qr::encode(url.as_bytes()) {
+    match crate::platform::qr::encode(url.as_bytes()) {
         Ok(q) if !url.is_empty() => (0..q.size)
             .map(|y| (0..q.size).map(|x| if q.get(x, y) { '1' } else { '0' }).collect())
             .collect(),
@@ -629,7 +629,7 @@ mod tests {
     #[test]
     fn login_qr_rows() {
         let rows = qr_rows("http://127.0.0.1:8080/register/abc");
-        let q = crate::cli::qr::encode(b"http://127.0.0.1:8080/register/abc").expect("qr");
+        let q = crate::platform::qr::encode(b"http://127.0.0.1:8080/register/abc").expect("qr");
         assert_eq!(rows.len(), q.size);
         assert!(rows.iter().all(|r| r.len() == q.size));
         // The finder pattern's corner is dark, the module inside its ring light.

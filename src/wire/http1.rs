@@ -391,8 +391,8 @@ pub async fn read_body<R: AsyncRead + Unpin>(
 pub async fn get(url: &str, limit: usize, timeout: std::time::Duration) -> Result<Vec<u8>, String> {
     let u = parse_url(url).map_err(|e| format!("{url}: {e}"))?;
     let work = async {
-        let addr = crate::wire::tls::host_port(&u.host, u.port);
-        let mut io = crate::wire::tls::connect(&addr, &u.host, u.tls).await?;
+        let addr = crate::platform::tls::host_port(&u.host, u.port);
+        let mut io = crate::platform::tls::connect(&addr, &u.host, u.tls).await?;
         let req = format!(
             "GET {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: tinyscale/{}\r\nAccept: application/json\r\n\r\n",
             u.path,

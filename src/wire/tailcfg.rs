@@ -624,9 +624,9 @@ impl HostinfoView<'_> {
 }
 
 /// True for `a.b.c.d/n` (n ≤ 32) or `v6/n` (n ≤ 128): the prefix syntax of routes on the wire
-/// (host bits allowed, as in [`crate::wire::tsaddr::Prefix`]'s `FromStr`).
+/// (host bits allowed, as in [`crate::wire::prefix::Prefix`]'s `FromStr`).
 pub fn is_valid_cidr(s: &str) -> bool {
-    s.contains('/') && s.parse::<crate::wire::tsaddr::Prefix>().is_ok()
+    s.contains('/') && s.parse::<crate::wire::prefix::Prefix>().is_ok()
 }
 
 /// Seconds since the Unix epoch → RFC 3339 UTC (`2026-11-25T16:00:00Z`).

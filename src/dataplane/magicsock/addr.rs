@@ -21,7 +21,7 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-use crate::wire::tsaddr::TAILSCALE_ULA_RANGE;
+use crate::wire::prefix::TAILSCALE_ULA_RANGE;
 
 /// `IFA_F_DADFAILED`: duplicate address detection failed; the address is unusable.
 const IFA_F_DADFAILED: u32 = 0x08;

@@ -16,7 +16,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::wire::tsaddr::Prefix;
+use crate::wire::prefix::Prefix;
 
 /// Multicast group of IPv4 address changes (`<linux/rtnetlink.h>`).
 pub const RTMGRP_IPV4_IFADDR: u32 = 0x10;

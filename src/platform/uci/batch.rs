@@ -20,7 +20,7 @@
 
 #![forbid(unsafe_code)]
 
-use super::{quote, valid_name, valid_type, Lexer, UciFile, UciOption, UciSection};
+use super::syntax::{quote, valid_name, valid_type, Lexer, UciFile, UciOption, UciSection};
 
 /// A batch line that cannot be applied, with its 1-based line number.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

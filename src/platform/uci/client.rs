@@ -27,7 +27,10 @@
 use std::{net::IpAddr, path::PathBuf};
 
 use super::{parse, parse_bool, ConfigError, UciFile, UciOption};
-use crate::{daemon::ipc::UpArgs, logger::LogLevel, wire::tsaddr::Prefix};
+use crate::{
+    platform::{ipc::UpArgs, logger::LogLevel},
+    wire::prefix::Prefix,
+};
 
 /// Section type of the client settings.
 pub const CLIENT_SECTION_TYPE: &str = "client";
@@ -365,7 +368,7 @@ impl ClientConfig {
                 "tun" => c.tun = device(&sec, o)?,
                 "metrics_listen" => {
                     c.metrics_listen =
-                        crate::daemon::metrics::parse_listen(&o.value, crate::daemon::metrics::DEFAULT_DAEMON_PORT)
+                        crate::platform::metrics::parse_listen(&o.value, crate::platform::metrics::DEFAULT_DAEMON_PORT)
                             .map_err(|e| sec.invalid(o, e))?
                             .map(|(a, _)| a)
                 }
@@ -493,7 +496,7 @@ mod tests {
         // The coordinator section in the same file is valid for the server schema too.
         #[cfg(feature = "coordinator")]
         {
-            let s = crate::coordinator::config::ServerConfig::from_uci_text(PACKAGED).expect("server section valid");
+            let s = crate::platform::uci::server::ServerConfig::from_uci_text(PACKAGED).expect("server section valid");
             assert_eq!(s.listen_addr.port(), 8080);
         }
     }

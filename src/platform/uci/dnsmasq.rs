@@ -106,7 +106,7 @@ mod tests {
 
     #[test]
     fn service_ip_is_quad_100() {
-        assert_eq!(SERVICE_IP, crate::wire::tsaddr::TAILSCALE_SERVICE_IP.to_string());
+        assert_eq!(SERVICE_IP, crate::wire::prefix::TAILSCALE_SERVICE_IP.to_string());
     }
 
     #[test]

@@ -19,10 +19,14 @@ use std::{
 };
 
 use crate::{
-    derp::config::DerpConfig,
-    logger::LogLevel,
-    platform::uci::{format_duration, parse, parse_bool, parse_duration, ConfigError, UciFile, UciOption, PACKAGE},
-    wire::tsaddr::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
+    platform::{
+        logger::LogLevel,
+        uci::{
+            derp::DerpConfig, format_duration, parse, parse_bool, parse_duration, ConfigError, UciFile, UciOption,
+            PACKAGE,
+        },
+    },
+    wire::prefix::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
 };
 
 /// The validated coordinator config from `config server 'main'`; every field has headscale's
@@ -102,7 +106,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             metrics_listen_addr: Some(SocketAddr::from((
                 [127, 0, 0, 1],
-                crate::daemon::metrics::DEFAULT_COORDINATOR_PORT,
+                crate::platform::metrics::DEFAULT_COORDINATOR_PORT,
             ))),
         }
     }
@@ -463,7 +467,7 @@ impl ServerConfig {
         // Read raw: an empty value is "off" here, not "unset".
         if let Some(o) = opts.scalars.iter().find(|o| o.name == "metrics_listen_addr") {
             c.metrics_listen_addr =
-                crate::daemon::metrics::parse_listen(&o.value, crate::daemon::metrics::DEFAULT_COORDINATOR_PORT)
+                crate::platform::metrics::parse_listen(&o.value, crate::platform::metrics::DEFAULT_COORDINATOR_PORT)
                     .map_err(|e| invalid(o, e))?
                     .map(|(a, _)| a);
         }
