@@ -11,8 +11,8 @@
 //! Memory is bounded: at most [`MAX_SOURCES`] buckets. A full bucket (a source idle long enough
 //! to have its whole burst back) says nothing a fresh one would not, so when the table is full
 //! those go first; if none is full, the one nearest to full goes (the source it belonged to
-//! gains at most what it would have regained before it is next charged). Neither headscale nor
-//! the Go control client has an equivalent; headscale leaves such limits to a reverse proxy.
+//! gains at most what it would have regained before it is next charged). headscale has no
+//! such limit (it leaves it to a reverse proxy in front); Tailscale's own server is not public.
 #![forbid(unsafe_code)]
 
 use std::{
