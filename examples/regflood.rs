@@ -18,6 +18,11 @@
 //!     on any mismatch
 //! ```
 //! Exit status 2 on bad arguments.
+//!
+//! A busy answer (`429` from the rate limit, `503` from the connection caps) is waited out and
+//! retried as the daemon does (after its `Retry-After` or a doubling backoff, at most [`BUSY_RETRIES`] times per machine);
+//! with `REGFLOOD_NO_RETRY=1` it is printed as that machine's `err` line instead, as a client
+//! that ignores `Retry-After` would see it.
 
 use std::{collections::HashMap, rc::Rc, sync::Arc};
 
@@ -27,6 +32,29 @@ use tinyscale::{
     wire::tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
 };
 use tokio::sync::Semaphore;
+
+/// Busy answers waited out per machine (and for the server key) before giving up.
+const BUSY_RETRIES: u32 = 60;
+
+/// Runs `op` again while it fails with a busy answer, after the server's `Retry-After` (unless
+/// `REGFLOOD_NO_RETRY` is set).
+async fn patiently<T, F: std::future::Future<Output = Result<T, client::Error>>>(
+    mut op: impl FnMut() -> F,
+) -> Result<T, client::Error> {
+    let retry = std::env::var_os("REGFLOOD_NO_RETRY").is_none();
+    let (mut tries, mut backoff) = (0, std::time::Duration::from_secs(1));
+    let cap = std::time::Duration::from_secs(30);
+    loop {
+        match op().await {
+            Err(e @ client::Error::Busy { .. }) if retry && tries < BUSY_RETRIES => {
+                tries += 1;
+                tokio::time::sleep(e.retry_delay(backoff, cap)).await;
+                backoff = (backoff * 2).min(cap);
+            }
+            r => return r,
+        }
+    }
+}
 
 /// The key of machine `index`: seed, index and kind, so node and machine keys differ.
 fn key_bytes(seed: u64, index: u64, kind: u8) -> [u8; 32] {
@@ -60,9 +88,6 @@ impl Machine {
         auth_key: Option<&str>,
         announce: bool,
     ) -> Result<Vec<String>, String> {
-        let mut conn = client::connect(url, &self.machine, server)
-            .await
-            .map_err(|e| e.to_string())?;
         let hostinfo = serde_json::json!({"Hostname": format!("flood-{}", self.index), "OS": "linux"});
         let req = RegisterRequest {
             version: tailcfg::CURRENT_CAPABILITY_VERSION,
@@ -72,7 +97,13 @@ impl Machine {
             hostinfo: Some(hostinfo.clone()),
             ..Default::default()
         };
-        let resp = conn.register(&req).await.map_err(|e| e.to_string())?;
+        let (mut conn, resp) = patiently(|| async {
+            let mut conn = client::connect(url, &self.machine, server).await?;
+            let resp = conn.register(&req).await?;
+            Ok((conn, resp))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
         if !resp.error.is_empty() {
             return Err(format!("refused: {}", resp.error));
         }
@@ -115,7 +146,7 @@ fn main() {
         .expect("tokio runtime");
     let code = rt.block_on(async {
         let url = ControlUrl::parse(args.get(1).map_or("", String::as_str)).unwrap_or_else(|_| usage());
-        let server = match client::fetch_server_key(&url).await {
+        let server = match patiently(|| client::fetch_server_key(&url)).await {
             Ok(k) => k,
             Err(e) => {
                 eprintln!("cannot fetch the server key: {e}");

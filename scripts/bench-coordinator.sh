@@ -16,7 +16,7 @@
 #   (utime+stime from /proc/PID/stat over the measured changes), coordinator resident memory
 #   after the run and its peak, database size (file + WAL).
 # Every node talks from 127.0.0.1: one TCP connection per node, so up to ~28,000 nodes fit the
-# default ephemeral port range; the script raises `ulimit -n`.
+# default ephemeral port range; the script raises `ulimit -n` and turns the per-source rate limit off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || set -- 100 1000 5000 10000
@@ -55,6 +55,7 @@ config server 'main'
 	option log_level 'warn'
 	option max_connections '$((n + 256))'
 	option max_connections_per_ip '$((n + 256))'
+	option rate_limit '0'
 CONF
     S() { "$T" server --config "$run/tinyscale.conf" "$@"; }
     "$T" server serve --config "$run/tinyscale.conf" 2>"$run/server.log" &

@@ -12,6 +12,7 @@ pub mod mapper;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod ratelimit;
 pub mod server;
 pub mod state;
 pub mod store;
@@ -152,6 +153,14 @@ pub fn limits_from_config(cfg: &ServerConfig) -> crate::platform::connlimit::Lis
     }
 }
 
+/// The per-source rate limit from the validated config.
+pub fn rate_limits_from_config(cfg: &ServerConfig) -> ratelimit::RateLimits {
+    ratelimit::RateLimits {
+        rate: cfg.rate_limit,
+        burst: cfg.rate_burst,
+    }
+}
+
 /// Gathers every number of `GET /metrics` (the listener's refusals, the relay, STUN).
 pub fn metrics_snapshot(coord: &server::Coordinator, stun: Option<&crate::wire::stun::StunStats>) -> metrics::Snapshot {
     use metrics::Registration as R;
@@ -187,6 +196,12 @@ pub fn metrics_snapshot(coord: &server::Coordinator, stun: Option<&crate::wire::
             u64::from(l.timed_out()),
             evicted,
         ],
+        rate_limited: [
+            metrics::Limited::Key,
+            metrics::Limited::Ts2021,
+            metrics::Limited::Register,
+        ]
+        .map(|r| u64::from(m.rate_limited(r))),
     }
 }
 
@@ -239,6 +254,7 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
         log::info!("acl policy loaded from {}", p.display());
     }
     let coord = server::Coordinator::with_limits(st, limits_from_config(cfg)).map_err(|e| e.to_string())?;
+    coord.set_rate_limits(rate_limits_from_config(cfg));
     let tls = match &cfg.tls {
         Some((cert, key)) => Some(crate::platform::tls::Acceptor::from_pem_files(cert, key)?),
         None => None,
@@ -250,14 +266,16 @@ pub async fn run(cfg: &ServerConfig, ubus: Option<std::path::PathBuf>) -> Result
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen_addr))?;
     log::info!(
-        "coordinator listening addr={} tls={} url={} db={} admin={} max_connections={} max_connections_per_ip={}",
+        "coordinator listening addr={} tls={} url={} db={} admin={} max_connections={} max_connections_per_ip={} rate_limit={} rate_burst={}",
         cfg.listen_addr,
         tls.is_some(),
         cfg.server_url,
         cfg.db_path.display(),
         cfg.unix_socket.display(),
         cfg.max_connections,
-        cfg.max_connections_per_ip
+        cfg.max_connections_per_ip,
+        cfg.rate_limit,
+        cfg.rate_burst
     );
     let stun_sock = if cfg.derp.server_enabled {
         let a = cfg.derp.server_stun_listen_addr;
@@ -343,6 +361,10 @@ mod tests {
         assert_eq!(
             limits_from_config(&ServerConfig::default()),
             crate::platform::connlimit::ListenLimits::default()
+        );
+        assert_eq!(
+            rate_limits_from_config(&ServerConfig::default()),
+            ratelimit::RateLimits::default()
         );
     }
 }

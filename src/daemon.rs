@@ -951,8 +951,9 @@ impl Daemon {
                         }
                     }
                     self.note_change();
+                    // A busy server (429, 503) says when to come back; anything else backs off.
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {},
+                        _ = tokio::time::sleep(e.retry_delay(backoff, MAX_BACKOFF)) => {},
                         _ = gen.changed() => {},
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);

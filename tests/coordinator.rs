@@ -15,6 +15,8 @@ use tinyscale::{
     control::client::{self, ControlConn, ControlUrl, Error},
     coordinator::{
         admin::{self, AdminRequest},
+        metrics::Limited,
+        ratelimit::RateLimits,
         server::{self, Coordinator},
         state::{Settings, State},
         store::Store,
@@ -1037,6 +1039,98 @@ async fn a_rotation_control_never_saw_falls_back_to_the_known_key() {
     assert!(saved.get("pending_node_key").is_none(), "rotation dropped: {saved}");
     let after = h.admin(AdminRequest::NodesList { user: None }).unwrap();
     assert_eq!(after[0]["node_key"], k1.public().to_string());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Past the per-source budget `/key`, `/ts2021` and register get `429` with `Retry-After`
+/// (plain HTTP and inside Noise) and are counted by request; the open map stream keeps
+/// receiving updates and map requests on an open session are not charged.
+#[tokio::test(flavor = "current_thread")]
+async fn over_the_rate_limit_requests_get_429_and_open_streams_keep_updating() {
+    let h = start().await;
+    h.coord.set_rate_limits(RateLimits { rate: 1, burst: 8 });
+    let key = h.user_and_key("alice", true, None);
+    // /key, /ts2021 and register: 3 of the 8.
+    let mut a = join(&h, &key, "alpha").await;
+    let started = std::time::Instant::now();
+    let (mut ok, mut limited) = (0u32, 0u32);
+    for _ in 0..20 {
+        let r = http_get(h.addr, "/key?v=100").await;
+        if r.starts_with("HTTP/1.1 200 ") {
+            ok += 1;
+        } else {
+            assert!(r.starts_with("HTTP/1.1 429 "), "{r}");
+            assert!(r.contains("\r\nRetry-After: 1\r\n"), "{r}");
+            limited += 1;
+        }
+    }
+    // The 5 left in the burst, plus one a second while the loop ran.
+    let refilled = started.elapsed().as_secs() as u32 + 1;
+    assert!(ok >= 5 && ok <= 5 + refilled, "{ok} served");
+    assert!(limited > 0);
+    assert_eq!(h.coord.metrics().rate_limited(Limited::Key), limited);
+
+    // A new Noise session is refused before its handshake; a register on the open one too.
+    let m = MachinePrivate::from_random(rnd());
+    let r = client::connect(&h.url, &m, &h.coord.public_key()).await;
+    assert!(matches!(r, Err(Error::Busy { status: 429, .. })), "{:?}", r.err());
+    let r = a.conn.register(&register_req(&a.node, None, "alpha")).await;
+    let e = r.expect_err("register over the budget");
+    assert!(
+        matches!(e, Error::Busy { status: 429, retry_after } if retry_after == Duration::from_secs(1)),
+        "{e:?}"
+    );
+    assert!(e.is_retryable());
+    let snap = tinyscale::coordinator::metrics_snapshot(&h.coord, None);
+    assert_eq!(snap.rate_limited, [u64::from(limited), 1, 1]);
+
+    // The session itself is untouched: a lite map request is served, and a policy change
+    // reaches the open stream.
+    let mut lite = map_req(&a.node, &a.disco, false);
+    lite.omit_peers = true;
+    let r = a.conn.map_lite(&lite).await;
+    assert!(r.is_ok(), "{r:?}");
+    let policy = "{\"acls\": [{\"action\": \"accept\", \"src\": [\"alice@\"], \"dst\": [\"alice@:22\"]}]}";
+    h.admin(AdminRequest::PolicySet { policy: policy.into() }).unwrap();
+    until(&mut a.stream, |m| {
+        base_filter(m).is_some_and(|f| f != tailcfg::FilterRule::allow_all())
+    })
+    .await;
+    assert_eq!(
+        snap.rate_limited,
+        tinyscale::coordinator::metrics_snapshot(&h.coord, None).rate_limited
+    );
+}
+
+/// A daemon whose login meets `429`s waits them out (their `Retry-After`, then a growing
+/// backoff) and logs in, instead of stopping with an error as for a refused login.
+#[tokio::test]
+async fn a_daemon_waits_out_the_rate_limit_and_logs_in() {
+    let (h, _key, _conn, m, k1, _k2) = registered_with_a_key_to_rotate_to("carol").await;
+    // A session costs 3 (/key, /ts2021, register): spend the whole burst first.
+    h.coord.set_rate_limits(RateLimits { rate: 2, burst: 3 });
+    for _ in 0..3 {
+        assert!(http_get(h.addr, "/key?v=100").await.starts_with("HTTP/1.1 200 "));
+    }
+    let dir = std::env::temp_dir().join(format!("ts-rate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = serde_json::json!({
+        "machine_key": m.to_key_str(),
+        "node_key": k1.to_key_str(),
+        "prefs": {"login_server": h.url.url, "want_running": true},
+    });
+    std::fs::write(
+        dir.join(tinyscale::daemon::STATE_FILE),
+        serde_json::to_vec(&state).unwrap(),
+    )
+    .unwrap();
+    let saved = daemon_until_running(&dir).await;
+    assert_eq!(saved["node_key"], k1.to_key_str());
+    let limited: u32 = [Limited::Key, Limited::Ts2021, Limited::Register]
+        .map(|r| h.coord.metrics().rate_limited(r))
+        .iter()
+        .sum();
+    assert!(limited > 0, "the daemon was never limited");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

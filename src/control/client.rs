@@ -41,6 +41,9 @@ pub enum Error {
     Protocol(String),
     #[error("control server answered {status}: {text}")]
     Status { status: u16, text: String },
+    /// `429`, or `503` with `Retry-After`: the server asks us to come back later.
+    #[error("control server is busy ({status}), retry after {}s", retry_after.as_secs())]
+    Busy { status: u16, retry_after: Duration },
     #[error("{0}")]
     Rejected(String),
 }
@@ -49,9 +52,37 @@ impl Error {
     /// True when reconnecting later may succeed (network trouble, server restarts).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Unreachable { .. } | Error::Timeout(_) | Error::Protocol(_) => true,
+            Error::Unreachable { .. } | Error::Timeout(_) | Error::Protocol(_) | Error::Busy { .. } => true,
             Error::Status { status, .. } => *status >= 500,
             Error::BadUrl(..) | Error::Rejected(_) => false,
+        }
+    }
+
+    /// How long to wait before the next attempt: the caller's `backoff`, but never less than
+    /// the server's `Retry-After` (itself capped at `cap`). Not just `Retry-After`: a session
+    /// costs several requests (`/key`, `/ts2021`, register) and `Retry-After` only says when one
+    /// is allowed again, so a growing backoff lets the budget refill instead of spending each
+    /// new unit on a session that fails at its next step.
+    pub fn retry_delay(&self, backoff: Duration, cap: Duration) -> Duration {
+        match self {
+            Error::Busy { retry_after, .. } => backoff.max((*retry_after).min(cap)),
+            _ => backoff,
+        }
+    }
+
+    /// The error for a non-success `status` with the response's `Retry-After` (delay-seconds
+    /// form; an HTTP date counts as absent) and body text.
+    fn from_status(status: u16, retry_after: Option<&str>, text: &[u8]) -> Error {
+        let secs = retry_after.and_then(|v| v.trim().parse::<u64>().ok());
+        match (status, secs) {
+            (429, _) | (503, Some(_)) => Error::Busy {
+                status,
+                retry_after: Duration::from_secs(secs.unwrap_or(1)),
+            },
+            _ => Error::Status {
+                status,
+                text: String::from_utf8_lossy(text).trim().to_string(),
+            },
         }
     }
 }
@@ -145,10 +176,7 @@ pub async fn fetch_server_key(url: &ControlUrl) -> Result<MachinePublic, Error> 
             .await
             .map_err(|e| Error::Protocol(format!("/key body: {e}")))?;
         if head.status != 200 {
-            return Err(Error::Status {
-                status: head.status,
-                text: String::from_utf8_lossy(&body).trim().to_string(),
-            });
+            return Err(Error::from_status(head.status, head.header("retry-after"), &body));
         }
         let k: OverTlsPublicKeyResponse = serde_json::from_slice(&body)
             .map_err(|e| Error::Protocol(format!("/key is not a Tailscale control server: {e}")))?;
@@ -193,10 +221,7 @@ pub async fn connect(url: &ControlUrl, machine: &MachinePrivate, server: &Machin
             .map_err(|e| Error::Protocol(format!("/ts2021: {e}")))?;
         if head.status != 101 {
             let body = http1::read_body(&mut s, &head, left).await.unwrap_or_default();
-            return Err(Error::Status {
-                status: head.status,
-                text: String::from_utf8_lossy(&body).trim().to_string(),
-            });
+            return Err(Error::from_status(head.status, head.header("retry-after"), &body));
         }
         let msg = noise::stream::read_response_message(&mut s, &mut left)
             .await
@@ -322,13 +347,12 @@ impl ControlConn {
             .map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
         let resp = resp.await.map_err(|e| Error::Protocol(format!("http/2: {e}")))?;
         let status = resp.status().as_u16();
+        let retry_after = resp.headers().get(http::header::RETRY_AFTER).cloned();
         let mut body = resp.into_body();
         if status != 200 {
             let text = read_all(&mut body, 64 * 1024).await.unwrap_or_default();
-            return Err(Error::Status {
-                status,
-                text: String::from_utf8_lossy(&text).trim().to_string(),
-            });
+            let retry_after = retry_after.as_ref().and_then(|v| v.to_str().ok());
+            return Err(Error::from_status(status, retry_after, &text));
         }
         Ok(body)
     }
@@ -410,6 +434,33 @@ mod tests {
         let mut huge = ((MAX_MAP_MESSAGE + 1) as u32).to_le_bytes().to_vec();
         assert!(matches!(next_map_message(&mut huge), Err(Error::Protocol(e)) if e.contains("too large")));
         assert!(next_map_message(&mut vec![1, 0]).unwrap().is_none());
+    }
+
+    #[test]
+    fn busy_answers_are_retried_after_their_retry_after_capped() {
+        let cap = Duration::from_secs(30);
+        let backoff = Duration::from_secs(2);
+        let e = Error::from_status(429, Some(" 7"), b"slow down");
+        assert!(matches!(e, Error::Busy { status: 429, .. }) && e.is_retryable());
+        assert_eq!(e.retry_delay(backoff, cap), Duration::from_secs(7));
+        assert_eq!(e.retry_delay(Duration::from_secs(16), cap), Duration::from_secs(16));
+        assert_eq!(
+            Error::from_status(429, Some("3600"), b"").retry_delay(backoff, cap),
+            cap
+        );
+        // Without a usable Retry-After a 429 waits a second, or the backoff if longer.
+        let date = Error::from_status(429, Some("Wed, 21 Oct 2026 07:28:00 GMT"), b"");
+        assert!(matches!(date, Error::Busy { retry_after, .. } if retry_after == Duration::from_secs(1)));
+        assert_eq!(date.retry_delay(backoff, cap), backoff);
+        // The connection caps' 503 carries Retry-After too; a bare 503 keeps the backoff.
+        let busy = Error::from_status(503, Some("5"), b"too busy");
+        assert_eq!(busy.retry_delay(backoff, cap), Duration::from_secs(5));
+        let bare = Error::from_status(503, None, b"down");
+        assert!(matches!(&bare, Error::Status { status: 503, text } if text == "down"));
+        assert!(bare.is_retryable());
+        assert_eq!(bare.retry_delay(backoff, cap), backoff);
+        let denied = Error::from_status(403, Some("5"), b"no");
+        assert!(!denied.is_retryable());
     }
 
     #[test]

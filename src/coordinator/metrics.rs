@@ -74,11 +74,26 @@ pub enum Registration {
 
 const REGISTRATION_LABELS: [&str; 4] = ["success", "needs_auth", "unauthorized", "error"];
 
+/// A request the per-source rate limit applies to (label `request` of
+/// `tinyscale_requests_rate_limited_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limited {
+    /// `GET /key`.
+    Key,
+    /// The `/ts2021` upgrade.
+    Ts2021,
+    /// `/machine/register` inside a Noise session.
+    Register,
+}
+
+const LIMITED_LABELS: [&str; 3] = ["key", "ts2021", "register"];
+
 /// The coordinator's own counters.
 #[derive(Debug)]
 pub struct Metrics {
     map_streams: AtomicU32,
     registrations: [AtomicU32; 4],
+    rate_limited: [AtomicU32; 3],
     /// Map fan-out latency, seconds.
     pub fanout: Histogram,
 }
@@ -88,6 +103,7 @@ impl Default for Metrics {
         Metrics {
             map_streams: AtomicU32::new(0),
             registrations: Default::default(),
+            rate_limited: Default::default(),
             fanout: Histogram::new(&FANOUT_BUCKETS),
         }
     }
@@ -113,6 +129,16 @@ impl Metrics {
     /// Registrations with outcome `r` so far.
     pub fn registrations(&self, r: Registration) -> u32 {
         self.registrations[r as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts one request refused by the rate limit.
+    pub fn note_rate_limited(&self, r: Limited) {
+        self.rate_limited[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests of kind `r` refused by the rate limit so far.
+    pub fn rate_limited(&self, r: Limited) -> u32 {
+        self.rate_limited[r as usize].load(Ordering::Relaxed)
     }
 }
 
@@ -187,6 +213,8 @@ pub struct Snapshot {
     /// Listener refusals: over `max_connections`, over `max_connections_per_ip`, handshake
     /// timeouts; and pending registrations evicted because the table was full.
     pub refused: [u64; 4],
+    /// Requests refused by the per-source rate limit, in [`Limited`] order.
+    pub rate_limited: [u64; 3],
 }
 
 const REFUSAL_LABELS: [&str; 4] = [
@@ -230,6 +258,14 @@ pub fn render(s: &Snapshot) -> String {
     );
     for (label, n) in REFUSAL_LABELS.iter().zip(s.refused) {
         w.sample(&[("reason", label)], n as f64);
+    }
+    w.family(
+        "requests_rate_limited_total",
+        "counter",
+        "Requests refused with 429 by the per-source rate limit (rate_limit, rate_burst), by request.",
+    );
+    for (label, n) in LIMITED_LABELS.iter().zip(s.rate_limited) {
+        w.sample(&[("request", label)], n as f64);
     }
     if let Some(d) = &s.derp {
         w.family(
@@ -281,6 +317,9 @@ mod tests {
         m.note_registration(Registration::Success);
         m.note_registration(Registration::Success);
         m.note_registration(Registration::Unauthorized);
+        m.note_rate_limited(Limited::Ts2021);
+        m.note_rate_limited(Limited::Register);
+        m.note_rate_limited(Limited::Register);
         let g1 = m.stream_opened();
         let g2 = m.stream_opened();
         drop(g1);
@@ -307,6 +346,7 @@ mod tests {
             }),
             stun: Some((7, 1)),
             refused: [1, 2, 3, 4],
+            rate_limited: [Limited::Key, Limited::Ts2021, Limited::Register].map(|r| u64::from(m.rate_limited(r))),
         };
         let text = render(&s);
         let p = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
@@ -333,6 +373,11 @@ mod tests {
         let refused = |r: &str| get(&p, "tinyscale_connections_refused_total", &[("reason", r)]);
         assert_eq!(refused("max_connections_per_ip"), Some(2.0));
         assert_eq!(refused("pending_registrations"), Some(4.0));
+        let limited = |r: &str| get(&p, "tinyscale_requests_rate_limited_total", &[("request", r)]);
+        assert_eq!(
+            (limited("key"), limited("ts2021"), limited("register")),
+            (Some(0.0), Some(1.0), Some(2.0))
+        );
         assert_eq!(get(&p, "tinyscale_derp_current_connections", &[]), Some(3.0));
         assert_eq!(
             get(&p, "tinyscale_derp_bytes_received_total", &[]),

@@ -6,7 +6,7 @@
 
 use std::{
     future::poll_fn,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -22,7 +22,8 @@ use tokio::{
 use super::{
     api,
     mapper::{self, Action, Fanout, Update, Viewer},
-    metrics::{FanOutTimer, Metrics, Registration},
+    metrics::{FanOutTimer, Limited, Metrics, Registration},
+    ratelimit::{self, RateLimiter, RateLimits, Verdict},
     state::{Change, CoordError, RegisterOutcome, State},
 };
 use crate::{
@@ -68,6 +69,8 @@ pub struct Coordinator {
     limits: Arc<ConnLimits>,
     /// Map streams, registrations and fan-out latency (`GET /metrics`).
     metrics: Arc<Metrics>,
+    /// The per-source budget of `/key`, `/ts2021` and registrations.
+    rate: Mutex<RateLimiter>,
 }
 
 /// A prepared update on its way to the map streams, with the timer of its fan-out (it observes
@@ -134,12 +137,36 @@ impl Coordinator {
             derp: Default::default(),
             limits: ConnLimits::new(limits),
             metrics: Default::default(),
+            rate: Mutex::new(RateLimiter::new(RateLimits::default())),
         }))
     }
 
     /// The listener's admission state and refusal counters.
     pub fn limits(&self) -> &Arc<ConnLimits> {
         &self.limits
+    }
+
+    /// Replaces the per-source rate limit (sources start with a whole budget).
+    pub fn set_rate_limits(&self, limits: RateLimits) {
+        *self.rate.lock().unwrap_or_else(|e| e.into_inner()) = RateLimiter::new(limits);
+    }
+
+    /// Charges one `what` request from `ip` to its budget: `None` to serve it, or the seconds
+    /// to put in `Retry-After` of a `429` (counted, and logged once a minute per source).
+    fn rate_check(&self, ip: IpAddr, what: Limited) -> Option<u64> {
+        let v = self
+            .rate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(ip, std::time::Instant::now());
+        let Verdict::Limit { retry_after, log } = v else {
+            return None;
+        };
+        self.metrics.note_rate_limited(what);
+        if log {
+            log::warn!("rate limit reached, answering 429 (logged once a minute) peer={ip} op={what:?}");
+        }
+        Some(ratelimit::retry_after_secs(retry_after))
     }
 
     /// The coordinator's own counters.
@@ -303,6 +330,9 @@ async fn route(
     }
     match head.path() {
         "/key" => {
+            if let Some(secs) = coord.rate_check(peer.ip(), Limited::Key) {
+                return too_many_requests(sock, secs).await;
+            }
             let v: Option<u32> = head.query("v").and_then(|v| v.parse().ok());
             match v {
                 None => http1::write_response(sock, 400, "text/plain", b"missing or invalid v parameter\n").await,
@@ -379,6 +409,17 @@ async fn api_http(
     http1::write_response(sock, status, json, &out).await
 }
 
+/// A `429` with `Retry-After: secs` on plain HTTP/1 (the connection then closes).
+async fn too_many_requests(sock: &mut Stream, secs: u64) -> std::io::Result<()> {
+    let body = "too many requests from this address\n";
+    let resp = format!(
+        "HTTP/1.1 429 Too Many Requests\r\nRetry-After: {secs}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(resp.as_bytes()).await?;
+    sock.flush().await
+}
+
 fn register_page(coord: &Coordinator, id: &str) -> (u16, String) {
     // Only ids we could have issued are echoed back (no markup injection).
     let valid =
@@ -412,6 +453,10 @@ async fn ts2021(
     peer: SocketAddr,
     deadline: tokio::time::Instant,
 ) -> std::io::Result<()> {
+    // Charged before the handshake's X25519 work.
+    if let Some(secs) = coord.rate_check(peer.ip(), Limited::Ts2021) {
+        return too_many_requests(&mut sock, secs).await;
+    }
     let upgrade_ok = head
         .header("upgrade")
         .is_some_and(|u| u.eq_ignore_ascii_case("tailscale-control-protocol"));
@@ -460,16 +505,22 @@ async fn ts2021(
         machine.short()
     );
     let io = NoiseStream::new(sock, transport, leftover);
-    serve_h2(coord.clone(), io, machine, deadline).await;
+    serve_h2(coord.clone(), io, machine, peer.ip(), deadline).await;
     Ok(())
 }
 
-/// The HTTP/2 side of a Noise session from `machine`: what `/ts2021` runs once the handshake is
-/// done, over the Noise stream. Public (and generic over the byte stream) for the fuzz target,
-/// which drives it over an in-memory pipe; the binary instantiates it once.
+/// The HTTP/2 side of a Noise session from `machine` at `peer` (whose budget its registrations
+/// are charged to): what `/ts2021` runs once the handshake is done, over the Noise stream.
+/// Public (and generic over the byte stream) for the fuzz target, which drives it over an
+/// in-memory pipe; the binary instantiates it once.
 #[doc(hidden)]
-pub async fn serve_h2<T>(coord: Arc<Coordinator>, io: T, machine: MachinePublic, deadline: tokio::time::Instant)
-where
+pub async fn serve_h2<T>(
+    coord: Arc<Coordinator>,
+    io: T,
+    machine: MachinePublic,
+    peer: IpAddr,
+    deadline: tokio::time::Instant,
+) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let conn = h2::server::Builder::new()
@@ -490,7 +541,7 @@ where
     while let Some(req) = conn.accept().await {
         match req {
             Ok((req, respond)) => {
-                tokio::spawn(handle_noise_request(coord.clone(), machine, req, respond));
+                tokio::spawn(handle_noise_request(coord.clone(), machine, peer, req, respond));
             }
             Err(e) => {
                 log::debug!("h2 connection error machine={} err={e}", machine.short());
@@ -531,6 +582,16 @@ fn respond_now(mut respond: h2::server::SendResponse<Bytes>, status: u16, body: 
     }
 }
 
+/// A `429` with `Retry-After: secs` inside the Noise HTTP/2 session (which stays up).
+fn respond_too_many(mut respond: h2::server::SendResponse<Bytes>, secs: u64) {
+    let mut resp = http::Response::new(());
+    *resp.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+    resp.headers_mut().insert(http::header::RETRY_AFTER, secs.into());
+    if let Ok(mut s) = respond.send_response(resp, false) {
+        let _ = s.send_data(Bytes::from_static(b"too many requests from this address\n"), true);
+    }
+}
+
 impl From<&CoordError> for u16 {
     fn from(e: &CoordError) -> u16 {
         match e {
@@ -557,6 +618,7 @@ fn error_text(e: &CoordError) -> Vec<u8> {
 async fn handle_noise_request(
     coord: Arc<Coordinator>,
     machine: MachinePublic,
+    peer: IpAddr,
     req: http::Request<h2::RecvStream>,
     respond: h2::server::SendResponse<Bytes>,
 ) {
@@ -567,7 +629,10 @@ async fn handle_noise_request(
         Err(status) => return respond_now(respond, status, b"request body too large or broken\n".to_vec()),
     };
     match path.as_str() {
-        "/machine/register" => register(coord, machine, &data, respond).await,
+        "/machine/register" => match coord.rate_check(peer, Limited::Register) {
+            Some(secs) => respond_too_many(respond, secs),
+            None => register(coord, machine, &data, respond).await,
+        },
         "/machine/map" => map(coord, machine, &data, respond).await,
         p if p.starts_with("/machine/") => respond_now(respond, 501, b"not implemented\n".to_vec()),
         _ => respond_now(respond, 404, b"not found\n".to_vec()),

@@ -77,6 +77,11 @@ pub struct ServerConfig {
     /// Budget from accept until TLS, the request head and the Noise handshake are done
     /// (`handshake_timeout`, default 10 s, 1 s to 5 min).
     pub handshake_timeout: Duration,
+    /// Charged requests (`/key`, `/ts2021`, register) per second per address or IPv6 /64
+    /// (`rate_limit`, default 10; 0 turns the limit off).
+    pub rate_limit: u32,
+    /// Charged requests one address may make at once (`rate_burst`, default 40).
+    pub rate_burst: u32,
     /// Where `GET /metrics` is served (`metrics_listen_addr`, default 127.0.0.1:9090 as
     /// headscale's; empty turns it off; a bare port stays on loopback).
     pub metrics_listen_addr: Option<SocketAddr>,
@@ -104,6 +109,8 @@ impl Default for ServerConfig {
             max_connections: 768,
             max_connections_per_ip: 64,
             handshake_timeout: Duration::from_secs(10),
+            rate_limit: 10,
+            rate_burst: 40,
             metrics_listen_addr: Some(SocketAddr::from((
                 [127, 0, 0, 1],
                 crate::platform::metrics::DEFAULT_COORDINATOR_PORT,
@@ -153,6 +160,8 @@ const SERVER_OPTIONS: &[(&str, bool)] = &[
     ("max_connections_per_ip", false),
     ("handshake_timeout", false),
     ("metrics_listen_addr", false),
+    ("rate_limit", false),
+    ("rate_burst", false),
 ];
 
 /// The `server 'main'` statements, sorted into single values and lists after the
@@ -464,6 +473,14 @@ impl ServerConfig {
             }
             c.handshake_timeout = d;
         }
+        if let Some(o) = opts.get("rate_limit") {
+            let what = "rate (requests per second, 0 to 100000; 0 turns the limit off)";
+            c.rate_limit = parse_with(o, what, |s| s.parse::<u32>().ok().filter(|v| *v <= 100_000))?;
+        }
+        if let Some(o) = opts.get("rate_burst") {
+            let what = "burst (requests, 1 to 100000)";
+            c.rate_burst = parse_with(o, what, |s| s.parse::<u32>().ok().filter(|v| (1..=100_000).contains(v)))?;
+        }
         // Read raw: an empty value is "off" here, not "unset".
         if let Some(o) = opts.scalars.iter().find(|o| o.name == "metrics_listen_addr") {
             c.metrics_listen_addr =
@@ -684,6 +701,8 @@ config server 'main'
 	option max_connections '200'
 	option max_connections_per_ip '16'
 	option handshake_timeout '5s'
+	option rate_limit '0'
+	option rate_burst '5'
 
 config client
 	option anything 'ignored here'
@@ -724,6 +743,7 @@ config client
         assert_eq!(c.policy_path, Some(PathBuf::from("/etc/tinyscale/policy.hujson")));
         assert_eq!((c.max_connections, c.max_connections_per_ip), (200, 16));
         assert_eq!(c.handshake_timeout, Duration::from_secs(5));
+        assert_eq!((c.rate_limit, c.rate_burst), (0, 5));
     }
 
     #[test]
@@ -846,6 +866,14 @@ config client
             ),
             ("option handshake_timeout '0s'", "handshake_timeout", "out of range"),
             ("option handshake_timeout '10'", "handshake_timeout", "missing unit"),
+            ("option rate_limit '-1'", "rate_limit", "invalid rate"),
+            ("option rate_limit '100001'", "rate_limit", "0 turns the limit off"),
+            (
+                "option rate_burst '0'",
+                "rate_burst",
+                "invalid burst (requests, 1 to 100000)",
+            ),
+            ("option rate_burst '1.5'", "rate_burst", "invalid burst"),
             (
                 "option metrics_listen_addr 'localhost:9090'",
                 "metrics_listen_addr",
