@@ -76,7 +76,7 @@ mod status;
 pub use report::report_json;
 pub use status::EngineStatus;
 
-use derp_dial::DnsCache;
+use derp_dial::{DerpConn, DnsCache};
 use ping::Pings;
 use status::{path_fingerprint, Drops};
 
@@ -305,10 +305,13 @@ pub struct Engine {
     peers: wg::FastMap<NodePublic, Peer>,
     by_disco: HashMap<DiscoPublic, NodePublic>,
     derp_map: DerpMap,
+    /// The home DERP region (0: none yet), chosen after each netcheck report.
     home_derp: i32,
-    derps: HashMap<i32, mpsc::Sender<(NodePublic, Vec<u8>)>>,
-    /// Per region with a task: whether its connection is up now (set by the task).
-    derp_up: HashMap<i32, Arc<AtomicBool>>,
+    /// `home_derp` for the DERP tasks: each tells its server whether it is our home
+    /// (NotePreferred) when it connects and whenever the home moves.
+    home_tx: watch::Sender<i32>,
+    /// The DERP regions with a connection task.
+    derps: HashMap<i32, DerpConn>,
     derp_in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
     /// Packets were queued towards a DERP task during this loop iteration.
     derp_queued: bool,
@@ -439,8 +442,8 @@ impl Engine {
             by_disco: HashMap::new(),
             derp_map: DerpMap::default(),
             home_derp: 0,
+            home_tx: watch::channel(0).0,
             derps: HashMap::new(),
-            derp_up: HashMap::new(),
             derp_in_tx,
             derp_queued: false,
             my_private: node,
@@ -1162,6 +1165,7 @@ impl Engine {
         self.sync_shields_up();
         if now_t >= self.next_path_check {
             self.next_path_check = now_t + PATH_CHECK;
+            self.close_idle_derps(now_t);
             let sum = path_fingerprint(self.peers.iter().map(|(k, p)| (k, p.endpoint.path(now))));
             if sum != self.path_sum {
                 self.path_sum = sum;

@@ -21,9 +21,12 @@ use std::{
 
 use bytes::Bytes;
 use rand_core::{OsRng, RngCore};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 
-use super::Engine;
+use super::{derp_home, Engine};
 use crate::{
     dataplane::magicsock::addr,
     derp::{
@@ -184,8 +187,9 @@ async fn derp_task(
     (node, port, tls): (DerpNode, u16, bool),
     dns: DnsCache,
     me: NodePrivate,
-    // Whether it is the home region, and the flag this task keeps saying if it is connected.
-    (home, up): (bool, Arc<AtomicBool>),
+    // The home region as the engine follows it, and the flag this task keeps saying whether
+    // it is connected.
+    (mut home, up): (watch::Receiver<i32>, Arc<AtomicBool>),
     mut out_rx: mpsc::Receiver<(NodePublic, Vec<u8>)>,
     in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
 ) {
@@ -212,13 +216,26 @@ async fn derp_task(
         match conn {
             Ok(mut c) => {
                 backoff.reset();
-                log::info!("derp connected region={region} addr={addr} tls={tls} home={home}");
+                let mut preferred = *home.borrow_and_update() == region;
+                log::info!("derp connected region={region} addr={addr} tls={tls} home={preferred}");
                 up.store(true, Ordering::Relaxed);
-                if home {
+                if preferred {
                     let _ = c.note_preferred(true).await;
                 }
                 loop {
                     tokio::select! {
+                        // The home moved: tell this server whether it is ours now (Go
+                        // setNearestDERP notifies every active connection), without reconnecting.
+                        Ok(()) = home.changed() => {
+                            let now = *home.borrow_and_update() == region;
+                            if now != preferred {
+                                preferred = now;
+                                if let Err(e) = c.note_preferred(now).await {
+                                    log::warn!("derp send failed region={region} err={e}");
+                                    break;
+                                }
+                            }
+                        }
                         ev = c.recv() => match ev {
                             Ok(DerpEvent::Packet { src, data }) => {
                                 if in_tx.send((region, src, data)).await.is_err() { return; }
@@ -253,37 +270,88 @@ async fn derp_task(
     }
 }
 
+/// The engine's side of one region's DERP task. Dropping it ends the task (its queue closes)
+/// and so the connection.
+pub(super) struct DerpConn {
+    tx: mpsc::Sender<(NodePublic, Vec<u8>)>,
+    /// Whether the connection is up now (set by the task).
+    pub(super) up: Arc<AtomicBool>,
+    /// When a packet was last queued towards it (Go `activeDerp.lastWrite`): a region that is
+    /// not home closes once idle (see `derp_home::idle_regions`).
+    pub(super) last_write: Instant,
+}
+
 impl Engine {
-    /// The queue towards `region`'s DERP task, spawning the task on first use; `None` for a
-    /// region the map does not have (or one with only STUN nodes).
-    pub(super) fn derp_sender(&mut self, region: i32) -> Option<&mpsc::Sender<(NodePublic, Vec<u8>)>> {
+    /// `region`'s DERP connection, its task spawned on first use; `None` for a region the map
+    /// does not have (or one with only STUN nodes).
+    pub(super) fn derp_conn(&mut self, region: i32) -> Option<&mut DerpConn> {
         if !self.derps.contains_key(&region) {
             let r = self.derp_map.regions.get(&region.to_string())?;
             let plain_http = crate::wire::tls::derp_plain_http();
             let node = derp_node(r, plain_http)?;
             let (tx, rx) = mpsc::channel(DERP_QUEUE);
             let up = Arc::new(AtomicBool::new(false));
-            self.derp_up.insert(region, up.clone());
             tokio::spawn(derp_task(
                 region,
                 (node.0, node.1, !plain_http),
                 self.dns.clone(),
                 self.my_private.clone(),
-                (region == self.home_derp, up),
+                (self.home_tx.subscribe(), up.clone()),
                 rx,
                 self.derp_in_tx.clone(),
             ));
-            self.derps.insert(region, tx);
+            let last_write = Instant::now();
+            self.derps.insert(region, DerpConn { tx, up, last_write });
         }
-        self.derps.get(&region)
+        self.derps.get_mut(&region)
     }
 
     /// Queues `pkt` for `dst` through `region` (dropped when that queue is full).
     pub(super) fn send_derp(&mut self, region: i32, dst: NodePublic, pkt: Vec<u8>) {
-        if let Some(tx) = self.derp_sender(region) {
+        if let Some(c) = self.derp_conn(region) {
             // Full queue: drop, as a congested link would.
-            let _ = tx.try_send((dst, pkt));
+            let _ = c.tx.try_send((dst, pkt));
+            c.last_write = Instant::now();
             self.derp_queued = true;
+        }
+    }
+
+    /// Whether the home region's connection is up (netcheck keeps a live home unless another
+    /// region is clearly faster).
+    pub(super) fn home_alive(&self) -> bool {
+        self.derps
+            .get(&self.home_derp)
+            .is_some_and(|c| c.up.load(Ordering::Relaxed))
+    }
+
+    /// Makes `home` the home region: every DERP task hears it (the old home's server learns it
+    /// is no longer preferred, the new one that it is) and the new home connects now, as Go's
+    /// `setNearestDERP` does.
+    pub(super) fn set_home_derp(&mut self, home: i32) {
+        if home == self.home_derp {
+            return;
+        }
+        log::info!("home DERP region={home} was={}", self.home_derp);
+        self.home_derp = home;
+        self.home_tx.send_replace(home);
+        if let Some(c) = self.derp_conn(home) {
+            // Connecting counts as use, so the new home is not idle at once.
+            c.last_write = Instant::now();
+        }
+    }
+
+    /// Closes the DERP connections that are neither home nor written to within
+    /// [`derp_home::DERP_INACTIVE`] (Go `cleanStaleDerp`).
+    pub(super) fn close_idle_derps(&mut self, now: Instant) {
+        let idle = derp_home::idle_regions(
+            self.derps.iter().map(|(r, c)| (*r, c.last_write.into_std())),
+            self.home_derp,
+            now.into_std(),
+            derp_home::DERP_INACTIVE,
+        );
+        for r in idle {
+            log::info!("derp closing idle region={r}");
+            self.derps.remove(&r);
         }
     }
 }
@@ -383,5 +451,74 @@ mod tests {
             vec!["127.0.0.1:3340".parse::<SocketAddr>().unwrap()],
             "last good answer"
         );
+    }
+
+    /// Two relays on loopback, a DERP task for each (as the engine runs them) and the home
+    /// moving from the first to the second: each server hears NotePreferred as the home moves,
+    /// over the connection it already has (no reconnect); closing a region's queue (the engine
+    /// closing an idle region) ends its connection. Polls with a deadline, no sleeps.
+    #[cfg(feature = "relay")]
+    #[tokio::test]
+    async fn home_moves_between_two_relays_without_reconnecting() {
+        use crate::derp::server::DerpServer;
+        async fn relay() -> (Arc<DerpServer>, u16) {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = l.local_addr().unwrap().port();
+            let srv = Arc::new(DerpServer::new(NodePrivate::from_random([9; 32]), None));
+            let s = srv.clone();
+            tokio::spawn(async move { s.serve(l, None).await });
+            (srv, port)
+        }
+        async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !cond() {
+                assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let me = NodePrivate::from_random([1; 32]);
+        let key = me.public();
+        let (home_tx, _) = watch::channel(1);
+        let (in_tx, _in_rx) = mpsc::channel(8);
+        let mut queues = Vec::new();
+        let mut servers = Vec::new();
+        for region in [1, 2] {
+            let (srv, port) = relay().await;
+            let (tx, rx) = mpsc::channel(DERP_QUEUE);
+            let up = Arc::new(AtomicBool::new(false));
+            tokio::spawn(derp_task(
+                region,
+                (node("", "127.0.0.1", "none"), port, false),
+                DnsCache::default(),
+                me.clone(),
+                (home_tx.subscribe(), up),
+                rx,
+                in_tx.clone(),
+            ));
+            queues.push(tx);
+            servers.push(srv);
+        }
+        let (s1, s2) = (servers[0].clone(), servers[1].clone());
+        eventually("region 1 is home, region 2 connected but not home", || {
+            s1.home_client_count() == 1 && s2.is_connected(&key) && s2.home_client_count() == 0
+        })
+        .await;
+        home_tx.send_replace(2);
+        eventually("the home moved to region 2", || {
+            s1.home_client_count() == 0 && s2.home_client_count() == 1
+        })
+        .await;
+        assert!(s1.is_connected(&key), "the old home stays connected while in use");
+        assert_eq!((s1.stats().accepted(), s2.stats().accepted()), (1, 1), "no reconnect");
+        // Back again: both flip once more.
+        home_tx.send_replace(1);
+        eventually("the home moved back to region 1", || {
+            s1.home_client_count() == 1 && s2.home_client_count() == 0
+        })
+        .await;
+        // The engine closes an idle region by dropping its queue.
+        queues.remove(1);
+        eventually("region 2's connection closed", || !s2.is_connected(&key)).await;
+        assert!(s1.is_connected(&key));
     }
 }

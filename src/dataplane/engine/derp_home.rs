@@ -1,12 +1,23 @@
-//! [pure] Which DERP region is home: the decision the engine takes after each netcheck report.
+//! [pure] Which DERP region is home, and which DERP connections to keep: the decisions the
+//! engine takes after each netcheck report and on its timer.
 //!
 //! Netcheck's report already carries its preferred region with hysteresis against the current
-//! home (`dataplane::netcheck::choose_preferred_derp`); this file decides what the engine does
-//! with it (Go `wgengine/magicsock` `maybeSetNearestDERP` + `pickDERPFallback`). No I/O: the
-//! caller passes the report's choice, the current home and the DERP map.
+//! home (`dataplane::netcheck::choose_preferred_derp`); [`home_region`] decides what the engine
+//! does with it (Go `wgengine/magicsock` `maybeSetNearestDERP` + `pickDERPFallback`). When the
+//! home moves, the old home's connection stays while packets still go through it (peers whose
+//! home it is) and closes once idle, as any region that is not home ([`idle_regions`], Go
+//! `cleanStaleDerp`). No I/O: the caller passes the report's choice, the DERP map, the current
+//! home and the time.
 #![forbid(unsafe_code)]
 
+use std::time::{Duration, Instant};
+
 use crate::wire::tailcfg::DerpMap;
+
+/// How long a DERP connection that is not home may go without a packet queued to it before it
+/// is closed (Go `derpInactiveCleanupTime`, 60 s): long enough for a peer's keepalives and disco
+/// pings to keep a region in use open.
+pub(super) const DERP_INACTIVE: Duration = Duration::from_secs(60);
 
 /// The home region after a report that prefers `preferred` (0: no region answered): the
 /// report's choice; else the current home (`current`, 0 for none); else, so that we stay
@@ -20,6 +31,23 @@ pub(super) fn home_region(preferred: i32, current: i32, map: &DerpMap) -> i32 {
     } else {
         map.regions.values().map(|r| r.region_id).min().unwrap_or(0)
     }
+}
+
+/// The regions among `last_write` (region, when a packet was last queued to it) whose
+/// connection to close at `now`: every one but `home` that has been unused for `idle` or more.
+pub(super) fn idle_regions(
+    last_write: impl IntoIterator<Item = (i32, Instant)>,
+    home: i32,
+    now: Instant,
+    idle: Duration,
+) -> Vec<i32> {
+    let mut v: Vec<i32> = last_write
+        .into_iter()
+        .filter(|&(r, at)| r != home && now.saturating_duration_since(at) >= idle)
+        .map(|(r, _)| r)
+        .collect();
+    v.sort_unstable();
+    v
 }
 
 #[cfg(test)]
@@ -56,5 +84,50 @@ mod tests {
             assert_eq!(home_region(preferred, current, &m), want, "{why}");
         }
         assert_eq!(home_region(0, 0, &DerpMap::default()), 0, "no regions, no home");
+    }
+
+    #[test]
+    fn idle_regions_spare_the_home_and_the_busy() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let conns = [(1, at(0)), (2, at(0)), (3, at(50)), (4, at(100))];
+        let idle = |home: i32, now: u64| idle_regions(conns, home, at(now), DERP_INACTIVE);
+        assert_eq!(idle(1, 59), Vec::<i32>::new(), "nobody idle for 60 s yet");
+        assert_eq!(idle(1, 60), [2], "the home stays however idle it is");
+        assert_eq!(idle(4, 110), [1, 2, 3]);
+        assert_eq!(idle(4, 109), [1, 2], "3 was written 59 s ago");
+        assert_eq!(idle(0, 200), [1, 2, 3, 4], "no home: all idle ones go");
+        // A clock that went backwards (a write stamped after `now`) is not idle.
+        assert_eq!(idle_regions([(5, at(10))], 1, at(0), DERP_INACTIVE), Vec::<i32>::new());
+    }
+
+    /// The home follows the reports: a region only a little faster does not take over
+    /// (netcheck's hysteresis), a clearly faster one does, and the old home then closes once
+    /// no packet has gone through it for [`DERP_INACTIVE`].
+    #[test]
+    fn home_follows_reports_with_hysteresis() {
+        use std::collections::BTreeMap;
+
+        use crate::dataplane::netcheck::{choose_preferred_derp, Timing};
+        let diff = Timing::default().preferred_derp_absolute_diff;
+        let m = map(&[1, 2]);
+        let ms = Duration::from_millis;
+        let report = |l1: u64, l2: u64, home: i32| {
+            let lat = BTreeMap::from([(1, ms(l1)), (2, ms(l2))]);
+            home_region(choose_preferred_derp(&lat, home, true, diff), home, &m)
+        };
+        let mut home = report(20, 40, 0);
+        assert_eq!(home, 1, "first report: fastest");
+        home = report(30, 25, home);
+        assert_eq!(home, 1, "2 only 5 ms faster: stay");
+        home = report(60, 20, home);
+        assert_eq!(home, 2, "2 clearly faster: move");
+        let t0 = Instant::now();
+        let conns = [(1, t0), (2, t0 + Duration::from_secs(30))];
+        assert_eq!(
+            idle_regions(conns, home, t0 + ms(59_999), DERP_INACTIVE),
+            Vec::<i32>::new()
+        );
+        assert_eq!(idle_regions(conns, home, t0 + DERP_INACTIVE, DERP_INACTIVE), [1]);
     }
 }

@@ -87,7 +87,7 @@ impl Engine {
             }
             let dns = self.dns.clone();
             let plan = ProbePlan::new(&self.derp_map, netcheck::Timing::default())
-                .with_home(self.home_derp, self.derps.contains_key(&self.home_derp))
+                .with_home(self.home_derp, self.home_alive())
                 .with_resolved(|host| dns.get(host));
             let deadline = now + netcheck::STUN_PROBE_TIMEOUT;
             // IPv6 probes only when they can leave: an IPv6 socket and an address to send from
@@ -130,7 +130,7 @@ impl Engine {
                 match (r.udp, fresh) {
                     (true, _) => self.apply_report(r),
                     (false, Some(lat)) => {
-                        let alive = self.derps.contains_key(&self.home_derp);
+                        let alive = self.home_alive();
                         let timing = netcheck::Timing::default();
                         self.apply_report(netcheck::with_https_latency(r, &lat, self.home_derp, alive, &timing));
                     }
@@ -207,7 +207,7 @@ impl Engine {
             "netcheck: UDP blocked, DERP latency over HTTPS {:?}",
             lat.iter().map(|(r, d)| (r, d.as_millis())).collect::<Vec<_>>()
         );
-        let prev_alive = self.derps.contains_key(&self.home_derp);
+        let prev_alive = self.home_alive();
         let r = netcheck::with_https_latency(r, lat, self.home_derp, prev_alive, &netcheck::Timing::default());
         self.apply_report(r);
     }
@@ -231,13 +231,7 @@ impl Engine {
         let eps = addr::local_endpoints(&stun, local_v4, &v6, self.sock.port6());
         r.os_has_ipv6 = self.sock.have_v6() && !v6.is_empty();
         let home = derp_home::home_region(r.preferred_derp, self.home_derp, &self.derp_map);
-        if home != self.home_derp {
-            log::info!("home DERP region={home}");
-            self.home_derp = home;
-            // Reconnect as home (NotePreferred) on the next send.
-            self.derps.remove(&home);
-            let _ = self.derp_sender(home);
-        }
+        self.set_home_derp(home);
         let mut net_info = r.net_info();
         net_info["PreferredDERP"] = json!(home);
         let local = LocalEndpoints {

@@ -62,10 +62,10 @@ impl Engine {
             );
         }
         let mut derp = serde_json::Map::new();
-        for (region, up) in &self.derp_up {
+        for (region, c) in &self.derps {
             derp.insert(
                 region.to_string(),
-                json!({"Connected": up.load(Ordering::Relaxed), "Home": *region == self.home_derp}),
+                json!({"Connected": c.up.load(Ordering::Relaxed), "Home": *region == self.home_derp}),
             );
         }
         EngineStatus {
