@@ -309,7 +309,7 @@ pub struct Engine {
     home_derp: i32,
     /// `home_derp` for the DERP tasks: each tells its server whether it is our home
     /// (NotePreferred) when it connects and whenever the home moves.
-    home_tx: watch::Sender<i32>,
+    home_shared: Arc<std::sync::atomic::AtomicI32>,
     /// The DERP regions with a connection task.
     derps: HashMap<i32, DerpConn>,
     derp_in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
@@ -442,7 +442,7 @@ impl Engine {
             by_disco: HashMap::new(),
             derp_map: DerpMap::default(),
             home_derp: 0,
-            home_tx: watch::channel(0).0,
+            home_shared: Arc::default(),
             derps: HashMap::new(),
             derp_in_tx,
             derp_queued: false,

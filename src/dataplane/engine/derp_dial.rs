@@ -13,7 +13,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicI32, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -21,10 +21,7 @@ use std::{
 
 use bytes::Bytes;
 use rand_core::{OsRng, RngCore};
-use tokio::{
-    sync::{mpsc, watch},
-    time::Instant,
-};
+use tokio::{sync::mpsc, time::Instant};
 
 use super::{derp_home, Engine};
 use crate::{
@@ -187,9 +184,9 @@ async fn derp_task(
     (node, port, tls): (DerpNode, u16, bool),
     dns: DnsCache,
     me: NodePrivate,
-    // The home region as the engine follows it, and the flag this task keeps saying whether
-    // it is connected.
-    (mut home, up): (watch::Receiver<i32>, Arc<AtomicBool>),
+    // The home region as the engine follows it (read on connecting and with each item of the
+    // queue), and the flag this task keeps saying whether it is connected.
+    (home, up): (Arc<AtomicI32>, Arc<AtomicBool>),
     mut out_rx: mpsc::Receiver<(NodePublic, Vec<u8>)>,
     in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
 ) {
@@ -216,7 +213,7 @@ async fn derp_task(
         match conn {
             Ok(mut c) => {
                 backoff.reset();
-                let mut preferred = *home.borrow_and_update() == region;
+                let mut preferred = home.load(Ordering::Relaxed) == region;
                 log::info!("derp connected region={region} addr={addr} tls={tls} home={preferred}");
                 up.store(true, Ordering::Relaxed);
                 if preferred {
@@ -224,18 +221,6 @@ async fn derp_task(
                 }
                 loop {
                     tokio::select! {
-                        // The home moved: tell this server whether it is ours now (Go
-                        // setNearestDERP notifies every active connection), without reconnecting.
-                        Ok(()) = home.changed() => {
-                            let now = *home.borrow_and_update() == region;
-                            if now != preferred {
-                                preferred = now;
-                                if let Err(e) = c.note_preferred(now).await {
-                                    log::warn!("derp send failed region={region} err={e}");
-                                    break;
-                                }
-                            }
-                        }
                         ev = c.recv() => match ev {
                             Ok(DerpEvent::Packet { src, data }) => {
                                 if in_tx.send((region, src, data)).await.is_err() { return; }
@@ -245,7 +230,22 @@ async fn derp_task(
                         },
                         out = out_rx.recv() => match out {
                             Some((dst, pkt)) => {
-                                if let Err(e) = c.send(dst, &pkt).await {
+                                // The home moved: tell this server whether it is ours now (Go
+                                // setNearestDERP notifies every active connection), without
+                                // reconnecting. An empty packet is the engine's wake-up for
+                                // this (DERP payloads are never empty), not sent.
+                                let now = home.load(Ordering::Relaxed) == region;
+                                let r = if now != preferred {
+                                    preferred = now;
+                                    c.note_preferred(now).await
+                                } else {
+                                    Ok(())
+                                };
+                                let r = match r {
+                                    Ok(()) if !pkt.is_empty() => c.send(dst, &pkt).await,
+                                    r => r,
+                                };
+                                if let Err(e) = r {
                                     log::warn!("derp send failed region={region} err={e}");
                                     break;
                                 }
@@ -277,7 +277,7 @@ pub(super) struct DerpConn {
     /// Whether the connection is up now (set by the task).
     pub(super) up: Arc<AtomicBool>,
     /// When a packet was last queued towards it (Go `activeDerp.lastWrite`): a region that is
-    /// not home closes once idle (see `derp_home::idle_regions`).
+    /// not home closes once idle (see `derp_home::is_idle`).
     pub(super) last_write: Instant,
 }
 
@@ -296,7 +296,7 @@ impl Engine {
                 (node.0, node.1, !plain_http),
                 self.dns.clone(),
                 self.my_private.clone(),
-                (self.home_tx.subscribe(), up.clone()),
+                (self.home_shared.clone(), up.clone()),
                 rx,
                 self.derp_in_tx.clone(),
             ));
@@ -326,14 +326,17 @@ impl Engine {
 
     /// Makes `home` the home region: every DERP task hears it (the old home's server learns it
     /// is no longer preferred, the new one that it is) and the new home connects now, as Go's
-    /// `setNearestDERP` does.
+    /// `setNearestDERP` does. A task whose queue is full hears it with its next packet.
     pub(super) fn set_home_derp(&mut self, home: i32) {
         if home == self.home_derp {
             return;
         }
         log::info!("home DERP region={home} was={}", self.home_derp);
         self.home_derp = home;
-        self.home_tx.send_replace(home);
+        self.home_shared.store(home, Ordering::Relaxed);
+        for c in self.derps.values() {
+            let _ = c.tx.try_send((NodePublic::default(), Vec::new()));
+        }
         if let Some(c) = self.derp_conn(home) {
             // Connecting counts as use, so the new home is not idle at once.
             c.last_write = Instant::now();
@@ -343,16 +346,20 @@ impl Engine {
     /// Closes the DERP connections that are neither home nor written to within
     /// [`derp_home::DERP_INACTIVE`] (Go `cleanStaleDerp`).
     pub(super) fn close_idle_derps(&mut self, now: Instant) {
-        let idle = derp_home::idle_regions(
-            self.derps.iter().map(|(r, c)| (*r, c.last_write.into_std())),
-            self.home_derp,
-            now.into_std(),
-            derp_home::DERP_INACTIVE,
-        );
-        for r in idle {
-            log::info!("derp closing idle region={r}");
-            self.derps.remove(&r);
-        }
+        let home = self.home_derp;
+        self.derps.retain(|&r, c| {
+            let idle = derp_home::is_idle(
+                r,
+                c.last_write.into_std(),
+                home,
+                now.into_std(),
+                derp_home::DERP_INACTIVE,
+            );
+            if idle {
+                log::info!("derp closing idle region={r}");
+            }
+            !idle
+        });
     }
 }
 
@@ -478,7 +485,7 @@ mod tests {
         }
         let me = NodePrivate::from_random([1; 32]);
         let key = me.public();
-        let (home_tx, _) = watch::channel(1);
+        let home = Arc::new(AtomicI32::new(1));
         let (in_tx, _in_rx) = mpsc::channel(8);
         let mut queues = Vec::new();
         let mut servers = Vec::new();
@@ -491,7 +498,7 @@ mod tests {
                 (node("", "127.0.0.1", "none"), port, false),
                 DnsCache::default(),
                 me.clone(),
-                (home_tx.subscribe(), up),
+                (home.clone(), up),
                 rx,
                 in_tx.clone(),
             ));
@@ -503,7 +510,14 @@ mod tests {
             s1.home_client_count() == 1 && s2.is_connected(&key) && s2.home_client_count() == 0
         })
         .await;
-        home_tx.send_replace(2);
+        // As the engine's set_home_derp does: the new home, then a wake-up to each task.
+        let set_home = |r: i32| {
+            home.store(r, Ordering::Relaxed);
+            for q in &queues {
+                q.try_send((NodePublic::default(), Vec::new())).unwrap();
+            }
+        };
+        set_home(2);
         eventually("the home moved to region 2", || {
             s1.home_client_count() == 0 && s2.home_client_count() == 1
         })
@@ -511,7 +525,7 @@ mod tests {
         assert!(s1.is_connected(&key), "the old home stays connected while in use");
         assert_eq!((s1.stats().accepted(), s2.stats().accepted()), (1, 1), "no reconnect");
         // Back again: both flip once more.
-        home_tx.send_replace(1);
+        set_home(1);
         eventually("the home moved back to region 1", || {
             s1.home_client_count() == 1 && s2.home_client_count() == 0
         })

@@ -5,7 +5,7 @@
 //! home (`dataplane::netcheck::choose_preferred_derp`); [`home_region`] decides what the engine
 //! does with it (Go `wgengine/magicsock` `maybeSetNearestDERP` + `pickDERPFallback`). When the
 //! home moves, the old home's connection stays while packets still go through it (peers whose
-//! home it is) and closes once idle, as any region that is not home ([`idle_regions`], Go
+//! home it is) and closes once idle, as any region that is not home ([`is_idle`], Go
 //! `cleanStaleDerp`). No I/O: the caller passes the report's choice, the DERP map, the current
 //! home and the time.
 #![forbid(unsafe_code)]
@@ -33,21 +33,10 @@ pub(super) fn home_region(preferred: i32, current: i32, map: &DerpMap) -> i32 {
     }
 }
 
-/// The regions among `last_write` (region, when a packet was last queued to it) whose
-/// connection to close at `now`: every one but `home` that has been unused for `idle` or more.
-pub(super) fn idle_regions(
-    last_write: impl IntoIterator<Item = (i32, Instant)>,
-    home: i32,
-    now: Instant,
-    idle: Duration,
-) -> Vec<i32> {
-    let mut v: Vec<i32> = last_write
-        .into_iter()
-        .filter(|&(r, at)| r != home && now.saturating_duration_since(at) >= idle)
-        .map(|(r, _)| r)
-        .collect();
-    v.sort_unstable();
-    v
+/// Whether to close `region`'s connection at `now`, a packet having last been queued to it at
+/// `last_write`: unless it is `home`, once it has been unused for `idle` or more.
+pub(super) fn is_idle(region: i32, last_write: Instant, home: i32, now: Instant, idle: Duration) -> bool {
+    region != home && now.saturating_duration_since(last_write) >= idle
 }
 
 #[cfg(test)]
@@ -86,19 +75,30 @@ mod tests {
         assert_eq!(home_region(0, 0, &DerpMap::default()), 0, "no regions, no home");
     }
 
+    /// The regions of `conns` (region, last write) that [`is_idle`] closes, in order.
+    fn idle_regions(conns: &[(i32, Instant)], home: i32, now: Instant) -> Vec<i32> {
+        let mut v: Vec<i32> = conns
+            .iter()
+            .filter(|(r, at)| is_idle(*r, *at, home, now, DERP_INACTIVE))
+            .map(|(r, _)| *r)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     #[test]
     fn idle_regions_spare_the_home_and_the_busy() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         let conns = [(1, at(0)), (2, at(0)), (3, at(50)), (4, at(100))];
-        let idle = |home: i32, now: u64| idle_regions(conns, home, at(now), DERP_INACTIVE);
+        let idle = |home: i32, now: u64| idle_regions(&conns, home, at(now));
         assert_eq!(idle(1, 59), Vec::<i32>::new(), "nobody idle for 60 s yet");
         assert_eq!(idle(1, 60), [2], "the home stays however idle it is");
         assert_eq!(idle(4, 110), [1, 2, 3]);
         assert_eq!(idle(4, 109), [1, 2], "3 was written 59 s ago");
         assert_eq!(idle(0, 200), [1, 2, 3, 4], "no home: all idle ones go");
         // A clock that went backwards (a write stamped after `now`) is not idle.
-        assert_eq!(idle_regions([(5, at(10))], 1, at(0), DERP_INACTIVE), Vec::<i32>::new());
+        assert!(!is_idle(5, at(10), 1, at(0), DERP_INACTIVE));
     }
 
     /// The home follows the reports: a region only a little faster does not take over
@@ -124,10 +124,7 @@ mod tests {
         assert_eq!(home, 2, "2 clearly faster: move");
         let t0 = Instant::now();
         let conns = [(1, t0), (2, t0 + Duration::from_secs(30))];
-        assert_eq!(
-            idle_regions(conns, home, t0 + ms(59_999), DERP_INACTIVE),
-            Vec::<i32>::new()
-        );
-        assert_eq!(idle_regions(conns, home, t0 + DERP_INACTIVE, DERP_INACTIVE), [1]);
+        assert_eq!(idle_regions(&conns, home, t0 + ms(59_999)), Vec::<i32>::new());
+        assert_eq!(idle_regions(&conns, home, t0 + DERP_INACTIVE), [1]);
     }
 }
