@@ -3,9 +3,13 @@
 //! through one cache ([`DnsCache`]) that netcheck shares. Lookups run off the loop, each bounded by
 //! [`DNS_TIMEOUT`].
 //!
-//! Mirrors the dial half of tailscale `wgengine/magicsock/derp.go` (`derpWriteChanForRegion`,
-//! `runDerpReader`/`runDerpWriter`). The loop supplies the region's node, our node key, the
-//! channel that carries received packets back, and drains nothing: each task owns its queue.
+//! Mirrors the connection half of tailscale `wgengine/magicsock/derp.go`
+//! (`derpWriteChanForRegion`, `runDerpReader`/`runDerpWriter`, `setNearestDERP`,
+//! `cleanStaleDerp`). The loop keeps a [`DerpConn`] per region: the task's queue (bounded; a
+//! full queue drops), its "connected" flag and its last use. Every task reads the home region
+//! from one shared value and tells its server whether it is our home (NotePreferred) when it
+//! connects and when the home moves, over the connection it has. A region that is not home
+//! closes once idle; dropping its queue ends the task.
 
 use std::{
     collections::HashMap,
