@@ -338,3 +338,24 @@ fn a_ping_goes_over_derp_while_udp_is_blocked() {
         "relayed, never direct"
     );
 }
+
+#[test]
+fn a_direct_path_that_breaks_falls_back_to_derp() {
+    let mut m = Mesh::new();
+    let first = m.icmp_echo(0, 1);
+    m.tun_send(0, &first);
+    m.run();
+    assert!(matches!(m.nodes[0].ep.path(m.now), PathStatus::Direct { .. }));
+    // UDP between the nodes goes dark; once the direct address is no longer trusted
+    // (Go trustUDPAddrDuration), packets take the relay again.
+    m.udp_blocked = true;
+    m.now += endpoint::Timing::default().trust_udp_addr_duration + Duration::from_secs(1);
+    m.run();
+    m.delivered_data.clear();
+    let second = m.icmp_echo(0, 2);
+    m.tun_send(0, &second);
+    m.run();
+    assert_eq!(m.nodes[1].tun.last(), Some(&second), "the echo still arrives");
+    let (a, b) = (m.nodes[0].key, m.nodes[1].key);
+    assert_eq!(m.delivered_data, [Via::Derp { from: a, to: b }], "through the relay");
+}
