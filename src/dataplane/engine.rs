@@ -11,8 +11,9 @@
 //!   connected to the loop by bounded channels, and the DERP host name cache shared with
 //!   netcheck (lookups off the loop, each bounded);
 //! - `derp_home` [pure]: which region is home after a report;
-//! - `report`: netcheck orchestration (when a report runs, its probes, the HTTPS fallback, what
-//!   a finished report changes) and the `tinyscale netcheck` JSON;
+//! - `report`: netcheck orchestration (its probes, the HTTPS fallback, what a finished report
+//!   changes) and the `tinyscale netcheck` JSON; `schedule` [pure]: when a report runs and
+//!   what follows a finished one;
 //! - `ping`: `tinyscale ping` rounds;
 //! - `status`: the `status --json` part built on request, and the path fingerprint.
 //!
@@ -71,6 +72,7 @@ mod derp_dial;
 mod derp_home;
 mod ping;
 mod report;
+mod schedule;
 mod status;
 
 pub use report::report_json;

@@ -17,7 +17,9 @@ use tokio::time::Instant;
 
 use super::{
     derp_dial::{derp_dial_addrs, derp_node, derp_server_name},
-    derp_home, new_tx, Engine, LocalEndpoints,
+    derp_home, new_tx,
+    schedule::{self, AfterReport},
+    Engine, LocalEndpoints,
 };
 use crate::{
     dataplane::magicsock::{addr, socket},
@@ -27,17 +29,12 @@ use crate::{
     wire::tailcfg::DerpNode,
 };
 
-/// How often netcheck re-runs (Go: every 20-26 s while active).
-const NETCHECK_INTERVAL: Duration = Duration::from_secs(25);
 /// With no relay address to route towards (a DERP map without relays), our IPv4 endpoint is the
 /// source address of the default route, found by routing towards this address (TEST-NET-1;
 /// connecting a UDP socket sends nothing).
 const DEFAULT_ROUTE_PROBE: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)), 3478);
 /// Budget for one region's `GET /derp/latency-check` (connection, TLS and the request).
 const HTTPS_LATENCY_BUDGET: Duration = Duration::from_secs(5);
-/// How long HTTPS latencies rank regions before they are measured again (a TLS connection to
-/// every region is not something to repeat with each 25 s report).
-const HTTPS_LATENCY_FRESH: Duration = Duration::from_secs(5 * 60);
 
 impl Engine {
     /// DERP host names (of nodes without pinned addresses) whose cached answer is missing or
@@ -63,12 +60,12 @@ impl Engine {
             // same schedule, so peers can reach us directly.
             self.report = None;
             if now_t >= self.next_netcheck {
-                self.next_netcheck = now_t + NETCHECK_INTERVAL;
+                self.next_netcheck = now_t + schedule::NETCHECK_INTERVAL;
                 self.apply_report(netcheck::Report::default());
             }
             return;
         }
-        if self.report.is_none() && now_t >= self.next_netcheck {
+        if schedule::report_due(now, self.next_netcheck.into_std(), self.report.is_some()) {
             // Names first, off the loop; `dns_done` brings us back here.
             let stale = self.stale_derp_hosts(now_t);
             if !stale.is_empty() && !self.dns_pending {
@@ -96,7 +93,7 @@ impl Engine {
                 self.sock.have_v6() && !addr::publishable_v6(&socket::interface_v6(), self.tun.name()).is_empty();
             let v6 = have_v6.then(|| ReportState::new(&plan, true, now, deadline));
             self.report = Some((ReportState::new(&plan, false, now, deadline), v6));
-            self.next_netcheck = now_t + NETCHECK_INTERVAL;
+            self.next_netcheck = now_t + schedule::NETCHECK_INTERVAL;
         }
         let Some((r4, r6)) = self.report.as_mut() else { return };
         let mut sends = Vec::new();
@@ -122,23 +119,18 @@ impl Engine {
                     Some(r6) => netcheck::finish_both(r4, r6),
                     None => r4.finish(),
                 };
-                let fresh = self
-                    .https_latency
-                    .as_ref()
-                    .filter(|(at, _)| now_t < *at + HTTPS_LATENCY_FRESH)
-                    .map(|(_, lat)| lat.clone());
-                match (r.udp, fresh) {
-                    (true, _) => self.apply_report(r),
-                    (false, Some(lat)) => {
+                let https_at = self.https_latency.as_ref().map(|(at, _)| at.into_std());
+                match schedule::after_report(r.udp, https_at, now, self.https_pending) {
+                    AfterReport::Apply => self.apply_report(r),
+                    AfterReport::RankByHttps => {
+                        let lat = self.https_latency.as_ref().map(|(_, l)| l.clone()).unwrap_or_default();
                         let alive = self.home_alive();
                         let timing = netcheck::Timing::default();
                         self.apply_report(netcheck::with_https_latency(r, &lat, self.home_derp, alive, &timing));
                     }
-                    (false, None) => {
+                    AfterReport::ApplyAndMeasure => {
                         self.apply_report(r);
-                        if !self.https_pending {
-                            self.measure_https_latency();
-                        }
+                        self.measure_https_latency();
                     }
                 }
             }
