@@ -235,7 +235,7 @@ impl Engine {
         for p in self.peers.values_mut() {
             p.endpoint.set_my_endpoints(&my);
         }
-        if local != self.local {
+        if schedule::worth_publishing(&self.local, &local) {
             log::info!("endpoints {:?} home_derp={home}", local.endpoints);
             self.local = local.clone();
             let _ = self.endpoints_tx.send(local);
