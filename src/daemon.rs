@@ -221,6 +221,159 @@ pub fn write_private_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Refuses an `up`/`set` whose arguments are malformed, naming the flag: the login server URL,
+/// advertised routes (CIDRs), the `--advertise-lan` interface name and tags.
+fn validate_up_args(a: &UpArgs) -> Result<(), String> {
+    if let Some(u) = &a.login_server {
+        ControlUrl::parse(u).map_err(|e| e.to_string())?;
+    }
+    for r in a.advertise_routes.iter().flatten() {
+        if !tailcfg::is_valid_cidr(r) {
+            return Err(format!(
+                "invalid --advertise-routes entry {r:?}: expected a CIDR like 192.168.1.0/24"
+            ));
+        }
+    }
+    if let Some(i) = a.advertise_lan.as_deref().filter(|i| !i.is_empty()) {
+        // Linux IFNAMSIZ: 15 bytes and a NUL; no '/' or whitespace.
+        if i.len() > 15 || i.contains(['/', ' ', '\t', '\n']) {
+            return Err(format!(
+                "invalid --advertise-lan {i:?}: expected an interface name such as br-lan"
+            ));
+        }
+    }
+    for t in a.advertise_tags.iter().flatten() {
+        if !t.starts_with("tag:") || t.len() < 5 {
+            return Err(format!("invalid --advertise-tags entry {t:?}: tags look like tag:name"));
+        }
+    }
+    Ok(())
+}
+
+/// What an `up`/`set` does with the control session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PrefsChange {
+    /// The node is not to run (a `set` on a stopped node): the prefs wait for the next `up`.
+    SaveOnly,
+    /// Nothing changed: the session and any pending login URL stay as they are.
+    Unchanged,
+    /// Only prefs that are the data plane's business or travel in Hostinfo changed on a running
+    /// node: the session and its TCP connection stay.
+    InSession,
+    /// A new control session (registration) is needed.
+    NewSession,
+}
+
+/// [`PrefsChange`] for prefs going from `old` to `new` in backend `state`, for an `up`
+/// (`bring_up`) or a `set`, with `--force-reauth` or not.
+fn prefs_change(old: &Prefs, new: &Prefs, state: BackendState, bring_up: bool, force_reauth: bool) -> PrefsChange {
+    if !new.want_running {
+        return PrefsChange::SaveOnly;
+    }
+    // An `up` that changes nothing on a running node (the init script's reload, run on every
+    // lan/wan interface event) must not restart the control session. Nor does a `set` that
+    // changes nothing (it would drop a pending login URL).
+    if !force_reauth && new == old && (state == BackendState::Running || !bring_up) {
+        return PrefsChange::Unchanged;
+    }
+    // Prefs that are the data plane's business (exit node, accepting routes and DNS, SNAT,
+    // shields) or reach control only through Hostinfo (advertised routes, exit node offer,
+    // hostname): a changed Hostinfo goes out in the session, as Go sends it.
+    let in_session = Prefs {
+        exit_node: old.exit_node.clone(),
+        exit_node_allow_lan_access: old.exit_node_allow_lan_access,
+        accept_routes: old.accept_routes,
+        accept_dns: old.accept_dns,
+        snat_subnet_routes: old.snat_subnet_routes,
+        shields_up: old.shields_up,
+        advertise_routes: old.advertise_routes.clone(),
+        advertise_exit_node: old.advertise_exit_node,
+        hostname: old.hostname.clone(),
+        ..new.clone()
+    } == *old;
+    if !force_reauth && state == BackendState::Running && in_session {
+        PrefsChange::InSession
+    } else {
+        PrefsChange::NewSession
+    }
+}
+
+/// The Hostinfo we send for `prefs`, with `routes` advertised (the exit node's default routes
+/// added when it offers itself) and `host` as the host name.
+fn hostinfo_json(prefs: &Prefs, mut routes: Vec<String>, host: String) -> Value {
+    if prefs.advertise_exit_node {
+        for r in ["0.0.0.0/0", "::/0"] {
+            if !routes.iter().any(|x| x == r) {
+                routes.push(r.to_string());
+            }
+        }
+    }
+    let mut hi = json!({
+        "IPNVersion": crate::VERSION,
+        "OS": "linux",
+        "App": "tinyscale",
+        "Hostname": host,
+        "GoArch": std::env::consts::ARCH,
+    });
+    if !routes.is_empty() {
+        hi["RoutableIPs"] = json!(routes);
+    }
+    if !prefs.advertise_tags.is_empty() {
+        hi["RequestTags"] = json!(prefs.advertise_tags);
+    }
+    if prefs.shields_up {
+        hi["ShieldsUp"] = json!(true);
+    }
+    hi
+}
+
+/// What to do after one RegisterResponse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RegisterStep {
+    /// Control refused the login (its message).
+    Refused(String),
+    /// Our node key expired: register again with a new one.
+    RotateExpired,
+    /// A resumed rotation that control never took: go on with the key it knows.
+    KeepPreviousKey,
+    /// An interactive login is needed at this URL; register again with it as the follow-up.
+    NeedsLogin(String),
+    /// Logged in.
+    Authorized,
+    /// Neither authorized nor a way to become so.
+    NotAuthorized,
+}
+
+/// The [`RegisterStep`] for `resp`. `first` is a request that was neither a login follow-up nor
+/// carried an auth key (only then may an expired key rotate, or a resumed rotation fall back
+/// to the `previous_key` control knows).
+fn register_step(resp: &tailcfg::RegisterResponse, first: bool, previous_key: bool) -> RegisterStep {
+    if !resp.error.is_empty() {
+        RegisterStep::Refused(resp.error.clone())
+    } else if resp.node_key_expired && first {
+        RegisterStep::RotateExpired
+    } else if !resp.auth_url.is_empty() && first && previous_key {
+        RegisterStep::KeepPreviousKey
+    } else if !resp.auth_url.is_empty() {
+        RegisterStep::NeedsLogin(resp.auth_url.clone())
+    } else if resp.machine_authorized {
+        RegisterStep::Authorized
+    } else {
+        RegisterStep::NotAuthorized
+    }
+}
+
+/// The backend state after a failed control session: a failure that will not fix itself
+/// (`retryable` false: a refused key, a bad URL) needs a new login; otherwise a running node
+/// is starting again and any other state stays.
+fn state_after_failure(state: BackendState, retryable: bool) -> BackendState {
+    match (retryable, state) {
+        (false, _) => BackendState::NeedsLogin,
+        (true, BackendState::Running) => BackendState::Starting,
+        (true, st) => st,
+    }
+}
+
 impl Daemon {
     /// Loads (or creates) the state in `dir`.
     pub fn load(dir: &Path, engine_cfg: Option<EngineConfig>) -> Result<Arc<Daemon>, String> {
@@ -353,31 +506,7 @@ impl Daemon {
         } else {
             prefs.hostname.clone()
         };
-        let mut routes = self.advertised(prefs);
-        if prefs.advertise_exit_node {
-            for r in ["0.0.0.0/0", "::/0"] {
-                if !routes.iter().any(|x| x == r) {
-                    routes.push(r.to_string());
-                }
-            }
-        }
-        let mut hi = json!({
-            "IPNVersion": crate::VERSION,
-            "OS": "linux",
-            "App": "tinyscale",
-            "Hostname": host,
-            "GoArch": std::env::consts::ARCH,
-        });
-        if !routes.is_empty() {
-            hi["RoutableIPs"] = json!(routes);
-        }
-        if !prefs.advertise_tags.is_empty() {
-            hi["RequestTags"] = json!(prefs.advertise_tags);
-        }
-        if prefs.shields_up {
-            hi["ShieldsUp"] = json!(true);
-        }
-        hi
+        hostinfo_json(prefs, self.advertised(prefs), host)
     }
 
     /// Handles one local API request.
@@ -437,29 +566,7 @@ impl Daemon {
     /// `up` (`bring_up`: want running, a login server is required) or `set` (prefs only: a
     /// stopped node stays stopped, a running one restarts its session if a pref changed).
     fn apply_prefs(&self, a: UpArgs, bring_up: bool) -> Result<Value, String> {
-        if let Some(u) = &a.login_server {
-            ControlUrl::parse(u).map_err(|e| e.to_string())?;
-        }
-        for r in a.advertise_routes.iter().flatten() {
-            if !tailcfg::is_valid_cidr(r) {
-                return Err(format!(
-                    "invalid --advertise-routes entry {r:?}: expected a CIDR like 192.168.1.0/24"
-                ));
-            }
-        }
-        if let Some(i) = a.advertise_lan.as_deref().filter(|i| !i.is_empty()) {
-            // Linux IFNAMSIZ: 15 bytes and a NUL; no '/' or whitespace.
-            if i.len() > 15 || i.contains(['/', ' ', '\t', '\n']) {
-                return Err(format!(
-                    "invalid --advertise-lan {i:?}: expected an interface name such as br-lan"
-                ));
-            }
-        }
-        for t in a.advertise_tags.iter().flatten() {
-            if !t.starts_with("tag:") || t.len() < 5 {
-                return Err(format!("invalid --advertise-tags entry {t:?}: tags look like tag:name"));
-            }
-        }
+        validate_up_args(&a)?;
         {
             let mut s = self.lock();
             let mut p = if a.reset {
@@ -505,51 +612,32 @@ impl Daemon {
                 // Go checkExitNodePrefsLocked.
                 return Err("cannot advertise an exit node and use an exit node at the same time".into());
             }
-            if !p.want_running {
-                // `set` on a stopped node: saved for the next `up`.
-                s.prefs = p;
-                let state = s.state;
-                drop(s);
-                self.save()?;
-                return Ok(json!({ "state": state }));
-            }
-            // An `up` that changes nothing on a running node (the init script's reload, run on
-            // every lan/wan interface event) must not restart the control session.
-            // Nor does a `set` that changes nothing (it would drop a pending login URL).
-            if !a.force_reauth && p == s.prefs && (s.state == BackendState::Running || !bring_up) {
-                return Ok(json!({ "state": s.state }));
-            }
-            // Prefs that are the data plane's business (exit node, accepting routes and DNS,
-            // SNAT, shields) or reach control only through Hostinfo (advertised routes, exit node
-            // offer, hostname): the session and its TCP connection stay; a changed Hostinfo goes
-            // out in the session, as Go sends it.
-            let in_session = Prefs {
-                exit_node: s.prefs.exit_node.clone(),
-                exit_node_allow_lan_access: s.prefs.exit_node_allow_lan_access,
-                accept_routes: s.prefs.accept_routes,
-                accept_dns: s.prefs.accept_dns,
-                snat_subnet_routes: s.prefs.snat_subnet_routes,
-                shields_up: s.prefs.shields_up,
-                advertise_routes: s.prefs.advertise_routes.clone(),
-                advertise_exit_node: s.prefs.advertise_exit_node,
-                hostname: s.prefs.hostname.clone(),
-                ..p.clone()
-            } == s.prefs;
-            if !a.force_reauth && s.state == BackendState::Running && in_session {
-                if p.shields_up != s.prefs.shields_up {
-                    if let Some(h) = self.engine_handle() {
-                        h.set_shields_up(p.shields_up);
+            match prefs_change(&s.prefs, &p, s.state, bring_up, a.force_reauth) {
+                PrefsChange::SaveOnly => {
+                    s.prefs = p;
+                    let state = s.state;
+                    drop(s);
+                    self.save()?;
+                    return Ok(json!({ "state": state }));
+                }
+                PrefsChange::Unchanged => return Ok(json!({ "state": s.state })),
+                PrefsChange::InSession => {
+                    if p.shields_up != s.prefs.shields_up {
+                        if let Some(h) = self.engine_handle() {
+                            h.set_shields_up(p.shields_up);
+                        }
                     }
+                    let hostinfo_changed = self.hostinfo(&p) != self.hostinfo(&s.prefs);
+                    s.prefs = p;
+                    drop(s);
+                    self.save()?;
+                    if hostinfo_changed {
+                        self.hostinfo_tx.send_modify(|g| *g += 1);
+                    }
+                    self.note_change();
+                    return Ok(json!({"state": "Running"}));
                 }
-                let hostinfo_changed = self.hostinfo(&p) != self.hostinfo(&s.prefs);
-                s.prefs = p;
-                drop(s);
-                self.save()?;
-                if hostinfo_changed {
-                    self.hostinfo_tx.send_modify(|g| *g += 1);
-                }
-                self.note_change();
-                return Ok(json!({"state": "Running"}));
+                PrefsChange::NewSession => {}
             }
             // Shields take effect at once, without waiting for the new session's netmap.
             if let Some(h) = self.engine_handle() {
@@ -934,23 +1022,17 @@ impl Daemon {
                 Some(Err(e)) => {
                     let retry = e.is_retryable();
                     log::warn!("control session failed err={e}");
-                    if !retry {
-                        // A rejected key or bad URL will not fix itself: wait for a new `up`.
-                        {
-                            let mut s = self.lock();
-                            s.prefs.want_running = false;
-                        }
-                        self.set_state(BackendState::NeedsLogin, Some(e.to_string()));
-                        continue;
-                    }
                     {
                         let mut s = self.lock();
                         s.last_error = e.to_string();
-                        if s.state == BackendState::Running {
-                            s.state = BackendState::Starting;
-                        }
+                        s.state = state_after_failure(s.state, retry);
+                        // A rejected key or bad URL will not fix itself: wait for a new `up`.
+                        s.prefs.want_running &= retry;
                     }
                     self.note_change();
+                    if !retry {
+                        continue;
+                    }
                     // A busy server (429, 503) says when to come back; anything else backs off.
                     tokio::select! {
                         _ = tokio::time::sleep(e.retry_delay(backoff, MAX_BACKOFF)) => {},
@@ -1107,52 +1189,48 @@ impl Daemon {
         };
         loop {
             let resp = conn.register(&req).await?;
-            if !resp.error.is_empty() {
-                return Err(client::Error::Rejected(format!(
-                    "login refused by control server: {}",
-                    resp.error
-                )));
-            }
-            if resp.node_key_expired && req.followup.is_empty() && req.auth.is_none() {
-                // Our key expired: rotate it and log in again (interactive unless a key is given).
-                log::info!("node key expired, rotating");
-                req.old_node_key = node.public();
-                node = NodePrivate::from_random(random32());
-                self.note_rotation(&node)?;
-                req.node_key = node.public();
-                continue;
-            }
-            if !resp.auth_url.is_empty() && req.followup.is_empty() && req.auth.is_none() {
-                if let Some(prev) = fallback.take() {
-                    // Control never took the new key: go on with the one it knows.
+            let first = req.followup.is_empty() && req.auth.is_none();
+            match register_step(&resp, first, fallback.is_some()) {
+                RegisterStep::Refused(e) => {
+                    return Err(client::Error::Rejected(format!("login refused by control server: {e}")));
+                }
+                RegisterStep::RotateExpired => {
+                    // Rotate and log in again (interactive unless a key is given).
+                    log::info!("node key expired, rotating");
+                    req.old_node_key = node.public();
+                    node = NodePrivate::from_random(random32());
+                    self.note_rotation(&node)?;
+                    req.node_key = node.public();
+                }
+                RegisterStep::KeepPreviousKey => {
                     log::info!("node key rotation not known to control; keeping the current key");
-                    node = prev;
+                    if let Some(prev) = fallback.take() {
+                        node = prev;
+                    }
                     req.node_key = node.public();
                     req.old_node_key = crate::wire::keys::NodePublic::default();
                     self.lock().pending_node = None;
                     if let Err(e) = self.save() {
                         log::warn!("persisting keys failed err={e}");
                     }
-                    continue;
+                }
+                RegisterStep::NeedsLogin(url) => {
+                    log::info!("login required url={url}");
+                    {
+                        let mut s = self.lock();
+                        s.auth_url = url.clone();
+                        s.state = BackendState::NeedsLogin;
+                    }
+                    self.note_change();
+                    req.followup = url;
+                }
+                RegisterStep::Authorized => break,
+                RegisterStep::NotAuthorized => {
+                    return Err(client::Error::Rejected(
+                        "control server did not authorize this machine".into(),
+                    ));
                 }
             }
-            if !resp.auth_url.is_empty() {
-                log::info!("login required url={}", resp.auth_url);
-                {
-                    let mut s = self.lock();
-                    s.auth_url = resp.auth_url.clone();
-                    s.state = BackendState::NeedsLogin;
-                }
-                self.note_change();
-                req.followup = resp.auth_url;
-                continue;
-            }
-            if resp.machine_authorized {
-                break;
-            }
-            return Err(client::Error::Rejected(
-                "control server did not authorize this machine".into(),
-            ));
         }
         {
             let mut s = self.lock();
@@ -1437,6 +1515,378 @@ mod tests {
             v["ExtraRecords"],
             json!([{"Name": "grafana.ts.example.", "Type": "", "Value": "100.64.0.9"}])
         );
+    }
+
+    #[test]
+    fn up_args_are_checked_flag_by_flag() {
+        let ok = UpArgs {
+            login_server: Some("http://ctl.example:8080".into()),
+            advertise_routes: Some(vec!["192.168.1.0/24".into(), "fd00::/64".into()]),
+            advertise_lan: Some("br-lan".into()),
+            advertise_tags: Some(vec!["tag:router".into()]),
+            ..UpArgs::default()
+        };
+        assert_eq!(validate_up_args(&ok), Ok(()));
+        assert_eq!(
+            validate_up_args(&UpArgs::default()),
+            Ok(()),
+            "nothing given, nothing wrong"
+        );
+        let lan = |i: &str| UpArgs {
+            advertise_lan: Some(i.into()),
+            ..UpArgs::default()
+        };
+        assert_eq!(validate_up_args(&lan("")), Ok(()), "\"\" stops following an interface");
+        for (bad, flag) in [
+            (
+                UpArgs {
+                    login_server: Some("ftp://ctl.example".into()),
+                    ..UpArgs::default()
+                },
+                "ftp://ctl.example",
+            ),
+            (
+                UpArgs {
+                    advertise_routes: Some(vec!["192.168.1.0/24".into(), "192.168.1.1".into()]),
+                    ..UpArgs::default()
+                },
+                "--advertise-routes",
+            ),
+            (lan("a-very-long-ifname0"), "--advertise-lan"),
+            (lan("br/lan"), "--advertise-lan"),
+            (lan("br lan"), "--advertise-lan"),
+            (
+                UpArgs {
+                    advertise_tags: Some(vec!["router".into()]),
+                    ..UpArgs::default()
+                },
+                "--advertise-tags",
+            ),
+            (
+                UpArgs {
+                    advertise_tags: Some(vec!["tag:".into()]),
+                    ..UpArgs::default()
+                },
+                "--advertise-tags",
+            ),
+        ] {
+            let err = validate_up_args(&bad).expect_err(&format!("{bad:?} accepted"));
+            assert!(err.contains(flag), "{err}");
+        }
+    }
+
+    #[test]
+    fn prefs_change_decides_about_the_session() {
+        use BackendState::*;
+        let running = Prefs {
+            login_server: "https://ctl.example".into(),
+            want_running: true,
+            ..Prefs::default()
+        };
+        let with = |f: fn(&mut Prefs)| {
+            let mut p = running.clone();
+            f(&mut p);
+            p
+        };
+        let cases: Vec<(Prefs, BackendState, bool, bool, PrefsChange, &str)> = vec![
+            (
+                running.clone(),
+                Running,
+                true,
+                false,
+                PrefsChange::Unchanged,
+                "reload: same up",
+            ),
+            (
+                running.clone(),
+                Running,
+                false,
+                false,
+                PrefsChange::Unchanged,
+                "same set",
+            ),
+            (
+                running.clone(),
+                NeedsLogin,
+                false,
+                false,
+                PrefsChange::Unchanged,
+                "set keeps a pending login URL",
+            ),
+            (
+                running.clone(),
+                NeedsLogin,
+                true,
+                false,
+                PrefsChange::NewSession,
+                "up while waiting: try again",
+            ),
+            (
+                running.clone(),
+                Starting,
+                true,
+                false,
+                PrefsChange::NewSession,
+                "up while starting",
+            ),
+            (
+                running.clone(),
+                Running,
+                true,
+                true,
+                PrefsChange::NewSession,
+                "--force-reauth",
+            ),
+            (
+                with(|p| p.exit_node = "100.64.0.9".into()),
+                Running,
+                false,
+                false,
+                PrefsChange::InSession,
+                "exit node",
+            ),
+            (
+                with(|p| p.accept_routes = true),
+                Running,
+                true,
+                false,
+                PrefsChange::InSession,
+                "accept routes",
+            ),
+            (
+                with(|p| p.shields_up = true),
+                Running,
+                false,
+                false,
+                PrefsChange::InSession,
+                "shields",
+            ),
+            (
+                with(|p| p.hostname = "gw".into()),
+                Running,
+                false,
+                false,
+                PrefsChange::InSession,
+                "hostname",
+            ),
+            (
+                with(|p| p.advertise_routes = vec!["10.0.0.0/8".into()]),
+                Running,
+                false,
+                false,
+                PrefsChange::InSession,
+                "advertised routes travel in Hostinfo",
+            ),
+            (
+                with(|p| p.exit_node = "100.64.0.9".into()),
+                Starting,
+                false,
+                false,
+                PrefsChange::NewSession,
+                "not running yet",
+            ),
+            (
+                with(|p| p.advertise_tags = vec!["tag:a".into()]),
+                Running,
+                false,
+                false,
+                PrefsChange::NewSession,
+                "tags re-register",
+            ),
+            (
+                with(|p| p.login_server = "https://other.example".into()),
+                Running,
+                true,
+                false,
+                PrefsChange::NewSession,
+                "another control server",
+            ),
+            (
+                with(|p| p.advertise_lan = "br-lan".into()),
+                Running,
+                false,
+                false,
+                PrefsChange::NewSession,
+                "advertise_lan",
+            ),
+            (
+                with(|p| p.want_running = false),
+                Running,
+                false,
+                false,
+                PrefsChange::SaveOnly,
+                "set on a stopped node",
+            ),
+            (
+                with(|p| p.want_running = false),
+                Stopped,
+                false,
+                true,
+                PrefsChange::SaveOnly,
+                "even with --force-reauth",
+            ),
+        ];
+        for (new, state, up, force, want, why) in cases {
+            assert_eq!(prefs_change(&running, &new, state, up, force), want, "{why}");
+        }
+    }
+
+    #[test]
+    fn hostinfo_carries_routes_exit_offer_tags_and_shields() {
+        let p = Prefs::default();
+        let hi = hostinfo_json(&p, Vec::new(), "gw".into());
+        assert_eq!(
+            (&hi["Hostname"], &hi["OS"], &hi["App"]),
+            (&json!("gw"), &json!("linux"), &json!("tinyscale"))
+        );
+        for absent in ["RoutableIPs", "RequestTags", "ShieldsUp"] {
+            assert!(hi.get(absent).is_none(), "{absent} without a reason");
+        }
+        let p = Prefs {
+            advertise_exit_node: true,
+            advertise_tags: vec!["tag:router".into()],
+            shields_up: true,
+            ..Prefs::default()
+        };
+        let hi = hostinfo_json(&p, vec!["192.168.1.0/24".into(), "::/0".into()], "gw".into());
+        assert_eq!(
+            hi["RoutableIPs"],
+            json!(["192.168.1.0/24", "::/0", "0.0.0.0/0"]),
+            "default routes once each"
+        );
+        assert_eq!(hi["RequestTags"], json!(["tag:router"]));
+        assert_eq!(hi["ShieldsUp"], json!(true));
+    }
+
+    #[test]
+    fn register_steps_follow_the_response() {
+        let r = |f: fn(&mut tailcfg::RegisterResponse)| {
+            let mut r = tailcfg::RegisterResponse::default();
+            f(&mut r);
+            r
+        };
+        let url = "https://ctl.example/register/abc";
+        let login = r(|r| r.auth_url = "https://ctl.example/register/abc".into());
+        let ok = r(|r| r.machine_authorized = true);
+        let expired = r(|r| {
+            r.node_key_expired = true;
+            r.auth_url = "https://ctl.example/register/abc".into();
+        });
+        let refused = r(|r| {
+            r.error = "invalid auth key".into();
+            r.machine_authorized = true;
+        });
+        for (resp, first, prev, want, why) in [
+            (&ok, true, false, RegisterStep::Authorized, "logged in"),
+            (&ok, false, true, RegisterStep::Authorized, "after a follow-up"),
+            (
+                &refused,
+                true,
+                false,
+                RegisterStep::Refused("invalid auth key".into()),
+                "an error wins",
+            ),
+            (
+                &login,
+                true,
+                false,
+                RegisterStep::NeedsLogin(url.into()),
+                "interactive login",
+            ),
+            (
+                &login,
+                false,
+                false,
+                RegisterStep::NeedsLogin(url.into()),
+                "a new URL on the follow-up",
+            ),
+            (
+                &login,
+                true,
+                true,
+                RegisterStep::KeepPreviousKey,
+                "resumed rotation control never took",
+            ),
+            (
+                &login,
+                false,
+                true,
+                RegisterStep::NeedsLogin(url.into()),
+                "no fallback on a follow-up",
+            ),
+            (
+                &expired,
+                true,
+                false,
+                RegisterStep::RotateExpired,
+                "expired key rotates first",
+            ),
+            (
+                &expired,
+                false,
+                false,
+                RegisterStep::NeedsLogin(url.into()),
+                "an auth key or follow-up logs in",
+            ),
+            (
+                &tailcfg::RegisterResponse::default(),
+                true,
+                false,
+                RegisterStep::NotAuthorized,
+                "nothing to go on",
+            ),
+        ] {
+            assert_eq!(register_step(resp, first, prev), want, "{why}");
+        }
+    }
+
+    #[test]
+    fn failed_sessions_move_the_backend_state() {
+        use BackendState::*;
+        for (state, retry, want) in [
+            (Running, true, Starting),
+            (Starting, true, Starting),
+            (NeedsLogin, true, NeedsLogin),
+            (Running, false, NeedsLogin),
+            (Starting, false, NeedsLogin),
+        ] {
+            assert_eq!(state_after_failure(state, retry), want, "{state:?} retryable={retry}");
+        }
+    }
+
+    #[test]
+    fn state_file_keeps_a_pending_rotation_and_defaults_missing_prefs() {
+        let m = MachinePrivate::from_random([3; 32]);
+        let n = NodePrivate::from_random([4; 32]);
+        let pending = NodePrivate::from_random([5; 32]);
+        // Written by an older version: no pending key, prefs without the newer fields.
+        let old = json!({
+            "machine_key": m.to_key_str(),
+            "node_key": n.to_key_str(),
+            "prefs": {"login_server": "https://ctl.example", "want_running": true},
+        });
+        let st = parse_state_file(old.to_string().as_bytes()).expect("old file loads");
+        assert_eq!(st.machine.public(), m.public());
+        assert_eq!(st.node.public(), n.public());
+        assert!(st.pending_node.is_none());
+        assert!(st.prefs.want_running && st.prefs.accept_dns && st.prefs.snat_subnet_routes);
+        assert_eq!(st.prefs.login_server, "https://ctl.example");
+        // What the daemon writes comes back, the rotation in progress included.
+        let f = StateFile {
+            machine_key: m.to_key_str(),
+            node_key: n.to_key_str(),
+            pending_node_key: pending.to_key_str(),
+            prefs: Prefs {
+                exit_node: "100.64.0.9".into(),
+                ..Prefs::default()
+            },
+        };
+        let st = parse_state_file(&serde_json::to_vec_pretty(&f).unwrap()).expect("own file loads");
+        assert_eq!(st.pending_node.map(|k| k.public()), Some(pending.public()));
+        assert_eq!(st.prefs.exit_node, "100.64.0.9");
+        let bad = json!({"machine_key": m.to_key_str(), "node_key": n.to_key_str(), "pending_node_key": "privkey:00"});
+        let err = parse_state_file(bad.to_string().as_bytes()).expect_err("bad pending key");
+        assert!(err.contains("pending_node_key"), "{err}");
     }
 
     /// A fresh state dir under the system temp dir, removed on drop.

@@ -4,11 +4,18 @@
 //! Plays the role of tailscale `wgengine/userspace.go` + the I/O half of `wgengine/magicsock`.
 //! Per packet: TUN → [`WgPeers::encapsulate_to`] → the peer's [`Endpoint`] picks UDP and/or
 //! DERP; UDP/DERP → [`demux`] → STUN (netcheck), disco (path discovery) or WireGuard →
-//! [`WgPeers::decapsulate_to`] → the packet [`Filter`] → TUN. Each DERP region gets its own
-//! task (the client needs `&mut` for both directions), connected to the loop by bounded
-//! channels. DERP host names without pinned addresses are resolved through one cache
-//! (`DnsCache`) shared by netcheck and the DERP dials, off the loop, each lookup bounded by
-//! `DNS_TIMEOUT`.
+//! [`WgPeers::decapsulate_to`] → the packet [`Filter`] → TUN. This file holds the task, its
+//! loop and the commands of [`EngineHandle`]; the rest has a room of its own:
+//!
+//! - `derp_dial`: one task per DERP region (the client needs `&mut` for both directions),
+//!   connected to the loop by bounded channels, and the DERP host name cache shared with
+//!   netcheck (lookups off the loop, each bounded);
+//! - `derp_home` [pure]: which region is home after a report;
+//! - `report`: netcheck orchestration (its probes, the HTTPS fallback, what a finished report
+//!   changes) and the `tinyscale netcheck` JSON; `schedule` [pure]: when a report runs and
+//!   what follows a finished one;
+//! - `ping`: `tinyscale ping` rounds;
+//! - `status`: the `status --json` part built on request, and the path fingerprint.
 //!
 //! Per wake-up, a branch drains a burst of up to `BURST` (64) packets. Data messages for UDP are
 //! encrypted straight into a [`SendBatch`] that leaves in one `sendmmsg` with GSO at the end of
@@ -24,13 +31,11 @@
 //! (another `watch`), and may query status or run CLI pings through [`EngineHandle`].
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    future::Future,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
-    pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::Duration,
 };
@@ -45,56 +50,46 @@ use tokio::{
 
 use crate::{
     control::netmap::{node_matches, Netmap},
-    dataplane::{
-        filter::{Filter, LocalNets, Rules, Verdict},
-        magicsock::{
-            addr::{self, Family},
-            batch::{self, SendBatch},
-            demux::{self, Kind},
-            endpoint::{self, DiscoOut, Endpoint, Path, PathStatus, SendPlan, TxId},
-            socket::{self, Sockets},
-        },
-        netcheck::{self, ProbePlan, ReportState},
-        router::{ExitRoutes, Router, RouterConfig, SubnetRouter, SystemRunner},
-        tun::{gro::Coalescer, Tun},
-        udp,
-        wg::{self, PeerConfig, WgPeers},
+    dataplane::filter::{Filter, LocalNets, Rules, Verdict},
+    dataplane::magicsock::{
+        addr::{self, Family},
+        batch::{self, SendBatch},
+        demux::{self, Kind},
+        endpoint::{self, DiscoOut, Endpoint, Path, SendPlan, TxId},
+        socket::Sockets,
     },
-    derp::{
-        self,
-        client::{self as derp_client, DerpEvent},
-    },
-    wire::{
-        disco::{self, DiscoShared, Message},
-        keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic},
-        prefix::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
-        stun,
-        tailcfg::{DerpMap, DerpNode, DerpRegion, FilterRule},
-    },
+    dataplane::netcheck::{self, ReportState},
+    dataplane::router::{ExitRoutes, Router, RouterConfig, SubnetRouter, SystemRunner},
+    dataplane::tun::{gro::Coalescer, Tun},
+    dataplane::udp,
+    dataplane::wg::{self, PeerConfig, WgPeers},
+    wire::disco::{self, DiscoShared, Message},
+    wire::keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic},
+    wire::prefix::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
+    wire::tailcfg::{DerpMap, FilterRule},
 };
+
+mod derp_dial;
+mod derp_home;
+mod ping;
+mod report;
+mod schedule;
+mod status;
+
+pub use report::report_json;
+pub use status::EngineStatus;
+
+use derp_dial::{DerpConn, DnsCache};
+use ping::Pings;
+use status::{path_fingerprint, Drops};
 
 /// Timer resolution of the loop (boringtun wants ≥ 4 Hz; netcheck probes retransmit at 100 ms).
 const TICK: Duration = Duration::from_millis(100);
 /// How often the peers' paths are compared for the daemon's change notification.
 const PATH_CHECK: Duration = Duration::from_secs(1);
-/// How often netcheck re-runs (Go: every 20-26 s while active).
-const NETCHECK_INTERVAL: Duration = Duration::from_secs(25);
-/// With no relay address to route towards (a DERP map without relays), our IPv4 endpoint is the
-/// source address of the default route, found by routing towards this address (TEST-NET-1;
-/// connecting a UDP socket sends nothing).
-const DEFAULT_ROUTE_PROBE: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)), 3478);
-/// Packets queued towards one DERP region before new ones are dropped.
-const DERP_QUEUE: usize = 256;
 /// Largest datagram we read (WireGuard over a 1280 MTU plus overhead, with room to spare; a
 /// UDP GRO read of coalesced datagrams is at most this too).
 const MAX_DATAGRAM: usize = 65535;
-/// Longest a DERP host name lookup may take; a dead resolver must not hold up netcheck or a dial.
-const DNS_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a DERP host name answer is used before it is looked up again (the system resolver
-/// gives us no TTL; DERP addresses change rarely).
-const DNS_FRESH: Duration = Duration::from_secs(10 * 60);
-/// How long a failed lookup waits before the next try.
-const DNS_RETRY: Duration = Duration::from_secs(30);
 /// Packets (or GRO reads) handled per wake-up of the TUN or UDP branch before the loop looks at
 /// its other inputs. Draining a burst costs one reactor round trip instead of one per packet,
 /// and lets a bulk flow's data messages leave in one batched send (see `magicsock::batch`).
@@ -110,12 +105,6 @@ const DNS_UPSTREAM_TRIES: usize = 3;
 const DNS_MAX_ANSWER: usize = 4096;
 /// The host's resolvers, read (never written) for queries outside every split-DNS route.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
-
-/// Budget for one region's `GET /derp/latency-check` (connection, TLS and the request).
-const HTTPS_LATENCY_BUDGET: Duration = Duration::from_secs(5);
-/// How long HTTPS latencies rank regions before they are measured again (a TLS connection to
-/// every region is not something to repeat with each 25 s report).
-const HTTPS_LATENCY_FRESH: Duration = Duration::from_secs(5 * 60);
 
 /// Settings for [`Engine::start`].
 #[derive(Debug, Clone)]
@@ -237,17 +226,6 @@ enum Cmd {
     Status(oneshot::Sender<EngineStatus>),
 }
 
-/// What the data plane knows for `status --json`, built when asked (never per packet).
-#[derive(Debug, Default)]
-pub struct EngineStatus {
-    /// Per-peer path status (`CurAddr`, `Relay`, handshake age, bytes).
-    pub peers: HashMap<NodePublic, Value>,
-    /// Engine-wide counters ("Counters"): what was dropped and why.
-    pub counters: Value,
-    /// DERP regions with a connection task: region ID → `{"Connected", "Home"}`.
-    pub derp: Value,
-}
-
 /// A cloneable handle to a running engine.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -311,12 +289,6 @@ struct Peer {
     name: String,
 }
 
-/// One `tinyscale ping` round: the first pong to any of its pings answers it.
-struct PendingPing {
-    reply: oneshot::Sender<Result<PingResult, String>>,
-    deadline: Instant,
-}
-
 /// The running data plane.
 pub struct Engine {
     me: NodePublic,
@@ -336,10 +308,13 @@ pub struct Engine {
     peers: wg::FastMap<NodePublic, Peer>,
     by_disco: HashMap<DiscoPublic, NodePublic>,
     derp_map: DerpMap,
+    /// The home DERP region (0: none yet), chosen after each netcheck report.
     home_derp: i32,
-    derps: HashMap<i32, mpsc::Sender<(NodePublic, Vec<u8>)>>,
-    /// Per region with a task: whether its connection is up now (set by the task).
-    derp_up: HashMap<i32, Arc<AtomicBool>>,
+    /// `home_derp` for the DERP tasks: each tells its server whether it is our home
+    /// (NotePreferred) when it connects and whenever the home moves.
+    home_shared: Arc<std::sync::atomic::AtomicI32>,
+    /// The DERP regions with a connection task.
+    derps: HashMap<i32, DerpConn>,
     derp_in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
     /// Packets were queued towards a DERP task during this loop iteration.
     derp_queued: bool,
@@ -363,9 +338,8 @@ pub struct Engine {
     changes: watch::Sender<u64>,
     path_sum: u64,
     next_path_check: Instant,
-    pending_pings: HashMap<TxId, u64>,
-    rounds: HashMap<u64, PendingPing>,
-    round: u64,
+    /// `tinyscale ping` rounds waiting for their first pong.
+    pings: Pings,
     drops: Drops,
     addresses: Vec<Prefix>,
     route_prefs: RoutePrefs,
@@ -411,6 +385,7 @@ pub const FORWARDING_SAVED: &str = "forwarding.saved";
 /// How often a failed router configuration is retried.
 const ROUTER_RETRY: Duration = Duration::from_secs(10);
 
+/// A fresh disco transaction ID.
 fn new_tx() -> TxId {
     let mut t = [0u8; 12];
     OsRng.fill_bytes(&mut t);
@@ -421,223 +396,6 @@ fn nonce() -> [u8; 24] {
     let mut n = [0u8; 24];
     OsRng.fill_bytes(&mut n);
     n
-}
-
-/// A region's DERP server: its first node that is not STUN-only, and the port to dial: `DERPPort`,
-/// else 443 for TLS or 80 for plain HTTP (`TS_DEBUG_USE_DERP_HTTP=1`), as the Go client does.
-fn derp_node(region: &DerpRegion, plain_http: bool) -> Option<(DerpNode, u16)> {
-    let n = region.nodes.iter().find(|n| !n.stun_only)?;
-    let default = if plain_http { 80 } else { 443 };
-    let port = u16::try_from(n.derp_port).ok().filter(|p| *p > 0).unwrap_or(default);
-    Some((n.clone(), port))
-}
-
-/// DERP host names resolved to addresses (both families), shared by netcheck and the DERP
-/// tasks. Answers stay [`DNS_FRESH`]; a failure is retried after [`DNS_RETRY`] and meanwhile the
-/// last good answer, if any, is still used. `resolve` is the system resolver (tests give their
-/// own, so no test depends on this machine's DNS).
-#[derive(Clone)]
-struct DnsCache {
-    entries: Arc<Mutex<HashMap<String, DnsEntry>>>,
-    resolve: Resolve,
-}
-
-/// Looks up a host name (the port of each answer is ignored).
-type Resolve = fn(String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>;
-
-fn system_resolve(host: String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>> {
-    Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), 0)).await?.collect()) })
-}
-
-impl Default for DnsCache {
-    fn default() -> Self {
-        DnsCache {
-            entries: Arc::default(),
-            resolve: system_resolve,
-        }
-    }
-}
-
-#[derive(Clone)]
-struct DnsEntry {
-    addrs: Vec<IpAddr>,
-    /// When the last lookup (good or failed) finished.
-    at: Instant,
-    failed: bool,
-}
-
-impl DnsCache {
-    /// The cached answer for `host` (empty if none).
-    fn get(&self, host: &str) -> Vec<IpAddr> {
-        let m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(host).map(|e| e.addrs.clone()).unwrap_or_default()
-    }
-
-    /// Whether `host` has no answer worth using without a new lookup.
-    fn stale(&self, host: &str, now: Instant) -> bool {
-        let m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(host)
-            .is_none_or(|e| now >= e.at + if e.failed { DNS_RETRY } else { DNS_FRESH })
-    }
-
-    /// `host`'s addresses: cached if fresh, else looked up (bounded by [`DNS_TIMEOUT`]).
-    /// Failures are logged once per outage with the region (`derp=`) and are not fatal: the
-    /// previous answer, or nothing, is returned.
-    async fn lookup(&self, host: &str, region: i32) -> Vec<IpAddr> {
-        if !self.stale(host, Instant::now()) {
-            return self.get(host);
-        }
-        let res = tokio::time::timeout(DNS_TIMEOUT, (self.resolve)(host.to_string())).await;
-        let found: Result<Vec<IpAddr>, String> = match res {
-            Ok(Ok(it)) => {
-                let mut v: Vec<IpAddr> = Vec::new();
-                for a in it {
-                    let ip = addr::canonical(a).ip();
-                    if !v.contains(&ip) {
-                        v.push(ip);
-                    }
-                }
-                if v.is_empty() {
-                    Err("no addresses".into())
-                } else {
-                    Ok(v)
-                }
-            }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("timed out after {}s", DNS_TIMEOUT.as_secs())),
-        };
-        let mut m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let prev = m.get(host).cloned();
-        let entry = match found {
-            Ok(addrs) => {
-                if prev.as_ref().is_none_or(|p| p.failed || p.addrs != addrs) {
-                    log::info!("derp host resolved derp={region} host={host} addrs={addrs:?}");
-                }
-                DnsEntry {
-                    addrs,
-                    at: Instant::now(),
-                    failed: false,
-                }
-            }
-            Err(e) => {
-                if prev.as_ref().is_none_or(|p| !p.failed) {
-                    log::warn!("derp host lookup failed derp={region} host={host} err={e}");
-                }
-                DnsEntry {
-                    addrs: prev.map(|p| p.addrs).unwrap_or_default(),
-                    at: Instant::now(),
-                    failed: true,
-                }
-            }
-        };
-        let addrs = entry.addrs.clone();
-        m.insert(host.to_string(), entry);
-        addrs
-    }
-}
-
-/// The addresses to dial for DERP `node` on `port`: its pinned `IPv4`/`IPv6`, else what its
-/// `HostName` resolves to, per family, with `"none"` honoured ([`derp::dial_addrs`]).
-async fn derp_dial_addrs(node: &DerpNode, port: u16, dns: &DnsCache) -> Vec<SocketAddr> {
-    let resolved = if derp::needs_dns(node) {
-        dns.lookup(&node.host_name, node.region_id).await
-    } else {
-        Vec::new()
-    };
-    derp::dial_addrs(node, port, &resolved)
-}
-
-/// The name the DERP node's certificate must carry (SNI) and the `Host` header: its `HostName`,
-/// else the address dialled.
-fn derp_server_name(node: &DerpNode, addrs: &[SocketAddr]) -> String {
-    if node.host_name.is_empty() {
-        addrs.first().map(|a| a.ip().to_string()).unwrap_or_default()
-    } else {
-        node.host_name.clone()
-    }
-}
-
-/// The local source address the kernel would use towards `dst` (no packet is sent).
-fn local_addr_towards(dst: SocketAddr) -> Option<IpAddr> {
-    let s = std::net::UdpSocket::bind(if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
-    crate::dataplane::netns::mark(std::os::fd::AsRawFd::as_raw_fd(&s));
-    s.connect(dst).ok()?;
-    s.local_addr().ok().map(|a| a.ip())
-}
-
-/// Runs one DERP region connection: reconnects with backoff, forwards both ways.
-async fn derp_task(
-    region: i32,
-    (node, port, tls): (DerpNode, u16, bool),
-    dns: DnsCache,
-    me: NodePrivate,
-    // Whether it is the home region, and the flag this task keeps saying if it is connected.
-    (home, up): (bool, Arc<AtomicBool>),
-    mut out_rx: mpsc::Receiver<(NodePublic, Vec<u8>)>,
-    in_tx: mpsc::Sender<(i32, NodePublic, Bytes)>,
-) {
-    let mut backoff = derp_client::Backoff::default();
-    loop {
-        // Resolved afresh (through the cache) on every attempt: the node may have moved.
-        let addrs = derp_dial_addrs(&node, port, &dns).await;
-        let dial = derp_client::Dial {
-            host: derp_server_name(&node, &addrs),
-            addrs,
-            tls,
-        };
-        let conn = if dial.addrs.is_empty() {
-            Err(format!(
-                "no address for host {} (IPv4/IPv6 \"none\" or DNS failed)",
-                node.host_name
-            ))
-        } else {
-            derp_client::connect(&dial, "/derp", &me)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        let addr = dial.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
-        match conn {
-            Ok(mut c) => {
-                backoff.reset();
-                log::info!("derp connected region={region} addr={addr} tls={tls} home={home}");
-                up.store(true, Ordering::Relaxed);
-                if home {
-                    let _ = c.note_preferred(true).await;
-                }
-                loop {
-                    tokio::select! {
-                        ev = c.recv() => match ev {
-                            Ok(DerpEvent::Packet { src, data }) => {
-                                if in_tx.send((region, src, data)).await.is_err() { return; }
-                            }
-                            Ok(_) => {}
-                            Err(e) => { log::warn!("derp connection lost region={region} err={e}"); break; }
-                        },
-                        out = out_rx.recv() => match out {
-                            Some((dst, pkt)) => {
-                                if let Err(e) = c.send(dst, &pkt).await {
-                                    log::warn!("derp send failed region={region} err={e}");
-                                    break;
-                                }
-                            }
-                            None => return,
-                        },
-                    }
-                }
-                up.store(false, Ordering::Relaxed);
-            }
-            Err(e) => log::warn!("derp connect failed region={region} addr={addr} err={e}"),
-        }
-        let delay = backoff.next_delay(OsRng.next_u32());
-        // Keep draining the queue while waiting so senders never block on a dead region.
-        let until = Instant::now() + delay;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(until) => break,
-                m = out_rx.recv() => if m.is_none() { return },
-            }
-        }
-    }
 }
 
 impl Engine {
@@ -687,8 +445,8 @@ impl Engine {
             by_disco: HashMap::new(),
             derp_map: DerpMap::default(),
             home_derp: 0,
+            home_shared: Arc::default(),
             derps: HashMap::new(),
-            derp_up: HashMap::new(),
             derp_in_tx,
             derp_queued: false,
             my_private: node,
@@ -706,9 +464,7 @@ impl Engine {
             changes,
             path_sum: 0,
             next_path_check: Instant::now(),
-            pending_pings: HashMap::new(),
-            rounds: HashMap::new(),
-            round: 0,
+            pings: Pings::default(),
             drops: Drops::default(),
             addresses: Vec::new(),
             route_prefs: prefs.borrow().clone(),
@@ -1091,36 +847,6 @@ impl Engine {
         }
     }
 
-    fn derp_sender(&mut self, region: i32) -> Option<&mpsc::Sender<(NodePublic, Vec<u8>)>> {
-        if !self.derps.contains_key(&region) {
-            let r = self.derp_map.regions.get(&region.to_string())?;
-            let plain_http = crate::platform::tls::derp_plain_http();
-            let node = derp_node(r, plain_http)?;
-            let (tx, rx) = mpsc::channel(DERP_QUEUE);
-            let up = Arc::new(AtomicBool::new(false));
-            self.derp_up.insert(region, up.clone());
-            tokio::spawn(derp_task(
-                region,
-                (node.0, node.1, !plain_http),
-                self.dns.clone(),
-                self.my_private.clone(),
-                (region == self.home_derp, up),
-                rx,
-                self.derp_in_tx.clone(),
-            ));
-            self.derps.insert(region, tx);
-        }
-        self.derps.get(&region)
-    }
-
-    fn send_derp(&mut self, region: i32, dst: NodePublic, pkt: Vec<u8>) {
-        if let Some(tx) = self.derp_sender(region) {
-            // Full queue: drop, as a congested link would.
-            let _ = tx.try_send((dst, pkt));
-            self.derp_queued = true;
-        }
-    }
-
     fn send_udp(&self, addr: SocketAddr, pkt: &[u8]) -> bool {
         match self.sock.try_send_to(pkt, addr) {
             Ok(_) => true,
@@ -1393,21 +1119,7 @@ impl Engine {
             }
             Message::Pong { tx_id, .. } => {
                 if let Some(res) = p.endpoint.handle_pong(tx_id, path, now) {
-                    if let Some(round) = self.pending_pings.remove(&tx_id) {
-                        let (via, direct) = match res.to {
-                            Path::Udp(a) => (a.to_string(), true),
-                            Path::Derp(r) => (format!("DERP({r})"), false),
-                        };
-                        // Other pings of the same round are now moot.
-                        self.pending_pings.retain(|_, r| *r != round);
-                        if let Some(pp) = self.rounds.remove(&round) {
-                            let _ = pp.reply.send(Ok(PingResult {
-                                via,
-                                direct,
-                                rtt: res.rtt,
-                            }));
-                        }
-                    }
+                    self.pings.handle_pong(&tx_id, res.to, res.rtt);
                 }
             }
             Message::CallMeMaybe { endpoints } => {
@@ -1423,38 +1135,7 @@ impl Engine {
 
     fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Ping(peer, reply) => {
-                let now = Instant::now().into_std();
-                let Some(p) = self.peers.get_mut(&peer) else {
-                    let _ = reply.send(Err("no such peer in the netmap".into()));
-                    return;
-                };
-                let mut txs = Vec::new();
-                let outs = p.endpoint.ping_cli(now, &mut || {
-                    let t = new_tx();
-                    txs.push(t);
-                    t
-                });
-                if outs.is_empty() {
-                    let _ = reply.send(Err("peer has no DERP region and no known endpoints".into()));
-                    return;
-                }
-                self.round += 1;
-                let round = self.round;
-                for t in txs {
-                    self.pending_pings.insert(t, round);
-                }
-                self.rounds.insert(
-                    round,
-                    PendingPing {
-                        reply,
-                        deadline: Instant::now() + Duration::from_secs(5),
-                    },
-                );
-                for o in outs {
-                    self.send_disco(peer, o);
-                }
-            }
+            Cmd::Ping(peer, reply) => self.start_ping(peer, reply),
             Cmd::Netcheck(reply) => {
                 let v = self.last_report.as_ref().map_or(Value::Null, report_json);
                 let _ = reply.send(v);
@@ -1483,6 +1164,7 @@ impl Engine {
         self.sync_shields_up();
         if now_t >= self.next_path_check {
             self.next_path_check = now_t + PATH_CHECK;
+            self.close_idle_derps(now_t);
             let sum = path_fingerprint(self.peers.iter().map(|(k, p)| (k, p.endpoint.path(now))));
             if sum != self.path_sum {
                 self.path_sum = sum;
@@ -1510,306 +1192,9 @@ impl Engine {
                 }
             }
         }
-        // CLI pings that timed out.
-        let expired: Vec<u64> = self
-            .rounds
-            .iter()
-            .filter(|(_, p)| p.deadline <= now_t)
-            .map(|(r, _)| *r)
-            .collect();
-        for r in expired {
-            self.pending_pings.retain(|_, x| *x != r);
-            if let Some(p) = self.rounds.remove(&r) {
-                let _ = p.reply.send(Err("no pong within 5s".into()));
-            }
-        }
+        self.pings.handle_timeout(now_t);
         self.netcheck_step(now_t);
     }
-
-    /// DERP host names (of nodes without pinned addresses) whose cached answer is missing or
-    /// old, with the region each serves.
-    fn stale_derp_hosts(&self, now: Instant) -> Vec<(String, i32)> {
-        let mut seen = HashSet::new();
-        self.derp_map
-            .regions
-            .values()
-            .flat_map(|r| r.nodes.iter())
-            .filter(|n| derp::needs_dns(n) && self.dns.stale(&n.host_name, now))
-            .filter(|n| seen.insert(n.host_name.clone()))
-            .map(|n| (n.host_name.clone(), n.region_id))
-            .collect()
-    }
-
-    fn netcheck_step(&mut self, now_t: Instant) {
-        let now = now_t.into_std();
-        if self.derp_map.regions.is_empty() {
-            // Nothing to probe (control without DERP): the endpoints are still published, on the
-            // same schedule, so peers can reach us directly.
-            self.report = None;
-            if now_t >= self.next_netcheck {
-                self.next_netcheck = now_t + NETCHECK_INTERVAL;
-                self.apply_report(netcheck::Report::default());
-            }
-            return;
-        }
-        if self.report.is_none() && now_t >= self.next_netcheck {
-            // Names first, off the loop; `dns_done` brings us back here.
-            let stale = self.stale_derp_hosts(now_t);
-            if !stale.is_empty() && !self.dns_pending {
-                self.dns_pending = true;
-                let (dns, done) = (self.dns.clone(), self.dns_done_tx.clone());
-                tokio::spawn(async move {
-                    for (host, region) in stale {
-                        dns.lookup(&host, region).await;
-                    }
-                    let _ = done.send(()).await;
-                });
-                return;
-            }
-            if self.dns_pending {
-                return;
-            }
-            let dns = self.dns.clone();
-            let plan = ProbePlan::new(&self.derp_map, netcheck::Timing::default())
-                .with_home(self.home_derp, self.derps.contains_key(&self.home_derp))
-                .with_resolved(|host| dns.get(host));
-            let deadline = now + netcheck::STUN_PROBE_TIMEOUT;
-            // IPv6 probes only when they can leave: an IPv6 socket and an address to send from
-            // (Go probes IPv6 only when the OS has it), else each report would wait them out.
-            let have_v6 =
-                self.sock.have_v6() && !addr::publishable_v6(&socket::interface_v6(), self.tun.name()).is_empty();
-            let v6 = have_v6.then(|| ReportState::new(&plan, true, now, deadline));
-            self.report = Some((ReportState::new(&plan, false, now, deadline), v6));
-            self.next_netcheck = now_t + NETCHECK_INTERVAL;
-        }
-        let Some((r4, r6)) = self.report.as_mut() else { return };
-        let mut sends = Vec::new();
-        for rs in std::iter::once(r4).chain(r6.as_mut()) {
-            while let Some(p) = rs.poll_probe(now) {
-                if let Some(dst) = p.addr() {
-                    let tx = new_tx();
-                    rs.note_sent(tx, &p, dst, now);
-                    sends.push((dst, stun::binding_request(tx)));
-                }
-            }
-        }
-        for (dst, req) in sends {
-            self.send_udp(dst, &req);
-        }
-        let done = self
-            .report
-            .as_ref()
-            .is_some_and(|(r4, r6)| r4.is_done(now) && r6.as_ref().is_none_or(|r| r.is_done(now)));
-        if done {
-            if let Some((r4, r6)) = self.report.take() {
-                let r = match r6 {
-                    Some(r6) => netcheck::finish_both(r4, r6),
-                    None => r4.finish(),
-                };
-                let fresh = self
-                    .https_latency
-                    .as_ref()
-                    .filter(|(at, _)| now_t < *at + HTTPS_LATENCY_FRESH)
-                    .map(|(_, lat)| lat.clone());
-                match (r.udp, fresh) {
-                    (true, _) => self.apply_report(r),
-                    (false, Some(lat)) => {
-                        let alive = self.derps.contains_key(&self.home_derp);
-                        let timing = netcheck::Timing::default();
-                        self.apply_report(netcheck::with_https_latency(r, &lat, self.home_derp, alive, &timing));
-                    }
-                    (false, None) => {
-                        self.apply_report(r);
-                        if !self.https_pending {
-                            self.measure_https_latency();
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// UDP is blocked: ranks the regions by `GET /derp/latency-check` instead (Go netcheck's
-    /// HTTPS fallback), off the loop; the answers arrive in [`Self::on_https_latency`].
-    fn measure_https_latency(&mut self) {
-        let plain_http = crate::platform::tls::derp_plain_http();
-        let targets: Vec<(i32, (DerpNode, u16))> = self
-            .derp_map
-            .regions
-            .values()
-            .filter(|r| r.region_id > 0 && !r.no_measure_no_home)
-            .filter_map(|r| Some((r.region_id, derp_node(r, plain_http)?)))
-            .collect();
-        if targets.is_empty() {
-            return;
-        }
-        self.https_pending = true;
-        let (dns, done) = (self.dns.clone(), self.https_done_tx.clone());
-        tokio::spawn(async move {
-            let mut set = tokio::task::JoinSet::new();
-            for (region, (node, port)) in targets {
-                let dns = dns.clone();
-                set.spawn(async move {
-                    let addrs = derp_dial_addrs(&node, port, &dns).await;
-                    let dial = derp_client::Dial {
-                        host: derp_server_name(&node, &addrs),
-                        addrs,
-                        tls: !plain_http,
-                    };
-                    if dial.addrs.is_empty() {
-                        return None;
-                    }
-                    match derp_client::latency_check(&dial, HTTPS_LATENCY_BUDGET).await {
-                        Ok(d) => Some((region, d)),
-                        Err(e) => {
-                            log::debug!("netcheck: https latency failed derp={region} err={e}");
-                            None
-                        }
-                    }
-                });
-            }
-            let mut lat = BTreeMap::new();
-            while let Some(r) = set.join_next().await {
-                if let Ok(Some((region, d))) = r {
-                    lat.insert(region, d);
-                }
-            }
-            let _ = done.send(lat).await;
-        });
-    }
-
-    fn on_https_latency(&mut self, lat: &BTreeMap<i32, Duration>) {
-        self.https_pending = false;
-        // Nothing answered (relays down, or no TCP either): measure again with the next report.
-        self.https_latency = (!lat.is_empty()).then(|| (Instant::now(), lat.clone()));
-        let Some(r) = self.last_report.clone() else { return };
-        if r.udp {
-            return;
-        }
-        log::info!(
-            "netcheck: UDP blocked, DERP latency over HTTPS {:?}",
-            lat.iter().map(|(r, d)| (r, d.as_millis())).collect::<Vec<_>>()
-        );
-        let prev_alive = self.derps.contains_key(&self.home_derp);
-        let r = netcheck::with_https_latency(r, lat, self.home_derp, prev_alive, &netcheck::Timing::default());
-        self.apply_report(r);
-    }
-
-    fn apply_report(&mut self, mut r: netcheck::Report) {
-        // Our endpoints: STUN-mapped, the local IPv4 address towards a relay, and our global/ULA
-        // IPv6 interface addresses on the IPv6 socket's port.
-        let towards = self
-            .derp_map
-            .regions
-            .values()
-            .flat_map(|reg| reg.nodes.iter())
-            .flat_map(|n| derp::dial_addrs(n, 3478, &self.dns.get(&n.host_name)))
-            .find(SocketAddr::is_ipv4)
-            .unwrap_or(DEFAULT_ROUTE_PROBE);
-        let local_v4 = local_addr_towards(towards).map(|ip| SocketAddr::new(ip, self.sock.port()));
-        let v6 = addr::publishable_v6(&socket::interface_v6(), self.tun.name());
-        let stun: Vec<SocketAddr> = [r.global_v4, r.global_v6].into_iter().flatten().collect();
-        let eps = addr::local_endpoints(&stun, local_v4, &v6, self.sock.port6());
-        r.os_has_ipv6 = self.sock.have_v6() && !v6.is_empty();
-        let home = if r.preferred_derp != 0 {
-            r.preferred_derp
-        } else if self.home_derp != 0 {
-            self.home_derp
-        } else {
-            // No STUN answer: fall back to the first region so we are reachable over DERP.
-            self.derp_map.regions.values().map(|r| r.region_id).min().unwrap_or(0)
-        };
-        if home != self.home_derp {
-            log::info!("home DERP region={home}");
-            self.home_derp = home;
-            // Reconnect as home (NotePreferred) on the next send.
-            self.derps.remove(&home);
-            let _ = self.derp_sender(home);
-        }
-        let mut net_info = r.net_info();
-        net_info["PreferredDERP"] = json!(home);
-        let local = LocalEndpoints {
-            endpoints: eps.iter().map(|(a, _)| a.to_string()).collect(),
-            types: eps.iter().map(|(_, t)| *t).collect(),
-            net_info,
-        };
-        let my: Vec<SocketAddr> = eps.iter().map(|(a, _)| *a).collect();
-        for p in self.peers.values_mut() {
-            p.endpoint.set_my_endpoints(&my);
-        }
-        if local != self.local {
-            log::info!("endpoints {:?} home_derp={home}", local.endpoints);
-            self.local = local.clone();
-            let _ = self.endpoints_tx.send(local);
-        }
-        self.last_report = Some(r);
-    }
-
-    fn status(&self, now: std::time::Instant) -> EngineStatus {
-        let w = self.wg.stats();
-        let d = &self.drops;
-        let mut counters = json!({
-            "DiscoMalformed": d.disco_malformed,
-            "DiscoUnknownSender": d.disco_unknown_sender,
-            "DiscoUndecryptable": d.disco_undecryptable,
-            "StunUnsolicited": d.stun_unsolicited,
-            "WireGuardMalformed": w.malformed,
-            "WireGuardUnknownPeer": w.unknown_peer,
-            "WireGuardRejected": w.rejected,
-            "WireGuardBadSource": w.bad_source,
-            "WireGuardNoRoute": w.no_route,
-            "WireGuardRxPackets": w.rx_packets,
-            "WireGuardTxDatagrams": w.tx_datagrams,
-        });
-        for (why, n) in self.filter.drops() {
-            counters[format!("FilterDrop{}", why.name()).as_str()] = json!(n);
-        }
-        let mut peers = HashMap::with_capacity(self.peers.len());
-        for (k, p) in &self.peers {
-            let (cur, relay) = match p.endpoint.path(now) {
-                PathStatus::Direct { addr, .. } => (addr.to_string(), String::new()),
-                PathStatus::Derp(r) => (String::new(), r.to_string()),
-                PathStatus::Unreachable => (String::new(), String::new()),
-            };
-            let ws = self.wg.peer_stats(k);
-            peers.insert(
-                *k,
-                json!({
-                    "CurAddr": cur,
-                    "Relay": relay,
-                    "RxBytes": ws.map_or(0, |s| s.rx_bytes),
-                    "TxBytes": ws.map_or(0, |s| s.tx_bytes),
-                    "LastHandshakeSecs": ws.and_then(|s| s.since_handshake).map(|d| d.as_secs()),
-                    "Name": p.name,
-                }),
-            );
-        }
-        let mut derp = serde_json::Map::new();
-        for (region, up) in &self.derp_up {
-            derp.insert(
-                region.to_string(),
-                json!({"Connected": up.load(Ordering::Relaxed), "Home": *region == self.home_derp}),
-            );
-        }
-        EngineStatus {
-            peers,
-            counters,
-            derp: Value::Object(derp),
-        }
-    }
-}
-
-/// Inbound datagrams dropped by the engine itself (WireGuard keeps its own [`wg::WgStats`]).
-#[derive(Debug, Default)]
-struct Drops {
-    /// Disco magic but too short for the header.
-    disco_malformed: u64,
-    /// Disco from a key no peer has, or relayed by a node that does not own that key.
-    disco_unknown_sender: u64,
-    /// Disco whose box does not open with the sender's shared key.
-    disco_undecryptable: u64,
-    /// STUN that answers no probe of ours.
-    stun_unsolicited: u64,
 }
 
 /// Resolves with (index, length) when the socket of one of `fwds` has a datagram for `buf`
@@ -1858,72 +1243,9 @@ fn flush_udp(sock: &tokio::net::UdpSocket, out: &mut SendBatch) {
     out.clear();
 }
 
-/// `tinyscale netcheck` JSON.
-pub fn report_json(r: &netcheck::Report) -> Value {
-    let lat: serde_json::Map<String, Value> = r
-        .region_latency
-        .iter()
-        .map(|(k, v)| (k.to_string(), json!(v.as_secs_f64() * 1000.0)))
-        .collect();
-    json!({
-        "UDP": r.udp,
-        "IPv4": r.ipv4,
-        "GlobalV4": r.global_v4.map(|a| a.to_string()),
-        "IPv6": r.ipv6,
-        "GlobalV6": r.global_v6.map(|a| a.to_string()),
-        "OSHasIPv6": r.os_has_ipv6,
-        "MappingVariesByDestIP": r.mapping_varies_by_dest_ip,
-        "PreferredDERP": r.preferred_derp,
-        "RegionLatencyMs": lat,
-        "LatencyVia": if r.latency_over_https { "https" } else { "stun" },
-    })
-}
-
-/// [pure] One number for the peers' paths as the `tinyscale.peer` event reports them (direct,
-/// a DERP region or none): a sum of per-peer hashes, so the map's order does not matter.
-fn path_fingerprint<'a>(paths: impl Iterator<Item = (&'a NodePublic, PathStatus)>) -> u64 {
-    use std::hash::{Hash, Hasher};
-    paths.fold(0, |sum, (k, p)| {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        k.hash(&mut h);
-        match p {
-            PathStatus::Direct { .. } => (1u8, 0),
-            PathStatus::Derp(r) => (2, r),
-            PathStatus::Unreachable => (0, 0),
-        }
-        .hash(&mut h);
-        sum.wrapping_add(h.finish())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    use crate::derp::tests::node;
-
-    #[test]
-    fn path_fingerprint_changes_only_with_the_reported_path() {
-        let a = NodePrivate::from_random([1; 32]).public();
-        let b = NodePrivate::from_random([2; 32]).public();
-        let direct = |port: u16, ms: u64| PathStatus::Direct {
-            addr: SocketAddr::from(([192, 0, 2, 1], port)),
-            rtt: Duration::from_millis(ms),
-        };
-        let f = |v: &[(&NodePublic, PathStatus)]| path_fingerprint(v.iter().copied());
-        let base = f(&[(&a, PathStatus::Derp(1)), (&b, direct(41641, 5))]);
-        // Order, latency and the direct address itself do not count.
-        assert_eq!(base, f(&[(&b, direct(41642, 9)), (&a, PathStatus::Derp(1))]));
-        // Another region, direct, no path, or a peer more or less do.
-        for other in [
-            f(&[(&a, PathStatus::Derp(2)), (&b, direct(41641, 5))]),
-            f(&[(&a, direct(1, 1)), (&b, direct(41641, 5))]),
-            f(&[(&a, PathStatus::Unreachable), (&b, direct(41641, 5))]),
-            f(&[(&b, direct(41641, 5))]),
-        ] {
-            assert_ne!(base, other);
-        }
-    }
 
     #[test]
     fn peer_subnet_routes_are_allowed_ips_beyond_addresses() {
@@ -2028,123 +1350,6 @@ mod tests {
                 v6: true,
                 snat: false
             })
-        );
-    }
-
-    #[test]
-    fn netcheck_json_has_both_families() {
-        let r = netcheck::Report {
-            udp: true,
-            ipv4: true,
-            ipv6: true,
-            os_has_ipv6: true,
-            global_v4: Some("198.51.100.7:41641".parse().unwrap()),
-            global_v6: Some("[2001:db8:1::2]:41641".parse().unwrap()),
-            ..netcheck::Report::default()
-        };
-        let v = report_json(&r);
-        assert_eq!(
-            (&v["IPv4"], &v["GlobalV4"], &v["IPv6"], &v["GlobalV6"], &v["OSHasIPv6"]),
-            (
-                &json!(true),
-                &json!("198.51.100.7:41641"),
-                &json!(true),
-                &json!("[2001:db8:1::2]:41641"),
-                &json!(true)
-            )
-        );
-        let v = report_json(&netcheck::Report::default());
-        assert_eq!((&v["IPv6"], &v["GlobalV6"]), (&json!(false), &Value::Null));
-    }
-
-    #[test]
-    fn derp_node_port_and_server_name() {
-        let mut n = node("derp.example", "", "");
-        let r = DerpRegion {
-            region_id: 1,
-            nodes: vec![
-                DerpNode {
-                    stun_only: true,
-                    ..node("stun.example", "", "")
-                },
-                n.clone(),
-            ],
-            ..DerpRegion::default()
-        };
-        assert_eq!(
-            derp_node(&r, false),
-            Some((n.clone(), 443)),
-            "STUN-only skipped; TLS on 443"
-        );
-        assert_eq!(derp_node(&r, true), Some((n.clone(), 80)), "plain HTTP on 80");
-        n.derp_port = 3340;
-        let r = DerpRegion {
-            nodes: vec![n.clone()],
-            ..r
-        };
-        assert_eq!(derp_node(&r, false), Some((n.clone(), 3340)), "DERPPort wins");
-        let a: Vec<SocketAddr> = vec!["192.0.2.1:3340".parse().unwrap()];
-        assert_eq!(derp_server_name(&n, &a), "derp.example");
-        assert_eq!(derp_server_name(&node("", "192.0.2.1", ""), &a), "192.0.2.1");
-    }
-
-    /// A resolver that knows `localhost`, never answers for `slow.invalid` and fails the rest.
-    fn fake_resolve(host: String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>> {
-        Box::pin(async move {
-            match host.as_str() {
-                "localhost" => Ok(vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()]),
-                "slow.invalid" => std::future::pending().await,
-                _ => Err(std::io::ErrorKind::NotFound.into()),
-            }
-        })
-    }
-
-    /// Host names are resolved (cached) and families honour "none"; a name that cannot resolve,
-    /// or whose lookup hangs, yields nothing after at most [`DNS_TIMEOUT`], without failing, and
-    /// the failure is remembered until [`DNS_RETRY`]. Virtual time: no wall clock, no real DNS.
-    #[tokio::test(start_paused = true)]
-    async fn derp_dial_addrs_resolve_names() {
-        let dns = DnsCache {
-            resolve: fake_resolve,
-            ..DnsCache::default()
-        };
-        let got = derp_dial_addrs(&node("localhost", "", "none"), 3340, &dns).await;
-        assert_eq!(got, vec!["127.0.0.1:3340".parse::<SocketAddr>().unwrap()]);
-        assert!(!dns.stale("localhost", Instant::now()), "the answer is cached");
-        assert!(dns.get("localhost").contains(&IpAddr::from([127, 0, 0, 1])));
-        let got = derp_dial_addrs(&node("localhost", "none", "none"), 3340, &dns).await;
-        assert!(got.is_empty(), "both families off: {got:?}");
-        // Pinned addresses need no lookup at all.
-        let got = derp_dial_addrs(&node("pinned.invalid", "192.0.2.1", "2001:db8::1"), 3340, &dns).await;
-        assert_eq!(got.len(), 2);
-        assert!(dns.stale("pinned.invalid", Instant::now()), "never looked up");
-        // A failed lookup: empty at once, remembered as failed until the retry time.
-        let t = Instant::now();
-        let got = derp_dial_addrs(&node("no-such-host.invalid", "", ""), 3340, &dns).await;
-        assert!(got.is_empty());
-        assert_eq!(t.elapsed(), Duration::ZERO, "a refusal is not a timeout");
-        assert!(
-            !dns.stale("no-such-host.invalid", Instant::now()),
-            "failure cached until retry"
-        );
-        assert!(dns.stale("no-such-host.invalid", Instant::now() + DNS_RETRY));
-        // A hanging lookup ends at the timeout.
-        let t = Instant::now();
-        let got = derp_dial_addrs(&node("slow.invalid", "", ""), 3340, &dns).await;
-        assert!(got.is_empty());
-        assert_eq!(t.elapsed(), DNS_TIMEOUT);
-        // After a failure the last good answer is kept: localhost refreshed while "down".
-        let down = DnsCache {
-            entries: dns.entries.clone(),
-            resolve: |_| Box::pin(async { Err(std::io::ErrorKind::NotFound.into()) }),
-        };
-        tokio::time::advance(DNS_FRESH).await;
-        assert!(down.stale("localhost", Instant::now()));
-        let got = derp_dial_addrs(&node("localhost", "", "none"), 3340, &down).await;
-        assert_eq!(
-            got,
-            vec!["127.0.0.1:3340".parse::<SocketAddr>().unwrap()],
-            "last good answer"
         );
     }
 }
