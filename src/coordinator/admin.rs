@@ -26,8 +26,11 @@ use crate::{
     wire::tailcfg,
 };
 
-/// One admin request.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// One admin request. On the wire: an object whose `cmd` names the variant in snake_case,
+/// beside the variant's fields (serde's internally tagged shape, which the derived `Serialize`
+/// writes). Reading goes through [`AdminRequest::from_json`], not the derive (see
+/// [`ipc::Fields`] for why).
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum AdminRequest {
     UsersCreate {
@@ -117,6 +120,96 @@ pub enum AdminRequest {
     ApikeysDelete {
         prefix: String,
     },
+}
+
+impl AdminRequest {
+    /// The request in `v`, as the derived internally tagged `Deserialize` would read it.
+    pub fn from_json(v: Value) -> Result<AdminRequest, String> {
+        let (cmd, mut f) = ipc::Fields::tagged(v)?;
+        Ok(match cmd.as_str() {
+            "users_create" => R::UsersCreate {
+                name: f.string("name")?,
+            },
+            "users_list" => R::UsersList,
+            "users_rename" => R::UsersRename {
+                old: f.string("old")?,
+                new: f.string("new")?,
+            },
+            "users_destroy" => R::UsersDestroy {
+                name: f.string("name")?,
+            },
+            "preauthkeys_create" => R::PreauthkeysCreate {
+                user: f.string("user")?,
+                reusable: f.bool("reusable")?,
+                ephemeral: f.bool("ephemeral")?,
+                expiration_secs: f.opt_u64("expiration_secs")?,
+                tags: f.strings("tags")?,
+            },
+            "preauthkeys_list" => R::PreauthkeysList {
+                user: f.opt_string("user")?,
+            },
+            "preauthkeys_expire" => R::PreauthkeysExpire { key: f.string("key")? },
+            "nodes_register" => R::NodesRegister {
+                user: f.string("user")?,
+                key: f.string("key")?,
+            },
+            "nodes_list" => R::NodesList {
+                user: f.opt_string("user")?,
+            },
+            "nodes_delete" => R::NodesDelete { id: f.u64("id")? },
+            "nodes_expire" => R::NodesExpire { id: f.u64("id")? },
+            "nodes_rename" => R::NodesRename {
+                id: f.u64("id")?,
+                name: f.string("name")?,
+            },
+            "nodes_move" => R::NodesMove {
+                id: f.u64("id")?,
+                user: f.string("user")?,
+            },
+            "nodes_approve_routes" => R::NodesApproveRoutes {
+                id: f.u64("id")?,
+                routes: f.strings("routes")?,
+            },
+            "routes_list" => R::RoutesList,
+            "routes_enable" => R::RoutesEnable {
+                id: f.u64("id")?,
+                routes: f.strings("routes")?,
+            },
+            "policy_get" => R::PolicyGet,
+            "policy_set" => R::PolicySet {
+                policy: f.string("policy")?,
+            },
+            "policy_clear" => R::PolicyClear,
+            "policy_check" => R::PolicyCheck {
+                policy: f.string("policy")?,
+            },
+            "nodes_set_tags" => R::NodesSetTags {
+                id: f.u64("id")?,
+                tags: f.strings("tags")?,
+            },
+            "routes_set" => R::RoutesSet {
+                route: f.u64("route")?,
+                enable: f.bool("enable")?,
+            },
+            "apikeys_create" => R::ApikeysCreate {
+                expiration_secs: f.opt_u64("expiration_secs")?,
+            },
+            "apikeys_list" => R::ApikeysList,
+            "apikeys_expire" => R::ApikeysExpire {
+                prefix: f.string("prefix")?,
+            },
+            "apikeys_delete" => R::ApikeysDelete {
+                prefix: f.string("prefix")?,
+            },
+            other => return Err(ipc::unknown_cmd(other)),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for AdminRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        AdminRequest::from_json(Value::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Routes per node addressable by a `routes list` row id (`node id * ROUTE_IDS + index`).
@@ -814,6 +907,109 @@ mod tests {
                 key: "tskey-auth-x".into()
             })
         );
+    }
+
+    /// Every request survives the wire: what the derived `Serialize` writes (the CLI, `--remote`)
+    /// is what `from_json` reads back (the socket, `POST /api/v1/admin`).
+    #[test]
+    fn admin_requests_roundtrip_through_their_json() {
+        let s = |x: &str| x.to_string();
+        let all = [
+            R::UsersCreate { name: s("a") },
+            R::UsersList,
+            R::UsersRename {
+                old: s("a"),
+                new: s("b"),
+            },
+            R::UsersDestroy { name: s("a") },
+            R::PreauthkeysCreate {
+                user: s("a"),
+                reusable: true,
+                ephemeral: false,
+                expiration_secs: Some(60),
+                tags: vec![s("tag:x")],
+            },
+            R::PreauthkeysCreate {
+                user: s("a"),
+                reusable: false,
+                ephemeral: true,
+                expiration_secs: None,
+                tags: vec![],
+            },
+            R::PreauthkeysList { user: Some(s("a")) },
+            R::PreauthkeysList { user: None },
+            R::PreauthkeysExpire { key: s("k") },
+            R::NodesRegister {
+                user: s("a"),
+                key: s("k"),
+            },
+            R::NodesList { user: None },
+            R::NodesDelete { id: 1 },
+            R::NodesExpire { id: 2 },
+            R::NodesRename { id: 3, name: s("n") },
+            R::NodesMove { id: 4, user: s("b") },
+            R::NodesApproveRoutes {
+                id: 5,
+                routes: vec![s("10.0.0.0/24")],
+            },
+            R::RoutesList,
+            R::RoutesEnable { id: 6, routes: vec![] },
+            R::PolicyGet,
+            R::PolicySet { policy: s("{}") },
+            R::PolicyClear,
+            R::PolicyCheck { policy: s("{}") },
+            R::NodesSetTags {
+                id: 7,
+                tags: vec![s("tag:a"), s("tag:b")],
+            },
+            R::RoutesSet {
+                route: 2049,
+                enable: true,
+            },
+            R::ApikeysCreate {
+                expiration_secs: Some(u64::MAX),
+            },
+            R::ApikeysList,
+            R::ApikeysExpire { prefix: s("p") },
+            R::ApikeysDelete { prefix: s("p") },
+        ];
+        for req in all {
+            let line = serde_json::to_string(&req).expect("serialize");
+            assert_eq!(serde_json::from_str::<AdminRequest>(&line).ok(), Some(req), "{line}");
+        }
+    }
+
+    /// Reading follows the derive's rules: optional fields may be absent or null, unknown ones
+    /// are ignored, required ones and wrong types are refused with the field's name.
+    #[test]
+    fn admin_requests_read_like_the_derive() {
+        let read = |v: Value| AdminRequest::from_json(v);
+        assert_eq!(
+            read(json!({"cmd": "nodes_list", "user": null, "extra": 1})),
+            Ok(R::NodesList { user: None })
+        );
+        assert_eq!(
+            read(json!({"cmd": "apikeys_create"})),
+            Ok(R::ApikeysCreate { expiration_secs: None })
+        );
+        for (v, needle) in [
+            (json!({}), "cmd"),
+            (json!({"cmd": 5}), "cmd"),
+            (json!(["users_list"]), "object"),
+            (json!({"cmd": "format_disk"}), "format_disk"),
+            (json!({"cmd": "users_create"}), "name"),
+            (json!({"cmd": "nodes_delete", "id": "7"}), "id"),
+            (json!({"cmd": "nodes_delete", "id": -1}), "id"),
+            (json!({"cmd": "routes_set", "route": 1, "enable": "yes"}), "enable"),
+            (json!({"cmd": "nodes_set_tags", "id": 1, "tags": ["a", 2]}), "tags"),
+            (
+                json!({"cmd": "preauthkeys_create", "user": "a", "reusable": true, "ephemeral": false}),
+                "tags",
+            ),
+        ] {
+            let e = read(v.clone()).expect_err(&v.to_string());
+            assert!(e.contains(needle), "{v}: {e}");
+        }
     }
 
     #[test]
