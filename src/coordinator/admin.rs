@@ -493,10 +493,20 @@ pub const SERVER_OBJECT: &str = "tinyscale.server";
 type R = AdminRequest;
 type Map = serde_json::Map<String, Value>;
 
-/// Checks the argument names of `method` and deserializes them into `T`.
-fn args_of<T: serde::de::DeserializeOwned>(method: &str, allowed: Args, a: &Map) -> Result<T, String> {
+/// Checks the argument names of `method` and returns them to be read by name.
+fn args_of(method: &str, allowed: Args, a: &Map) -> Result<ipc::Fields, String> {
     ubus_object::only_known(method, allowed, a)?;
-    ubus_object::typed(method, allowed, a)
+    Ok(ubus_object::known(allowed, a))
+}
+
+/// Prefixes a field error with the method's name.
+fn in_method<T>(method: &str, r: Result<T, String>) -> Result<T, String> {
+    r.map_err(|e| format!("{method}: {e}"))
+}
+
+/// The one required string argument `name` of `method` (whose arguments are `allowed`).
+fn string_arg(method: &str, allowed: Args, a: &Map, name: &str) -> Result<String, String> {
+    in_method(method, args_of(method, allowed, a)?.string(name))
 }
 
 /// A node id: a number, or a string of digits (JSON-RPC clients send either).
@@ -527,31 +537,19 @@ const POLICY: Args = &[("policy", blobmsg::STRING)];
 
 /// The `policy` argument (HuJSON text) of `policy_set` / `policy_check`.
 fn policy_arg(method: &str, a: &Map) -> Result<String, String> {
-    #[derive(Deserialize)]
-    struct A {
-        policy: String,
-    }
-    args_of::<A>(method, POLICY, a).map(|x| x.policy)
+    string_arg(method, POLICY, a, "policy")
 }
 
-/// `preauthkey_add` arguments as sent (`expiration`: a duration like `24h`, or seconds;
-/// default 1h as in the CLI, `0` for none).
-#[derive(Deserialize)]
-struct KeyAdd {
-    user: String,
-    #[serde(default)]
-    reusable: bool,
-    #[serde(default)]
-    ephemeral: bool,
-    #[serde(default)]
-    expiration: Option<Value>,
-    #[serde(default)]
-    tags: Vec<String>,
-}
-
+/// `preauthkey_add`: `user`, `reusable`, `ephemeral`, `tags` and `expiration` (a duration like
+/// `24h`, or seconds; default 1h as in the CLI, `0` for none).
 fn key_add(a: &Map) -> Result<R, String> {
-    let k: KeyAdd = args_of("preauthkey_add", KEY_ADD, a)?;
-    let secs = match &k.expiration {
+    let m = "preauthkey_add";
+    let mut f = args_of(m, KEY_ADD, a)?;
+    let user = in_method(m, f.string("user"))?;
+    let reusable = in_method(m, f.opt_bool("reusable"))?.unwrap_or_default();
+    let ephemeral = in_method(m, f.opt_bool("ephemeral"))?.unwrap_or_default();
+    let tags = in_method(m, f.opt_strings("tags"))?.unwrap_or_default();
+    let secs = match &f.take("expiration") {
         None => 3600,
         Some(Value::Number(n)) => n.as_u64().ok_or("expiration: seconds must be a positive integer")?,
         Some(Value::String(s)) => crate::platform::uci::parse_duration(s)
@@ -560,11 +558,11 @@ fn key_add(a: &Map) -> Result<R, String> {
         Some(_) => return Err("expiration: a duration like 24h, or seconds".into()),
     };
     Ok(R::PreauthkeysCreate {
-        user: k.user,
-        reusable: k.reusable,
-        ephemeral: k.ephemeral,
+        user,
+        reusable,
+        ephemeral,
         expiration_secs: (secs > 0).then_some(secs),
-        tags: k.tags,
+        tags,
     })
 }
 
@@ -575,25 +573,19 @@ pub const SERVER_METHODS: &[MethodDef<AdminRequest>] = &[
         name: "users",
         args: &[],
         write: false,
-        map: |a| args_of::<Map>("users", &[], a).map(|_| R::UsersList),
+        map: |a| args_of("users", &[], a).map(|_| R::UsersList),
     },
     MethodDef {
         name: "user_add",
         args: USER_ADD,
         write: true,
-        map: |a| {
-            #[derive(Deserialize)]
-            struct A {
-                name: String,
-            }
-            args_of::<A>("user_add", USER_ADD, a).map(|x| R::UsersCreate { name: x.name })
-        },
+        map: |a| string_arg("user_add", USER_ADD, a, "name").map(|name| R::UsersCreate { name }),
     },
     MethodDef {
         name: "nodes",
         args: &[],
         write: false,
-        map: |a| args_of::<Map>("nodes", &[], a).map(|_| R::NodesList { user: None }),
+        map: |a| args_of("nodes", &[], a).map(|_| R::NodesList { user: None }),
     },
     MethodDef {
         name: "node_delete",
@@ -623,7 +615,7 @@ pub const SERVER_METHODS: &[MethodDef<AdminRequest>] = &[
         name: "routes",
         args: &[],
         write: false,
-        map: |a| args_of::<Map>("routes", &[], a).map(|_| R::RoutesList),
+        map: |a| args_of("routes", &[], a).map(|_| R::RoutesList),
     },
     MethodDef {
         name: "route_approve",
@@ -662,30 +654,21 @@ pub const SERVER_METHODS: &[MethodDef<AdminRequest>] = &[
         args: KEYS,
         write: true,
         map: |a| {
-            #[derive(Deserialize)]
-            struct A {
-                user: Option<String>,
-            }
-            args_of::<A>("preauthkeys", KEYS, a).map(|x| R::PreauthkeysList { user: x.user })
+            let user = in_method("preauthkeys", args_of("preauthkeys", KEYS, a)?.opt_string("user"))?;
+            Ok(R::PreauthkeysList { user })
         },
     },
     MethodDef {
         name: "preauthkey_expire",
         args: KEY_EXPIRE,
         write: true,
-        map: |a| {
-            #[derive(Deserialize)]
-            struct A {
-                key: String,
-            }
-            args_of::<A>("preauthkey_expire", KEY_EXPIRE, a).map(|x| R::PreauthkeysExpire { key: x.key })
-        },
+        map: |a| string_arg("preauthkey_expire", KEY_EXPIRE, a, "key").map(|key| R::PreauthkeysExpire { key }),
     },
     MethodDef {
         name: "policy_get",
         args: &[],
         write: false,
-        map: |a| args_of::<Map>("policy_get", &[], a).map(|_| R::PolicyGet),
+        map: |a| args_of("policy_get", &[], a).map(|_| R::PolicyGet),
     },
     MethodDef {
         name: "policy_check",

@@ -41,6 +41,29 @@ pub struct UpArgs {
     pub reset: bool,
 }
 
+impl UpArgs {
+    /// The settings among `f` (the derive's `#[serde(default)]` rules: absent is the default).
+    pub fn from_fields(f: &mut Fields) -> Result<UpArgs, String> {
+        Ok(UpArgs {
+            login_server: f.opt_string("login_server")?,
+            auth_key: f.opt_string("auth_key")?,
+            hostname: f.opt_string("hostname")?,
+            advertise_routes: f.opt_strings("advertise_routes")?,
+            advertise_lan: f.opt_string("advertise_lan")?,
+            accept_routes: f.opt_bool("accept_routes")?,
+            accept_dns: f.opt_bool("accept_dns")?,
+            advertise_exit_node: f.opt_bool("advertise_exit_node")?,
+            exit_node: f.opt_string("exit_node")?,
+            exit_node_allow_lan_access: f.opt_bool("exit_node_allow_lan_access")?,
+            advertise_tags: f.opt_strings("advertise_tags")?,
+            shields_up: f.opt_bool("shields_up")?,
+            snat_subnet_routes: f.opt_bool("snat_subnet_routes")?,
+            force_reauth: f.opt_bool("force_reauth")?.unwrap_or_default(),
+            reset: f.opt_bool("reset")?.unwrap_or_default(),
+        })
+    }
+}
+
 /// A request to the daemon. On the wire: an object whose `cmd` names the variant in snake_case,
 /// beside the variant's fields (serde's internally tagged shape, which the derived `Serialize`
 /// writes). Reading goes through [`IpcRequest::from_json`] instead of the derive: see
@@ -77,7 +100,7 @@ impl IpcRequest {
     pub fn from_json(v: Value) -> Result<IpcRequest, String> {
         let (cmd, mut f) = Fields::tagged(v)?;
         Ok(match cmd.as_str() {
-            "up" => IpcRequest::Up(f.into_typed()?),
+            "up" => IpcRequest::Up(UpArgs::from_fields(&mut f)?),
             "down" => IpcRequest::Down,
             "logout" => IpcRequest::Logout,
             "status" => IpcRequest::Status,
@@ -86,7 +109,7 @@ impl IpcRequest {
             },
             "netcheck" => IpcRequest::Netcheck,
             "debug_filter" => IpcRequest::DebugFilter,
-            "set" => IpcRequest::Set(f.into_typed()?),
+            "set" => IpcRequest::Set(UpArgs::from_fields(&mut f)?),
             "who_is" => IpcRequest::WhoIs(Lookup::from_fields(&mut f)?),
             "dns_query" => IpcRequest::DnsQuery(Lookup::from_fields(&mut f)?),
             "reload" => IpcRequest::Reload,
@@ -117,6 +140,11 @@ pub fn unknown_cmd(cmd: &str) -> String {
 }
 
 impl Fields {
+    /// The fields of an object.
+    pub fn new(m: Map<String, Value>) -> Fields {
+        Fields(m)
+    }
+
     /// Splits a request object into its `cmd` and the other fields.
     pub fn tagged(v: Value) -> Result<(String, Fields), String> {
         let Value::Object(m) = v else {
@@ -127,7 +155,8 @@ impl Fields {
         Ok((cmd, f))
     }
 
-    fn take(&mut self, k: &str) -> Option<Value> {
+    /// Field `k` as it is, unless absent or `null`.
+    pub fn take(&mut self, k: &str) -> Option<Value> {
         self.0.remove(k).filter(|v| !v.is_null())
     }
 
@@ -169,34 +198,39 @@ impl Fields {
         self.opt_u64(k)?.ok_or_else(|| Self::missing(k))
     }
 
-    /// A required boolean.
-    pub fn bool(&mut self, k: &str) -> Result<bool, String> {
+    /// An optional boolean.
+    pub fn opt_bool(&mut self, k: &str) -> Result<Option<bool>, String> {
         match self.take(k) {
-            None => Err(Self::missing(k)),
-            Some(v) => v.as_bool().ok_or_else(|| Self::invalid(k, "a boolean")),
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| Self::invalid(k, "a boolean")),
         }
     }
 
-    /// A required list of strings.
-    pub fn strings(&mut self, k: &str) -> Result<Vec<String>, String> {
+    /// A required boolean.
+    pub fn bool(&mut self, k: &str) -> Result<bool, String> {
+        self.opt_bool(k)?.ok_or_else(|| Self::missing(k))
+    }
+
+    /// An optional list of strings.
+    pub fn opt_strings(&mut self, k: &str) -> Result<Option<Vec<String>>, String> {
         let bad = || Self::invalid(k, "a list of strings");
         match self.take(k) {
-            None => Err(Self::missing(k)),
+            None => Ok(None),
             Some(Value::Array(a)) => a
                 .into_iter()
                 .map(|x| match x {
                     Value::String(s) => Ok(s),
                     _ => Err(bad()),
                 })
-                .collect(),
+                .collect::<Result<_, _>>()
+                .map(Some),
             Some(_) => Err(bad()),
         }
     }
 
-    /// The remaining fields as a struct that has its own `Deserialize` (one the build compiles
-    /// for `Value` anyway, as [`UpArgs`] for ubus).
-    pub fn into_typed<T: DeserializeOwned>(self) -> Result<T, String> {
-        serde_json::from_value(Value::Object(self.0)).map_err(|e| e.to_string())
+    /// A required list of strings.
+    pub fn strings(&mut self, k: &str) -> Result<Vec<String>, String> {
+        self.opt_strings(k)?.ok_or_else(|| Self::missing(k))
     }
 }
 
