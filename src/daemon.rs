@@ -1334,7 +1334,7 @@ pub async fn run(
         tokio::spawn(crate::platform::ubus_object::run(d.clone(), path));
     }
     let dd = d.clone();
-    let accept = crate::daemon::ipc::serve_lines(listener, move |req: IpcRequest| {
+    let accept = crate::daemon::ipc::serve_lines(listener, IpcRequest::from_json, move |req| {
         let d = dd.clone();
         async move { d.handle(req).await }
     });

@@ -10,7 +10,7 @@
 
 use std::{future::Future, path::Path, sync::Arc};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{
@@ -203,12 +203,6 @@ impl AdminRequest {
             },
             other => return Err(ipc::unknown_cmd(other)),
         })
-    }
-}
-
-impl<'de> Deserialize<'de> for AdminRequest {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        AdminRequest::from_json(Value::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -734,7 +728,10 @@ fn handle_durable(coord: &Coordinator, req: AdminRequest) -> impl Future<Output 
 /// Binds the admin socket (mode 0600, removing a stale one) and serves it forever.
 pub async fn serve_admin(coord: Arc<Coordinator>, path: &Path) -> std::io::Result<()> {
     let listener = ipc::bind_private(path).await?;
-    ipc::serve_lines(listener, move |req: AdminRequest| handle_durable(&coord, req)).await
+    ipc::serve_lines(listener, AdminRequest::from_json, move |req| {
+        handle_durable(&coord, req)
+    })
+    .await
 }
 
 /// Sends one request to the coordinator at `path` (client side of the CLI).
@@ -958,7 +955,10 @@ mod tests {
         ];
         for req in all {
             let line = serde_json::to_string(&req).expect("serialize");
-            assert_eq!(serde_json::from_str::<AdminRequest>(&line).ok(), Some(req), "{line}");
+            let back = serde_json::from_str(&line)
+                .map_err(|e| e.to_string())
+                .and_then(AdminRequest::from_json);
+            assert_eq!(back, Ok(req), "{line}");
         }
     }
 
