@@ -25,7 +25,7 @@ use crate::{
         netmap::{node_matches, offers_exit_node, Netmap},
     },
     dataplane::engine::{Engine, EngineConfig, EngineHandle, LocalEndpoints, RoutePrefs},
-    platform::ipc::{IpcRequest, IpcResponse, UpArgs},
+    platform::ipc::{Fields, IpcRequest, IpcResponse, UpArgs},
     wire::{
         keys::{DiscoPrivate, MachinePrivate, NodePrivate, NodePublic},
         tailcfg::{self, MapRequest, RegisterAuth, RegisterRequest},
@@ -166,6 +166,31 @@ fn random32() -> [u8; 32] {
     b
 }
 
+impl Prefs {
+    /// The prefs of a state file: absent fields keep their defaults (files of older versions).
+    /// Read by name rather than through a derived `Deserialize` (7 KB of mipsel code).
+    fn from_fields(f: &mut Fields) -> Result<Prefs, String> {
+        let d = Prefs::default();
+        Ok(Prefs {
+            login_server: f.opt_string("login_server")?.unwrap_or(d.login_server),
+            hostname: f.opt_string("hostname")?.unwrap_or(d.hostname),
+            advertise_routes: f.opt_strings("advertise_routes")?.unwrap_or(d.advertise_routes),
+            advertise_lan: f.opt_string("advertise_lan")?.unwrap_or(d.advertise_lan),
+            accept_routes: f.opt_bool("accept_routes")?.unwrap_or(d.accept_routes),
+            accept_dns: f.opt_bool("accept_dns")?.unwrap_or(d.accept_dns),
+            advertise_exit_node: f.opt_bool("advertise_exit_node")?.unwrap_or(d.advertise_exit_node),
+            exit_node: f.opt_string("exit_node")?.unwrap_or(d.exit_node),
+            exit_node_allow_lan_access: f
+                .opt_bool("exit_node_allow_lan_access")?
+                .unwrap_or(d.exit_node_allow_lan_access),
+            advertise_tags: f.opt_strings("advertise_tags")?.unwrap_or(d.advertise_tags),
+            shields_up: f.opt_bool("shields_up")?.unwrap_or(d.shields_up),
+            snat_subnet_routes: f.opt_bool("snat_subnet_routes")?.unwrap_or(d.snat_subnet_routes),
+            want_running: f.opt_bool("want_running")?.unwrap_or(d.want_running),
+        })
+    }
+}
+
 /// The keys and prefs of a state file that passed [`parse_state_file`].
 #[derive(Debug)]
 pub struct SavedState {
@@ -183,10 +208,23 @@ pub fn parse_state_file(bytes: &[u8]) -> Result<SavedState, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(format!("is empty ({} bytes), probably truncated", bytes.len()));
     }
-    let file: StateFile = serde_json::from_slice(bytes).map_err(|e| format!("is not valid state JSON: {e}"))?;
-    let machine = MachinePrivate::from_key_str(&file.machine_key).map_err(|e| format!("has a bad machine_key: {e}"))?;
-    let node = NodePrivate::from_key_str(&file.node_key).map_err(|e| format!("has a bad node_key: {e}"))?;
-    let pending_node = match file.pending_node_key.as_str() {
+    let invalid = |e: String| format!("is not valid state JSON: {e}");
+    let Value::Object(m) = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))? else {
+        return Err(invalid("not an object".into()));
+    };
+    // Read by name (see `Prefs::from_fields`); the layout is `StateFile`'s.
+    let mut f = Fields::new(m);
+    let machine_key = f.opt_string("machine_key").map_err(invalid)?.unwrap_or_default();
+    let node_key = f.opt_string("node_key").map_err(invalid)?.unwrap_or_default();
+    let pending_node_key = f.opt_string("pending_node_key").map_err(invalid)?.unwrap_or_default();
+    let prefs = match f.take("prefs") {
+        None => Prefs::default(),
+        Some(Value::Object(p)) => Prefs::from_fields(&mut Fields::new(p)).map_err(invalid)?,
+        Some(_) => return Err(invalid("invalid type for field `prefs`: expected an object".into())),
+    };
+    let machine = MachinePrivate::from_key_str(&machine_key).map_err(|e| format!("has a bad machine_key: {e}"))?;
+    let node = NodePrivate::from_key_str(&node_key).map_err(|e| format!("has a bad node_key: {e}"))?;
+    let pending_node = match pending_node_key.as_str() {
         "" => None,
         k => Some(NodePrivate::from_key_str(k).map_err(|e| format!("has a bad pending_node_key: {e}"))?),
     };
@@ -194,7 +232,7 @@ pub fn parse_state_file(bytes: &[u8]) -> Result<SavedState, String> {
         machine,
         node,
         pending_node,
-        prefs: file.prefs,
+        prefs,
     })
 }
 
@@ -1401,7 +1439,7 @@ pub async fn run(
         tokio::spawn(crate::platform::ubus_object::run(d.clone(), path));
     }
     let dd = d.clone();
-    let accept = crate::platform::ipc::serve_lines(listener, move |req: IpcRequest| {
+    let accept = crate::platform::ipc::serve_lines(listener, IpcRequest::from_json, move |req| {
         let d = dd.clone();
         async move { d.handle(req).await }
     });
@@ -2293,6 +2331,57 @@ mod tests {
         assert!(q("gw", "BOGUS").await.error.starts_with("unknown record type"));
         d.lock().prefs.accept_dns = false;
         assert!(q("gw", "A").await.error.contains("--accept-dns=false"));
+    }
+
+    /// The state file's prefs come back as written; a file of an older version that lacks a
+    /// field gets that field's default, and a field of the wrong type is damage.
+    #[test]
+    fn state_file_prefs_roundtrip_and_default() {
+        let prefs = Prefs {
+            login_server: "https://c.example".into(),
+            hostname: "r1".into(),
+            advertise_routes: vec!["10.0.0.0/24".into()],
+            advertise_lan: "br-lan".into(),
+            accept_routes: true,
+            accept_dns: false,
+            advertise_exit_node: true,
+            exit_node: "100.64.0.7".into(),
+            exit_node_allow_lan_access: true,
+            advertise_tags: vec!["tag:r".into()],
+            shields_up: true,
+            snat_subnet_routes: false,
+            want_running: true,
+        };
+        let m = MachinePrivate::from_random(random32()).to_key_str();
+        let n = NodePrivate::from_random(random32()).to_key_str();
+        let file = StateFile {
+            machine_key: m.clone(),
+            node_key: n.clone(),
+            pending_node_key: String::new(),
+            prefs: prefs.clone(),
+        };
+        let saved = parse_state_file(&serde_json::to_vec_pretty(&file).expect("json")).expect("parses");
+        assert_eq!((saved.prefs, saved.pending_node.is_none()), (prefs, true));
+        let old = json!({"machine_key": m, "node_key": n, "prefs": {"hostname": "r2", "want_running": true}});
+        let saved = parse_state_file(old.to_string().as_bytes()).expect("older file parses");
+        assert_eq!(
+            saved.prefs,
+            Prefs {
+                hostname: "r2".into(),
+                want_running: true,
+                ..Prefs::default()
+            }
+        );
+        assert!(saved.prefs.accept_dns && saved.prefs.snat_subnet_routes);
+        for bad in [
+            json!({"machine_key": m, "node_key": n, "prefs": {"accept_dns": "no"}}),
+            json!({"machine_key": m, "node_key": n, "prefs": []}),
+            json!({"machine_key": 1, "node_key": n}),
+            json!([m, n]),
+        ] {
+            let e = parse_state_file(bad.to_string().as_bytes()).expect_err(&bad.to_string());
+            assert!(e.contains("not valid state JSON"), "{bad}: {e}");
+        }
     }
 
     #[test]

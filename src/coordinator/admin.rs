@@ -10,7 +10,7 @@
 
 use std::{future::Future, path::Path, sync::Arc};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{
@@ -30,8 +30,11 @@ use crate::{
     },
 };
 
-/// One admin request.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// One admin request. On the wire: an object whose `cmd` names the variant in snake_case,
+/// beside the variant's fields (serde's internally tagged shape, which the derived `Serialize`
+/// writes). Reading goes through [`AdminRequest::from_json`], not the derive (see
+/// [`ipc::Fields`] for why).
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum AdminRequest {
     UsersCreate {
@@ -121,6 +124,90 @@ pub enum AdminRequest {
     ApikeysDelete {
         prefix: String,
     },
+}
+
+impl AdminRequest {
+    /// The request in `v`, as the derived internally tagged `Deserialize` would read it.
+    pub fn from_json(v: Value) -> Result<AdminRequest, String> {
+        let (cmd, mut f) = ipc::Fields::tagged(v)?;
+        Ok(match cmd.as_str() {
+            "users_create" => R::UsersCreate {
+                name: f.string("name")?,
+            },
+            "users_list" => R::UsersList,
+            "users_rename" => R::UsersRename {
+                old: f.string("old")?,
+                new: f.string("new")?,
+            },
+            "users_destroy" => R::UsersDestroy {
+                name: f.string("name")?,
+            },
+            "preauthkeys_create" => R::PreauthkeysCreate {
+                user: f.string("user")?,
+                reusable: f.bool("reusable")?,
+                ephemeral: f.bool("ephemeral")?,
+                expiration_secs: f.opt_u64("expiration_secs")?,
+                tags: f.strings("tags")?,
+            },
+            "preauthkeys_list" => R::PreauthkeysList {
+                user: f.opt_string("user")?,
+            },
+            "preauthkeys_expire" => R::PreauthkeysExpire { key: f.string("key")? },
+            "nodes_register" => R::NodesRegister {
+                user: f.string("user")?,
+                key: f.string("key")?,
+            },
+            "nodes_list" => R::NodesList {
+                user: f.opt_string("user")?,
+            },
+            "nodes_delete" => R::NodesDelete { id: f.u64("id")? },
+            "nodes_expire" => R::NodesExpire { id: f.u64("id")? },
+            "nodes_rename" => R::NodesRename {
+                id: f.u64("id")?,
+                name: f.string("name")?,
+            },
+            "nodes_move" => R::NodesMove {
+                id: f.u64("id")?,
+                user: f.string("user")?,
+            },
+            "nodes_approve_routes" => R::NodesApproveRoutes {
+                id: f.u64("id")?,
+                routes: f.strings("routes")?,
+            },
+            "routes_list" => R::RoutesList,
+            "routes_enable" => R::RoutesEnable {
+                id: f.u64("id")?,
+                routes: f.strings("routes")?,
+            },
+            "policy_get" => R::PolicyGet,
+            "policy_set" => R::PolicySet {
+                policy: f.string("policy")?,
+            },
+            "policy_clear" => R::PolicyClear,
+            "policy_check" => R::PolicyCheck {
+                policy: f.string("policy")?,
+            },
+            "nodes_set_tags" => R::NodesSetTags {
+                id: f.u64("id")?,
+                tags: f.strings("tags")?,
+            },
+            "routes_set" => R::RoutesSet {
+                route: f.u64("route")?,
+                enable: f.bool("enable")?,
+            },
+            "apikeys_create" => R::ApikeysCreate {
+                expiration_secs: f.opt_u64("expiration_secs")?,
+            },
+            "apikeys_list" => R::ApikeysList,
+            "apikeys_expire" => R::ApikeysExpire {
+                prefix: f.string("prefix")?,
+            },
+            "apikeys_delete" => R::ApikeysDelete {
+                prefix: f.string("prefix")?,
+            },
+            other => return Err(ipc::unknown_cmd(other)),
+        })
+    }
 }
 
 /// Routes per node addressable by a `routes list` row id (`node id * ROUTE_IDS + index`).
@@ -404,10 +491,20 @@ pub const SERVER_OBJECT: &str = "tinyscale.server";
 type R = AdminRequest;
 type Map = serde_json::Map<String, Value>;
 
-/// Checks the argument names of `method` and deserializes them into `T`.
-fn args_of<T: serde::de::DeserializeOwned>(method: &str, allowed: Args, a: &Map) -> Result<T, String> {
+/// Checks the argument names of `method` and returns them to be read by name.
+fn args_of(method: &str, allowed: Args, a: &Map) -> Result<ipc::Fields, String> {
     ubus_object::only_known(method, allowed, a)?;
-    ubus_object::typed(method, allowed, a)
+    Ok(ubus_object::known(allowed, a))
+}
+
+/// Prefixes a field error with the method's name.
+fn in_method<T>(method: &str, r: Result<T, String>) -> Result<T, String> {
+    r.map_err(|e| format!("{method}: {e}"))
+}
+
+/// The one required string argument `name` of `method` (whose arguments are `allowed`).
+fn string_arg(method: &str, allowed: Args, a: &Map, name: &str) -> Result<String, String> {
+    in_method(method, args_of(method, allowed, a)?.string(name))
 }
 
 /// A node id: a number, or a string of digits (JSON-RPC clients send either).
@@ -438,31 +535,19 @@ const POLICY: Args = &[("policy", blobmsg::STRING)];
 
 /// The `policy` argument (HuJSON text) of `policy_set` / `policy_check`.
 fn policy_arg(method: &str, a: &Map) -> Result<String, String> {
-    #[derive(Deserialize)]
-    struct A {
-        policy: String,
-    }
-    args_of::<A>(method, POLICY, a).map(|x| x.policy)
+    string_arg(method, POLICY, a, "policy")
 }
 
-/// `preauthkey_add` arguments as sent (`expiration`: a duration like `24h`, or seconds;
-/// default 1h as in the CLI, `0` for none).
-#[derive(Deserialize)]
-struct KeyAdd {
-    user: String,
-    #[serde(default)]
-    reusable: bool,
-    #[serde(default)]
-    ephemeral: bool,
-    #[serde(default)]
-    expiration: Option<Value>,
-    #[serde(default)]
-    tags: Vec<String>,
-}
-
+/// `preauthkey_add`: `user`, `reusable`, `ephemeral`, `tags` and `expiration` (a duration like
+/// `24h`, or seconds; default 1h as in the CLI, `0` for none).
 fn key_add(a: &Map) -> Result<R, String> {
-    let k: KeyAdd = args_of("preauthkey_add", KEY_ADD, a)?;
-    let secs = match &k.expiration {
+    let m = "preauthkey_add";
+    let mut f = args_of(m, KEY_ADD, a)?;
+    let user = in_method(m, f.string("user"))?;
+    let reusable = in_method(m, f.opt_bool("reusable"))?.unwrap_or_default();
+    let ephemeral = in_method(m, f.opt_bool("ephemeral"))?.unwrap_or_default();
+    let tags = in_method(m, f.opt_strings("tags"))?.unwrap_or_default();
+    let secs = match &f.take("expiration") {
         None => 3600,
         Some(Value::Number(n)) => n.as_u64().ok_or("expiration: seconds must be a positive integer")?,
         Some(Value::String(s)) => crate::platform::uci::parse_duration(s)
@@ -471,11 +556,11 @@ fn key_add(a: &Map) -> Result<R, String> {
         Some(_) => return Err("expiration: a duration like 24h, or seconds".into()),
     };
     Ok(R::PreauthkeysCreate {
-        user: k.user,
-        reusable: k.reusable,
-        ephemeral: k.ephemeral,
+        user,
+        reusable,
+        ephemeral,
         expiration_secs: (secs > 0).then_some(secs),
-        tags: k.tags,
+        tags,
     })
 }
 
@@ -486,25 +571,19 @@ pub const SERVER_METHODS: &[MethodDef<AdminRequest>] = &[
         name: "users",
         args: &[],
         write: false,
-        map: |a| args_of::<Map>("users", &[], a).map(|_| R::UsersList),
+        map: |a| args_of("users", &[], a).map(|_| R::UsersList),
     },
     MethodDef {
         name: "user_add",
         args: USER_ADD,
         write: true,
-        map: |a| {
-            #[derive(Deserialize)]
-            struct A {
-                name: String,
-            }
-            args_of::<A>("user_add", USER_ADD, a).map(|x| R::UsersCreate { name: x.name })
-        },
+        map: |a| string_arg("user_add", USER_ADD, a, "name").map(|name| R::UsersCreate { name }),
     },
     MethodDef {
         name: "nodes",
         args: &[],
         write: false,
-        map: |a| args_of::<Map>("nodes", &[], a).map(|_| R::NodesList { user: None }),
+        map: |a| args_of("nodes", &[], a).map(|_| R::NodesList { user: None }),
     },
     MethodDef {
         name: "node_delete",
@@ -534,7 +613,7 @@ pub const SERVER_METHODS: &[MethodDef<AdminRequest>] = &[
         name: "routes",
         args: &[],
         write: false,
-        map: |a| args_of::<Map>("routes", &[], a).map(|_| R::RoutesList),
+        map: |a| args_of("routes", &[], a).map(|_| R::RoutesList),
     },
     MethodDef {
         name: "route_approve",
@@ -573,30 +652,21 @@ pub const SERVER_METHODS: &[MethodDef<AdminRequest>] = &[
         args: KEYS,
         write: true,
         map: |a| {
-            #[derive(Deserialize)]
-            struct A {
-                user: Option<String>,
-            }
-            args_of::<A>("preauthkeys", KEYS, a).map(|x| R::PreauthkeysList { user: x.user })
+            let user = in_method("preauthkeys", args_of("preauthkeys", KEYS, a)?.opt_string("user"))?;
+            Ok(R::PreauthkeysList { user })
         },
     },
     MethodDef {
         name: "preauthkey_expire",
         args: KEY_EXPIRE,
         write: true,
-        map: |a| {
-            #[derive(Deserialize)]
-            struct A {
-                key: String,
-            }
-            args_of::<A>("preauthkey_expire", KEY_EXPIRE, a).map(|x| R::PreauthkeysExpire { key: x.key })
-        },
+        map: |a| string_arg("preauthkey_expire", KEY_EXPIRE, a, "key").map(|key| R::PreauthkeysExpire { key }),
     },
     MethodDef {
         name: "policy_get",
         args: &[],
         write: false,
-        map: |a| args_of::<Map>("policy_get", &[], a).map(|_| R::PolicyGet),
+        map: |a| args_of("policy_get", &[], a).map(|_| R::PolicyGet),
     },
     MethodDef {
         name: "policy_check",
@@ -662,7 +732,10 @@ fn handle_durable(coord: &Coordinator, req: AdminRequest) -> impl Future<Output 
 /// Binds the admin socket (mode 0600, removing a stale one) and serves it forever.
 pub async fn serve_admin(coord: Arc<Coordinator>, path: &Path) -> std::io::Result<()> {
     let listener = ipc::bind_private(path).await?;
-    ipc::serve_lines(listener, move |req: AdminRequest| handle_durable(&coord, req)).await
+    ipc::serve_lines(listener, AdminRequest::from_json, move |req| {
+        handle_durable(&coord, req)
+    })
+    .await
 }
 
 /// Sends one request to the coordinator at `path` (client side of the CLI).
@@ -819,6 +892,112 @@ mod tests {
                 key: "tskey-auth-x".into()
             })
         );
+    }
+
+    /// Every request survives the wire: what the derived `Serialize` writes (the CLI, `--remote`)
+    /// is what `from_json` reads back (the socket, `POST /api/v1/admin`).
+    #[test]
+    fn admin_requests_roundtrip_through_their_json() {
+        let s = |x: &str| x.to_string();
+        let all = [
+            R::UsersCreate { name: s("a") },
+            R::UsersList,
+            R::UsersRename {
+                old: s("a"),
+                new: s("b"),
+            },
+            R::UsersDestroy { name: s("a") },
+            R::PreauthkeysCreate {
+                user: s("a"),
+                reusable: true,
+                ephemeral: false,
+                expiration_secs: Some(60),
+                tags: vec![s("tag:x")],
+            },
+            R::PreauthkeysCreate {
+                user: s("a"),
+                reusable: false,
+                ephemeral: true,
+                expiration_secs: None,
+                tags: vec![],
+            },
+            R::PreauthkeysList { user: Some(s("a")) },
+            R::PreauthkeysList { user: None },
+            R::PreauthkeysExpire { key: s("k") },
+            R::NodesRegister {
+                user: s("a"),
+                key: s("k"),
+            },
+            R::NodesList { user: None },
+            R::NodesDelete { id: 1 },
+            R::NodesExpire { id: 2 },
+            R::NodesRename { id: 3, name: s("n") },
+            R::NodesMove { id: 4, user: s("b") },
+            R::NodesApproveRoutes {
+                id: 5,
+                routes: vec![s("10.0.0.0/24")],
+            },
+            R::RoutesList,
+            R::RoutesEnable { id: 6, routes: vec![] },
+            R::PolicyGet,
+            R::PolicySet { policy: s("{}") },
+            R::PolicyClear,
+            R::PolicyCheck { policy: s("{}") },
+            R::NodesSetTags {
+                id: 7,
+                tags: vec![s("tag:a"), s("tag:b")],
+            },
+            R::RoutesSet {
+                route: 2049,
+                enable: true,
+            },
+            R::ApikeysCreate {
+                expiration_secs: Some(u64::MAX),
+            },
+            R::ApikeysList,
+            R::ApikeysExpire { prefix: s("p") },
+            R::ApikeysDelete { prefix: s("p") },
+        ];
+        for req in all {
+            let line = serde_json::to_string(&req).expect("serialize");
+            let back = serde_json::from_str(&line)
+                .map_err(|e| e.to_string())
+                .and_then(AdminRequest::from_json);
+            assert_eq!(back, Ok(req), "{line}");
+        }
+    }
+
+    /// Reading follows the derive's rules: optional fields may be absent or null, unknown ones
+    /// are ignored, required ones and wrong types are refused with the field's name.
+    #[test]
+    fn admin_requests_read_like_the_derive() {
+        let read = |v: Value| AdminRequest::from_json(v);
+        assert_eq!(
+            read(json!({"cmd": "nodes_list", "user": null, "extra": 1})),
+            Ok(R::NodesList { user: None })
+        );
+        assert_eq!(
+            read(json!({"cmd": "apikeys_create"})),
+            Ok(R::ApikeysCreate { expiration_secs: None })
+        );
+        for (v, needle) in [
+            (json!({}), "cmd"),
+            (json!({"cmd": 5}), "cmd"),
+            (json!(["users_list"]), "object"),
+            (json!({"cmd": "format_disk"}), "format_disk"),
+            (json!({"cmd": "users_create"}), "name"),
+            (json!({"cmd": "nodes_delete", "id": "7"}), "id"),
+            (json!({"cmd": "nodes_delete", "id": -1}), "id"),
+            (json!({"cmd": "routes_set", "route": 1, "enable": "yes"}), "enable"),
+            (json!({"cmd": "nodes_set_tags", "id": 1, "tags": ["a", 2]}), "tags"),
+            (
+                json!({"cmd": "preauthkeys_create", "user": "a", "reusable": true, "ephemeral": false}),
+                "tags",
+            ),
+        ] {
+            let e = read(v.clone()).expect_err(&v.to_string());
+            assert!(e.contains(needle), "{v}: {e}");
+        }
     }
 
     #[test]

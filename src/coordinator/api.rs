@@ -355,8 +355,10 @@ pub fn route(method: &str, target: &str, b: &[u8], now: i64) -> Result<ApiCall, 
         // tinyscale's own: one admin request as the socket takes it (`server --remote`).
         ("POST", ["admin"]) => {
             let text = std::str::from_utf8(b).map_err(|_| ApiError::BadRequest("body is not UTF-8".into()))?;
-            let req =
-                serde_json::from_str(text).map_err(|e| ApiError::BadRequest(format!("invalid admin request: {e}")))?;
+            let req = serde_json::from_str(text)
+                .map_err(|e| e.to_string())
+                .and_then(R::from_json)
+                .map_err(|e| ApiError::BadRequest(format!("invalid admin request: {e}")))?;
             (req, Shape::Raw)
         }
         _ => return Err(ApiError::NotFound),

@@ -304,7 +304,12 @@ impl State {
                     .or_insert(cand);
             }
         }
-        out.into_iter().map(|(k, (_, _, id))| (k, id)).collect()
+        // Inserted one by one: `collect()` into a BTreeMap compiles a stable sort per call site.
+        let mut primaries = BTreeMap::new();
+        for (k, (_, _, id)) in out {
+            primaries.insert(k, id);
+        }
+        primaries
     }
 
     /// Recomputes the primaries and returns a full-node change for every node whose role moved.

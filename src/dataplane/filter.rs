@@ -1095,7 +1095,11 @@ impl Filter {
 
     /// Everything `tinyscale debug filter` shows.
     pub fn to_json(&self) -> Value {
-        let drops: serde_json::Map<String, Value> = self.drops().map(|(r, n)| (r.name().into(), json!(n))).collect();
+        // Inserted one by one: `collect()` into a map compiles a sort per call site.
+        let mut drops = serde_json::Map::new();
+        for (r, n) in self.drops() {
+            drops.insert(r.name().into(), json!(n));
+        }
         json!({
             "ShieldsUp": self.shields_up,
             "LocalNets": self.local.prefixes().iter().map(ToString::to_string).collect::<Vec<_>>(),

@@ -241,15 +241,14 @@ pub struct Report {
 impl Report {
     /// `Hostinfo.NetInfo.DERPLatency`: `"<region>-v4"`/`"<region>-v6"` to seconds.
     pub fn derp_latency(&self) -> BTreeMap<String, f64> {
-        let v4 = self
-            .region_v4_latency
-            .iter()
-            .map(|(r, d)| (format!("{r}-v4"), d.as_secs_f64()));
-        let v6 = self
-            .region_v6_latency
-            .iter()
-            .map(|(r, d)| (format!("{r}-v6"), d.as_secs_f64()));
-        v4.chain(v6).collect()
+        // Inserted one by one: `collect()` into a BTreeMap compiles a stable sort per call site.
+        let mut out = BTreeMap::new();
+        for (fam, lat) in [("v4", &self.region_v4_latency), ("v6", &self.region_v6_latency)] {
+            for (r, d) in lat {
+                out.insert(format!("{r}-{fam}"), d.as_secs_f64());
+            }
+        }
+        out
     }
 
     /// `Hostinfo.NetInfo` as Go marshals it (the fields we measure; unknown ones omitted).

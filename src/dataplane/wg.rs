@@ -445,11 +445,13 @@ impl WgPeers {
     /// does not send such netmaps).
     pub fn set_peers(&mut self, peers: impl IntoIterator<Item = PeerConfig>) -> PeerChanges {
         let me = self.public_key();
-        let want: BTreeMap<NodePublic, Vec<Prefix>> = peers
-            .into_iter()
-            .filter(|p| p.key != me && !p.key.is_zero())
-            .map(|p| (p.key, p.allowed_ips))
-            .collect();
+        // Inserted one by one: `collect()` into a BTreeMap compiles a stable sort per call site.
+        let mut want: BTreeMap<NodePublic, Vec<Prefix>> = BTreeMap::new();
+        for p in peers {
+            if p.key != me && !p.key.is_zero() {
+                want.insert(p.key, p.allowed_ips);
+            }
+        }
         let mut changes = PeerChanges::default();
         let gone: Vec<NodePublic> = self.peers.keys().filter(|k| !want.contains_key(k)).copied().collect();
         for k in gone {

@@ -31,7 +31,7 @@ use tokio::{
 
 use crate::{
     daemon::Daemon,
-    platform::ipc::{for_each_pref, IpcRequest, IpcResponse, UpArgs},
+    platform::ipc::{for_each_pref, Fields, IpcRequest, IpcResponse, UpArgs},
     wire::ubus::{self, blobmsg, Client, Event, Invoke, Method},
 };
 
@@ -104,18 +104,22 @@ pub fn only_known(method: &str, allowed: Args, args: &Map<String, Value>) -> Res
     }
 }
 
-/// Deserializes the arguments named in `allowed` (others dropped) into `T`.
-pub fn typed<T: serde::de::DeserializeOwned>(
-    method: &str,
-    allowed: Args,
-    args: &Map<String, Value>,
-) -> Result<T, String> {
-    let known: Map<String, Value> = args
-        .iter()
-        .filter(|(k, _)| allowed.iter().any(|(n, _)| n == k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    serde_json::from_value(Value::Object(known)).map_err(|e| format!("{method}: {e}"))
+/// The arguments named in `allowed` (others dropped), to be read by name. One non-generic
+/// function: a generic one would compile its own copy of the map building (and its sort) per
+/// caller.
+pub fn known(allowed: Args, args: &Map<String, Value>) -> Fields {
+    let mut known = Map::new();
+    for (k, v) in args {
+        if allowed.iter().any(|(n, _)| n == k) {
+            known.insert(k.clone(), v.clone());
+        }
+    }
+    Fields::new(known)
+}
+
+/// The [`UpArgs`] among the arguments named in `allowed`.
+fn up_args(method: &str, allowed: Args, args: &Map<String, Value>) -> Result<UpArgs, String> {
+    UpArgs::from_fields(&mut known(allowed, args)).map_err(|e| format!("{method}: {e}"))
 }
 
 macro_rules! up_args {
@@ -187,7 +191,7 @@ pub const METHODS: &[MethodDef<Call>] = &[
         name: "up",
         args: UP_ARGS,
         write: true,
-        map: |a| Ok(Call::Ipc(IpcRequest::Up(typed("up", UP_ARGS, a)?))),
+        map: |a| Ok(Call::Ipc(IpcRequest::Up(up_args("up", UP_ARGS, a)?))),
     },
     MethodDef {
         name: "set",
@@ -195,14 +199,14 @@ pub const METHODS: &[MethodDef<Call>] = &[
         write: true,
         map: |a| {
             only_known("set", SET_ARGS, a)?;
-            Ok(Call::Ipc(IpcRequest::Set(typed("set", SET_ARGS, a)?)))
+            Ok(Call::Ipc(IpcRequest::Set(up_args("set", SET_ARGS, a)?)))
         },
     },
     MethodDef {
         name: "login",
         args: LOGIN_ARGS,
         write: true,
-        map: |a| Ok(Call::Login(typed("login", LOGIN_ARGS, a)?)),
+        map: |a| Ok(Call::Login(up_args("login", LOGIN_ARGS, a)?)),
     },
     MethodDef {
         name: "down",

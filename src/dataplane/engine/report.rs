@@ -246,11 +246,11 @@ impl Engine {
 
 /// `tinyscale netcheck` JSON.
 pub fn report_json(r: &netcheck::Report) -> Value {
-    let lat: serde_json::Map<String, Value> = r
-        .region_latency
-        .iter()
-        .map(|(k, v)| (k.to_string(), json!(v.as_secs_f64() * 1000.0)))
-        .collect();
+    // Inserted one by one: `collect()` into a map compiles a sort per call site.
+    let mut lat = serde_json::Map::new();
+    for (k, v) in &r.region_latency {
+        lat.insert(k.to_string(), json!(v.as_secs_f64() * 1000.0));
+    }
     json!({
         "UDP": r.udp,
         "IPv4": r.ipv4,
