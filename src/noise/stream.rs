@@ -158,7 +158,12 @@ impl<IO: AsyncRead + Unpin> NoiseStream<IO> {
             }
             let mut scratch = [0u8; READ_CHUNK];
             let mut rb = ReadBuf::new(&mut scratch);
-            match ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb)) {
+            let Poll::Ready(res) = Pin::new(&mut self.io).poll_read(cx, &mut rb) else {
+                // Nothing more to read for now: an idle connection keeps no read buffer.
+                self.reader.release_if_empty(IDLE_BUFFER_MAX);
+                return Poll::Pending;
+            };
+            match res {
                 Ok(()) => {}
                 // A TLS peer gone without close_notify: an end like any other here, since the
                 // Noise framing still tells a clean end from a cut record.
@@ -385,7 +390,7 @@ mod tests {
     }
 
     /// Idle connections keep no burst-sized buffers: after a large transfer in each direction
-    /// both sides hold at most [`IDLE_BUFFER_MAX`] bytes of buffer room.
+    /// both sides hold at most [`IDLE_BUFFER_MAX`] bytes of buffer room once idle.
     #[tokio::test]
     async fn buffers_shrink_once_drained() {
         let (mut c, mut s) = stream_pair(1000);
@@ -411,6 +416,18 @@ mod tests {
             s.plain.capacity() <= IDLE_BUFFER_MAX,
             "reader kept {}",
             s.plain.capacity()
+        );
+        // The record buffer goes once the reader finds the socket empty.
+        let mut one = [0u8; 1];
+        tokio::select! {
+            biased;
+            _ = s.read(&mut one) => panic!("nothing was sent"),
+            _ = std::future::ready(()) => {}
+        }
+        assert!(
+            s.reader.buf.capacity() <= IDLE_BUFFER_MAX,
+            "records kept {}",
+            s.reader.buf.capacity()
         );
         // Still usable afterwards.
         c.write_all(b"ping").await.unwrap();
