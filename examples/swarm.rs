@@ -257,13 +257,23 @@ fn main() {
         std::process::exit(1)
     };
     let wait = |want: &dyn Fn(&Event) -> bool, count: usize, deadline: Duration, what: &str| {
-        let until = Instant::now() + deadline;
+        let t0 = Instant::now();
+        let until = t0 + deadline;
         let mut got = 0;
         while got < count {
             let left = until.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(Event::Failed(i, e)) => fail(&format!("node {i}: {e}")),
-                Ok(e) if want(&e) => got += 1,
+                Ok(e) if want(&e) => {
+                    got += 1;
+                    // Progress every tenth, so a run cut short still shows its pace.
+                    if count >= 1000 && got % (count / 10) == 0 {
+                        eprintln!(
+                            "swarm: {what}: {got} of {count} after {:.1} s",
+                            t0.elapsed().as_secs_f64()
+                        );
+                    }
+                }
                 Ok(_) => {}
                 Err(_) => fail(&format!("{what}: {got} of {count} after {deadline:?}")),
             }
@@ -282,7 +292,7 @@ fn main() {
     wait(
         &|e| matches!(e, Event::FirstMap),
         n,
-        Duration::from_secs(1800),
+        Duration::from_secs(3600),
         "map streams",
     );
     let streams_secs = t.elapsed().as_secs_f64();

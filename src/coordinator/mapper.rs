@@ -21,7 +21,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, OnceLock},
 };
 
@@ -252,6 +252,56 @@ pub fn full_map(state: &State, viewer: u64, now: i64) -> Option<MapResponse> {
 
 /// [`full_map`] with the policy view already resolved (`None` when no policy is set).
 pub fn full_map_with(state: &State, viewer: u64, view: Option<&PolicyView>, now: i64) -> Option<MapResponse> {
+    let (mut m, visible) = full_map_head(state, viewer, view, now)?;
+    let primaries = state.primaries();
+    let peers: Vec<tailcfg::Node> = visible
+        .into_iter()
+        .filter_map(|id| tail_node(state, id, primaries, now))
+        .collect();
+    // Go ignores an empty Peers list, so omit it instead.
+    m.peers = (!peers.is_empty()).then_some(peers);
+    Some(m)
+}
+
+/// [`full_map_with`] as the JSON a session sends, its peer records copied from `cache` instead
+/// of built and serialised anew; with it the map without its peers (for [`Viewer::sent_full`]).
+pub fn full_map_json(
+    state: &State,
+    viewer: u64,
+    view: Option<&PolicyView>,
+    now: i64,
+    cache: &mut PeerCache,
+) -> Option<(Vec<u8>, MapResponse)> {
+    let (head, visible) = full_map_head(state, viewer, view, now)?;
+    let body = serde_json::to_vec(&head).ok()?;
+    let primaries = state.primaries();
+    let mut out = Vec::with_capacity(body.len() + visible.len() * cache.typical_len());
+    out.push(b'{');
+    let mut any = false;
+    for id in visible {
+        if let Some(rec) = cache.record(state, id, primaries, now) {
+            if any {
+                out.push(b',');
+            } else {
+                out.extend_from_slice(b"\"Peers\":[");
+            }
+            out.extend_from_slice(rec);
+            any = true;
+        }
+    }
+    let rest = body.get(1..).unwrap_or_default();
+    if any {
+        out.push(b']');
+        if rest != b"}" {
+            out.push(b',');
+        }
+    }
+    out.extend_from_slice(rest);
+    Some((out, head))
+}
+
+/// Everything of a full map but its `Peers`, and the ids of the peers it lists.
+fn full_map_head(state: &State, viewer: u64, view: Option<&PolicyView>, now: i64) -> Option<(MapResponse, Vec<u64>)> {
     let primaries = state.primaries();
     let node = tail_node(state, viewer, primaries, now)?;
     let mut users = vec![node.user];
@@ -260,11 +310,7 @@ pub fn full_map_with(state: &State, viewer: u64, view: Option<&PolicyView>, now:
         .map(|n| n.id)
         .filter(|id| *id != viewer)
         .partition(|id| view.is_none_or(|v| v.visible(viewer, *id)));
-    let peers: Vec<tailcfg::Node> = visible
-        .into_iter()
-        .filter_map(|id| tail_node(state, id, primaries, now))
-        .collect();
-    users.extend(peers.iter().map(|p| p.user));
+    users.extend(visible.iter().filter_map(|id| state.node(*id)).map(|n| n.user_id));
     users.sort_unstable();
     users.dedup();
     let domain = state
@@ -275,11 +321,9 @@ pub fn full_map_with(state: &State, viewer: u64, view: Option<&PolicyView>, now:
         .and_then(|r| r.split(['/', ':']).next())
         .unwrap_or("")
         .to_string();
-    Some(MapResponse {
+    let head = MapResponse {
         node: Some(node),
         derp_map: Some(state.settings.derp_map.clone()),
-        // Go ignores an empty Peers list, so omit it instead.
-        peers: (!peers.is_empty()).then_some(peers),
         // A full map with no peers changes no peers in Go, so peers the policy now hides are
         // removed explicitly (harmless for ones the viewer never had).
         peers_removed: (!hidden.is_empty()).then_some(hidden),
@@ -290,7 +334,57 @@ pub fn full_map_with(state: &State, viewer: u64, view: Option<&PolicyView>, now:
         collect_services: Some(false),
         control_time: Some(tailcfg::format_time(now)),
         ..Default::default()
-    })
+    };
+    Some((head, visible))
+}
+
+/// Each node's peer record ([`tail_node`]) as JSON, serialised once and reused by every full
+/// map that lists the node until it changes, so a full map costs a copy of its N peers' bytes
+/// rather than N records built and serialised anew. [`Fanout`] keeps it and forgets a node's
+/// record whenever it prepares a change about that node.
+#[derive(Debug, Default)]
+pub struct PeerCache {
+    records: HashMap<u64, CachedPeer>,
+    /// Bytes of all records, to size a full map's buffer.
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct CachedPeer {
+    json: Box<[u8]>,
+    /// `Expired` as serialised: the one field that moves with the clock alone.
+    expired: bool,
+}
+
+impl PeerCache {
+    /// Node `id`'s peer record as JSON, built now if not cached (or if its key expired since).
+    fn record(&mut self, state: &State, id: u64, primaries: &BTreeMap<String, u64>, now: i64) -> Option<&[u8]> {
+        let expired = state.node(id)?.expiry.is_some_and(|e| e <= now);
+        if self.records.get(&id).is_none_or(|c| c.expired != expired) {
+            let json: Box<[u8]> = serde_json::to_vec(&tail_node(state, id, primaries, now)?).ok()?.into();
+            self.bytes += json.len();
+            if let Some(old) = self.records.insert(id, CachedPeer { json, expired }) {
+                self.bytes -= old.json.len();
+            }
+        }
+        self.records.get(&id).map(|c| &*c.json)
+    }
+
+    fn forget(&mut self, id: u64) {
+        if let Some(old) = self.records.remove(&id) {
+            self.bytes -= old.json.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.records = HashMap::new();
+        self.bytes = 0;
+    }
+
+    /// Mean record length (a guess before any is cached).
+    fn typical_len(&self) -> usize {
+        self.bytes.checked_div(self.records.len()).unwrap_or(512) + 1
+    }
 }
 
 /// Merges adjacent patches of the same node into one (later fields win), so a session start
@@ -366,6 +460,7 @@ pub struct Update {
 pub struct Fanout {
     seq: u64,
     view: Option<Arc<PolicyView>>,
+    cache: PeerCache,
 }
 
 impl Fanout {
@@ -378,6 +473,18 @@ impl Fanout {
     /// rebuilds it.
     pub fn skip(&mut self) {
         self.view = None;
+        self.cache.clear();
+    }
+
+    /// [`full_map_json`] with the cached peer records.
+    pub fn full_map_json(
+        &mut self,
+        state: &State,
+        viewer: u64,
+        view: Option<&PolicyView>,
+        now: i64,
+    ) -> Option<(Vec<u8>, MapResponse)> {
+        full_map_json(state, viewer, view, now, &mut self.cache)
     }
 
     fn rebuild(&mut self, state: &State) -> Option<Arc<PolicyView>> {
@@ -394,6 +501,11 @@ impl Fanout {
             ..Default::default()
         };
         let policy = state.policy().is_some();
+        match &change {
+            Change::Full => self.cache.clear(),
+            Change::Node(id) | Change::Removed(id) => self.cache.forget(*id),
+            Change::Patch(p) => self.cache.forget(p.node_id),
+        }
         let mut u = Update {
             seq: self.seq,
             change: change.clone(),
@@ -751,9 +863,10 @@ mod tests {
                             Action::None => {}
                             Action::End => ended.push(*id),
                             Action::Full(view) => {
-                                let m = full_map_with(&st, *id, view, now).unwrap();
-                                viewer.sent_full(&m, u.seq);
-                                nm.apply(m);
+                                // As sessions send it: the cached peer records spliced in.
+                                let (json, head) = fanout.full_map_json(&st, *id, view, now).unwrap();
+                                viewer.sent_full(&head, u.seq);
+                                nm.apply(serde_json::from_slice(&json).unwrap());
                             }
                             Action::Send { filter, msg } => {
                                 if let Some(f) = filter {
@@ -774,11 +887,12 @@ mod tests {
                 // Nodes without a session open one: a full map as of the newest update.
                 for n in st.nodes() {
                     sessions.entry(n.id).or_insert_with(|| {
-                        let m = full_map(&st, n.id, now).unwrap();
+                        let view = PolicyView::new(&st);
+                        let (json, head) = fanout.full_map_json(&st, n.id, view.as_ref(), now).unwrap();
                         let mut viewer = Viewer::new(n.id);
-                        viewer.sent_full(&m, fanout.seq());
+                        viewer.sent_full(&head, fanout.seq());
                         let mut nm = Netmap::default();
-                        nm.apply(m);
+                        nm.apply(serde_json::from_slice(&json).unwrap());
                         (viewer, nm)
                     });
                 }
@@ -788,8 +902,40 @@ mod tests {
                 let mut fresh = Netmap::default();
                 fresh.apply(full_map(&st, *id, now).unwrap());
                 prop_assert_eq!(view_of(nm), view_of(&fresh), "node {} after {:?}", id, ops);
+                // A full map from the cache is the one built afresh.
+                let view = PolicyView::new(&st);
+                let (json, _) = fanout.full_map_json(&st, *id, view.as_ref(), now).unwrap();
+                let fresh_json = serde_json::to_value(full_map(&st, *id, now).unwrap()).unwrap();
+                prop_assert_eq!(serde_json::from_slice::<serde_json::Value>(&json).unwrap(), fresh_json);
             }
         }
+    }
+
+    #[test]
+    fn a_cached_peer_record_follows_its_key_expiry() {
+        let mut st = state(Settings::default());
+        st.create_user("a", 0).unwrap();
+        st.create_preauth_key("a", true, false, None, vec![], "ka".into(), 0)
+            .unwrap();
+        run(&mut st, &Op::Register(0), 1);
+        run(&mut st, &Op::Register(2), 1);
+        let (viewer, peer) = (id_of(&st, 0).unwrap(), id_of(&st, 2).unwrap());
+        // The peer's key expires at 100; nothing announces it, only the clock moves.
+        let ch = st.expire_node(peer, 100).unwrap();
+        let mut fanout = Fanout::default();
+        for c in ch {
+            fanout.prepare(&st, c, 50);
+        }
+        let expired = |fanout: &mut Fanout, now| {
+            let (json, _) = fanout.full_map_json(&st, viewer, None, now).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            v["Peers"][0]["Expired"].as_bool().unwrap_or(false)
+        };
+        assert!(!expired(&mut fanout, 50));
+        assert!(
+            expired(&mut fanout, 150),
+            "the cached record was rebuilt once the key expired"
+        );
     }
 
     #[test]

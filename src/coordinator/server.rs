@@ -217,11 +217,13 @@ impl Coordinator {
         self.fanout.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The full map for `viewer` as of now, and the update sequence number it covers.
-    fn full_map(&self, viewer: u64, now: i64) -> (Option<MapResponse>, u64) {
+    /// The full map for `viewer` as of now (JSON, and the map without its peers), and the
+    /// update sequence number it covers.
+    fn full_map(&self, viewer: u64, now: i64) -> (Option<(Vec<u8>, MapResponse)>, u64) {
         let st = self.lock();
-        let seq = self.fanout().seq();
-        (mapper::full_map(&st, viewer, now), seq)
+        let mut fanout = self.fanout();
+        let view = mapper::PolicyView::new(&st);
+        (fanout.full_map_json(&st, viewer, view.as_ref(), now), fanout.seq())
     }
 
     /// Installs the embedded DERP relay (once, at startup).
@@ -714,7 +716,11 @@ async fn register(
 
 /// Frames one map message: u32 LE length + JSON (zstd-framed when asked).
 pub fn frame_map_message(msg: &MapResponse, zstd: bool) -> Bytes {
-    let json = json_bytes(msg);
+    frame_map_json(json_bytes(msg), zstd)
+}
+
+/// [`frame_map_message`] for a message already serialised.
+fn frame_map_json(json: Vec<u8>, zstd: bool) -> Bytes {
     let payload = if zstd { zstdframe::encode(&json) } else { json };
     let mut out = Vec::with_capacity(payload.len() + 4);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -766,9 +772,9 @@ async fn map(
     log::info!("map session started node={id}");
     let mut viewer = Viewer::new(id);
     let (first, seq) = coord.full_map(id, now);
-    if let Some(m) = first {
+    if let Some((json, m)) = first {
         viewer.sent_full(&m, seq);
-        if send.send_data(frame_map_message(&m, zstd), false).is_err() {
+        if send.send_data(frame_map_json(json, zstd), false).is_err() {
             end_session(&coord, id);
             return;
         }
@@ -806,9 +812,9 @@ async fn map(
                             out.clear();
                             let (m, seq) = coord.full_map(id, unix_now());
                             match m {
-                                Some(m) => {
+                                Some((json, m)) => {
                                     viewer.sent_full(&m, seq);
-                                    out.push(frame_map_message(&m, zstd));
+                                    out.push(frame_map_json(json, zstd));
                                 }
                                 None => end = true,
                             }
@@ -854,9 +860,11 @@ fn session_output(coord: &Coordinator, viewer: &mut Viewer, u: &Update, zstd: bo
         Action::None => Some(Vec::new()),
         Action::End => None,
         Action::Full(view) => {
-            let m = mapper::full_map_with(&coord.lock(), viewer.id, view, unix_now())?;
+            let st = coord.lock();
+            let (json, m) = coord.fanout().full_map_json(&st, viewer.id, view, unix_now())?;
+            drop(st);
             viewer.sent_full(&m, u.seq);
-            Some(vec![frame_map_message(&m, zstd)])
+            Some(vec![frame_map_json(json, zstd)])
         }
         Action::Send { filter, msg } => {
             let mut out = Vec::with_capacity(2);

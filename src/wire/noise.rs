@@ -671,6 +671,15 @@ impl RecordReader {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Frees the buffer's room if every byte was consumed and it grew past `keep` bytes (an idle
+    /// connection then holds no read buffer).
+    pub fn release_if_empty(&mut self, keep: usize) {
+        if self.start == self.buf.len() && self.buf.capacity() > keep {
+            self.buf = Vec::new();
+            self.start = 0;
+        }
+    }
+
     /// Bytes received but not yet consumed as whole records. Non-zero at EOF means the peer
     /// stopped mid-record.
     pub fn buffered(&self) -> usize {

@@ -33,6 +33,20 @@ const WRITE_CHUNK: usize = 4 * MAX_PLAINTEXT_SIZE;
 /// Sealed-but-unsent bytes above which `poll_write` waits for the socket instead of queueing
 /// more; this is the stream's only backpressure point.
 const WRITE_HIGH_WATER: usize = 16 * MAX_FRAME_SIZE;
+/// Capacity an emptied buffer may keep. A burst (a full map of a large tailnet) grows the write
+/// queue to [`WRITE_HIGH_WATER`]; kept, that room would sit idle on every connection of a
+/// coordinator with thousands of them, so an emptied buffer larger than this is freed and the
+/// next small write allocates afresh.
+const IDLE_BUFFER_MAX: usize = 1024;
+
+/// Empties `buf`, freeing its room if it grew past [`IDLE_BUFFER_MAX`].
+fn release(buf: &mut Vec<u8>) {
+    if buf.capacity() > IDLE_BUFFER_MAX {
+        *buf = Vec::new();
+    } else {
+        buf.clear();
+    }
+}
 
 fn noise_io_error(e: NoiseError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
@@ -101,7 +115,7 @@ impl<IO> NoiseStream<IO> {
     fn consume_plain(&mut self, n: usize) {
         self.plain_pos += n;
         if self.plain_pos == self.plain.len() {
-            self.plain.clear();
+            release(&mut self.plain);
             self.plain_pos = 0;
         }
     }
@@ -144,7 +158,12 @@ impl<IO: AsyncRead + Unpin> NoiseStream<IO> {
             }
             let mut scratch = [0u8; READ_CHUNK];
             let mut rb = ReadBuf::new(&mut scratch);
-            match ready!(Pin::new(&mut self.io).poll_read(cx, &mut rb)) {
+            let Poll::Ready(res) = Pin::new(&mut self.io).poll_read(cx, &mut rb) else {
+                // Nothing more to read for now: an idle connection keeps no read buffer.
+                self.reader.release_if_empty(IDLE_BUFFER_MAX);
+                return Poll::Pending;
+            };
+            match res {
                 Ok(()) => {}
                 // A TLS peer gone without close_notify: an end like any other here, since the
                 // Noise framing still tells a clean end from a cut record.
@@ -210,7 +229,7 @@ impl<IO: AsyncWrite + Unpin> NoiseStream<IO> {
                 }
             }
         }
-        self.wbuf.clear();
+        release(&mut self.wbuf);
         self.wpos = 0;
         Poll::Ready(Ok(()))
     }
@@ -368,6 +387,54 @@ mod tests {
             assert_eq!(s_got, data, "client->server size {size}");
             assert_eq!(c_got, back, "server->client size {size}");
         }
+    }
+
+    /// Idle connections keep no burst-sized buffers: after a large transfer in each direction
+    /// both sides hold at most [`IDLE_BUFFER_MAX`] bytes of buffer room once idle.
+    #[tokio::test]
+    async fn buffers_shrink_once_drained() {
+        let (mut c, mut s) = stream_pair(1000);
+        let data = pattern(200_000);
+        let (_, got) = tokio::join!(
+            async {
+                c.write_all(&data).await.unwrap();
+                c.flush().await.unwrap();
+            },
+            async {
+                let mut got = vec![0; data.len()];
+                s.read_exact(&mut got).await.unwrap();
+                got
+            }
+        );
+        assert_eq!(got, data);
+        assert!(
+            c.wbuf.capacity() <= IDLE_BUFFER_MAX,
+            "writer kept {}",
+            c.wbuf.capacity()
+        );
+        assert!(
+            s.plain.capacity() <= IDLE_BUFFER_MAX,
+            "reader kept {}",
+            s.plain.capacity()
+        );
+        // The record buffer goes once the reader finds the socket empty.
+        let mut one = [0u8; 1];
+        tokio::select! {
+            biased;
+            _ = s.read(&mut one) => panic!("nothing was sent"),
+            _ = std::future::ready(()) => {}
+        }
+        assert!(
+            s.reader.buf.capacity() <= IDLE_BUFFER_MAX,
+            "records kept {}",
+            s.reader.buf.capacity()
+        );
+        // Still usable afterwards.
+        c.write_all(b"ping").await.unwrap();
+        c.flush().await.unwrap();
+        let mut four = [0; 4];
+        s.read_exact(&mut four).await.unwrap();
+        assert_eq!(&four, b"ping");
     }
 
     #[tokio::test]
