@@ -12,7 +12,7 @@ PURE="src/wire/keys.rs src/wire/noise.rs src/wire/tailcfg.rs src/wire/zstdframe.
       src/dataplane/tun/gro.rs src/cli/argv.rs src/dataplane/filter.rs src/wire/ubus.rs src/wire/ubus/blobmsg.rs src/dataplane/netmon/rtnl.rs src/dataplane/dns.rs
       src/platform/uci/dnsmasq.rs src/platform/connlimit.rs src/coordinator/api.rs
       src/platform/uci/server.rs src/platform/uci/derp.rs src/wire/prefix.rs src/coordinator/ratelimit.rs
-      src/dataplane/engine/derp_home.rs src/dataplane/engine/schedule.rs"
+      src/dataplane/engine/derp_home.rs src/dataplane/engine/schedule.rs src/dataplane/routes.rs"
 for f in $PURE; do
     grep -q '^#!\[forbid(unsafe_code)\]' "$f" || { echo "$f: missing #![forbid(unsafe_code)]"; bad=1; }
     # Only the non-test part of the file; shells at the bottom behind cfg(feature) are exempt.

@@ -1145,12 +1145,12 @@ impl Daemon {
 
     /// Reads the prefixes on `iface` (`ip -o addr show dev IFACE`) and publishes them.
     fn refresh_lan(&self, iface: &str) {
-        use crate::dataplane::router::CommandRunner;
+        use crate::dataplane::apply::CommandRunner;
         let argv: Vec<String> = ["ip", "-o", "addr", "show", "dev", iface]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let routes = match crate::dataplane::router::SystemRunner.run(&argv) {
+        let routes = match crate::dataplane::apply::SystemRunner.run(&argv) {
             Ok(out) => crate::platform::uci::client::lan_prefixes(&out)
                 .iter()
                 .map(|p| p.to_string())
@@ -1393,7 +1393,7 @@ pub async fn run(
         // What a crashed run left (nftables table, rules, routing table, forwarding) goes at
         // once, not when control first answers: a router restarting with its uplink down must
         // not keep forwarding for routes nobody approved any more.
-        let mut r = crate::dataplane::router::Router::new(crate::dataplane::router::SystemRunner);
+        let mut r = crate::dataplane::apply::Router::new(crate::dataplane::apply::SystemRunner);
         r.set_saved_path(
             &state_dir
                 .join(crate::dataplane::engine::FORWARDING_SAVED)

@@ -8,7 +8,8 @@
 //! - `derp`: the relay protocol (`derp::frame`, pure), its client and (feature `relay`) server;
 //! - `control`: the control client (`control::client`) and the sans-io netmap it keeps;
 //! - `dataplane`: the `engine` task owning TUN, sockets (`magicsock`, `udp`), WireGuard tunnels
-//!   (`wg`), the packet `filter`, MagicDNS (`dns`), routes/rules/nftables (`router`), network
+//!   (`wg`), the packet `filter`, MagicDNS (`dns`), routes/rules/nftables
+//!   (planned in `routes`, run by `apply`), network
 //!   monitoring (`netmon`), `netcheck` and sockets kept out of the tunnel (`netns`);
 //! - `platform`: the glue to the system around it: `uci` (the syntax and one schema per
 //!   component), the `ubus_object`, the local API socket (`ipc`), `tls`, listener admission

@@ -24,7 +24,8 @@ use common::Proc;
 
 use tinyscale::{
     dataplane::{
-        router::{Router, RouterConfig, SystemRunner},
+        apply::{Router, SystemRunner},
+        routes::RouterConfig,
         tun::Tun,
         wg::{PeerConfig, WgPeers, TIMER_TICK},
     },

@@ -50,23 +50,28 @@ use tokio::{
 
 use crate::{
     control::netmap::{node_matches, Netmap},
-    dataplane::filter::{Filter, LocalNets, Rules, Verdict},
-    dataplane::magicsock::{
-        addr::{self, Family},
-        batch::{self, SendBatch},
-        demux::{self, Kind},
-        endpoint::{self, DiscoOut, Endpoint, Path, SendPlan, TxId},
-        socket::Sockets,
+    dataplane::{
+        apply::{Router, SystemRunner},
+        filter::{Filter, LocalNets, Rules, Verdict},
+        magicsock::{
+            addr::{self, Family},
+            batch::{self, SendBatch},
+            demux::{self, Kind},
+            endpoint::{self, DiscoOut, Endpoint, Path, SendPlan, TxId},
+            socket::Sockets,
+        },
+        netcheck::{self, ReportState},
+        routes::{ExitRoutes, RouterConfig, SubnetRouter},
+        tun::{gro::Coalescer, Tun},
+        udp,
+        wg::{self, PeerConfig, WgPeers},
     },
-    dataplane::netcheck::{self, ReportState},
-    dataplane::router::{ExitRoutes, Router, RouterConfig, SubnetRouter, SystemRunner},
-    dataplane::tun::{gro::Coalescer, Tun},
-    dataplane::udp,
-    dataplane::wg::{self, PeerConfig, WgPeers},
-    wire::disco::{self, DiscoShared, Message},
-    wire::keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic},
-    wire::prefix::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
-    wire::tailcfg::{DerpMap, FilterRule},
+    wire::{
+        disco::{self, DiscoShared, Message},
+        keys::{DiscoPrivate, DiscoPublic, NodePrivate, NodePublic},
+        prefix::{Prefix, CGNAT_RANGE, TAILSCALE_ULA_RANGE},
+        tailcfg::{DerpMap, FilterRule},
+    },
 };
 
 mod derp_dial;

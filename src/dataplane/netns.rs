@@ -1,7 +1,7 @@
 //! Sockets of the daemon itself that must not be routed into the tunnel (Go `net/netns`).
 //!
 //! With `--accept-routes`, peers' subnet routes sit in routing table 53, consulted before the
-//! main table (see [`crate::dataplane::router`]). A route that covers the control server, a DERP relay or
+//! main table (see [`crate::dataplane::routes`]). A route that covers the control server, a DERP relay or
 //! a peer's UDP endpoint would send the tunnel's own packets into the tunnel. Every socket the
 //! daemon opens towards those carries [`BYPASS_MARK`] (`SO_MARK`), and the router's rule at
 //! priority 5211 sends marked packets to the main table first.
@@ -18,7 +18,7 @@ use std::{
 
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::dataplane::router::BYPASS_MARK;
+use crate::dataplane::routes::BYPASS_MARK;
 
 static WARNED: AtomicBool = AtomicBool::new(false);
 

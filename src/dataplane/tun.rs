@@ -12,7 +12,7 @@
 //! `CAP_NET_ADMIN`. The interface exists while the returned [`Tun`] (its file descriptor) lives:
 //! it is not made persistent, so the kernel removes it, with its addresses and routes, when the
 //! process exits, even on a crash. Addresses, MTU, link state and routes are the router's job
-//! (`crate::dataplane::router`), not this module's.
+//! (`crate::dataplane::routes`), not this module's.
 //!
 //! The caller supplies a tokio runtime with I/O enabled (`AsyncFd` registers with its reactor).
 //! Each `recv` yields exactly one IP packet (no packet-information or virtio header); each
